@@ -73,10 +73,30 @@ export class RecordingProxy {
 
     now() { return Date.now() - this.t0; }
 
+    /** Delays every WebSocket upgrade that arrives in the next `ms` milliseconds until then. */
+    holdUpgrades(ms) {
+        this.holdUntil = Date.now() + ms;
+    }
+
     forwardUpgrade(req, socket, head) {
         const conn = ++this.connCount;
         const path = req.url;
         socket.on('error', () => {});
+        this.events.push({ t: this.now(), conn, event: 'upgrade', path });
+        const hold = (this.holdUntil || 0) - Date.now();
+        if (hold > 0) {
+            setTimeout(() => this.connectUpstream(conn, req, socket, head), hold);
+        } else {
+            this.connectUpstream(conn, req, socket, head);
+        }
+    }
+
+    connectUpstream(conn, req, socket, head) {
+        const path = req.url;
+        if (socket.destroyed) {
+            this.events.push({ t: this.now(), conn, event: 'refused', path, reason: 'client went away while held' });
+            return;
+        }
         const upstream = new WebSocket(`ws://${this.targetHost}:${this.targetPort}${path}`, {
             perMessageDeflate: false,
             maxPayload: 256 * 1024 * 1024,
