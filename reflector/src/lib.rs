@@ -1,1 +1,41 @@
+//! # Refleet reflector
+//!
+//! The data plane of Refleet: a WebSocket server that the unmodified `@multisynq/client`
+//! joins, which orders each session's messages, stamps them with time and sequence number,
+//! fans them out, and keeps snapshots, persisted data and session state in durable storage.
+//!
+//! ## Layout
+//! - [`config`]: command line and environment.
+//! - [`server`]: the HTTP/WebSocket front door and the drain.
+//! - [`connection`]: one task per WebSocket (limits, parsing, the writer).
+//! - [`frame`]: client frames in, server frames out.
+//! - [`outbox`]: the bounded send queue between a session and a connection.
+//! - [`registry`]: the table of sessions, touched only at JOIN.
+//! - [`session`]: one task per session; [`session::core`] holds the protocol itself.
+//! - [`files`]: the files endpoint for snapshots and persisted data.
+//! - [`storage`]: the object store behind files, persisted-data records and session state.
+//! - [`metrics`]: Prometheus metrics with bounded labels.
+//! - [`close`]: every close code the reflector sends.
+//!
+//! ```text
+//!  client ──ws──► connection task ──Command──► session task (Core) ──Outbox──► connection writers
+//!                      │                              │
+//!                      └── PING/PONG, limits           └── Effects ──► storage (object_store)
+//!  client ──http /files/──► files ──► storage
+//! ```
 
+pub mod close;
+pub mod config;
+pub mod connection;
+pub mod files;
+pub mod frame;
+pub mod metrics;
+pub mod outbox;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod storage;
+
+pub use config::Config;
+pub use server::Reflector;

@@ -1,0 +1,262 @@
+//! Command-line and environment configuration of `refleet-reflector`.
+//!
+//! Every flag has an environment variable (`REFLEET_…`) so the same settings work from a
+//! shell, a Kubernetes Pod spec or the operator's local backend.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Refleet's reflector: orders and fans out the events of Multisynq/Croquet sessions.
+///
+/// One port serves everything: WebSocket upgrades at any path (the session id is the last
+/// path segment, so `box: "http://HOST:PORT/"` works with the unmodified client), the files
+/// endpoint under `/files/` for snapshots and persisted data, `/healthz`, `/readyz` and
+/// `/metrics`. On SIGTERM it drains: new sessions are refused, existing ones are served until
+/// they end or `--drain-timeout` passes, then their state is stored so a reflector started on
+/// the same storage resumes them on the same timeline.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "refleet-reflector", version, about, long_about)]
+pub struct Config {
+    /// Address to listen on (WebSocket sessions, files, health and metrics).
+    #[arg(long, env = "REFLEET_LISTEN", default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+
+    /// Public base URL that clients use to reach this reflector; printed as the `box` URL.
+    /// Default: http://<listen address>/ (0.0.0.0 shown as 127.0.0.1).
+    #[arg(long, env = "REFLEET_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Public base URL of the files endpoint. Clients bake it into every snapshot and
+    /// persisted-data URL they share, so in a fleet it must be stable and reachable by all
+    /// clients. Default: <public url>files.
+    #[arg(long, env = "REFLEET_FILES_URL")]
+    pub files_url: Option<String>,
+
+    /// Where snapshots, persisted data and session state live: a directory (relative paths
+    /// are under the working directory), a file:// URL, or an object store URL such as
+    /// s3://bucket/prefix configured through the usual AWS_* variables (AWS_ENDPOINT,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP).
+    #[arg(long, env = "REFLEET_STORAGE", default_value = "refleet-data")]
+    pub storage: String,
+
+    /// Region this reflector runs in (a label on metrics and in reports).
+    #[arg(long, env = "REFLEET_REGION", default_value = "local")]
+    pub region: String,
+
+    /// Name reported to clients in SYNC (`reflector`) and used in logs.
+    #[arg(long, env = "REFLEET_REFLECTOR_NAME", default_value = "refleet")]
+    pub reflector_name: String,
+
+    /// Largest WebSocket frame accepted from a client, in bytes; larger frames close the
+    /// connection with 1009. The real client never sends more than about 16 KiB.
+    #[arg(long, env = "REFLEET_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
+    pub max_frame_bytes: usize,
+
+    /// Largest upload accepted by the files endpoint, in bytes (HTTP 413 above it).
+    #[arg(long, env = "REFLEET_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
+    pub max_upload_bytes: usize,
+
+    /// Messages per second one connection may send on average; exceeding it closes the
+    /// connection with 4104. The real client sends at most 60 per second.
+    #[arg(long, env = "REFLEET_RATE_LIMIT", default_value_t = 300)]
+    pub rate_limit: u32,
+
+    /// Messages one connection may send in a burst above `--rate-limit`.
+    #[arg(long, env = "REFLEET_RATE_BURST", default_value_t = 600)]
+    pub rate_burst: u32,
+
+    /// Frames queued per connection before the client counts as too slow and is
+    /// disconnected with 4001 (it reconnects and catches up from the session's messages).
+    #[arg(long, env = "REFLEET_SEND_QUEUE", default_value_t = 4096)]
+    pub send_queue: usize,
+
+    /// Most simultaneous WebSocket connections; further upgrades get HTTP 503.
+    #[arg(long, env = "REFLEET_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// How long a session with no clients is kept in memory (same timeline, so clients that
+    /// come back rejoin seamlessly). Never shorter than the clients' leave delay plus 2 s.
+    #[arg(long, env = "REFLEET_EMPTY_SESSION_TTL", default_value = "10s")]
+    pub empty_session_ttl: humantime::Duration,
+
+    /// How long a draining reflector keeps serving live sessions before storing them and
+    /// closing their clients with 4003.
+    #[arg(long, env = "REFLEET_DRAIN_TIMEOUT", default_value = "30s")]
+    pub drain_timeout: humantime::Duration,
+
+    /// How long users of a resumed session are kept as members while they reconnect; users
+    /// not back by then are announced as having left.
+    #[arg(long, env = "REFLEET_REJOIN_GRACE", default_value = "10s")]
+    pub rejoin_grace: humantime::Duration,
+
+    /// A connection that sends no JOIN within this time is closed with 4121.
+    #[arg(long, env = "REFLEET_JOIN_TIMEOUT", default_value = "35s")]
+    pub join_timeout: humantime::Duration,
+
+    /// A connection that sends nothing (not even a PULSE or a pong) for this long is closed
+    /// with 4002. The client sends at least a PULSE every 25 s.
+    #[arg(long, env = "REFLEET_IDLE_TIMEOUT", default_value = "60s")]
+    pub idle_timeout: humantime::Duration,
+
+    /// Tick interval of a session until its first JOIN asks for one.
+    #[arg(long, env = "REFLEET_DEFAULT_TICK", default_value = "200ms")]
+    pub default_tick: humantime::Duration,
+
+    /// Snapshots kept per session in storage; older ones are deleted once a newer one is
+    /// accepted (0 keeps all).
+    #[arg(long, env = "REFLEET_SNAPSHOT_RETENTION", default_value_t = 3)]
+    pub snapshot_retention: usize,
+
+    /// Messages retained since the last snapshot at which the reflector starts asking
+    /// clients for a snapshot (REQU).
+    #[arg(long, env = "REFLEET_REQU_MESSAGES", default_value_t = 60_000)]
+    pub requ_messages: usize,
+
+    /// Hard cap of messages retained since the last snapshot; further SENDs are dropped
+    /// with an INFO SNAPSHOT_NEEDED until a snapshot arrives.
+    #[arg(long, env = "REFLEET_MAX_MESSAGES", default_value_t = 100_000)]
+    pub max_messages: usize,
+
+    /// Log line format on stderr (filter with RUST_LOG, e.g. RUST_LOG=refleet_reflector=debug).
+    #[arg(long, env = "REFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Limits and timings the sessions and connections need at run time.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_upload_bytes: usize,
+    pub rate_limit: u32,
+    pub rate_burst: u32,
+    pub send_queue: usize,
+    pub max_connections: usize,
+    pub empty_session_ttl: Duration,
+    pub drain_timeout: Duration,
+    pub rejoin_grace: Duration,
+    pub join_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub default_tick: Duration,
+    pub snapshot_retention: usize,
+    pub requ_messages: usize,
+    pub max_messages: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::from(&Config::parse_from(["refleet-reflector"]))
+    }
+}
+
+impl From<&Config> for Limits {
+    fn from(c: &Config) -> Self {
+        let Config {
+            max_frame_bytes,
+            max_upload_bytes,
+            rate_limit,
+            rate_burst,
+            send_queue,
+            max_connections,
+            empty_session_ttl,
+            drain_timeout,
+            rejoin_grace,
+            join_timeout,
+            idle_timeout,
+            default_tick,
+            snapshot_retention,
+            requ_messages,
+            max_messages,
+            listen: _,
+            public_url: _,
+            files_url: _,
+            storage: _,
+            region: _,
+            reflector_name: _,
+            log_format: _,
+        } = c;
+        Self {
+            max_frame_bytes: *max_frame_bytes,
+            max_upload_bytes: *max_upload_bytes,
+            rate_limit: (*rate_limit).max(1),
+            rate_burst: (*rate_burst).max(1),
+            send_queue: (*send_queue).max(16),
+            max_connections: *max_connections,
+            empty_session_ttl: (*empty_session_ttl).into(),
+            drain_timeout: (*drain_timeout).into(),
+            rejoin_grace: (*rejoin_grace).into(),
+            join_timeout: (*join_timeout).into(),
+            idle_timeout: (*idle_timeout).into(),
+            default_tick: (*default_tick).into(),
+            snapshot_retention: *snapshot_retention,
+            requ_messages: *requ_messages,
+            max_messages: (*max_messages).max(1),
+        }
+    }
+}
+
+impl Config {
+    /// The public base URL with exactly one trailing slash.
+    pub fn public_base(&self, bound: SocketAddr) -> String {
+        let mut base = match &self.public_url {
+            Some(url) => url.clone(),
+            None => {
+                let host = if bound.ip().is_unspecified() { "127.0.0.1".to_string() } else { bound.ip().to_string() };
+                let host = if bound.is_ipv6() && !bound.ip().is_unspecified() { format!("[{host}]") } else { host };
+                format!("http://{host}:{}/", bound.port())
+            }
+        };
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        base
+    }
+
+    /// The public files base URL without a trailing slash.
+    pub fn files_base(&self, bound: SocketAddr) -> String {
+        let base = match &self.files_url {
+            Some(url) => url.clone(),
+            None => format!("{}files", self.public_base(bound)),
+        };
+        base.trim_end_matches('/').to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_make_a_working_reflector_on_port_7070() {
+        let c = Config::parse_from(["refleet-reflector"]);
+        assert_eq!(c.listen, "0.0.0.0:7070".parse().expect("addr"));
+        assert_eq!(c.public_base(c.listen), "http://127.0.0.1:7070/");
+        assert_eq!(c.files_base(c.listen), "http://127.0.0.1:7070/files");
+        let l = Limits::from(&c);
+        assert_eq!(l.empty_session_ttl, Duration::from_secs(10));
+        assert_eq!(l.default_tick, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn explicit_urls_are_normalised() {
+        let c = Config::parse_from([
+            "refleet-reflector",
+            "--public-url",
+            "https://r1.example.com",
+            "--files-url",
+            "https://files.example.com/pool/",
+        ]);
+        assert_eq!(c.public_base(c.listen), "https://r1.example.com/");
+        assert_eq!(c.files_base(c.listen), "https://files.example.com/pool");
+    }
+}

@@ -1,0 +1,320 @@
+//! One task per WebSocket connection: read, check, parse, forward; and its writer.
+//!
+//! The reader enforces the per-connection limits (frame size, message rate, JOIN and idle
+//! timeouts), answers PING itself and forwards session messages to the session's task. The
+//! writer drains the connection's [`Outbox`], feeding frames and flushing once per batch.
+//! When either side closes, the reader keeps reading until the client's side of the close
+//! arrives, so a drain never loses a message the client had already sent.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use governor::{Quota, RateLimiter};
+use tokio::time::Instant;
+
+use crate::close::{self, Close};
+use crate::config::Limits;
+use crate::frame::{self, ClientMsg, Text};
+use crate::metrics::Metrics;
+use crate::outbox::{self, Inbox, Out, Outbox};
+use crate::registry::{Refused, Registry};
+use crate::session::core::ConnId;
+use crate::session::{Command, SessionHandle};
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// How long to wait for the client's side of a close.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Frames written per flush.
+const WRITE_BATCH: usize = 64;
+/// Unknown actions logged per connection (then only counted).
+const UNKNOWN_LOG_LIMIT: u32 = 5;
+
+/// The session id of a WebSocket request: the last segment of its path.
+pub fn session_id_from_path(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or("")
+}
+
+/// Serves one upgraded WebSocket until it is closed.
+pub async fn serve(socket: WebSocket, session_id: Arc<str>, peer: SocketAddr, registry: Arc<Registry>, limits: Arc<Limits>) {
+    let metrics = registry.context().metrics.clone();
+    metrics.connections.inc();
+    metrics.connections_total.inc();
+    let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let (out, inbox) = outbox::pair(limits.send_queue);
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(sink, inbox, metrics.clone()));
+    let mut reader = Reader {
+        conn,
+        session_id,
+        peer,
+        registry,
+        limits: limits.clone(),
+        metrics: metrics.clone(),
+        out,
+        joined: None,
+        refused: false,
+        unknown_logged: 0,
+    };
+    reader.run(stream).await;
+    if let Some(h) = reader.joined.take() {
+        let _ = h.tx.send(Command::Closed { conn }).await;
+    }
+    // The session drops its copy of the outbox once it handled Closed; ours goes here.
+    drop(reader);
+    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
+        tracing::debug!(conn, "writer did not finish in time");
+    }
+    metrics.connections.dec();
+}
+
+struct Reader {
+    conn: ConnId,
+    session_id: Arc<str>,
+    peer: SocketAddr,
+    registry: Arc<Registry>,
+    limits: Arc<Limits>,
+    metrics: Metrics,
+    out: Outbox,
+    joined: Option<SessionHandle>,
+    /// This connection refused the client's input and closed: ignore what follows.
+    refused: bool,
+    unknown_logged: u32,
+}
+
+impl Reader {
+    async fn run(&mut self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
+        let started = Instant::now();
+        let mut last_activity = started;
+        let mut close_started: Option<Instant> = None;
+        if self.session_id.is_empty() || self.session_id.len() > 512 {
+            self.refuse(close::OUTDATED_PROTOCOL.with_reason("no session id in URL"), "missing or oversized session id");
+        }
+        let limiter = RateLimiter::direct(
+            Quota::per_second(NonZeroU32::new(self.limits.rate_limit).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(self.limits.rate_burst).unwrap_or(NonZeroU32::MIN)),
+        );
+        let sleep = tokio::time::sleep(self.limits.join_timeout);
+        tokio::pin!(sleep);
+        loop {
+            if close_started.is_none() && self.out.is_closing() {
+                close_started = Some(Instant::now());
+            }
+            let deadline = match close_started {
+                Some(t) => t + CLOSE_WAIT,
+                None if self.joined.is_none() => {
+                    (started + self.limits.join_timeout).min(last_activity + self.limits.idle_timeout)
+                }
+                None => last_activity + self.limits.idle_timeout,
+            };
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            tokio::select! {
+                item = stream.next() => {
+                    let Some(item) = item else { break };
+                    last_activity = Instant::now();
+                    match item {
+                        Ok(Message::Text(text)) => self.text(text, &limiter).await,
+                        Ok(Message::Binary(_)) => {
+                            self.refuse(close::MALFORMED.with_reason("binary frames are not supported"), "binary frame");
+                        }
+                        Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                        Ok(Message::Close(_)) => break,
+                        Err(e) => {
+                            let too_big = e
+                                .into_inner()
+                                .downcast::<tungstenite::Error>()
+                                .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
+                            if too_big {
+                                self.refuse(close::TOO_BIG, "frame over the size limit");
+                                // The stream cannot be read past this error; give the writer a
+                                // moment to send the close frame.
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            break;
+                        }
+                    }
+                }
+                () = &mut sleep => {
+                    let now = Instant::now();
+                    if now < deadline {
+                        continue;
+                    }
+                    if close_started.is_some() {
+                        break;
+                    } else if self.joined.is_none() && now >= started + self.limits.join_timeout {
+                        self.refuse(close::NEVER_JOINED, "no JOIN in time");
+                    } else {
+                        self.refuse(close::INACTIVE, "no frame within the idle timeout");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes because of the client's input (after what is already queued) and logs why.
+    fn refuse(&mut self, close: Close, why: &str) {
+        if !self.out.is_closing() {
+            tracing::warn!(conn = self.conn, session = %self.session_id, peer = %self.peer, code = close.code, reason = %close.reason, why, "closing connection");
+        }
+        self.refused = true;
+        self.out.close(close);
+    }
+
+    async fn text(&mut self, text: axum::extract::ws::Utf8Bytes, limiter: &governor::DefaultDirectRateLimiter) {
+        self.metrics.bytes_received_total.inc_by(text.len() as u64);
+        if self.refused {
+            return;
+        }
+        if text.len() > self.limits.max_frame_bytes {
+            self.refuse(close::TOO_BIG, "frame over the size limit");
+            return;
+        }
+        if limiter.check().is_err() {
+            self.refuse(close::RATE_LIMITED, "message rate limit exceeded");
+            return;
+        }
+        let msg = match frame::parse(text.as_str()) {
+            Ok(m) => m,
+            Err(e) => {
+                let close = e.close();
+                self.refuse(close, &e.to_string());
+                return;
+            }
+        };
+        self.metrics.received(msg.action());
+        match msg {
+            ClientMsg::Join(join) => self.join(join).await,
+            ClientMsg::Ping(args) => {
+                let pong = Text::from(format!("{{\"action\":\"PONG\",\"args\":{args}}}"));
+                if self.out.try_send(pong).is_err() && !self.out.is_closing() {
+                    self.out.close_now(close::UNRESPONSIVE);
+                }
+            }
+            ClientMsg::Pulse => {}
+            ClientMsg::Log => tracing::debug!(conn = self.conn, session = %self.session_id, "client LOG"),
+            ClientMsg::Unknown(action) => {
+                if self.unknown_logged < UNKNOWN_LOG_LIMIT {
+                    self.unknown_logged += 1;
+                    tracing::info!(conn = self.conn, session = %self.session_id, action = %action, "unknown action ignored");
+                }
+            }
+            msg => match &self.joined {
+                Some(h) => {
+                    if h.tx.send(Command::Message { conn: self.conn, msg }).await.is_err() {
+                        self.refuse(close::RECONNECT.with_reason("session restarting, reconnect"), "session gone");
+                    }
+                }
+                None => {
+                    let why = format!("{} before JOIN", msg.action());
+                    self.refuse(close::UNKNOWN_SESSION.with_reason(why.clone()), &why);
+                }
+            },
+        }
+    }
+
+    async fn join(&mut self, join: Box<frame::Join>) {
+        if self.joined.is_some() {
+            tracing::debug!(conn = self.conn, session = %self.session_id, "second JOIN on one connection ignored");
+            return;
+        }
+        let mut join = join;
+        // A session that is just ending closes its queue; the next look-up starts a fresh one.
+        for _ in 0..3 {
+            let handle = match self.registry.join(&self.session_id) {
+                Ok(h) => h,
+                Err(Refused::Draining) => {
+                    self.refuse(close::RECONNECT.with_reason("reflector draining, reconnect"), "draining: new session refused");
+                    return;
+                }
+            };
+            match handle.tx.send(Command::Join { conn: self.conn, out: self.out.clone(), join }).await {
+                Ok(()) => {
+                    tracing::debug!(conn = self.conn, session = %self.session_id, peer = %self.peer, "joined");
+                    self.joined = Some(handle);
+                    return;
+                }
+                Err(tokio::sync::mpsc::error::SendError(Command::Join { join: j, .. })) => join = j,
+                Err(_) => return,
+            }
+        }
+        self.refuse(close::RECONNECT.with_reason("session restarting, reconnect"), "session kept ending during JOIN");
+    }
+}
+
+enum Step {
+    Continue,
+    Close(Close),
+    Failed,
+}
+
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut inbox: Inbox, metrics: Metrics) {
+    let watch = inbox.watch();
+    while let Some(first) = inbox.recv().await {
+        let step = tokio::select! {
+            biased;
+            c = watch.urgent_close() => {
+                // The client stopped reading; don't wait long for a socket that may never drain.
+                let _ = tokio::time::timeout(Duration::from_secs(1), send_close(&mut sink, &c, &metrics)).await;
+                break;
+            }
+            step = write_batch(&mut sink, &mut inbox, first) => step,
+        };
+        match step {
+            Step::Continue => {}
+            Step::Close(c) => {
+                let _ = tokio::time::timeout(CLOSE_WAIT, send_close(&mut sink, &c, &metrics)).await;
+                break;
+            }
+            Step::Failed => break,
+        }
+    }
+}
+
+async fn write_batch(sink: &mut SplitSink<WebSocket, Message>, inbox: &mut Inbox, first: Out) -> Step {
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(item) = next.take() {
+        match item {
+            Out::Frame(text) => {
+                if sink.feed(Message::Text(text)).await.is_err() {
+                    return Step::Failed;
+                }
+            }
+            Out::Close(c) => {
+                return if sink.flush().await.is_err() { Step::Failed } else { Step::Close(c) };
+            }
+        }
+        written += 1;
+        if written < WRITE_BATCH {
+            next = inbox.try_recv();
+        }
+    }
+    if sink.flush().await.is_err() { Step::Failed } else { Step::Continue }
+}
+
+async fn send_close(sink: &mut SplitSink<WebSocket, Message>, c: &Close, metrics: &Metrics) {
+    metrics.closed(c.label());
+    let frame = CloseFrame { code: c.code, reason: c.reason.to_string().into() };
+    let _ = sink.send(Message::Close(Some(frame))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_id_is_the_last_path_segment() {
+        assert_eq!(session_id_from_path("/reflector/abc"), "abc");
+        assert_eq!(session_id_from_path("/abc"), "abc");
+        assert_eq!(session_id_from_path("/p/token/abc"), "abc");
+        assert_eq!(session_id_from_path("/reflector/"), "");
+    }
+}

@@ -1,0 +1,318 @@
+//! Prometheus metrics of one reflector process.
+//!
+//! Every label has a small fixed set of values (action, close reason, method, …); nothing is
+//! labelled by session, user or path, so the series count is bounded whatever the load.
+//! Per-session figures travel to the operator over the report stream instead. Every labelled
+//! series is created at start-up so dashboards and alerts see a 0 before the first event.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// The client actions counted separately in `refleet_reflector_messages_received_total`.
+pub const ACTIONS: &[&str] = &[
+    "JOIN", "SEND", "TUTTI", "SNAP", "SAVE", "TICKS", "PING", "PULSE", "LOG", "unknown",
+];
+
+/// Close reasons (see [`crate::close::Close::label`]).
+pub const CLOSE_LABELS: &[&str] = &[
+    "normal",
+    "too_big",
+    "unknown_session",
+    "unresponsive",
+    "inactive",
+    "reconnect",
+    "outdated_protocol",
+    "bad_app_id",
+    "malformed",
+    "bad_api_key",
+    "rate_limited",
+    "session_full",
+    "internal",
+    "never_joined",
+    "other",
+];
+
+/// All metrics of the reflector, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// WebSocket connections accepted since start.
+    pub connections_total: IntCounter,
+    /// Sessions held in memory.
+    pub sessions: IntGauge,
+    /// Clients that have received their SYNC and are members of a session.
+    pub users: IntGauge,
+    /// Users that joined a session (SYNC sent).
+    pub joins_total: IntCounter,
+    /// Users that left a session (after their leave delay).
+    pub leaves_total: IntCounter,
+    /// Frames received from clients, by action.
+    messages_received: IntCounterVec,
+    /// Messages stamped and reflected (client SENDs, users and tally messages).
+    pub messages_reflected_total: IntCounter,
+    /// Frames delivered into client send queues (RECV and TICK fan-out).
+    pub deliveries_total: IntCounter,
+    /// TICK messages sent to clients.
+    pub ticks_total: IntCounter,
+    /// Bytes received in text frames.
+    pub bytes_received_total: IntCounter,
+    /// Bytes queued for sending in text frames.
+    pub bytes_sent_total: IntCounter,
+    /// Frames that did not fit a client's full send queue (the client is then disconnected).
+    pub send_queue_drops_total: IntCounter,
+    /// Clients disconnected because they did not keep up.
+    pub slow_client_disconnects_total: IntCounter,
+    closes: IntCounterVec,
+    snapshots: IntCounterVec,
+    persistence: IntCounterVec,
+    session_state: IntCounterVec,
+    files_requests: IntCounterVec,
+    files_bytes: IntCounterVec,
+    /// 1 while the reflector is draining.
+    pub draining: IntGauge,
+    /// Sessions by lifecycle outcome.
+    session_ends: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("unique metric name");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("unique metric name");
+    g
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&[&str]], names: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), names).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("unique metric name");
+    // Create every combination so each series exists (at 0) before its first event.
+    let mut combos: Vec<Vec<&str>> = vec![vec![]];
+    for values in labels {
+        combos = combos
+            .into_iter()
+            .flat_map(|prefix| {
+                values.iter().map(move |v| {
+                    let mut next = prefix.clone();
+                    next.push(v);
+                    next
+                })
+            })
+            .collect();
+    }
+    for combo in combos {
+        c.with_label_values(&combo);
+    }
+    c
+}
+
+impl Metrics {
+    /// Creates and registers every metric; `region` is exported in `refleet_build_info`.
+    pub fn new(region: &str) -> Self {
+        let registry = Registry::new();
+        let info = IntGaugeVec::new(
+            Opts::new("refleet_build_info", "Build and placement information; the value is always 1."),
+            &["component", "version", "region"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(info.clone())).expect("unique metric name");
+        info.with_label_values(&["reflector", env!("CARGO_PKG_VERSION"), region]).set(1);
+        let r = &registry;
+        Self {
+            connections: gauge(r, "refleet_reflector_connections", "Open WebSocket connections."),
+            connections_total: counter(r, "refleet_reflector_connections_total", "WebSocket connections accepted since start."),
+            sessions: gauge(r, "refleet_reflector_sessions", "Sessions held in memory by this reflector."),
+            users: gauge(r, "refleet_reflector_users", "Clients that are members of a session on this reflector."),
+            joins_total: counter(r, "refleet_reflector_joins_total", "Clients that joined a session (received their SYNC)."),
+            leaves_total: counter(r, "refleet_reflector_leaves_total", "Clients that left a session, counted after their leave delay."),
+            messages_received: counter_vec(
+                r,
+                "refleet_reflector_messages_received_total",
+                "Frames received from clients, by protocol action.",
+                &[ACTIONS],
+                &["action"],
+            ),
+            messages_reflected_total: counter(
+                r,
+                "refleet_reflector_messages_reflected_total",
+                "Messages stamped with time and sequence number and reflected to a session.",
+            ),
+            deliveries_total: counter(
+                r,
+                "refleet_reflector_deliveries_total",
+                "Frames (RECV and TICK) queued for delivery to clients.",
+            ),
+            ticks_total: counter(r, "refleet_reflector_ticks_total", "TICK messages sent to clients."),
+            bytes_received_total: counter(r, "refleet_reflector_received_bytes_total", "Bytes received from clients in text frames."),
+            bytes_sent_total: counter(r, "refleet_reflector_sent_bytes_total", "Bytes queued for clients in text frames."),
+            send_queue_drops_total: counter(
+                r,
+                "refleet_reflector_send_queue_drops_total",
+                "Frames that did not fit into a client's full send queue.",
+            ),
+            slow_client_disconnects_total: counter(
+                r,
+                "refleet_reflector_slow_client_disconnects_total",
+                "Clients disconnected because they did not read their frames fast enough.",
+            ),
+            closes: counter_vec(
+                r,
+                "refleet_reflector_closes_total",
+                "Connections closed by the reflector, by reason.",
+                &[CLOSE_LABELS],
+                &["reason"],
+            ),
+            snapshots: counter_vec(
+                r,
+                "refleet_reflector_snapshots_total",
+                "SNAP announcements, by result (accepted, ignored).",
+                &[&["accepted", "ignored"]],
+                &["result"],
+            ),
+            persistence: counter_vec(
+                r,
+                "refleet_reflector_persistence_operations_total",
+                "Persisted-data operations: SAVE records stored and look-ups at session start.",
+                &[&["save", "lookup_hit", "lookup_miss", "error"]],
+                &["op"],
+            ),
+            session_state: counter_vec(
+                r,
+                "refleet_reflector_session_state_operations_total",
+                "Stored session state (for resume after a restart), by operation and result.",
+                &[&["store", "resume", "discard"], &["ok", "error"]],
+                &["op", "result"],
+            ),
+            files_requests: counter_vec(
+                r,
+                "refleet_reflector_files_requests_total",
+                "Requests to the files endpoint, by method and status class.",
+                &[&["GET", "HEAD", "PUT", "OPTIONS", "other"], &["2xx", "3xx", "4xx", "5xx"]],
+                &["method", "status"],
+            ),
+            files_bytes: counter_vec(
+                r,
+                "refleet_reflector_files_bytes_total",
+                "Bytes moved by the files endpoint (in: uploads, out: downloads).",
+                &[&["in", "out"]],
+                &["direction"],
+            ),
+            draining: gauge(r, "refleet_reflector_draining", "1 while the reflector is draining, else 0."),
+            session_ends: counter_vec(
+                r,
+                "refleet_reflector_session_ends_total",
+                "Sessions removed from memory, by cause (empty, drained).",
+                &[&["empty", "drained"]],
+                &["cause"],
+            ),
+            registry,
+        }
+    }
+
+    /// Counts one received frame of `action` (an entry of [`ACTIONS`], else "unknown").
+    pub fn received(&self, action: &str) {
+        let label = ACTIONS.iter().find(|a| **a == action).copied().unwrap_or("unknown");
+        self.messages_received.with_label_values(&[label]).inc();
+    }
+
+    /// The counter for one action, for callers that count often.
+    pub fn received_counter(&self, action: &'static str) -> IntCounter {
+        self.messages_received.with_label_values(&[action])
+    }
+
+    /// Counts a close initiated by the reflector.
+    pub fn closed(&self, label: &'static str) {
+        self.closes.with_label_values(&[label]).inc();
+    }
+
+    /// Counts a SNAP by result.
+    pub fn snapshot(&self, accepted: bool) {
+        self.snapshots.with_label_values(&[if accepted { "accepted" } else { "ignored" }]).inc();
+    }
+
+    /// Counts a persisted-data operation (`save`, `lookup_hit`, `lookup_miss`, `error`).
+    pub fn persistence(&self, op: &'static str) {
+        self.persistence.with_label_values(&[op]).inc();
+    }
+
+    /// Counts a stored-session-state operation.
+    pub fn session_state(&self, op: &'static str, ok: bool) {
+        self.session_state.with_label_values(&[op, if ok { "ok" } else { "error" }]).inc();
+    }
+
+    /// Counts a files request.
+    pub fn files_request(&self, method: &str, status: u16) {
+        let method = match method {
+            "GET" | "HEAD" | "PUT" | "OPTIONS" => method,
+            _ => "other",
+        };
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.files_requests.with_label_values(&[method, class]).inc();
+    }
+
+    /// Counts bytes through the files endpoint.
+    pub fn files_bytes(&self, upload: bool, n: u64) {
+        self.files_bytes.with_label_values(&[if upload { "in" } else { "out" }]).inc_by(n);
+    }
+
+    /// Counts a session leaving memory.
+    pub fn session_end(&self, drained: bool) {
+        self.session_ends.with_label_values(&[if drained { "drained" } else { "empty" }]).inc();
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_series_exist_before_any_event_and_counters_end_in_total() {
+        let m = Metrics::new("eu");
+        let text = m.render();
+        assert!(text.contains(r#"refleet_reflector_closes_total{reason="rate_limited"} 0"#));
+        assert!(text.contains(r#"refleet_reflector_files_requests_total{method="PUT",status="4xx"} 0"#));
+        assert!(text.contains(r#"refleet_build_info{component="reflector",region="eu","#));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_actions_share_one_label() {
+        let m = Metrics::new("local");
+        m.received("NOT_AN_ACTION");
+        m.received("SEND");
+        let text = m.render();
+        assert!(text.contains(r#"refleet_reflector_messages_received_total{action="unknown"} 1"#));
+        assert!(text.contains(r#"refleet_reflector_messages_received_total{action="SEND"} 1"#));
+    }
+}

@@ -1,0 +1,156 @@
+//! The reflector's table of sessions, consulted only when a connection joins.
+//!
+//! The table is the one structure all sessions share, and nothing on the per-message path
+//! touches it: a connection looks its session up once, at JOIN, and then talks to the
+//! session's task directly. It also knows which sessions have connected clients, which is
+//! what the files endpoint checks before it accepts an upload.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::session::core::Identity;
+use crate::session::{self, Command, Context, SessionHandle};
+
+/// Commands queued per session before senders wait (back-pressure onto the sockets).
+const SESSION_QUEUE: usize = 4096;
+
+/// Why a JOIN cannot get a session here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The reflector is draining and takes no new sessions.
+    Draining,
+}
+
+/// All sessions of this reflector.
+#[derive(Debug)]
+pub struct Registry {
+    sessions: Mutex<HashMap<Arc<str>, SessionHandle>>,
+    live: Mutex<HashMap<Arc<str>, Identity>>,
+    draining: AtomicBool,
+    tracker: TaskTracker,
+    ctx: Arc<Context>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these maps half-updated in a way that
+    // matters more than refusing all further work, so keep going with the data.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Registry {
+    /// An empty registry whose sessions use `ctx`.
+    pub fn new(ctx: Arc<Context>) -> Arc<Self> {
+        Arc::new(Self {
+            sessions: Mutex::default(),
+            live: Mutex::default(),
+            draining: AtomicBool::new(false),
+            tracker: TaskTracker::new(),
+            ctx,
+        })
+    }
+
+    /// The shared session context.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// The session with this id, started if it is not running (unless draining).
+    pub fn join(self: &Arc<Self>, id: &str) -> Result<SessionHandle, Refused> {
+        let mut sessions = lock(&self.sessions);
+        if let Some(h) = sessions.get(id) {
+            return Ok(h.clone());
+        }
+        if self.is_draining() {
+            return Err(Refused::Draining);
+        }
+        let id: Arc<str> = Arc::from(id);
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let handle = SessionHandle { tx };
+        sessions.insert(id.clone(), handle.clone());
+        self.tracker.spawn(session::run(id, rx, self.ctx.clone(), self.clone()));
+        Ok(handle)
+    }
+
+    /// Whether the session is in memory here.
+    pub fn contains(&self, id: &str) -> bool {
+        lock(&self.sessions).contains_key(id)
+    }
+
+    /// Number of sessions in memory.
+    pub fn session_count(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    /// Removes a session whose queue is empty, closing the queue so that late senders
+    /// notice; false (and nothing changes) when commands are still waiting.
+    pub(crate) fn remove_if_quiet(&self, id: &str, rx: &mut mpsc::Receiver<Command>) -> bool {
+        let mut sessions = lock(&self.sessions);
+        if !rx.is_empty() {
+            return false;
+        }
+        sessions.remove(id);
+        rx.close();
+        true
+    }
+
+    /// Records whether a session has connected clients (and under which identity).
+    pub(crate) fn set_live(&self, id: &Arc<str>, identity: Option<Identity>) {
+        let mut live = lock(&self.live);
+        match identity {
+            Some(i) => {
+                live.insert(id.clone(), i);
+            }
+            None => {
+                live.remove(id);
+            }
+        }
+    }
+
+    /// Whether a session with connected clients has this appId and persistentId (and, when
+    /// given, this session id).
+    pub fn has_live(&self, app_id: &str, persistent_id: &str, session_id: Option<&str>) -> bool {
+        let live = lock(&self.live);
+        match session_id {
+            Some(sid) => live.get(sid).is_some_and(|i| {
+                i.app_id.as_deref() == Some(app_id) && i.persistent_id.as_deref() == Some(persistent_id)
+            }),
+            None => live
+                .values()
+                .any(|i| i.app_id.as_deref() == Some(app_id) && i.persistent_id.as_deref() == Some(persistent_id)),
+        }
+    }
+
+    /// Whether a session with this id has connected clients.
+    pub fn is_live(&self, session_id: &str) -> bool {
+        lock(&self.live).contains_key(session_id)
+    }
+
+    /// Stops taking new sessions.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.ctx.metrics.draining.set(1);
+    }
+
+    /// Whether the reflector is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Tells every session to close its clients and store itself.
+    pub async fn drain_all(&self) {
+        let handles: Vec<SessionHandle> = lock(&self.sessions).values().cloned().collect();
+        for h in handles {
+            let _ = h.tx.send(Command::Drain).await;
+        }
+    }
+
+    /// Completes when every session task has ended (call after [`Registry::begin_drain`]).
+    pub async fn wait_all(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}

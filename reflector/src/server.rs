@@ -1,0 +1,162 @@
+//! One port for everything: WebSocket sessions, files, health and metrics; and the drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{ConnectInfo, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::config::{Config, Limits};
+use crate::connection;
+use crate::files::Files;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::session::Context;
+use crate::session::core::Settings;
+use crate::storage::{Storage, StorageError};
+
+/// Per-connection WebSocket read buffer; small, so that idle connections stay cheap.
+const READ_BUFFER: usize = 8 * 1024;
+/// Bytes gathered before tungstenite writes to the socket (we also flush once per batch).
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// A configured reflector, ready to serve a listener.
+#[derive(Debug, Clone)]
+pub struct Reflector {
+    registry: Arc<Registry>,
+    files: Files,
+    metrics: Metrics,
+    limits: Arc<Limits>,
+}
+
+impl Reflector {
+    /// Opens the storage and prepares the shared state. `bound` is the listening address
+    /// (used for the default public and files URLs).
+    pub fn new(config: &Config, bound: SocketAddr) -> Result<Self, StorageError> {
+        let storage = Storage::open(&config.storage)?;
+        let limits = Arc::new(Limits::from(config));
+        let metrics = Metrics::new(&config.region);
+        let settings = Arc::new(Settings {
+            reflector_name: config.reflector_name.clone(),
+            default_tick: limits.default_tick,
+            empty_session_ttl: limits.empty_session_ttl,
+            rejoin_grace: limits.rejoin_grace,
+            requ_messages: limits.requ_messages,
+            max_messages: limits.max_messages,
+        });
+        let ctx = Arc::new(Context {
+            storage: storage.clone(),
+            metrics: metrics.clone(),
+            settings,
+            files_base: config.files_base(bound),
+            snapshot_retention: limits.snapshot_retention,
+        });
+        let registry = Registry::new(ctx);
+        let files = Files { storage, registry: registry.clone(), metrics: metrics.clone(), max_upload_bytes: limits.max_upload_bytes };
+        Ok(Self { registry, files, metrics, limits })
+    }
+
+    /// The session registry (for tests and embedding).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Serves until `shutdown` completes, then drains: new sessions are refused, live ones
+    /// are served until they end or the drain timeout passes, then stored and closed.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let registry = self.registry.clone();
+        let drain_timeout = self.limits.drain_timeout;
+        let app = Arc::new(self);
+        let router = Router::new().fallback(entry).with_state(app);
+        let drain = async move {
+            shutdown.await;
+            tracing::info!(sessions = registry.session_count(), timeout = ?drain_timeout, "draining");
+            registry.begin_drain();
+            let deadline = Instant::now() + drain_timeout;
+            while registry.session_count() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            registry.drain_all().await;
+            registry.wait_all().await;
+            tracing::info!("drained");
+        };
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(drain)
+            .await
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    let mut res = (status, body).into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    res
+}
+
+async fn entry(
+    State(app): State<Arc<Reflector>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    req: Request,
+) -> Response {
+    let path = req.uri().path().to_string();
+    if let Ok(ws) = ws {
+        return upgrade(&app, ws, &path, peer);
+    }
+    match path.as_str() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            if app.registry.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+            } else {
+                text(StatusCode::OK, "ready\n".into())
+            }
+        }
+        "/metrics" => {
+            let mut res = text(StatusCode::OK, app.metrics.render());
+            res.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            res
+        }
+        "/" => text(
+            StatusCode::OK,
+            "Refleet reflector. Join with box: \"<this URL>\"; files under /files/; /healthz, /readyz, /metrics.\n".into(),
+        ),
+        p => match p.strip_prefix("/files/") {
+            Some(rest) => {
+                let (parts, body) = req.into_parts();
+                let body: Body = body;
+                app.files.handle(&parts.method, rest, &parts.headers, body).await
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        },
+    }
+}
+
+fn upgrade(app: &Arc<Reflector>, ws: WebSocketUpgrade, path: &str, peer: SocketAddr) -> Response {
+    let session_id: Arc<str> = Arc::from(connection::session_id_from_path(path));
+    if app.registry.is_draining() && !app.registry.contains(&session_id) {
+        // The client sees a failed connection and retries later, as for upstream's refusal.
+        return text(StatusCode::SERVICE_UNAVAILABLE, "reflector draining\n".into());
+    }
+    if app.metrics.connections.get() as usize >= app.limits.max_connections {
+        tracing::warn!(peer = %peer, "connection limit reached, upgrade refused");
+        return text(StatusCode::SERVICE_UNAVAILABLE, "connection limit reached\n".into());
+    }
+    // Frames a little over the limit are read whole and refused with a clean 1009; far larger
+    // ones are cut off by the WebSocket layer itself.
+    let hard_limit = app.limits.max_frame_bytes.saturating_mul(2).max(64 * 1024);
+    let (registry, limits) = (app.registry.clone(), app.limits.clone());
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| connection::serve(socket, session_id, peer, registry, limits))
+}

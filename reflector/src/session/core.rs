@@ -1,0 +1,975 @@
+//! The protocol state of one session: ordering, fan-out, users, tallies, snapshots.
+//!
+//! `Core` owns everything about a session and is driven by its task with one call per client
+//! message, connection change or timer. It does no I/O: frames go into the members'
+//! [`Outbox`]es without waiting, and storage work comes out as [`Effect`]s the task carries
+//! out. That keeps the whole protocol testable with plain function calls.
+//!
+//! ```text
+//!   JOIN ──► member (Waiting) ──SYNC──► Active ──socket closed──► Leaving ──leaveDelay──► gone
+//!                                          ▲                          │ same user JOINs again
+//!                                          └──────────────────────────┘ (no join/leave seen)
+//!   resumed from storage: former members start as Ghosts, claimed by their user's next JOIN
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use super::clock::Clock;
+use crate::close;
+use crate::frame::{self, ClientMsg, Join, Text, json_string};
+use crate::metrics::Metrics;
+use crate::outbox::{Outbox, SendError};
+use crate::storage::{STORED_SESSION_FORMAT, SnapshotRef, StoredSession};
+
+/// Identifies one WebSocket connection.
+pub type ConnId = u64;
+
+/// First sequence number of a new session: the counter wraps after 16 messages on purpose.
+pub const INITIAL_SEQ: u32 = 0xFFFF_FFF0;
+/// How long user joins and leaves are gathered into one `users` message.
+pub const USERS_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a TUTTI tally waits for every client's vote.
+pub const TALLY_INTERVAL: Duration = Duration::from_millis(1000);
+/// Completed tallies older than this (teatime) are forgotten.
+const TALLY_HISTORY_MS: f64 = 60_000.0;
+/// At most this many completed tallies are remembered.
+const MAX_COMPLETED_TALLIES: usize = 20;
+/// Server frames longer than this are split into `_CHUNK` frames.
+pub const CHUNK_SIZE: usize = 1_000_000;
+/// The longest leave delay a client may ask for.
+const MAX_LEAVE_DELAY: Duration = Duration::from_secs(60);
+
+/// Settings every session of a reflector shares.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Reported to clients in SYNC as `reflector`.
+    pub reflector_name: String,
+    pub default_tick: Duration,
+    pub empty_session_ttl: Duration,
+    pub rejoin_grace: Duration,
+    pub requ_messages: usize,
+    pub max_messages: usize,
+}
+
+/// Storage work a session asks its task to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Record the URL of newly persisted data under the session's persistence key.
+    SavePersisted { developer_id: String, app_id: String, persistent_id: String, url: String },
+    /// A snapshot was accepted: older snapshots next to it may be pruned.
+    PruneSnapshots { url: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Joined, SYNC not sent yet.
+    Waiting,
+    /// Receives RECVs and TICKs.
+    Active,
+    /// Socket closed; still a member until the deadline (leaveDelay).
+    Leaving(Instant),
+    /// Member restored from stored state; still a member until its user rejoins or the deadline.
+    Ghost(Instant),
+    /// Closed by a drain; kept as a member in the stored state.
+    Closing,
+}
+
+#[derive(Debug)]
+struct Member {
+    conn: Option<ConnId>,
+    out: Option<Outbox>,
+    user: Option<Arc<str>>,
+    state: State,
+}
+
+/// One reflected message: the RECV frame as sent, and where its `[time, seq, …]` array is.
+#[derive(Debug, Clone)]
+struct Reflected {
+    frame: Text,
+    args: Range<usize>,
+    seq: u32,
+}
+
+impl Reflected {
+    fn args_text(&self) -> &str {
+        self.frame.as_str().get(self.args.clone()).unwrap_or("[]")
+    }
+}
+
+#[derive(Debug)]
+struct Tally {
+    send_time: f64,
+    expecting: usize,
+    votes: Vec<(String, u32)>,
+    wants_vote: bool,
+    target: String,
+    due: Instant,
+}
+
+/// Counters accumulated during a batch and added to the shared metrics once.
+#[derive(Debug, Default)]
+struct Stats {
+    deliveries: u64,
+    bytes: u64,
+    drops: u64,
+    slow: u64,
+    reflected: u64,
+    ticks: u64,
+    joins: u64,
+    leaves: u64,
+    users_delta: i64,
+}
+
+/// The persistence identity a session learned from its first JOIN.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub name: Option<String>,
+    pub app_id: Option<String>,
+    pub persistent_id: Option<String>,
+    pub developer_id: Option<String>,
+    pub code_hash: Option<String>,
+}
+
+/// "b comes after a" for wrapping 32-bit sequence numbers (as upstream defines it).
+pub fn seq_after(a: u32, b: u32) -> bool {
+    let d = b.wrapping_sub(a);
+    d > 0 && d < 0x0800_0000
+}
+
+fn random_timeline() -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..12).map(|_| DIGITS[rng.random_range(0..DIGITS.len())] as char).collect()
+}
+
+/// Formats a JSON number the way JavaScript prints it for the values clients send.
+fn js_number(out: &mut String, v: f64) {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 {
+        let _ = write!(out, "{}", v as i64);
+    } else if v.is_finite() {
+        let _ = write!(out, "{v}");
+    } else {
+        out.push_str("null");
+    }
+}
+
+fn millis(v: f64, max: Duration) -> Duration {
+    if v.is_finite() && v > 0.0 { Duration::from_secs_f64(v / 1000.0).min(max) } else { Duration::ZERO }
+}
+
+/// The state of one session.
+#[derive(Debug)]
+pub struct Core {
+    id: Arc<str>,
+    id_json: String,
+    recv_prefix: String,
+    clock: Clock,
+    seq: u32,
+    timeline: String,
+    tick: Duration,
+    delay_ms: u64,
+    tove: Option<String>,
+    identity: Identity,
+    leave_delay: Duration,
+    messages: VecDeque<Reflected>,
+    snapshot: Option<SnapshotRef>,
+    persisted_url: Option<String>,
+    members: Vec<Member>,
+    pending_joined: Vec<Arc<str>>,
+    pending_left: Vec<Arc<str>>,
+    users_due: Option<Instant>,
+    tallies: HashMap<String, Tally>,
+    completed: VecDeque<(String, f64)>,
+    debounce: HashMap<String, Instant>,
+    next_tick: Instant,
+    empty_since: Option<Instant>,
+    initialised: bool,
+    draining: bool,
+    dropped_sends: u64,
+    effects: Vec<Effect>,
+    stats: Stats,
+    settings: Arc<Settings>,
+    metrics: Metrics,
+}
+
+impl Core {
+    /// A new, empty session.
+    pub fn new(id: Arc<str>, settings: Arc<Settings>, metrics: Metrics, now: Instant) -> Self {
+        let id_json = json_string(&id);
+        let recv_prefix = format!("{{\"id\":{id_json},\"action\":\"RECV\",\"args\":");
+        Self {
+            clock: Clock::starting_at(0, now),
+            seq: INITIAL_SEQ,
+            timeline: random_timeline(),
+            tick: settings.default_tick,
+            delay_ms: 0,
+            tove: None,
+            identity: Identity::default(),
+            leave_delay: Duration::ZERO,
+            messages: VecDeque::new(),
+            snapshot: None,
+            persisted_url: None,
+            members: Vec::new(),
+            pending_joined: Vec::new(),
+            pending_left: Vec::new(),
+            users_due: None,
+            tallies: HashMap::new(),
+            completed: VecDeque::new(),
+            debounce: HashMap::new(),
+            next_tick: now + settings.default_tick,
+            empty_since: Some(now),
+            initialised: false,
+            draining: false,
+            dropped_sends: 0,
+            effects: Vec::new(),
+            stats: Stats::default(),
+            id,
+            id_json,
+            recv_prefix,
+            settings,
+            metrics,
+        }
+    }
+
+    /// The session id.
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    /// The timeline of this incarnation.
+    pub fn timeline(&self) -> &str {
+        &self.timeline
+    }
+
+    /// Sequence number of the last reflected message.
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// Whether the first JOIN (or a restore) has set the session up.
+    pub fn is_initialised(&self) -> bool {
+        self.initialised
+    }
+
+    /// The identity from the first JOIN.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Learns the persistence identity from the first JOIN before storage look-ups.
+    pub fn identity_from(join: &Join) -> Identity {
+        Identity {
+            name: join.name.clone(),
+            app_id: join.app_id.clone(),
+            persistent_id: join.persistent_id.clone(),
+            developer_id: join.developer_id.clone(),
+            code_hash: join.code_hash.clone(),
+        }
+    }
+
+    /// Sets the persisted-data URL found at session start.
+    pub fn set_persisted_url(&mut self, url: String) {
+        self.persisted_url = Some(url);
+    }
+
+    /// Storage work requested since the last call.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Whether any member has an open connection.
+    pub fn has_connections(&self) -> bool {
+        self.members.iter().any(|m| m.conn.is_some())
+    }
+
+    /// Members counted in `users` (everything but connections still waiting for SYNC).
+    pub fn member_count(&self) -> usize {
+        self.members.iter().filter(|m| m.state != State::Waiting).count()
+    }
+
+    /// Whether the session was closed for a drain.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    // === restore and store ===
+
+    /// Continues a stored session: same timeline, time, sequence numbers and messages. Its
+    /// former members become ghosts that their users can claim by joining again.
+    pub fn restore(&mut self, stored: StoredSession, now: Instant) {
+        self.clock = Clock::starting_at(stored.time, now);
+        if stored.scale > 0.0 && stored.scale != 1.0 {
+            self.clock.set_scale(stored.scale, now);
+        }
+        self.seq = stored.seq;
+        self.timeline = stored.timeline;
+        if stored.tick_ms > 0 {
+            self.tick = Duration::from_millis(stored.tick_ms);
+        }
+        self.delay_ms = stored.delay_ms;
+        self.tove = stored.tove;
+        self.identity = Identity {
+            name: stored.name,
+            app_id: stored.app_id,
+            persistent_id: stored.persistent_id,
+            developer_id: stored.developer_id,
+            code_hash: stored.code_hash,
+        };
+        self.leave_delay = Duration::from_millis(stored.leave_delay_ms).min(MAX_LEAVE_DELAY);
+        self.snapshot = stored.snapshot;
+        self.persisted_url = stored.persisted_url;
+        self.messages = stored
+            .messages
+            .iter()
+            .map(|raw| {
+                let mut frame = self.recv_prefix.clone();
+                let start = frame.len();
+                frame.push_str(raw.get());
+                let end = frame.len();
+                frame.push('}');
+                let seq = serde_json::from_str::<(serde_json::Value, u32)>(raw.get()).map_or(0, |(_, s)| s);
+                Reflected { frame: Text::from(frame), args: start..end, seq }
+            })
+            .collect();
+        self.completed = stored.completed_tallies.into_iter().collect();
+        let grace = self.settings.rejoin_grace.max(self.leave_delay);
+        for user in stored.users {
+            self.members.push(Member {
+                conn: None,
+                out: None,
+                user: Some(Arc::from(user.get())),
+                state: State::Ghost(now + grace),
+            });
+            self.stats.users_delta += 1;
+        }
+        self.empty_since = if self.members.is_empty() { Some(now) } else { None };
+        self.initialised = true;
+    }
+
+    /// Everything needed to resume this session elsewhere or later.
+    pub fn to_stored(&mut self, now: Instant, wall_ms: u64) -> StoredSession {
+        let time = self.clock.read(now);
+        let mut users: Vec<Box<RawValue>> = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
+        for m in &self.members {
+            if m.state == State::Waiting {
+                continue;
+            }
+            if let Some(u) = &m.user
+                && !seen.contains(&u.as_ref())
+                && let Ok(raw) = RawValue::from_string(u.to_string())
+            {
+                seen.push(u);
+                users.push(raw);
+            }
+        }
+        StoredSession {
+            format: STORED_SESSION_FORMAT,
+            session_id: self.id.to_string(),
+            timeline: self.timeline.clone(),
+            time,
+            seq: self.seq,
+            tick_ms: self.tick.as_millis() as u64,
+            delay_ms: self.delay_ms,
+            scale: self.clock.scale(),
+            tove: self.tove.clone(),
+            name: self.identity.name.clone(),
+            app_id: self.identity.app_id.clone(),
+            persistent_id: self.identity.persistent_id.clone(),
+            developer_id: self.identity.developer_id.clone(),
+            code_hash: self.identity.code_hash.clone(),
+            leave_delay_ms: self.leave_delay.as_millis() as u64,
+            snapshot: self.snapshot.clone(),
+            persisted_url: self.persisted_url.clone(),
+            messages: self.messages.iter().filter_map(|m| RawValue::from_string(m.args_text().to_string()).ok()).collect(),
+            completed_tallies: self.completed.iter().cloned().collect(),
+            users,
+            stored_at_ms: wall_ms,
+        }
+    }
+
+    /// Whether storing this session is worth it (it has anything a client could resume).
+    pub fn has_state(&self) -> bool {
+        !self.messages.is_empty() || self.snapshot.is_some() || self.seq != INITIAL_SEQ
+    }
+
+    // === clients ===
+
+    /// A connection's JOIN: answered with SYNC at once (storage look-ups happened before).
+    pub fn join(&mut self, conn: ConnId, out: Outbox, join: Join, now: Instant) {
+        if self.draining {
+            out.close(close::RECONNECT.with_reason("session is moving, reconnect"));
+            return;
+        }
+        if !self.initialised {
+            self.identity = Self::identity_from(&join);
+            self.tove = join.tove.clone();
+            self.apply_ticks(join.tick_ms, join.delay_ms, join.scale, now);
+            self.initialised = true;
+        }
+        if let Some(ld) = join.leave_delay_ms {
+            self.leave_delay = millis(ld, MAX_LEAVE_DELAY);
+        }
+        let user: Option<Arc<str>> = join.user.map(Arc::from);
+        let existing = user.as_ref().and_then(|u| {
+            self.members.iter().position(|m| {
+                m.user.as_ref() == Some(u) && matches!(m.state, State::Active | State::Leaving(_) | State::Ghost(_))
+            })
+        });
+        let sync = self.sync_frame(now);
+        let index = match existing {
+            Some(i) => {
+                // The same view is back (a reconnect): it takes over its membership, so the
+                // model sees neither a leave nor a join.
+                let m = &mut self.members[i];
+                if let Some(old) = m.out.take()
+                    && !old.same(&out)
+                {
+                    old.close(close::RECONNECT.with_reason("replaced by a newer connection"));
+                }
+                m.conn = Some(conn);
+                m.out = Some(out);
+                m.state = State::Waiting;
+                tracing::debug!(session = %self.id, conn, "member rejoined");
+                i
+            }
+            None => {
+                self.members.push(Member { conn: Some(conn), out: Some(out), user: user.clone(), state: State::Waiting });
+                self.members.len() - 1
+            }
+        };
+        self.empty_since = None;
+        let delivered = self.send_chunked(index, &sync);
+        let m = &mut self.members[index];
+        m.state = State::Active;
+        if existing.is_none() {
+            self.stats.users_delta += 1;
+            if let Some(u) = user {
+                self.queue_joined(u, now);
+            }
+        }
+        self.stats.joins += 1;
+        if !delivered {
+            tracing::warn!(session = %self.id, conn, "SYNC did not fit the send queue");
+        }
+    }
+
+    /// A connection ended (the client closed it, it dropped, or the reflector closed it).
+    pub fn closed(&mut self, conn: ConnId, now: Instant) {
+        let Some(i) = self.members.iter().position(|m| m.conn == Some(conn)) else { return };
+        let m = &mut self.members[i];
+        m.conn = None;
+        m.out = None;
+        match m.state {
+            State::Waiting => {
+                self.members.swap_remove(i);
+            }
+            State::Active if !self.draining => {
+                if self.leave_delay.is_zero() {
+                    self.remove_member(i, now);
+                } else {
+                    m.state = State::Leaving(now + self.leave_delay);
+                }
+            }
+            State::Active => m.state = State::Closing,
+            State::Leaving(_) | State::Ghost(_) | State::Closing => {}
+        }
+        if self.members.is_empty() {
+            self.empty_since = Some(now);
+        }
+    }
+
+    fn remove_member(&mut self, i: usize, now: Instant) {
+        let m = self.members.swap_remove(i);
+        self.stats.users_delta -= 1;
+        self.stats.leaves += 1;
+        if let Some(u) = m.user {
+            self.queue_left(u, now);
+        }
+        if self.members.is_empty() {
+            self.empty_since = Some(now);
+        }
+    }
+
+    /// One message from a joined connection.
+    pub fn message(&mut self, conn: ConnId, msg: ClientMsg, now: Instant) {
+        match msg {
+            ClientMsg::Send { rest, tags } => {
+                if let Some(tags) = tags
+                    && let (Some(window), Some(id)) = (tags.debounce, tags.msg_id)
+                {
+                    let window = millis(window, Duration::from_secs(3600));
+                    if let Some(last) = self.debounce.get(&id)
+                        && now.saturating_duration_since(*last) < window
+                    {
+                        tracing::debug!(session = %self.id, msg_id = %id, "debounced SEND dropped");
+                        return;
+                    }
+                    self.debounce.insert(id, now);
+                }
+                if !self.reflect(&rest, now, false) {
+                    self.refuse_send(conn);
+                }
+            }
+            ClientMsg::Tutti(t) => self.tutti(*t, now),
+            ClientMsg::Snap(s) => self.snap(s),
+            ClientMsg::Save(s) => self.save(conn, s),
+            ClientMsg::Ticks(t) => self.apply_ticks(t.tick_ms, t.delay_ms, t.scale, now),
+            // Connection-level actions never reach the session.
+            ClientMsg::Join(_) | ClientMsg::Ping(_) | ClientMsg::Pulse | ClientMsg::Log | ClientMsg::Unknown(_) => {}
+        }
+    }
+
+    fn apply_ticks(&mut self, tick: Option<f64>, delay: Option<f64>, scale: Option<f64>, now: Instant) {
+        if let Some(t) = tick
+            && t > 0.0
+        {
+            self.tick = millis(t, Duration::from_secs(60)).max(Duration::from_millis(1));
+            self.next_tick = now + self.tick;
+        }
+        if let Some(d) = delay
+            && d > 0.0
+        {
+            // Held messages ("cheat beats") are not implemented; the value is kept for resume.
+            self.delay_ms = d as u64;
+        }
+        if let Some(s) = scale
+            && s > 0.0
+        {
+            self.clock.set_scale(s, now);
+        }
+    }
+
+    fn refuse_send(&mut self, conn: ConnId) {
+        self.dropped_sends += 1;
+        if self.dropped_sends % 100 != 1 {
+            return;
+        }
+        tracing::warn!(session = %self.id, retained = self.messages.len(), "message buffer full: SEND dropped until a snapshot arrives");
+        let info = format!(
+            "{{\"id\":{},\"action\":\"INFO\",\"args\":{{\"code\":\"SNAPSHOT_NEEDED\",\"msg\":\"too many messages since the last snapshot; messages are being dropped\",\"options\":{{\"level\":\"error\",\"only\":\"once\"}}}}}}",
+            self.id_json
+        );
+        let requ = Text::from(format!("{{\"id\":{},\"action\":\"REQU\"}}", self.id_json));
+        if let Some(m) = self.members.iter().find(|m| m.conn == Some(conn))
+            && let Some(out) = &m.out
+        {
+            let _ = out.try_send(requ);
+            let _ = out.try_send(Text::from(info));
+        }
+    }
+
+    // === reflecting ===
+
+    /// Stamps and fans out one message whose array starts with `rest` after time and seq.
+    /// Returns false when the message buffer is full (meta messages always pass).
+    fn reflect(&mut self, rest: &str, now: Instant, meta: bool) -> bool {
+        if !meta && self.messages.len() >= self.settings.max_messages {
+            return false;
+        }
+        let time = self.clock.read(now);
+        self.seq = self.seq.wrapping_add(1);
+        let mut frame = String::with_capacity(self.recv_prefix.len() + rest.len() + 28);
+        frame.push_str(&self.recv_prefix);
+        let start = frame.len();
+        frame.push('[');
+        frame.push_str(itoa::Buffer::new().format(time));
+        frame.push(',');
+        frame.push_str(itoa::Buffer::new().format(self.seq));
+        frame.push(',');
+        frame.push_str(rest);
+        frame.push(']');
+        let end = frame.len();
+        frame.push('}');
+        let text = Text::from(frame);
+        self.fan_out(&text, false);
+        self.messages.push_back(Reflected { frame: text, args: start..end, seq: self.seq });
+        self.stats.reflected += 1;
+        self.next_tick = now + self.tick;
+        let retained = self.messages.len();
+        if retained >= self.settings.requ_messages && (retained - self.settings.requ_messages) % 1000 == 0 {
+            let requ = Text::from(format!("{{\"id\":{},\"action\":\"REQU\"}}", self.id_json));
+            self.fan_out(&requ, false);
+        }
+        true
+    }
+
+    /// Sends one frame to every active member; with `tick`, only to those with nothing queued.
+    fn fan_out(&mut self, text: &Text, tick: bool) {
+        let len = text.len() as u64;
+        for m in &mut self.members {
+            if m.state != State::Active {
+                continue;
+            }
+            let Some(out) = &m.out else { continue };
+            if tick && !out.is_idle() {
+                continue;
+            }
+            match out.try_send(text.clone()) {
+                Ok(()) => {
+                    self.stats.deliveries += 1;
+                    self.stats.bytes += len;
+                    if tick {
+                        self.stats.ticks += 1;
+                    }
+                }
+                Err(SendError::Full) => {
+                    self.stats.drops += 1;
+                    self.stats.slow += 1;
+                    out.close_now(close::UNRESPONSIVE);
+                    tracing::info!(session = %self.id, conn = ?m.conn, "client too slow, disconnected");
+                    m.out = None;
+                }
+                Err(SendError::Gone) => m.out = None,
+            }
+        }
+    }
+
+    /// Sends a possibly long frame to one member, in `_CHUNK` pieces when needed.
+    fn send_chunked(&mut self, index: usize, text: &str) -> bool {
+        let Some(out) = self.members[index].out.clone() else { return false };
+        let mut pieces: Vec<String> = Vec::new();
+        if text.len() <= CHUNK_SIZE {
+            pieces.push(text.to_string());
+        } else {
+            let mut start = 0;
+            while start < text.len() {
+                let mut end = (start + CHUNK_SIZE).min(text.len());
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let first = if start == 0 { '1' } else { '0' };
+                let last = if end == text.len() { '1' } else { '0' };
+                pieces.push(format!("_CHUNK{first}{last}{}", &text[start..end]));
+                start = end;
+            }
+        }
+        for p in pieces {
+            let len = p.len() as u64;
+            if out.try_send(Text::from(p)).is_err() {
+                out.close_now(close::UNRESPONSIVE);
+                self.members[index].out = None;
+                return false;
+            }
+            self.stats.deliveries += 1;
+            self.stats.bytes += len;
+        }
+        true
+    }
+
+    fn sync_frame(&mut self, now: Instant) -> String {
+        let time = self.clock.read(now);
+        let body: usize = self.messages.iter().map(|m| m.args.len() + 1).sum();
+        let mut s = String::with_capacity(body + 512);
+        let url = match (&self.snapshot, &self.persisted_url) {
+            (Some(snap), _) => snap.url.as_str(),
+            (None, Some(p)) => p.as_str(),
+            (None, None) => "",
+        };
+        let _ = write!(s, "{{\"id\":{},\"action\":\"SYNC\",\"args\":{{\"url\":{},\"messages\":[", self.id_json, json_string(url));
+        for (i, m) in self.messages.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(m.args_text());
+        }
+        let _ = write!(s, "],\"time\":{time},\"seq\":{}", self.seq);
+        if let Some(tove) = &self.tove {
+            let _ = write!(s, ",\"tove\":{tove}");
+        }
+        let _ = write!(
+            s,
+            ",\"reflector\":{},\"timeline\":{},\"flags\":{{}}",
+            json_string(&self.settings.reflector_name),
+            json_string(&self.timeline)
+        );
+        if let Some(snap) = &self.snapshot {
+            s.push_str(",\"snapshotTime\":");
+            js_number(&mut s, snap.time);
+            let _ = write!(s, ",\"snapshotSeq\":{}", snap.seq);
+        } else if self.persisted_url.is_some() {
+            s.push_str(",\"persisted\":true");
+        }
+        s.push_str("}}");
+        s
+    }
+
+    // === users ===
+
+    fn queue_joined(&mut self, user: Arc<str>, now: Instant) {
+        if let Some(i) = self.pending_left.iter().position(|u| *u == user) {
+            self.pending_left.remove(i);
+        } else {
+            self.pending_joined.push(user);
+        }
+        self.users_due.get_or_insert(now + USERS_INTERVAL);
+    }
+
+    fn queue_left(&mut self, user: Arc<str>, now: Instant) {
+        if let Some(i) = self.pending_joined.iter().position(|u| *u == user) {
+            self.pending_joined.remove(i);
+        } else {
+            self.pending_left.push(user);
+        }
+        self.users_due.get_or_insert(now + USERS_INTERVAL);
+    }
+
+    fn flush_users(&mut self, now: Instant) {
+        self.users_due = None;
+        if self.pending_joined.is_empty() && self.pending_left.is_empty() {
+            return;
+        }
+        let active = self.members.iter().filter(|m| m.state == State::Active && m.user.is_some()).count();
+        if active == 0 {
+            self.pending_joined.clear();
+            self.pending_left.clear();
+            return;
+        }
+        let total = self.member_count();
+        let mut payload = format!("{{\"what\":\"users\",\"active\":{active},\"total\":{total}");
+        for (key, list) in [("joined", &self.pending_joined), ("left", &self.pending_left)] {
+            if !list.is_empty() {
+                let _ = write!(payload, ",\"{key}\":[");
+                for (i, u) in list.iter().enumerate() {
+                    if i > 0 {
+                        payload.push(',');
+                    }
+                    payload.push_str(u);
+                }
+                payload.push(']');
+            }
+        }
+        payload.push('}');
+        self.pending_joined.clear();
+        self.pending_left.clear();
+        self.reflect(&frame::with_size(&payload), now, true);
+    }
+
+    // === tallies ===
+
+    fn tutti(&mut self, t: frame::Tutti, now: Instant) {
+        if !self.tallies.contains_key(&t.key) {
+            let time = self.clock.read(now) as f64;
+            if self.completed.iter().any(|(k, _)| *k == t.key) || t.send_time < time - TALLY_HISTORY_MS {
+                tracing::debug!(session = %self.id, key = %t.key, "late or repeated TUTTI ignored");
+                return;
+            }
+            if let Some(first) = &t.first_msg {
+                self.reflect(first, now, true);
+            }
+            let expecting = self.members.iter().filter(|m| m.state == State::Active).count();
+            self.tallies.insert(
+                t.key.clone(),
+                Tally {
+                    send_time: t.send_time,
+                    expecting,
+                    votes: Vec::new(),
+                    wants_vote: t.wants_vote,
+                    target: t.tally_target.clone(),
+                    due: now + TALLY_INTERVAL,
+                },
+            );
+        }
+        let Some(tally) = self.tallies.get_mut(&t.key) else { return };
+        match tally.votes.iter_mut().find(|(p, _)| *p == t.payload) {
+            Some((_, n)) => *n += 1,
+            None => tally.votes.push((t.payload, 1)),
+        }
+        tally.wants_vote = t.wants_vote;
+        tally.expecting = tally.expecting.saturating_sub(1);
+        if tally.expecting == 0 {
+            self.complete_tally(&t.key, now);
+        }
+    }
+
+    fn complete_tally(&mut self, key: &str, now: Instant) {
+        let Some(tally) = self.tallies.remove(key) else { return };
+        if tally.wants_vote || tally.votes.len() > 1 {
+            let mut payload = String::from("{\"what\":\"tally\",\"sendTime\":");
+            js_number(&mut payload, tally.send_time);
+            payload.push_str(",\"tally\":{");
+            for (i, (vote, n)) in tally.votes.iter().enumerate() {
+                if i > 0 {
+                    payload.push(',');
+                }
+                let _ = write!(payload, "{}:{n}", json_string(vote));
+            }
+            let _ = write!(
+                payload,
+                "}},\"tallyTarget\":{},\"tuttiKey\":{},\"missingClients\":{}}}",
+                tally.target,
+                json_string(key),
+                tally.expecting
+            );
+            self.reflect(&frame::with_size(&payload), now, true);
+        }
+        let time = self.clock.read(now) as f64;
+        self.completed.push_back((key.to_string(), tally.send_time));
+        self.completed.retain(|(_, t)| *t >= time - TALLY_HISTORY_MS);
+        while self.completed.len() > MAX_COMPLETED_TALLIES {
+            self.completed.pop_front();
+        }
+    }
+
+    // === snapshots and persistence ===
+
+    fn snap(&mut self, s: frame::Snap) {
+        let newer = self.snapshot.as_ref().is_none_or(|cur| s.time > cur.time);
+        if s.dissident || !newer {
+            tracing::debug!(session = %self.id, time = s.time, seq = s.seq, "snapshot ignored");
+            self.metrics.snapshot(false);
+            return;
+        }
+        let keep_from = self.messages.iter().position(|m| seq_after(s.seq, m.seq)).unwrap_or(self.messages.len());
+        self.messages.drain(..keep_from);
+        tracing::info!(session = %self.id, time = s.time, seq = s.seq, retained = self.messages.len(), "snapshot accepted");
+        self.metrics.snapshot(true);
+        self.effects.push(Effect::PruneSnapshots { url: s.url.clone() });
+        self.snapshot = Some(SnapshotRef { url: s.url, time: s.time, seq: s.seq });
+        self.dropped_sends = 0;
+    }
+
+    fn save(&mut self, conn: ConnId, s: frame::Save) {
+        let (Some(app_id), Some(persistent_id)) = (self.identity.app_id.clone(), self.identity.persistent_id.clone()) else {
+            if let Some(out) = self.members.iter().find(|m| m.conn == Some(conn)).and_then(|m| m.out.as_ref()) {
+                out.close(close::BAD_APP_ID);
+            }
+            return;
+        };
+        if s.dissident {
+            return;
+        }
+        let developer_id = self.identity.developer_id.clone().unwrap_or_else(|| "unknown_dev_id".into());
+        self.effects.push(Effect::SavePersisted { developer_id, app_id, persistent_id, url: s.url });
+    }
+
+    // === time ===
+
+    /// The earliest instant at which [`Core::on_timers`] has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        if self.members.iter().any(|m| m.state == State::Active) {
+            consider(self.next_tick);
+        }
+        if let Some(t) = self.users_due {
+            consider(t);
+        }
+        for t in self.tallies.values() {
+            consider(t.due);
+        }
+        for m in &self.members {
+            if let State::Leaving(t) | State::Ghost(t) = m.state {
+                consider(t);
+            }
+        }
+        if let Some(t) = self.end_due() {
+            consider(t);
+        }
+        next
+    }
+
+    /// When an empty session may be ended.
+    pub fn end_due(&self) -> Option<Instant> {
+        let keep = self.settings.empty_session_ttl.max(self.leave_delay + Duration::from_secs(2));
+        self.empty_since.map(|t| t + keep)
+    }
+
+    /// Runs every timer that is due: leaves, users batches, tallies, ticks.
+    pub fn on_timers(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.members.len() {
+            match self.members[i].state {
+                State::Leaving(t) | State::Ghost(t) if t <= now => self.remove_member(i, now),
+                _ => i += 1,
+            }
+        }
+        let due: Vec<String> = self.tallies.iter().filter(|(_, t)| t.due <= now).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            self.complete_tally(&key, now);
+        }
+        if self.users_due.is_some_and(|t| t <= now) {
+            self.flush_users(now);
+        }
+        if self.next_tick <= now {
+            if self.members.iter().any(|m| m.state == State::Active) {
+                let time = self.clock.read(now);
+                let tick = Text::from(format!("{{\"id\":{},\"action\":\"TICK\",\"args\":{time}}}", self.id_json));
+                self.fan_out(&tick, true);
+            }
+            self.next_tick = now + self.tick;
+        }
+    }
+
+    /// Closes every client for a drain: pending users and tallies are reflected first, then
+    /// each client gets 4003 after what is queued for it. Messages still arriving are
+    /// stamped and kept (they will be in the SYNC the clients get when they return).
+    pub fn begin_drain(&mut self, now: Instant) {
+        self.flush_users(now);
+        let keys: Vec<String> = self.tallies.keys().cloned().collect();
+        for key in keys {
+            self.complete_tally(&key, now);
+        }
+        self.draining = true;
+        for m in &mut self.members {
+            if let Some(out) = m.out.take() {
+                out.close(close::RECONNECT.with_reason("reflector draining, reconnect"));
+            }
+            if m.state == State::Active {
+                m.state = State::Closing;
+            }
+        }
+    }
+
+    /// Completes whatever is still open before the state is stored.
+    pub fn settle(&mut self, now: Instant) {
+        let keys: Vec<String> = self.tallies.keys().cloned().collect();
+        for key in keys {
+            self.complete_tally(&key, now);
+        }
+    }
+
+    /// Adds the counters of the last batch to the shared metrics.
+    pub fn flush_stats(&mut self) {
+        let s = std::mem::take(&mut self.stats);
+        let m = &self.metrics;
+        if s.deliveries > 0 {
+            m.deliveries_total.inc_by(s.deliveries);
+            m.bytes_sent_total.inc_by(s.bytes);
+        }
+        if s.reflected > 0 {
+            m.messages_reflected_total.inc_by(s.reflected);
+        }
+        if s.ticks > 0 {
+            m.ticks_total.inc_by(s.ticks);
+        }
+        if s.drops > 0 {
+            m.send_queue_drops_total.inc_by(s.drops);
+            m.slow_client_disconnects_total.inc_by(s.slow);
+        }
+        if s.joins > 0 {
+            m.joins_total.inc_by(s.joins);
+        }
+        if s.leaves > 0 {
+            m.leaves_total.inc_by(s.leaves);
+        }
+        if s.users_delta != 0 {
+            m.users.add(s.users_delta);
+        }
+    }
+
+    /// Forgets every member for the metrics when the session leaves memory.
+    pub fn release(&mut self) {
+        self.flush_stats();
+        self.metrics.users.sub(self.member_count() as i64);
+        self.members.clear();
+    }
+}

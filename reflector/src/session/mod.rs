@@ -1,0 +1,277 @@
+//! One task per session.
+//!
+//! A session's state is owned by exactly one task, so no lock is shared by all sessions and
+//! the ordering of a session's messages is simply the order its task handles them. Connection
+//! tasks parse frames and send [`Command`]s; the task drives [`core::Core`] and performs its
+//! storage effects on a per-session writer that keeps them in order.
+//!
+//! Lifecycle: created by the first JOIN (looking up stored state, then persisted data);
+//! kept while it has members and for `--empty-session-ttl` after the last one left; then
+//! stored (so the next JOIN resumes it) and removed. A drain closes the clients with 4003,
+//! keeps reading what they had already sent until they are gone, stores, and removes.
+
+pub mod clock;
+pub mod core;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use self::core::{ConnId, Core, Effect, Settings};
+use crate::close;
+use crate::frame::{ClientMsg, Join};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::registry::Registry;
+use crate::storage::Storage;
+
+/// How long a storage look-up at JOIN may take: the client gives up after 5 s without SYNC.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a drained session waits for its clients' sides of the close.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Commands handled per wake-up.
+const BATCH: usize = 256;
+
+/// What a connection tells its session.
+#[derive(Debug)]
+pub enum Command {
+    /// A JOIN; the session answers through `out`.
+    Join { conn: ConnId, out: Outbox, join: Box<Join> },
+    /// A SEND, TUTTI, SNAP, SAVE or TICKS from a joined connection.
+    Message { conn: ConnId, msg: ClientMsg },
+    /// The connection has ended.
+    Closed { conn: ConnId },
+    /// Close every client and store the session (the reflector is draining).
+    Drain,
+}
+
+/// Where a session task sends its commands.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub(crate) tx: mpsc::Sender<Command>,
+}
+
+/// What every session task needs.
+#[derive(Debug)]
+pub struct Context {
+    pub storage: Storage,
+    pub metrics: Metrics,
+    pub settings: Arc<Settings>,
+    /// Public files base URL (no trailing slash), to map snapshot URLs to storage keys.
+    pub files_base: String,
+    /// Snapshots kept per session.
+    pub snapshot_retention: usize,
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs one session until it ends. `rx` is closed by the registry when the session is removed.
+pub(crate) async fn run(id: Arc<str>, mut rx: mpsc::Receiver<Command>, ctx: Arc<Context>, registry: Arc<Registry>) {
+    ctx.metrics.sessions.inc();
+    let mut core = Core::new(id.clone(), ctx.settings.clone(), ctx.metrics.clone(), Instant::now());
+    let writer = Writer::spawn(ctx.clone());
+    let mut loaded = false;
+    let mut live = false;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut buf: Vec<Command> = Vec::with_capacity(BATCH);
+    let sleep = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(sleep);
+    let drained = loop {
+        let deadline = [core.next_deadline(), drain_deadline].into_iter().flatten().min();
+        sleep.as_mut().reset(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
+        tokio::select! {
+            n = rx.recv_many(&mut buf, BATCH) => {
+                if n == 0 {
+                    break false;
+                }
+                for cmd in buf.drain(..) {
+                    match cmd {
+                        Command::Join { conn, out, join } => {
+                            if !loaded {
+                                if let Err(e) = load(&mut core, &join, &ctx).await {
+                                    tracing::error!(session = %id, error = %e, "storage look-up failed; client asked to retry");
+                                    out.close(close::RECONNECT.with_reason("storage unavailable, retry"));
+                                    continue;
+                                }
+                                loaded = true;
+                            }
+                            core.join(conn, out, *join, Instant::now());
+                        }
+                        Command::Message { conn, msg } => core.message(conn, msg, Instant::now()),
+                        Command::Closed { conn } => core.closed(conn, Instant::now()),
+                        Command::Drain => {
+                            if !core.is_draining() {
+                                core.begin_drain(Instant::now());
+                                drain_deadline = Some(Instant::now() + CLOSE_WAIT);
+                            }
+                        }
+                    }
+                }
+            }
+            () = &mut sleep => core.on_timers(Instant::now()),
+        }
+        for effect in core.take_effects() {
+            writer.submit(effect);
+        }
+        core.flush_stats();
+        if core.has_connections() != live {
+            live = !live;
+            registry.set_live(&id, live.then(|| core.identity().clone()));
+        }
+        let now = Instant::now();
+        let drain_done = core.is_draining() && (!core.has_connections() || drain_deadline.is_some_and(|d| d <= now));
+        let idle_done = !core.is_draining() && core.end_due().is_some_and(|d| d <= now);
+        if drain_done || idle_done {
+            core.settle(now);
+            if loaded && core.has_state() {
+                store(&mut core, &ctx).await;
+            }
+            if registry.remove_if_quiet(&id, &mut rx) {
+                break drain_done;
+            }
+        }
+    };
+    // Anything that reached the queue after the session was removed: ask to come back, the
+    // next JOIN finds the state just stored.
+    while let Ok(cmd) = rx.try_recv() {
+        if let Command::Join { out, .. } = cmd {
+            out.close(close::RECONNECT.with_reason("session restarting, reconnect"));
+        }
+    }
+    registry.set_live(&id, None);
+    writer.finish().await;
+    core.release();
+    ctx.metrics.sessions.dec();
+    ctx.metrics.session_end(drained);
+    tracing::info!(session = %id, drained, "session ended");
+}
+
+/// First JOIN: resume stored state, else find persisted data for the JOIN's identity.
+async fn load(core: &mut Core, join: &Join, ctx: &Context) -> Result<(), crate::storage::StorageError> {
+    let id = core.id().clone();
+    let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
+        .await
+        .map_err(|_| timeout_error())?;
+    match stored {
+        Ok(Some(state)) => {
+            tracing::info!(session = %id, timeline = %state.timeline, messages = state.messages.len(), "session resumed from storage");
+            ctx.metrics.session_state("resume", true);
+            core.restore(state, Instant::now());
+            return Ok(());
+        }
+        Ok(None) => {}
+        Err(crate::storage::StorageError::Corrupt { key, source }) => {
+            // A record we cannot read would block the session forever; start fresh instead.
+            tracing::error!(session = %id, key, error = %source, "stored session unreadable, starting fresh");
+            ctx.metrics.session_state("resume", false);
+        }
+        Err(e) => {
+            ctx.metrics.session_state("resume", false);
+            return Err(e);
+        }
+    }
+    let identity = Core::identity_from(join);
+    if let (Some(app), Some(pid)) = (&identity.app_id, &identity.persistent_id) {
+        let dev = identity.developer_id.as_deref().unwrap_or("unknown_dev_id");
+        let found = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_persisted(dev, app, pid))
+            .await
+            .map_err(|_| timeout_error())?;
+        match found {
+            Ok(Some(url)) => {
+                tracing::info!(session = %id, app, persistent_id = %pid, "persisted data found");
+                ctx.metrics.persistence("lookup_hit");
+                core.set_persisted_url(url);
+            }
+            Ok(None) => ctx.metrics.persistence("lookup_miss"),
+            Err(e) => {
+                ctx.metrics.persistence("error");
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn timeout_error() -> crate::storage::StorageError {
+    crate::storage::StorageError::Store(object_store::Error::Generic {
+        store: "refleet",
+        source: "storage look-up timed out".into(),
+    })
+}
+
+async fn store(core: &mut Core, ctx: &Context) {
+    let state = core.to_stored(Instant::now(), wall_ms());
+    let (messages, seq) = (state.messages.len(), state.seq);
+    match ctx.storage.store_session(&state).await {
+        Ok(()) => {
+            ctx.metrics.session_state("store", true);
+            tracing::info!(session = %core.id(), seq, messages, "session state stored");
+        }
+        Err(e) => {
+            ctx.metrics.session_state("store", false);
+            tracing::error!(session = %core.id(), error = %e, "storing session state failed");
+        }
+    }
+}
+
+/// Carries out a session's storage effects one after another, off the session's hot path.
+struct Writer {
+    tx: mpsc::UnboundedSender<Effect>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn spawn(ctx: Arc<Context>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Effect>();
+        let task = tokio::spawn(async move {
+            while let Some(effect) = rx.recv().await {
+                apply(&ctx, effect).await;
+            }
+        });
+        Self { tx, task }
+    }
+
+    fn submit(&self, effect: Effect) {
+        let _ = self.tx.send(effect);
+    }
+
+    async fn finish(self) {
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
+
+async fn apply(ctx: &Context, effect: Effect) {
+    match effect {
+        Effect::SavePersisted { developer_id, app_id, persistent_id, url } => {
+            match ctx.storage.save_persisted(&developer_id, &app_id, &persistent_id, &url).await {
+                Ok(()) => {
+                    ctx.metrics.persistence("save");
+                    tracing::info!(app = %app_id, persistent_id = %persistent_id, "persisted data recorded");
+                }
+                Err(e) => {
+                    ctx.metrics.persistence("error");
+                    tracing::error!(app = %app_id, persistent_id = %persistent_id, error = %e, "recording persisted data failed");
+                }
+            }
+        }
+        Effect::PruneSnapshots { url } => {
+            let Some(key) = url.strip_prefix(&ctx.files_base).and_then(|k| k.strip_prefix('/')) else {
+                return;
+            };
+            let segments: Vec<&str> = key.split('/').collect();
+            if crate::files::valid_segments(&segments).is_err() {
+                return;
+            }
+            match ctx.storage.prune_snapshots(&segments, ctx.snapshot_retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(removed = n, "old snapshots pruned"),
+                Err(e) => tracing::warn!(error = %e, "pruning old snapshots failed"),
+            }
+        }
+    }
+}

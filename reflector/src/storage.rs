@@ -1,0 +1,400 @@
+//! Durable storage for everything that must outlive a reflector process.
+//!
+//! One object store (a local directory by default, S3 or another object store by URL in a
+//! cluster, so any reflector of a pool can pick a session up) holds three kinds of object:
+//!
+//! ```text
+//! files/<path>                                   bytes clients PUT and GET through /files/
+//! persisted/<developerId>/<appId>/<persistentId>.json   {"url": …} of the last SAVE
+//! sessions/<sessionId>.json                      a stored session (see StoredSession)
+//! ```
+//! Every key part goes through `object_store`'s path encoding, so no client-supplied id can
+//! escape its prefix.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::{Path, PathPart};
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use thiserror::Error;
+
+/// A storage failure.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    /// The storage URL could not be understood.
+    #[error("invalid storage location {location:?}: {reason}")]
+    BadLocation { location: String, reason: String },
+    /// The object store failed.
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    /// A stored record could not be read back.
+    #[error("stored record {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A write-once object exists with different bytes.
+    #[error("{0} already exists with other content")]
+    Conflict(String),
+}
+
+/// What a files PUT did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// A new object.
+    Created,
+    /// An existing object was replaced (persisted data, which is hash-addressed).
+    Replaced,
+    /// A write-once object already held exactly these bytes.
+    Unchanged,
+}
+
+/// The snapshot a session last accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    pub url: String,
+    pub time: f64,
+    pub seq: u32,
+}
+
+/// Everything needed to resume a session on the same timeline: the format the drain writes
+/// and the gateway's session move will hand over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSession {
+    /// Format version of this record.
+    pub format: u32,
+    pub session_id: String,
+    pub timeline: String,
+    /// Teatime when the session was stored (ms).
+    pub time: u64,
+    /// Sequence number of the last reflected message.
+    pub seq: u32,
+    pub tick_ms: u64,
+    pub delay_ms: u64,
+    pub scale: f64,
+    /// The first JOIN's `tove`, as JSON text.
+    pub tove: Option<String>,
+    pub name: Option<String>,
+    pub app_id: Option<String>,
+    pub persistent_id: Option<String>,
+    pub developer_id: Option<String>,
+    pub code_hash: Option<String>,
+    pub leave_delay_ms: u64,
+    pub snapshot: Option<SnapshotRef>,
+    pub persisted_url: Option<String>,
+    /// Every reflected message since the snapshot, each `[time, seq, payload, …]` exactly as sent.
+    pub messages: Vec<Box<RawValue>>,
+    /// TUTTI keys already tallied, with their send times.
+    pub completed_tallies: Vec<(String, f64)>,
+    /// User records of the members at the time of storing; they may rejoin seamlessly.
+    pub users: Vec<Box<RawValue>>,
+    /// Wall-clock time of storing (ms since the Unix epoch).
+    pub stored_at_ms: u64,
+}
+
+/// The current stored-session format.
+pub const STORED_SESSION_FORMAT: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct PersistedRecord {
+    url: String,
+}
+
+/// Handle to the configured object store.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    description: String,
+}
+
+fn part(s: &str) -> PathPart<'_> {
+    // An empty or dot-only id would make an empty or relative segment; keep them distinct.
+    match s {
+        "" => PathPart::from("%00empty"),
+        "." | ".." => PathPart::from(format!("%2E{}", &s[1..])),
+        _ => PathPart::from(s),
+    }
+}
+
+impl Storage {
+    /// Opens a storage location: a directory path, `file://`, `memory://`, `s3://bucket/prefix`
+    /// (credentials and endpoint from the AWS_* environment) or another object store URL.
+    pub fn open(location: &str) -> Result<Self, StorageError> {
+        let bad = |reason: String| StorageError::BadLocation { location: location.to_string(), reason };
+        let store: Arc<dyn ObjectStore> = if location == "memory://" || location == "memory:" {
+            Arc::new(InMemory::new())
+        } else if let Some(rest) = location.strip_prefix("file://") {
+            Arc::new(Self::local(rest).map_err(|e| bad(e.to_string()))?)
+        } else if location.starts_with("s3://") || location.starts_with("s3a://") {
+            let url = url_parts(location).ok_or_else(|| bad("expected s3://bucket[/prefix]".into()))?;
+            let s3 = object_store::aws::AmazonS3Builder::from_env()
+                .with_url(format!("s3://{}", url.0))
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
+            prefixed(Arc::new(s3), &url.1)
+        } else if location.contains("://") {
+            let url = url::Url::parse(location).map_err(|e| bad(e.to_string()))?;
+            let (store, prefix) = object_store::parse_url_opts(&url, std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v)))
+                .map_err(|e| bad(e.to_string()))?;
+            prefixed(Arc::from(store), prefix.as_ref())
+        } else {
+            Arc::new(Self::local(location).map_err(|e| bad(e.to_string()))?)
+        };
+        Ok(Self { store, description: location.to_string() })
+    }
+
+    fn local(dir: &str) -> std::io::Result<LocalFileSystem> {
+        std::fs::create_dir_all(dir)?;
+        LocalFileSystem::new_with_prefix(dir)
+            .map(|fs| fs.with_automatic_cleanup(true))
+            .map_err(std::io::Error::other)
+    }
+
+    /// The location as configured (for logs).
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    fn file_path(segments: &[&str]) -> Path {
+        Path::from_iter(std::iter::once(PathPart::from("files")).chain(segments.iter().map(|s| part(s))))
+    }
+
+    /// Reads a file uploaded through the files endpoint.
+    pub async fn get_file(&self, segments: &[&str]) -> Result<Option<(u64, object_store::GetResult)>, StorageError> {
+        match self.store.get(&Self::file_path(segments)).await {
+            Ok(r) => Ok(Some((r.meta.size, r))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Size of a stored file, if it exists.
+    pub async fn head_file(&self, segments: &[&str]) -> Result<Option<u64>, StorageError> {
+        match self.store.head(&Self::file_path(segments)).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores a file. A `write_once` file that exists already is accepted again only with
+    /// identical bytes (a retried upload), otherwise it is a [`StorageError::Conflict`].
+    pub async fn put_file(&self, segments: &[&str], body: Bytes, write_once: bool) -> Result<PutOutcome, StorageError> {
+        let path = Self::file_path(segments);
+        if !write_once {
+            let existed = self.store.head(&path).await.is_ok();
+            self.store.put(&path, PutPayload::from_bytes(body)).await?;
+            return Ok(if existed { PutOutcome::Replaced } else { PutOutcome::Created });
+        }
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&path, PutPayload::from_bytes(body.clone()), opts).await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => self.same_or_conflict(&path, &body).await,
+            Err(object_store::Error::NotImplemented { .. }) => {
+                // Stores without conditional writes: check first (a narrow race is acceptable,
+                // both writers upload the same content-addressed snapshot).
+                if self.store.head(&path).await.is_ok() {
+                    return self.same_or_conflict(&path, &body).await;
+                }
+                self.store.put(&path, PutPayload::from_bytes(body)).await?;
+                Ok(PutOutcome::Created)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn same_or_conflict(&self, path: &Path, body: &Bytes) -> Result<PutOutcome, StorageError> {
+        let existing = self.store.get(path).await?.bytes().await?;
+        if existing == *body { Ok(PutOutcome::Unchanged) } else { Err(StorageError::Conflict(path.to_string())) }
+    }
+
+    /// Deletes all but the newest `keep` snapshot files in the folder of `segments` (the
+    /// snapshot just accepted). Snapshot names start with the zero-padded time, so the
+    /// lexical order is the time order.
+    pub async fn prune_snapshots(&self, segments: &[&str], keep: usize) -> Result<usize, StorageError> {
+        if keep == 0 || segments.len() < 2 {
+            return Ok(0);
+        }
+        let dir = Self::file_path(&segments[..segments.len() - 1]);
+        let mut names: Vec<Path> = Vec::new();
+        let mut listing = self.store.list(Some(&dir));
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            // Only direct children of the snapshot folder.
+            if meta.location.prefix_match(&dir).is_some_and(|mut rest| rest.next().is_some() && rest.next().is_none()) {
+                names.push(meta.location);
+            }
+        }
+        names.sort();
+        let excess = names.len().saturating_sub(keep);
+        for old in &names[..excess] {
+            self.store.delete(old).await?;
+        }
+        Ok(excess)
+    }
+
+    fn persisted_path(developer: &str, app: &str, persistent: &str) -> Path {
+        Path::from_iter([PathPart::from("persisted"), part(developer), part(app), part(&format!("{persistent}.json"))])
+    }
+
+    /// The URL of the persisted data last saved under this key.
+    pub async fn load_persisted(&self, developer: &str, app: &str, persistent: &str) -> Result<Option<String>, StorageError> {
+        let path = Self::persisted_path(developer, app, persistent);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let rec: PersistedRecord =
+            serde_json::from_slice(&bytes).map_err(|source| StorageError::Corrupt { key: path.to_string(), source })?;
+        Ok(Some(rec.url))
+    }
+
+    /// Records the URL of the newest persisted data for this key.
+    pub async fn save_persisted(&self, developer: &str, app: &str, persistent: &str, url: &str) -> Result<(), StorageError> {
+        let body = serde_json::to_vec(&PersistedRecord { url: url.to_string() })
+            .map_err(|source| StorageError::Corrupt { key: "persisted".into(), source })?;
+        self.store.put(&Self::persisted_path(developer, app, persistent), PutPayload::from(body)).await?;
+        Ok(())
+    }
+
+    fn session_path(session_id: &str) -> Path {
+        Path::from_iter([PathPart::from("sessions"), part(&format!("{session_id}.json"))])
+    }
+
+    /// The stored state of a session, if one was stored.
+    pub async fn load_session(&self, session_id: &str) -> Result<Option<StoredSession>, StorageError> {
+        let path = Self::session_path(session_id);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|source| StorageError::Corrupt { key: path.to_string(), source })
+    }
+
+    /// Stores a session's state so that a later JOIN resumes it.
+    pub async fn store_session(&self, state: &StoredSession) -> Result<(), StorageError> {
+        let body = serde_json::to_vec(state).map_err(|source| StorageError::Corrupt { key: state.session_id.clone(), source })?;
+        self.store.put(&Self::session_path(&state.session_id), PutPayload::from(body)).await?;
+        Ok(())
+    }
+
+    /// Removes a session's stored state (after it was resumed, so a crash later does not
+    /// bring back an old incarnation).
+    pub async fn discard_session(&self, session_id: &str) -> Result<(), StorageError> {
+        match self.store.delete(&Self::session_path(session_id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn prefixed(store: Arc<dyn ObjectStore>, prefix: &str) -> Arc<dyn ObjectStore> {
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() { store } else { Arc::new(PrefixStore::new(store, prefix)) }
+}
+
+/// Splits `scheme://bucket/prefix` into bucket and prefix.
+fn url_parts(location: &str) -> Option<(String, String)> {
+    let rest = location.split_once("://")?.1;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    (!bucket.is_empty()).then(|| (bucket.to_string(), prefix.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> Storage {
+        Storage::open("memory://").expect("memory store")
+    }
+
+    #[tokio::test]
+    async fn write_once_files_accept_identical_retries_and_refuse_changes() {
+        let s = mem();
+        let key = ["apps", "a", "snap", "h", "p.s", "0000000001_5.x"];
+        assert_eq!(s.put_file(&key, Bytes::from_static(b"one"), true).await.expect("put"), PutOutcome::Created);
+        assert_eq!(s.put_file(&key, Bytes::from_static(b"one"), true).await.expect("put"), PutOutcome::Unchanged);
+        assert!(matches!(s.put_file(&key, Bytes::from_static(b"two"), true).await, Err(StorageError::Conflict(_))));
+        let (size, got) = s.get_file(&key).await.expect("get").expect("exists");
+        assert_eq!(size, 3);
+        assert_eq!(got.bytes().await.expect("bytes"), Bytes::from_static(b"one"));
+    }
+
+    #[tokio::test]
+    async fn overwritable_files_are_replaced() {
+        let s = mem();
+        let key = ["apps", "a", "p", "save", "h"];
+        assert_eq!(s.put_file(&key, Bytes::from_static(b"1"), false).await.expect("put"), PutOutcome::Created);
+        assert_eq!(s.put_file(&key, Bytes::from_static(b"2"), false).await.expect("put"), PutOutcome::Replaced);
+        assert_eq!(s.head_file(&key).await.expect("head"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_snapshots_only() {
+        let s = mem();
+        for t in 1..=5 {
+            let name = format!("{t:010}_{t}.h");
+            s.put_file(&["apps", "a", "snap", "c", "p.s", &name], Bytes::from_static(b"x"), true).await.expect("put");
+        }
+        s.put_file(&["apps", "a", "snap", "c", "other.s", "0000000001_1.h"], Bytes::from_static(b"x"), true)
+            .await
+            .expect("put");
+        let removed = s.prune_snapshots(&["apps", "a", "snap", "c", "p.s", "0000000005_5.h"], 2).await.expect("prune");
+        assert_eq!(removed, 3);
+        assert!(s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000005_5.h"]).await.expect("head").is_some());
+        assert!(s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000004_4.h"]).await.expect("head").is_some());
+        assert!(s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000003_3.h"]).await.expect("head").is_none());
+        assert!(s.head_file(&["apps", "a", "snap", "c", "other.s", "0000000001_1.h"]).await.expect("head").is_some());
+    }
+
+    #[tokio::test]
+    async fn persisted_records_and_sessions_round_trip_with_hostile_ids() {
+        let s = mem();
+        s.save_persisted("unknown_dev_id", "../../etc", "..", "http://f/x").await.expect("save");
+        assert_eq!(s.load_persisted("unknown_dev_id", "../../etc", "..").await.expect("load").as_deref(), Some("http://f/x"));
+        assert_eq!(s.load_persisted("unknown_dev_id", "other", "..").await.expect("load"), None);
+        let state = StoredSession {
+            format: STORED_SESSION_FORMAT,
+            session_id: "a/../b".into(),
+            timeline: "t".into(),
+            time: 5,
+            seq: 3,
+            tick_ms: 50,
+            delay_ms: 0,
+            scale: 1.0,
+            tove: Some("\"x\"".into()),
+            name: None,
+            app_id: None,
+            persistent_id: None,
+            developer_id: None,
+            code_hash: None,
+            leave_delay_ms: 0,
+            snapshot: None,
+            persisted_url: None,
+            messages: vec![RawValue::from_string("[1,2,\"p\",0]".into()).expect("raw")],
+            completed_tallies: vec![],
+            users: vec![],
+            stored_at_ms: 0,
+        };
+        s.store_session(&state).await.expect("store");
+        let back = s.load_session("a/../b").await.expect("load").expect("present");
+        assert_eq!(back.messages[0].get(), "[1,2,\"p\",0]");
+        s.discard_session("a/../b").await.expect("discard");
+        assert!(s.load_session("a/../b").await.expect("load").is_none());
+    }
+
+    #[test]
+    fn bad_locations_are_explained() {
+        let e = Storage::open("s3://").expect_err("no bucket");
+        assert!(e.to_string().contains("s3://bucket"), "{e}");
+    }
+}
