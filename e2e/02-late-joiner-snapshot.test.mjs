@@ -53,7 +53,7 @@ e2eTest('late joiner gets the snapshot URL in SYNC, downloads it from the files 
     const get = await waitFor(() => proxy.httpLog.find(r => r.method === 'GET' && new URL(r.path, 'http://x').pathname === snapPath),
         { timeout: 5000, what: 'the GET of the snapshot' });
     assert.equal(get.status, 200, 'snapshot GET status');
-    assert.equal(get.resBytes, put.reqBytes, 'the snapshot GET should return the bytes that were PUT');
+    assert.equal(get.resSha256, put.reqSha256, 'the snapshot GET should return the bytes that were PUT');
 
     const states = await Promise.all([a, b, c].map(p => p.state()));
     for (const s of states) assert.equal(s.count, 10, `${s.tag} entry count`);

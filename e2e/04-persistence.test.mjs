@@ -53,7 +53,7 @@ e2eTest('code version 2 starts from the data persisted by code version 1', { tim
     const get = proxy.httpLog.find(r => r.method === 'GET' && pathOf(r.path) === pathOf(saveUrl));
     assert.ok(get, 'version 2 downloaded the persisted data through the files endpoint');
     assert.equal(get.status, 200, 'persisted data GET status');
-    assert.equal(get.resBytes, put.reqBytes, 'persisted data GET returns the uploaded bytes');
+    assert.equal(get.resSha256, put.reqSha256, 'persisted data GET returns the uploaded bytes');
 
     assert.ok(v2.restored, 'init() of version 2 received persisted data');
     assert.equal(v2.restored.code, 1, 'the persisted data was written by code version 1');

@@ -5,6 +5,7 @@
 // (the files endpoint) is forwarded as-is and recorded as {method, path, status, reqBytes, resBytes}.
 // If the reflector cannot be reached, the upgrade is answered with 502 and the socket closed, so
 // the client sees a failed connection and retries, as it would against a reflector that is down.
+import crypto from 'node:crypto';
 import http from 'node:http';
 import { createRequire } from 'node:module';
 
@@ -164,15 +165,21 @@ export class RecordingProxy {
         const started = { t: this.now(), method: req.method, path: req.url };
         let reqBytes = 0;
         let resBytes = 0;
+        // SHA-256 of the request body (PUT) and of the response body, so tests can compare bytes
+        const reqHash = crypto.createHash('sha256');
+        const resHash = crypto.createHash('sha256');
         const headers = { ...req.headers, host: `${this.targetHost}:${this.targetPort}` };
         const upstreamReq = http.request({
             host: this.targetHost, port: this.targetPort, method: req.method, path: req.url, headers,
         }, upstreamRes => {
             res.writeHead(upstreamRes.statusCode, upstreamRes.headers);
-            upstreamRes.on('data', chunk => { resBytes += chunk.length; });
+            upstreamRes.on('data', chunk => { resBytes += chunk.length; resHash.update(chunk); });
             upstreamRes.pipe(res);
             upstreamRes.on('end', () => {
-                this.httpLog.push({ ...started, status: upstreamRes.statusCode, reqBytes, resBytes });
+                this.httpLog.push({
+                    ...started, status: upstreamRes.statusCode, reqBytes, resBytes,
+                    reqSha256: reqHash.digest('hex'), resSha256: resHash.digest('hex'),
+                });
             });
         });
         upstreamReq.on('error', err => {
@@ -180,7 +187,7 @@ export class RecordingProxy {
             if (!res.headersSent) res.writeHead(502);
             res.end();
         });
-        req.on('data', chunk => { reqBytes += chunk.length; });
+        req.on('data', chunk => { reqBytes += chunk.length; reqHash.update(chunk); });
         req.pipe(upstreamReq);
     }
 

@@ -46,11 +46,24 @@ export class ReflectorProcess {
 
     get running() { return this.exitStatus === null; }
 
+    /** Sends SIGTERM (graceful drain) once, without waiting. */
+    sigterm() {
+        if (this.running && !this.sigtermSent) {
+            this.sigtermSent = Date.now();
+            this.proc.kill('SIGTERM');
+        }
+    }
+
+    /** Waits for the process to exit by itself. */
+    async waitExit(timeout = 30000) {
+        return withTimeout(this.exited, timeout, `reflector pid ${this.pid} to exit`);
+    }
+
     /** SIGTERM (graceful drain) and wait for the process to exit by itself. */
     async terminate(timeout = 30000) {
         if (!this.running) return this.exitStatus;
-        this.proc.kill('SIGTERM');
-        return withTimeout(this.exited, timeout, `reflector pid ${this.pid} to exit after SIGTERM`);
+        this.sigterm();
+        return this.waitExit(timeout);
     }
 
     /** SIGKILL, used for cleanup. */
