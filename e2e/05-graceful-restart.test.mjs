@@ -2,7 +2,27 @@
 // storage and port resumes them and the connected clients rejoin seamlessly.
 import assert from 'node:assert/strict';
 import { e2eTest, assertSameLogs, assertSenderOrder } from './lib/harness.mjs';
-import { waitFor } from './lib/util.mjs';
+import { createRequire } from 'node:module';
+import { randomSuffix, sleep, waitFor } from './lib/util.mjs';
+
+const { WebSocket } = createRequire(import.meta.url)('ws');
+
+/**
+ * Opens a WebSocket for a session the reflector has never seen and sends `join` (a JOIN frame
+ * copied from a real client, so only the session differs). Resolves after `ms` with what happened:
+ * {httpStatus} if the upgrade was refused, else {syncs, close: {code, reason} | null}.
+ */
+function probeNewSession(box, join, ms) {
+    const sessionId = `drainprobe${randomSuffix()}${randomSuffix()}`;
+    const ws = new WebSocket(`${box.replace(/^http/, 'ws')}reflector/${sessionId}`);
+    const result = { sessionId, httpStatus: null, error: null, syncs: 0, close: null };
+    ws.on('unexpected-response', (_req, res) => { result.httpStatus = res.statusCode; ws.terminate(); });
+    ws.on('error', err => { result.error = err.message; });
+    ws.on('open', () => ws.send(JSON.stringify({ ...join, id: sessionId })));
+    ws.on('message', data => { if (JSON.parse(data.toString()).action === 'SYNC') result.syncs += 1; });
+    ws.on('close', (code, reason) => { result.close = { code, reason: reason.toString() }; });
+    return sleep(ms).then(() => { ws.terminate(); return result; });
+}
 
 /** Largest teatime the proxy saw sent to connection `conn` (SYNC, RECV and TICK frames). */
 function lastTimeSeen(proxy, conn) {
@@ -53,11 +73,25 @@ e2eTest('graceful restart: sessions survive SIGTERM and a restart on the same st
     const timeline = proxy.syncsOf(aView)[0].timeline;
 
     // --- SIGTERM: the reflector drains (still serving its sessions), then stores them and exits
+    const realJoin = proxy.messages({ conn: aConn1.conn, dir: 'c2s', action: 'JOIN' })[0].msg;
     const termAt = Date.now();
     first.sigterm();
     h.mark('SIGTERM sent');
+    await sleep(200);
+    // A new session is refused while draining (directly at the reflector, no proxy involved),
+    // in a way the client retries: an HTTP refusal of the upgrade or a close code below 4100.
+    const probe = probeNewSession(first.box, realJoin, 1200);
+    // A real client of another session trying to join during the drain gets in after the restart.
+    const late = h.participant({ ...common, session: h.sessionName('newcomer'), tag: 'D' });
     await sendBoth(1); // served during the drain
     await Promise.all([a.waitForCount(total(), 5000), b.waitForCount(total(), 5000)]);
+    const refused = await probe;
+    h.mark(`new-session probe during drain: ${JSON.stringify(refused)}`);
+    assert.equal(refused.syncs, 0, 'no SYNC for a new session while draining');
+    if (refused.httpStatus === null && refused.close) {
+        assert.ok(refused.close.code !== 1000 && refused.close.code < 4100,
+            `a refused JOIN must be closed with a code the client retries (got ${refused.close.code})`);
+    }
     const status = await first.waitExit(20000);
     const drainMs = Date.now() - termAt;
     h.mark(`first reflector exited after ${drainMs} ms`);
@@ -100,6 +134,13 @@ e2eTest('graceful restart: sessions survive SIGTERM and a restart on the same st
         assert.equal(resumed.snapshotSeq, snap.msg.args.seq, 'and at its seq');
         assert.ok(resumed.time >= timeBeforeRestart, `teatime continues (${resumed.time} >= ${timeBeforeRestart})`);
     }
+
+    // --- the newcomer refused during the drain got its own, new session on the second reflector
+    const lateState = await late.waitJoined(30000);
+    const lateSyncs = proxy.syncsOf(lateState.viewId);
+    assert.equal(lateSyncs.length, 1, 'the newcomer got exactly one SYNC, from the second reflector');
+    assert.notEqual(lateState.sessionId, states[0].sessionId);
+    await late.exit();
 
     // --- a fresh client converges to the same state
     const [c] = await h.participantsJoined([{ ...common, tag: 'C' }]);
