@@ -8,6 +8,7 @@ import { startReflector } from './reflector.mjs';
 import { startProxy } from './proxy.mjs';
 import { Participant } from './participant.mjs';
 import { makeTempDir, randomSuffix } from './util.mjs';
+import { wireViolations } from './wire.mjs';
 
 // Every child process started by any harness in this test file, killed on exit no matter what.
 const allChildren = new Set();
@@ -132,6 +133,12 @@ export function e2eTest(name, options, fn) {
         t.signal?.addEventListener('abort', onAbort);
         try {
             await fn(t, harness);
+            // Whatever the scenario, the frames the proxies saw must follow the protocol.
+            for (const proxy of harness.proxies) {
+                const problems = wireViolations(proxy);
+                assert.deepEqual(problems.slice(0, 10), [], `protocol violations on the wire (${problems.length} in all)`);
+            }
+            if (process.env.E2E_SAVE_LOGS) t.diagnostic(`logs: ${harness.saveLogs()}`);
         } catch (err) {
             try {
                 const dir = harness.saveLogs(err);

@@ -97,7 +97,7 @@ export async function startReflector(options = {}) {
     if (options.args) args.push(...options.args);
     const proc = spawn(bin, args, {
         cwd: options.cwd,
-        env: { RUST_LOG: 'info', ...process.env, ...options.env },
+        env: { RUST_LOG: 'info', NO_COLOR: '1', ...process.env, ...options.env },
         stdio: ['ignore', 'pipe', 'pipe'],
     });
     const reflector = new ReflectorProcess({ proc, options: { ...options, args } });
