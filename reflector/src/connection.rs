@@ -102,6 +102,7 @@ impl Reader {
         );
         let sleep = tokio::time::sleep(self.limits.join_timeout);
         tokio::pin!(sleep);
+        let mut closing = self.out.closing_signal();
         loop {
             if close_started.is_none() && self.out.is_closing() {
                 close_started = Some(Instant::now());
@@ -142,6 +143,7 @@ impl Reader {
                         }
                     }
                 }
+                Ok(()) = closing.changed(), if close_started.is_none() => {}
                 () = &mut sleep => {
                     let now = Instant::now();
                     if now < deadline {

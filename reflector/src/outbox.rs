@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::close::Close;
 use crate::frame::Text;
@@ -23,11 +23,14 @@ pub enum Out {
     Close(Close),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Control {
     urgent: Mutex<Option<Close>>,
     closing: AtomicBool,
     notify: Notify,
+    /// Tells the connection's reader that a close began, so it starts waiting for the
+    /// client's side of it even when the client sends nothing.
+    closing_tx: watch::Sender<bool>,
 }
 
 /// Why a frame could not be queued.
@@ -78,7 +81,12 @@ impl Control {
 /// A new queue holding at most `capacity` frames.
 pub fn pair(capacity: usize) -> (Outbox, Inbox) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let ctl = Arc::new(Control::default());
+    let ctl = Arc::new(Control {
+        urgent: Mutex::new(None),
+        closing: AtomicBool::new(false),
+        notify: Notify::new(),
+        closing_tx: watch::Sender::new(false),
+    });
     (Outbox { tx, ctl: ctl.clone() }, Inbox { rx, ctl })
 }
 
@@ -105,6 +113,7 @@ impl Outbox {
         if self.ctl.closing.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.ctl.closing_tx.send_replace(true);
         if let Err(mpsc::error::TrySendError::Full(Out::Close(close))) = self.tx.try_send(Out::Close(close)) {
             self.urgent(close);
         }
@@ -113,6 +122,7 @@ impl Outbox {
     /// Closes at once, dropping whatever is still queued (for clients that stopped reading).
     pub fn close_now(&self, close: Close) {
         self.ctl.closing.store(true, Ordering::Release);
+        self.ctl.closing_tx.send_replace(true);
         self.urgent(close);
     }
 
@@ -126,6 +136,11 @@ impl Outbox {
     /// Whether a close was asked for.
     pub fn is_closing(&self) -> bool {
         self.ctl.closing.load(Ordering::Acquire)
+    }
+
+    /// Changes to true when a close begins.
+    pub fn closing_signal(&self) -> watch::Receiver<bool> {
+        self.ctl.closing_tx.subscribe()
     }
 
     /// Same connection?
