@@ -8,10 +8,15 @@ const EVENTS = Number(process.env.E2E_EVENTS || 10);
 e2eTest(`${CLIENTS} clients each send ${EVENTS} events concurrently and end with identical logs`, { timeout: 180000 }, async (t, h) => {
     const reflector = await h.reflector({ storage: `file://${h.tempDir()}` });
     h.mark(`reflector up at ${reflector.box}`);
+    for (const path of ['/healthz', '/readyz']) {
+        assert.equal((await reflector.get(path)).status, 200, `${path} answers 200`);
+    }
+    // Half of the clients use the box URL the reflector printed, the other half go through the
+    // recording proxy, so the wire checks also cover a busy session.
+    const proxy = await h.proxy(reflector.box);
     const session = h.sessionName('crowd');
-    // Clients talk to the reflector directly, using the box URL it printed.
     const participants = await h.participantsJoined(Array.from({ length: CLIENTS }, (_, i) => ({
-        box: reflector.box, session, tag: `c${String(i + 1).padStart(2, '0')}`, tps: 10, stepMs: 30,
+        box: i % 2 ? proxy.box : reflector.box, session, tag: `c${String(i + 1).padStart(2, '0')}`, tps: 10, stepMs: 30,
     })), 90000);
     h.mark(`${CLIENTS} clients joined`);
 
@@ -36,4 +41,7 @@ e2eTest(`${CLIENTS} clients each send ${EVENTS} events concurrently and end with
     const finals = await Promise.all(participants.map(p => p.exit()));
     assertSameLogs(finals);
     h.mark('all clients left');
+    const metrics = await reflector.get('/metrics');
+    assert.equal(metrics.status, 200, '/metrics answers 200');
+    assert.match(metrics.text, /_total[{ ]/, '/metrics is Prometheus text with counters');
 });
