@@ -18,7 +18,10 @@ pub struct Close {
 
 impl Close {
     const fn fixed(code: u16, reason: &'static str) -> Self {
-        Self { code, reason: Cow::Borrowed(reason) }
+        Self {
+            code,
+            reason: Cow::Borrowed(reason),
+        }
     }
 
     /// The same code with a more specific reason (kept short: close reasons are ≤ 123 bytes).

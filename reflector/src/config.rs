@@ -211,8 +211,16 @@ impl Config {
         let mut base = match &self.public_url {
             Some(url) => url.clone(),
             None => {
-                let host = if bound.ip().is_unspecified() { "127.0.0.1".to_string() } else { bound.ip().to_string() };
-                let host = if bound.is_ipv6() && !bound.ip().is_unspecified() { format!("[{host}]") } else { host };
+                let host = if bound.ip().is_unspecified() {
+                    "127.0.0.1".to_string()
+                } else {
+                    bound.ip().to_string()
+                };
+                let host = if bound.is_ipv6() && !bound.ip().is_unspecified() {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
                 format!("http://{host}:{}/", bound.port())
             }
         };

@@ -42,7 +42,13 @@ pub fn session_id_from_path(path: &str) -> &str {
 }
 
 /// Serves one upgraded WebSocket until it is closed.
-pub async fn serve(socket: WebSocket, session_id: Arc<str>, peer: SocketAddr, registry: Arc<Registry>, limits: Arc<Limits>) {
+pub async fn serve(
+    socket: WebSocket,
+    session_id: Arc<str>,
+    peer: SocketAddr,
+    registry: Arc<Registry>,
+    limits: Arc<Limits>,
+) {
     let metrics = registry.context().metrics.clone();
     metrics.connections.inc();
     metrics.connections_total.inc();
@@ -68,7 +74,10 @@ pub async fn serve(socket: WebSocket, session_id: Arc<str>, peer: SocketAddr, re
     }
     // The session drops its copy of the outbox once it handled Closed; ours goes here.
     drop(reader);
-    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .is_err()
+    {
         tracing::debug!(conn, "writer did not finish in time");
     }
     metrics.connections.dec();
@@ -94,7 +103,10 @@ impl Reader {
         let mut last_activity = started;
         let mut close_started: Option<Instant> = None;
         if self.session_id.is_empty() || self.session_id.len() > 512 {
-            self.refuse(close::OUTDATED_PROTOCOL.with_reason("no session id in URL"), "missing or oversized session id");
+            self.refuse(
+                close::OUTDATED_PROTOCOL.with_reason("no session id in URL"),
+                "missing or oversized session id",
+            );
         }
         let limiter = RateLimiter::direct(
             Quota::per_second(NonZeroU32::new(self.limits.rate_limit).unwrap_or(NonZeroU32::MIN))
@@ -109,9 +121,8 @@ impl Reader {
             }
             let deadline = match close_started {
                 Some(t) => t + CLOSE_WAIT,
-                None if self.joined.is_none() => {
-                    (started + self.limits.join_timeout).min(last_activity + self.limits.idle_timeout)
-                }
+                None if self.joined.is_none() => (started + self.limits.join_timeout)
+                    .min(last_activity + self.limits.idle_timeout),
                 None => last_activity + self.limits.idle_timeout,
             };
             if sleep.deadline() != deadline {
@@ -170,7 +181,11 @@ impl Reader {
         self.out.close(close);
     }
 
-    async fn text(&mut self, text: axum::extract::ws::Utf8Bytes, limiter: &governor::DefaultDirectRateLimiter) {
+    async fn text(
+        &mut self,
+        text: axum::extract::ws::Utf8Bytes,
+        limiter: &governor::DefaultDirectRateLimiter,
+    ) {
         self.metrics.bytes_received_total.inc_by(text.len() as u64);
         if self.refused {
             return;
@@ -201,7 +216,9 @@ impl Reader {
                 }
             }
             ClientMsg::Pulse => {}
-            ClientMsg::Log => tracing::debug!(conn = self.conn, session = %self.session_id, "client LOG"),
+            ClientMsg::Log => {
+                tracing::debug!(conn = self.conn, session = %self.session_id, "client LOG")
+            }
             ClientMsg::Unknown(action) => {
                 if self.unknown_logged < UNKNOWN_LOG_LIMIT {
                     self.unknown_logged += 1;
@@ -210,8 +227,18 @@ impl Reader {
             }
             msg => match &self.joined {
                 Some(h) => {
-                    if h.tx.send(Command::Message { conn: self.conn, msg }).await.is_err() {
-                        self.refuse(close::RECONNECT.with_reason("session restarting, reconnect"), "session gone");
+                    if h.tx
+                        .send(Command::Message {
+                            conn: self.conn,
+                            msg,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        self.refuse(
+                            close::RECONNECT.with_reason("session restarting, reconnect"),
+                            "session gone",
+                        );
                     }
                 }
                 None => {
@@ -233,11 +260,22 @@ impl Reader {
             let handle = match self.registry.join(&self.session_id) {
                 Ok(h) => h,
                 Err(Refused::Draining) => {
-                    self.refuse(close::RECONNECT.with_reason("reflector draining, reconnect"), "draining: new session refused");
+                    self.refuse(
+                        close::RECONNECT.with_reason("reflector draining, reconnect"),
+                        "draining: new session refused",
+                    );
                     return;
                 }
             };
-            match handle.tx.send(Command::Join { conn: self.conn, out: self.out.clone(), join }).await {
+            match handle
+                .tx
+                .send(Command::Join {
+                    conn: self.conn,
+                    out: self.out.clone(),
+                    join,
+                })
+                .await
+            {
                 Ok(()) => {
                     tracing::debug!(conn = self.conn, session = %self.session_id, peer = %self.peer, "joined");
                     self.joined = Some(handle);
@@ -247,7 +285,10 @@ impl Reader {
                 Err(_) => return,
             }
         }
-        self.refuse(close::RECONNECT.with_reason("session restarting, reconnect"), "session kept ending during JOIN");
+        self.refuse(
+            close::RECONNECT.with_reason("session restarting, reconnect"),
+            "session kept ending during JOIN",
+        );
     }
 }
 
@@ -280,7 +321,11 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut inbox: Inbox, m
     }
 }
 
-async fn write_batch(sink: &mut SplitSink<WebSocket, Message>, inbox: &mut Inbox, first: Out) -> Step {
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
+    inbox: &mut Inbox,
+    first: Out,
+) -> Step {
     let mut next = Some(first);
     let mut written = 0;
     while let Some(item) = next.take() {
@@ -291,7 +336,11 @@ async fn write_batch(sink: &mut SplitSink<WebSocket, Message>, inbox: &mut Inbox
                 }
             }
             Out::Close(c) => {
-                return if sink.flush().await.is_err() { Step::Failed } else { Step::Close(c) };
+                return if sink.flush().await.is_err() {
+                    Step::Failed
+                } else {
+                    Step::Close(c)
+                };
             }
         }
         written += 1;
@@ -299,12 +348,19 @@ async fn write_batch(sink: &mut SplitSink<WebSocket, Message>, inbox: &mut Inbox
             next = inbox.try_recv();
         }
     }
-    if sink.flush().await.is_err() { Step::Failed } else { Step::Continue }
+    if sink.flush().await.is_err() {
+        Step::Failed
+    } else {
+        Step::Continue
+    }
 }
 
 async fn send_close(sink: &mut SplitSink<WebSocket, Message>, c: &Close, metrics: &Metrics) {
     metrics.closed(c.label());
-    let frame = CloseFrame { code: c.code, reason: c.reason.to_string().into() };
+    let frame = CloseFrame {
+        code: c.code,
+        reason: c.reason.to_string().into(),
+    };
     let _ = sink.send(Message::Close(Some(frame))).await;
 }
 

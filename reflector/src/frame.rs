@@ -49,13 +49,18 @@ impl FrameError {
             FrameError::OutdatedProtocol => close::OUTDATED_PROTOCOL,
             FrameError::NoApiKey => close::BAD_API_KEY,
             FrameError::NotJson(_) | FrameError::NotAnAction(_) => close::MALFORMED,
-            FrameError::BadArgs { action, detail } => close::MALFORMED.with_reason(format!("malformed {action}: {detail}")),
+            FrameError::BadArgs { action, detail } => {
+                close::MALFORMED.with_reason(format!("malformed {action}: {detail}"))
+            }
         }
     }
 }
 
 fn bad(action: &'static str, detail: impl Into<String>) -> FrameError {
-    FrameError::BadArgs { action, detail: detail.into() }
+    FrameError::BadArgs {
+        action,
+        detail: detail.into(),
+    }
 }
 
 /// The `tags` of a SEND (only `debounce` + `msgID` have a meaning).
@@ -130,7 +135,10 @@ pub struct Ticks {
 pub enum ClientMsg {
     Join(Box<Join>),
     /// A SEND: `rest` is the raw text of the message array from its third element on.
-    Send { rest: Box<str>, tags: Option<Tags> },
+    Send {
+        rest: Box<str>,
+        tags: Option<Tags>,
+    },
     Tutti(Box<Tutti>),
     Snap(Snap),
     Save(Save),
@@ -189,9 +197,15 @@ pub fn parse(text: &str) -> Result<ClientMsg, FrameError> {
             let rest = message_rest(args, "SEND")?;
             let tags = match env.tags {
                 None => None,
-                Some(raw) => Some(serde_json::from_str::<Tags>(raw.get()).map_err(|e| bad("SEND", format!("tags: {e}")))?),
+                Some(raw) => Some(
+                    serde_json::from_str::<Tags>(raw.get())
+                        .map_err(|e| bad("SEND", format!("tags: {e}")))?,
+                ),
             };
-            ClientMsg::Send { rest: rest.into(), tags }
+            ClientMsg::Send {
+                rest: rest.into(),
+                tags,
+            }
         }
         "JOIN" => ClientMsg::Join(Box::new(parse_join(args)?)),
         "TUTTI" => ClientMsg::Tutti(Box::new(parse_tutti(args)?)),
@@ -201,14 +215,18 @@ pub fn parse(text: &str) -> Result<ClientMsg, FrameError> {
                 time: number(&o, "time", "SNAP")?.ok_or_else(|| bad("SNAP", "time is required"))?,
                 seq: seq(&o, "seq", "SNAP")?,
                 url: string(&o, "url", "SNAP")?.ok_or_else(|| bad("SNAP", "url is required"))?,
-                dissident: o.get("dissident").is_some_and(|d| !d.is_null() && *d != Value::Bool(false)),
+                dissident: o
+                    .get("dissident")
+                    .is_some_and(|d| !d.is_null() && *d != Value::Bool(false)),
             })
         }
         "SAVE" => {
             let o = object(args, "SAVE")?;
             ClientMsg::Save(Save {
                 url: string(&o, "url", "SAVE")?.ok_or_else(|| bad("SAVE", "url is required"))?,
-                dissident: o.get("dissident").is_some_and(|d| !d.is_null() && *d != Value::Bool(false)),
+                dissident: o
+                    .get("dissident")
+                    .is_some_and(|d| !d.is_null() && *d != Value::Bool(false)),
             })
         }
         "TICKS" => {
@@ -227,11 +245,15 @@ pub fn parse(text: &str) -> Result<ClientMsg, FrameError> {
 }
 
 /// The raw text of a message array from its third element to its last.
-fn message_rest<'a>(args: Option<&'a RawValue>, action: &'static str) -> Result<&'a str, FrameError> {
+fn message_rest<'a>(
+    args: Option<&'a RawValue>,
+    action: &'static str,
+) -> Result<&'a str, FrameError> {
     let raw = args.ok_or_else(|| bad(action, "args must be a message array"))?;
     let elems: Vec<&RawValue> =
         serde_json::from_str(raw.get()).map_err(|_| bad(action, "args must be a message array"))?;
-    array_rest(raw.get(), &elems).ok_or_else(|| bad(action, "a message has at least time, seq and payload"))
+    array_rest(raw.get(), &elems)
+        .ok_or_else(|| bad(action, "a message has at least time, seq and payload"))
 }
 
 /// Slices `whole` (a JSON array's text) from its third element to the end of its last one.
@@ -252,7 +274,11 @@ fn object(args: Option<&RawValue>, action: &'static str) -> Result<Map<String, V
     }
 }
 
-fn string(o: &Map<String, Value>, key: &str, action: &'static str) -> Result<Option<String>, FrameError> {
+fn string(
+    o: &Map<String, Value>,
+    key: &str,
+    action: &'static str,
+) -> Result<Option<String>, FrameError> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -260,7 +286,11 @@ fn string(o: &Map<String, Value>, key: &str, action: &'static str) -> Result<Opt
     }
 }
 
-fn number(o: &Map<String, Value>, key: &str, action: &'static str) -> Result<Option<f64>, FrameError> {
+fn number(
+    o: &Map<String, Value>,
+    key: &str,
+    action: &'static str,
+) -> Result<Option<f64>, FrameError> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
@@ -270,9 +300,10 @@ fn number(o: &Map<String, Value>, key: &str, action: &'static str) -> Result<Opt
 
 fn seq(o: &Map<String, Value>, key: &str, action: &'static str) -> Result<u32, FrameError> {
     match o.get(key) {
-        Some(Value::Number(n)) => {
-            n.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad(action, format!("{key} must be a uint32")))
-        }
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| bad(action, format!("{key} must be a uint32"))),
         _ => Err(bad(action, format!("{key} must be a uint32"))),
     }
 }
@@ -303,7 +334,11 @@ fn parse_join(args: Option<&RawValue>) -> Result<Join, FrameError> {
     }
     let (tick_ms, delay_ms, scale) = match o.get("ticks") {
         None | Some(Value::Null) => (None, None, None),
-        Some(Value::Object(t)) => (number(t, "tick", "JOIN")?, number(t, "delay", "JOIN")?, number(t, "scale", "JOIN")?),
+        Some(Value::Object(t)) => (
+            number(t, "tick", "JOIN")?,
+            number(t, "delay", "JOIN")?,
+            number(t, "scale", "JOIN")?,
+        ),
         Some(_) => return Err(bad("JOIN", "ticks must be an object")),
     };
     let tove = match o.get("tove") {
@@ -333,7 +368,8 @@ fn parse_join(args: Option<&RawValue>) -> Result<Join, FrameError> {
 
 fn parse_tutti(args: Option<&RawValue>) -> Result<Tutti, FrameError> {
     let raw = args.ok_or_else(|| bad("TUTTI", "args must be an array"))?;
-    let elems: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| bad("TUTTI", "args must be an array"))?;
+    let elems: Vec<&RawValue> =
+        serde_json::from_str(raw.get()).map_err(|_| bad("TUTTI", "args must be an array"))?;
     let get = |i: usize| elems.get(i).map(|r| r.get());
     let send_time = get(0)
         .and_then(|t| serde_json::from_str::<f64>(t).ok())
@@ -344,19 +380,31 @@ fn parse_tutti(args: Option<&RawValue>) -> Result<Tutti, FrameError> {
     let first_msg = match get(3) {
         None | Some("null") => None,
         Some(text) => {
-            let inner: Vec<&RawValue> =
-                serde_json::from_str(text).map_err(|_| bad("TUTTI", "firstMsg must be a message array or null"))?;
-            Some(array_rest(text, &inner).ok_or_else(|| bad("TUTTI", "firstMsg has at least time, seq and payload"))?.to_string())
+            let inner: Vec<&RawValue> = serde_json::from_str(text)
+                .map_err(|_| bad("TUTTI", "firstMsg must be a message array or null"))?;
+            Some(
+                array_rest(text, &inner)
+                    .ok_or_else(|| bad("TUTTI", "firstMsg has at least time, seq and payload"))?
+                    .to_string(),
+            )
         }
     };
     let wants_vote = get(4).is_some_and(|w| w == "true");
     let tally_target = get(5).unwrap_or("null").to_string();
     let key = match get(6) {
-        Some(k) if k != "null" => serde_json::from_str::<String>(k).map_err(|_| bad("TUTTI", "tuttiKey must be a string"))?,
+        Some(k) if k != "null" => serde_json::from_str::<String>(k)
+            .map_err(|_| bad("TUTTI", "tuttiKey must be a string"))?,
         // Clients before tutti keys identified a tally by its legacy seq and send time.
         _ => format!("{}:{}", get(1).unwrap_or("0"), send_time),
     };
-    Ok(Tutti { send_time, payload, first_msg, wants_vote, tally_target, key })
+    Ok(Tutti {
+        send_time,
+        payload,
+        first_msg,
+        wants_vote,
+        tally_target,
+        key,
+    })
 }
 
 /// JSON text of a string (quotes and escapes included).
@@ -372,7 +420,9 @@ pub fn js_length(s: &str) -> usize {
 /// Appends `"_size":N` to a meta payload object written without it, as upstream does.
 pub fn with_size(payload_without_size: &str) -> String {
     let size = js_length(payload_without_size);
-    let body = payload_without_size.strip_suffix('}').unwrap_or(payload_without_size);
+    let body = payload_without_size
+        .strip_suffix('}')
+        .unwrap_or(payload_without_size);
     let sep = if body.ends_with('{') { "" } else { "," };
     format!("{body}{sep}\"_size\":{size}}}")
 }
@@ -383,15 +433,24 @@ mod tests {
 
     #[test]
     fn send_keeps_payload_and_trailing_elements_verbatim() {
-        let msg = parse(r#"{"id":"s","action":"SEND","args":[460, 0, "enc\"x", 0, {"a": 1}]}"#).expect("parse");
-        assert_eq!(msg, ClientMsg::Send { rest: r#""enc\"x", 0, {"a": 1}"#.into(), tags: None });
+        let msg = parse(r#"{"id":"s","action":"SEND","args":[460, 0, "enc\"x", 0, {"a": 1}]}"#)
+            .expect("parse");
+        assert_eq!(
+            msg,
+            ClientMsg::Send {
+                rest: r#""enc\"x", 0, {"a": 1}"#.into(),
+                tags: None
+            }
+        );
     }
 
     #[test]
     fn send_tags_are_read() {
         let msg = parse(r#"{"action":"SEND","args":[1,0,"p",0],"tags":{"debounce":5000,"msgID":"pollForSnapshot"}}"#)
             .expect("parse");
-        let ClientMsg::Send { tags: Some(t), .. } = msg else { panic!("not a tagged send") };
+        let ClientMsg::Send { tags: Some(t), .. } = msg else {
+            panic!("not a tagged send")
+        };
         assert_eq!(t.debounce, Some(5000.0));
         assert_eq!(t.msg_id.as_deref(), Some("pollForSnapshot"));
     }
@@ -408,9 +467,18 @@ mod tests {
         assert_eq!(code(r#"{"action":"JOIN","args":5}"#), 4100);
         assert_eq!(code(r#"{"action":"JOIN","args":{"apiKey":"none"}}"#), 4100);
         assert_eq!(code(r#"{"action":"JOIN","args":{"version":1}}"#), 4103);
-        assert_eq!(code(r#"{"action":"JOIN","args":{"version":1,"apiKey":"k","appId":7}}"#), 4102);
-        assert_eq!(code(r#"{"action":"JOIN","args":{"version":1,"apiKey":"k","ticks":"fast"}}"#), 4102);
-        assert_eq!(code(r#"{"action":"SNAP","args":{"time":1,"seq":-1,"url":"u"}}"#), 4102);
+        assert_eq!(
+            code(r#"{"action":"JOIN","args":{"version":1,"apiKey":"k","appId":7}}"#),
+            4102
+        );
+        assert_eq!(
+            code(r#"{"action":"JOIN","args":{"version":1,"apiKey":"k","ticks":"fast"}}"#),
+            4102
+        );
+        assert_eq!(
+            code(r#"{"action":"SNAP","args":{"time":1,"seq":-1,"url":"u"}}"#),
+            4102
+        );
         assert_eq!(code(r#"{"action":"TUTTI","args":[1,0,5]}"#), 4102);
     }
 
@@ -421,7 +489,9 @@ mod tests {
             "developerId":"d","version":1,"user":["v1",{"x":1}],"ticks":{"tick":50,"delay":0},"tove":"T","leaveDelay":1250}}"#,
         )
         .expect("parse");
-        let ClientMsg::Join(j) = j else { panic!("not a join") };
+        let ClientMsg::Join(j) = j else {
+            panic!("not a join")
+        };
         assert_eq!(j.app_id.as_deref(), Some("a"));
         assert_eq!(j.user.as_deref(), Some(r#"["v1",{"x":1}]"#));
         assert_eq!(j.tick_ms, Some(50.0));
@@ -433,7 +503,9 @@ mod tests {
     fn tutti_with_first_message_and_key() {
         let t = parse(r#"{"action":"TUTTI","args":[1470,0,"{\"h\":1}",[0,0,"enc",3],true,["handlePersistVote"],"persist@1470"]}"#)
             .expect("parse");
-        let ClientMsg::Tutti(t) = t else { panic!("not a tutti") };
+        let ClientMsg::Tutti(t) = t else {
+            panic!("not a tutti")
+        };
         assert_eq!(t.payload, r#"{"h":1}"#);
         assert_eq!(t.first_msg.as_deref(), Some(r#""enc",3"#));
         assert!(t.wants_vote);
@@ -443,13 +515,22 @@ mod tests {
 
     #[test]
     fn unknown_actions_are_reported_not_rejected() {
-        assert_eq!(parse(r#"{"action":"FROBNICATE","args":[]}"#).expect("parse"), ClientMsg::Unknown("FROBNICATE".into()));
-        assert_eq!(parse(r#"{"action":"PING","args":123}"#).expect("parse"), ClientMsg::Ping("123".into()));
+        assert_eq!(
+            parse(r#"{"action":"FROBNICATE","args":[]}"#).expect("parse"),
+            ClientMsg::Unknown("FROBNICATE".into())
+        );
+        assert_eq!(
+            parse(r#"{"action":"PING","args":123}"#).expect("parse"),
+            ClientMsg::Ping("123".into())
+        );
     }
 
     #[test]
     fn size_field_counts_the_payload_without_itself() {
         let s = with_size(r#"{"what":"users","active":1,"total":1,"joined":["6a0cvyrlr1"]}"#);
-        assert_eq!(s, r#"{"what":"users","active":1,"total":1,"joined":["6a0cvyrlr1"],"_size":61}"#);
+        assert_eq!(
+            s,
+            r#"{"what":"users","active":1,"total":1,"joined":["6a0cvyrlr1"],"_size":61}"#
+        );
     }
 }

@@ -10,7 +10,9 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -30,6 +32,9 @@ async fn main() -> anyhow::Result<()> {
     );
     // The one line on stdout: what to pass to Session.join({ box }).
     println!("box: {public}");
-    reflector.serve(listener, shutdown::signal()).await.context("serving")?;
+    reflector
+        .serve(listener, shutdown::signal())
+        .await
+        .context("serving")?;
     Ok(())
 }

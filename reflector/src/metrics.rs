@@ -5,7 +5,9 @@
 //! Per-session figures travel to the operator over the report stream instead. Every labelled
 //! series is created at start-up so dashboards and alerts see a 0 before the first event.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// The client actions counted separately in `refleet_reflector_messages_received_total`.
 pub const ACTIONS: &[&str] = &[
@@ -77,19 +79,31 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric definition");
-    registry.register(Box::new(c.clone())).expect("unique metric name");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric name");
     c
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric definition");
-    registry.register(Box::new(g.clone())).expect("unique metric name");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric name");
     g
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&[&str]], names: &[&str]) -> IntCounterVec {
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&[&str]],
+    names: &[&str],
+) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), names).expect("valid metric definition");
-    registry.register(Box::new(c.clone())).expect("unique metric name");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric name");
     // Create every combination so each series exists (at 0) before its first event.
     let mut combos: Vec<Vec<&str>> = vec![vec![]];
     for values in labels {
@@ -115,20 +129,50 @@ impl Metrics {
     pub fn new(region: &str) -> Self {
         let registry = Registry::new();
         let info = IntGaugeVec::new(
-            Opts::new("refleet_build_info", "Build and placement information; the value is always 1."),
+            Opts::new(
+                "refleet_build_info",
+                "Build and placement information; the value is always 1.",
+            ),
             &["component", "version", "region"],
         )
         .expect("valid metric definition");
-        registry.register(Box::new(info.clone())).expect("unique metric name");
-        info.with_label_values(&["reflector", env!("CARGO_PKG_VERSION"), region]).set(1);
+        registry
+            .register(Box::new(info.clone()))
+            .expect("unique metric name");
+        info.with_label_values(&["reflector", env!("CARGO_PKG_VERSION"), region])
+            .set(1);
         let r = &registry;
         Self {
-            connections: gauge(r, "refleet_reflector_connections", "Open WebSocket connections."),
-            connections_total: counter(r, "refleet_reflector_connections_total", "WebSocket connections accepted since start."),
-            sessions: gauge(r, "refleet_reflector_sessions", "Sessions held in memory by this reflector."),
-            users: gauge(r, "refleet_reflector_users", "Clients that are members of a session on this reflector."),
-            joins_total: counter(r, "refleet_reflector_joins_total", "Clients that joined a session (received their SYNC)."),
-            leaves_total: counter(r, "refleet_reflector_leaves_total", "Clients that left a session, counted after their leave delay."),
+            connections: gauge(
+                r,
+                "refleet_reflector_connections",
+                "Open WebSocket connections.",
+            ),
+            connections_total: counter(
+                r,
+                "refleet_reflector_connections_total",
+                "WebSocket connections accepted since start.",
+            ),
+            sessions: gauge(
+                r,
+                "refleet_reflector_sessions",
+                "Sessions held in memory by this reflector.",
+            ),
+            users: gauge(
+                r,
+                "refleet_reflector_users",
+                "Clients that are members of a session on this reflector.",
+            ),
+            joins_total: counter(
+                r,
+                "refleet_reflector_joins_total",
+                "Clients that joined a session (received their SYNC).",
+            ),
+            leaves_total: counter(
+                r,
+                "refleet_reflector_leaves_total",
+                "Clients that left a session, counted after their leave delay.",
+            ),
             messages_received: counter_vec(
                 r,
                 "refleet_reflector_messages_received_total",
@@ -146,9 +190,21 @@ impl Metrics {
                 "refleet_reflector_deliveries_total",
                 "Frames (RECV and TICK) queued for delivery to clients.",
             ),
-            ticks_total: counter(r, "refleet_reflector_ticks_total", "TICK messages sent to clients."),
-            bytes_received_total: counter(r, "refleet_reflector_received_bytes_total", "Bytes received from clients in text frames."),
-            bytes_sent_total: counter(r, "refleet_reflector_sent_bytes_total", "Bytes queued for clients in text frames."),
+            ticks_total: counter(
+                r,
+                "refleet_reflector_ticks_total",
+                "TICK messages sent to clients.",
+            ),
+            bytes_received_total: counter(
+                r,
+                "refleet_reflector_received_bytes_total",
+                "Bytes received from clients in text frames.",
+            ),
+            bytes_sent_total: counter(
+                r,
+                "refleet_reflector_sent_bytes_total",
+                "Bytes queued for clients in text frames.",
+            ),
             send_queue_drops_total: counter(
                 r,
                 "refleet_reflector_send_queue_drops_total",
@@ -191,7 +247,10 @@ impl Metrics {
                 r,
                 "refleet_reflector_files_requests_total",
                 "Requests to the files endpoint, by method and status class.",
-                &[&["GET", "HEAD", "PUT", "OPTIONS", "other"], &["2xx", "3xx", "4xx", "5xx"]],
+                &[
+                    &["GET", "HEAD", "PUT", "OPTIONS", "other"],
+                    &["2xx", "3xx", "4xx", "5xx"],
+                ],
                 &["method", "status"],
             ),
             files_bytes: counter_vec(
@@ -201,7 +260,11 @@ impl Metrics {
                 &[&["in", "out"]],
                 &["direction"],
             ),
-            draining: gauge(r, "refleet_reflector_draining", "1 while the reflector is draining, else 0."),
+            draining: gauge(
+                r,
+                "refleet_reflector_draining",
+                "1 while the reflector is draining, else 0.",
+            ),
             session_ends: counter_vec(
                 r,
                 "refleet_reflector_session_ends_total",
@@ -215,7 +278,11 @@ impl Metrics {
 
     /// Counts one received frame of `action` (an entry of [`ACTIONS`], else "unknown").
     pub fn received(&self, action: &str) {
-        let label = ACTIONS.iter().find(|a| **a == action).copied().unwrap_or("unknown");
+        let label = ACTIONS
+            .iter()
+            .find(|a| **a == action)
+            .copied()
+            .unwrap_or("unknown");
         self.messages_received.with_label_values(&[label]).inc();
     }
 
@@ -231,7 +298,9 @@ impl Metrics {
 
     /// Counts a SNAP by result.
     pub fn snapshot(&self, accepted: bool) {
-        self.snapshots.with_label_values(&[if accepted { "accepted" } else { "ignored" }]).inc();
+        self.snapshots
+            .with_label_values(&[if accepted { "accepted" } else { "ignored" }])
+            .inc();
     }
 
     /// Counts a persisted-data operation (`save`, `lookup_hit`, `lookup_miss`, `error`).
@@ -241,7 +310,9 @@ impl Metrics {
 
     /// Counts a stored-session-state operation.
     pub fn session_state(&self, op: &'static str, ok: bool) {
-        self.session_state.with_label_values(&[op, if ok { "ok" } else { "error" }]).inc();
+        self.session_state
+            .with_label_values(&[op, if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     /// Counts a files request.
@@ -256,17 +327,23 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.files_requests.with_label_values(&[method, class]).inc();
+        self.files_requests
+            .with_label_values(&[method, class])
+            .inc();
     }
 
     /// Counts bytes through the files endpoint.
     pub fn files_bytes(&self, upload: bool, n: u64) {
-        self.files_bytes.with_label_values(&[if upload { "in" } else { "out" }]).inc_by(n);
+        self.files_bytes
+            .with_label_values(&[if upload { "in" } else { "out" }])
+            .inc_by(n);
     }
 
     /// Counts a session leaving memory.
     pub fn session_end(&self, drained: bool) {
-        self.session_ends.with_label_values(&[if drained { "drained" } else { "empty" }]).inc();
+        self.session_ends
+            .with_label_values(&[if drained { "drained" } else { "empty" }])
+            .inc();
     }
 
     /// The text exposition of every metric.
@@ -295,7 +372,9 @@ mod tests {
         let m = Metrics::new("eu");
         let text = m.render();
         assert!(text.contains(r#"refleet_reflector_closes_total{reason="rate_limited"} 0"#));
-        assert!(text.contains(r#"refleet_reflector_files_requests_total{method="PUT",status="4xx"} 0"#));
+        assert!(
+            text.contains(r#"refleet_reflector_files_requests_total{method="PUT",status="4xx"} 0"#)
+        );
         assert!(text.contains(r#"refleet_build_info{component="reflector",region="eu","#));
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let mut parts = line.split_whitespace().skip(2);

@@ -87,7 +87,13 @@ pub fn pair(capacity: usize) -> (Outbox, Inbox) {
         notify: Notify::new(),
         closing_tx: watch::Sender::new(false),
     });
-    (Outbox { tx, ctl: ctl.clone() }, Inbox { rx, ctl })
+    (
+        Outbox {
+            tx,
+            ctl: ctl.clone(),
+        },
+        Inbox { rx, ctl },
+    )
 }
 
 impl Outbox {
@@ -114,7 +120,9 @@ impl Outbox {
             return;
         }
         self.ctl.closing_tx.send_replace(true);
-        if let Err(mpsc::error::TrySendError::Full(Out::Close(close))) = self.tx.try_send(Out::Close(close)) {
+        if let Err(mpsc::error::TrySendError::Full(Out::Close(close))) =
+            self.tx.try_send(Out::Close(close))
+        {
             self.urgent(close);
         }
     }
@@ -186,7 +194,10 @@ mod tests {
         let (out, mut inbox) = pair(4);
         out.try_send(Text::from("a")).expect("queued");
         out.close(close::RECONNECT);
-        assert!(matches!(out.try_send(Text::from("late")), Err(SendError::Gone)));
+        assert!(matches!(
+            out.try_send(Text::from("late")),
+            Err(SendError::Gone)
+        ));
         assert!(matches!(inbox.recv().await, Some(Out::Frame(t)) if t.as_str() == "a"));
         assert!(matches!(inbox.recv().await, Some(Out::Close(c)) if c.code == 4003));
     }

@@ -71,7 +71,8 @@ impl Registry {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let handle = SessionHandle { tx };
         sessions.insert(id.clone(), handle.clone());
-        self.tracker.spawn(session::run(id, rx, self.ctx.clone(), self.clone()));
+        self.tracker
+            .spawn(session::run(id, rx, self.ctx.clone(), self.clone()));
         Ok(handle)
     }
 
@@ -116,11 +117,13 @@ impl Registry {
         let live = lock(&self.live);
         match session_id {
             Some(sid) => live.get(sid).is_some_and(|i| {
-                i.app_id.as_deref() == Some(app_id) && i.persistent_id.as_deref() == Some(persistent_id)
+                i.app_id.as_deref() == Some(app_id)
+                    && i.persistent_id.as_deref() == Some(persistent_id)
             }),
-            None => live
-                .values()
-                .any(|i| i.app_id.as_deref() == Some(app_id) && i.persistent_id.as_deref() == Some(persistent_id)),
+            None => live.values().any(|i| {
+                i.app_id.as_deref() == Some(app_id)
+                    && i.persistent_id.as_deref() == Some(persistent_id)
+            }),
         }
     }
 

@@ -60,8 +60,18 @@ impl Reflector {
             snapshot_retention: limits.snapshot_retention,
         });
         let registry = Registry::new(ctx);
-        let files = Files { storage, registry: registry.clone(), metrics: metrics.clone(), max_upload_bytes: limits.max_upload_bytes };
-        Ok(Self { registry, files, metrics, limits })
+        let files = Files {
+            storage,
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            max_upload_bytes: limits.max_upload_bytes,
+        };
+        Ok(Self {
+            registry,
+            files,
+            metrics,
+            limits,
+        })
     }
 
     /// The session registry (for tests and embedding).
@@ -71,7 +81,11 @@ impl Reflector {
 
     /// Serves until `shutdown` completes, then drains: new sessions are refused, live ones
     /// are served until they end or the drain timeout passes, then stored and closed.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let registry = self.registry.clone();
         let drain_timeout = self.limits.drain_timeout;
         let app = Arc::new(self);
@@ -88,15 +102,21 @@ impl Reflector {
             registry.wait_all().await;
             tracing::info!("drained");
         };
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(drain)
-            .await
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(drain)
+        .await
     }
 }
 
 fn text(status: StatusCode, body: String) -> Response {
     let mut res = (status, body).into_response();
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     res
 }
 
@@ -144,11 +164,17 @@ fn upgrade(app: &Arc<Reflector>, ws: WebSocketUpgrade, path: &str, peer: SocketA
     let session_id: Arc<str> = Arc::from(connection::session_id_from_path(path));
     if app.registry.is_draining() && !app.registry.contains(&session_id) {
         // The client sees a failed connection and retries later, as for upstream's refusal.
-        return text(StatusCode::SERVICE_UNAVAILABLE, "reflector draining\n".into());
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reflector draining\n".into(),
+        );
     }
     if app.metrics.connections.get() as usize >= app.limits.max_connections {
         tracing::warn!(peer = %peer, "connection limit reached, upgrade refused");
-        return text(StatusCode::SERVICE_UNAVAILABLE, "connection limit reached\n".into());
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached\n".into(),
+        );
     }
     // Frames a little over the limit are read whole and refused with a clean 1009; far larger
     // ones are cut off by the WebSocket layer itself.

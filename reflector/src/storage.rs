@@ -127,13 +127,17 @@ impl Storage {
     /// Opens a storage location: a directory path, `file://`, `memory://`, `s3://bucket/prefix`
     /// (credentials and endpoint from the AWS_* environment) or another object store URL.
     pub fn open(location: &str) -> Result<Self, StorageError> {
-        let bad = |reason: String| StorageError::BadLocation { location: location.to_string(), reason };
+        let bad = |reason: String| StorageError::BadLocation {
+            location: location.to_string(),
+            reason,
+        };
         let store: Arc<dyn ObjectStore> = if location == "memory://" || location == "memory:" {
             Arc::new(InMemory::new())
         } else if let Some(rest) = location.strip_prefix("file://") {
             Arc::new(Self::local(rest).map_err(|e| bad(e.to_string()))?)
         } else if location.starts_with("s3://") || location.starts_with("s3a://") {
-            let url = url_parts(location).ok_or_else(|| bad("expected s3://bucket[/prefix]".into()))?;
+            let url =
+                url_parts(location).ok_or_else(|| bad("expected s3://bucket[/prefix]".into()))?;
             let s3 = object_store::aws::AmazonS3Builder::from_env()
                 .with_url(format!("s3://{}", url.0))
                 .build()
@@ -141,13 +145,19 @@ impl Storage {
             prefixed(Arc::new(s3), &url.1)
         } else if location.contains("://") {
             let url = url::Url::parse(location).map_err(|e| bad(e.to_string()))?;
-            let (store, prefix) = object_store::parse_url_opts(&url, std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v)))
-                .map_err(|e| bad(e.to_string()))?;
+            let (store, prefix) = object_store::parse_url_opts(
+                &url,
+                std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v)),
+            )
+            .map_err(|e| bad(e.to_string()))?;
             prefixed(Arc::from(store), prefix.as_ref())
         } else {
             Arc::new(Self::local(location).map_err(|e| bad(e.to_string()))?)
         };
-        Ok(Self { store, description: location.to_string() })
+        Ok(Self {
+            store,
+            description: location.to_string(),
+        })
     }
 
     fn local(dir: &str) -> std::io::Result<LocalFileSystem> {
@@ -163,11 +173,16 @@ impl Storage {
     }
 
     fn file_path(segments: &[&str]) -> Path {
-        Path::from_iter(std::iter::once(PathPart::from("files")).chain(segments.iter().map(|s| part(s))))
+        Path::from_iter(
+            std::iter::once(PathPart::from("files")).chain(segments.iter().map(|s| part(s))),
+        )
     }
 
     /// Reads a file uploaded through the files endpoint.
-    pub async fn get_file(&self, segments: &[&str]) -> Result<Option<(u64, object_store::GetResult)>, StorageError> {
+    pub async fn get_file(
+        &self,
+        segments: &[&str],
+    ) -> Result<Option<(u64, object_store::GetResult)>, StorageError> {
         match self.store.get(&Self::file_path(segments)).await {
             Ok(r) => Ok(Some((r.meta.size, r))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -186,17 +201,35 @@ impl Storage {
 
     /// Stores a file. A `write_once` file that exists already is accepted again only with
     /// identical bytes (a retried upload), otherwise it is a [`StorageError::Conflict`].
-    pub async fn put_file(&self, segments: &[&str], body: Bytes, write_once: bool) -> Result<PutOutcome, StorageError> {
+    pub async fn put_file(
+        &self,
+        segments: &[&str],
+        body: Bytes,
+        write_once: bool,
+    ) -> Result<PutOutcome, StorageError> {
         let path = Self::file_path(segments);
         if !write_once {
             let existed = self.store.head(&path).await.is_ok();
             self.store.put(&path, PutPayload::from_bytes(body)).await?;
-            return Ok(if existed { PutOutcome::Replaced } else { PutOutcome::Created });
+            return Ok(if existed {
+                PutOutcome::Replaced
+            } else {
+                PutOutcome::Created
+            });
         }
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&path, PutPayload::from_bytes(body.clone()), opts).await {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from_bytes(body.clone()), opts)
+            .await
+        {
             Ok(_) => Ok(PutOutcome::Created),
-            Err(object_store::Error::AlreadyExists { .. }) => self.same_or_conflict(&path, &body).await,
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                self.same_or_conflict(&path, &body).await
+            }
             Err(object_store::Error::NotImplemented { .. }) => {
                 // Stores without conditional writes: check first (a narrow race is acceptable,
                 // both writers upload the same content-addressed snapshot).
@@ -210,15 +243,27 @@ impl Storage {
         }
     }
 
-    async fn same_or_conflict(&self, path: &Path, body: &Bytes) -> Result<PutOutcome, StorageError> {
+    async fn same_or_conflict(
+        &self,
+        path: &Path,
+        body: &Bytes,
+    ) -> Result<PutOutcome, StorageError> {
         let existing = self.store.get(path).await?.bytes().await?;
-        if existing == *body { Ok(PutOutcome::Unchanged) } else { Err(StorageError::Conflict(path.to_string())) }
+        if existing == *body {
+            Ok(PutOutcome::Unchanged)
+        } else {
+            Err(StorageError::Conflict(path.to_string()))
+        }
     }
 
     /// Deletes all but the newest `keep` snapshot files in the folder of `segments` (the
     /// snapshot just accepted). Snapshot names start with the zero-padded time, so the
     /// lexical order is the time order.
-    pub async fn prune_snapshots(&self, segments: &[&str], keep: usize) -> Result<usize, StorageError> {
+    pub async fn prune_snapshots(
+        &self,
+        segments: &[&str],
+        keep: usize,
+    ) -> Result<usize, StorageError> {
         if keep == 0 || segments.len() < 2 {
             return Ok(0);
         }
@@ -228,7 +273,11 @@ impl Storage {
         while let Some(meta) = listing.next().await {
             let meta = meta?;
             // Only direct children of the snapshot folder.
-            if meta.location.prefix_match(&dir).is_some_and(|mut rest| rest.next().is_some() && rest.next().is_none()) {
+            if meta
+                .location
+                .prefix_match(&dir)
+                .is_some_and(|mut rest| rest.next().is_some() && rest.next().is_none())
+            {
                 names.push(meta.location);
             }
         }
@@ -241,11 +290,21 @@ impl Storage {
     }
 
     fn persisted_path(developer: &str, app: &str, persistent: &str) -> Path {
-        Path::from_iter([PathPart::from("persisted"), part(developer), part(app), part(&format!("{persistent}.json"))])
+        Path::from_iter([
+            PathPart::from("persisted"),
+            part(developer),
+            part(app),
+            part(&format!("{persistent}.json")),
+        ])
     }
 
     /// The URL of the persisted data last saved under this key.
-    pub async fn load_persisted(&self, developer: &str, app: &str, persistent: &str) -> Result<Option<String>, StorageError> {
+    pub async fn load_persisted(
+        &self,
+        developer: &str,
+        app: &str,
+        persistent: &str,
+    ) -> Result<Option<String>, StorageError> {
         let path = Self::persisted_path(developer, app, persistent);
         let bytes = match self.store.get(&path).await {
             Ok(r) => r.bytes().await?,
@@ -253,37 +312,75 @@ impl Storage {
             Err(e) => return Err(e.into()),
         };
         let rec: PersistedRecord =
-            serde_json::from_slice(&bytes).map_err(|source| StorageError::Corrupt { key: path.to_string(), source })?;
+            serde_json::from_slice(&bytes).map_err(|source| StorageError::Corrupt {
+                key: path.to_string(),
+                source,
+            })?;
         Ok(Some(rec.url))
     }
 
     /// Records the URL of the newest persisted data for this key.
-    pub async fn save_persisted(&self, developer: &str, app: &str, persistent: &str, url: &str) -> Result<(), StorageError> {
-        let body = serde_json::to_vec(&PersistedRecord { url: url.to_string() })
-            .map_err(|source| StorageError::Corrupt { key: "persisted".into(), source })?;
-        self.store.put(&Self::persisted_path(developer, app, persistent), PutPayload::from(body)).await?;
+    pub async fn save_persisted(
+        &self,
+        developer: &str,
+        app: &str,
+        persistent: &str,
+        url: &str,
+    ) -> Result<(), StorageError> {
+        let body = serde_json::to_vec(&PersistedRecord {
+            url: url.to_string(),
+        })
+        .map_err(|source| StorageError::Corrupt {
+            key: "persisted".into(),
+            source,
+        })?;
+        self.store
+            .put(
+                &Self::persisted_path(developer, app, persistent),
+                PutPayload::from(body),
+            )
+            .await?;
         Ok(())
     }
 
     fn session_path(session_id: &str) -> Path {
-        Path::from_iter([PathPart::from("sessions"), part(&format!("{session_id}.json"))])
+        Path::from_iter([
+            PathPart::from("sessions"),
+            part(&format!("{session_id}.json")),
+        ])
     }
 
     /// The stored state of a session, if one was stored.
-    pub async fn load_session(&self, session_id: &str) -> Result<Option<StoredSession>, StorageError> {
+    pub async fn load_session(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<StoredSession>, StorageError> {
         let path = Self::session_path(session_id);
         let bytes = match self.store.get(&path).await {
             Ok(r) => r.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        serde_json::from_slice(&bytes).map(Some).map_err(|source| StorageError::Corrupt { key: path.to_string(), source })
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StorageError::Corrupt {
+                key: path.to_string(),
+                source,
+            })
     }
 
     /// Stores a session's state so that a later JOIN resumes it.
     pub async fn store_session(&self, state: &StoredSession) -> Result<(), StorageError> {
-        let body = serde_json::to_vec(state).map_err(|source| StorageError::Corrupt { key: state.session_id.clone(), source })?;
-        self.store.put(&Self::session_path(&state.session_id), PutPayload::from(body)).await?;
+        let body = serde_json::to_vec(state).map_err(|source| StorageError::Corrupt {
+            key: state.session_id.clone(),
+            source,
+        })?;
+        self.store
+            .put(
+                &Self::session_path(&state.session_id),
+                PutPayload::from(body),
+            )
+            .await?;
         Ok(())
     }
 
@@ -299,7 +396,11 @@ impl Storage {
 
 fn prefixed(store: Arc<dyn ObjectStore>, prefix: &str) -> Arc<dyn ObjectStore> {
     let prefix = prefix.trim_matches('/');
-    if prefix.is_empty() { store } else { Arc::new(PrefixStore::new(store, prefix)) }
+    if prefix.is_empty() {
+        store
+    } else {
+        Arc::new(PrefixStore::new(store, prefix))
+    }
 }
 
 /// Splits `scheme://bucket/prefix` into bucket and prefix.
@@ -321,20 +422,46 @@ mod tests {
     async fn write_once_files_accept_identical_retries_and_refuse_changes() {
         let s = mem();
         let key = ["apps", "a", "snap", "h", "p.s", "0000000001_5.x"];
-        assert_eq!(s.put_file(&key, Bytes::from_static(b"one"), true).await.expect("put"), PutOutcome::Created);
-        assert_eq!(s.put_file(&key, Bytes::from_static(b"one"), true).await.expect("put"), PutOutcome::Unchanged);
-        assert!(matches!(s.put_file(&key, Bytes::from_static(b"two"), true).await, Err(StorageError::Conflict(_))));
+        assert_eq!(
+            s.put_file(&key, Bytes::from_static(b"one"), true)
+                .await
+                .expect("put"),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            s.put_file(&key, Bytes::from_static(b"one"), true)
+                .await
+                .expect("put"),
+            PutOutcome::Unchanged
+        );
+        assert!(matches!(
+            s.put_file(&key, Bytes::from_static(b"two"), true).await,
+            Err(StorageError::Conflict(_))
+        ));
         let (size, got) = s.get_file(&key).await.expect("get").expect("exists");
         assert_eq!(size, 3);
-        assert_eq!(got.bytes().await.expect("bytes"), Bytes::from_static(b"one"));
+        assert_eq!(
+            got.bytes().await.expect("bytes"),
+            Bytes::from_static(b"one")
+        );
     }
 
     #[tokio::test]
     async fn overwritable_files_are_replaced() {
         let s = mem();
         let key = ["apps", "a", "p", "save", "h"];
-        assert_eq!(s.put_file(&key, Bytes::from_static(b"1"), false).await.expect("put"), PutOutcome::Created);
-        assert_eq!(s.put_file(&key, Bytes::from_static(b"2"), false).await.expect("put"), PutOutcome::Replaced);
+        assert_eq!(
+            s.put_file(&key, Bytes::from_static(b"1"), false)
+                .await
+                .expect("put"),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            s.put_file(&key, Bytes::from_static(b"2"), false)
+                .await
+                .expect("put"),
+            PutOutcome::Replaced
+        );
         assert_eq!(s.head_file(&key).await.expect("head"), Some(1));
     }
 
@@ -343,25 +470,71 @@ mod tests {
         let s = mem();
         for t in 1..=5 {
             let name = format!("{t:010}_{t}.h");
-            s.put_file(&["apps", "a", "snap", "c", "p.s", &name], Bytes::from_static(b"x"), true).await.expect("put");
-        }
-        s.put_file(&["apps", "a", "snap", "c", "other.s", "0000000001_1.h"], Bytes::from_static(b"x"), true)
+            s.put_file(
+                &["apps", "a", "snap", "c", "p.s", &name],
+                Bytes::from_static(b"x"),
+                true,
+            )
             .await
             .expect("put");
-        let removed = s.prune_snapshots(&["apps", "a", "snap", "c", "p.s", "0000000005_5.h"], 2).await.expect("prune");
+        }
+        s.put_file(
+            &["apps", "a", "snap", "c", "other.s", "0000000001_1.h"],
+            Bytes::from_static(b"x"),
+            true,
+        )
+        .await
+        .expect("put");
+        let removed = s
+            .prune_snapshots(&["apps", "a", "snap", "c", "p.s", "0000000005_5.h"], 2)
+            .await
+            .expect("prune");
         assert_eq!(removed, 3);
-        assert!(s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000005_5.h"]).await.expect("head").is_some());
-        assert!(s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000004_4.h"]).await.expect("head").is_some());
-        assert!(s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000003_3.h"]).await.expect("head").is_none());
-        assert!(s.head_file(&["apps", "a", "snap", "c", "other.s", "0000000001_1.h"]).await.expect("head").is_some());
+        assert!(
+            s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000005_5.h"])
+                .await
+                .expect("head")
+                .is_some()
+        );
+        assert!(
+            s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000004_4.h"])
+                .await
+                .expect("head")
+                .is_some()
+        );
+        assert!(
+            s.head_file(&["apps", "a", "snap", "c", "p.s", "0000000003_3.h"])
+                .await
+                .expect("head")
+                .is_none()
+        );
+        assert!(
+            s.head_file(&["apps", "a", "snap", "c", "other.s", "0000000001_1.h"])
+                .await
+                .expect("head")
+                .is_some()
+        );
     }
 
     #[tokio::test]
     async fn persisted_records_and_sessions_round_trip_with_hostile_ids() {
         let s = mem();
-        s.save_persisted("unknown_dev_id", "../../etc", "..", "http://f/x").await.expect("save");
-        assert_eq!(s.load_persisted("unknown_dev_id", "../../etc", "..").await.expect("load").as_deref(), Some("http://f/x"));
-        assert_eq!(s.load_persisted("unknown_dev_id", "other", "..").await.expect("load"), None);
+        s.save_persisted("unknown_dev_id", "../../etc", "..", "http://f/x")
+            .await
+            .expect("save");
+        assert_eq!(
+            s.load_persisted("unknown_dev_id", "../../etc", "..")
+                .await
+                .expect("load")
+                .as_deref(),
+            Some("http://f/x")
+        );
+        assert_eq!(
+            s.load_persisted("unknown_dev_id", "other", "..")
+                .await
+                .expect("load"),
+            None
+        );
         let state = StoredSession {
             format: STORED_SESSION_FORMAT,
             session_id: "a/../b".into(),
@@ -386,7 +559,11 @@ mod tests {
             stored_at_ms: 0,
         };
         s.store_session(&state).await.expect("store");
-        let back = s.load_session("a/../b").await.expect("load").expect("present");
+        let back = s
+            .load_session("a/../b")
+            .await
+            .expect("load")
+            .expect("present");
         assert_eq!(back.messages[0].get(), "[1,2,\"p\",0]");
         s.discard_session("a/../b").await.expect("discard");
         assert!(s.load_session("a/../b").await.expect("load").is_none());

@@ -21,7 +21,11 @@ async fn bystander(r: &TestReflector, session: &str) -> Client {
 async fn check(c: &mut Client, tag: &str) {
     let before = c.seq_probe(&format!("{tag}-1")).await;
     let after = c.seq_probe(&format!("{tag}-2")).await;
-    assert_eq!(after, before.wrapping_add(1), "{tag}: consecutive sequence numbers");
+    assert_eq!(
+        after,
+        before.wrapping_add(1),
+        "{tag}: consecutive sequence numbers"
+    );
     c.next_action("TICK").await;
 }
 
@@ -48,9 +52,16 @@ async fn malformed_frames_close_with_4102() {
     let (_d, dir) = temp_storage();
     let r = start_with(&dir, &[]).await;
     let mut by = bystander(&r, "bad").await;
-    for (i, frame) in ["{not json", "[1,2,3]", "\"a string\"", "{\"args\":[]}", r#"{"action":"SEND","args":"nope"}"#,
-        r#"{"action":"SEND","args":[1,0]}"#, r#"{"action":"TUTTI","args":[1,0,{"not":"a string"}]}"#,
-        r#"{"action":"SNAP","args":{"time":"x","seq":1,"url":"u"}}"#]
+    for (i, frame) in [
+        "{not json",
+        "[1,2,3]",
+        "\"a string\"",
+        "{\"args\":[]}",
+        r#"{"action":"SEND","args":"nope"}"#,
+        r#"{"action":"SEND","args":[1,0]}"#,
+        r#"{"action":"TUTTI","args":[1,0,{"not":"a string"}]}"#,
+        r#"{"action":"SNAP","args":{"time":"x","seq":1,"url":"u"}}"#,
+    ]
     .iter()
     .enumerate()
     {
@@ -71,19 +82,33 @@ async fn bad_joins_get_the_upstream_codes() {
         (json!({"apiKey": "none", "user": "x"}), 4100, "no version"),
         (json!(7), 4100, "numeric args"),
         (json!({"version": 1, "user": "x"}), 4103, "no apiKey"),
-        (json!({"version": 1, "apiKey": "k", "appId": 42}), 4102, "appId not a string"),
-        (json!({"version": 1, "apiKey": "k", "ticks": [50]}), 4102, "ticks not an object"),
-        (json!({"version": 1, "apiKey": "k", "leaveDelay": "long"}), 4102, "leaveDelay not a number"),
+        (
+            json!({"version": 1, "apiKey": "k", "appId": 42}),
+            4102,
+            "appId not a string",
+        ),
+        (
+            json!({"version": 1, "apiKey": "k", "ticks": [50]}),
+            4102,
+            "ticks not an object",
+        ),
+        (
+            json!({"version": 1, "apiKey": "k", "leaveDelay": "long"}),
+            4102,
+            "leaveDelay not a number",
+        ),
     ];
     for (args, code, what) in cases {
         let mut a = Client::connect(&r, "join").await;
-        a.send_json(json!({"id": "join", "action": "JOIN", "args": args})).await;
+        a.send_json(json!({"id": "join", "action": "JOIN", "args": args}))
+            .await;
         assert_eq!(a.expect_close().await, code, "{what}");
         check(&mut by, what).await;
     }
     // No session id in the URL: 4100.
     let mut a = Client::connect_path(&r, "/reflector/", "").await;
-    a.send_json(json!({"action": "JOIN", "args": Client::join_args("x")})).await;
+    a.send_json(json!({"action": "JOIN", "args": Client::join_args("x")}))
+        .await;
     assert_eq!(a.expect_close().await, 4100);
     r.drain_and_stop().await;
 }
@@ -102,7 +127,8 @@ async fn session_messages_before_join_close_with_4000() {
             "SAVE" => json!({"url": "u"}),
             _ => json!({"tick": 5}),
         };
-        a.send_json(json!({"id": "early", "action": action, "args": args})).await;
+        a.send_json(json!({"id": "early", "action": action, "args": args}))
+            .await;
         assert_eq!(a.expect_close().await, 4000, "{action} before JOIN");
         check(&mut by, action).await;
     }
@@ -126,7 +152,10 @@ async fn oversized_and_binary_frames_are_refused() {
     let mut a = joined_attacker(&r, "size").await;
     let _ = a.ws.send(Message::text("y".repeat(200_000))).await;
     match a.next().await {
-        Event::Closed(code, _) => assert!(code == 1009 || code == 1006 || code == 1005, "closed with {code}"),
+        Event::Closed(code, _) => assert!(
+            code == 1009 || code == 1006 || code == 1005,
+            "closed with {code}"
+        ),
         Event::Frame(f) => panic!("unexpected frame {f}"),
     }
     check(&mut by, "huge").await;
@@ -152,8 +181,10 @@ async fn a_save_without_app_identity_closes_with_4101() {
     let (_d, dir) = temp_storage();
     let r = start_with(&dir, &[]).await;
     let mut a = Client::connect(&r, "noapp").await;
-    a.join_with(json!({"version": 1, "apiKey": "none", "user": "a"})).await;
-    a.send_json(json!({"id": "noapp", "action": "SAVE", "args": {"url": "http://x/y"}})).await;
+    a.join_with(json!({"version": 1, "apiKey": "none", "user": "a"}))
+        .await;
+    a.send_json(json!({"id": "noapp", "action": "SAVE", "args": {"url": "http://x/y"}}))
+        .await;
     assert_eq!(a.expect_close().await, 4101);
     r.drain_and_stop().await;
 }

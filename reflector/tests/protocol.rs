@@ -45,9 +45,16 @@ async fn every_client_sees_one_total_order_and_each_senders_order() {
     for sender in ["a", "b"] {
         let ns: Vec<usize> = seen[0]
             .iter()
-            .filter_map(|(_, p)| p.strip_prefix(&format!("{sender}:")).map(|n| n.parse().unwrap()))
+            .filter_map(|(_, p)| {
+                p.strip_prefix(&format!("{sender}:"))
+                    .map(|n| n.parse().unwrap())
+            })
             .collect();
-        assert_eq!(ns, (0..N).collect::<Vec<_>>(), "{sender}'s messages in the order sent");
+        assert_eq!(
+            ns,
+            (0..N).collect::<Vec<_>>(),
+            "{sender}'s messages in the order sent"
+        );
     }
     r.drain_and_stop().await;
 }
@@ -64,7 +71,10 @@ async fn sequence_numbers_start_near_the_top_and_wrap() {
     assert_eq!(sync["tove"], "TOVE");
     assert!(sync["timeline"].as_str().is_some_and(|t| !t.is_empty()));
     let users = a.next_recv().await;
-    assert_eq!(users[1], 4_294_967_281u64, "the users message takes the first seq");
+    assert_eq!(
+        users[1], 4_294_967_281u64,
+        "the users message takes the first seq"
+    );
     let mut seqs = Vec::new();
     let mut last_time = 0;
     for i in 0..20 {
@@ -104,9 +114,13 @@ async fn ticks_fill_silence_at_the_requested_rate_and_messages_are_preserved_ver
             ticks += 1;
         }
     }
-    assert!((12..=24).contains(&ticks), "about 20 ticks of 50 ms in a second, got {ticks}");
+    assert!(
+        (12..=24).contains(&ticks),
+        "about 20 ticks of 50 ms in a second, got {ticks}"
+    );
     // Extra elements and odd spacing come back exactly as sent.
-    a.send_text(r#"{"id":"ticks","action":"SEND","args":[1, 0, "x\u00e9", 7, {"k": [1, 2]}]}"#).await;
+    a.send_text(r#"{"id":"ticks","action":"SEND","args":[1, 0, "x\u00e9", 7, {"k": [1, 2]}]}"#)
+        .await;
     let frame = loop {
         match a.next().await {
             Event::Frame(v) if v["action"] == "RECV" && v["args"][2] == "xé" => break v,
@@ -137,14 +151,21 @@ async fn joins_and_leaves_are_announced_after_the_leave_delay() {
     let mut args = Client::join_args("b");
     args["leaveDelay"] = json!(600);
     let sync = b.join_with(args).await;
-    assert_eq!(sync["messages"].as_array().unwrap().len(), 1, "B's SYNC carries A's joined message");
+    assert_eq!(
+        sync["messages"].as_array().unwrap().len(),
+        1,
+        "B's SYNC carries A's joined message"
+    );
     assert_eq!(a.next_users().await["joined"], json!(["b"]));
     let closed_at = Instant::now();
     b.close().await;
     let left = a.next_users().await;
     assert_eq!(left["left"], json!(["b"]));
     assert_eq!(left["total"], 1);
-    assert!(closed_at.elapsed() >= Duration::from_millis(600), "left only after the leave delay");
+    assert!(
+        closed_at.elapsed() >= Duration::from_millis(600),
+        "left only after the leave delay"
+    );
     r.drain_and_stop().await;
 }
 
@@ -160,7 +181,12 @@ async fn a_dropped_client_rejoins_on_the_same_timeline_without_a_leave() {
     let first = b.join_with(args.clone()).await;
     let mut joined = Vec::new();
     while joined.len() < 2 {
-        joined.extend(a.next_users().await["joined"].as_array().cloned().unwrap_or_default());
+        joined.extend(
+            a.next_users().await["joined"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        );
     }
     b.send_msg("before").await;
     a.next_client_recv().await;
@@ -169,9 +195,20 @@ async fn a_dropped_client_rejoins_on_the_same_timeline_without_a_leave() {
     a.next_client_recv().await;
     let mut b2 = Client::connect(&r, "rejoin").await;
     let second = b2.join_with(args).await;
-    assert_eq!(first["timeline"], second["timeline"], "same timeline: the client keeps its model");
-    let payloads: Vec<Value> = second["messages"].as_array().unwrap().iter().map(|m| m[2].clone()).collect();
-    assert!(payloads.contains(&json!("while away")), "missed messages are in the SYNC");
+    assert_eq!(
+        first["timeline"], second["timeline"],
+        "same timeline: the client keeps its model"
+    );
+    let payloads: Vec<Value> = second["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[2].clone())
+        .collect();
+    assert!(
+        payloads.contains(&json!("while away")),
+        "missed messages are in the SYNC"
+    );
     // No users message about b follows: neither a leave nor a second join.
     a.send_msg("after").await;
     loop {
@@ -192,13 +229,24 @@ async fn tallies_combine_votes_and_time_out_with_missing_clients() {
     let mut b = Client::connect(&r, "tutti").await;
     a.join("a").await;
     b.join("b").await;
-    let vote = |key: &str, payload: &str, first: Value| {
-        json!({"id": "tutti", "action": "TUTTI", "args": [100, 0, payload, first, true, ["handleSnapshotVote"], key]})
-    };
-    a.send_json(vote("snapshot@100", "{\"h\":1}", json!([0, 0, "first!", 0]))).await;
-    b.send_json(vote("snapshot@100", "{\"h\":1}", json!([0, 0, "first again", 0]))).await;
+    let vote = |key: &str, payload: &str, first: Value| json!({"id": "tutti", "action": "TUTTI", "args": [100, 0, payload, first, true, ["handleSnapshotVote"], key]});
+    a.send_json(vote(
+        "snapshot@100",
+        "{\"h\":1}",
+        json!([0, 0, "first!", 0]),
+    ))
+    .await;
+    b.send_json(vote(
+        "snapshot@100",
+        "{\"h\":1}",
+        json!([0, 0, "first again", 0]),
+    ))
+    .await;
     let first = a.next_client_recv().await;
-    assert_eq!(first[2], "first!", "firstMsg is reflected once, when the tally opens");
+    assert_eq!(
+        first[2], "first!",
+        "firstMsg is reflected once, when the tally opens"
+    );
     let tally = loop {
         let m = a.next_recv().await;
         if m[2]["what"] == "tally" {
@@ -211,16 +259,21 @@ async fn tallies_combine_votes_and_time_out_with_missing_clients() {
     assert_eq!(tally["tuttiKey"], "snapshot@100");
     assert_eq!(tally["tallyTarget"], json!(["handleSnapshotVote"]));
     // A vote for a completed key is ignored; a lone vote completes after the tally window.
-    a.send_json(vote("snapshot@100", "{\"h\":9}", Value::Null)).await;
+    a.send_json(vote("snapshot@100", "{\"h\":9}", Value::Null))
+        .await;
     let sent = Instant::now();
-    a.send_json(vote("persist@200", "{\"h\":2}", Value::Null)).await;
+    a.send_json(vote("persist@200", "{\"h\":2}", Value::Null))
+        .await;
     let late = loop {
         let m = a.next_recv().await;
         if m[2]["what"] == "tally" {
             break m[2].clone();
         }
     };
-    assert_eq!(late["tuttiKey"], "persist@200", "the repeated key produced no second tally");
+    assert_eq!(
+        late["tuttiKey"], "persist@200",
+        "the repeated key produced no second tally"
+    );
     assert_eq!(late["missingClients"], 1);
     assert!(sent.elapsed() >= Duration::from_millis(900));
     r.drain_and_stop().await;
@@ -239,11 +292,17 @@ async fn a_snapshot_trims_messages_and_late_joiners_start_from_it() {
         seqs.push((m[0].as_u64().unwrap(), m[1].as_u64().unwrap()));
     }
     let (snap_time, snap_seq) = seqs[2];
-    let url = format!("{}/apps/io.refleet.test/snap/code1/pid-1.snap/{snap_time:010}_{snap_seq}.h", r.files_base());
+    let url = format!(
+        "{}/apps/io.refleet.test/snap/code1/pid-1.snap/{snap_time:010}_{snap_seq}.h",
+        r.files_base()
+    );
     a.send_json(json!({"id": "snap", "action": "SNAP", "args": {"time": snap_time, "seq": snap_seq, "hash": "h", "url": url, "dissident": null}}))
         .await;
     // An older snapshot and a dissident one change nothing.
-    a.send_json(json!({"id": "snap", "action": "SNAP", "args": {"time": 1, "seq": 1, "url": "old"}})).await;
+    a.send_json(
+        json!({"id": "snap", "action": "SNAP", "args": {"time": 1, "seq": 1, "url": "old"}}),
+    )
+    .await;
     a.send_json(json!({"id": "snap", "action": "SNAP", "args": {"time": snap_time + 5000, "seq": snap_seq, "url": "dissident", "dissident": {"hash": "x"}}})).await;
     a.send_msg("after").await;
     a.next_client_recv().await;
@@ -252,7 +311,12 @@ async fn a_snapshot_trims_messages_and_late_joiners_start_from_it() {
     assert_eq!(sync["url"], url.as_str());
     assert_eq!(sync["snapshotSeq"], snap_seq);
     assert_eq!(sync["snapshotTime"], snap_time);
-    let kept: Vec<Value> = sync["messages"].as_array().unwrap().iter().map(|m| m[2].clone()).collect();
+    let kept: Vec<Value> = sync["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[2].clone())
+        .collect();
     assert_eq!(kept, vec![json!("m3"), json!("m4"), json!("after")]);
     r.drain_and_stop().await;
 }
@@ -269,7 +333,11 @@ async fn debounced_sends_are_dropped_within_their_window() {
     }
     a.send_msg("plain").await;
     assert_eq!(a.next_client_recv().await[2], "poll1");
-    assert_eq!(a.next_client_recv().await[2], "plain", "the second poll inside the window was dropped");
+    assert_eq!(
+        a.next_client_recv().await[2],
+        "plain",
+        "the second poll inside the window was dropped"
+    );
     r.drain_and_stop().await;
 }
 
@@ -279,7 +347,8 @@ async fn ping_gets_a_pong_without_id_and_unknown_actions_are_ignored() {
     let r = start_with(&dir, &[]).await;
     let mut a = Client::connect(&r, "ping").await;
     a.join("a").await;
-    a.send_text(r#"{"action":"FUTURE_THING","args":{"x":1}}"#).await;
+    a.send_text(r#"{"action":"FUTURE_THING","args":{"x":1}}"#)
+        .await;
     a.send_text(r#"{"action":"PULSE"}"#).await;
     a.send_text(r#"{"action":"LOG","args":"hello"}"#).await;
     a.send_text(r#"{"action":"PING","args":12345}"#).await;
@@ -326,12 +395,24 @@ async fn an_empty_session_is_stored_and_resumed_on_the_same_timeline() {
     a.close().await;
     // Wait past the TTL (leave delay 0 + 2 s floor).
     tokio::time::sleep(Duration::from_millis(2600)).await;
-    assert_eq!(r.registry().session_count(), 0, "the empty session left memory");
+    assert_eq!(
+        r.registry().session_count(),
+        0,
+        "the empty session left memory"
+    );
     let mut b = Client::connect(&r, "resume").await;
     let sync = b.join("b").await;
     assert_eq!(sync["timeline"], first["timeline"]);
-    let payloads: Vec<Value> = sync["messages"].as_array().unwrap().iter().map(|m| m[2].clone()).collect();
-    assert!(payloads.ends_with(&[json!("m0"), json!("m1"), json!("m2")]), "{payloads:?}");
+    let payloads: Vec<Value> = sync["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[2].clone())
+        .collect();
+    assert!(
+        payloads.ends_with(&[json!("m0"), json!("m1"), json!("m2")]),
+        "{payloads:?}"
+    );
     r.drain_and_stop().await;
 }
 
@@ -355,7 +436,11 @@ async fn a_drain_stores_everything_sent_and_a_restart_resumes_it() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
         if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))))) =
-            tokio::time::timeout(Duration::from_millis(1), futures_util::StreamExt::next(&mut a.ws)).await
+            tokio::time::timeout(
+                Duration::from_millis(1),
+                futures_util::StreamExt::next(&mut a.ws),
+            )
+            .await
         {
             break u16::from(f.code);
         }
@@ -373,12 +458,23 @@ async fn a_drain_stores_everything_sent_and_a_restart_resumes_it() {
     let r2 = support::start_on(&addr.to_string(), &dir, &[]).await;
     let mut c = Client::connect(&r2, "drain").await;
     let sync = c.join("a").await;
-    assert_eq!(sync["timeline"], first["timeline"], "same timeline after the restart");
-    let payloads: Vec<String> =
-        sync["messages"].as_array().unwrap().iter().filter_map(|m| m[2].as_str().map(String::from)).collect();
+    assert_eq!(
+        sync["timeline"], first["timeline"],
+        "same timeline after the restart"
+    );
+    let payloads: Vec<String> = sync["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m[2].as_str().map(String::from))
+        .collect();
     assert!(payloads.contains(&"before drain".to_string()));
     let late: Vec<&String> = payloads.iter().filter(|p| p.starts_with("late")).collect();
-    assert_eq!(late.len(), sent, "every message sent before the client's close is kept: {payloads:?}");
+    assert_eq!(
+        late.len(),
+        sent,
+        "every message sent before the client's close is kept: {payloads:?}"
+    );
     // The resumed members rejoin silently; one that does not come back leaves after the grace.
     r2.drain_and_stop().await;
 }
@@ -386,7 +482,18 @@ async fn a_drain_stores_everything_sent_and_a_restart_resumes_it() {
 #[tokio::test]
 async fn a_slow_client_is_cut_off_and_the_others_keep_going() {
     let (_d, dir) = temp_storage();
-    let r = start_with(&dir, &["--send-queue", "16", "--rate-limit", "100000", "--rate-burst", "100000"]).await;
+    let r = start_with(
+        &dir,
+        &[
+            "--send-queue",
+            "16",
+            "--rate-limit",
+            "100000",
+            "--rate-burst",
+            "100000",
+        ],
+    )
+    .await;
     let mut fast = Client::connect(&r, "slow").await;
     fast.join("fast").await;
     let mut slow = Client::connect(&r, "slow").await;
@@ -403,14 +510,20 @@ async fn a_slow_client_is_cut_off_and_the_others_keep_going() {
                 slow_left |= m[2]["left"] == json!(["slow"]);
                 continue;
             }
-            assert!(m[2].as_str().unwrap().starts_with(&format!("{i}x")), "in order, nothing lost");
+            assert!(
+                m[2].as_str().unwrap().starts_with(&format!("{i}x")),
+                "in order, nothing lost"
+            );
             received += 1;
             break;
         }
     }
     assert_eq!(received, 200);
     let text = r.metrics().await;
-    assert!(support::metric(&text, "refleet_reflector_slow_client_disconnects_total") >= 1.0, "slow client cut off");
+    assert!(
+        support::metric(&text, "refleet_reflector_slow_client_disconnects_total") >= 1.0,
+        "slow client cut off"
+    );
     while !slow_left {
         slow_left = fast.next_users().await["left"] == json!(["slow"]);
     }
@@ -430,14 +543,24 @@ async fn health_readiness_and_metrics_are_served() {
     let text = r.metrics().await;
     assert_eq!(support::metric(&text, "refleet_reflector_sessions"), 1.0);
     assert_eq!(support::metric(&text, "refleet_reflector_connections"), 1.0);
-    assert!(support::metric(&text, "refleet_reflector_messages_received_total{action=\"SEND\"}") >= 1.0);
+    assert!(
+        support::metric(
+            &text,
+            "refleet_reflector_messages_received_total{action=\"SEND\"}"
+        ) >= 1.0
+    );
     assert!(support::metric(&text, "refleet_reflector_deliveries_total") >= 2.0);
     r.begin_drain();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(reqwest::get(r.url("/readyz")).await.unwrap().status(), 503, "not ready while draining");
+    assert_eq!(
+        reqwest::get(r.url("/readyz")).await.unwrap().status(),
+        503,
+        "not ready while draining"
+    );
     assert_eq!(reqwest::get(r.url("/healthz")).await.unwrap().status(), 200);
     // A new session is refused while draining; the existing one still works.
-    let refused = tokio_tungstenite::connect_async(format!("ws://{}/reflector/new-one", r.addr)).await;
+    let refused =
+        tokio_tungstenite::connect_async(format!("ws://{}/reflector/new-one", r.addr)).await;
     assert!(refused.is_err(), "upgrade refused for a new session");
     a.send_msg("y").await;
     assert_eq!(a.next_client_recv().await[2], "y");

@@ -19,7 +19,12 @@ pub const MAX_SCALE: f64 = 64.0;
 impl Clock {
     /// A clock that reads `start` now.
     pub fn starting_at(start: u64, now: Instant) -> Self {
-        Self { origin: now, base: start, scale: 1.0, last: start }
+        Self {
+            origin: now,
+            base: start,
+            scale: 1.0,
+            last: start,
+        }
     }
 
     /// The time at `now`; never less than any earlier reading.

@@ -63,7 +63,12 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Record the URL of newly persisted data under the session's persistence key.
-    SavePersisted { developer_id: String, app_id: String, persistent_id: String, url: String },
+    SavePersisted {
+        developer_id: String,
+        app_id: String,
+        persistent_id: String,
+        url: String,
+    },
     /// A snapshot was accepted: older snapshots next to it may be pruned.
     PruneSnapshots { url: String },
 }
@@ -147,7 +152,9 @@ pub fn seq_after(a: u32, b: u32) -> bool {
 fn random_timeline() -> String {
     const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rng();
-    (0..12).map(|_| DIGITS[rng.random_range(0..DIGITS.len())] as char).collect()
+    (0..12)
+        .map(|_| DIGITS[rng.random_range(0..DIGITS.len())] as char)
+        .collect()
 }
 
 /// Formats a JSON number the way JavaScript prints it for the values clients send.
@@ -162,7 +169,11 @@ fn js_number(out: &mut String, v: f64) {
 }
 
 fn millis(v: f64, max: Duration) -> Duration {
-    if v.is_finite() && v > 0.0 { Duration::from_secs_f64(v / 1000.0).min(max) } else { Duration::ZERO }
+    if v.is_finite() && v > 0.0 {
+        Duration::from_secs_f64(v / 1000.0).min(max)
+    } else {
+        Duration::ZERO
+    }
 }
 
 /// The state of one session.
@@ -292,7 +303,10 @@ impl Core {
 
     /// Members counted in `users` (everything but connections still waiting for SYNC).
     pub fn member_count(&self) -> usize {
-        self.members.iter().filter(|m| m.state != State::Waiting).count()
+        self.members
+            .iter()
+            .filter(|m| m.state != State::Waiting)
+            .count()
     }
 
     /// Whether the session was closed for a drain.
@@ -335,8 +349,13 @@ impl Core {
                 frame.push_str(raw.get());
                 let end = frame.len();
                 frame.push('}');
-                let seq = serde_json::from_str::<(serde_json::Value, u32)>(raw.get()).map_or(0, |(_, s)| s);
-                Reflected { frame: Text::from(frame), args: start..end, seq }
+                let seq = serde_json::from_str::<(serde_json::Value, u32)>(raw.get())
+                    .map_or(0, |(_, s)| s);
+                Reflected {
+                    frame: Text::from(frame),
+                    args: start..end,
+                    seq,
+                }
             })
             .collect();
         self.completed = stored.completed_tallies.into_iter().collect();
@@ -350,7 +369,11 @@ impl Core {
             });
             self.stats.users_delta += 1;
         }
-        self.empty_since = if self.members.is_empty() { Some(now) } else { None };
+        self.empty_since = if self.members.is_empty() {
+            Some(now)
+        } else {
+            None
+        };
         self.initialised = true;
     }
 
@@ -389,7 +412,11 @@ impl Core {
             leave_delay_ms: self.leave_delay.as_millis() as u64,
             snapshot: self.snapshot.clone(),
             persisted_url: self.persisted_url.clone(),
-            messages: self.messages.iter().filter_map(|m| RawValue::from_string(m.args_text().to_string()).ok()).collect(),
+            messages: self
+                .messages
+                .iter()
+                .filter_map(|m| RawValue::from_string(m.args_text().to_string()).ok())
+                .collect(),
             completed_tallies: self.completed.iter().cloned().collect(),
             users,
             stored_at_ms: wall_ms,
@@ -421,7 +448,8 @@ impl Core {
         let user: Option<Arc<str>> = join.user.map(Arc::from);
         let existing = user.as_ref().and_then(|u| {
             self.members.iter().position(|m| {
-                m.user.as_ref() == Some(u) && matches!(m.state, State::Active | State::Leaving(_) | State::Ghost(_))
+                m.user.as_ref() == Some(u)
+                    && matches!(m.state, State::Active | State::Leaving(_) | State::Ghost(_))
             })
         });
         let sync = self.sync_frame(now);
@@ -442,7 +470,12 @@ impl Core {
                 i
             }
             None => {
-                self.members.push(Member { conn: Some(conn), out: Some(out), user: user.clone(), state: State::Waiting });
+                self.members.push(Member {
+                    conn: Some(conn),
+                    out: Some(out),
+                    user: user.clone(),
+                    state: State::Waiting,
+                });
                 self.members.len() - 1
             }
         };
@@ -464,7 +497,9 @@ impl Core {
 
     /// A connection ended (the client closed it, it dropped, or the reflector closed it).
     pub fn closed(&mut self, conn: ConnId, now: Instant) {
-        let Some(i) = self.members.iter().position(|m| m.conn == Some(conn)) else { return };
+        let Some(i) = self.members.iter().position(|m| m.conn == Some(conn)) else {
+            return;
+        };
         let m = &mut self.members[i];
         m.conn = None;
         m.out = None;
@@ -524,11 +559,21 @@ impl Core {
             ClientMsg::Save(s) => self.save(conn, s),
             ClientMsg::Ticks(t) => self.apply_ticks(t.tick_ms, t.delay_ms, t.scale, now),
             // Connection-level actions never reach the session.
-            ClientMsg::Join(_) | ClientMsg::Ping(_) | ClientMsg::Pulse | ClientMsg::Log | ClientMsg::Unknown(_) => {}
+            ClientMsg::Join(_)
+            | ClientMsg::Ping(_)
+            | ClientMsg::Pulse
+            | ClientMsg::Log
+            | ClientMsg::Unknown(_) => {}
         }
     }
 
-    fn apply_ticks(&mut self, tick: Option<f64>, delay: Option<f64>, scale: Option<f64>, now: Instant) {
+    fn apply_ticks(
+        &mut self,
+        tick: Option<f64>,
+        delay: Option<f64>,
+        scale: Option<f64>,
+        now: Instant,
+    ) {
         if let Some(t) = tick
             && t > 0.0
         {
@@ -591,11 +636,17 @@ impl Core {
         frame.push('}');
         let text = Text::from(frame);
         self.fan_out(&text, false);
-        self.messages.push_back(Reflected { frame: text, args: start..end, seq: self.seq });
+        self.messages.push_back(Reflected {
+            frame: text,
+            args: start..end,
+            seq: self.seq,
+        });
         self.stats.reflected += 1;
         self.next_tick = now + self.tick;
         let retained = self.messages.len();
-        if retained >= self.settings.requ_messages && (retained - self.settings.requ_messages) % 1000 == 0 {
+        if retained >= self.settings.requ_messages
+            && (retained - self.settings.requ_messages) % 1000 == 0
+        {
             let requ = Text::from(format!("{{\"id\":{},\"action\":\"REQU\"}}", self.id_json));
             self.fan_out(&requ, false);
         }
@@ -635,7 +686,9 @@ impl Core {
 
     /// Sends a possibly long frame to one member, in `_CHUNK` pieces when needed.
     fn send_chunked(&mut self, index: usize, text: &str) -> bool {
-        let Some(out) = self.members[index].out.clone() else { return false };
+        let Some(out) = self.members[index].out.clone() else {
+            return false;
+        };
         let mut pieces: Vec<String> = Vec::new();
         if text.len() <= CHUNK_SIZE {
             pieces.push(text.to_string());
@@ -674,7 +727,12 @@ impl Core {
             (None, Some(p)) => p.as_str(),
             (None, None) => "",
         };
-        let _ = write!(s, "{{\"id\":{},\"action\":\"SYNC\",\"args\":{{\"url\":{},\"messages\":[", self.id_json, json_string(url));
+        let _ = write!(
+            s,
+            "{{\"id\":{},\"action\":\"SYNC\",\"args\":{{\"url\":{},\"messages\":[",
+            self.id_json,
+            json_string(url)
+        );
         for (i, m) in self.messages.iter().enumerate() {
             if i > 0 {
                 s.push(',');
@@ -727,7 +785,11 @@ impl Core {
         if self.pending_joined.is_empty() && self.pending_left.is_empty() {
             return;
         }
-        let active = self.members.iter().filter(|m| m.state == State::Active && m.user.is_some()).count();
+        let active = self
+            .members
+            .iter()
+            .filter(|m| m.state == State::Active && m.user.is_some())
+            .count();
         if active == 0 {
             self.pending_joined.clear();
             self.pending_left.clear();
@@ -735,7 +797,10 @@ impl Core {
         }
         let total = self.member_count();
         let mut payload = format!("{{\"what\":\"users\",\"active\":{active},\"total\":{total}");
-        for (key, list) in [("joined", &self.pending_joined), ("left", &self.pending_left)] {
+        for (key, list) in [
+            ("joined", &self.pending_joined),
+            ("left", &self.pending_left),
+        ] {
             if !list.is_empty() {
                 let _ = write!(payload, ",\"{key}\":[");
                 for (i, u) in list.iter().enumerate() {
@@ -758,14 +823,20 @@ impl Core {
     fn tutti(&mut self, t: frame::Tutti, now: Instant) {
         if !self.tallies.contains_key(&t.key) {
             let time = self.clock.read(now) as f64;
-            if self.completed.iter().any(|(k, _)| *k == t.key) || t.send_time < time - TALLY_HISTORY_MS {
+            if self.completed.iter().any(|(k, _)| *k == t.key)
+                || t.send_time < time - TALLY_HISTORY_MS
+            {
                 tracing::debug!(session = %self.id, key = %t.key, "late or repeated TUTTI ignored");
                 return;
             }
             if let Some(first) = &t.first_msg {
                 self.reflect(first, now, true);
             }
-            let expecting = self.members.iter().filter(|m| m.state == State::Active).count();
+            let expecting = self
+                .members
+                .iter()
+                .filter(|m| m.state == State::Active)
+                .count();
             self.tallies.insert(
                 t.key.clone(),
                 Tally {
@@ -778,7 +849,9 @@ impl Core {
                 },
             );
         }
-        let Some(tally) = self.tallies.get_mut(&t.key) else { return };
+        let Some(tally) = self.tallies.get_mut(&t.key) else {
+            return;
+        };
         match tally.votes.iter_mut().find(|(p, _)| *p == t.payload) {
             Some((_, n)) => *n += 1,
             None => tally.votes.push((t.payload, 1)),
@@ -791,7 +864,9 @@ impl Core {
     }
 
     fn complete_tally(&mut self, key: &str, now: Instant) {
-        let Some(tally) = self.tallies.remove(key) else { return };
+        let Some(tally) = self.tallies.remove(key) else {
+            return;
+        };
         if tally.wants_vote || tally.votes.len() > 1 {
             let mut payload = String::from("{\"what\":\"tally\",\"sendTime\":");
             js_number(&mut payload, tally.send_time);
@@ -813,7 +888,8 @@ impl Core {
         }
         let time = self.clock.read(now) as f64;
         self.completed.push_back((key.to_string(), tally.send_time));
-        self.completed.retain(|(_, t)| *t >= time - TALLY_HISTORY_MS);
+        self.completed
+            .retain(|(_, t)| *t >= time - TALLY_HISTORY_MS);
         while self.completed.len() > MAX_COMPLETED_TALLIES {
             self.completed.pop_front();
         }
@@ -828,18 +904,35 @@ impl Core {
             self.metrics.snapshot(false);
             return;
         }
-        let keep_from = self.messages.iter().position(|m| seq_after(s.seq, m.seq)).unwrap_or(self.messages.len());
+        let keep_from = self
+            .messages
+            .iter()
+            .position(|m| seq_after(s.seq, m.seq))
+            .unwrap_or(self.messages.len());
         self.messages.drain(..keep_from);
         tracing::info!(session = %self.id, time = s.time, seq = s.seq, retained = self.messages.len(), "snapshot accepted");
         self.metrics.snapshot(true);
-        self.effects.push(Effect::PruneSnapshots { url: s.url.clone() });
-        self.snapshot = Some(SnapshotRef { url: s.url, time: s.time, seq: s.seq });
+        self.effects
+            .push(Effect::PruneSnapshots { url: s.url.clone() });
+        self.snapshot = Some(SnapshotRef {
+            url: s.url,
+            time: s.time,
+            seq: s.seq,
+        });
         self.dropped_sends = 0;
     }
 
     fn save(&mut self, conn: ConnId, s: frame::Save) {
-        let (Some(app_id), Some(persistent_id)) = (self.identity.app_id.clone(), self.identity.persistent_id.clone()) else {
-            if let Some(out) = self.members.iter().find(|m| m.conn == Some(conn)).and_then(|m| m.out.as_ref()) {
+        let (Some(app_id), Some(persistent_id)) = (
+            self.identity.app_id.clone(),
+            self.identity.persistent_id.clone(),
+        ) else {
+            if let Some(out) = self
+                .members
+                .iter()
+                .find(|m| m.conn == Some(conn))
+                .and_then(|m| m.out.as_ref())
+            {
                 out.close(close::BAD_APP_ID);
             }
             return;
@@ -847,8 +940,17 @@ impl Core {
         if s.dissident {
             return;
         }
-        let developer_id = self.identity.developer_id.clone().unwrap_or_else(|| "unknown_dev_id".into());
-        self.effects.push(Effect::SavePersisted { developer_id, app_id, persistent_id, url: s.url });
+        let developer_id = self
+            .identity
+            .developer_id
+            .clone()
+            .unwrap_or_else(|| "unknown_dev_id".into());
+        self.effects.push(Effect::SavePersisted {
+            developer_id,
+            app_id,
+            persistent_id,
+            url: s.url,
+        });
     }
 
     // === time ===
@@ -879,7 +981,10 @@ impl Core {
 
     /// When an empty session may be ended.
     pub fn end_due(&self) -> Option<Instant> {
-        let keep = self.settings.empty_session_ttl.max(self.leave_delay + Duration::from_secs(2));
+        let keep = self
+            .settings
+            .empty_session_ttl
+            .max(self.leave_delay + Duration::from_secs(2));
         self.empty_since.map(|t| t + keep)
     }
 
@@ -892,7 +997,12 @@ impl Core {
                 _ => i += 1,
             }
         }
-        let due: Vec<String> = self.tallies.iter().filter(|(_, t)| t.due <= now).map(|(k, _)| k.clone()).collect();
+        let due: Vec<String> = self
+            .tallies
+            .iter()
+            .filter(|(_, t)| t.due <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in due {
             self.complete_tally(&key, now);
         }
@@ -902,7 +1012,10 @@ impl Core {
         if self.next_tick <= now {
             if self.members.iter().any(|m| m.state == State::Active) {
                 let time = self.clock.read(now);
-                let tick = Text::from(format!("{{\"id\":{},\"action\":\"TICK\",\"args\":{time}}}", self.id_json));
+                let tick = Text::from(format!(
+                    "{{\"id\":{},\"action\":\"TICK\",\"args\":{time}}}",
+                    self.id_json
+                ));
                 self.fan_out(&tick, true);
             }
             self.next_tick = now + self.tick;

@@ -38,7 +38,11 @@ const BATCH: usize = 256;
 #[derive(Debug)]
 pub enum Command {
     /// A JOIN; the session answers through `out`.
-    Join { conn: ConnId, out: Outbox, join: Box<Join> },
+    Join {
+        conn: ConnId,
+        out: Outbox,
+        join: Box<Join>,
+    },
     /// A SEND, TUTTI, SNAP, SAVE or TICKS from a joined connection.
     Message { conn: ConnId, msg: ClientMsg },
     /// The connection has ended.
@@ -66,13 +70,25 @@ pub struct Context {
 }
 
 fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs one session until it ends. `rx` is closed by the registry when the session is removed.
-pub(crate) async fn run(id: Arc<str>, mut rx: mpsc::Receiver<Command>, ctx: Arc<Context>, registry: Arc<Registry>) {
+pub(crate) async fn run(
+    id: Arc<str>,
+    mut rx: mpsc::Receiver<Command>,
+    ctx: Arc<Context>,
+    registry: Arc<Registry>,
+) {
     ctx.metrics.sessions.inc();
-    let mut core = Core::new(id.clone(), ctx.settings.clone(), ctx.metrics.clone(), Instant::now());
+    let mut core = Core::new(
+        id.clone(),
+        ctx.settings.clone(),
+        ctx.metrics.clone(),
+        Instant::now(),
+    );
     let writer = Writer::spawn(ctx.clone());
     let mut loaded = false;
     let mut live = false;
@@ -81,8 +97,13 @@ pub(crate) async fn run(id: Arc<str>, mut rx: mpsc::Receiver<Command>, ctx: Arc<
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);
     let drained = loop {
-        let deadline = [core.next_deadline(), drain_deadline].into_iter().flatten().min();
-        sleep.as_mut().reset(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
+        let deadline = [core.next_deadline(), drain_deadline]
+            .into_iter()
+            .flatten()
+            .min();
+        sleep
+            .as_mut()
+            .reset(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
         tokio::select! {
             n = rx.recv_many(&mut buf, BATCH) => {
                 if n == 0 {
@@ -123,7 +144,8 @@ pub(crate) async fn run(id: Arc<str>, mut rx: mpsc::Receiver<Command>, ctx: Arc<
             registry.set_live(&id, live.then(|| core.identity().clone()));
         }
         let now = Instant::now();
-        let drain_done = core.is_draining() && (!core.has_connections() || drain_deadline.is_some_and(|d| d <= now));
+        let drain_done = core.is_draining()
+            && (!core.has_connections() || drain_deadline.is_some_and(|d| d <= now));
         let idle_done = !core.is_draining() && core.end_due().is_some_and(|d| d <= now);
         if drain_done || idle_done {
             core.settle(now);
@@ -151,7 +173,11 @@ pub(crate) async fn run(id: Arc<str>, mut rx: mpsc::Receiver<Command>, ctx: Arc<
 }
 
 /// First JOIN: resume stored state, else find persisted data for the JOIN's identity.
-async fn load(core: &mut Core, join: &Join, ctx: &Context) -> Result<(), crate::storage::StorageError> {
+async fn load(
+    core: &mut Core,
+    join: &Join,
+    ctx: &Context,
+) -> Result<(), crate::storage::StorageError> {
     let id = core.id().clone();
     let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
         .await
@@ -247,8 +273,17 @@ impl Writer {
 
 async fn apply(ctx: &Context, effect: Effect) {
     match effect {
-        Effect::SavePersisted { developer_id, app_id, persistent_id, url } => {
-            match ctx.storage.save_persisted(&developer_id, &app_id, &persistent_id, &url).await {
+        Effect::SavePersisted {
+            developer_id,
+            app_id,
+            persistent_id,
+            url,
+        } => {
+            match ctx
+                .storage
+                .save_persisted(&developer_id, &app_id, &persistent_id, &url)
+                .await
+            {
                 Ok(()) => {
                     ctx.metrics.persistence("save");
                     tracing::info!(app = %app_id, persistent_id = %persistent_id, "persisted data recorded");
@@ -260,14 +295,21 @@ async fn apply(ctx: &Context, effect: Effect) {
             }
         }
         Effect::PruneSnapshots { url } => {
-            let Some(key) = url.strip_prefix(&ctx.files_base).and_then(|k| k.strip_prefix('/')) else {
+            let Some(key) = url
+                .strip_prefix(&ctx.files_base)
+                .and_then(|k| k.strip_prefix('/'))
+            else {
                 return;
             };
             let segments: Vec<&str> = key.split('/').collect();
             if crate::files::valid_segments(&segments).is_err() {
                 return;
             }
-            match ctx.storage.prune_snapshots(&segments, ctx.snapshot_retention).await {
+            match ctx
+                .storage
+                .prune_snapshots(&segments, ctx.snapshot_retention)
+                .await
+            {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(removed = n, "old snapshots pruned"),
                 Err(e) => tracing::warn!(error = %e, "pruning old snapshots failed"),

@@ -30,15 +30,26 @@ pub async fn start_with(storage: &str, extra: &[&str]) -> TestReflector {
 
 pub async fn start_on(listen: &str, storage: &str, extra: &[&str]) -> TestReflector {
     // RUST_LOG=refleet_reflector=debug shows the reflector's side of a failing test.
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
-    let mut args = vec!["refleet-reflector", "--listen", listen, "--storage", storage];
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut args = vec![
+        "refleet-reflector",
+        "--listen",
+        listen,
+        "--storage",
+        storage,
+    ];
     args.extend_from_slice(extra);
     if !extra.contains(&"--drain-timeout") {
         // Tests end with clients still connected; don't wait the production default for them.
         args.extend_from_slice(&["--drain-timeout", "300ms"]);
     }
     let config = Config::parse_from(args);
-    let listener = tokio::net::TcpListener::bind(config.listen).await.expect("bind");
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let reflector = Reflector::new(&config, addr).expect("reflector");
     let registry = reflector.registry().clone();
@@ -51,7 +62,13 @@ pub async fn start_on(listen: &str, storage: &str, extra: &[&str]) -> TestReflec
             .await
             .expect("serve");
     });
-    TestReflector { addr, storage: storage.to_string(), registry, stop: Some(stop), task }
+    TestReflector {
+        addr,
+        storage: storage.to_string(),
+        registry,
+        stop: Some(stop),
+        task,
+    }
 }
 
 impl TestReflector {
@@ -72,7 +89,10 @@ impl TestReflector {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("drained in time").expect("task");
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("drained in time")
+            .expect("task");
     }
 
     /// Starts the drain without waiting.
@@ -83,14 +103,22 @@ impl TestReflector {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics")).await.expect("GET /metrics").text().await.expect("text")
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("text")
     }
 }
 
 /// Value of one metric sample line (`name{labels}`), 0 when absent.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+        })
         .unwrap_or(0.0)
 }
 
@@ -110,13 +138,18 @@ pub enum Event {
 pub const STEP: Duration = Duration::from_secs(5);
 
 impl Client {
-    pub async fn connect(r: &TestReflector, session: &str) -> Client {
+    pub async fn connect(r: &impl Target, session: &str) -> Client {
         Self::connect_path(r, &format!("/reflector/{session}"), session).await
     }
 
-    pub async fn connect_path(r: &TestReflector, path: &str, session: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{path}", r.addr)).await.expect("connect");
-        Client { ws, session: session.to_string() }
+    pub async fn connect_path(r: &impl Target, path: &str, session: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{path}", r.addr()))
+            .await
+            .expect("connect");
+        Client {
+            ws,
+            session: session.to_string(),
+        }
     }
 
     pub fn join_args(user: &str) -> Value {
@@ -128,17 +161,24 @@ impl Client {
     }
 
     pub async fn send_json(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_text(&mut self, t: &str) {
-        self.ws.send(Message::text(t.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(t.to_string()))
+            .await
+            .expect("send");
     }
 
     /// JOINs with `args` and returns the SYNC args.
     pub async fn join_with(&mut self, args: Value) -> Value {
         let id = self.session.clone();
-        self.send_json(json!({"id": id, "action": "JOIN", "args": args})).await;
+        self.send_json(json!({"id": id, "action": "JOIN", "args": args}))
+            .await;
         let sync = self.next_action("SYNC").await;
         sync["args"].clone()
     }
@@ -149,15 +189,20 @@ impl Client {
 
     pub async fn send_msg(&mut self, payload: &str) {
         let id = self.session.clone();
-        self.send_json(json!({"id": id, "action": "SEND", "args": [0, 0, payload, 0]})).await;
+        self.send_json(json!({"id": id, "action": "SEND", "args": [0, 0, payload, 0]}))
+            .await;
     }
 
     /// The next frame or close, within `STEP`.
     pub async fn next(&mut self) -> Event {
         loop {
-            let item = tokio::time::timeout(STEP, self.ws.next()).await.expect("a frame in time");
+            let item = tokio::time::timeout(STEP, self.ws.next())
+                .await
+                .expect("a frame in time");
             match item {
-                Some(Ok(Message::Text(t))) => return Event::Frame(serde_json::from_str(&t).expect("json frame")),
+                Some(Ok(Message::Text(t))) => {
+                    return Event::Frame(serde_json::from_str(&t).expect("json frame"));
+                }
                 Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
                     return Event::Closed(code.into(), reason.to_string());
                 }
@@ -172,11 +217,16 @@ impl Client {
     pub async fn next_action(&mut self, action: &str) -> Value {
         let deadline = tokio::time::Instant::now() + 3 * STEP;
         loop {
-            assert!(tokio::time::Instant::now() < deadline, "no {action} in time");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {action} in time"
+            );
             match self.next().await {
                 Event::Frame(v) if v["action"] == action => return v,
                 Event::Frame(_) => continue,
-                Event::Closed(code, reason) => panic!("closed {code} {reason} while waiting for {action}"),
+                Event::Closed(code, reason) => {
+                    panic!("closed {code} {reason} while waiting for {action}")
+                }
             }
         }
     }
@@ -190,7 +240,10 @@ impl Client {
     pub async fn next_client_recv(&mut self) -> Value {
         let deadline = tokio::time::Instant::now() + 3 * STEP;
         loop {
-            assert!(tokio::time::Instant::now() < deadline, "no client message in time");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no client message in time"
+            );
             let r = self.next_recv().await;
             if r[2].is_string() {
                 return r;
@@ -202,7 +255,10 @@ impl Client {
     pub async fn next_users(&mut self) -> Value {
         let deadline = tokio::time::Instant::now() + 3 * STEP;
         loop {
-            assert!(tokio::time::Instant::now() < deadline, "no users message in time");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no users message in time"
+            );
             let r = self.next_recv().await;
             if r[2]["what"] == "users" {
                 return r[2].clone();
@@ -221,7 +277,10 @@ impl Client {
 
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async { while self.ws.next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.ws.next().await.is_some() {}
+        })
+        .await;
     }
 }
 
@@ -230,4 +289,24 @@ pub fn temp_storage() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_string_lossy().to_string();
     (dir, path)
+}
+
+/// The address of a reflector running in another process.
+pub struct TestReflectorAddr(pub SocketAddr);
+
+/// Anything a client can connect to.
+pub trait Target {
+    fn addr(&self) -> SocketAddr;
+}
+
+impl Target for TestReflector {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Target for TestReflectorAddr {
+    fn addr(&self) -> SocketAddr {
+        self.0
+    }
 }
