@@ -4,10 +4,12 @@ import crypto from 'node:crypto';
 import { LogTail, freePort, sleep } from './util.mjs';
 
 export const MOTO_ENV = 'REFLEET_MOTO_SERVER';
+// Set by scripts/test: the S3 test must run there, so a missing moto server is a failure.
+export const REQUIRE_ENV = 'REFLEET_REQUIRE_S3';
 
-/** Why the S3 tests cannot run here, or null if they can. */
+/** Why the S3 tests cannot run here, or null if they can (or must). */
 export function motoSkipReason() {
-    if (!process.env[MOTO_ENV]) {
+    if (!process.env[MOTO_ENV] && !process.env[REQUIRE_ENV]) {
         return `${MOTO_ENV} is not set (point it at a moto_server executable, e.g. from \`pip install 'moto[server]'\`)`;
     }
     return null;
@@ -95,6 +97,7 @@ export class MotoServer {
 /** Starts moto_server on a free loopback port and waits until it answers. */
 export async function startMoto(harness) {
     const bin = process.env[MOTO_ENV];
+    if (!bin) throw new Error(`${REQUIRE_ENV} is set but ${MOTO_ENV} (path of a moto_server executable) is not`);
     const port = await freePort();
     const stderr = new LogTail();
     const proc = spawn(bin, ['-H', '127.0.0.1', '-p', String(port)], { stdio: ['ignore', 'pipe', 'pipe'] });
