@@ -645,7 +645,7 @@ impl Core {
         self.next_tick = now + self.tick;
         let retained = self.messages.len();
         if retained >= self.settings.requ_messages
-            && (retained - self.settings.requ_messages) % 1000 == 0
+            && (retained - self.settings.requ_messages).is_multiple_of(1000)
         {
             let requ = Text::from(format!("{{\"id\":{},\"action\":\"REQU\"}}", self.id_json));
             self.fan_out(&requ, false);
