@@ -1,0 +1,3 @@
+//! `refleet-bench`: the reflector load generator (work in progress).
+
+fn main() {}
