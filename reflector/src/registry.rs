@@ -132,10 +132,11 @@ impl Registry {
         lock(&self.live).contains_key(session_id)
     }
 
-    /// Stops taking new sessions.
-    pub fn begin_drain(&self) {
+    /// Stops taking new sessions, and ends the sessions that have no connected client now.
+    pub async fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.ctx.metrics.draining.set(1);
+        self.broadcast(|| Command::EndIfIdle).await;
     }
 
     /// Whether the reflector is draining.
@@ -145,9 +146,13 @@ impl Registry {
 
     /// Tells every session to close its clients and store itself.
     pub async fn drain_all(&self) {
+        self.broadcast(|| Command::Drain).await;
+    }
+
+    async fn broadcast(&self, command: impl Fn() -> Command) {
         let handles: Vec<SessionHandle> = lock(&self.sessions).values().cloned().collect();
         for h in handles {
-            let _ = h.tx.send(Command::Drain).await;
+            let _ = h.tx.send(command()).await;
         }
     }
 

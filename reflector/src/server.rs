@@ -93,7 +93,7 @@ impl Reflector {
         let drain = async move {
             shutdown.await;
             tracing::info!(sessions = registry.session_count(), timeout = ?drain_timeout, "draining");
-            registry.begin_drain();
+            registry.begin_drain().await;
             let deadline = Instant::now() + drain_timeout;
             while registry.session_count() > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;

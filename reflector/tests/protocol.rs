@@ -567,3 +567,39 @@ async fn health_readiness_and_metrics_are_served() {
     a.close().await;
     r.drain_and_stop().await;
 }
+
+#[tokio::test]
+async fn a_drain_stores_empty_sessions_at_once_instead_of_waiting_for_their_ttl() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(
+        &dir,
+        &["--empty-session-ttl", "60s", "--drain-timeout", "30s"],
+    )
+    .await;
+    let addr = r.addr;
+    let mut a = Client::connect(&r, "idle-at-drain").await;
+    let first = a.join("a").await;
+    a.send_msg("kept").await;
+    a.next_client_recv().await;
+    a.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    r.drain_and_stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        started.elapsed()
+    );
+    let r2 = support::start_on(&addr.to_string(), &dir, &[]).await;
+    let mut b = Client::connect(&r2, "idle-at-drain").await;
+    let sync = b.join("b").await;
+    assert_eq!(sync["timeline"], first["timeline"]);
+    assert!(
+        sync["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m[2] == "kept")
+    );
+    r2.drain_and_stop().await;
+}

@@ -49,6 +49,9 @@ pub enum Command {
     Closed { conn: ConnId },
     /// Close every client and store the session (the reflector is draining).
     Drain,
+    /// The reflector began draining: a session without connected clients is stored and
+    /// ended now instead of after its TTL, so the drain does not wait for it.
+    EndIfIdle,
 }
 
 /// Where a session task sends its commands.
@@ -93,6 +96,7 @@ pub(crate) async fn run(
     let mut loaded = false;
     let mut live = false;
     let mut drain_deadline: Option<Instant> = None;
+    let mut end_when_idle = false;
     let mut buf: Vec<Command> = Vec::with_capacity(BATCH);
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);
@@ -124,6 +128,7 @@ pub(crate) async fn run(
                         }
                         Command::Message { conn, msg } => core.message(conn, msg, Instant::now()),
                         Command::Closed { conn } => core.closed(conn, Instant::now()),
+                        Command::EndIfIdle => end_when_idle = true,
                         Command::Drain => {
                             if !core.is_draining() {
                                 core.begin_drain(Instant::now());
@@ -146,7 +151,9 @@ pub(crate) async fn run(
         let now = Instant::now();
         let drain_done = core.is_draining()
             && (!core.has_connections() || drain_deadline.is_some_and(|d| d <= now));
-        let idle_done = !core.is_draining() && core.end_due().is_some_and(|d| d <= now);
+        let idle_done = !core.is_draining()
+            && (core.end_due().is_some_and(|d| d <= now)
+                || (end_when_idle && !core.has_connections()));
         if drain_done || idle_done {
             core.settle(now);
             if loaded && core.has_state() {
