@@ -151,6 +151,19 @@ async fn uploads_follow_the_rules_and_downloads_return_the_bytes() {
             "refleet_reflector_files_requests_total{method=\"PUT\",status=\"4xx\"}"
         ) >= 5.0
     );
+    // The session whose paths were abused carries on: messages in order, and ticks.
+    a.send_msg("one").await;
+    a.send_msg("two").await;
+    let (one, two) = (a.next_client_recv().await, a.next_client_recv().await);
+    assert_eq!(
+        (one[2].as_str(), two[2].as_str()),
+        (Some("one"), Some("two"))
+    );
+    assert_eq!(
+        two[1].as_u64().unwrap() as u32,
+        (one[1].as_u64().unwrap() as u32).wrapping_add(1)
+    );
+    a.next_action("TICK").await;
     r.drain_and_stop().await;
 }
 

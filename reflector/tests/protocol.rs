@@ -603,3 +603,113 @@ async fn a_drain_stores_empty_sessions_at_once_instead_of_waiting_for_their_ttl(
     );
     r2.drain_and_stop().await;
 }
+
+#[tokio::test]
+async fn the_session_id_is_the_last_path_segment_of_any_upgrade_path() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &[]).await;
+    let mut a = Client::connect_path(&r, "/paths", "paths").await;
+    let mut b = Client::connect_path(&r, "/reflector/paths?region=x", "paths").await;
+    let mut c = Client::connect_path(&r, "/v1/some-token/paths", "paths").await;
+    let t = a.join("a").await["timeline"].clone();
+    assert_eq!(b.join("b").await["timeline"], t);
+    assert_eq!(
+        c.join("c").await["timeline"],
+        t,
+        "one session, whatever the prefix"
+    );
+    c.send_msg("hello").await;
+    assert_eq!(a.next_client_recv().await[2], "hello");
+    r.drain_and_stop().await;
+}
+
+#[tokio::test]
+async fn a_full_message_buffer_asks_for_a_snapshot_and_then_drops_sends() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &["--requ-messages", "4", "--max-messages", "6"]).await;
+    let mut a = Client::connect(&r, "full").await;
+    a.join("a").await;
+    for i in 0..8 {
+        a.send_msg(&format!("m{i}")).await;
+    }
+    let (mut requ, mut info) = (0, false);
+    let mut reflected = Vec::new();
+    let mut last_seq = 0;
+    while !(info && reflected.len() == 6) {
+        match a.next().await {
+            Event::Frame(v) if v["action"] == "REQU" => requ += 1,
+            Event::Frame(v) if v["action"] == "INFO" => {
+                assert_eq!(v["args"]["code"], "SNAPSHOT_NEEDED");
+                info = true;
+            }
+            Event::Frame(v) if v["action"] == "RECV" && v["args"][2].is_string() => {
+                reflected.push(v["args"][2].as_str().unwrap().to_string());
+                last_seq = v["args"][1].as_u64().unwrap();
+            }
+            Event::Frame(_) => {}
+            Event::Closed(c, r) => panic!("closed {c} {r}"),
+        }
+    }
+    assert!(
+        requ >= 2,
+        "REQU at the threshold and with the refusal, got {requ}"
+    );
+    assert_eq!(
+        reflected,
+        vec!["m0", "m1", "m2", "m3", "m4", "m5"],
+        "m6 and m7 did not fit the buffer"
+    );
+    // A snapshot empties the buffer; messages flow again.
+    a.send_json(
+        json!({"id": "full", "action": "SNAP", "args": {"time": 1, "seq": last_seq, "url": "u"}}),
+    )
+    .await;
+    a.send_msg("after snapshot").await;
+    assert_eq!(a.next_client_recv().await[2], "after snapshot");
+    r.drain_and_stop().await;
+}
+
+#[tokio::test]
+async fn a_sync_over_one_megabyte_arrives_in_chunks() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &[]).await;
+    let mut a = Client::connect(&r, "chunks").await;
+    a.join("a").await;
+    let big = "z".repeat(300_000);
+    for i in 0..5 {
+        a.send_msg(&format!("{i}{big}")).await;
+        a.next_client_recv().await;
+    }
+    let mut late = Client::connect(&r, "chunks").await;
+    late.send_json(json!({"id": "chunks", "action": "JOIN", "args": Client::join_args("late")}))
+        .await;
+    let mut whole = String::new();
+    let mut pieces = 0;
+    loop {
+        let raw = late.next_raw().await;
+        let rest = raw.strip_prefix("_CHUNK").expect("a chunk frame");
+        let (first, last) = (&rest[0..1], &rest[1..2]);
+        assert_eq!(
+            first == "1",
+            pieces == 0,
+            "only the first chunk is marked first"
+        );
+        whole.push_str(&rest[2..]);
+        pieces += 1;
+        assert!(raw.len() <= 1_000_008);
+        if last == "1" {
+            break;
+        }
+    }
+    assert!(pieces >= 2, "split into {pieces} chunks");
+    let sync: Value = serde_json::from_str(&whole).expect("the chunks join into one SYNC");
+    assert_eq!(sync["action"], "SYNC");
+    let big_ones = sync["args"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m[2].is_string())
+        .count();
+    assert_eq!(big_ones, 5);
+    r.drain_and_stop().await;
+}

@@ -213,6 +213,24 @@ impl Client {
         }
     }
 
+    /// The next text frame as sent (no JSON parsing), skipping TICKs.
+    pub async fn next_raw(&mut self) -> String {
+        loop {
+            let item = tokio::time::timeout(STEP, self.ws.next())
+                .await
+                .expect("a frame in time");
+            match item {
+                Some(Ok(Message::Text(t))) if !t.contains("\"action\":\"TICK\"") => {
+                    return t.to_string();
+                }
+                Some(Ok(Message::Text(_))) => {}
+                Some(Ok(Message::Close(_))) | None => panic!("closed while waiting for a frame"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("read error {e}"),
+            }
+        }
+    }
+
     /// The next frame with `action`, skipping others (TICKs, RECVs, …).
     pub async fn next_action(&mut self, action: &str) -> Value {
         let deadline = tokio::time::Instant::now() + 3 * STEP;
