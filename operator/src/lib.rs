@@ -1,4 +1,16 @@
 //! # Refleet operator
 //!
-//! The control plane (work in progress): CRD types and the pure planner first; controllers,
-//! router and the local backend follow.
+//! The control plane of Refleet: it places Croquet sessions' shards on reflectors, opens a new
+//! shard when a session overflows, grows and shrinks each region's reflectors and drains
+//! them before removal.
+//!
+//! # Layout
+//!
+//! - [`crd`]: the `ReflectorPool` and `Session` custom resources (`refleet.dev/v1alpha1`),
+//!   from which the YAML in `crds/` is generated.
+//! - [`crdgen`]: renders the CRDs as YAML for `refleet crds`.
+//!
+//! Controllers (kube side effects), the router and the local backend build on these.
+
+pub mod crd;
+pub mod crdgen;
