@@ -1,0 +1,371 @@
+//! The modes: fixed, ramp, idle, slow-consumer and smoke, each a sequence of load runs with
+//! its own verdict, printed for people and written as JSON.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::cli::{Args, IdleArgs, LoadArgs, Mode, RampArgs, SlowArgs, SmokeArgs, TargetArgs};
+use crate::idle::{self, IdleReport, IdleSpec};
+use crate::load::{self, Endpoint, LoadReport, LoadSpec};
+use crate::target::Target;
+
+/// One ramp step.
+#[derive(Debug, Clone, Serialize)]
+pub struct RampStep {
+    /// Passed every criterion.
+    pub passed: bool,
+    /// Why it failed.
+    pub why: Option<String>,
+    pub run: LoadReport,
+}
+
+/// What a mode found.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum Report {
+    Fixed {
+        run: LoadReport,
+    },
+    Smoke {
+        run: LoadReport,
+    },
+    Ramp {
+        p99_bound_ms: f64,
+        /// Highest delivered rate of a passing step.
+        best_delivered_per_s: Option<f64>,
+        best: Option<LoadReport>,
+        steps: Vec<RampStep>,
+    },
+    Idle {
+        report: IdleReport,
+    },
+    SlowConsumer {
+        /// Median p99 of the other clients without the stalled client, µs.
+        median_p99_without_us: u64,
+        /// Median p99 of the other clients with the stalled client, µs.
+        median_p99_with_us: u64,
+        /// Largest reflector RSS growth during a run with the stalled client, KiB.
+        max_rss_growth_with_kib: Option<i64>,
+        /// Largest reflector RSS growth during a run without it, KiB.
+        max_rss_growth_without_kib: Option<i64>,
+        without: Vec<LoadReport>,
+        with: Vec<LoadReport>,
+    },
+}
+
+impl Report {
+    /// Whether the mode's verdict is a pass.
+    pub fn passed(&self) -> bool {
+        match self {
+            Report::Fixed { run } | Report::Smoke { run } => run.is_clean(),
+            Report::Ramp { best, .. } => best.is_some(),
+            Report::Idle { report } => report.is_clean(),
+            Report::SlowConsumer { without, with, .. } => {
+                without.iter().all(LoadReport::is_clean)
+                    && with
+                        .iter()
+                        .all(|r| r.faults.is_clean() && r.complete && r.failed_clients == 0)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Report::Fixed { run } | Report::Smoke { run } => write!(f, "{run}"),
+            Report::Ramp {
+                p99_bound_ms,
+                best_delivered_per_s,
+                best,
+                steps,
+            } => {
+                for (i, s) in steps.iter().enumerate() {
+                    writeln!(
+                        f,
+                        "step {i}: offered {:.0}/s, delivered {:.0}/s, p99 {:.3} ms: {}",
+                        s.run.offered_deliveries_per_s,
+                        s.run.delivered_per_s,
+                        s.run.latency.p99_us as f64 / 1000.0,
+                        if s.passed {
+                            "pass".to_string()
+                        } else {
+                            format!("FAIL ({})", s.why.as_deref().unwrap_or("?"))
+                        }
+                    )?;
+                }
+                match (best_delivered_per_s, best) {
+                    (Some(rate), Some(best)) => {
+                        writeln!(
+                            f,
+                            "highest delivered rate holding p99 ≤ {p99_bound_ms} ms with no loss or reorder: {rate:.0} messages/s"
+                        )?;
+                        write!(f, "{best}")
+                    }
+                    _ => writeln!(f, "no step passed"),
+                }
+            }
+            Report::Idle { report } => write!(f, "{report}"),
+            Report::SlowConsumer {
+                median_p99_without_us,
+                median_p99_with_us,
+                max_rss_growth_with_kib,
+                max_rss_growth_without_kib,
+                without,
+                with,
+            } => {
+                for (a, b) in without.iter().zip(with) {
+                    writeln!(
+                        f,
+                        "without: p99 {:.3} ms, clean {} | with: p99 {:.3} ms, stalled client {:?}, RSS max {} KiB",
+                        a.latency.p99_us as f64 / 1000.0,
+                        a.is_clean(),
+                        b.latency.p99_us as f64 / 1000.0,
+                        b.stalled.as_ref().map(|s| s.close_code),
+                        b.reflector_rss_max_kib.unwrap_or(0),
+                    )?;
+                }
+                writeln!(
+                    f,
+                    "median p99 of the other clients: {:.3} ms without, {:.3} ms with the stalled client (difference {:+.3} ms)",
+                    *median_p99_without_us as f64 / 1000.0,
+                    *median_p99_with_us as f64 / 1000.0,
+                    (*median_p99_with_us as f64 - *median_p99_without_us as f64) / 1000.0
+                )?;
+                writeln!(
+                    f,
+                    "largest reflector RSS growth in a run: {} KiB with, {} KiB without the stalled client",
+                    max_rss_growth_with_kib.map_or("?".into(), |v| v.to_string()),
+                    max_rss_growth_without_kib.map_or("?".into(), |v| v.to_string())
+                )
+            }
+        }
+    }
+}
+
+fn spec(l: &LoadArgs, read_buffer: usize) -> LoadSpec {
+    LoadSpec {
+        sessions: l.sessions,
+        clients: l.clients,
+        rate: l.rate,
+        payload_bytes: l.payload_bytes,
+        duration: l.duration,
+        tick_ms: l.tick_ms,
+        batch_interval: l.batch_interval,
+        drain_timeout: l.drain_timeout,
+        join_timeout: l.join_timeout,
+        snapshot_every: l.snapshot_every,
+        stall: false,
+        read_buffer,
+    }
+}
+
+/// A tag that makes this process's session ids unique.
+fn run_tag() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("bench-{}-{ms}", std::process::id())
+}
+
+/// Runs the mode the arguments ask for; prints the summary and writes the JSON.
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let Args { target, json, mode } = args;
+    let TargetArgs {
+        url,
+        spawn,
+        reflector_args,
+        reflector_pid,
+        read_buffer,
+    } = target;
+    let mut target = match (spawn, url) {
+        (Some(bin), _) => Target::spawn(&bin, &reflector_args).await?,
+        (None, Some(url)) => Target::external(&url, reflector_pid)?,
+        (None, None) => anyhow::bail!("give --spawn PATH or --url URL"),
+    };
+    let ep = Endpoint::resolve(&target.ws_base, target.proc()).await?;
+    let result = run_mode(&ep, mode, read_buffer).await;
+    target.stop().await;
+    let report = result?;
+    println!("{report}");
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs one mode against an endpoint.
+pub async fn run_mode(ep: &Endpoint, mode: Mode, read_buffer: usize) -> anyhow::Result<Report> {
+    let tag = run_tag();
+    Ok(match mode {
+        Mode::Fixed(l) => Report::Fixed {
+            run: load::run(ep, &tag, &spec(&l, read_buffer)).await?,
+        },
+        Mode::Smoke(SmokeArgs { duration }) => Report::Smoke {
+            run: load::run(ep, &tag, &smoke_spec(duration, read_buffer)).await?,
+        },
+        Mode::Ramp(r) => ramp(ep, &tag, &r, read_buffer).await?,
+        Mode::Idle(i) => Report::Idle {
+            report: idle::run(ep, &tag, &idle_spec(&i, read_buffer)).await?,
+        },
+        Mode::SlowConsumer(s) => slow_consumer(ep, &tag, &s, read_buffer).await?,
+    })
+}
+
+/// The smoke run: 2 sessions × 3 clients × 20 msg/s.
+pub fn smoke_spec(duration: Duration, read_buffer: usize) -> LoadSpec {
+    LoadSpec {
+        sessions: 2,
+        clients: 3,
+        rate: 20.0,
+        payload_bytes: 64,
+        duration,
+        tick_ms: 50,
+        batch_interval: Duration::from_millis(5),
+        drain_timeout: Duration::from_secs(5),
+        join_timeout: Duration::from_secs(20),
+        snapshot_every: 20,
+        stall: false,
+        read_buffer,
+    }
+}
+
+fn idle_spec(i: &IdleArgs, read_buffer: usize) -> IdleSpec {
+    IdleSpec {
+        steps: i.connections.clone(),
+        per_session: i.per_session,
+        tick_ms: i.tick_ms,
+        settle: i.settle,
+        measure: i.measure,
+        sample: i.sample,
+        per_source: i.per_source,
+        concurrency: i.concurrency.max(1),
+        join_timeout: i.join_timeout,
+        read_buffer,
+    }
+}
+
+async fn ramp(
+    ep: &Endpoint,
+    tag: &str,
+    r: &RampArgs,
+    read_buffer: usize,
+) -> anyhow::Result<Report> {
+    let mut base = spec(&r.load, read_buffer);
+    let per_delivery = (base.sessions * base.clients * base.clients) as f64;
+    let mut steps: Vec<RampStep> = Vec::new();
+    let mut best: Option<LoadReport> = None;
+    let mut offered = r.start;
+    'steps: for step in 0..r.max_steps {
+        base.rate = offered / per_delivery;
+        for attempt in 0..=r.retries {
+            let run = load::run(ep, &format!("{tag}-r{step}a{attempt}"), &base).await?;
+            let why = verdict(&run, r.p99_bound_ms);
+            eprintln!(
+                "step {step} attempt {attempt}: offered {:.0}/s delivered {:.0}/s p99 {:.3} ms {}",
+                run.offered_deliveries_per_s,
+                run.delivered_per_s,
+                run.latency.p99_us as f64 / 1000.0,
+                why.as_deref().unwrap_or("pass")
+            );
+            let passed = why.is_none();
+            steps.push(RampStep {
+                passed,
+                why,
+                run: run.clone(),
+            });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if passed {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| run.delivered_per_s > b.delivered_per_s)
+                {
+                    best = Some(run);
+                }
+                offered *= r.factor;
+                continue 'steps;
+            }
+        }
+        break;
+    }
+    Ok(Report::Ramp {
+        p99_bound_ms: r.p99_bound_ms,
+        best_delivered_per_s: best.as_ref().map(|b| b.delivered_per_s),
+        best,
+        steps,
+    })
+}
+
+/// Why a ramp step fails, or `None` when it passes.
+pub fn verdict(run: &LoadReport, p99_bound_ms: f64) -> Option<String> {
+    if !run.faults.is_clean() {
+        return Some(format!("integrity: {:?}", run.faults));
+    }
+    if run.failed_clients > 0 {
+        return Some(format!(
+            "{} clients cut off (close codes {:?})",
+            run.failed_clients, run.close_codes
+        ));
+    }
+    if !run.complete {
+        return Some("not every message delivered within the drain timeout".to_string());
+    }
+    if run.latency.p99_us as f64 > p99_bound_ms * 1000.0 {
+        return Some(format!(
+            "p99 {:.3} ms over {p99_bound_ms} ms",
+            run.latency.p99_us as f64 / 1000.0
+        ));
+    }
+    if run.delivered_per_s < 0.9 * run.offered_deliveries_per_s {
+        return Some("under 90 % of the offered rate delivered".to_string());
+    }
+    None
+}
+
+async fn slow_consumer(
+    ep: &Endpoint,
+    tag: &str,
+    s: &SlowArgs,
+    read_buffer: usize,
+) -> anyhow::Result<Report> {
+    let mut base = spec(&s.load, read_buffer);
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    for i in 0..s.runs.max(1) {
+        base.stall = false;
+        without.push(load::run(ep, &format!("{tag}-n{i}"), &base).await?);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        base.stall = true;
+        with.push(load::run(ep, &format!("{tag}-y{i}"), &base).await?);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let median = |v: &[LoadReport]| {
+        let mut p: Vec<u64> = v.iter().map(|r| r.latency.p99_us).collect();
+        p.sort_unstable();
+        p[p.len() / 2]
+    };
+    let growth = |v: &[LoadReport]| {
+        v.iter()
+            .filter_map(|r| {
+                let start = r.reflector.as_ref()?.rss_start_kib as i64;
+                Some(r.reflector_rss_max_kib? as i64 - start)
+            })
+            .max()
+    };
+    Ok(Report::SlowConsumer {
+        median_p99_without_us: median(&without),
+        median_p99_with_us: median(&with),
+        max_rss_growth_with_kib: growth(&with),
+        max_rss_growth_without_kib: growth(&without),
+        without,
+        with,
+    })
+}

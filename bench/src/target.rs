@@ -1,0 +1,136 @@
+//! The reflector under test: one the bench starts itself (`--spawn`), or one already running
+//! (`--url`, with `--reflector-pid` for its CPU and memory).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::procstat::Proc;
+
+/// How long a spawned reflector may take to print its address.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reflector to send load to.
+#[derive(Debug)]
+pub struct Target {
+    /// WebSocket base URL ending in `/`; the session id is appended.
+    pub ws_base: String,
+    /// The reflector process, when known.
+    pub pid: Option<u32>,
+    child: Option<Child>,
+    /// Storage directory and log file of a spawned reflector.
+    pub scratch: Option<PathBuf>,
+}
+
+impl Target {
+    /// Uses a running reflector.
+    pub fn external(url: &str, pid: Option<u32>) -> anyhow::Result<Self> {
+        let mut base = url.trim().to_string();
+        if let Some(rest) = base.strip_prefix("http://") {
+            base = format!("ws://{rest}");
+        }
+        if !base.starts_with("ws://") {
+            bail!("--url must be ws://HOST:PORT/PATH/ or the box URL http://HOST:PORT/");
+        }
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        // A box URL (no path) gets the client's `reflector/` segment.
+        if base.matches('/').count() == 3 {
+            base.push_str("reflector/");
+        }
+        Ok(Target {
+            ws_base: base,
+            pid,
+            child: None,
+            scratch: None,
+        })
+    }
+
+    /// Starts `binary --listen 127.0.0.1:0 --storage <scratch> <extra...>` and waits for the
+    /// `box:` line it prints.
+    pub async fn spawn(binary: &str, extra: &[String]) -> anyhow::Result<Self> {
+        let scratch = std::env::temp_dir().join(format!(
+            "refleet-bench-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        ));
+        std::fs::create_dir_all(&scratch).context("creating the reflector's scratch directory")?;
+        let log = std::fs::File::create(scratch.join("reflector.log"))
+            .context("creating the reflector log file")?;
+        let mut child = Command::new(binary)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--storage")
+            .arg(scratch.join("storage"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        let pid = child.id();
+        let stdout = child.stdout.take().context("reflector stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let found = tokio::time::timeout(START_TIMEOUT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.trim().strip_prefix("box:") {
+                    return Some(url.trim().to_string());
+                }
+            }
+            None
+        })
+        .await;
+        let Ok(Some(box_url)) = found else {
+            let _ = child.start_kill();
+            bail!(
+                "{binary} did not print its box URL within {START_TIMEOUT:?}; see {}",
+                scratch.join("reflector.log").display()
+            );
+        };
+        // Keep draining stdout so the reflector never blocks on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let mut t = Target::external(&box_url, pid)?;
+        t.child = Some(child);
+        t.scratch = Some(scratch);
+        Ok(t)
+    }
+
+    /// The process to sample, if known.
+    pub fn proc(&self) -> Option<Proc> {
+        self.pid.map(Proc::Pid)
+    }
+
+    /// Stops a spawned reflector and removes its storage (its log is kept).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        }
+        if let Some(dir) = &self.scratch {
+            let _ = std::fs::remove_dir_all(dir.join("storage"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn box_and_ws_urls_become_a_websocket_base() {
+        let t = Target::external("http://127.0.0.1:9/", None).unwrap();
+        assert_eq!(t.ws_base, "ws://127.0.0.1:9/reflector/");
+        let t = Target::external("ws://127.0.0.1:9/reflector", None).unwrap();
+        assert_eq!(t.ws_base, "ws://127.0.0.1:9/reflector/");
+        assert!(Target::external("ftp://x", None).is_err());
+    }
+}
