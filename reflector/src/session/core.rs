@@ -149,6 +149,12 @@ pub fn seq_after(a: u32, b: u32) -> bool {
     d > 0 && d < 0x0800_0000
 }
 
+/// The sequence number of a stored `[time, seq, …]` message.
+fn message_seq(raw: &str) -> Option<u32> {
+    let elems: Vec<&RawValue> = serde_json::from_str(raw).ok()?;
+    serde_json::from_str(elems.get(1)?.get()).ok()
+}
+
 fn random_timeline() -> String {
     const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rng();
@@ -349,8 +355,7 @@ impl Core {
                 frame.push_str(raw.get());
                 let end = frame.len();
                 frame.push('}');
-                let seq = serde_json::from_str::<(serde_json::Value, u32)>(raw.get())
-                    .map_or(0, |(_, s)| s);
+                let seq = message_seq(raw.get()).unwrap_or(0);
                 Reflected {
                     frame: Text::from(frame),
                     args: start..end,
@@ -1084,5 +1089,193 @@ impl Core {
         self.flush_stats();
         self.metrics.users.sub(self.member_count() as i64);
         self.members.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox;
+
+    fn settings() -> Arc<Settings> {
+        Arc::new(Settings {
+            reflector_name: "test".into(),
+            default_tick: Duration::from_millis(200),
+            empty_session_ttl: Duration::from_secs(10),
+            rejoin_grace: Duration::from_secs(10),
+            requ_messages: 60_000,
+            max_messages: 100_000,
+        })
+    }
+
+    fn core() -> Core {
+        Core::new(
+            Arc::from("s"),
+            settings(),
+            Metrics::new("test"),
+            Instant::now(),
+        )
+    }
+
+    fn stored(messages: &[&str], users: &[&str]) -> StoredSession {
+        StoredSession {
+            format: STORED_SESSION_FORMAT,
+            session_id: "s".into(),
+            timeline: "tl".into(),
+            time: 5000,
+            seq: 7,
+            tick_ms: 50,
+            delay_ms: 0,
+            scale: 1.0,
+            tove: Some("\"T\"".into()),
+            name: None,
+            app_id: Some("app".into()),
+            persistent_id: Some("pid".into()),
+            developer_id: None,
+            code_hash: None,
+            leave_delay_ms: 1000,
+            snapshot: None,
+            persisted_url: None,
+            messages: messages
+                .iter()
+                .map(|m| RawValue::from_string(m.to_string()).expect("raw"))
+                .collect(),
+            completed_tallies: vec![],
+            users: users
+                .iter()
+                .map(|u| RawValue::from_string(u.to_string()).expect("raw"))
+                .collect(),
+            stored_at_ms: 0,
+        }
+    }
+
+    fn user(u: &str) -> Join {
+        Join {
+            user: Some(format!("\"{u}\"")),
+            ..Join::default()
+        }
+    }
+
+    fn frames(inbox: &mut outbox::Inbox) -> Vec<serde_json::Value> {
+        let mut v = Vec::new();
+        while let Some(outbox::Out::Frame(t)) = inbox.try_recv() {
+            v.push(serde_json::from_str(t.as_str()).expect("json"));
+        }
+        v
+    }
+
+    fn users_messages(inbox: &mut outbox::Inbox) -> Vec<serde_json::Value> {
+        frames(inbox)
+            .into_iter()
+            .filter(|f| f["args"][2]["what"] == "users")
+            .map(|f| f["args"][2].clone())
+            .collect()
+    }
+
+    #[test]
+    fn seq_after_is_wrap_aware() {
+        assert!(seq_after(u32::MAX, 0));
+        assert!(seq_after(5, 6));
+        assert!(!seq_after(6, 6));
+        assert!(!seq_after(6, 5));
+    }
+
+    #[test]
+    fn restored_messages_keep_their_sequence_numbers_so_snapshots_trim_them() {
+        let mut c = core();
+        let now = Instant::now();
+        c.restore(
+            stored(
+                &["[100,5,\"a\",0]", "[200,6,\"b\",0]", "[300,7,\"c\",0]"],
+                &[],
+            ),
+            now,
+        );
+        c.snap(frame::Snap {
+            time: 250.0,
+            seq: 6,
+            url: "u".into(),
+            dissident: false,
+        });
+        let (out, mut inbox) = outbox::pair(16);
+        c.join(1, out, user("v"), now);
+        let sync = &frames(&mut inbox)[0];
+        assert_eq!(sync["args"]["timeline"], "tl");
+        assert_eq!(sync["args"]["seq"], 7);
+        assert_eq!(
+            sync["args"]["messages"],
+            serde_json::json!([[300, 7, "c", 0]])
+        );
+        assert!(
+            sync["args"]["time"].as_u64().expect("time") >= 5000,
+            "time continues"
+        );
+    }
+
+    #[test]
+    fn a_returning_member_of_a_restored_session_is_neither_joined_nor_left() {
+        let mut c = core();
+        let now = Instant::now();
+        c.restore(stored(&[], &["\"back\"", "\"gone\""]), now);
+        let (out, mut inbox) = outbox::pair(16);
+        c.join(1, out, user("back"), now);
+        // Past the rejoin grace the member who did not come back is announced as left.
+        c.on_timers(now + Duration::from_secs(11));
+        c.on_timers(now + Duration::from_secs(12));
+        let users = users_messages(&mut inbox);
+        assert_eq!(users.len(), 1, "{users:?}");
+        assert_eq!(users[0]["left"], serde_json::json!(["gone"]));
+        assert!(users[0].get("joined").is_none());
+    }
+
+    #[test]
+    fn a_leave_and_a_new_join_of_the_same_user_in_one_batch_cancel_out() {
+        let mut c = core();
+        let now = Instant::now();
+        let (a, mut a_in) = outbox::pair(64);
+        c.join(1, a, user("a"), now);
+        let (b, _b_in) = outbox::pair(64);
+        c.join(2, b, user("b"), now);
+        c.on_timers(now + USERS_INTERVAL);
+        assert_eq!(
+            users_messages(&mut a_in)[0]["joined"],
+            serde_json::json!(["a", "b"])
+        );
+        // b leaves for good (leave delay 0)...
+        c.closed(2, now + USERS_INTERVAL);
+        // ...and is back on a new connection before the batch is sent.
+        let (b2, _b2_in) = outbox::pair(64);
+        c.join(3, b2, user("b"), now + USERS_INTERVAL);
+        c.on_timers(now + USERS_INTERVAL * 3);
+        assert!(
+            users_messages(&mut a_in).is_empty(),
+            "the leave and the join cancelled out"
+        );
+    }
+
+    #[test]
+    fn a_full_send_queue_disconnects_only_that_client() {
+        let mut c = core();
+        let now = Instant::now();
+        let (fast, mut fast_in) = outbox::pair(1024);
+        c.join(1, fast, user("fast"), now);
+        let (slow, _slow_in) = outbox::pair(16);
+        c.join(2, slow, user("slow"), now);
+        for i in 0..40 {
+            c.message(
+                1,
+                ClientMsg::Send {
+                    rest: format!("\"m{i}\",0").into(),
+                    tags: None,
+                },
+                now,
+            );
+        }
+        let got: Vec<_> = frames(&mut fast_in)
+            .into_iter()
+            .filter(|f| f["args"][2].is_string())
+            .collect();
+        assert_eq!(got.len(), 40, "the fast client got everything");
+        assert_eq!(c.stats.slow, 1, "the slow one was cut off once");
     }
 }
