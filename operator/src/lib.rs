@@ -8,9 +8,13 @@
 //!
 //! - [`crd`]: the `ReflectorPool` and `Session` custom resources (`refleet.dev/v1alpha1`),
 //!   from which the YAML in `crds/` is generated.
+//! - [`planner`]: all placement and scaling policy, as a pure function from specs, observed
+//!   reflectors, observed load and the time to the desired state, with a reason for every
+//!   decision.
 //! - [`crdgen`]: renders the CRDs as YAML for `refleet crds`.
 //!
 //! Controllers (kube side effects), the router and the local backend build on these.
 
 pub mod crd;
 pub mod crdgen;
+pub mod planner;
