@@ -47,7 +47,9 @@ mod model;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap as HashMap;
 
 pub use model::*;
 
@@ -95,8 +97,8 @@ enum Placed {
 
 impl<'a> Fleet<'a> {
     fn new(input: &'a PlanInput) -> Self {
-        let mut pool_ids = HashMap::with_capacity(input.pools.len());
-        let mut region_ids = HashMap::new();
+        let mut pool_ids = HashMap::default();
+        let mut region_ids = HashMap::default();
         let mut regions = Vec::new();
         for (p, pool) in input.pools.iter().enumerate() {
             pool_ids.insert(pool.id.as_str(), p);
@@ -234,32 +236,33 @@ impl<'a> Fleet<'a> {
         })
     }
 
-    /// The regions a session may use, in order, and the names it lists that the pool lacks.
-    fn allowed_regions(&self, pool: usize, policy: &'a ShardPolicy) -> (Vec<usize>, Vec<&'a str>) {
+    /// Fills `known` with the regions a session may use, in order, and `unknown` with the
+    /// names it lists that the pool lacks (buffers are reused: this runs once per session).
+    fn allowed_regions(
+        &self,
+        pool: usize,
+        policy: &'a ShardPolicy,
+        known: &mut Vec<usize>,
+        unknown: &mut Vec<&'a str>,
+    ) {
+        known.clear();
+        unknown.clear();
         let pool_id = self.input.pools[pool].id.as_str();
         if policy.regions.is_empty() {
-            let all = self
-                .input
-                .pools
-                .get(pool)
-                .map(|p| {
-                    p.regions
-                        .iter()
-                        .filter_map(|r| self.region_ids.get(&(pool_id, r.name.as_str())).copied())
-                        .collect()
-                })
-                .unwrap_or_default();
-            return (all, Vec::new());
+            known.extend(
+                self.input.pools[pool]
+                    .regions
+                    .iter()
+                    .filter_map(|r| self.region_ids.get(&(pool_id, r.name.as_str())).copied()),
+            );
+            return;
         }
-        let mut known = Vec::with_capacity(policy.regions.len());
-        let mut unknown = Vec::new();
         for name in &policy.regions {
             match self.region_ids.get(&(pool_id, name.as_str())) {
                 Some(&r) => known.push(r),
                 None => unknown.push(name.as_str()),
             }
         }
-        (known, unknown)
     }
 }
 
@@ -274,6 +277,7 @@ pub fn plan(input: &PlanInput) -> Plan {
     let mut fleet = Fleet::new(input);
     let mut decisions = Vec::new();
 
+    const NONE: usize = usize::MAX;
     let session_ids: HashMap<&str, usize> = input
         .sessions
         .iter()
@@ -290,12 +294,17 @@ pub fn plan(input: &PlanInput) -> Plan {
     // 1. Existing shards: drop lost and emptied ones, commit the rest where they are.
     let mut shards: Vec<ShardRecord> =
         Vec::with_capacity(input.shards.len() + input.sessions.len());
+    // The session index of each shard in `shards` (NONE: its session is gone).
+    let mut owner: Vec<usize> = Vec::with_capacity(shards.capacity());
     let mut pending: Vec<usize> = Vec::new();
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
     for shard in &input.shards {
-        let session = session_ids
+        let sid = session_ids
             .get(shard.session.as_str())
-            .map(|&i| &input.sessions[i])
-            .filter(|s| !s.deleted);
+            .copied()
+            .unwrap_or(NONE);
+        let session = input.sessions.get(sid).filter(|s| !s.deleted);
         let empty = shard.load() == 0;
         if shard.phase == ShardPhase::Closing && empty {
             decisions.push(Decision::RemoveShard {
@@ -347,23 +356,23 @@ pub fn plan(input: &PlanInput) -> Plan {
             None => pending.push(shards.len()),
         }
         shards.push(out);
+        owner.push(sid);
     }
     fleet.index();
 
     // 2. Pending shards wait for (or get) a reflector again, in their session's regions.
     for &i in &pending {
         let shard = &mut shards[i];
-        let session = session_ids
-            .get(shard.session.as_str())
-            .map(|&s| &input.sessions[s]);
-        let Some(session) = session else { continue };
+        let Some(session) = input.sessions.get(owner[i]) else {
+            continue;
+        };
         let Some(&pool) = fleet.pool_ids.get(session.pool.as_str()) else {
             continue;
         };
-        let (allowed, _) = fleet.allowed_regions(pool, &session.policy);
+        fleet.allowed_regions(pool, &session.policy, &mut known, &mut unknown);
         let claim = session.policy.max_users_per_shard;
         shard.reflector = None;
-        for r in allowed {
+        for &r in &known {
             if let Some(placed) = fleet.place_in(r, claim) {
                 shard.region = fleet.regions[r].spec.name.clone();
                 shard.committed_users = claim;
@@ -379,10 +388,23 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
 
     // 3. Per session: close idle shards, open new ones, set phases.
-    let mut by_session: Vec<Vec<usize>> = vec![Vec::new(); input.sessions.len()];
-    for (i, shard) in shards.iter().enumerate() {
-        if let Some(&s) = session_ids.get(shard.session.as_str()) {
-            by_session[s].push(i);
+    // Shards grouped by session, as one flat array: session s owns
+    // `grouped[start[s]..start[s + 1]]`.
+    let mut start = vec![0usize; input.sessions.len() + 1];
+    for &s in &owner {
+        if s != NONE {
+            start[s + 1] += 1;
+        }
+    }
+    for s in 0..input.sessions.len() {
+        start[s + 1] += start[s];
+    }
+    let mut grouped = vec![0usize; start[input.sessions.len()]];
+    let mut fill = start.clone();
+    for (i, &s) in owner.iter().enumerate() {
+        if s != NONE {
+            grouped[fill[s]] = i;
+            fill[s] += 1;
         }
     }
     for (s, session) in input.sessions.iter().enumerate() {
@@ -398,7 +420,8 @@ pub fn plan(input: &PlanInput) -> Plan {
             });
             continue;
         };
-        let (allowed, unknown) = fleet.allowed_regions(pool, policy);
+        fleet.allowed_regions(pool, policy, &mut known, &mut unknown);
+        let allowed = &known;
         if !unknown.is_empty() {
             decisions.push(Decision::SessionDegraded {
                 session: session.key.clone(),
@@ -406,7 +429,7 @@ pub fn plan(input: &PlanInput) -> Plan {
                 message: format!("pool {} has no region {}", session.pool, unknown.join(", ")),
             });
         }
-        let mine = &mut by_session[s];
+        let mine = &mut grouped[start[s]..start[s + 1]];
         // Close idle shards beyond minShards, highest numbers first.
         let mut live = mine
             .iter()
@@ -455,7 +478,7 @@ pub fn plan(input: &PlanInput) -> Plan {
             };
             let mut tried = Vec::new();
             let mut placed = None;
-            for &r in &allowed {
+            for &r in allowed {
                 if let Some(p) = fleet.place_in(r, policy.max_users_per_shard) {
                     placed = Some((r, p));
                     break;
@@ -502,19 +525,18 @@ pub fn plan(input: &PlanInput) -> Plan {
                 phase: ShardPhase::Open,
                 empty_since: Some(now),
             });
+            owner.push(s);
             live += 1;
             below = true;
         }
     }
 
     // Phases of the shards that are not closing.
-    for shard in &mut shards {
+    for (shard, &s) in shards.iter_mut().zip(&owner) {
         if shard.phase == ShardPhase::Closing {
             continue;
         }
-        let policy = session_ids
-            .get(shard.session.as_str())
-            .map(|&s| &input.sessions[s].policy);
+        let policy = input.sessions.get(s).map(|s| &s.policy);
         shard.phase = match (&shard.reflector, policy) {
             (None, _) => ShardPhase::Pending,
             (Some(_), Some(p)) if at_threshold(shard.load(), p) => ShardPhase::Full,
