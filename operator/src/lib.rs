@@ -13,8 +13,13 @@
 //!   decision.
 //! - [`crdgen`]: renders the CRDs as YAML for `refleet crds`.
 //!
-//! Controllers (kube side effects), the router and the local backend build on these.
+//! - [`controller`]: the kube backend (controllers, leader election).
+//! - [`local`]: the local backend behind `refleet up`.
+//! - [`cli`]: the long-running subcommands of the `refleet` binary.
 
+pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod local;
 pub mod planner;

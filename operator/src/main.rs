@@ -1,8 +1,8 @@
 //! `refleet`: the Refleet control-plane binary.
 //!
 //! `refleet crds` prints every CRD as one multi-document YAML stream; `refleet crds --write
-//! crds/` updates the files in that directory. `refleet operator` and `refleet up` come with
-//! the controllers and the local backend.
+//! crds/` updates the files in that directory; `refleet operator` runs the controllers in a
+//! cluster and `refleet up` a local fleet.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +20,11 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controllers in a cluster (leader-elected; watches Sessions and ReflectorPools).
+    Operator(refleet_operator::cli::operator::OperatorArgs),
+    /// Run a whole fleet on this machine: the planner, simulated regions on loopback and
+    /// `refleet-reflector` child processes.
+    Up(refleet_operator::cli::up::UpArgs),
     /// Print every CRD as one multi-document YAML stream, or write one file per CRD.
     Crds {
         /// Write `reflectorpools.yaml` and `sessions.yaml` into this directory instead of
@@ -29,9 +34,12 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let Args { command } = Args::parse();
     match command {
+        Command::Operator(args) => refleet_operator::cli::operator::run(args).await?,
+        Command::Up(args) => refleet_operator::cli::up::run(args).await?,
         Command::Crds { write: None } => {
             let yaml = refleet_operator::crdgen::render_stream().context("rendering the CRDs")?;
             std::io::stdout()

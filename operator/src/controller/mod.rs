@@ -1,0 +1,2 @@
+//! The kube backend: controllers that apply the planner's decisions in a cluster
+//! (work in progress).
