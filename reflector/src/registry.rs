@@ -25,9 +25,24 @@ pub enum Refused {
     Draining,
 }
 
+/// What `/sessions` reports about one session in memory.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSummary {
+    /// The Croquet session id (last URL path segment).
+    pub session_id: String,
+    /// The JOIN's `name` (`<appId>/<session name>`), when known.
+    pub name: Option<String>,
+    pub app_id: Option<String>,
+    pub persistent_id: Option<String>,
+    /// Members: connected users plus those within their leave delay.
+    pub users: usize,
+}
+
 /// All sessions of this reflector.
 #[derive(Debug)]
 pub struct Registry {
+    summaries: Mutex<HashMap<Arc<str>, SessionSummary>>,
     sessions: Mutex<HashMap<Arc<str>, SessionHandle>>,
     live: Mutex<HashMap<Arc<str>, Identity>>,
     draining: AtomicBool,
@@ -45,6 +60,7 @@ impl Registry {
     /// An empty registry whose sessions use `ctx`.
     pub fn new(ctx: Arc<Context>) -> Arc<Self> {
         Arc::new(Self {
+            summaries: Mutex::default(),
             sessions: Mutex::default(),
             live: Mutex::default(),
             draining: AtomicBool::new(false),
@@ -109,6 +125,36 @@ impl Registry {
                 live.remove(id);
             }
         }
+    }
+
+    /// Records a session's member count (called by its task when the count changes).
+    pub(crate) fn set_users(&self, id: &Arc<str>, identity: &Identity, users: usize) {
+        lock(&self.summaries).insert(
+            id.clone(),
+            SessionSummary {
+                session_id: id.to_string(),
+                name: identity.name.clone(),
+                app_id: identity.app_id.clone(),
+                persistent_id: identity.persistent_id.clone(),
+                users,
+            },
+        );
+    }
+
+    /// Forgets a session that left memory.
+    pub(crate) fn forget(&self, id: &str) {
+        lock(&self.summaries).remove(id);
+    }
+
+    /// Every session in memory with its member count, busiest first.
+    pub fn summaries(&self) -> Vec<SessionSummary> {
+        let mut all: Vec<SessionSummary> = lock(&self.summaries).values().cloned().collect();
+        all.sort_by(|a, b| {
+            b.users
+                .cmp(&a.users)
+                .then_with(|| a.session_id.cmp(&b.session_id))
+        });
+        all
     }
 
     /// Whether a session with connected clients has this appId and persistentId (and, when

@@ -35,6 +35,7 @@ pub struct Reflector {
     files: Files,
     metrics: Metrics,
     limits: Arc<Limits>,
+    region: String,
 }
 
 impl Reflector {
@@ -71,6 +72,7 @@ impl Reflector {
             files,
             metrics,
             limits,
+            region: config.region.clone(),
         })
     }
 
@@ -138,6 +140,19 @@ async fn entry(
             } else {
                 text(StatusCode::OK, "ready\n".into())
             }
+        }
+        "/sessions" => {
+            // Per-session figures for the local fleet (and debugging); bounded by the sessions
+            // in memory, and kept out of Prometheus labels on purpose.
+            let body = serde_json::json!({
+                "region": app.region,
+                "draining": app.registry.is_draining(),
+                "sessions": app.registry.summaries(),
+            });
+            let mut res = (StatusCode::OK, body.to_string()).into_response();
+            res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            res
         }
         "/metrics" => {
             let mut res = text(StatusCode::OK, app.metrics.render());

@@ -713,3 +713,30 @@ async fn a_sync_over_one_megabyte_arrives_in_chunks() {
     assert_eq!(big_ones, 5);
     r.drain_and_stop().await;
 }
+
+#[tokio::test]
+async fn sessions_lists_each_session_with_its_members() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &["--region", "eu-west"]).await;
+    let mut a = Client::connect(&r, "listed").await;
+    a.join("a").await;
+    let mut b = Client::connect(&r, "listed").await;
+    b.join("b").await;
+    a.send_msg("x").await;
+    a.next_client_recv().await;
+    let text = reqwest::get(r.url("/sessions"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["region"], "eu-west");
+    assert_eq!(body["draining"], false);
+    let s = &body["sessions"][0];
+    assert_eq!(s["sessionId"], "listed");
+    assert_eq!(s["name"], "io.refleet.test/room");
+    assert_eq!(s["appId"], "io.refleet.test");
+    assert_eq!(s["users"], 2);
+    r.drain_and_stop().await;
+}

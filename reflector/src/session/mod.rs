@@ -95,6 +95,7 @@ pub(crate) async fn run(
     let writer = Writer::spawn(ctx.clone());
     let mut loaded = false;
     let mut live = false;
+    let mut reported_users = usize::MAX;
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
     let mut buf: Vec<Command> = Vec::with_capacity(BATCH);
@@ -148,6 +149,11 @@ pub(crate) async fn run(
             live = !live;
             registry.set_live(&id, live.then(|| core.identity().clone()));
         }
+        let users = core.member_count();
+        if users != reported_users {
+            reported_users = users;
+            registry.set_users(&id, core.identity(), users);
+        }
         let now = Instant::now();
         let drain_done = core.is_draining()
             && (!core.has_connections() || drain_deadline.is_some_and(|d| d <= now));
@@ -172,6 +178,7 @@ pub(crate) async fn run(
         }
     }
     registry.set_live(&id, None);
+    registry.forget(&id);
     writer.finish().await;
     core.release();
     ctx.metrics.sessions.dec();
