@@ -1,11 +1,214 @@
-//! `refleet up`: a whole fleet on one machine (work in progress).
+//! `refleet up`: a whole fleet on one machine.
+//!
+//! Reads the config (or the embedded default), serves `/files/`, `/v1/status` and
+//! `/v1/shards`, and runs the local backend's observe → plan → act loop until Ctrl-C or
+//! SIGTERM, which drains every reflector, waits for them to exit and returns.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::local::config::{LocalConfig, LocalSettings};
+use crate::local::fleet::{Fleet, PoolRuntime};
+use crate::local::launcher::{ProcessLauncher, ProcessSettings};
+use crate::local::server::{Published, Server, http_client};
+use crate::local::table;
 
 /// Arguments of `refleet up`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct UpArgs {}
+pub struct UpArgs {
+    /// Fleet config: a YAML stream of ReflectorPool, Session and LocalFleet documents
+    /// (see examples/local-fleet.yaml). Default: the embedded copy of that example.
+    #[arg(long, value_name = "FILE", env = "REFLEET_UP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of refleet up's own server (overrides the config's `listen`).
+    #[arg(long, env = "REFLEET_UP_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory (overrides the config's `dataDir`).
+    #[arg(long, value_name = "DIR", env = "REFLEET_UP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The refleet-reflector binary (overrides the config's `reflectorBinary`). Default: next
+    /// to this binary, else on PATH.
+    #[arg(long, value_name = "FILE", env = "REFLEET_REFLECTOR_BIN")]
+    pub reflector_bin: Option<PathBuf>,
+    /// Log lines as JSON objects instead of text (filter with RUST_LOG).
+    #[arg(long, env = "REFLEET_UP_LOG_JSON")]
+    pub log_json: bool,
+}
 
-/// Runs the local fleet until Ctrl-C.
+/// Runs the local fleet until Ctrl-C or SIGTERM.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let UpArgs {} = args;
-    anyhow::bail!("refleet up is not implemented yet")
+    let UpArgs {
+        config,
+        listen,
+        data_dir,
+        reflector_bin,
+        log_json,
+    } = args;
+    init_tracing(log_json);
+    let config = match &config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            LocalConfig::parse(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => LocalConfig::embedded().context("in the embedded default config")?,
+    };
+    let LocalConfig {
+        settings,
+        pools,
+        sessions,
+    } = config;
+    let LocalSettings {
+        listen: config_listen,
+        data_dir: config_data_dir,
+        reflector_binary,
+        reflector_host,
+        report_interval_millis,
+        reflector_args,
+        child_logs,
+        max_upload_bytes,
+    } = settings;
+    let data_dir = absolute(&data_dir.unwrap_or(config_data_dir))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let binary = reflector_bin
+        .or(reflector_binary)
+        .unwrap_or_else(default_reflector_binary);
+
+    let listen = listen.unwrap_or(config_listen);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let base = format!("http://{bound}/");
+    let default_storage = data_dir.join("storage").display().to_string();
+    let runtimes: Vec<PoolRuntime> = pools
+        .into_iter()
+        .map(|pool| PoolRuntime {
+            storage: pool
+                .spec
+                .storage
+                .as_ref()
+                .map_or_else(|| default_storage.clone(), |s| s.url.clone()),
+            files_url: pool
+                .files_url
+                .clone()
+                .unwrap_or_else(|| format!("{base}files")),
+            pool,
+        })
+        .collect();
+    // refleet up serves the files of the first pool's storage (see operator/README.md).
+    let storage_location = runtimes
+        .first()
+        .map_or_else(|| default_storage.clone(), |p| p.storage.clone());
+    let storage = refleet_reflector::storage::Storage::open(&storage_location)
+        .with_context(|| format!("opening storage {storage_location}"))?;
+    let shutdown_timeout = Duration::from_secs(
+        runtimes
+            .iter()
+            .map(|p| u64::from(p.pool.spec.drain_grace_period_seconds))
+            .max()
+            .unwrap_or(30)
+            + 10,
+    );
+
+    let shared = Arc::new(RwLock::new(Published::default()));
+    let server = Server {
+        shared: shared.clone(),
+        storage,
+        max_upload_bytes,
+        http: http_client(),
+    };
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        axum::serve(listener, server.router())
+            .with_graceful_shutdown(async {
+                let _ = server_stopped.await;
+            })
+            .await
+    });
+    println!("refleet: {base}");
+    println!("status:  {base}v1/status");
+    tracing::info!(listen = %bound, storage = %storage_location, reflector = %binary.display(), data_dir = %data_dir.display(), "refleet up started");
+
+    let launcher = ProcessLauncher::new(ProcessSettings {
+        binary,
+        host: reflector_host,
+        extra_args: reflector_args,
+        logs: child_logs,
+        log_dir: data_dir.join("logs"),
+    });
+    let mut fleet = Fleet::new(launcher, runtimes, sessions);
+    let started = Instant::now();
+    let mut interval = tokio::time::interval(Duration::from_millis(report_interval_millis.max(50)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = refleet_reflector::shutdown::signal();
+    tokio::pin!(stop);
+    let mut last_table = String::new();
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            _ = interval.tick() => {
+                fleet.tick(started.elapsed().as_secs()).await;
+                let status = fleet.status();
+                let rendered = table::render(&status);
+                {
+                    let mut p = shared.write().unwrap_or_else(|e| e.into_inner());
+                    p.status = status;
+                    p.live = fleet.live_sessions();
+                }
+                if rendered != last_table {
+                    print_flush(&rendered);
+                    last_table = rendered;
+                }
+            }
+        }
+    }
+    tracing::info!(timeout = ?shutdown_timeout, "stopping: draining every reflector");
+    fleet.shutdown(shutdown_timeout).await;
+    let _ = stop_server.send(());
+    let _ = serving.await;
+    print_flush("refleet up stopped\n");
+    Ok(())
+}
+
+fn print_flush(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+/// `refleet-reflector` next to this binary (as cargo builds them), else on PATH.
+fn default_reflector_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("refleet-reflector")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("refleet-reflector"))
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if json {
+        builder.json().try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+    // Already set (e.g. by a test): keep that one.
+    drop(result);
 }

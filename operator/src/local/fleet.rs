@@ -1,0 +1,637 @@
+//! The observe → plan → act loop of the local backend.
+//!
+//! Each [`Fleet::tick`] asks the [`Launcher`] what every reflector is doing (starting,
+//! running with its `/sessions`, exited), turns that and the config into a [`PlanInput`]
+//! (load per shard comes from the sessions' JOIN names, `<appId>/<shard>`), runs the pure
+//! [`plan`], and carries the plan out: starts the reflectors a region should add, drains
+//! (SIGTERM) those the planner drains, forgets those that exited. The plan's shards and
+//! scaling history are kept for the next tick, exactly as the kube controllers keep them.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::config::{LOCAL_IMAGE, LocalPool, LocalSession};
+use super::launcher::{Launcher, Observed, ReportedSession, StartRequest};
+use crate::crd::{Capacity, ShardPhase};
+use crate::planner::{
+    Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
+    RegionInput, RegionPlan, ScaleHistory, Seconds, SessionInput, ShardPolicy, ShardRecord, plan,
+};
+
+/// How many recent decisions the status keeps.
+const RECENT_DECISIONS: usize = 50;
+/// How long after its drain deadline a reflector that has not exited is killed.
+const KILL_AFTER_DEADLINE: Seconds = 10;
+
+/// A pool as the local backend runs it.
+#[derive(Clone, Debug)]
+pub struct PoolRuntime {
+    /// The pool from the config.
+    pub pool: LocalPool,
+    /// Storage shared by its reflectors (`--storage`).
+    pub storage: String,
+    /// Its stable files base URL (`--files-url`).
+    pub files_url: String,
+}
+
+/// One reflector the fleet started.
+#[derive(Clone, Debug)]
+struct Reflector {
+    pool: String,
+    region: String,
+    image: String,
+    capacity: Capacity,
+    state: ReflectorState,
+    url: Option<String>,
+    sessions: Vec<ReportedSession>,
+    drain_deadline: Option<Seconds>,
+}
+
+/// A concrete session: which Session object it belongs to and its name.
+#[derive(Clone, Debug)]
+struct ConcreteSession {
+    /// Index into `sessions`.
+    spec: usize,
+    /// The Croquet session name.
+    name: String,
+}
+
+/// The local fleet: config, reflectors, the planner's carried state.
+pub struct Fleet<L> {
+    launcher: L,
+    pools: Vec<PoolRuntime>,
+    sessions: Vec<LocalSession>,
+    reflectors: BTreeMap<String, Reflector>,
+    shards: Vec<ShardRecord>,
+    history: ScaleHistory,
+    regions: Vec<RegionPlan>,
+    started: BTreeMap<String, u32>,
+    decisions: VecDeque<DecisionView>,
+}
+
+impl<L: Launcher> Fleet<L> {
+    /// A fleet with no reflectors yet; the first [`Fleet::tick`] starts them.
+    pub fn new(launcher: L, pools: Vec<PoolRuntime>, sessions: Vec<LocalSession>) -> Self {
+        Self {
+            launcher,
+            pools,
+            sessions,
+            reflectors: BTreeMap::new(),
+            shards: Vec::new(),
+            history: ScaleHistory::new(),
+            regions: Vec::new(),
+            started: BTreeMap::new(),
+            decisions: VecDeque::new(),
+        }
+    }
+
+    /// The launcher (tests drive their fake through it).
+    pub fn launcher_mut(&mut self) -> &mut L {
+        &mut self.launcher
+    }
+
+    /// One round: observe, plan, act. `now` is in seconds on any monotonic clock.
+    pub async fn tick(&mut self, now: Seconds) -> Vec<Decision> {
+        self.observe(now).await;
+        let input = self.plan_input(now);
+        let plan = plan(&input);
+        for rp in &plan.reflectors {
+            let Some(r) = self.reflectors.get_mut(&rp.name) else {
+                continue;
+            };
+            match rp.action {
+                ReflectorAction::Keep => {}
+                ReflectorAction::Drain { deadline } => {
+                    if r.state != ReflectorState::Draining {
+                        self.launcher.drain(&rp.name);
+                        r.state = ReflectorState::Draining;
+                        r.drain_deadline = Some(deadline);
+                    }
+                }
+                // Draining and empty: its process exits by itself once its sessions have
+                // ended (or is killed after its deadline); it is forgotten when it has.
+                ReflectorAction::Remove => {}
+            }
+        }
+        for region in &plan.regions {
+            for _ in 0..region.create {
+                self.start(&region.pool, &region.region, &region.image);
+            }
+        }
+        for d in &plan.decisions {
+            log_decision(d);
+            if self.decisions.len() == RECENT_DECISIONS {
+                self.decisions.pop_front();
+            }
+            self.decisions.push_back(DecisionView {
+                at: now,
+                decision: format!("{d:?}"),
+            });
+        }
+        self.shards = plan.shards;
+        self.history = plan.history;
+        self.regions = plan.regions;
+        plan.decisions
+    }
+
+    /// Drains every reflector, waits for them to exit (at most `timeout`), kills the rest.
+    pub async fn shutdown(&mut self, timeout: Duration) {
+        for (name, r) in &mut self.reflectors {
+            if r.state != ReflectorState::Draining {
+                tracing::info!(reflector = %name, "draining reflector for shutdown");
+                self.launcher.drain(name);
+                r.state = ReflectorState::Draining;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let observed = self.launcher.observe().await;
+            let running: Vec<String> = observed
+                .iter()
+                .filter(|(_, o)| !matches!(o, Observed::Exited { .. }))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for (name, o) in &observed {
+                if let Observed::Exited { detail, .. } = o
+                    && self.reflectors.remove(name).is_some()
+                {
+                    tracing::info!(reflector = %name, status = %detail, "reflector stopped");
+                }
+            }
+            if running.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for name in &running {
+                    tracing::warn!(reflector = %name, "reflector still running after the shutdown timeout; killing it");
+                    self.launcher.kill(name);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn observe(&mut self, now: Seconds) {
+        let observed = self.launcher.observe().await;
+        let lost: Vec<String> = self
+            .reflectors
+            .keys()
+            .filter(|n| !observed.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in lost {
+            tracing::warn!(reflector = %name, "reflector vanished");
+            self.reflectors.remove(&name);
+        }
+        for (name, o) in observed {
+            match o {
+                Observed::Exited { success, detail } => {
+                    if let Some(r) = self.reflectors.remove(&name) {
+                        if r.state == ReflectorState::Draining && success {
+                            tracing::info!(reflector = %name, region = %r.region, "reflector drained and exited");
+                        } else {
+                            tracing::warn!(reflector = %name, region = %r.region, status = %detail, "reflector exited unexpectedly");
+                        }
+                    }
+                    self.launcher.forget(&name);
+                }
+                Observed::Starting => {}
+                Observed::Running { url, sessions } => {
+                    let Some(r) = self.reflectors.get_mut(&name) else {
+                        continue;
+                    };
+                    if r.state == ReflectorState::Starting {
+                        tracing::info!(reflector = %name, region = %r.region, %url, "reflector ready");
+                        r.state = ReflectorState::Ready;
+                    }
+                    r.url = Some(url);
+                    if let Some(sessions) = sessions {
+                        r.sessions = sessions;
+                    }
+                    if r.drain_deadline
+                        .is_some_and(|d| now > d.saturating_add(KILL_AFTER_DEADLINE))
+                    {
+                        tracing::warn!(reflector = %name, "reflector overran its drain deadline; killing it");
+                        self.launcher.kill(&name);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, pool: &str, region: &str, image: &str) {
+        let Some(rt) = self.pools.iter().find(|p| p.pool.id() == pool) else {
+            return;
+        };
+        let Some(spec) = rt.pool.spec.resolved_region(region) else {
+            return;
+        };
+        let n = self.started.entry(region.to_owned()).or_insert(0);
+        *n += 1;
+        let name = format!("{region}-{n}");
+        let req = StartRequest {
+            name: name.clone(),
+            region: region.to_owned(),
+            storage: rt.storage.clone(),
+            files_url: rt.files_url.clone(),
+            drain_timeout: Duration::from_secs(u64::from(rt.pool.spec.drain_grace_period_seconds)),
+        };
+        match self.launcher.start(req) {
+            Ok(()) => {
+                self.reflectors.insert(
+                    name,
+                    Reflector {
+                        pool: pool.to_owned(),
+                        region: region.to_owned(),
+                        image: image.to_owned(),
+                        capacity: spec.capacity,
+                        state: ReflectorState::Starting,
+                        url: None,
+                        sessions: Vec::new(),
+                        drain_deadline: None,
+                    },
+                );
+            }
+            Err(error) => tracing::error!(reflector = %name, %error, "could not start reflector"),
+        }
+    }
+
+    /// Every concrete session: exact names, and names of pattern Sessions seen live on a
+    /// reflector or holding a shard.
+    fn concrete_sessions(&self) -> BTreeMap<String, ConcreteSession> {
+        let mut out = BTreeMap::new();
+        for (i, s) in self.sessions.iter().enumerate() {
+            let mut names: Vec<String> = Vec::new();
+            if let Some(name) = &s.spec.name {
+                names.push(name.clone());
+            } else {
+                for r in self.reflectors.values() {
+                    for rs in &r.sessions {
+                        if rs.app_id.as_deref() == Some(s.spec.app_id.as_str())
+                            && rs.users > 0
+                            && let Some(shard) = rs.shard()
+                            && s.spec.matches(shard)
+                        {
+                            names.push(shard.to_owned());
+                        }
+                    }
+                }
+                let prefix = format!("{}/{}/", s.namespace, s.spec.app_id);
+                for sh in &self.shards {
+                    if let Some(name) = sh.session.strip_prefix(&prefix)
+                        && s.spec.matches(name)
+                    {
+                        names.push(name.to_owned());
+                    }
+                }
+            }
+            for name in names {
+                out.entry(session_key(s, &name))
+                    .or_insert(ConcreteSession { spec: i, name });
+            }
+        }
+        out
+    }
+
+    fn plan_input(&self, now: Seconds) -> PlanInput {
+        let pools = self
+            .pools
+            .iter()
+            .map(|rt| PoolInput {
+                id: rt.pool.id(),
+                placement: rt.pool.spec.placement,
+                regions: rt
+                    .pool
+                    .spec
+                    .resolved_regions()
+                    .into_iter()
+                    .map(|r| RegionInput {
+                        name: r.name,
+                        image: r.image.unwrap_or_else(|| LOCAL_IMAGE.to_owned()),
+                        capacity: r.capacity,
+                        min_reflectors: r.min_reflectors,
+                        max_reflectors: r.max_reflectors,
+                        warm_buffer: r.warm_buffer,
+                    })
+                    .collect(),
+                cooldown: Seconds::from(rt.pool.spec.scale_down_cooldown_seconds),
+                drain_grace: Seconds::from(rt.pool.spec.drain_grace_period_seconds),
+            })
+            .collect();
+        let concrete = self.concrete_sessions();
+        let sessions = concrete
+            .iter()
+            .map(|(key, c)| {
+                let s = &self.sessions[c.spec];
+                SessionInput {
+                    key: key.clone(),
+                    name: c.name.clone(),
+                    pool: format!("{}/{}", s.namespace, s.spec.pool_ref.name),
+                    policy: ShardPolicy {
+                        max_users_per_shard: s.spec.max_users_per_shard,
+                        scale_up_threshold: s.spec.scale_up_threshold,
+                        min_shards: s.spec.min_shards,
+                        max_shards: s.spec.max_shards,
+                        regions: s.spec.regions.clone(),
+                        close_idle_after: Seconds::from(s.spec.close_idle_shards_after_seconds),
+                    },
+                    deleted: false,
+                    waiting: false,
+                }
+            })
+            .collect();
+        // Load per (appId, shard name), over every reflector: a client that joined a shard
+        // at the wrong reflector still counts for that shard.
+        let mut load: HashMap<(&str, &str), u32> = HashMap::new();
+        for r in self.reflectors.values() {
+            for rs in &r.sessions {
+                if let (Some(app), Some(shard)) = (rs.app_id.as_deref(), rs.shard()) {
+                    *load.entry((app, shard)).or_default() += rs.users;
+                }
+            }
+        }
+        let shards = self
+            .shards
+            .iter()
+            .map(|sh| {
+                let mut sh = sh.clone();
+                sh.users = concrete
+                    .get(&sh.session)
+                    .and_then(|c| {
+                        let app = self.sessions[c.spec].spec.app_id.as_str();
+                        load.get(&(app, sh.name.as_str()))
+                    })
+                    .copied()
+                    .unwrap_or(0);
+                sh.reserved = 0;
+                sh
+            })
+            .collect();
+        let reflectors = self
+            .reflectors
+            .iter()
+            .map(|(name, r)| ObservedReflector {
+                name: name.clone(),
+                pool: r.pool.clone(),
+                region: r.region.clone(),
+                image: r.image.clone(),
+                capacity: r.capacity,
+                state: r.state,
+            })
+            .collect();
+        PlanInput {
+            pools,
+            sessions,
+            reflectors,
+            shards,
+            history: self.history.clone(),
+            now,
+        }
+    }
+
+    /// Sessions with connected users, for the files endpoint's upload check.
+    pub fn live_sessions(&self) -> Vec<ReportedSession> {
+        self.reflectors
+            .values()
+            .flat_map(|r| r.sessions.iter())
+            .filter(|s| s.users > 0)
+            .cloned()
+            .collect()
+    }
+
+    /// What `/v1/status` shows and the table prints.
+    pub fn status(&self) -> Status {
+        let concrete = self.concrete_sessions();
+        let mut regions: Vec<RegionView> = Vec::new();
+        for rt in &self.pools {
+            let pool = rt.pool.id();
+            for spec in &rt.pool.spec.regions {
+                let plan = self
+                    .regions
+                    .iter()
+                    .find(|r| r.pool == pool && r.region == spec.name);
+                let reflectors = self
+                    .reflectors
+                    .iter()
+                    .filter(|(_, r)| r.pool == pool && r.region == spec.name)
+                    .map(|(name, r)| ReflectorView {
+                        name: name.clone(),
+                        state: state_name(r.state),
+                        url: r.url.clone(),
+                        files_url: rt.files_url.clone(),
+                        users: r.sessions.iter().map(|s| s.users).sum(),
+                        shards: self
+                            .shards
+                            .iter()
+                            .filter(|s| s.reflector.as_deref() == Some(name.as_str()))
+                            .map(|s| s.name.clone())
+                            .collect(),
+                    })
+                    .collect();
+                regions.push(RegionView {
+                    pool: pool.clone(),
+                    name: spec.name.clone(),
+                    desired: plan.map_or(0, |p| p.desired),
+                    reflectors,
+                });
+            }
+        }
+        let shards = self
+            .shards
+            .iter()
+            .map(|sh| {
+                let (namespace, session, app_id) = concrete
+                    .get(&sh.session)
+                    .map(|c| {
+                        let s = &self.sessions[c.spec];
+                        (s.namespace.clone(), s.name.clone(), s.spec.app_id.clone())
+                    })
+                    .unwrap_or_default();
+                let reflector = sh.reflector.as_ref().and_then(|n| self.reflectors.get(n));
+                ShardView {
+                    namespace,
+                    session,
+                    app_id,
+                    session_name: concrete
+                        .get(&sh.session)
+                        .map(|c| c.name.clone())
+                        .unwrap_or_default(),
+                    name: sh.name.clone(),
+                    index: sh.index,
+                    region: sh.region.clone(),
+                    reflector: sh.reflector.clone(),
+                    url: reflector.and_then(|r| r.url.clone()),
+                    files_url: self
+                        .pools
+                        .iter()
+                        .find(|p| p.pool.id() == sh.pool)
+                        .map(|p| p.files_url.clone()),
+                    users: sh.users,
+                    phase: sh.phase,
+                }
+            })
+            .collect();
+        Status {
+            files_url: self.pools.first().map(|p| p.files_url.clone()),
+            regions,
+            shards,
+            decisions: self.decisions.iter().cloned().collect(),
+        }
+    }
+}
+
+fn session_key(s: &LocalSession, name: &str) -> String {
+    format!("{}/{}/{}", s.namespace, s.spec.app_id, name)
+}
+
+fn state_name(s: ReflectorState) -> &'static str {
+    match s {
+        ReflectorState::Starting => "Starting",
+        ReflectorState::Ready => "Ready",
+        ReflectorState::Draining => "Draining",
+    }
+}
+
+fn log_decision(d: &Decision) {
+    match d {
+        Decision::OpenShard {
+            session,
+            shard,
+            region,
+            reflector,
+            reason,
+            ..
+        } => {
+            tracing::info!(%session, %shard, %region, reflector = reflector.as_deref().unwrap_or("pending"), ?reason, "shard opened")
+        }
+        Decision::CloseShard {
+            session,
+            shard,
+            reason,
+        } => tracing::info!(%session, %shard, ?reason, "shard closing"),
+        Decision::RemoveShard {
+            session,
+            shard,
+            reason,
+        } => tracing::info!(%session, %shard, ?reason, "shard removed"),
+        Decision::ScaleUp {
+            pool,
+            region,
+            from,
+            to,
+            reason,
+            urgent,
+        } => tracing::info!(%pool, %region, from, to, ?reason, urgent, "region scaling up"),
+        Decision::ScaleHeld {
+            pool,
+            region,
+            direction,
+            until,
+        } => tracing::debug!(%pool, %region, ?direction, until, "scaling held by the cool-down"),
+        Decision::DrainReflector {
+            reflector,
+            reason,
+            deadline,
+        } => tracing::info!(%reflector, ?reason, deadline, "reflector draining"),
+        Decision::RemoveReflector { reflector } => {
+            tracing::info!(%reflector, "reflector removed once its process exits")
+        }
+        Decision::SessionDegraded {
+            session,
+            reason,
+            message,
+        } => tracing::warn!(%session, %reason, %message, "session degraded"),
+    }
+}
+
+// === Status ===
+
+/// The fleet as `GET /v1/status` returns it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The files base URL of the (first) pool.
+    pub files_url: Option<String>,
+    /// Every region of every pool, with its reflectors.
+    pub regions: Vec<RegionView>,
+    /// Every shard with its placement.
+    pub shards: Vec<ShardView>,
+    /// The most recent planner decisions, oldest first.
+    pub decisions: Vec<DecisionView>,
+}
+
+/// One region.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionView {
+    /// Pool id (`namespace/name`).
+    pub pool: String,
+    /// Region name.
+    pub name: String,
+    /// Reflectors accepting shards the planner wants.
+    pub desired: u32,
+    /// Its reflectors.
+    pub reflectors: Vec<ReflectorView>,
+}
+
+/// One reflector.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReflectorView {
+    /// Name (`local-a-1`).
+    pub name: String,
+    /// `Starting`, `Ready` or `Draining`.
+    pub state: &'static str,
+    /// The box URL clients join (`http://127.0.0.1:PORT/`), once ready.
+    pub url: Option<String>,
+    /// The pool's files base URL.
+    pub files_url: String,
+    /// Users connected to it.
+    pub users: u32,
+    /// Shards placed on it.
+    pub shards: Vec<String>,
+}
+
+/// One shard.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardView {
+    /// Namespace of its Session.
+    pub namespace: String,
+    /// Name of its Session object.
+    pub session: String,
+    /// appId.
+    pub app_id: String,
+    /// The Croquet session name (shard 0's name).
+    pub session_name: String,
+    /// Shard name: what clients pass as `name` to `Session.join`.
+    pub name: String,
+    /// Shard number.
+    pub index: u32,
+    /// Region.
+    pub region: String,
+    /// Reflector hosting it (`None` while pending).
+    pub reflector: Option<String>,
+    /// Box URL of that reflector.
+    pub url: Option<String>,
+    /// The files base URL.
+    pub files_url: Option<String>,
+    /// Connected users.
+    pub users: u32,
+    /// `Pending`, `Open`, `Full` or `Closing`.
+    pub phase: ShardPhase,
+}
+
+/// A planner decision, for the status.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionView {
+    /// When (seconds since refleet up started).
+    pub at: Seconds,
+    /// The decision and its reason.
+    pub decision: String,
+}

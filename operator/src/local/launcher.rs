@@ -1,0 +1,326 @@
+//! Starting, observing and stopping reflectors: the [`Launcher`] trait, and
+//! [`ProcessLauncher`], which runs each reflector as a `refleet-reflector` child process on
+//! its own loopback port. Tests drive the fleet loop with a fake launcher instead.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use super::config::ChildLogs;
+
+/// What a new reflector needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartRequest {
+    /// Unique reflector name (`local-a-1`), also given as `--reflector-name`.
+    pub name: String,
+    /// Its region (`--region`).
+    pub region: String,
+    /// Shared storage of the pool (`--storage`).
+    pub storage: String,
+    /// The pool's stable files base URL (`--files-url`).
+    pub files_url: String,
+    /// How long it serves live sessions once drained (`--drain-timeout`).
+    pub drain_timeout: Duration,
+}
+
+/// One session a reflector reports on `/sessions`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedSession {
+    /// The Croquet session id.
+    pub session_id: String,
+    /// The JOIN's `name`: `<appId>/<session name>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The JOIN's appId.
+    #[serde(default)]
+    pub app_id: Option<String>,
+    /// The JOIN's persistentId.
+    #[serde(default)]
+    pub persistent_id: Option<String>,
+    /// Members (connected users plus those within their leave delay).
+    pub users: u32,
+}
+
+impl ReportedSession {
+    /// The shard name: the JOIN name without its `<appId>/` prefix.
+    pub fn shard(&self) -> Option<&str> {
+        let name = self.name.as_deref()?;
+        match self.app_id.as_deref() {
+            Some(app) => name
+                .strip_prefix(app)
+                .and_then(|rest| rest.strip_prefix('/')),
+            None => name.split_once('/').map(|(_, shard)| shard),
+        }
+    }
+}
+
+/// A reflector as its launcher sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// Started, not accepting connections yet.
+    Starting,
+    /// Accepting connections at `url`; `sessions` is `None` when `/sessions` did not answer.
+    Running {
+        /// Its box URL (`http://127.0.0.1:PORT/`).
+        url: String,
+        /// Its sessions, if it answered.
+        sessions: Option<Vec<ReportedSession>>,
+    },
+    /// The process has ended.
+    Exited {
+        /// It exited with status 0.
+        success: bool,
+        /// Exit status, for logs.
+        detail: String,
+    },
+}
+
+/// A launcher failure.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// The reflector could not be started.
+    #[error("starting reflector {name}: {source}")]
+    Spawn {
+        /// Reflector name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Starts, observes, drains and kills reflectors. The fleet loop uses only this, so it can
+/// be tested without processes.
+pub trait Launcher: Send {
+    /// Starts a reflector; it reports [`Observed::Starting`] until it accepts connections.
+    fn start(&mut self, req: StartRequest) -> Result<(), LaunchError>;
+    /// Asks a reflector to drain (SIGTERM): it refuses new sessions, serves the live ones
+    /// until they end or its drain timeout, stores them and exits.
+    fn drain(&mut self, name: &str);
+    /// Ends a reflector at once (SIGKILL), e.g. one that overran its drain deadline.
+    fn kill(&mut self, name: &str);
+    /// Every reflector started and not yet forgotten, by name.
+    fn observe(&mut self) -> impl Future<Output = BTreeMap<String, Observed>> + Send;
+    /// Forgets an exited reflector.
+    fn forget(&mut self, name: &str);
+}
+
+// === impl ProcessLauncher ===
+
+/// How to run `refleet-reflector` children.
+#[derive(Clone, Debug)]
+pub struct ProcessSettings {
+    /// The binary.
+    pub binary: PathBuf,
+    /// Host to listen on; the port is picked by the child (`--listen HOST:0`).
+    pub host: String,
+    /// Extra arguments for every child.
+    pub extra_args: Vec<String>,
+    /// Where their stderr goes.
+    pub logs: ChildLogs,
+    /// Directory for log files (with [`ChildLogs::Files`]).
+    pub log_dir: PathBuf,
+}
+
+struct ChildProc {
+    child: Child,
+    /// The box URL once printed.
+    url: watch::Receiver<Option<String>>,
+    exited: Option<(bool, String)>,
+}
+
+/// Runs reflectors as child processes (killed if refleet up itself is dropped).
+pub struct ProcessLauncher {
+    settings: ProcessSettings,
+    children: BTreeMap<String, ChildProc>,
+    http: reqwest::Client,
+}
+
+impl ProcessLauncher {
+    /// A launcher with no children yet.
+    pub fn new(settings: ProcessSettings) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(800))
+            .build()
+            .unwrap_or_default();
+        Self {
+            settings,
+            children: BTreeMap::new(),
+            http,
+        }
+    }
+
+    /// Process ids of the children still running, by name.
+    pub fn pids(&self) -> BTreeMap<String, u32> {
+        self.children
+            .iter()
+            .filter_map(|(n, c)| c.child.id().map(|pid| (n.clone(), pid)))
+            .collect()
+    }
+}
+
+impl Launcher for ProcessLauncher {
+    fn start(&mut self, req: StartRequest) -> Result<(), LaunchError> {
+        let s = &self.settings;
+        let spawn_err = |source| LaunchError::Spawn {
+            name: req.name.clone(),
+            source,
+        };
+        let stderr = match s.logs {
+            ChildLogs::Inherit => Stdio::inherit(),
+            ChildLogs::Files => {
+                std::fs::create_dir_all(&s.log_dir).map_err(spawn_err)?;
+                let path = s.log_dir.join(format!("{}.log", req.name));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(spawn_err)?;
+                Stdio::from(file)
+            }
+        };
+        let mut cmd = Command::new(&s.binary);
+        cmd.arg("--listen")
+            .arg(format!("{}:0", s.host))
+            .arg("--region")
+            .arg(&req.region)
+            .arg("--reflector-name")
+            .arg(&req.name)
+            .arg("--storage")
+            .arg(&req.storage)
+            .arg("--files-url")
+            .arg(&req.files_url)
+            .arg("--drain-timeout")
+            .arg(humantime::format_duration(req.drain_timeout).to_string())
+            .args(&s.extra_args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let (tx, rx) = watch::channel(None);
+        if let Some(stdout) = child.stdout.take() {
+            let name = req.name.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(url) = line.strip_prefix("box:") {
+                        let url = url.trim().to_owned();
+                        tracing::debug!(reflector = %name, %url, "reflector accepts connections");
+                        tx.send_replace(Some(url));
+                    }
+                }
+            });
+        }
+        tracing::info!(reflector = %req.name, region = %req.region, pid = child.id(), "reflector started");
+        self.children.insert(
+            req.name,
+            ChildProc {
+                child,
+                url: rx,
+                exited: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn drain(&mut self, name: &str) {
+        let Some(c) = self.children.get_mut(name) else {
+            return;
+        };
+        if let Some(pid) = c.child.id().and_then(|pid| i32::try_from(pid).ok()) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            if let Err(error) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+                tracing::warn!(reflector = name, %pid, %error, "SIGTERM failed");
+            }
+        }
+    }
+
+    fn kill(&mut self, name: &str) {
+        if let Some(c) = self.children.get_mut(name)
+            && let Err(error) = c.child.start_kill()
+        {
+            tracing::warn!(reflector = name, %error, "SIGKILL failed");
+        }
+    }
+
+    async fn observe(&mut self) -> BTreeMap<String, Observed> {
+        let mut polls = Vec::new();
+        let mut out = BTreeMap::new();
+        for (name, c) in &mut self.children {
+            if c.exited.is_none()
+                && let Ok(Some(status)) = c.child.try_wait()
+            {
+                c.exited = Some((status.success(), status.to_string()));
+            }
+            if let Some((success, detail)) = &c.exited {
+                out.insert(
+                    name.clone(),
+                    Observed::Exited {
+                        success: *success,
+                        detail: detail.clone(),
+                    },
+                );
+                continue;
+            }
+            match c.url.borrow().clone() {
+                None => {
+                    out.insert(name.clone(), Observed::Starting);
+                }
+                Some(url) => polls.push((name.clone(), url)),
+            }
+        }
+        let http = &self.http;
+        let fetched =
+            futures_util::future::join_all(polls.into_iter().map(|(name, url)| async move {
+                let sessions = fetch_sessions(http, &url).await;
+                (name, Observed::Running { url, sessions })
+            }))
+            .await;
+        out.extend(fetched);
+        out
+    }
+
+    fn forget(&mut self, name: &str) {
+        self.children.remove(name);
+    }
+}
+
+/// The body of a reflector's `/sessions`.
+#[derive(Debug, Deserialize)]
+struct SessionsReport {
+    sessions: Vec<ReportedSession>,
+}
+
+/// `GET <url>sessions`, or `None` when the reflector does not answer properly.
+pub async fn fetch_sessions(http: &reqwest::Client, url: &str) -> Option<Vec<ReportedSession>> {
+    let endpoint = format!("{}/sessions", url.trim_end_matches('/'));
+    let res = match http.get(&endpoint).send().await {
+        Ok(res) if res.status().is_success() => res,
+        Ok(res) => {
+            tracing::debug!(%endpoint, status = res.status().as_u16(), "sessions not available");
+            return None;
+        }
+        Err(error) => {
+            tracing::debug!(%endpoint, %error, "sessions not available");
+            return None;
+        }
+    };
+    match res.json::<SessionsReport>().await {
+        Ok(report) => Some(report.sessions),
+        Err(error) => {
+            tracing::warn!(%endpoint, %error, "unreadable /sessions answer");
+            None
+        }
+    }
+}
