@@ -29,6 +29,8 @@ pub const MAX_LATENCY_US: u64 = 60_000_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The client sends a PULSE when it has sent nothing for this long.
 const PULSE_EVERY: Duration = Duration::from_secs(20);
+/// How long a stalled client reads its backlog after the run to see how it ended.
+const STALL_DRAIN: Duration = Duration::from_secs(5);
 /// Most messages sent in one batch.
 const MAX_BATCH: u64 = 512;
 
@@ -144,6 +146,8 @@ pub struct Outcome {
     pub foreign: u64,
     /// Frames received.
     pub frames: u64,
+    /// How a stalled client's connection ended.
+    pub stall_end: Option<String>,
 }
 
 impl Outcome {
@@ -201,6 +205,7 @@ pub async fn run(
         last_seq: 0,
         last_tick: None,
         chunks: String::new(),
+        stall_end: None,
         spec,
         shared,
     };
@@ -228,6 +233,7 @@ pub async fn run(
         infos: c.infos,
         foreign: c.foreign,
         frames: c.frames,
+        stall_end: c.stall_end,
     }
 }
 
@@ -251,6 +257,7 @@ struct Client {
     last_seq: u32,
     last_tick: Option<Instant>,
     chunks: String,
+    stall_end: Option<String>,
 }
 
 /// What the loop should do after handling a frame.
@@ -355,19 +362,25 @@ impl Client {
         }
         if self.spec.stall && self.close_code.is_none() && self.outcome_error.is_none() {
             // Read what is left (bounded) to learn whether the reflector cut us off.
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while let Some(item) = ws.next().await {
-                    match item {
-                        Ok(Message::Close(frame)) => {
-                            self.close_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
-                            break;
+            let mut backlog = 0u64;
+            let end = tokio::time::timeout(STALL_DRAIN, async {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Close(frame))) => {
+                            let code = frame.map_or(1005, |f| u16::from(f.code));
+                            self.close_code = Some(code);
+                            return format!("closed by the reflector with {code}");
                         }
-                        Ok(_) => {}
-                        Err(_) => break,
+                        Some(Ok(_)) => backlog += 1,
+                        Some(Err(e)) => return format!("connection failed: {e}"),
+                        None => return "connection dropped by the reflector".to_string(),
                     }
                 }
             })
-            .await;
+            .await
+            .unwrap_or_else(|_| format!("still open {STALL_DRAIN:?} after the run"));
+            self.stall_end = Some(format!("{end} ({backlog} frames were still buffered)"));
+            return;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
     }

@@ -128,6 +128,14 @@ pub async fn run(ep: &Endpoint, tag: &str, spec: &IdleSpec) -> anyhow::Result<Id
     if spec.steps.windows(2).any(|w| w[0] >= w[1]) || spec.steps[0] == 0 {
         bail!("connection counts must be positive and ascending");
     }
+    if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        && total as u64 + 64 > soft
+    {
+        bail!(
+            "{total} connections need more open files than this process may have ({soft}); \
+             raise the hard limit (ulimit -Hn) first"
+        );
+    }
     let per_session = spec.per_session.max(1);
     let per_source = spec.per_source.max(1);
     let sample_every = (total / spec.sample.max(1)).max(1);

@@ -114,6 +114,8 @@ pub struct Stalled {
     pub close_code: Option<u16>,
     /// Bench messages it had received before it stopped reading.
     pub received: u64,
+    /// How its connection ended (read after the run).
+    pub end: Option<String>,
 }
 
 /// The result of one load run.
@@ -170,7 +172,7 @@ impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} sessions × {} clients × {} msg/s, {} B payloads, {:.1} s: offered {:.0} deliveries/s",
+            "{} sessions × {} clients × {:.1} msg/s, {} B payloads, {:.1} s: offered {:.0} deliveries/s",
             self.sessions,
             self.clients,
             self.rate_per_client,
@@ -228,8 +230,9 @@ impl std::fmt::Display for LoadReport {
         if let Some(s) = &self.stalled {
             writeln!(
                 f,
-                "  stalled client: received {} before stalling, close code {:?}",
-                s.received, s.close_code
+                "  stalled client: received {} before stalling; {}",
+                s.received,
+                s.end.as_deref().unwrap_or("?")
             )?;
         }
         Ok(())
@@ -421,6 +424,7 @@ pub async fn run(ep: &Endpoint, tag: &str, spec: &LoadSpec) -> anyhow::Result<Lo
             stalled = Some(Stalled {
                 close_code: o.close_code,
                 received: o.tracker.unique,
+                end: o.stall_end.clone(),
             });
             continue;
         }

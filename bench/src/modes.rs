@@ -15,6 +15,10 @@ use crate::target::Target;
 /// One ramp step.
 #[derive(Debug, Clone, Serialize)]
 pub struct RampStep {
+    /// Step number (the offered rate is `start × factor^step`).
+    pub step: usize,
+    /// Attempt at this step (a failing step is retried `--retries` times).
+    pub attempt: usize,
     /// Passed every criterion.
     pub passed: bool,
     /// Why it failed.
@@ -83,10 +87,12 @@ impl std::fmt::Display for Report {
                 best,
                 steps,
             } => {
-                for (i, s) in steps.iter().enumerate() {
+                for s in steps {
                     writeln!(
                         f,
-                        "step {i}: offered {:.0}/s, delivered {:.0}/s, p99 {:.3} ms: {}",
+                        "step {} attempt {}: offered {:.0}/s, delivered {:.0}/s, p99 {:.3} ms: {}",
+                        s.step,
+                        s.attempt,
                         s.run.offered_deliveries_per_s,
                         s.run.delivered_per_s,
                         s.run.latency.p99_us as f64 / 1000.0,
@@ -120,12 +126,17 @@ impl std::fmt::Display for Report {
                 for (a, b) in without.iter().zip(with) {
                     writeln!(
                         f,
-                        "without: p99 {:.3} ms, clean {} | with: p99 {:.3} ms, stalled client {:?}, RSS max {} KiB",
+                        "without: p99 {:.3} ms, clean {}, RSS growth {} KiB | with: p99 {:.3} ms, clean {}, RSS growth {} KiB, stalled client {}",
                         a.latency.p99_us as f64 / 1000.0,
                         a.is_clean(),
+                        rss_growth(a).map_or("?".into(), |v| v.to_string()),
                         b.latency.p99_us as f64 / 1000.0,
-                        b.stalled.as_ref().map(|s| s.close_code),
-                        b.reflector_rss_max_kib.unwrap_or(0),
+                        b.faults.is_clean() && b.complete && b.failed_clients == 0,
+                        rss_growth(b).map_or("?".into(), |v| v.to_string()),
+                        b.stalled
+                            .as_ref()
+                            .and_then(|s| s.end.as_deref())
+                            .unwrap_or("?"),
                     )?;
                 }
                 writeln!(
@@ -278,6 +289,8 @@ async fn ramp(
             );
             let passed = why.is_none();
             steps.push(RampStep {
+                step,
+                attempt,
                 passed,
                 why,
                 run: run.clone(),
@@ -302,6 +315,12 @@ async fn ramp(
         best,
         steps,
     })
+}
+
+/// Reflector RSS growth during a run (highest sample minus the start), KiB.
+fn rss_growth(r: &LoadReport) -> Option<i64> {
+    let start = r.reflector.as_ref()?.rss_start_kib as i64;
+    Some(r.reflector_rss_max_kib? as i64 - start)
 }
 
 /// Why a ramp step fails, or `None` when it passes.
@@ -352,14 +371,7 @@ async fn slow_consumer(
         p.sort_unstable();
         p[p.len() / 2]
     };
-    let growth = |v: &[LoadReport]| {
-        v.iter()
-            .filter_map(|r| {
-                let start = r.reflector.as_ref()?.rss_start_kib as i64;
-                Some(r.reflector_rss_max_kib? as i64 - start)
-            })
-            .max()
-    };
+    let growth = |v: &[LoadReport]| v.iter().filter_map(rss_growth).max();
     Ok(Report::SlowConsumer {
         median_p99_without_us: median(&without),
         median_p99_with_us: median(&with),
