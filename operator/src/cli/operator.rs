@@ -1,11 +1,234 @@
-//! `refleet operator`: the controllers in a cluster (work in progress).
+//! `refleet operator`: the controllers in a cluster, leader-elected, with `/metrics` and
+//! `/healthz` on an HTTP port.
+//!
+//! Every instance serves `/metrics` and `/healthz`; only the instance holding the Lease runs
+//! the ReflectorPool and Session controllers. Stopping (SIGTERM / Ctrl-C) stops the
+//! controllers and releases the Lease, so another instance takes over at once.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::get;
+use kube::Client;
+use tokio::net::TcpListener;
+
+use crate::controller::leader::{LeaseSettings, lead};
+use crate::controller::metrics::Metrics;
+use crate::controller::observe::{HttpLoad, LoadSource};
+use crate::controller::reconcile::run_controllers;
+use crate::controller::{Context, FIELD_MANAGER};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Arguments of `refleet operator`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct OperatorArgs {}
+pub struct OperatorArgs {
+    /// Namespaces to watch, comma-separated. Default: all namespaces.
+    #[arg(long, env = "REFLEET_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
 
-/// Runs the operator until it is stopped.
+    /// Name of the coordination.k8s.io Lease used for leader election.
+    #[arg(long, env = "REFLEET_LEASE_NAME", default_value = "refleet-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease. Default: the client's namespace (the pod's own namespace in
+    /// a cluster, the kubeconfig context's namespace outside).
+    #[arg(long, env = "REFLEET_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// This instance's identity in the Lease. Default: `$POD_NAME`, else `$HOSTNAME`, else
+    /// `refleet-<pid>`.
+    #[arg(long, env = "REFLEET_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// How long the Lease stays valid without renewal: the longest a crashed leader's
+    /// successor waits.
+    #[arg(long, env = "REFLEET_LEASE_DURATION", default_value = "15s")]
+    pub lease_duration: humantime::Duration,
+
+    /// How long before the Lease expires the leader renews it.
+    #[arg(long, env = "REFLEET_LEASE_RENEW_BEFORE", default_value = "5s")]
+    pub lease_renew_before: humantime::Duration,
+
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/healthz`.
+    #[arg(long, env = "REFLEET_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// How often every pool is re-synced without any change (reflector load is polled at
+    /// this rate).
+    #[arg(long, env = "REFLEET_RESYNC", default_value = "10s")]
+    pub resync: humantime::Duration,
+
+    /// Log format (filter with `RUST_LOG`, default `info`).
+    #[arg(long, env = "REFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Runs the operator until SIGTERM or Ctrl-C.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
-    let OperatorArgs {} = args;
-    anyhow::bail!("refleet operator is not implemented yet")
+    init_tracing(args.log_format);
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+    serve(
+        client,
+        args,
+        listener,
+        Arc::new(HttpLoad::new()),
+        shutdown_signal(),
+    )
+    .await
+}
+
+/// Runs the operator with `client`, serving `/metrics` and `/healthz` on `listener`, until
+/// `shutdown` resolves. Tests call this directly (with their own client and load source).
+pub async fn serve(
+    client: Client,
+    args: OperatorArgs,
+    listener: TcpListener,
+    load: Arc<dyn LoadSource>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let OperatorArgs {
+        namespaces,
+        lease_name,
+        lease_namespace,
+        identity,
+        lease_duration,
+        lease_renew_before,
+        metrics_listen: _,
+        resync,
+        log_format: _,
+    } = args;
+    let identity = identity
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("refleet-{}", std::process::id()));
+    let lease_namespace = lease_namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+    let metrics = Arc::new(Metrics::new());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http = {
+        let metrics = metrics.clone();
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/metrics",
+                get(move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            metrics.render(),
+                        )
+                    }
+                }),
+            );
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let mut ctx = Context::new(client.clone(), &identity, load, metrics.clone());
+    ctx.resync = *resync;
+    let ctx = Arc::new(ctx);
+    let settings = LeaseSettings {
+        name: lease_name,
+        namespace: lease_namespace,
+        identity: identity.clone(),
+        duration: *lease_duration,
+        grace: *lease_renew_before,
+    };
+    tracing::info!(%identity, field_manager = FIELD_MANAGER, "operator starting");
+    let mut shutdown_rx = stop_rx.clone();
+    let leading_metrics = metrics.clone();
+    let result = lead(
+        client,
+        settings,
+        async move {
+            let _ = shutdown_rx.wait_for(|s| *s).await;
+        },
+        move |leading| leading_metrics.set_leader(leading),
+        |lost| {
+            let ctx = ctx.clone();
+            let namespaces = namespaces.clone();
+            async move {
+                let lost = futures_util::FutureExt::shared(lost);
+                if namespaces.is_empty() {
+                    run_controllers(ctx.clone(), None, lost).await;
+                } else {
+                    let runs = namespaces
+                        .iter()
+                        .map(|ns| run_controllers(ctx.clone(), Some(ns), lost.clone()));
+                    futures_util::future::join_all(runs).await;
+                }
+                ctx.forget();
+            }
+        },
+    )
+    .await;
+    // Wait for the HTTP server (it stops with the shutdown signal).
+    let mut rx = stop_rx;
+    let _ = rx.wait_for(|s| *s).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    result.context("leader election")
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }

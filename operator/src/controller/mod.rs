@@ -1,2 +1,169 @@
-//! The kube backend: controllers that apply the planner's decisions in a cluster
-//! (work in progress).
+//! # The kube backend: controllers that apply the planner's decisions in a cluster
+//!
+//! ```text
+//!   watch ReflectorPool ──┐                       ┌─> reflector Pods (+ per-pod Services)
+//!   watch Session ────────┼─> sync(pool) ─ plan ──┼─> status of the pool and its Sessions
+//!   watch owned Pods ─────┘    observe    (pure)  └─> Events, metrics
+//! ```
+//!
+//! Two kube-rs `Controller`s, one per kind, both level-triggered and idempotent. Each
+//! reconcile runs the same [`reconcile::sync`] for the pool concerned, under a per-pool
+//! lock: **observe** (the pool, the Sessions that refer to it, its pods, and the load each
+//! ready reflector reports through a [`observe::LoadSource`]), **plan** with the pure
+//! [`crate::planner::plan`], **apply** (create pods with server-side apply, mark and delete
+//! draining pods with the drain grace, write statuses with server-side apply on the status
+//! subresource, publish Events for decisions). The planner's memory between runs (shards
+//! and scaling history) is kept per pool; after a restart or a leadership change it is
+//! rebuilt from `Session.status` and what the reflectors host.
+//!
+//! No finalizers: pods and Services are owned (owner references), so the garbage collector
+//! removes them with their pool, and nothing else needs cleanup.
+//!
+//! - [`pod`]: reflector pods and per-pod Services (pure builders).
+//! - [`observe`]: pod state and reflector load.
+//! - [`input`]: observed objects → the planner's input.
+//! - [`status`]: plan → statuses and conditions.
+//! - [`reconcile`]: the controllers' reconcile functions and the apply step.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`leader`]: Lease-based leader election.
+
+pub mod input;
+pub mod leader;
+pub mod metrics;
+pub mod observe;
+pub mod pod;
+pub mod reconcile;
+pub mod status;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod scenarios;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+
+use self::input::PoolMemory;
+use self::metrics::Metrics;
+use self::observe::LoadSource;
+use crate::planner::Seconds;
+
+/// The field manager of every server-side apply and the reporting controller of Events.
+pub const FIELD_MANAGER: &str = "refleet-operator";
+
+/// A failure of one reconciliation (the controller logs it, counts it and retries).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[source] kube::Error),
+    /// An object could not be serialised for a patch.
+    #[error("serialising a patch failed: {0}")]
+    Serialize(#[source] serde_json::Error),
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Error::Kube(e)
+    }
+}
+
+impl Error {
+    /// A bounded label for the `error` metric label.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => match status.code {
+                401 => "unauthorized",
+                403 => "forbidden",
+                404 => "not_found",
+                409 => "conflict",
+                422 => "invalid",
+                429 => "throttled",
+                500..=599 => "server_error",
+                _ => "api_error",
+            },
+            Error::Kube(_) => "transport",
+            Error::Serialize(_) => "serialize",
+        }
+    }
+}
+
+/// A `Result` with the controller's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What every reconciliation shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Where reflector load comes from.
+    pub load: Arc<dyn LoadSource>,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
+    /// How often a pool is re-synced without any change (reflector load is polled).
+    pub resync: Duration,
+    /// The clock (Unix seconds); tests fix it.
+    pub clock: fn() -> Seconds,
+    pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PoolMemory>>>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("resync", &self.resync)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> Seconds {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Context {
+    /// A context publishing Events as `refleet-operator` (instance `identity`).
+    pub fn new(
+        client: Client,
+        identity: &str,
+        load: Arc<dyn LoadSource>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: Some(identity.to_owned()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            load,
+            metrics,
+            resync: Duration::from_secs(10),
+            clock: unix_now,
+            pools: Mutex::default(),
+        }
+    }
+
+    /// The memory (and lock) of pool `id`.
+    fn pool_memory(&self, id: &str) -> Arc<tokio::sync::Mutex<PoolMemory>> {
+        let mut pools = match self.pools.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        pools.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Forgets every pool's memory (on losing leadership: the next leader's view wins).
+    pub fn forget(&self) {
+        match self.pools.lock() {
+            Ok(mut g) => g.clear(),
+            Err(poisoned) => poisoned.into_inner().clear(),
+        }
+    }
+}

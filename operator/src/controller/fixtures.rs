@@ -1,0 +1,48 @@
+//! Test fixtures: pools and sessions as the API server would return them.
+
+#![allow(clippy::unwrap_used)]
+
+use kube::api::ObjectMeta;
+
+use crate::crd::{ReflectorPool, ReflectorPoolSpec, Session, SessionSpec};
+
+/// Pool `name` in `namespace` with `regions` (image `refleet-reflector:1`, default sizes).
+pub fn pool(namespace: &str, name: &str, regions: &[&str]) -> ReflectorPool {
+    let spec: ReflectorPoolSpec = serde_json::from_value(serde_json::json!({
+        "defaults": { "image": "refleet-reflector:1" },
+        "regions": regions.iter().map(|r| serde_json::json!({"name": r})).collect::<Vec<_>>(),
+        "files": { "publicURL": "https://files.test/" },
+        "reflectorURL": { "template": "ws://{pod}.{region}.{namespace}.test/" }
+    }))
+    .unwrap();
+    ReflectorPool {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            uid: Some(format!("uid-{name}")),
+            generation: Some(1),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// Exact-name Session `name` of app `app` in `namespace`, served by `pool`.
+pub fn session(namespace: &str, name: &str, pool: &str) -> Session {
+    let spec: SessionSpec = serde_json::from_value(serde_json::json!({
+        "poolRef": { "name": pool }, "appId": "app", "name": name
+    }))
+    .unwrap();
+    Session {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            uid: Some(format!("uid-{name}")),
+            generation: Some(1),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    }
+}

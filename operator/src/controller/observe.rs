@@ -1,0 +1,177 @@
+//! What the controllers observe: reflector pods and the load each reflector reports.
+//!
+//! Load comes through the small [`LoadSource`] trait. Today's implementation,
+//! [`HttpLoad`], asks every ready reflector pod for `GET http://<podIP>:7070/sessions`; the
+//! reflectors' gRPC report stream (a later piece) will implement the same trait.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use serde::Deserialize;
+
+use super::pod::{LABEL_REGION, LABEL_STATE, REFLECTOR_PORT, STATE_DRAINING};
+use crate::planner::ReflectorState;
+
+/// One Croquet session a reflector hosts, as it reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostedSession {
+    /// Croquet appId.
+    pub app_id: String,
+    /// Session (shard) name.
+    pub name: String,
+    /// Connected users.
+    pub users: u32,
+}
+
+/// A reflector's report: the sessions it hosts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct ReflectorLoad {
+    /// Whether the reflector says it is draining.
+    #[serde(default)]
+    pub draining: bool,
+    /// Hosted sessions.
+    #[serde(default)]
+    pub sessions: Vec<HostedSession>,
+}
+
+/// Where the controllers get each reflector's load from.
+pub trait LoadSource: Send + Sync + 'static {
+    /// The load of reflector `pod`, or `None` when it could not be read now (the controller
+    /// then keeps the figures it had).
+    fn load<'a>(
+        &'a self,
+        pod: &'a Pod,
+    ) -> Pin<Box<dyn Future<Output = Option<ReflectorLoad>> + Send + 'a>>;
+}
+
+/// Reads `GET /sessions` from each reflector pod's IP.
+#[derive(Clone, Debug)]
+pub struct HttpLoad {
+    client: reqwest::Client,
+    port: u16,
+}
+
+impl HttpLoad {
+    /// A load source with a short timeout, so one stuck reflector cannot stall a reconcile.
+    pub fn new() -> Self {
+        Self::with_port(REFLECTOR_PORT)
+    }
+
+    /// Same, on another port (tests run reflectors on loopback addresses).
+    pub fn with_port(port: u16) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        Self { client, port }
+    }
+}
+
+impl Default for HttpLoad {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LoadSource for HttpLoad {
+    fn load<'a>(
+        &'a self,
+        pod: &'a Pod,
+    ) -> Pin<Box<dyn Future<Output = Option<ReflectorLoad>> + Send + 'a>> {
+        Box::pin(async move {
+            let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
+            let url = format!("http://{ip}:{}/sessions", self.port);
+            let res = self.client.get(&url).send().await;
+            match res {
+                Ok(r) if r.status().is_success() => r.json().await.ok(),
+                Ok(r) => {
+                    tracing::debug!(pod = %pod.name_any(), status = %r.status(), "load not readable");
+                    None
+                }
+                Err(error) => {
+                    tracing::debug!(pod = %pod.name_any(), %error, "load not readable");
+                    None
+                }
+            }
+        })
+    }
+}
+
+/// A load source that reports nothing (every reflector's load stays as it was).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoLoad;
+
+impl LoadSource for NoLoad {
+    fn load<'a>(
+        &'a self,
+        _pod: &'a Pod,
+    ) -> Pin<Box<dyn Future<Output = Option<ReflectorLoad>> + Send + 'a>> {
+        Box::pin(async { None })
+    }
+}
+
+/// The state of a reflector pod: draining once marked or being deleted, ready when its
+/// Ready condition is true, starting otherwise. `None` for a pod that ended (it no longer
+/// counts as a reflector).
+pub fn pod_state(pod: &Pod) -> Option<ReflectorState> {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    if pod.metadata.deletion_timestamp.is_some()
+        || pod.labels().get(LABEL_STATE).map(String::as_str) == Some(STATE_DRAINING)
+    {
+        return Some(ReflectorState::Draining);
+    }
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    Some(if ready {
+        ReflectorState::Ready
+    } else {
+        ReflectorState::Starting
+    })
+}
+
+/// The region label of a reflector pod.
+pub fn pod_region(pod: &Pod) -> Option<&str> {
+    pod.labels().get(LABEL_REGION).map(String::as_str)
+}
+
+/// The image of a reflector pod's container.
+pub fn pod_image(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default()
+}
+
+/// Loads by reflector pod name, for the pods whose load could be read.
+pub type LoadByPod = HashMap<String, ReflectorLoad>;
+
+/// Reads the load of every ready or draining pod, concurrently.
+pub async fn read_loads(source: &dyn LoadSource, pods: &[Pod]) -> LoadByPod {
+    let reads = pods
+        .iter()
+        .filter(|p| {
+            matches!(
+                pod_state(p),
+                Some(ReflectorState::Ready | ReflectorState::Draining)
+            )
+        })
+        .map(|p| async move { (p.name_any(), source.load(p).await) });
+    futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter_map(|(name, load)| load.map(|l| (name, l)))
+        .collect()
+}

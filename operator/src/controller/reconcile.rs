@@ -1,0 +1,495 @@
+//! The reconcile functions of both controllers and the apply step they share.
+//!
+//! ```text
+//! reconcile(pool | session) ─> sync(namespace, pool):
+//!     observe  GET pool, LIST sessions, LIST pods (pool label), GET /sessions per reflector
+//!     plan     planner::plan(build_input(..))                         (pure)
+//!     apply    drain: PATCH pod (label draining) + DELETE pod (grace) ; remove: DELETE pod
+//!              create: PATCH pod (server-side apply) [+ PATCH Service]
+//!              PATCH status (server-side apply) of the pool and of every changed Session
+//!              POST Events for the decisions
+//! ```
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, instrument, warn};
+
+use super::input::{PoolMemory, build_input, pool_id};
+use super::observe::read_loads;
+use super::pod::{
+    ANNOTATION_DRAIN_DEADLINE, LABEL_STATE, STATE_DRAINING, TERMINATION_SLACK_SECONDS, pod_name,
+    pool_selector, reflector_pod, reflector_service,
+};
+use super::status::{governs, pool_status, session_problem, session_status};
+use super::{Context, Error, FIELD_MANAGER, Result};
+use crate::crd::{CONDITION_DEGRADED, ReflectorPool, Session};
+use crate::planner::{self, Decision, Plan, ReflectorAction, RemoveReason};
+
+/// Name of the ReflectorPool controller (metric label).
+pub const POOL_CONTROLLER: &str = "reflectorpool";
+/// Name of the Session controller (metric label).
+pub const SESSION_CONTROLLER: &str = "session";
+
+/// Reconciles a ReflectorPool: syncs it.
+#[instrument(skip(pool, ctx), fields(namespace = %pool.namespace().unwrap_or_default(), pool = %pool.name_any()))]
+pub async fn reconcile_pool(pool: Arc<ReflectorPool>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(POOL_CONTROLLER);
+    let ns = pool.namespace().unwrap_or_default();
+    sync(&ctx, &ns, &pool.name_any()).await?;
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// Reconciles a Session: syncs its pool (which writes the Session's status; a missing pool
+/// gives the Session a `PoolNotFound` condition).
+#[instrument(skip(session, ctx), fields(namespace = %session.namespace().unwrap_or_default(), session = %session.name_any()))]
+pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(SESSION_CONTROLLER);
+    let ns = session.namespace().unwrap_or_default();
+    sync(&ctx, &ns, &session.spec.pool_ref.name).await?;
+    Ok(Action::requeue(ctx.resync * 6))
+}
+
+/// Logs a failed reconciliation, counts it and retries soon.
+pub fn pool_error_policy(_pool: Arc<ReflectorPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(%error, "reconciling a ReflectorPool failed");
+    ctx.metrics
+        .reconcile_failed(POOL_CONTROLLER, error.metric_label());
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Logs a failed reconciliation, counts it and retries soon.
+pub fn session_error_policy(_session: Arc<Session>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(%error, "reconciling a Session failed");
+    ctx.metrics
+        .reconcile_failed(SESSION_CONTROLLER, error.metric_label());
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// What one sync observed and decided (returned for tests and logs).
+#[derive(Debug)]
+pub struct Synced {
+    /// The plan that was applied.
+    pub plan: Plan,
+    /// Pods created.
+    pub created: Vec<String>,
+}
+
+/// Observe → plan → apply for pool `pool_name` in `namespace`.
+pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Synced> {
+    let id = pool_id(namespace, pool_name);
+    let memory = ctx.pool_memory(&id);
+    let mut memory = memory.lock().await;
+
+    // Observe.
+    let pools: Api<ReflectorPool> = Api::namespaced(ctx.client.clone(), namespace);
+    let pool = pools.get_opt(pool_name).await?;
+    let sessions: Api<Session> = Api::namespaced(ctx.client.clone(), namespace);
+    let sessions: Vec<Session> = sessions
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| s.spec.pool_ref.name == pool_name)
+        .collect();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let pods = match &pool {
+        Some(_) => {
+            pods_api
+                .list(&ListParams::default().labels(&pool_selector(pool_name)))
+                .await?
+                .items
+        }
+        None => Vec::new(),
+    };
+    let loads = read_loads(&*ctx.load, &pods).await;
+    let now = (ctx.clock)();
+
+    // Plan.
+    let input = build_input(
+        namespace,
+        pool_name,
+        pool.as_ref(),
+        &sessions,
+        &pods,
+        &loads,
+        &memory,
+        now,
+    );
+    let plan = planner::plan(&input);
+
+    // Apply.
+    let mut created = Vec::new();
+    if let Some(pool) = &pool {
+        apply_reflectors(ctx, pool, &pods, &plan, &mut created).await?;
+        let status = pool_status(pool, &plan, now);
+        if pool.status.as_ref() != Some(&status) {
+            patch_status(
+                &pools,
+                pool_name,
+                ReflectorPool::api_version(&()),
+                "ReflectorPool",
+                &status,
+            )
+            .await?;
+        }
+    }
+    let sessions_api: Api<Session> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut gauges = Vec::new();
+    for session in &sessions {
+        let status = session_status(session, pool.as_ref(), &plan, now);
+        gauges.push((
+            namespace.to_owned(),
+            session.name_any(),
+            status.shard_count,
+            status.users,
+        ));
+        let was_degraded = session
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .find(|c| c.type_ == CONDITION_DEGRADED && c.status == "True")
+            .map(|c| c.reason.clone());
+        if session.status.as_ref() != Some(&status) {
+            patch_status(
+                &sessions_api,
+                &session.name_any(),
+                Session::api_version(&()),
+                "Session",
+                &status,
+            )
+            .await?;
+        }
+        if let Some((reason, message)) = session_problem(session, pool.as_ref(), &plan)
+            && was_degraded.as_deref() != Some(reason.as_str())
+        {
+            warn!(session = %session.name_any(), %reason, %message, "session degraded");
+            publish(
+                ctx,
+                &session.object_ref(&()),
+                EventType::Warning,
+                reason.as_str(),
+                "Degraded",
+                message,
+            )
+            .await;
+        }
+    }
+    publish_decisions(ctx, pool.as_ref(), &sessions, &plan).await;
+    if pool.is_some() {
+        ctx.metrics.record_plan(namespace, pool_name, &plan);
+    }
+    ctx.metrics.record_sessions(&id, &gauges);
+
+    *memory = PoolMemory {
+        shards: plan.shards.clone(),
+        history: plan.history.clone(),
+        initialised: true,
+    };
+    Ok(Synced { plan, created })
+}
+
+/// Drains, removes and creates reflector pods (and per-pod Services) as the plan says.
+async fn apply_reflectors(
+    ctx: &Context,
+    pool: &ReflectorPool,
+    pods: &[Pod],
+    plan: &Plan,
+    created: &mut Vec<String>,
+) -> Result<()> {
+    let ns = pool.namespace().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let grace = i64::from(pool.spec.drain_grace_period_seconds) + TERMINATION_SLACK_SECONDS;
+    let delete = DeleteParams {
+        grace_period_seconds: u32::try_from(grace).ok(),
+        ..DeleteParams::default()
+    };
+    for rp in &plan.reflectors {
+        let Some(pod) = pods.iter().find(|p| p.name_any() == rp.name) else {
+            continue;
+        };
+        let deleting = pod.metadata.deletion_timestamp.is_some();
+        match rp.action {
+            ReflectorAction::Keep => {}
+            ReflectorAction::Drain { deadline } => {
+                if !deleting {
+                    // Mark first so no new shard goes there, then SIGTERM with the grace.
+                    let mark = json!({
+                        "metadata": {
+                            "labels": { LABEL_STATE: STATE_DRAINING },
+                            "annotations": { ANNOTATION_DRAIN_DEADLINE: deadline.to_string() },
+                        }
+                    });
+                    api.patch(&rp.name, &PatchParams::default(), &Patch::Merge(&mark))
+                        .await?;
+                    delete_pod(&api, &rp.name, &delete).await?;
+                }
+            }
+            ReflectorAction::Remove => {
+                if !deleting {
+                    delete_pod(&api, &rp.name, &delete).await?;
+                }
+            }
+        }
+    }
+    let per_pod_service = pool.spec.reflector_url.per_pod_service;
+    let mut taken: BTreeSet<String> = pods.iter().map(ResourceExt::name_any).collect();
+    let pool_name = pool.name_any();
+    for region_plan in plan.regions.iter().filter(|r| r.create > 0) {
+        let Some(region) = pool.spec.resolved_region(&region_plan.region) else {
+            continue;
+        };
+        for _ in 0..region_plan.create {
+            let Some(name) = (0..)
+                .map(|i| pod_name(&pool_name, &region.name, i))
+                .find(|n| !taken.contains(n))
+            else {
+                break;
+            };
+            taken.insert(name.clone());
+            let pod = reflector_pod(pool, &region, &name);
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let pod = api.patch(&name, &params, &Patch::Apply(&pod)).await?;
+            info!(pod = %name, region = %region.name, "created reflector pod");
+            if per_pod_service {
+                apply_service(ctx, &pod).await?;
+            }
+            created.push(name);
+        }
+    }
+    if per_pod_service {
+        let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+        let existing: BTreeSet<String> = services
+            .list(&ListParams::default().labels(&pool_selector(&pool_name)))
+            .await?
+            .items
+            .iter()
+            .map(ResourceExt::name_any)
+            .collect();
+        for pod in pods {
+            if pod.metadata.deletion_timestamp.is_none() && !existing.contains(&pod.name_any()) {
+                apply_service(ctx, pod).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn apply_service(ctx: &Context, pod: &Pod) -> Result<()> {
+    let ns = pod.namespace().unwrap_or_default();
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut svc = reflector_service(pod);
+    svc.metadata.managed_fields = None;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&pod.name_any(), &params, &Patch::Apply(&svc))
+        .await?;
+    Ok(())
+}
+
+async fn delete_pod(api: &Api<Pod>, name: &str, params: &DeleteParams) -> Result<()> {
+    match api.delete(name, params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Server-side applies `status` to the status subresource of `name`.
+async fn patch_status<K, S>(
+    api: &Api<K>,
+    name: &str,
+    api_version: std::borrow::Cow<'_, str>,
+    kind: &str,
+    status: &S,
+) -> Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize,
+{
+    let patch = json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "status": serde_json::to_value(status).map_err(Error::Serialize)?,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(name, &params, &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Publishes an Event; a failure is logged, never fatal (Events are best effort).
+async fn publish(
+    ctx: &Context,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, regarding).await {
+        warn!(%error, reason, "publishing an Event failed");
+    }
+}
+
+/// Events for the plan's decisions (CamelCase reasons), on the Session or the pool.
+async fn publish_decisions(
+    ctx: &Context,
+    pool: Option<&ReflectorPool>,
+    sessions: &[Session],
+    plan: &Plan,
+) {
+    let session_ref = |key: &str| {
+        sessions
+            .iter()
+            .find(|s| governs(s, key))
+            .map(|s| s.object_ref(&()))
+    };
+    let pool_ref = pool.map(|p| p.object_ref(&()));
+    for d in &plan.decisions {
+        let (regarding, type_, reason, note) = match d {
+            Decision::OpenShard {
+                session,
+                shard,
+                region,
+                reflector,
+                fell_back_from,
+                ..
+            } => {
+                if !fell_back_from.is_empty()
+                    && let Some(r) = session_ref(session)
+                {
+                    let note = format!(
+                        "regions {} are full; shard {shard} opens in {region}",
+                        fell_back_from.join(", ")
+                    );
+                    publish(
+                        ctx,
+                        &r,
+                        EventType::Warning,
+                        "RegionFull",
+                        "PlaceShard",
+                        note,
+                    )
+                    .await;
+                }
+                let note = match reflector {
+                    Some(pod) => format!("shard {shard} opened in region {region} on {pod}"),
+                    None => {
+                        format!("shard {shard} opened in region {region}; waiting for a reflector")
+                    }
+                };
+                (session_ref(session), EventType::Normal, "ShardOpened", note)
+            }
+            Decision::CloseShard {
+                session,
+                shard,
+                reason,
+            } => (
+                session_ref(session),
+                EventType::Normal,
+                "ShardClosing",
+                format!("shard {shard} takes no new users ({reason:?})"),
+            ),
+            Decision::RemoveShard {
+                session,
+                shard,
+                reason,
+            } => match reason {
+                RemoveReason::ClosedEmpty => (
+                    session_ref(session),
+                    EventType::Normal,
+                    "ShardClosed",
+                    format!("shard {shard} closed"),
+                ),
+                RemoveReason::ReflectorGone => (
+                    session_ref(session),
+                    EventType::Warning,
+                    "ShardLost",
+                    format!("the reflector of shard {shard} is gone"),
+                ),
+            },
+            Decision::ScaleUp {
+                region,
+                from,
+                to,
+                reason,
+                ..
+            } => (
+                pool_ref.clone(),
+                EventType::Normal,
+                "ScalingUp",
+                format!("region {region}: {from} -> {to} reflectors ({reason:?})"),
+            ),
+            Decision::DrainReflector {
+                reflector, reason, ..
+            } => (
+                pool_ref.clone(),
+                EventType::Normal,
+                "ReflectorDraining",
+                format!("reflector {reflector} drains ({reason:?})"),
+            ),
+            Decision::RemoveReflector { reflector } => (
+                pool_ref.clone(),
+                EventType::Normal,
+                "ReflectorRemoved",
+                format!("reflector {reflector} removed"),
+            ),
+            // Held steps repeat every sync; degraded sessions get an Event on transition.
+            Decision::ScaleHeld { .. } | Decision::SessionDegraded { .. } => continue,
+        };
+        if let Some(r) = regarding {
+            publish(ctx, &r, type_, reason, reason, note).await;
+        }
+    }
+}
+
+/// Runs both controllers over `namespace` (all namespaces when `None`) until `stop`
+/// resolves; returns when both have stopped.
+pub async fn run_controllers(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (pools, sessions, pods): (Api<ReflectorPool>, Api<Session>, Api<Pod>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let stop = futures_util::FutureExt::shared(Box::pin(stop));
+    let reflector_pods = watcher::Config::default().labels(super::pod::LABEL_POOL);
+    let pool_controller = Controller::new(pools, watcher::Config::default())
+        .owns(pods, reflector_pods)
+        .graceful_shutdown_on(stop.clone())
+        .run(reconcile_pool, pool_error_policy, ctx.clone())
+        .for_each(|_| futures_util::future::ready(()));
+    let session_controller = Controller::new(sessions, watcher::Config::default())
+        .graceful_shutdown_on(stop)
+        .run(reconcile_session, session_error_policy, ctx.clone())
+        .for_each(|_| futures_util::future::ready(()));
+    futures_util::future::join(pool_controller, session_controller).await;
+}

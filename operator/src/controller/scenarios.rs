@@ -1,0 +1,333 @@
+//! Exact API-call sequences of one sync, against a mocked API server (`tower-test`).
+//!
+//! Each [`Scenario`] names the sequence it expects; the fake server asserts every request's
+//! method, URI and body in order and answers it; a timeout catches calls that never came.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+use super::Context;
+use super::fixtures;
+use super::metrics::Metrics;
+use super::observe::NoLoad;
+use super::pod::{pod_name, reflector_pod};
+use super::reconcile::sync;
+use crate::crd::{ReflectorPool, Session};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+const NOW: u64 = 1_000_000;
+
+/// The API-call sequences under test.
+enum Scenario {
+    /// A new pool with one region and nothing else: its first reflector pod is created
+    /// with server-side apply, the pool's status says it is scaling up, and an Event says so.
+    NewPoolCreatesItsFirstReflector(ReflectorPool),
+    /// A Session whose pool does not exist: no pods are listed, the Session gets a
+    /// `Degraded`/`PoolNotFound` status and a Warning Event.
+    SessionWithoutPoolIsDegraded(Session),
+    /// A pool with two ready empty reflectors where one is enough: the surplus one is marked
+    /// draining, then deleted with the drain grace period.
+    SurplusReflectorIsMarkedThenDeletedWithGrace(ReflectorPool, Vec<Pod>),
+}
+
+struct ApiServerVerifier(Handle);
+
+fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+impl ApiServerVerifier {
+    fn run(self, scenario: Scenario) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            match scenario {
+                Scenario::NewPoolCreatesItsFirstReflector(pool) => {
+                    self.new_pool_creates_its_first_reflector(pool).await
+                }
+                Scenario::SessionWithoutPoolIsDegraded(session) => {
+                    self.session_without_pool_is_degraded(session).await
+                }
+                Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(pool, pods) => {
+                    self.surplus_reflector_is_drained(pool, pods).await
+                }
+            }
+        })
+    }
+
+    /// Expects one request; asserts method and URI; answers `status` with `body`; returns
+    /// the request body.
+    async fn expect(&mut self, method: &str, uri: &str, status: u16, body: Value) -> Value {
+        let (request, send) = self.0.next_request().await.expect("service not called");
+        assert_eq!(request.method().as_str(), method, "method of {uri}");
+        assert_eq!(request.uri().to_string(), uri);
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let sent = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+        sent
+    }
+
+    async fn new_pool_creates_its_first_reflector(mut self, pool: ReflectorPool) {
+        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+        self.expect(
+            "GET",
+            &format!("{ns}/reflectorpools/arena"),
+            200,
+            json!(pool),
+        )
+        .await;
+        self.expect(
+            "GET",
+            &format!("{ns}/sessions?"),
+            200,
+            list("SessionList", "refleet.dev/v1alpha1", vec![]),
+        )
+        .await;
+        self.expect(
+            "GET",
+            "/api/v1/namespaces/games/pods?&labelSelector=refleet.dev%2Fpool%3Darena",
+            200,
+            list("PodList", "v1", vec![]),
+        )
+        .await;
+        let applied = self
+            .expect(
+                "PATCH",
+                "/api/v1/namespaces/games/pods/arena-eu-0?&force=true&fieldManager=refleet-operator",
+                200,
+                json!(reflector_pod(&pool, &pool.spec.resolved_region("eu").unwrap(), "arena-eu-0")),
+            )
+            .await;
+        assert_eq!(applied["metadata"]["labels"]["refleet.dev/region"], "eu");
+        assert_eq!(applied["metadata"]["ownerReferences"][0]["name"], "arena");
+        let status = self
+            .expect(
+                "PATCH",
+                &format!(
+                    "{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"
+                ),
+                200,
+                json!(pool),
+            )
+            .await;
+        assert_eq!(status["kind"], "ReflectorPool");
+        let conditions = &status["status"]["conditions"];
+        assert_eq!(conditions[0]["type"], "Ready");
+        assert_eq!(conditions[0]["status"], "False");
+        assert_eq!(conditions[1]["type"], "Progressing");
+        assert_eq!(conditions[1]["reason"], "ScalingUp");
+        assert_eq!(status["status"]["regions"][0]["desired"], 1);
+        let event = self
+            .expect(
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/games/events?",
+                201,
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
+            )
+            .await;
+        assert_eq!(event["reason"], "ScalingUp");
+        assert_eq!(event["regarding"]["kind"], "ReflectorPool");
+    }
+
+    async fn session_without_pool_is_degraded(mut self, session: Session) {
+        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+        self.expect(
+            "GET",
+            &format!("{ns}/reflectorpools/missing"),
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+        )
+        .await;
+        self.expect(
+            "GET",
+            &format!("{ns}/sessions?"),
+            200,
+            list("SessionList", "refleet.dev/v1alpha1", vec![json!(session)]),
+        )
+        .await;
+        let status = self
+            .expect(
+                "PATCH",
+                &format!("{ns}/sessions/lobby/status?&force=true&fieldManager=refleet-operator"),
+                200,
+                json!(session),
+            )
+            .await;
+        let degraded = &status["status"]["conditions"][2];
+        assert_eq!(degraded["type"], "Degraded");
+        assert_eq!(degraded["status"], "True");
+        assert_eq!(degraded["reason"], "PoolNotFound");
+        assert_eq!(status["status"]["conditions"][0]["reason"], "PoolNotFound");
+        let event = self
+            .expect(
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/games/events?",
+                201,
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
+            )
+            .await;
+        assert_eq!(event["reason"], "PoolNotFound");
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["regarding"]["name"], "lobby");
+    }
+
+    async fn surplus_reflector_is_drained(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
+        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+        self.expect(
+            "GET",
+            &format!("{ns}/reflectorpools/arena"),
+            200,
+            json!(pool),
+        )
+        .await;
+        self.expect(
+            "GET",
+            &format!("{ns}/sessions?"),
+            200,
+            list("SessionList", "refleet.dev/v1alpha1", vec![]),
+        )
+        .await;
+        let items = pods.iter().map(|p| json!(p)).collect();
+        self.expect(
+            "GET",
+            "/api/v1/namespaces/games/pods?&labelSelector=refleet.dev%2Fpool%3Darena",
+            200,
+            list("PodList", "v1", items),
+        )
+        .await;
+        let mark = self
+            .expect(
+                "PATCH",
+                "/api/v1/namespaces/games/pods/arena-eu-1?",
+                200,
+                json!(pods[1]),
+            )
+            .await;
+        assert_eq!(mark["metadata"]["labels"]["refleet.dev/state"], "draining");
+        assert_eq!(
+            mark["metadata"]["annotations"]["refleet.dev/drain-deadline"],
+            (NOW + 300).to_string()
+        );
+        let delete = self
+            .expect(
+                "DELETE",
+                "/api/v1/namespaces/games/pods/arena-eu-1?",
+                200,
+                json!(pods[1]),
+            )
+            .await;
+        assert_eq!(delete["gracePeriodSeconds"], 330);
+        let status = self
+            .expect(
+                "PATCH",
+                &format!(
+                    "{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"
+                ),
+                200,
+                json!(pool),
+            )
+            .await;
+        assert_eq!(status["status"]["regions"][0]["draining"], 1);
+        let event = self
+            .expect(
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/games/events?",
+                201,
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
+            )
+            .await;
+        assert_eq!(event["reason"], "ReflectorDraining");
+    }
+}
+
+fn testcontext() -> (Arc<Context>, ApiServerVerifier) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let mut ctx = Context::new(client, "test", Arc::new(NoLoad), Arc::new(Metrics::new()));
+    ctx.clock = || NOW;
+    (Arc::new(ctx), ApiServerVerifier(handle))
+}
+
+async fn timeout_after_1s(handle: tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(Duration::from_secs(1), handle)
+        .await
+        .expect("timeout on mock apiserver")
+        .expect("scenario succeeded")
+}
+
+fn ready_pod(pool: &ReflectorPool, index: u32) -> Pod {
+    let region = pool.spec.resolved_region("eu").unwrap();
+    let mut pod = reflector_pod(pool, &region, &pod_name("arena", "eu", index));
+    pod.status = Some(PodStatus {
+        phase: Some("Running".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        }]),
+        pod_ip: Some("10.0.0.1".into()),
+        ..Default::default()
+    });
+    pod
+}
+
+#[tokio::test]
+async fn new_pool_creates_its_first_reflector() {
+    let (ctx, fakeserver) = testcontext();
+    let pool = fixtures::pool("games", "arena", &["eu"]);
+    let mocksrv = fakeserver.run(Scenario::NewPoolCreatesItsFirstReflector(pool));
+    let synced = sync(&ctx, "games", "arena").await.expect("sync");
+    assert_eq!(synced.created, ["arena-eu-0"]);
+    timeout_after_1s(mocksrv).await;
+}
+
+#[tokio::test]
+async fn session_without_pool_is_degraded_and_gets_a_warning() {
+    let (ctx, fakeserver) = testcontext();
+    let session = fixtures::session("games", "lobby", "missing");
+    let mocksrv = fakeserver.run(Scenario::SessionWithoutPoolIsDegraded(session));
+    let synced = sync(&ctx, "games", "missing").await.expect("sync");
+    assert!(synced.created.is_empty());
+    timeout_after_1s(mocksrv).await;
+}
+
+#[tokio::test]
+async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
+    let (ctx, fakeserver) = testcontext();
+    let pool = fixtures::pool("games", "arena", &["eu"]);
+    let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
+    let mocksrv = fakeserver.run(Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(
+        pool, pods,
+    ));
+    sync(&ctx, "games", "arena").await.expect("sync");
+    timeout_after_1s(mocksrv).await;
+}
+
+#[test]
+fn error_labels_are_bounded() {
+    use super::Error;
+    let forbidden = Error::Kube(kube::Error::Api(
+        kube::core::Status::failure("no", "Forbidden")
+            .with_code(403)
+            .boxed(),
+    ));
+    assert_eq!(forbidden.metric_label(), "forbidden");
+    let ser = Error::Serialize(serde_json::from_str::<Value>("{").unwrap_err());
+    assert_eq!(ser.metric_label(), "serialize");
+}

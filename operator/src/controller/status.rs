@@ -1,0 +1,356 @@
+//! From a [`Plan`] to the status of a ReflectorPool or a Session (pure).
+//!
+//! Conditions keep their `lastTransitionTime` while their status does not change, so the
+//! same plan always yields the same status and the controller writes nothing when nothing
+//! changed.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+use super::input::{pool_id, session_key};
+use crate::crd::{
+    BusySession, CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CapacityTotals,
+    PoolSummary, Reason, ReflectorPool, ReflectorPoolStatus, RegionStatus, Session, SessionStatus,
+    ShardPhase, ShardStatus,
+};
+use crate::planner::{Decision, Plan, Seconds};
+
+/// Whether planner session `key` is one of the concrete sessions of `session`.
+pub fn governs(session: &Session, key: &str) -> bool {
+    let ns = session.namespace().unwrap_or_default();
+    let spec = &session.spec;
+    if let Some(name) = &spec.name {
+        return key == session_key(&ns, &spec.app_id, name);
+    }
+    let prefix = session_key(&ns, &spec.app_id, "");
+    key.strip_prefix(&prefix).is_some_and(|n| spec.matches(n))
+}
+
+/// The first problem with `session` that only the operator can see: its pool is missing,
+/// it names regions the pool lacks, or the planner reported one.
+pub fn session_problem(
+    session: &Session,
+    pool: Option<&ReflectorPool>,
+    plan: &Plan,
+) -> Option<(Reason, String)> {
+    let Some(pool) = pool else {
+        return Some((
+            Reason::PoolNotFound,
+            format!(
+                "no ReflectorPool {} in namespace {}",
+                session.spec.pool_ref.name,
+                session.namespace().unwrap_or_default()
+            ),
+        ));
+    };
+    let unknown: Vec<&str> = session
+        .spec
+        .regions
+        .iter()
+        .filter(|r| pool.spec.regions.iter().all(|p| &p.name != *r))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Some((
+            Reason::UnknownRegion,
+            format!(
+                "pool {} has no region {}",
+                pool.name_any(),
+                unknown.join(", ")
+            ),
+        ));
+    }
+    plan.decisions.iter().find_map(|d| match d {
+        Decision::SessionDegraded {
+            session: key,
+            reason,
+            message,
+        } if governs(session, key) => Some((*reason, message.clone())),
+        _ => None,
+    })
+}
+
+/// A condition, keeping the previous transition time when its status is unchanged.
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: Reason,
+    message: String,
+    generation: Option<i64>,
+    now: Seconds,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| time(now));
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.as_str().to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn time(now: Seconds) -> Time {
+    let secs = i64::try_from(now).unwrap_or(i64::MAX);
+    Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap_or_default())
+}
+
+/// The status of `session` after `plan`.
+pub fn session_status(
+    session: &Session,
+    pool: Option<&ReflectorPool>,
+    plan: &Plan,
+    now: Seconds,
+) -> SessionStatus {
+    let spec = &session.spec;
+    let generation = session.metadata.generation;
+    let previous = session
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let mine: Vec<_> = plan
+        .shards
+        .iter()
+        .filter(|s| governs(session, &s.session))
+        .collect();
+    let pending = mine.iter().any(|s| s.phase == ShardPhase::Pending);
+    let open = mine
+        .iter()
+        .filter(|s| s.phase != ShardPhase::Closing)
+        .count();
+    let users: u64 = mine.iter().map(|s| u64::from(s.users)).sum();
+    let problem = session_problem(session, pool, plan);
+    let blocking = problem.as_ref().filter(|(r, _)| {
+        matches!(
+            r,
+            Reason::PoolNotFound | Reason::UnknownRegion | Reason::CapacityExhausted
+        )
+    });
+    let ready = blocking.is_none() && !pending;
+    let (ready_reason, ready_message) = match (&blocking, pending) {
+        (Some((r, m)), _) => (*r, m.clone()),
+        (None, true) => (
+            Reason::ScalingUp,
+            "shards wait for a reflector to start".to_owned(),
+        ),
+        (None, false) => (Reason::AsExpected, format!("{open} shards open")),
+    };
+    let conditions = vec![
+        condition(
+            previous,
+            CONDITION_READY,
+            ready,
+            ready_reason,
+            ready_message,
+            generation,
+            now,
+        ),
+        condition(
+            previous,
+            CONDITION_PROGRESSING,
+            pending,
+            if pending {
+                Reason::ScalingUp
+            } else {
+                Reason::AsExpected
+            },
+            if pending {
+                "shards wait for a reflector to start".to_owned()
+            } else {
+                "nothing to do".to_owned()
+            },
+            generation,
+            now,
+        ),
+        match &problem {
+            Some((r, m)) => condition(
+                previous,
+                CONDITION_DEGRADED,
+                true,
+                *r,
+                m.clone(),
+                generation,
+                now,
+            ),
+            None => condition(
+                previous,
+                CONDITION_DEGRADED,
+                false,
+                Reason::AsExpected,
+                "no problem found".to_owned(),
+                generation,
+                now,
+            ),
+        },
+    ];
+    let mut status = SessionStatus {
+        observed_generation: generation,
+        conditions,
+        display_name: spec.name.clone().or_else(|| spec.name_pattern.clone()),
+        shard_count: u32::try_from(open).unwrap_or(u32::MAX),
+        users,
+        ..Default::default()
+    };
+    if spec.name.is_some() {
+        status.shards = mine
+            .iter()
+            .map(|s| ShardStatus {
+                name: s.name.clone(),
+                region: s.region.clone(),
+                reflector: s.reflector.clone().unwrap_or_default(),
+                users: s.users,
+                state: s.phase,
+            })
+            .collect();
+        status.shards.sort_by(|a, b| a.name.cmp(&b.name));
+    } else {
+        let mut by_name: std::collections::BTreeMap<&str, BusySession> = Default::default();
+        let prefix = session_key(&session.namespace().unwrap_or_default(), &spec.app_id, "");
+        for s in &mine {
+            let name = s.session.strip_prefix(&prefix).unwrap_or(&s.session);
+            let e = by_name.entry(name).or_insert_with(|| BusySession {
+                name: name.to_owned(),
+                shards: 0,
+                users: 0,
+            });
+            e.shards += 1;
+            e.users += u64::from(s.users);
+        }
+        status.active_sessions = Some(u32::try_from(by_name.len()).unwrap_or(u32::MAX));
+        let mut busiest: Vec<BusySession> = by_name.into_values().collect();
+        busiest.sort_by(|a, b| b.users.cmp(&a.users).then(a.name.cmp(&b.name)));
+        busiest.truncate(10);
+        status.busiest = busiest;
+    }
+    status
+}
+
+/// The status of `pool` after `plan`.
+pub fn pool_status(pool: &ReflectorPool, plan: &Plan, now: Seconds) -> ReflectorPoolStatus {
+    let id = pool_id(&pool.namespace().unwrap_or_default(), &pool.name_any());
+    let generation = pool.metadata.generation;
+    let previous = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let mut regions = Vec::new();
+    for r in plan.regions.iter().filter(|r| r.pool == id) {
+        let cap = pool
+            .spec
+            .resolved_region(&r.region)
+            .map(|r| r.capacity)
+            .unwrap_or_default();
+        regions.push(RegionStatus {
+            name: r.region.clone(),
+            ready: r.ready,
+            starting: r.starting,
+            draining: r.draining,
+            desired: r.desired,
+            capacity: CapacityTotals {
+                sessions: u64::from(r.ready) * u64::from(cap.sessions),
+                users: u64::from(r.ready) * u64::from(cap.users),
+            },
+            used: CapacityTotals {
+                sessions: r.committed_shards,
+                users: r.committed_users,
+            },
+        });
+    }
+    let scaling = plan
+        .regions
+        .iter()
+        .filter(|r| r.pool == id)
+        .any(|r| r.ready < r.desired || r.starting > 0 || r.create > 0);
+    let exhausted = plan.decisions.iter().any(|d| {
+        matches!(d, Decision::SessionDegraded { reason: Reason::CapacityExhausted, session, .. }
+            if session.starts_with(&format!("{}/", pool.namespace().unwrap_or_default())))
+    });
+    let conditions = vec![
+        condition(
+            previous,
+            CONDITION_READY,
+            !scaling,
+            if scaling {
+                Reason::ScalingUp
+            } else {
+                Reason::AsExpected
+            },
+            if scaling {
+                "reflectors are starting".to_owned()
+            } else {
+                "every region has its reflectors".to_owned()
+            },
+            generation,
+            now,
+        ),
+        condition(
+            previous,
+            CONDITION_PROGRESSING,
+            scaling,
+            if scaling {
+                Reason::ScalingUp
+            } else {
+                Reason::AsExpected
+            },
+            if scaling {
+                "reflectors are starting".to_owned()
+            } else {
+                "nothing to do".to_owned()
+            },
+            generation,
+            now,
+        ),
+        if exhausted {
+            condition(
+                previous,
+                CONDITION_DEGRADED,
+                true,
+                Reason::CapacityExhausted,
+                "a session found no region with room and every allowed region is at maxReflectors"
+                    .to_owned(),
+                generation,
+                now,
+            )
+        } else {
+            condition(
+                previous,
+                CONDITION_DEGRADED,
+                false,
+                Reason::AsExpected,
+                "no problem found".to_owned(),
+                generation,
+                now,
+            )
+        },
+    ];
+    let ready: u32 = regions.iter().map(|r| r.ready).sum();
+    let draining: u32 = regions.iter().map(|r| r.draining).sum();
+    let used: u64 = regions.iter().map(|r| r.used.users).sum();
+    let cap: u64 = regions.iter().map(|r| r.capacity.users).sum();
+    let summary = PoolSummary {
+        regions: pool
+            .spec
+            .regions
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        ready,
+        draining,
+        users: format!("{used}/{cap}"),
+    };
+    ReflectorPoolStatus {
+        observed_generation: generation,
+        conditions,
+        regions,
+        summary: Some(summary),
+    }
+}
