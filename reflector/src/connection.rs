@@ -328,6 +328,7 @@ async fn write_batch(
 ) -> Step {
     let mut next = Some(first);
     let mut written = 0;
+    let mut yielded = false;
     while let Some(item) = next.take() {
         match item {
             Out::Frame(text) => {
@@ -346,6 +347,13 @@ async fn write_batch(
         written += 1;
         if written < WRITE_BATCH {
             next = inbox.try_recv();
+            if next.is_none() && !yielded {
+                // Let the session finish fanning out its batch so that one write carries
+                // several frames instead of one syscall per frame.
+                yielded = true;
+                tokio::task::yield_now().await;
+                next = inbox.try_recv();
+            }
         }
     }
     if sink.flush().await.is_err() {

@@ -23,8 +23,9 @@ use crate::session::Context;
 use crate::session::core::Settings;
 use crate::storage::{Storage, StorageError};
 
-/// Per-connection WebSocket read buffer; small, so that idle connections stay cheap.
-const READ_BUFFER: usize = 8 * 1024;
+/// Per-connection WebSocket read buffer; small, so that idle connections stay cheap (client
+/// frames are small; a larger one just takes a few more reads).
+const READ_BUFFER: usize = 4 * 1024;
 /// Bytes gathered before tungstenite writes to the socket (we also flush once per batch).
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -104,6 +105,14 @@ impl Reflector {
             registry.wait_all().await;
             tracing::info!("drained");
         };
+        // Frames are small and latency matters more than packet count: without TCP_NODELAY a
+        // lone RECV can wait ~40 ms for the peer's delayed ACK. Writers batch on their own.
+        let listener =
+            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+            });
         axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

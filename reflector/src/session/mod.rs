@@ -98,7 +98,8 @@ pub(crate) async fn run(
     let mut reported_users = usize::MAX;
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
-    let mut buf: Vec<Command> = Vec::with_capacity(BATCH);
+    // Grows up to BATCH under load; small for the many quiet sessions.
+    let mut buf: Vec<Command> = Vec::with_capacity(8);
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);
     let drained = loop {
