@@ -78,6 +78,7 @@ pub struct OperatorArgs {
 /// Runs the operator until SIGTERM or Ctrl-C.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
+    crate::controller::install_crypto_provider();
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;

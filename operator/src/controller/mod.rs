@@ -120,6 +120,13 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// Selects rustls' `ring` crypto provider for the process (the dependency graph enables more
+/// than one, so rustls cannot pick by itself). Call before creating a [`Client`]; repeated
+/// calls are harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Unix time in seconds.
 pub fn unix_now() -> Seconds {
     std::time::SystemTime::now()

@@ -1,0 +1,352 @@
+//! Against a real kube-apiserver + etcd (scripts/kube-local): the CRDs install and become
+//! Established, a CEL rule rejects a bad Session with its message, and the operator —
+//! impersonating a ServiceAccount bound to exactly the chart's ClusterRole — creates a
+//! pool's reflector pod and gives a Session its shard, status and Events, with no Forbidden.
+//!
+//! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
+use refleet_operator::controller::observe::NoLoad;
+use refleet_operator::crd::{ReflectorPool, Session, all_crds};
+use serde_json::json;
+
+struct KubeLocal {
+    dir: PathBuf,
+    repo: PathBuf,
+}
+
+impl Drop for KubeLocal {
+    fn drop(&mut self) {
+        let _ = Command::new(self.repo.join("scripts/kube-local/stop.sh"))
+            .arg("--clean")
+            .env("REFLEET_KUBE_DIR", &self.dir)
+            .status();
+    }
+}
+
+fn start_kube() -> Option<(KubeLocal, PathBuf)> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let cache = std::env::var("REFLEET_KUBE_CACHE").map_or_else(
+        |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/refleet/kube"),
+        PathBuf::from,
+    );
+    let have = ["etcd", "kube-apiserver"]
+        .iter()
+        .all(|b| cache.join("bin").join(b).exists());
+    if !have {
+        if std::env::var("REFLEET_REQUIRE_KUBE").as_deref() == Ok("1") {
+            panic!("kube-apiserver/etcd missing under {}", cache.display());
+        }
+        eprintln!("SKIP: kube-apiserver/etcd not built (scripts/kube-local/build.sh)");
+        return None;
+    }
+    let pid = std::process::id();
+    let base = 20000 + (pid % 9000) * 4;
+    let dir = std::env::temp_dir().join(format!("refleet-kube-test-{pid}"));
+    let out = Command::new(repo.join("scripts/kube-local/start.sh"))
+        .env("REFLEET_KUBE_DIR", &dir)
+        .env("APISERVER_PORT", base.to_string())
+        .env("ETCD_PORT", (base + 1).to_string())
+        .output()
+        .expect("running start.sh");
+    let guard = KubeLocal { dir, repo };
+    assert!(
+        out.status.success(),
+        "start.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kubeconfig = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    Some((guard, kubeconfig))
+}
+
+async fn config(kubeconfig: &Path) -> Config {
+    let kc = Kubeconfig::read_from(kubeconfig).unwrap();
+    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap()
+}
+
+async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The chart's ClusterRole rules (the plain YAML after `rules:`).
+fn chart_rules() -> Vec<PolicyRule> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/refleet/templates/clusterrole.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text.find("\nrules:\n").expect("rules: in the ClusterRole") + 1;
+    let rules: String = text[start..]
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("{{"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    #[derive(serde::Deserialize)]
+    struct Rules {
+        rules: Vec<PolicyRule>,
+    }
+    let parsed: Rules = serde_saphyr::from_str(&rules).unwrap();
+    parsed.rules
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() {
+    let Some((_kube, kubeconfig)) = start_kube() else {
+        return;
+    };
+    let started = Instant::now();
+    refleet_operator::controller::install_crypto_provider();
+    let admin_config = config(&kubeconfig).await;
+    let admin = Client::try_from(admin_config.clone()).unwrap();
+
+    // CRDs install and become Established.
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    for (_, crd) in all_crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(
+            &name,
+            &PatchParams::apply("refleet-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+        eventually(
+            &format!("{name} Established"),
+            Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let c = crds.get(&name).await.ok()?;
+                    c.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    let ns = "refleet-it";
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    // A CEL rule rejects a bad Session with its message.
+    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
+    let bad: Session = serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "bad"},
+        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby", "scaleUpThreshold": 1.5}
+    }))
+    .unwrap();
+    let err = eventually("the CEL rule to apply", Duration::from_secs(20), || {
+        let sessions = sessions.clone();
+        let bad = bad.clone();
+        async move { sessions.create(&PostParams::default(), &bad).await.err() }
+    })
+    .await;
+    assert!(
+        err.to_string()
+            .contains("scaleUpThreshold must be greater than 0 and at most 1"),
+        "{err}"
+    );
+
+    // The chart's RBAC, bound to a ServiceAccount the operator impersonates.
+    let sa: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    sa.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "refleet-operator"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let role = ClusterRole {
+        metadata: serde_json::from_value(json!({"name": "refleet-it-operator"})).unwrap(),
+        rules: Some(chart_rules()),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "refleet-it-operator"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "refleet-it-operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "refleet-operator", "namespace": ns}]
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let mut op_config = admin_config.clone();
+    op_config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:refleet-operator"));
+    let operator = Client::try_from(op_config).unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = listener.local_addr().unwrap();
+    let args = OperatorArgs {
+        namespaces: vec![ns.to_owned()],
+        lease_name: "refleet-operator".to_owned(),
+        lease_namespace: Some(ns.to_owned()),
+        identity: Some("it-0".to_owned()),
+        lease_duration: Duration::from_secs(6).into(),
+        lease_renew_before: Duration::from_secs(2).into(),
+        metrics_listen: metrics_addr,
+        resync: Duration::from_secs(1).into(),
+        log_format: LogFormat::Text,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let op = tokio::spawn(serve(
+        operator,
+        args,
+        listener,
+        Arc::new(NoLoad),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // A pool and a Session.
+    let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
+    let pool: ReflectorPool = serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "ReflectorPool",
+        "metadata": {"name": "arena"},
+        "spec": {
+            "defaults": {"image": "refleet-reflector:it", "warmBuffer": 0},
+            "regions": [{"name": "eu"}],
+            "files": {"publicURL": "http://files.test/"},
+            "reflectorURL": {"template": "ws://{pod}.test/"},
+            "drainGracePeriodSeconds": 5
+        }
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let session: Session = serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "lobby"},
+        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby"}
+    }))
+    .unwrap();
+    sessions
+        .create(&PostParams::default(), &session)
+        .await
+        .unwrap();
+
+    // The pool gets its pod; the test stands in for the kubelet and marks it ready.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let pod = eventually("the reflector pod", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move { pods.get_opt("arena-eu-0").await.ok().flatten() }
+    })
+    .await;
+    assert_eq!(
+        pod.metadata.owner_references.unwrap()[0].kind,
+        "ReflectorPool"
+    );
+    let status = json!({"status": {
+        "phase": "Running", "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True"}]
+    }});
+    pods.patch_status(
+        "arena-eu-0",
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
+    .await
+    .unwrap();
+
+    // The Session gets its shard, status and conditions.
+    let placed = eventually("the session's shard", Duration::from_secs(30), || {
+        let sessions = sessions.clone();
+        async move {
+            let s = sessions.get("lobby").await.ok()?;
+            let st = s.status?;
+            let ready = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && st.shards.first()?.reflector == "arena-eu-0").then_some(st)
+        }
+    })
+    .await;
+    assert_eq!(placed.shards[0].name, "lobby");
+    assert_eq!(placed.observed_generation, Some(1));
+    let pool_status = eventually("the pool's status", Duration::from_secs(30), || {
+        let pools = pools.clone();
+        async move {
+            let p = pools.get("arena").await.ok()?;
+            let st = p.status?;
+            (st.regions.first()?.ready == 1).then_some(st)
+        }
+    })
+    .await;
+    assert_eq!(pool_status.regions[0].used.sessions, 1);
+
+    // Events for the decisions.
+    let events: Api<Event> = Api::namespaced(admin.clone(), ns);
+    eventually("a ShardOpened Event", Duration::from_secs(10), || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("ShardOpened"))
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Nothing was Forbidden, and the operator says it leads.
+    let body = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!body.contains("error=\"forbidden\""), "{body}");
+    assert!(body.contains("refleet_operator_leader 1"), "{body}");
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), op)
+        .await
+        .expect("operator stops")
+        .unwrap()
+        .unwrap();
+    eprintln!("kube test took {:?}", started.elapsed());
+}
