@@ -16,13 +16,12 @@ use serde::Deserialize;
 use super::pod::{LABEL_REGION, LABEL_STATE, REFLECTOR_PORT, STATE_DRAINING};
 use crate::planner::ReflectorState;
 
-/// One Croquet session a reflector hosts, as it reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// One Croquet session a reflector hosts.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostedSession {
     /// Croquet appId.
     pub app_id: String,
-    /// Session (shard) name.
+    /// Session (shard) name: the JOIN's name without its `<appId>/` prefix.
     pub name: String,
     /// Connected users.
     pub users: u32,
@@ -30,13 +29,60 @@ pub struct HostedSession {
 
 /// A reflector's report: the sessions it hosts.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "WireLoad")]
 pub struct ReflectorLoad {
     /// Whether the reflector says it is draining.
-    #[serde(default)]
     pub draining: bool,
     /// Hosted sessions.
-    #[serde(default)]
     pub sessions: Vec<HostedSession>,
+}
+
+/// `GET /sessions` as the reflector sends it.
+#[derive(Deserialize)]
+struct WireLoad {
+    #[serde(default)]
+    draining: bool,
+    #[serde(default)]
+    sessions: Vec<WireSession>,
+}
+
+/// One entry of `GET /sessions`: `name` is the JOIN's `<appId>/<session name>`; `name` and
+/// `appId` are null for a session whose JOIN did not say them.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireSession {
+    #[serde(default)]
+    app_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    users: u32,
+}
+
+impl From<WireLoad> for ReflectorLoad {
+    fn from(wire: WireLoad) -> Self {
+        let sessions = wire
+            .sessions
+            .into_iter()
+            .filter_map(|s| {
+                let app_id = s.app_id?;
+                let name = s.name?;
+                let shard = name
+                    .strip_prefix(app_id.as_str())
+                    .and_then(|rest| rest.strip_prefix('/'))?
+                    .to_owned();
+                Some(HostedSession {
+                    app_id,
+                    name: shard,
+                    users: s.users,
+                })
+            })
+            .collect();
+        Self {
+            draining: wire.draining,
+            sessions,
+        }
+    }
 }
 
 /// Where the controllers get each reflector's load from.
@@ -174,4 +220,39 @@ pub async fn read_loads(source: &dyn LoadSource, pods: &[Pod]) -> LoadByPod {
         .into_iter()
         .filter_map(|(name, load)| load.map(|l| (name, l)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn reads_the_reflectors_sessions_report() {
+        let load: ReflectorLoad = serde_json::from_value(serde_json::json!({
+            "region": "eu", "draining": false,
+            "sessions": [
+                {"sessionId": "s1", "name": "app/lobby", "appId": "app", "persistentId": "p", "users": 3},
+                {"sessionId": "s2", "name": "app/lobby~1", "appId": "app", "persistentId": "p", "users": 1},
+                {"sessionId": "s3", "name": null, "appId": null, "persistentId": null, "users": 0},
+                {"sessionId": "s4", "name": "other/x", "appId": "app", "persistentId": "p", "users": 2}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            load.sessions,
+            vec![
+                HostedSession {
+                    app_id: "app".into(),
+                    name: "lobby".into(),
+                    users: 3
+                },
+                HostedSession {
+                    app_id: "app".into(),
+                    name: "lobby~1".into(),
+                    users: 1
+                },
+            ]
+        );
+    }
 }

@@ -1,0 +1,641 @@
+//! Against a real kube-apiserver + etcd (scripts/kube-local), each test on its own:
+//!
+//! - two operator instances on one Lease elect exactly one leader; when it stops, the other
+//!   takes over within the lease duration and reconciles a pool created after the handover;
+//! - a kubelet stand-in runs a real `refleet-reflector` process per reflector pod (on its
+//!   own loopback address), the operator reads their load with `HttpLoad`, and real
+//!   protocol-level clients joining shard 0 past the Session's threshold make the operator
+//!   record the users and open shard `<name>~1`.
+//!
+//! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
+use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
+use refleet_operator::controller::observe::{HttpLoad, LoadSource, NoLoad};
+use refleet_operator::crd::{ReflectorPool, Session, all_crds};
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::Message;
+
+// ---------------------------------------------------------------------------------------
+// kube-apiserver + etcd
+
+struct KubeLocal {
+    dir: PathBuf,
+    repo: PathBuf,
+}
+
+impl Drop for KubeLocal {
+    fn drop(&mut self) {
+        let _ = Command::new(self.repo.join("scripts/kube-local/stop.sh"))
+            .arg("--clean")
+            .env("REFLEET_KUBE_DIR", &self.dir)
+            .status();
+    }
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+}
+
+/// A base port with `base..base+3` free (apiserver, etcd client, etcd peer), derived from
+/// the pid and `salt` so concurrent test processes and tests pick different ones.
+fn free_base(salt: u32) -> u16 {
+    let pid = std::process::id();
+    for attempt in 0..500u32 {
+        let slot = (pid.wrapping_mul(7) + salt * 4099 + attempt * 97) % 8000;
+        let base = u16::try_from(22000 + slot * 4).unwrap();
+        if (base..base + 3).all(port_free) {
+            return base;
+        }
+    }
+    panic!("no free ports for kube-apiserver/etcd");
+}
+
+/// Starts a kube-apiserver + etcd of this test (`tag`); `None` when the binaries are missing.
+fn start_kube(tag: &str, salt: u32) -> Option<(KubeLocal, PathBuf)> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let cache = std::env::var("REFLEET_KUBE_CACHE").map_or_else(
+        |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/refleet/kube"),
+        PathBuf::from,
+    );
+    let have = ["etcd", "kube-apiserver"]
+        .iter()
+        .all(|b| cache.join("bin").join(b).exists());
+    if !have {
+        if std::env::var("REFLEET_REQUIRE_KUBE").as_deref() == Ok("1") {
+            panic!("kube-apiserver/etcd missing under {}", cache.display());
+        }
+        eprintln!("SKIP: kube-apiserver/etcd not built (scripts/kube-local/build.sh)");
+        return None;
+    }
+    let base = free_base(salt);
+    let dir = std::env::temp_dir().join(format!("refleet-kube-fleet-{}-{tag}", std::process::id()));
+    let out = Command::new(repo.join("scripts/kube-local/start.sh"))
+        .env("REFLEET_KUBE_DIR", &dir)
+        .env("APISERVER_PORT", base.to_string())
+        .env("ETCD_PORT", (base + 1).to_string())
+        .output()
+        .expect("running start.sh");
+    let guard = KubeLocal { dir, repo };
+    assert!(
+        out.status.success(),
+        "start.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kubeconfig = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    Some((guard, kubeconfig))
+}
+
+async fn admin_client(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Installs the CRDs (waiting until Established) and creates namespace `ns`.
+async fn prepare(admin: &Client, ns: &str) {
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    for (_, crd) in all_crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(
+            &name,
+            &PatchParams::apply("refleet-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+        eventually(
+            &format!("{name} Established"),
+            Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let c = crds.get(&name).await.ok()?;
+                    c.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    Api::<Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// In-process operators
+
+struct Operator {
+    identity: String,
+    metrics: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Operator {
+    async fn start(
+        client: Client,
+        ns: &str,
+        identity: &str,
+        lease_duration: Duration,
+        load: Arc<dyn LoadSource>,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = listener.local_addr().unwrap();
+        let args = OperatorArgs {
+            namespaces: vec![ns.to_owned()],
+            lease_name: "refleet-operator".to_owned(),
+            lease_namespace: Some(ns.to_owned()),
+            identity: Some(identity.to_owned()),
+            lease_duration: lease_duration.into(),
+            lease_renew_before: Duration::from_secs(1).into(),
+            metrics_listen: metrics,
+            resync: Duration::from_secs(1).into(),
+            log_format: LogFormat::Text,
+        };
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(client, args, listener, load, async move {
+            let _ = stop_rx.await;
+        }));
+        Self {
+            identity: identity.to_owned(),
+            metrics,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn metrics_text(&self) -> Option<String> {
+        reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    }
+
+    /// `refleet_operator_leader` as this instance reports it.
+    async fn leader_gauge(&self) -> Option<f64> {
+        let text = self.metrics_text().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("refleet_operator_leader "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Stops the instance (it releases the Lease) and waits for it.
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
+            .await
+            .expect("operator stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn lease_holder(admin: &Client, ns: &str) -> Option<String> {
+    let lease = Api::<Lease>::namespaced(admin.clone(), ns)
+        .get_opt("refleet-operator")
+        .await
+        .ok()??;
+    lease.spec?.holder_identity
+}
+
+fn pool(name: &str) -> ReflectorPool {
+    serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "ReflectorPool",
+        "metadata": {"name": name},
+        "spec": {
+            "defaults": {"image": "refleet-reflector:it", "warmBuffer": 0},
+            "regions": [{"name": "eu"}],
+            "files": {"publicURL": "http://files.test/"},
+            "reflectorURL": {"template": "ws://{pod}.test/"},
+            "drainGracePeriodSeconds": 5
+        }
+    }))
+    .unwrap()
+}
+
+async fn wait_pod(pods: &Api<Pod>, name: &str, timeout: Duration) -> Pod {
+    eventually(&format!("pod {name}"), timeout, || {
+        let pods = pods.clone();
+        async move { pods.get_opt(name).await.ok().flatten() }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_hands_over_to_the_standby_which_then_reconciles() {
+    let Some((_kube, kubeconfig)) = start_kube("lease", 1) else {
+        return;
+    };
+    let started = Instant::now();
+    refleet_operator::controller::install_crypto_provider();
+    let admin = admin_client(&kubeconfig).await;
+    let ns = "refleet-lease";
+    prepare(&admin, ns).await;
+    let lease_duration = Duration::from_secs(4);
+
+    let a = Operator::start(admin.clone(), ns, "it-a", lease_duration, Arc::new(NoLoad)).await;
+    let b = Operator::start(admin.clone(), ns, "it-b", lease_duration, Arc::new(NoLoad)).await;
+
+    // Exactly one leads: the Lease names it and only its gauge says 1.
+    let holder = eventually("a leader", Duration::from_secs(20), || {
+        let admin = admin.clone();
+        let (a, b) = (&a, &b);
+        async move {
+            let holder = lease_holder(&admin, ns).await?;
+            let (ga, gb) = (a.leader_gauge().await?, b.leader_gauge().await?);
+            let want = |op: &Operator| if op.identity == holder { 1.0 } else { 0.0 };
+            (ga == want(a) && gb == want(b)).then_some(holder)
+        }
+    })
+    .await;
+    // It stays exactly one over a few renewals.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(lease_holder(&admin, ns).await.as_deref(), Some(&*holder));
+        let gauges = (a.leader_gauge().await, b.leader_gauge().await);
+        assert!(
+            matches!(gauges, (Some(1.0), Some(0.0)) | (Some(0.0), Some(1.0))),
+            "{gauges:?}"
+        );
+    }
+    let (leader, standby) = if a.identity == holder { (a, b) } else { (b, a) };
+
+    // The leader reconciles.
+    let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    pools
+        .create(&PostParams::default(), &pool("first"))
+        .await
+        .unwrap();
+    wait_pod(&pods, "first-eu-0", Duration::from_secs(20)).await;
+
+    // Stop the leader: the standby takes over within the lease duration.
+    let stopped = Instant::now();
+    leader.stop().await;
+    eventually("the standby to lead", lease_duration, || {
+        let admin = admin.clone();
+        let standby = &standby;
+        async move {
+            let holder = lease_holder(&admin, ns).await?;
+            (holder == standby.identity && standby.leader_gauge().await? == 1.0).then_some(())
+        }
+    })
+    .await;
+    let handover = stopped.elapsed();
+    assert!(handover < lease_duration, "handover took {handover:?}");
+
+    // The new leader reconciles: a pool created after the handover gets its pod, and the
+    // old pool keeps its one pod.
+    pools
+        .create(&PostParams::default(), &pool("second"))
+        .await
+        .unwrap();
+    let pod = wait_pod(&pods, "second-eu-0", Duration::from_secs(20)).await;
+    assert_eq!(
+        pod.metadata.owner_references.unwrap()[0].name,
+        "second",
+        "owned by its pool"
+    );
+    let first: Vec<String> = pods
+        .list(&ListParams::default().labels("refleet.dev/pool=first"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    assert_eq!(first, vec!["first-eu-0".to_owned()]);
+    let body = standby.metrics_text().await.unwrap();
+    assert!(
+        !body.contains("refleet_operator_reconcile_errors_total{"),
+        "{body}"
+    );
+
+    standby.stop().await;
+    eprintln!(
+        "handover in {handover:?}; lease test took {:?}",
+        started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubelet stand-in with real reflector processes
+
+/// The reflector processes this test started; all killed on drop.
+#[derive(Default)]
+struct Reflectors {
+    children: Mutex<Vec<tokio::process::Child>>,
+}
+
+impl Drop for Reflectors {
+    fn drop(&mut self) {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        for child in children.iter_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+fn reflector_binary() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| repo.join("target"), PathBuf::from);
+    let bin = target.join("debug/refleet-reflector");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "refleet-reflector"])
+            .current_dir(repo)
+            .status()
+            .expect("cargo build -p refleet-reflector");
+        assert!(status.success(), "building refleet-reflector failed");
+    }
+    bin
+}
+
+/// Starts a reflector on `addr` and returns once it prints its `box:` line.
+async fn start_reflector(bin: &Path, addr: SocketAddr, storage: &Path) -> tokio::process::Child {
+    let mut child = tokio::process::Command::new(bin)
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--storage",
+            storage.to_str().unwrap(),
+            "--region",
+            "eu",
+            "--drain-timeout",
+            "1s",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning refleet-reflector");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("box:") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready, Ok(true), "reflector on {addr} did not start");
+    // Keep reading its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// Stands in for the kubelet: every reflector pod of `ns` gets a reflector process on its
+/// own loopback address `127.0.0.(10+i)` and `port`, then a Running/Ready status with that
+/// podIP. Returns each pod's address as it goes.
+async fn kubelet(
+    pods: Api<Pod>,
+    reflectors: Arc<Reflectors>,
+    addrs: Arc<Mutex<HashMap<String, SocketAddr>>>,
+    port: u16,
+    storage: PathBuf,
+) {
+    let bin = reflector_binary();
+    loop {
+        let list = pods.list(&ListParams::default()).await;
+        for pod in list.into_iter().flat_map(|l| l.items) {
+            let name = pod.name_any();
+            if pod.metadata.deletion_timestamp.is_some()
+                || addrs.lock().unwrap().contains_key(&name)
+            {
+                continue;
+            }
+            let i = u8::try_from(addrs.lock().unwrap().len()).unwrap();
+            let ip = Ipv4Addr::new(127, 0, 0, 10 + i);
+            let addr = SocketAddr::from((ip, port));
+            let child = start_reflector(&bin, addr, &storage.join(&name)).await;
+            reflectors.children.lock().unwrap().push(child);
+            let status = json!({"status": {
+                "phase": "Running", "podIP": ip.to_string(),
+                "conditions": [{"type": "Ready", "status": "True"}]
+            }});
+            pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                .await
+                .unwrap();
+            addrs.lock().unwrap().insert(name, addr);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A protocol-level client: connects to `ws://addr/reflector/<id>`, JOINs as `user` under
+/// `<app>/<name>` and waits for SYNC. Returns the socket (the caller keeps it open).
+async fn join(addr: SocketAddr, id: &str, app: &str, name: &str, user: &str) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/reflector/{id}"))
+        .await
+        .expect("connect");
+    let args = json!({
+        "name": format!("{app}/{name}"), "apiKey": "none", "appId": app,
+        "persistentId": format!("pid-{name}"), "developerId": "unknown_dev_id", "version": 1,
+        "user": user, "ticks": {"tick": 1000, "delay": 0}, "tove": "TOVE",
+        "codeHash": "code1", "sdk": "1.1.0"
+    });
+    ws.send(Message::text(
+        json!({"id": id, "action": "JOIN", "args": args}).to_string(),
+    ))
+    .await
+    .expect("send JOIN");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(msg) = ws.next().await {
+            if let Ok(Message::Text(t)) = msg {
+                let v: Value = serde_json::from_str(&t).unwrap_or_default();
+                if v["action"] == "SYNC" {
+                    return;
+                }
+            }
+        }
+        panic!("{user}: closed before SYNC");
+    })
+    .await
+    .expect("SYNC in time");
+    ws
+}
+
+/// Keeps reading `ws` (TICKs etc.) so the reflector never sees a stuck client.
+fn keep_reading(mut ws: Ws) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshold() {
+    let Some((_kube, kubeconfig)) = start_kube("fleet", 2) else {
+        return;
+    };
+    let started = Instant::now();
+    refleet_operator::controller::install_crypto_provider();
+    let admin = admin_client(&kubeconfig).await;
+    let ns = "refleet-fleet";
+    prepare(&admin, ns).await;
+
+    // One port for every reflector (each on its own address), free on this machine now.
+    let port = std::net::TcpListener::bind("127.0.0.10:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let storage = tempfile_dir();
+    let reflectors = Arc::new(Reflectors::default());
+    let addrs = Arc::new(Mutex::new(HashMap::new()));
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let kubelet = tokio::spawn(kubelet(
+        pods.clone(),
+        reflectors.clone(),
+        addrs.clone(),
+        port,
+        storage.clone(),
+    ));
+
+    let op = Operator::start(
+        admin.clone(),
+        ns,
+        "it-fleet",
+        Duration::from_secs(6),
+        Arc::new(HttpLoad::with_port(port)),
+    )
+    .await;
+
+    let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
+    pools
+        .create(&PostParams::default(), &pool("arena"))
+        .await
+        .unwrap();
+    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
+    let session: Session = serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "lobby"},
+        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
+                 "maxUsersPerShard": 4, "scaleUpThreshold": 0.75}
+    }))
+    .unwrap();
+    sessions
+        .create(&PostParams::default(), &session)
+        .await
+        .unwrap();
+
+    // Shard 0 is placed on a running reflector.
+    let reflector = eventually("shard 0 placed", Duration::from_secs(30), || {
+        let sessions = sessions.clone();
+        async move {
+            let st = sessions.get("lobby").await.ok()?.status?;
+            let shard = st.shards.iter().find(|s| s.name == "lobby")?;
+            (!shard.reflector.is_empty()).then(|| shard.reflector.clone())
+        }
+    })
+    .await;
+    let addr = eventually("the reflector's address", Duration::from_secs(20), || {
+        let addrs = addrs.clone();
+        let reflector = reflector.clone();
+        async move { addrs.lock().unwrap().get(&reflector).copied() }
+    })
+    .await;
+
+    // Real clients join shard 0 until it reaches the threshold (0.75 × 4 = 3 users).
+    let mut clients = Vec::new();
+    for u in 0..3 {
+        let ws = join(addr, "lobby-0", "app", "lobby", &format!("user-{u}")).await;
+        clients.push(keep_reading(ws));
+    }
+
+    // The operator sees the users and opens shard `lobby~1`.
+    let status = eventually("users and a second shard", Duration::from_secs(30), || {
+        let sessions = sessions.clone();
+        async move {
+            let st = sessions.get("lobby").await.ok()?.status?;
+            let zero = st.shards.iter().find(|s| s.name == "lobby")?;
+            (zero.users == 3 && st.shards.iter().any(|s| s.name == "lobby~1")).then_some(st)
+        }
+    })
+    .await;
+    assert_eq!(status.users, 3, "{status:?}");
+    assert_eq!(status.shard_count, 2, "{status:?}");
+    let body = op.metrics_text().await.unwrap();
+    assert!(
+        body.contains(
+            "refleet_operator_session_users{namespace=\"refleet-fleet\",session=\"lobby\"} 3"
+        ),
+        "{body}"
+    );
+
+    for c in clients {
+        c.abort();
+    }
+    op.stop().await;
+    kubelet.abort();
+    drop(reflectors);
+    let _ = std::fs::remove_dir_all(&storage);
+    eprintln!("fleet test took {:?}", started.elapsed());
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("refleet-kube-fleet-{}-data", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
