@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
+use futures_util::future::BoxFuture;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -82,11 +83,37 @@ pub fn classify<'a>(segments: &[&'a str]) -> Option<Upload<'a>> {
     }
 }
 
+/// Decides whether an upload may be stored: whether a session with a connected client owns
+/// its path. A reflector asks its own session registry; `refleet up` asks its whole fleet.
+pub trait UploadGate: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether `upload` belongs to a session that has a connected client right now.
+    fn allows<'a>(&'a self, upload: &'a Upload<'a>) -> BoxFuture<'a, bool>;
+}
+
+impl UploadGate for Registry {
+    fn allows<'a>(&'a self, upload: &'a Upload<'a>) -> BoxFuture<'a, bool> {
+        let allowed = match upload {
+            Upload::Snapshot {
+                app_id,
+                persistent_id,
+                session_id,
+            } => self.has_live(app_id, persistent_id, Some(session_id)),
+            Upload::Persisted {
+                app_id,
+                persistent_id,
+            } => self.has_live(app_id, persistent_id, None),
+            Upload::KeylessSnapshot { session_id } => self.is_live(session_id),
+        };
+        Box::pin(std::future::ready(allowed))
+    }
+}
+
 /// Everything the files endpoint needs.
 #[derive(Debug, Clone)]
 pub struct Files {
     pub storage: Storage,
-    pub registry: Arc<Registry>,
+    /// Who may upload.
+    pub gate: Arc<dyn UploadGate>,
     pub metrics: Metrics,
     pub max_upload_bytes: usize,
 }
@@ -222,20 +249,7 @@ impl Files {
                 "uploads are accepted only at snapshot and persisted-data paths",
             );
         };
-        let allowed = match &kind {
-            Upload::Snapshot {
-                app_id,
-                persistent_id,
-                session_id,
-            } => self
-                .registry
-                .has_live(app_id, persistent_id, Some(session_id)),
-            Upload::Persisted {
-                app_id,
-                persistent_id,
-            } => self.registry.has_live(app_id, persistent_id, None),
-            Upload::KeylessSnapshot { session_id } => self.registry.is_live(session_id),
-        };
+        let allowed = self.gate.allows(&kind).await;
         if !allowed {
             return plain(
                 StatusCode::FORBIDDEN,

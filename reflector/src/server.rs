@@ -64,7 +64,7 @@ impl Reflector {
         let registry = Registry::new(ctx);
         let files = Files {
             storage,
-            registry: registry.clone(),
+            gate: registry.clone(),
             metrics: metrics.clone(),
             max_upload_bytes: limits.max_upload_bytes,
         };

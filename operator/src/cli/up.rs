@@ -15,7 +15,7 @@ use anyhow::Context;
 use crate::local::config::{LocalConfig, LocalSettings};
 use crate::local::fleet::{Fleet, PoolRuntime};
 use crate::local::launcher::{ProcessLauncher, ProcessSettings};
-use crate::local::server::{Published, Server, http_client};
+use crate::local::server::{Published, Server};
 use crate::local::table;
 
 /// Arguments of `refleet up`.
@@ -118,12 +118,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
 
     let shared = Arc::new(RwLock::new(Published::default()));
-    let server = Server {
-        shared: shared.clone(),
-        storage,
-        max_upload_bytes,
-        http: http_client(),
-    };
+    let server = Server::new(shared.clone(), storage, max_upload_bytes);
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(async move {
         axum::serve(listener, server.router())

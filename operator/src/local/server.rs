@@ -10,13 +10,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use refleet_reflector::files::{Upload, classify, valid_segments};
-use refleet_reflector::storage::{PutOutcome, Storage, StorageError};
+use futures_util::future::BoxFuture;
+use refleet_reflector::files::{Files, Upload, UploadGate};
+use refleet_reflector::storage::Storage;
 use serde::Deserialize;
 
 use super::fleet::Status;
@@ -34,17 +34,47 @@ pub struct Published {
 /// State shared by the fleet loop (writer) and the server (reader).
 pub type Shared = Arc<RwLock<Published>>;
 
+fn read<T>(shared: &Shared, f: impl FnOnce(&Published) -> T) -> T {
+    let guard = shared
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    f(&guard)
+}
+
 /// Everything the server needs.
 #[derive(Clone)]
 pub struct Server {
     /// Published by the fleet loop.
     pub shared: Shared,
-    /// The pool's storage.
-    pub storage: Storage,
-    /// Largest upload, in bytes.
-    pub max_upload_bytes: usize,
+    /// The pool's files endpoint: the reflector's own handler, gated by [`FleetGate`].
+    pub files: Files,
+}
+
+/// Accepts an upload when a session with connected users on any reflector of the fleet owns
+/// its path.
+#[derive(Debug, Clone)]
+pub struct FleetGate {
+    /// Published by the fleet loop.
+    pub shared: Shared,
     /// For the fresh `/sessions` poll before refusing an upload.
     pub http: reqwest::Client,
+}
+
+impl Server {
+    /// A server for the fleet's shared state, serving `/files/` from `storage`.
+    pub fn new(shared: Shared, storage: Storage, max_upload_bytes: usize) -> Self {
+        let gate = FleetGate {
+            shared: shared.clone(),
+            http: http_client(),
+        };
+        let files = Files {
+            storage,
+            gate: Arc::new(gate),
+            metrics: refleet_reflector::metrics::Metrics::new("local"),
+            max_upload_bytes,
+        };
+        Self { shared, files }
+    }
 }
 
 impl Server {
@@ -65,11 +95,13 @@ impl Server {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Published) -> T) -> T {
-        let guard = self
-            .shared
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&guard)
+        read(&self.shared, f)
+    }
+}
+
+impl FleetGate {
+    fn read<T>(&self, f: impl FnOnce(&Published) -> T) -> T {
+        read(&self.shared, f)
     }
 
     /// Whether some reflector has a session with users owning this upload path.
@@ -117,6 +149,12 @@ impl Server {
             }
         }
         false
+    }
+}
+
+impl UploadGate for FleetGate {
+    fn allows<'a>(&'a self, upload: &'a Upload<'a>) -> BoxFuture<'a, bool> {
+        Box::pin(self.upload_allowed(upload))
     }
 }
 
@@ -172,23 +210,6 @@ fn plain(status: StatusCode, text: &str) -> Response {
     res
 }
 
-fn cors(mut res: Response) -> Response {
-    let h = res.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, HEAD, PUT, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("*"),
-    );
-    res
-}
-
 async fn files(State(server): State<Server>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts
@@ -197,117 +218,10 @@ async fn files(State(server): State<Server>, req: Request) -> Response {
         .strip_prefix("/files/")
         .unwrap_or_default()
         .to_owned();
-    let res = files_inner(&server, &parts.method, &path, &parts.headers, body).await;
-    let status = res.status().as_u16();
-    if res.status().is_client_error() || res.status().is_server_error() {
-        tracing::info!(method = %parts.method, %path, status, "files request refused");
-    } else {
-        tracing::debug!(method = %parts.method, %path, status, "files request");
-    }
-    cors(res)
-}
-
-async fn files_inner(
-    server: &Server,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    body: Body,
-) -> Response {
-    if *method == Method::OPTIONS {
-        return StatusCode::NO_CONTENT.into_response();
-    }
-    let segments: Vec<&str> = path.split('/').collect();
-    if let Err(why) = valid_segments(&segments) {
-        return plain(StatusCode::BAD_REQUEST, why);
-    }
-    match *method {
-        Method::GET | Method::HEAD => download(server, &segments, *method == Method::HEAD).await,
-        Method::PUT => upload(server, &segments, headers, body).await,
-        _ => plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "files support GET, HEAD, PUT and OPTIONS",
-        ),
-    }
-}
-
-async fn download(server: &Server, segments: &[&str], head_only: bool) -> Response {
-    let immutable = matches!(
-        classify(segments),
-        Some(Upload::Snapshot { .. } | Upload::KeylessSnapshot { .. })
-    );
-    let (size, body) = if head_only {
-        match server.storage.head_file(segments).await {
-            Ok(Some(size)) => (size, Body::empty()),
-            Ok(None) => return plain(StatusCode::NOT_FOUND, "no such file"),
-            Err(e) => return storage_failure(&e),
-        }
-    } else {
-        match server.storage.get_file(segments).await {
-            Ok(Some((size, got))) => match got.bytes().await {
-                Ok(bytes) => (size, Body::from(bytes)),
-                Err(e) => return storage_failure(&e.into()),
-            },
-            Ok(None) => return plain(StatusCode::NOT_FOUND, "no such file"),
-            Err(e) => return storage_failure(&e),
-        }
-    };
-    let mut res = Response::new(body);
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static(if immutable {
-            "public, max-age=31536000, immutable"
-        } else {
-            "no-cache"
-        }),
-    );
-    res
-}
-
-async fn upload(server: &Server, segments: &[&str], headers: &HeaderMap, body: Body) -> Response {
-    let Some(kind) = classify(segments) else {
-        return plain(
-            StatusCode::FORBIDDEN,
-            "uploads are accepted only at snapshot and persisted-data paths",
-        );
-    };
-    if !server.upload_allowed(&kind).await {
-        return plain(
-            StatusCode::FORBIDDEN,
-            "no session with a connected client on any reflector of this fleet owns this path",
-        );
-    }
-    let too_large = || plain(StatusCode::PAYLOAD_TOO_LARGE, "upload too large");
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > server.max_upload_bytes as u64) {
-        return too_large();
-    }
-    let Ok(bytes): Result<Bytes, _> = axum::body::to_bytes(body, server.max_upload_bytes).await
-    else {
-        return too_large();
-    };
-    let write_once = !matches!(kind, Upload::Persisted { .. });
-    match server.storage.put_file(segments, bytes, write_once).await {
-        Ok(PutOutcome::Created) => plain(StatusCode::CREATED, "stored"),
-        Ok(PutOutcome::Replaced) => plain(StatusCode::OK, "replaced"),
-        Ok(PutOutcome::Unchanged) => plain(StatusCode::OK, "already stored"),
-        Err(StorageError::Conflict(_)) => plain(StatusCode::CONFLICT, "snapshots are write-once"),
-        Err(e) => storage_failure(&e),
-    }
-}
-
-fn storage_failure(e: &StorageError) -> Response {
-    tracing::error!(error = %e, "files storage error");
-    plain(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+    server
+        .files
+        .handle(&parts.method, &path, &parts.headers, body)
+        .await
 }
 
 /// A client for the fresh `/sessions` poll.
@@ -316,4 +230,66 @@ pub fn http_client() -> reqwest::Client {
         .timeout(Duration::from_millis(800))
         .build()
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate_with(live: Vec<ReportedSession>) -> FleetGate {
+        let shared: Shared = Arc::new(RwLock::new(Published {
+            status: Status::default(),
+            live,
+        }));
+        FleetGate {
+            shared,
+            http: http_client(),
+        }
+    }
+
+    fn session(id: &str, app: &str, pid: &str) -> ReportedSession {
+        ReportedSession {
+            session_id: id.into(),
+            name: Some(format!("{app}/lobby")),
+            app_id: Some(app.into()),
+            persistent_id: Some(pid.into()),
+            users: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn uploads_are_allowed_only_for_sessions_live_somewhere_in_the_fleet() {
+        let gate = gate_with(vec![session("sid", "io.app", "pid")]);
+        let snapshot = Upload::Snapshot {
+            app_id: "io.app",
+            persistent_id: "pid",
+            session_id: "sid",
+        };
+        let persisted = Upload::Persisted {
+            app_id: "io.app",
+            persistent_id: "pid",
+        };
+        let keyless = Upload::KeylessSnapshot { session_id: "sid" };
+        assert!(gate.allows(&snapshot).await);
+        assert!(gate.allows(&persisted).await);
+        assert!(gate.allows(&keyless).await);
+        // Another session, app or persistentId: refused (no reflector to ask again here).
+        let other_session = Upload::Snapshot {
+            app_id: "io.app",
+            persistent_id: "pid",
+            session_id: "other",
+        };
+        let other_app = Upload::Persisted {
+            app_id: "io.other",
+            persistent_id: "pid",
+        };
+        let other_pid = Upload::Persisted {
+            app_id: "io.app",
+            persistent_id: "pid2",
+        };
+        assert!(!gate.allows(&other_session).await);
+        assert!(!gate.allows(&other_app).await);
+        assert!(!gate.allows(&other_pid).await);
+        assert!(!gate_with(vec![]).allows(&persisted).await);
+    }
 }
