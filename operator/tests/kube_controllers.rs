@@ -7,96 +7,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
 use refleet_operator::controller::observe::NoLoad;
-use refleet_operator::crd::{ReflectorPool, Session, all_crds};
+use refleet_operator::crd::{ReflectorPool, Session};
 use serde_json::json;
 
-struct KubeLocal {
-    dir: PathBuf,
-    repo: PathBuf,
-}
-
-impl Drop for KubeLocal {
-    fn drop(&mut self) {
-        let _ = Command::new(self.repo.join("scripts/kube-local/stop.sh"))
-            .arg("--clean")
-            .env("REFLEET_KUBE_DIR", &self.dir)
-            .status();
-    }
-}
-
-fn start_kube() -> Option<(KubeLocal, PathBuf)> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let cache = std::env::var("REFLEET_KUBE_CACHE").map_or_else(
-        |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/refleet/kube"),
-        PathBuf::from,
-    );
-    let have = ["etcd", "kube-apiserver"]
-        .iter()
-        .all(|b| cache.join("bin").join(b).exists());
-    if !have {
-        if std::env::var("REFLEET_REQUIRE_KUBE").as_deref() == Ok("1") {
-            panic!("kube-apiserver/etcd missing under {}", cache.display());
-        }
-        eprintln!("SKIP: kube-apiserver/etcd not built (scripts/kube-local/build.sh)");
-        return None;
-    }
-    let pid = std::process::id();
-    let base = 20000 + (pid % 9000) * 4;
-    let dir = std::env::temp_dir().join(format!("refleet-kube-test-{pid}"));
-    let out = Command::new(repo.join("scripts/kube-local/start.sh"))
-        .env("REFLEET_KUBE_DIR", &dir)
-        .env("APISERVER_PORT", base.to_string())
-        .env("ETCD_PORT", (base + 1).to_string())
-        .output()
-        .expect("running start.sh");
-    let guard = KubeLocal { dir, repo };
-    assert!(
-        out.status.success(),
-        "start.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kubeconfig = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    Some((guard, kubeconfig))
-}
-
-async fn config(kubeconfig: &Path) -> Config {
-    let kc = Kubeconfig::read_from(kubeconfig).unwrap();
-    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .unwrap()
-}
-
-async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
+mod support;
+use support::{config, eventually, prepare, start_kube};
 
 /// The chart's ClusterRole rules (the plain YAML after `rules:`).
 fn chart_rules() -> Vec<PolicyRule> {
@@ -119,7 +45,7 @@ fn chart_rules() -> Vec<PolicyRule> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() {
-    let Some((_kube, kubeconfig)) = start_kube() else {
+    let Some((_kube, kubeconfig)) = start_kube("controllers", 0) else {
         return;
     };
     let started = Instant::now();
@@ -128,44 +54,8 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
     let admin = Client::try_from(admin_config.clone()).unwrap();
 
     // CRDs install and become Established.
-    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    for (_, crd) in all_crds() {
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("refleet-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-        eventually(
-            &format!("{name} Established"),
-            Duration::from_secs(30),
-            || {
-                let crds = crds.clone();
-                let name = name.clone();
-                async move {
-                    let c = crds.get(&name).await.ok()?;
-                    c.status?
-                        .conditions?
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                        .then_some(())
-                }
-            },
-        )
-        .await;
-    }
-
     let ns = "refleet-it";
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    prepare(&admin, ns).await;
 
     // A CEL rule rejects a bad Session with its message.
     let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);

@@ -20,152 +20,18 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
 use refleet_operator::controller::observe::{HttpLoad, LoadSource, NoLoad};
-use refleet_operator::crd::{ReflectorPool, Session, all_crds};
+use refleet_operator::crd::{ReflectorPool, Session};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
-// ---------------------------------------------------------------------------------------
-// kube-apiserver + etcd
-
-struct KubeLocal {
-    dir: PathBuf,
-    repo: PathBuf,
-}
-
-impl Drop for KubeLocal {
-    fn drop(&mut self) {
-        let _ = Command::new(self.repo.join("scripts/kube-local/stop.sh"))
-            .arg("--clean")
-            .env("REFLEET_KUBE_DIR", &self.dir)
-            .status();
-    }
-}
-
-fn port_free(port: u16) -> bool {
-    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
-}
-
-/// A base port with `base..base+3` free (apiserver, etcd client, etcd peer), derived from
-/// the pid and `salt` so concurrent test processes and tests pick different ones.
-fn free_base(salt: u32) -> u16 {
-    let pid = std::process::id();
-    for attempt in 0..500u32 {
-        let slot = (pid.wrapping_mul(7) + salt * 4099 + attempt * 97) % 8000;
-        let base = u16::try_from(22000 + slot * 4).unwrap();
-        if (base..base + 3).all(port_free) {
-            return base;
-        }
-    }
-    panic!("no free ports for kube-apiserver/etcd");
-}
-
-/// Starts a kube-apiserver + etcd of this test (`tag`); `None` when the binaries are missing.
-fn start_kube(tag: &str, salt: u32) -> Option<(KubeLocal, PathBuf)> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let cache = std::env::var("REFLEET_KUBE_CACHE").map_or_else(
-        |_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/refleet/kube"),
-        PathBuf::from,
-    );
-    let have = ["etcd", "kube-apiserver"]
-        .iter()
-        .all(|b| cache.join("bin").join(b).exists());
-    if !have {
-        if std::env::var("REFLEET_REQUIRE_KUBE").as_deref() == Ok("1") {
-            panic!("kube-apiserver/etcd missing under {}", cache.display());
-        }
-        eprintln!("SKIP: kube-apiserver/etcd not built (scripts/kube-local/build.sh)");
-        return None;
-    }
-    let base = free_base(salt);
-    let dir = std::env::temp_dir().join(format!("refleet-kube-fleet-{}-{tag}", std::process::id()));
-    let out = Command::new(repo.join("scripts/kube-local/start.sh"))
-        .env("REFLEET_KUBE_DIR", &dir)
-        .env("APISERVER_PORT", base.to_string())
-        .env("ETCD_PORT", (base + 1).to_string())
-        .output()
-        .expect("running start.sh");
-    let guard = KubeLocal { dir, repo };
-    assert!(
-        out.status.success(),
-        "start.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kubeconfig = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    Some((guard, kubeconfig))
-}
-
-async fn admin_client(kubeconfig: &Path) -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
-}
-
-async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Installs the CRDs (waiting until Established) and creates namespace `ns`.
-async fn prepare(admin: &Client, ns: &str) {
-    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    for (_, crd) in all_crds() {
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("refleet-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-        eventually(
-            &format!("{name} Established"),
-            Duration::from_secs(30),
-            || {
-                let crds = crds.clone();
-                let name = name.clone();
-                async move {
-                    let c = crds.get(&name).await.ok()?;
-                    c.status?
-                        .conditions?
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                        .then_some(())
-                }
-            },
-        )
-        .await;
-    }
-    Api::<Namespace>::all(admin.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
-}
+mod support;
+use support::{admin_client, eventually, prepare, start_kube};
 
 // ---------------------------------------------------------------------------------------
 // In-process operators
