@@ -244,7 +244,7 @@ impl Metrics {
                 r,
                 "refleet_reflector_session_state_operations_total",
                 "Stored session state (for resume after a restart), by operation and result.",
-                &[&["store", "resume", "discard"], &["ok", "error"]],
+                &[&["store", "resume"], &["ok", "error"]],
                 &["op", "result"],
             ),
             files_requests: counter_vec(
