@@ -16,13 +16,7 @@ pub fn pool(namespace: &str, name: &str, regions: &[&str]) -> ReflectorPool {
     }))
     .unwrap();
     ReflectorPool {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            uid: Some(format!("uid-{name}")),
-            generation: Some(1),
-            ..Default::default()
-        },
+        metadata: meta(namespace, name),
         spec,
         status: None,
     }
@@ -35,14 +29,19 @@ pub fn session(namespace: &str, name: &str, pool: &str) -> Session {
     }))
     .unwrap();
     Session {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            uid: Some(format!("uid-{name}")),
-            generation: Some(1),
-            ..Default::default()
-        },
+        metadata: meta(namespace, name),
         spec,
         status: None,
+    }
+}
+
+/// Metadata of a stored object: name, namespace, a uid and generation 1.
+fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        uid: Some(format!("uid-{name}")),
+        generation: Some(1),
+        ..Default::default()
     }
 }

@@ -83,8 +83,8 @@ impl ApiServerVerifier {
         sent
     }
 
-    async fn new_pool_creates_its_first_reflector(mut self, pool: ReflectorPool) {
-        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+    /// A sync starts by reading the pool and its (here: no) Sessions.
+    async fn expect_pool_without_sessions(&mut self, ns: &str, pool: &ReflectorPool) {
         self.expect(
             "GET",
             &format!("{ns}/reflectorpools/arena"),
@@ -99,6 +99,11 @@ impl ApiServerVerifier {
             list("SessionList", "refleet.dev/v1alpha1", vec![]),
         )
         .await;
+    }
+
+    async fn new_pool_creates_its_first_reflector(mut self, pool: ReflectorPool) {
+        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+        self.expect_pool_without_sessions(ns, &pool).await;
         self.expect(
             "GET",
             "/api/v1/namespaces/games/pods?&labelSelector=refleet.dev%2Fpool%3Darena",
@@ -189,20 +194,7 @@ impl ApiServerVerifier {
 
     async fn surplus_reflector_is_drained(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
         let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        self.expect(
-            "GET",
-            &format!("{ns}/reflectorpools/arena"),
-            200,
-            json!(pool),
-        )
-        .await;
-        self.expect(
-            "GET",
-            &format!("{ns}/sessions?"),
-            200,
-            list("SessionList", "refleet.dev/v1alpha1", vec![]),
-        )
-        .await;
+        self.expect_pool_without_sessions(ns, &pool).await;
         let items = pods.iter().map(|p| json!(p)).collect();
         self.expect(
             "GET",
