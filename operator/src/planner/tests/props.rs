@@ -278,22 +278,7 @@ proptest! {
         steps in prop::collection::vec(step_strategy(), 1..40),
     ) {
         let cooldown = pool.cooldown;
-        let mut input = PlanInput {
-            pools: vec![pool],
-            sessions: policies
-                .into_iter()
-                .enumerate()
-                .map(|(i, policy)| SessionInput {
-                    key: format!("ns/app/s{i}"),
-                    name: format!("s{i}"),
-                    pool: "ns/pool".into(),
-                    policy,
-                    deleted: false,
-                    waiting: false,
-                })
-                .collect(),
-            ..PlanInput::default()
-        };
+        let mut input = input_for(pool, policies);
         let mut serial = 0;
         let mut image = 0;
         let mut changes: HashMap<String, Vec<ScaleEvent>> = HashMap::new();
@@ -331,22 +316,7 @@ proptest! {
         policies in prop::collection::vec(session_strategy(), 1..10),
     ) {
         // With the load frozen, re-planning converges and then changes nothing.
-        let mut input = PlanInput {
-            pools: vec![pool],
-            sessions: policies
-                .into_iter()
-                .enumerate()
-                .map(|(i, policy)| SessionInput {
-                    key: format!("ns/app/s{i}"),
-                    name: format!("s{i}"),
-                    pool: "ns/pool".into(),
-                    policy,
-                    deleted: false,
-                    waiting: false,
-                })
-                .collect(),
-            ..PlanInput::default()
-        };
+        let mut input = input_for(pool, policies);
         let mut serial = 0;
         let mut plans = Vec::new();
         for _ in 0..12 {
@@ -363,5 +333,25 @@ proptest! {
             .filter(|d| !matches!(d, Decision::SessionDegraded { .. } | Decision::ScaleHeld { .. }))
             .collect();
         prop_assert!(changes.is_empty(), "{:?}", changes);
+    }
+}
+
+/// One pool and a session `s<i>` per policy, nothing observed yet.
+fn input_for(pool: PoolInput, policies: Vec<ShardPolicy>) -> PlanInput {
+    PlanInput {
+        pools: vec![pool],
+        sessions: policies
+            .into_iter()
+            .enumerate()
+            .map(|(i, policy)| SessionInput {
+                key: format!("ns/app/s{i}"),
+                name: format!("s{i}"),
+                pool: "ns/pool".into(),
+                policy,
+                deleted: false,
+                waiting: false,
+            })
+            .collect(),
+        ..PlanInput::default()
     }
 }
