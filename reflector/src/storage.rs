@@ -40,6 +40,9 @@ pub enum StorageError {
         #[source]
         source: serde_json::Error,
     },
+    /// The store did not answer in time.
+    #[error("storage did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     /// A write-once object exists with different bytes.
     #[error("{0} already exists with other content")]
     Conflict(String),

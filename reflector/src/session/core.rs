@@ -608,13 +608,18 @@ impl Core {
             "{{\"id\":{},\"action\":\"INFO\",\"args\":{{\"code\":\"SNAPSHOT_NEEDED\",\"msg\":\"too many messages since the last snapshot; messages are being dropped\",\"options\":{{\"level\":\"error\",\"only\":\"once\"}}}}}}",
             self.id_json
         );
-        let requ = Text::from(format!("{{\"id\":{},\"action\":\"REQU\"}}", self.id_json));
+        let requ = self.requ_frame();
         if let Some(m) = self.members.iter().find(|m| m.conn == Some(conn))
             && let Some(out) = &m.out
         {
             let _ = out.try_send(requ);
             let _ = out.try_send(Text::from(info));
         }
+    }
+
+    /// "Please snapshot" for this session's clients.
+    fn requ_frame(&self) -> Text {
+        Text::from(format!("{{\"id\":{},\"action\":\"REQU\"}}", self.id_json))
     }
 
     // === reflecting ===
@@ -652,7 +657,7 @@ impl Core {
         if retained >= self.settings.requ_messages
             && (retained - self.settings.requ_messages).is_multiple_of(1000)
         {
-            let requ = Text::from(format!("{{\"id\":{},\"action\":\"REQU\"}}", self.id_json));
+            let requ = self.requ_frame();
             self.fan_out(&requ, false);
         }
         true

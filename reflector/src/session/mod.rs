@@ -196,7 +196,7 @@ async fn load(
     let id = core.id().clone();
     let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
         .await
-        .map_err(|_| timeout_error())?;
+        .map_err(|_| crate::storage::StorageError::Timeout(LOOKUP_TIMEOUT))?;
     match stored {
         Ok(Some(state)) => {
             tracing::info!(session = %id, timeline = %state.timeline, messages = state.messages.len(), "session resumed from storage");
@@ -220,7 +220,7 @@ async fn load(
         let dev = identity.developer_id.as_deref().unwrap_or("unknown_dev_id");
         let found = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_persisted(dev, app, pid))
             .await
-            .map_err(|_| timeout_error())?;
+            .map_err(|_| crate::storage::StorageError::Timeout(LOOKUP_TIMEOUT))?;
         match found {
             Ok(Some(url)) => {
                 tracing::info!(session = %id, app, persistent_id = %pid, "persisted data found");
@@ -235,13 +235,6 @@ async fn load(
         }
     }
     Ok(())
-}
-
-fn timeout_error() -> crate::storage::StorageError {
-    crate::storage::StorageError::Store(object_store::Error::Generic {
-        store: "refleet",
-        source: "storage look-up timed out".into(),
-    })
 }
 
 async fn store(core: &mut Core, ctx: &Context) {
