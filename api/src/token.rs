@@ -232,6 +232,7 @@ mod tests {
             expires_at: 1_000,
             key_id: String::new(),
             max_users: 10,
+            reservation_id: 42,
         }
     }
 

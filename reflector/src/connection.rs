@@ -18,6 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
+use crate::admission::TokenCheck;
 use crate::close::{self, Close};
 use crate::config::Limits;
 use crate::frame::{self, ClientMsg, Text};
@@ -45,6 +46,7 @@ pub fn session_id_from_path(path: &str) -> &str {
 pub async fn serve(
     socket: WebSocket,
     session_id: Arc<str>,
+    token: Option<Arc<TokenCheck>>,
     peer: SocketAddr,
     registry: Arc<Registry>,
     limits: Arc<Limits>,
@@ -59,6 +61,7 @@ pub async fn serve(
     let mut reader = Reader {
         conn,
         session_id,
+        token,
         peer,
         registry,
         limits: limits.clone(),
@@ -86,6 +89,8 @@ pub async fn serve(
 struct Reader {
     conn: ConnId,
     session_id: Arc<str>,
+    /// The connection's verified join token (checked by the session at JOIN).
+    token: Option<Arc<TokenCheck>>,
     peer: SocketAddr,
     registry: Arc<Registry>,
     limits: Arc<Limits>,
@@ -273,6 +278,7 @@ impl Reader {
                     conn: self.conn,
                     out: self.out.clone(),
                     join,
+                    token: self.token.clone(),
                 })
                 .await
             {

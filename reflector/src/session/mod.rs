@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use self::core::{ConnId, Core, Effect, Settings};
+use crate::admission::{Admission, Admitted, TokenCheck};
 use crate::close;
 use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
@@ -42,6 +43,8 @@ pub enum Command {
         conn: ConnId,
         out: Outbox,
         join: Box<Join>,
+        /// The connection's verified join token, when it carried one or tokens are required.
+        token: Option<Arc<TokenCheck>>,
     },
     /// A SEND, TUTTI, SNAP, SAVE or TICKS from a joined connection.
     Message { conn: ConnId, msg: ClientMsg },
@@ -70,6 +73,8 @@ pub struct Context {
     pub files_base: String,
     /// Snapshots kept per session.
     pub snapshot_retention: usize,
+    /// Join tokens and hard caps.
+    pub admission: Arc<Admission>,
 }
 
 fn wall_ms() -> u64 {
@@ -117,7 +122,7 @@ pub(crate) async fn run(
                 }
                 for cmd in buf.drain(..) {
                     match cmd {
-                        Command::Join { conn, out, join } => {
+                        Command::Join { conn, out, join, token } => {
                             if !loaded {
                                 if let Err(e) = load(&mut core, &join, &ctx).await {
                                     tracing::error!(session = %id, error = %e, "storage look-up failed; client asked to retry");
@@ -126,7 +131,14 @@ pub(crate) async fn run(
                                 }
                                 loaded = true;
                             }
+                            let Some(admitted) = admit(&core, &ctx, &id, &out, &join, token.as_deref()) else {
+                                continue;
+                            };
+                            let was_member = core.is_member(join.user.as_deref());
                             core.join(conn, out, *join, Instant::now());
+                            if !was_member {
+                                registry.record_admission(&id, admitted);
+                            }
                         }
                         Command::Message { conn, msg } => core.message(conn, msg, Instant::now()),
                         Command::Closed { conn } => core.closed(conn, Instant::now()),
@@ -145,7 +157,10 @@ pub(crate) async fn run(
         for effect in core.take_effects() {
             writer.submit(effect);
         }
-        core.flush_stats();
+        let flushed = core.flush_stats();
+        if flushed.reflected > 0 || flushed.leaves > 0 {
+            registry.record_traffic(&id, flushed);
+        }
         if core.has_connections() != live {
             live = !live;
             registry.set_live(&id, live.then(|| core.identity().clone()));
@@ -324,4 +339,44 @@ async fn apply(ctx: &Context, effect: Effect) {
             }
         }
     }
+}
+
+/// Applies the admission policy to a JOIN; refuses (closing `out`) and returns `None` when
+/// the view may not join.
+fn admit(
+    core: &Core,
+    ctx: &Context,
+    id: &str,
+    out: &Outbox,
+    join: &Join,
+    token: Option<&TokenCheck>,
+) -> Option<Admitted> {
+    let now_unix = i64::try_from(wall_ms() / 1000).unwrap_or(i64::MAX);
+    let decision = ctx.admission.decide(
+        token,
+        join.app_id.as_deref().unwrap_or(""),
+        shard_of(join),
+        core.is_member(join.user.as_deref()),
+        core.member_count(),
+        now_unix,
+    );
+    match decision {
+        Ok(a) => Some(a),
+        Err(refusal) => {
+            ctx.metrics.join_refusals(refusal.reason);
+            tracing::warn!(session = %id, reason = refusal.reason, detail = %refusal.detail, "JOIN refused");
+            out.close(refusal.close);
+            None
+        }
+    }
+}
+
+/// The shard name a JOIN asks for: its `name` is `<appId>/<shard>`.
+fn shard_of(join: &Join) -> &str {
+    let name = join.name.as_deref().unwrap_or("");
+    join.app_id
+        .as_deref()
+        .and_then(|app| name.strip_prefix(app))
+        .and_then(|rest| rest.strip_prefix('/'))
+        .unwrap_or(name)
 }
