@@ -109,7 +109,8 @@ impl Admission {
         if !self.required && !segment.contains('.') {
             return None;
         }
-        let check = if segment.is_empty() {
+        // Tokens always hold a '.'; any other segment is just a path prefix of the URL.
+        let check = if !segment.contains('.') {
             Err(TokenError::Missing)
         } else {
             read(&self.verifier).verify(segment)

@@ -13,6 +13,7 @@
 pub mod clock;
 pub mod core;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -101,6 +102,9 @@ pub(crate) async fn run(
     let mut loaded = false;
     let mut live = false;
     let mut reported_users = usize::MAX;
+    // Views admitted since the session came into memory: they may rejoin with the same URL
+    // after their token expired.
+    let mut admitted_views: HashSet<String> = HashSet::new();
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
     // Grows up to BATCH under load; small for the many quiet sessions.
@@ -131,14 +135,18 @@ pub(crate) async fn run(
                                 }
                                 loaded = true;
                             }
-                            let Some(admitted) = admit(&core, &ctx, &id, &out, &join, token.as_deref()) else {
+                            let user = join.user.as_deref();
+                            let known = core.is_member(user) || user.is_some_and(|u| admitted_views.contains(u));
+                            let Some(admitted) = admit(&core, &ctx, &id, &out, &join, token.as_deref(), known) else {
                                 continue;
                             };
-                            let was_member = core.is_member(join.user.as_deref());
-                            core.join(conn, out, *join, Instant::now());
-                            if !was_member {
+                            if let Some(u) = &join.user
+                                && !known
+                            {
+                                admitted_views.insert(u.clone());
                                 registry.record_admission(&id, admitted);
                             }
+                            core.join(conn, out, *join, Instant::now());
                         }
                         Command::Message { conn, msg } => core.message(conn, msg, Instant::now()),
                         Command::Closed { conn } => core.closed(conn, Instant::now()),
@@ -350,13 +358,14 @@ fn admit(
     out: &Outbox,
     join: &Join,
     token: Option<&TokenCheck>,
+    known_view: bool,
 ) -> Option<Admitted> {
     let now_unix = i64::try_from(wall_ms() / 1000).unwrap_or(i64::MAX);
     let decision = ctx.admission.decide(
         token,
         join.app_id.as_deref().unwrap_or(""),
         shard_of(join),
-        core.is_member(join.user.as_deref()),
+        known_view,
         core.member_count(),
         now_unix,
     );
