@@ -8,6 +8,7 @@
 //! scaling history are kept for the next tick, exactly as the kube controllers keep them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -19,6 +20,7 @@ use crate::planner::{
     Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
     RegionInput, RegionPlan, ScaleHistory, Seconds, SessionInput, ShardPolicy, ShardRecord, plan,
 };
+use crate::router::{Router, SessionDef, Snapshot};
 
 /// How many recent decisions the status keeps.
 const RECENT_DECISIONS: usize = 50;
@@ -69,6 +71,7 @@ pub struct Fleet<L> {
     regions: Vec<RegionPlan>,
     started: BTreeMap<String, u32>,
     decisions: VecDeque<DecisionView>,
+    router: Option<Arc<Router>>,
 }
 
 impl<L: Launcher> Fleet<L> {
@@ -84,7 +87,20 @@ impl<L: Launcher> Fleet<L> {
             regions: Vec::new(),
             started: BTreeMap::new(),
             decisions: VecDeque::new(),
+            router: None,
         }
+    }
+
+    /// Routes clients with `router`: each tick adds its reservations and the shards it
+    /// opened to the plan's input and publishes the result to it.
+    pub fn with_router(mut self, router: Arc<Router>) -> Self {
+        router.metrics.init_regions(
+            self.pools
+                .iter()
+                .flat_map(|p| p.pool.spec.regions.iter().map(|r| r.name.as_str())),
+        );
+        self.router = Some(router);
+        self
     }
 
     /// The launcher (tests drive their fake through it).
@@ -95,7 +111,10 @@ impl<L: Launcher> Fleet<L> {
     /// One round: observe, plan, act. `now` is in seconds on any monotonic clock.
     pub async fn tick(&mut self, now: Seconds) -> Vec<Decision> {
         self.observe(now).await;
-        let input = self.plan_input(now);
+        let mut input = self.plan_input(now);
+        if let Some(router) = &self.router {
+            router.prepare(&mut input);
+        }
         let plan = plan(&input);
         for rp in &plan.reflectors {
             let Some(r) = self.reflectors.get_mut(&rp.name) else {
@@ -133,6 +152,12 @@ impl<L: Launcher> Fleet<L> {
         self.shards = plan.shards;
         self.history = plan.history;
         self.regions = plan.regions;
+        if let Some(router) = &self.router {
+            router.publish("local", self.snapshot(input));
+            router
+                .metrics
+                .set_reservations(&router.reservations_by_region());
+        }
         plan.decisions
     }
 
@@ -390,6 +415,42 @@ impl<L: Launcher> Fleet<L> {
             shards,
             history: self.history.clone(),
             now,
+        }
+    }
+
+    /// What the router needs after a plan: the input with the new shards and history, the
+    /// Session objects and the reflectors' URLs.
+    fn snapshot(&self, mut input: PlanInput) -> Snapshot {
+        input.shards.clone_from(&self.shards);
+        input.history.clone_from(&self.history);
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|s| {
+                let pool = format!("{}/{}", s.namespace, s.spec.pool_ref.name);
+                let files_url = self
+                    .pools
+                    .iter()
+                    .find(|p| p.pool.id() == pool)
+                    .map(|p| p.files_url.clone())
+                    .unwrap_or_default();
+                SessionDef {
+                    namespace: s.namespace.clone(),
+                    spec: s.spec.clone(),
+                    pool,
+                    files_url,
+                }
+            })
+            .collect();
+        let urls = self
+            .reflectors
+            .iter()
+            .filter_map(|(name, r)| Some((name.clone(), r.url.clone()?)))
+            .collect();
+        Snapshot {
+            input,
+            sessions,
+            urls,
         }
     }
 
