@@ -20,6 +20,8 @@ pub struct ReportHub {
     router: Arc<Router>,
     /// Shared secret reflectors must present (`authorization: Bearer …`); `None`: open.
     secret: Option<Arc<str>>,
+    /// Accept streams only while this is true (the leader); `None`: always.
+    leading: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl ReportHub {
@@ -28,7 +30,14 @@ impl ReportHub {
         Self {
             router,
             secret: secret.map(Arc::from),
+            leading: None,
         }
+    }
+
+    /// Accepts streams only while `leading` is true, so reflectors find the leader.
+    pub fn only_when(mut self, leading: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.leading = Some(leading);
+        self
     }
 
     /// The tonic service.
@@ -74,6 +83,15 @@ impl Reports for ReportHub {
         request: Request<Streaming<ReflectorReport>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
         self.check(&request)?;
+        if self
+            .leading
+            .as_ref()
+            .is_some_and(|l| !l.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(Status::unavailable(
+                "not the leader; reconnect (the Service selects the leader)",
+            ));
+        }
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<Instruction, Status>>(8);
