@@ -38,6 +38,10 @@ pub struct UpArgs {
     /// Log lines as JSON objects instead of text (filter with RUST_LOG).
     #[arg(long, env = "REFLEET_UP_LOG_JSON")]
     pub log_json: bool,
+    /// Print a Prometheus configuration that scrapes this fleet (HTTP service discovery from
+    /// `/v1/prometheus/targets`, job names as in a cluster) and exit. Needs a fixed port.
+    #[arg(long)]
+    pub print_scrape_config: bool,
 }
 
 /// Runs the local fleet until Ctrl-C or SIGTERM.
@@ -48,6 +52,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         data_dir,
         reflector_bin,
         log_json,
+        print_scrape_config,
     } = args;
     init_tracing(log_json);
     let config = match &config {
@@ -73,6 +78,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         child_logs,
         max_upload_bytes,
     } = settings;
+    if print_scrape_config {
+        print_flush(&crate::local::prometheus::scrape_config(
+            listen.unwrap_or(config_listen),
+        )?);
+        return Ok(());
+    }
     let data_dir = absolute(&data_dir.unwrap_or(config_data_dir))?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
@@ -118,7 +129,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
 
     let shared = Arc::new(RwLock::new(Published::default()));
-    let server = Server::new(shared.clone(), storage, max_upload_bytes);
+    let metrics = Arc::new(crate::controller::metrics::Metrics::new());
+    let mut server = Server::new(shared.clone(), storage, max_upload_bytes);
+    server.prometheus = Some(crate::local::prometheus::Endpoint::new(
+        crate::local::prometheus::Exporter::new(&metrics),
+        bound,
+    ));
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(async move {
         axum::serve(listener, server.router())
@@ -138,7 +154,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         logs: child_logs,
         log_dir: data_dir.join("logs"),
     });
-    let mut fleet = Fleet::new(launcher, runtimes, sessions);
+    let mut fleet = Fleet::new(launcher, runtimes, sessions).with_metrics(metrics);
     let started = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_millis(report_interval_millis.max(50)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
