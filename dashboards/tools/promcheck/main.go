@@ -1,7 +1,7 @@
 // Command promcheck checks Refleet's Grafana dashboards and Prometheus alert rules.
 //
-//	promcheck -root DIR static
-//	promcheck -root DIR live -prometheus http://127.0.0.1:9090 [-json FILE]
+//	promcheck static -root DIR
+//	promcheck live -root DIR -prometheus http://127.0.0.1:9090 [-json FILE] [-rules-loaded]
 //
 // static (no Prometheus needed): every dashboard under DIR/dashboards has a Prometheus
 // datasource variable and uses it everywhere (no hard-coded datasource UID), unique uids,
@@ -108,9 +108,14 @@ func main() {
 	promURL := flag.String("prometheus", "", "base URL of a running Prometheus (live)")
 	jsonOut := flag.String("json", "", "write the live report as JSON to this file")
 	rulesLoaded := flag.Bool("rules-loaded", false, "live: Prometheus loaded the rule files; check each alert's health")
-	flag.Parse()
-	if flag.NArg() != 1 || (flag.Arg(0) != "static" && flag.Arg(0) != "live") {
-		fmt.Fprintln(os.Stderr, "usage: promcheck [-root DIR] static | live -prometheus URL [-json FILE] [-rules-loaded]")
+	if len(os.Args) < 2 || (os.Args[1] != "static" && os.Args[1] != "live") {
+		fmt.Fprintln(os.Stderr, "usage: promcheck static [-root DIR] | promcheck live [-root DIR] -prometheus URL [-json FILE] [-rules-loaded]")
+		os.Exit(2)
+	}
+	mode := os.Args[1]
+	_ = flag.CommandLine.Parse(os.Args[2:])
+	if flag.NArg() != 0 {
+		fmt.Fprintln(os.Stderr, "promcheck: unexpected arguments:", flag.Args())
 		os.Exit(2)
 	}
 	dashboards, alerts, err := load(*root)
@@ -119,7 +124,7 @@ func main() {
 		os.Exit(1)
 	}
 	var problems []string
-	if flag.Arg(0) == "static" {
+	if mode == "static" {
 		problems = static(*root, dashboards, alerts)
 	} else {
 		if *promURL == "" {
@@ -132,7 +137,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "promcheck:", p)
 	}
 	if len(problems) > 0 {
-		fmt.Fprintf(os.Stderr, "promcheck %s: FAILED (%d problems)\n", flag.Arg(0), len(problems))
+		fmt.Fprintf(os.Stderr, "promcheck %s: FAILED (%d problems)\n", mode, len(problems))
 		os.Exit(1)
 	}
 }
