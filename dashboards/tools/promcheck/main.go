@@ -462,6 +462,7 @@ func static(root string, dashboards []*Dashboard, alerts []Alert) []string {
 		alertNames = append(alertNames, n)
 	}
 	sort.Strings(alertNames)
+	covered := 0
 	for _, n := range alertNames {
 		if firing[n] == 0 {
 			add("alert %s: no promtool test case where it fires", n)
@@ -469,9 +470,12 @@ func static(root string, dashboards []*Dashboard, alerts []Alert) []string {
 		if quiet[n] == 0 {
 			add("alert %s: no promtool test case where it does not fire", n)
 		}
+		if firing[n] > 0 && quiet[n] > 0 {
+			covered++
+		}
 	}
-	fmt.Printf("promcheck static: %d dashboards, %d panels, %d alerts (each with firing and not-firing tests), %d expressions parsed, %d vector selectors\n",
-		len(dashboards), panels, len(alertNames), exprs, selectors)
+	fmt.Printf("promcheck static: %d dashboards, %d panels, %d alerts (%d with a firing and a not-firing promtool case), %d expressions parsed, %d vector selectors\n",
+		len(dashboards), panels, len(alertNames), covered, exprs, selectors)
 	return problems
 }
 
