@@ -150,6 +150,8 @@ class Board:
         elif kind == "table":
             panel["options"] = {"showHeader": True}
             panel["transformations"] = [{"id": "merge", "options": {}}]
+            for target in panel["targets"]:
+                target["format"] = "table"
         panel.update(extra)
         self.panels.append(panel)
 
