@@ -45,6 +45,10 @@ pub struct UpArgs {
     /// Log lines as JSON objects instead of text (filter with RUST_LOG).
     #[arg(long, env = "REFLEET_UP_LOG_JSON")]
     pub log_json: bool,
+    /// Print a Prometheus configuration that scrapes this fleet (HTTP service discovery from
+    /// `/v1/prometheus/targets`, job names as in a cluster) and exit. Needs a fixed port.
+    #[arg(long)]
+    pub print_scrape_config: bool,
 }
 
 /// Runs the local fleet until Ctrl-C or SIGTERM.
@@ -55,6 +59,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         data_dir,
         reflector_bin,
         log_json,
+        print_scrape_config,
     } = args;
     init_tracing(log_json);
     let config = match &config {
@@ -82,6 +87,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         join_tokens,
         token_ttl_seconds,
     } = settings;
+    if print_scrape_config {
+        print_flush(&crate::local::prometheus::scrape_config(
+            listen.unwrap_or(config_listen),
+        )?);
+        return Ok(());
+    }
     let data_dir = absolute(&data_dir.unwrap_or(config_data_dir))?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
@@ -129,14 +140,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // The router: Route on this same port (gRPC, gRPC-Web, JSON /v1/route), the report
     // stream on a loopback port of its own that the reflectors are told about.
     let signer = join_tokens.then(new_signer);
-    let router_registry = prometheus::Registry::new();
+    let metrics = Arc::new(crate::controller::metrics::Metrics::new());
     let router = Router::new(
         RouterConfig {
             token_ttl: Duration::from_secs(token_ttl_seconds.max(1)),
             ..RouterConfig::default()
         },
         signer.clone(),
-        RouterMetrics::new(&router_registry),
+        RouterMetrics::new(&metrics.registry),
     );
     let report_listener = tokio::net::TcpListener::bind((bound.ip(), 0))
         .await
@@ -176,7 +187,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
 
     let shared = Arc::new(RwLock::new(Published::default()));
-    let server = Server::new(shared.clone(), storage, max_upload_bytes);
+    let mut server = Server::new(shared.clone(), storage, max_upload_bytes);
+    server.prometheus = Some(crate::local::prometheus::Endpoint::new(
+        crate::local::prometheus::Exporter::new(&metrics),
+        bound,
+    ));
     let app = server
         .router()
         .merge(service::app_with(frontend, false).await);
@@ -203,7 +218,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         logs: child_logs,
         log_dir: data_dir.join("logs"),
     });
-    let mut fleet = Fleet::new(launcher, runtimes, sessions).with_router(router.clone());
+    let mut fleet = Fleet::new(launcher, runtimes, sessions)
+        .with_metrics(metrics)
+        .with_router(router.clone());
     let started = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_millis(report_interval_millis.max(50)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

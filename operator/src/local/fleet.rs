@@ -15,6 +15,8 @@ use serde::Serialize;
 
 use super::config::{LOCAL_IMAGE, LocalPool, LocalSession};
 use super::launcher::{Launcher, Observed, ReportedSession, StartRequest};
+use crate::controller::metrics::Metrics;
+use crate::controller::reconcile::POOL_CONTROLLER;
 use crate::crd::{Capacity, ShardPhase};
 use crate::planner::{
     Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
@@ -72,11 +74,13 @@ pub struct Fleet<L> {
     started: BTreeMap<String, u32>,
     decisions: VecDeque<DecisionView>,
     router: Option<Arc<Router>>,
+    metrics: Arc<Metrics>,
 }
 
 impl<L: Launcher> Fleet<L> {
     /// A fleet with no reflectors yet; the first [`Fleet::tick`] starts them.
     pub fn new(launcher: L, pools: Vec<PoolRuntime>, sessions: Vec<LocalSession>) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
             launcher,
             pools,
@@ -88,7 +92,25 @@ impl<L: Launcher> Fleet<L> {
             started: BTreeMap::new(),
             decisions: VecDeque::new(),
             router: None,
+            metrics: metrics.clone(),
         }
+        .with_metrics(metrics)
+    }
+
+    /// Records the operator's metrics into `metrics` (what `/metrics` serves): the local
+    /// fleet is its one leader, each tick is a reconciliation of every pool.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        metrics.set_leader(true);
+        for rt in &self.pools {
+            metrics.record_pool_limits(&rt.pool.namespace, &rt.pool.name, &rt.pool.spec);
+        }
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics this fleet records.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Routes clients with `router`: each tick adds its reservations and the shards it
@@ -110,12 +132,15 @@ impl<L: Launcher> Fleet<L> {
 
     /// One round: observe, plan, act. `now` is in seconds on any monotonic clock.
     pub async fn tick(&mut self, now: Seconds) -> Vec<Decision> {
+        let metrics = self.metrics.clone();
+        let _timer = metrics.reconcile_started(POOL_CONTROLLER);
         self.observe(now).await;
         let mut input = self.plan_input(now);
         if let Some(router) = &self.router {
             router.prepare(&mut input);
         }
         let plan = plan(&input);
+        self.record_metrics(&plan);
         for rp in &plan.reflectors {
             let Some(r) = self.reflectors.get_mut(&rp.name) else {
                 continue;
@@ -159,6 +184,43 @@ impl<L: Launcher> Fleet<L> {
                 .set_reservations(&router.reservations_by_region());
         }
         plan.decisions
+    }
+
+    /// Records one plan in the operator's metrics, pool by pool, as the pool controller does.
+    fn record_metrics(&self, plan: &crate::planner::Plan) {
+        let concrete = self.concrete_sessions();
+        for rt in &self.pools {
+            let (namespace, name) = (&rt.pool.namespace, &rt.pool.name);
+            self.metrics.record_plan(namespace, name, plan);
+            // Per Session object of this pool: open (not closing) shards and their users.
+            let mut per_session: BTreeMap<(String, String), (u32, u64)> = BTreeMap::new();
+            for s in self
+                .sessions
+                .iter()
+                .filter(|s| s.namespace == *namespace && s.spec.pool_ref.name == *name)
+            {
+                per_session.insert((s.namespace.clone(), s.name.clone()), (0, 0));
+            }
+            for sh in &plan.shards {
+                let Some(c) = concrete.get(&sh.session) else {
+                    continue;
+                };
+                let s = &self.sessions[c.spec];
+                if let Some((shards, users)) =
+                    per_session.get_mut(&(s.namespace.clone(), s.name.clone()))
+                {
+                    if sh.phase != ShardPhase::Closing {
+                        *shards += 1;
+                    }
+                    *users += u64::from(sh.users);
+                }
+            }
+            let gauges: Vec<(String, String, u32, u64)> = per_session
+                .into_iter()
+                .map(|((ns, session), (shards, users))| (ns, session, shards, users))
+                .collect();
+            self.metrics.record_sessions(&rt.pool.id(), &gauges);
+        }
     }
 
     /// Drains every reflector, waits for them to exit (at most `timeout`), kills the rest.
