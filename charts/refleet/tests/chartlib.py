@@ -9,6 +9,7 @@ the README's values table); the tests fail while any of them differs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -20,6 +21,8 @@ import yaml
 CHART = Path(__file__).resolve().parents[1]
 REPO = CHART.parents[1]
 README = CHART / "README.md"
+BIN = Path(os.environ.get("REFLEET_BIN", REPO / "target/debug/refleet"))
+REFLECTOR_BIN = Path(os.environ.get("REFLEET_REFLECTOR_BIN", REPO / "target/debug/refleet-reflector"))
 TABLE_START = "<!-- values-table:start (generated from values.yaml: scripts/test-chart sync) -->"
 TABLE_END = "<!-- values-table:end -->"
 
