@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import tomllib
-from pathlib import Path
 
 import pytest
 
@@ -206,7 +206,7 @@ def test_binaries_need_only_what_distroless_cc_has(binary):
 # ---------------------------------------------------------------- a real start, non-root
 
 
-def test_reflector_runs_as_non_root_with_a_read_only_root_filesystem(tmp_path):
+def test_reflector_runs_as_non_root_with_a_read_only_root_filesystem():
     work = sandbox.workdir()
     port = sandbox.free_port()
     log = work / "reflector.log"
@@ -237,6 +237,8 @@ def test_reflector_runs_as_non_root_with_a_read_only_root_filesystem(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_the_sandbox_leaves_only_its_tmpfs_dirs_writable():
@@ -246,5 +248,8 @@ def test_the_sandbox_leaves_only_its_tmpfs_dirs_writable():
               "touch /tmp/refleet-chart-sandbox-probe 2>/dev/null && echo ROOT-WRITABLE; "
               f"touch {work}/probe 2>/dev/null && echo WORK-WRITABLE; id -u")
     proc = sandbox.start(["sh", "-c", script], {}, [work / "data", work / "tmp"], log)
-    assert proc.wait(timeout=20) == 0, log.read_text()
-    assert log.read_text().split() == ["writable", "65532"], log.read_text()
+    try:
+        assert proc.wait(timeout=20) == 0, log.read_text()
+        assert log.read_text().split() == ["writable", "65532"], log.read_text()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -16,8 +16,8 @@ import base64
 import json
 import os
 import re
+import shutil
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -140,6 +140,7 @@ def operator(kube):
     if proc.poll() is None:
         os.killpg(proc.pid, 9)
         proc.wait()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def test_operator_runs_non_root_with_the_chart_rbac_and_env(kube, operator):
@@ -178,7 +179,7 @@ def test_operator_serves_routing_and_labels_its_pod_leader(kube, operator):
     sandbox.wait_http(f"http://127.0.0.1:{ports['metrics']}/healthz", proc, log)
     problems = []
     try:
-        sandbox.wait_http(f"http://127.0.0.1:{ports['router']}/v1/shards?namespace={NS}&session=lobby", proc, log, 20)
+        sandbox.wait_http(f"http://127.0.0.1:{ports['router']}/v1/shards?namespace={NS}&session=lobby", proc, log, 15)
     except AssertionError:
         problems.append("the router does not answer on REFLEET_ROUTER_LISTEN")
     try:
@@ -187,13 +188,13 @@ def test_operator_serves_routing_and_labels_its_pod_leader(kube, operator):
         problems.append("nothing listens on REFLEET_REPORT_LISTEN")
     try:
         kube.eventually("the leader label", lambda: kube.get(f"/api/v1/namespaces/{NS}/pods/{SANDBOX_POD}").json()
-                        ["metadata"].get("labels", {}).get("refleet.dev/leader") == "true", 30)
+                        ["metadata"].get("labels", {}).get("refleet.dev/leader") == "true", 20)
     except AssertionError:
         problems.append(f"pod {SANDBOX_POD} never got refleet.dev/leader=true")
     secret = operator["env"]["REFLEET_TOKEN_SECRET"]
     try:
         data = kube.eventually("the join-token Secret", lambda: (
-            (s := kube.get(f"/api/v1/namespaces/{NS}/secrets/{secret}")).ok and s.json().get("data")), 30)
+            (s := kube.get(f"/api/v1/namespaces/{NS}/secrets/{secret}")).ok and s.json().get("data")), 15)
         assert {"kid", "signing-key"} <= set(data)
     except AssertionError:
         problems.append(f"Secret {secret} (keys kid, signing-key) was not created")
