@@ -17,6 +17,15 @@ pub enum CrdGenError {
         #[source]
         source: serde_saphyr::ser::Error,
     },
+    /// A CRD could not be turned into a JSON value.
+    #[error("serialising the {file} CRD to JSON")]
+    Json {
+        /// The file the CRD belongs in.
+        file: &'static str,
+        /// The serialiser's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A file could not be written.
     #[error("writing {path}")]
     Write {
@@ -37,11 +46,33 @@ pub fn render_all() -> Result<Vec<(&'static str, String)>, CrdGenError> {
     crate::crd::all_crds()
         .into_iter()
         .map(|(file, crd)| {
-            serde_saphyr::to_string(&crd)
+            let mut value =
+                serde_json::to_value(&crd).map_err(|source| CrdGenError::Json { file, source })?;
+            strip_unsigned_formats(&mut value);
+            serde_saphyr::to_string(&value)
                 .map(|yaml| (file, yaml))
                 .map_err(|source| CrdGenError::Yaml { file, source })
         })
         .collect()
+}
+
+/// Removes `format: uint32`-style annotations: the apiserver does not know them and warns
+/// on every create (`minimum: 0` already says the same).
+fn strip_unsigned_formats(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if map
+                .get("format")
+                .and_then(|f| f.as_str())
+                .is_some_and(|f| f.starts_with("uint"))
+            {
+                map.remove("format");
+            }
+            map.values_mut().for_each(strip_unsigned_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_unsigned_formats),
+        _ => {}
+    }
 }
 
 /// Every CRD as one multi-document YAML stream (documents separated by `---`).
