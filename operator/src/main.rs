@@ -1,8 +1,9 @@
 //! `refleet`: the Refleet control-plane binary.
 //!
 //! `refleet crds` prints every CRD as one multi-document YAML stream; `refleet crds --write
-//! crds/` updates the files in that directory; `refleet operator` runs the controllers in a
-//! cluster and `refleet up` a local fleet.
+//! crds/` updates the files in that directory and `--reference docs/crd-reference.md` the
+//! Markdown field reference; `refleet operator` runs the controllers in a cluster and
+//! `refleet up` a local fleet.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -25,12 +26,17 @@ enum Command {
     /// Run a whole fleet on this machine: the planner, simulated regions on loopback and
     /// `refleet-reflector` child processes.
     Up(refleet_operator::cli::up::UpArgs),
-    /// Print every CRD as one multi-document YAML stream, or write one file per CRD.
+    /// Print every CRD as one multi-document YAML stream, or write one file per CRD and/or
+    /// the Markdown field reference.
     Crds {
         /// Write `reflectorpools.yaml` and `sessions.yaml` into this directory instead of
         /// printing.
         #[arg(long, value_name = "DIR", env = "REFLEET_CRDS_DIR")]
         write: Option<PathBuf>,
+        /// Write the Markdown reference of every CRD field (generated from the CRDs' schema)
+        /// to this file instead of printing, e.g. `docs/crd-reference.md`.
+        #[arg(long, value_name = "FILE", env = "REFLEET_CRDS_REFERENCE")]
+        reference: Option<PathBuf>,
     },
 }
 
@@ -40,18 +46,28 @@ async fn main() -> anyhow::Result<()> {
     match command {
         Command::Operator(args) => refleet_operator::cli::operator::run(args).await?,
         Command::Up(args) => refleet_operator::cli::up::run(args).await?,
-        Command::Crds { write: None } => {
+        Command::Crds {
+            write: None,
+            reference: None,
+        } => {
             let yaml = refleet_operator::crdgen::render_stream().context("rendering the CRDs")?;
             std::io::stdout()
                 .lock()
                 .write_all(yaml.as_bytes())
                 .context("writing to stdout")?;
         }
-        Command::Crds { write: Some(dir) } => {
-            for path in refleet_operator::crdgen::write_all(&dir)
-                .with_context(|| format!("writing the CRDs into {}", dir.display()))?
-            {
-                eprintln!("wrote {}", path.display());
+        Command::Crds { write, reference } => {
+            if let Some(dir) = write {
+                for path in refleet_operator::crdgen::write_all(&dir)
+                    .with_context(|| format!("writing the CRDs into {}", dir.display()))?
+                {
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+            if let Some(file) = reference {
+                refleet_operator::crdgen::write_reference(&file)
+                    .with_context(|| format!("writing the CRD reference to {}", file.display()))?;
+                eprintln!("wrote {}", file.display());
             }
         }
     }
