@@ -26,9 +26,11 @@ use crate::session::Context;
 use crate::session::core::Settings;
 use crate::storage::{Storage, StorageError};
 
-/// Per-connection WebSocket read buffer; small, so that idle connections stay cheap (client
-/// frames are small; a larger one just takes a few more reads).
-const READ_BUFFER: usize = 4 * 1024;
+/// Per-connection WebSocket read buffer, allocated up front for every connection; small, so
+/// that idle connections stay cheap. Client frames are small (a SEND with a 64-byte payload is
+/// ~150 bytes), tungstenite reserves room for a longer frame once it has read its header, and
+/// a busy client's reads still carry several frames each.
+const READ_BUFFER: usize = 1024;
 /// Bytes gathered before tungstenite writes to the socket (we also flush once per batch).
 const WRITE_BUFFER: usize = 16 * 1024;
 

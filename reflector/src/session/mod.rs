@@ -98,7 +98,7 @@ pub(crate) async fn run(
         ctx.metrics.clone(),
         Instant::now(),
     );
-    let writer = Writer::spawn(ctx.clone());
+    let mut writer = Writer::new(ctx.clone());
     let mut loaded = false;
     let mut live = false;
     let mut reported_users = usize::MAX;
@@ -276,29 +276,37 @@ async fn store(core: &mut Core, ctx: &Context) {
 }
 
 /// Carries out a session's storage effects one after another, off the session's hot path.
+/// Its task and channel start with the first effect: most sessions never have one, and an
+/// unbounded channel allocates a block of 32 slots (~3 KB) up front.
 struct Writer {
-    tx: mpsc::UnboundedSender<Effect>,
-    task: tokio::task::JoinHandle<()>,
+    ctx: Arc<Context>,
+    running: Option<(mpsc::UnboundedSender<Effect>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Writer {
-    fn spawn(ctx: Arc<Context>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Effect>();
-        let task = tokio::spawn(async move {
-            while let Some(effect) = rx.recv().await {
-                apply(&ctx, effect).await;
-            }
-        });
-        Self { tx, task }
+    fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx, running: None }
     }
 
-    fn submit(&self, effect: Effect) {
-        let _ = self.tx.send(effect);
+    fn submit(&mut self, effect: Effect) {
+        let (tx, _) = self.running.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Effect>();
+            let ctx = self.ctx.clone();
+            let task = tokio::spawn(async move {
+                while let Some(effect) = rx.recv().await {
+                    apply(&ctx, effect).await;
+                }
+            });
+            (tx, task)
+        });
+        let _ = tx.send(effect);
     }
 
     async fn finish(self) {
-        drop(self.tx);
-        let _ = self.task.await;
+        if let Some((tx, task)) = self.running {
+            drop(tx);
+            let _ = task.await;
+        }
     }
 }
 
