@@ -182,7 +182,8 @@ pub fn render_reference() -> Result<String, CrdGenError> {
          (see the [Kubernetes API reference](https://kubernetes.io/docs/reference/kubernetes-api/)).\n",
     );
     for (file, crd) in crate::crd::all_crds() {
-        let crd = serde_json::to_value(&crd).map_err(|source| CrdGenError::Json { file, source })?;
+        let crd =
+            serde_json::to_value(&crd).map_err(|source| CrdGenError::Json { file, source })?;
         let spec = &crd["spec"];
         let names = &spec["names"];
         let kind = names["kind"].as_str().unwrap_or_default();
