@@ -11,6 +11,9 @@ apiVersion: refleet.dev/v1alpha1
 kind: LocalFleet
 spec:
   reportIntervalMillis: 300
+  # This test joins shard URLs from /v1/shards directly (it checks the planner's own
+  # threshold-driven scale-out), so it runs without join tokens.
+  joinTokens: false
 ---
 apiVersion: refleet.dev/v1alpha1
 kind: ReflectorPool

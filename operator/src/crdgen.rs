@@ -19,9 +19,11 @@ pub enum CrdGenError {
         #[source]
         source: serde_saphyr::ser::Error,
     },
-    /// A CRD could not be turned into JSON to read its schema.
-    #[error("reading a CRD's schema")]
+    /// A CRD could not be turned into a JSON value.
+    #[error("serialising the {file} CRD to JSON")]
     Json {
+        /// The file the CRD belongs in.
+        file: &'static str,
         /// The serialiser's error.
         #[source]
         source: serde_json::Error,
@@ -46,11 +48,33 @@ pub fn render_all() -> Result<Vec<(&'static str, String)>, CrdGenError> {
     crate::crd::all_crds()
         .into_iter()
         .map(|(file, crd)| {
-            serde_saphyr::to_string(&crd)
+            let mut value =
+                serde_json::to_value(&crd).map_err(|source| CrdGenError::Json { file, source })?;
+            strip_unsigned_formats(&mut value);
+            serde_saphyr::to_string(&value)
                 .map(|yaml| (file, yaml))
                 .map_err(|source| CrdGenError::Yaml { file, source })
         })
         .collect()
+}
+
+/// Removes `format: uint32`-style annotations: the apiserver does not know them and warns
+/// on every create (`minimum: 0` already says the same).
+fn strip_unsigned_formats(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if map
+                .get("format")
+                .and_then(|f| f.as_str())
+                .is_some_and(|f| f.starts_with("uint"))
+            {
+                map.remove("format");
+            }
+            map.values_mut().for_each(strip_unsigned_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_unsigned_formats),
+        _ => {}
+    }
 }
 
 /// Every CRD as one multi-document YAML stream (documents separated by `---`).
@@ -157,8 +181,9 @@ pub fn render_reference() -> Result<String, CrdGenError> {
          typed `core/v1 …` or `meta/v1 …` are the standard Kubernetes types of the same name \
          (see the [Kubernetes API reference](https://kubernetes.io/docs/reference/kubernetes-api/)).\n",
     );
-    for (_, crd) in crate::crd::all_crds() {
-        let crd = serde_json::to_value(&crd).map_err(|source| CrdGenError::Json { source })?;
+    for (file, crd) in crate::crd::all_crds() {
+        let crd =
+            serde_json::to_value(&crd).map_err(|source| CrdGenError::Json { file, source })?;
         let spec = &crd["spec"];
         let names = &spec["names"];
         let kind = names["kind"].as_str().unwrap_or_default();

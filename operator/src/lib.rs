@@ -23,3 +23,4 @@ pub mod crd;
 pub mod crdgen;
 pub mod local;
 pub mod planner;
+pub mod router;

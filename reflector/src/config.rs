@@ -128,6 +128,36 @@ pub struct Config {
     #[arg(long, env = "REFLEET_MAX_MESSAGES", default_value_t = 100_000)]
     pub max_messages: usize,
 
+    /// The operator's report-stream endpoint (e.g. http://refleet-report.refleet-system.svc:8081).
+    /// When set, the reflector keeps a gRPC stream open to it, reports its load about once a
+    /// second and at once on change, and follows its instructions (drain, shard caps, token
+    /// keys). Reconnects with back-off, so it reaches a new leader after a failover.
+    #[arg(long, env = "REFLEET_REPORT_URL")]
+    pub report_url: Option<String>,
+
+    /// File holding the shared secret presented on the report stream
+    /// (`authorization: Bearer …`), e.g. mounted from a Secret.
+    #[arg(long, env = "REFLEET_REPORT_TOKEN_FILE")]
+    pub report_token_file: Option<std::path::PathBuf>,
+
+    /// How often the load report is sent when nothing changes.
+    #[arg(long, env = "REFLEET_REPORT_INTERVAL", default_value = "1s")]
+    pub report_interval: humantime::Duration,
+
+    /// Pool this reflector belongs to (`namespace/name`), carried in reports.
+    #[arg(long, env = "REFLEET_POOL", default_value = "")]
+    pub pool: String,
+
+    /// Ed25519 public keys join tokens are checked with: `kid=base64url-key,…`. The operator
+    /// also sends its keys over the report stream.
+    #[arg(long, env = "REFLEET_TOKEN_KEYS", default_value = "")]
+    pub token_keys: String,
+
+    /// Refuse (close 4103) a view's first JOIN unless the URL carries a valid, unexpired join
+    /// token for the JOIN's appId and session name. Reconnects of admitted views always pass.
+    #[arg(long, env = "REFLEET_REQUIRE_JOIN_TOKEN")]
+    pub require_join_token: bool,
+
     /// Log line format on stderr (filter with RUST_LOG, e.g. RUST_LOG=refleet_reflector=debug).
     #[arg(long, env = "REFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -184,6 +214,12 @@ impl From<&Config> for Limits {
             region: _,
             reflector_name: _,
             log_format: _,
+            report_url: _,
+            report_token_file: _,
+            report_interval: _,
+            pool: _,
+            token_keys: _,
+            require_join_token: _,
         } = c;
         Self {
             max_frame_bytes: *max_frame_bytes,

@@ -6,6 +6,8 @@
 //! When either side closes, the reader keeps reading until the client's side of the close
 //! arrives, so a drain never loses a message the client had already sent.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -16,13 +18,15 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
+use crate::admission::TokenCheck;
 use crate::close::{self, Close};
 use crate::config::Limits;
 use crate::frame::{self, ClientMsg, Text};
 use crate::metrics::Metrics;
-use crate::outbox::{self, Inbox, Out, Outbox};
+use crate::outbox::{self, Batch, Inbox, Outbox};
 use crate::registry::{Refused, Registry};
 use crate::session::core::ConnId;
 use crate::session::{Command, SessionHandle};
@@ -31,8 +35,10 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 /// How long to wait for the client's side of a close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
-/// Frames written per flush.
+/// A batch at least this long is written without first yielding for more.
 const WRITE_BATCH: usize = 64;
+/// How long a client that stopped reading gets to take its close frame.
+const URGENT_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// Unknown actions logged per connection (then only counted).
 const UNKNOWN_LOG_LIMIT: u32 = 5;
 
@@ -42,54 +48,66 @@ pub fn session_id_from_path(path: &str) -> &str {
 }
 
 /// Serves one upgraded WebSocket until it is closed.
-pub async fn serve(
+///
+/// The socket is split before the returned future is built, so the future (which lives as
+/// long as the connection, in every idle connection's task) does not keep room for it; the
+/// rarely taken paths are boxed for the same reason.
+pub fn serve(
     socket: WebSocket,
     session_id: Arc<str>,
+    token: Option<Arc<TokenCheck>>,
     peer: SocketAddr,
     registry: Arc<Registry>,
     limits: Arc<Limits>,
-) {
-    let metrics = registry.context().metrics.clone();
+) -> impl Future<Output = ()> + Send + 'static {
+    let (sink, stream) = socket.split();
+    let metrics = &registry.context().metrics;
     metrics.connections.inc();
     metrics.connections_total.inc();
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let (out, inbox) = outbox::pair(limits.send_queue);
-    let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, inbox, metrics.clone()));
-    let mut reader = Reader {
+    let writer = tokio::spawn(write_loop(sink, inbox, registry.clone()));
+    let reader = Reader {
         conn,
         session_id,
+        token,
         peer,
         registry,
-        limits: limits.clone(),
-        metrics: metrics.clone(),
+        limits,
         out,
         joined: None,
         refused: false,
         unknown_logged: 0,
     };
-    reader.run(stream).await;
-    if let Some(h) = reader.joined.take() {
-        let _ = h.tx.send(Command::Closed { conn }).await;
+    async move {
+        let mut reader = reader;
+        reader.run(stream).await;
+        let registry = reader.registry.clone();
+        if let Some(h) = reader.joined.take()
+            && let Err(TrySendError::Full(cmd)) = h.tx.try_send(Command::Closed { conn })
+        {
+            let _ = Box::pin(h.tx.send(cmd)).await;
+        }
+        // The session drops its copy of the outbox once it handled Closed; ours goes here.
+        drop(reader);
+        if Box::pin(tokio::time::timeout(Duration::from_secs(2), writer))
+            .await
+            .is_err()
+        {
+            tracing::debug!(conn, "writer did not finish in time");
+        }
+        registry.context().metrics.connections.dec();
     }
-    // The session drops its copy of the outbox once it handled Closed; ours goes here.
-    drop(reader);
-    if tokio::time::timeout(Duration::from_secs(2), writer)
-        .await
-        .is_err()
-    {
-        tracing::debug!(conn, "writer did not finish in time");
-    }
-    metrics.connections.dec();
 }
 
 struct Reader {
     conn: ConnId,
     session_id: Arc<str>,
+    /// The connection's verified join token (checked by the session at JOIN).
+    token: Option<Arc<TokenCheck>>,
     peer: SocketAddr,
     registry: Arc<Registry>,
     limits: Arc<Limits>,
-    metrics: Metrics,
     out: Outbox,
     joined: Option<SessionHandle>,
     /// This connection refused the client's input and closed: ignore what follows.
@@ -114,7 +132,7 @@ impl Reader {
         );
         let sleep = tokio::time::sleep(self.limits.join_timeout);
         tokio::pin!(sleep);
-        let mut closing = self.out.closing_signal();
+        let closing = self.out.closing_signal();
         loop {
             if close_started.is_none() && self.out.is_closing() {
                 close_started = Some(Instant::now());
@@ -154,7 +172,7 @@ impl Reader {
                         }
                     }
                 }
-                Ok(()) = closing.changed(), if close_started.is_none() => {}
+                () = closing.closing(), if close_started.is_none() => {}
                 () = &mut sleep => {
                     let now = Instant::now();
                     if now < deadline {
@@ -186,7 +204,8 @@ impl Reader {
         text: axum::extract::ws::Utf8Bytes,
         limiter: &governor::DefaultDirectRateLimiter,
     ) {
-        self.metrics.bytes_received_total.inc_by(text.len() as u64);
+        let metrics = &self.registry.context().metrics;
+        metrics.bytes_received_total.inc_by(text.len() as u64);
         if self.refused {
             return;
         }
@@ -206,9 +225,11 @@ impl Reader {
                 return;
             }
         };
-        self.metrics.received(msg.action());
+        metrics.received(msg.action());
         match msg {
-            ClientMsg::Join(join) => self.join(join).await,
+            // Boxed: a JOIN happens once per connection, and its future is larger than the
+            // rest of the reader's.
+            ClientMsg::Join(join) => Box::pin(self.join(join)).await,
             ClientMsg::Ping(args) => {
                 let pong = Text::from(format!("{{\"action\":\"PONG\",\"args\":{args}}}"));
                 if self.out.try_send(pong).is_err() && !self.out.is_closing() {
@@ -227,14 +248,17 @@ impl Reader {
             }
             msg => match &self.joined {
                 Some(h) => {
-                    if h.tx
-                        .send(Command::Message {
-                            conn: self.conn,
-                            msg,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    let cmd = Command::Message {
+                        conn: self.conn,
+                        msg,
+                    };
+                    // Waiting (back-pressure from a busy session) is the rare case: box it.
+                    let sent = match h.tx.try_send(cmd) {
+                        Ok(()) => true,
+                        Err(TrySendError::Full(cmd)) => Box::pin(h.tx.send(cmd)).await.is_ok(),
+                        Err(TrySendError::Closed(_)) => false,
+                    };
+                    if !sent {
                         self.refuse(
                             close::RECONNECT.with_reason("session restarting, reconnect"),
                             "session gone",
@@ -273,6 +297,7 @@ impl Reader {
                     conn: self.conn,
                     out: self.out.clone(),
                     join,
+                    token: self.token.clone(),
                 })
                 .await
             {
@@ -292,84 +317,85 @@ impl Reader {
     }
 }
 
-enum Step {
-    Continue,
-    Close(Close),
-    Failed,
-}
-
-async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut inbox: Inbox, metrics: Metrics) {
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut inbox: Inbox,
+    registry: Arc<Registry>,
+) {
+    let metrics = &registry.context().metrics;
     let watch = inbox.watch();
-    while let Some(first) = inbox.recv().await {
-        let step = tokio::select! {
+    let mut batch: VecDeque<Text> = VecDeque::new();
+    while let Some(next) = inbox.recv_batch(&mut batch).await {
+        match next {
+            Batch::Frames => {}
+            Batch::Close(c) => {
+                send_close(&mut sink, &c, metrics, CLOSE_WAIT).await;
+                break;
+            }
+            Batch::Urgent(c) => {
+                send_close(&mut sink, &c, metrics, URGENT_CLOSE_WAIT).await;
+                break;
+            }
+        }
+        let written = tokio::select! {
             biased;
             c = watch.urgent_close() => {
                 // The client stopped reading; don't wait long for a socket that may never drain.
-                let _ = tokio::time::timeout(Duration::from_secs(1), send_close(&mut sink, &c, &metrics)).await;
+                send_close(&mut sink, &c, metrics, URGENT_CLOSE_WAIT).await;
                 break;
             }
-            step = write_batch(&mut sink, &mut inbox, first) => step,
+            ok = write_batch(&mut sink, &mut inbox, &mut batch) => ok,
         };
-        match step {
-            Step::Continue => {}
-            Step::Close(c) => {
-                let _ = tokio::time::timeout(CLOSE_WAIT, send_close(&mut sink, &c, &metrics)).await;
-                break;
-            }
-            Step::Failed => break,
+        if !written {
+            break;
         }
     }
 }
 
+/// Feeds every frame of `batch` (and what the session adds meanwhile), then flushes once.
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, Message>,
     inbox: &mut Inbox,
-    first: Out,
-) -> Step {
-    let mut next = Some(first);
-    let mut written = 0;
-    let mut yielded = false;
-    while let Some(item) = next.take() {
-        match item {
-            Out::Frame(text) => {
-                if sink.feed(Message::Text(text)).await.is_err() {
-                    return Step::Failed;
-                }
-            }
-            Out::Close(c) => {
-                return if sink.flush().await.is_err() {
-                    Step::Failed
-                } else {
-                    Step::Close(c)
-                };
+    batch: &mut VecDeque<Text>,
+) -> bool {
+    let mut yielded = batch.len() >= WRITE_BATCH;
+    loop {
+        while let Some(text) = batch.pop_front() {
+            if sink.feed(Message::Text(text)).await.is_err() {
+                return false;
             }
         }
-        written += 1;
-        if written < WRITE_BATCH {
-            next = inbox.try_recv();
-            if next.is_none() && !yielded {
-                // Let the session finish fanning out its batch so that one write carries
-                // several frames instead of one syscall per frame.
-                yielded = true;
-                tokio::task::yield_now().await;
-                next = inbox.try_recv();
-            }
+        if yielded {
+            break;
+        }
+        // Let the session finish fanning out its batch so that one write carries several
+        // frames instead of one syscall per frame.
+        yielded = true;
+        tokio::task::yield_now().await;
+        if !inbox.try_take(batch) {
+            break;
         }
     }
-    if sink.flush().await.is_err() {
-        Step::Failed
-    } else {
-        Step::Continue
-    }
+    sink.flush().await.is_ok()
 }
 
-async fn send_close(sink: &mut SplitSink<WebSocket, Message>, c: &Close, metrics: &Metrics) {
+/// Sends a close frame, waiting at most `wait` (boxed: it happens once per connection).
+async fn send_close(
+    sink: &mut SplitSink<WebSocket, Message>,
+    c: &Close,
+    metrics: &Metrics,
+    wait: Duration,
+) {
     metrics.closed(c.label());
     let frame = CloseFrame {
         code: c.code,
         reason: c.reason.to_string().into(),
     };
-    let _ = sink.send(Message::Close(Some(frame))).await;
+    let _ = Box::pin(tokio::time::timeout(
+        wait,
+        sink.send(Message::Close(Some(frame))),
+    ))
+    .await;
 }
 
 #[cfg(test)]

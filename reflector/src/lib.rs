@@ -16,6 +16,8 @@
 //! - [`storage`]: the object store behind files, persisted-data records and session state.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`close`]: every close code the reflector sends.
+//! - [`admission`]: join tokens and shard caps, checked at a view's first JOIN.
+//! - [`report`]: the load-report stream to the operator.
 //!
 //! ```text
 //!  client ──ws──► connection task ──Command──► session task (Core) ──Outbox──► connection writers
@@ -24,6 +26,7 @@
 //!  client ──http /files/──► files ──► storage
 //! ```
 
+pub mod admission;
 pub mod close;
 pub mod config;
 pub mod connection;
@@ -32,6 +35,7 @@ pub mod frame;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;
+pub mod report;
 pub mod server;
 pub mod session;
 pub mod shutdown;

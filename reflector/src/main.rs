@@ -3,7 +3,11 @@
 use anyhow::Context as _;
 use clap::Parser;
 use refleet_reflector::config::LogFormat;
+use std::sync::Arc;
+
+use refleet_reflector::report::{self, Reporter};
 use refleet_reflector::{Config, Reflector, shutdown};
+use tokio::sync::Notify;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -21,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --listen {}", config.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    let reflector = Reflector::new(&config, bound).context("opening --storage")?;
+    let reflector = Reflector::new(&config, bound)?;
     let public = config.public_base(bound);
     tracing::info!(
         listen = %bound,
@@ -32,9 +36,42 @@ async fn main() -> anyhow::Result<()> {
     );
     // The one line on stdout: what to pass to Session.join({ box }).
     println!("box: {public}");
-    reflector
-        .serve(listener, shutdown::signal())
-        .await
-        .context("serving")?;
+    let drain = Arc::new(Notify::new());
+    if let Some(url) = &config.report_url {
+        let token = match &config.report_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --report-token-file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let reporter = Reporter {
+            url: url.clone(),
+            token,
+            interval: config.report_interval.into(),
+            identity: report::Identity {
+                reflector: config.reflector_name.clone(),
+                region: config.region.clone(),
+                public_url: public.clone(),
+                pool: config.pool.clone(),
+                max_sessions: 0,
+                max_users: 0,
+            },
+            registry: reflector.registry().clone(),
+            admission: reflector.admission().clone(),
+            metrics: reflector.metrics().clone(),
+            drain: drain.clone(),
+        };
+        tokio::spawn(reporter.run());
+    }
+    let stop = async move {
+        tokio::select! {
+            () = shutdown::signal() => {}
+            () = drain.notified() => {}
+        }
+    };
+    reflector.serve(listener, stop).await.context("serving")?;
     Ok(())
 }

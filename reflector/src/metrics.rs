@@ -76,7 +76,20 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// Sessions by lifecycle outcome.
     session_ends: IntCounterVec,
+    /// JOINs refused by the admission policy, by reason.
+    join_refusals: IntCounterVec,
+    /// 1 while the load-report stream is open.
+    pub report_stream_connected: IntGauge,
 }
+
+/// Reasons a JOIN is refused by the admission policy (metric label values).
+pub const REFUSAL_REASONS: &[&str] = &[
+    "missing_token",
+    "invalid_token",
+    "expired_token",
+    "wrong_shard",
+    "shard_full",
+];
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric definition");
@@ -276,6 +289,18 @@ impl Metrics {
                 &[&["empty", "drained"]],
                 &["cause"],
             ),
+            join_refusals: counter_vec(
+                r,
+                "refleet_reflector_join_refusals_total",
+                "JOINs refused by the admission policy, by reason (join tokens, shard cap).",
+                &[REFUSAL_REASONS],
+                &["reason"],
+            ),
+            report_stream_connected: gauge(
+                r,
+                "refleet_reflector_report_stream_connected",
+                "1 while the load-report stream to the operator is open, else 0.",
+            ),
             registry,
         }
     }
@@ -294,6 +319,11 @@ impl Metrics {
     /// Counts a close initiated by the reflector.
     pub fn closed(&self, label: &'static str) {
         self.closes.with_label_values(&[label]).inc();
+    }
+
+    /// Counts a JOIN refused for `reason` (an entry of [`REFUSAL_REASONS`]).
+    pub fn join_refusals(&self, reason: &'static str) {
+        self.join_refusals.with_label_values(&[reason]).inc();
     }
 
     /// Counts a SNAP by result.

@@ -5,11 +5,18 @@
 //! else. A close the connection or session asks for normally travels through the queue, after
 //! the frames already in it; a close for a client whose queue is full goes around the queue
 //! and interrupts a write that is blocked on the socket.
+//!
+//! The queue is a `VecDeque` behind a mutex that only the session (pushing) and the writer
+//! (taking everything queued at once) touch, so it costs one uncontended lock per frame and
+//! one per batch written. It allocates nothing until the first frame and grows only as far as
+//! the backlog does, which keeps idle connections small (a tokio mpsc channel allocates a
+//! block of 32 slots and a cache-padded channel up front).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::Notify;
 
 use crate::close::Close;
 use crate::frame::Text;
@@ -23,14 +30,36 @@ pub enum Out {
     Close(Close),
 }
 
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Text>,
+    /// A close to send once the frames before it are written.
+    close: Option<Close>,
+    /// A close that jumps the queue (the client stopped reading).
+    urgent: Option<Close>,
+}
+
 #[derive(Debug)]
-struct Control {
-    urgent: Mutex<Option<Close>>,
+struct Shared {
+    queue: Mutex<Queue>,
+    capacity: usize,
+    /// Live [`Outbox`] handles; the writer ends when the last one is gone.
+    senders: AtomicUsize,
     closing: AtomicBool,
-    notify: Notify,
+    /// Wakes the writer: something was queued, or the last sender left.
+    items: Notify,
+    /// Wakes the writer while it waits on the socket: an urgent close.
+    urgent: Notify,
     /// Tells the connection's reader that a close began, so it starts waiting for the
     /// client's side of it even when the client sends nothing.
-    closing_tx: watch::Sender<bool>,
+    closing_signal: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding this lock; keep going with the data if it ever did.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Why a frame could not be queued.
@@ -43,144 +72,250 @@ pub enum SendError {
 }
 
 /// The sending side, cloned into the session.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Out>,
-    ctl: Arc<Control>,
+    shared: Arc<Shared>,
 }
 
 /// The receiving side, owned by the connection's writer.
 #[derive(Debug)]
 pub struct Inbox {
-    rx: mpsc::Receiver<Out>,
-    ctl: Arc<Control>,
+    shared: Arc<Shared>,
 }
 
 /// Waits for an urgent close (see [`Inbox::watch`]).
 #[derive(Debug)]
-pub struct Watch(Arc<Control>);
+pub struct Watch(Arc<Shared>);
 
 impl Watch {
     /// Completes when an urgent close is requested.
     pub async fn urgent_close(&self) -> Close {
         loop {
-            self.0.notify.notified().await;
-            if let Some(c) = self.0.take_urgent() {
+            let notified = self.0.urgent.notified();
+            if let Some(c) = self.0.lock().urgent.take() {
                 return c;
             }
+            notified.await;
         }
     }
 }
 
-impl Control {
-    fn take_urgent(&self) -> Option<Close> {
-        self.urgent.lock().ok().and_then(|mut s| s.take())
+/// Waits for the start of a close (see [`Outbox::closing_signal`]).
+#[derive(Debug)]
+pub struct ClosingSignal(Arc<Shared>);
+
+impl ClosingSignal {
+    /// Completes once a close has begun (at once if it already has).
+    pub async fn closing(&self) {
+        loop {
+            let notified = self.0.closing_signal.notified();
+            if self.0.closing.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
 /// A new queue holding at most `capacity` frames.
 pub fn pair(capacity: usize) -> (Outbox, Inbox) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    let ctl = Arc::new(Control {
-        urgent: Mutex::new(None),
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue::default()),
+        capacity: capacity.max(1),
+        senders: AtomicUsize::new(1),
         closing: AtomicBool::new(false),
-        notify: Notify::new(),
-        closing_tx: watch::Sender::new(false),
+        items: Notify::new(),
+        urgent: Notify::new(),
+        closing_signal: Notify::new(),
     });
     (
         Outbox {
-            tx,
-            ctl: ctl.clone(),
+            shared: shared.clone(),
         },
-        Inbox { rx, ctl },
+        Inbox { shared },
     )
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.items.notify_one();
+        }
+    }
 }
 
 impl Outbox {
     /// Queues a frame without waiting.
     pub fn try_send(&self, frame: Text) -> Result<(), SendError> {
-        if self.ctl.closing.load(Ordering::Relaxed) {
+        if self.shared.closing.load(Ordering::Relaxed) {
             return Err(SendError::Gone);
         }
-        self.tx.try_send(Out::Frame(frame)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SendError::Full,
-            mpsc::error::TrySendError::Closed(_) => SendError::Gone,
-        })
+        let mut q = self.shared.lock();
+        if q.frames.len() >= self.shared.capacity {
+            return Err(SendError::Full);
+        }
+        let was_empty = q.frames.is_empty();
+        q.frames.push_back(frame);
+        drop(q);
+        if was_empty {
+            // The writer takes everything at once, so only the first frame needs to wake it.
+            self.shared.items.notify_one();
+        }
+        Ok(())
     }
 
     /// True when nothing is waiting to be written (ticks are only sent to such clients).
     pub fn is_idle(&self) -> bool {
-        self.tx.capacity() == self.tx.max_capacity()
+        self.shared.lock().frames.is_empty()
     }
 
     /// Closes after the frames already queued; if the queue is full, closes at once.
     /// Only the first close of a connection counts.
     pub fn close(&self, close: Close) {
-        if self.ctl.closing.swap(true, Ordering::AcqRel) {
+        if self.shared.closing.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.ctl.closing_tx.send_replace(true);
-        if let Err(mpsc::error::TrySendError::Full(Out::Close(close))) =
-            self.tx.try_send(Out::Close(close))
-        {
+        self.shared.closing_signal.notify_one();
+        let mut q = self.shared.lock();
+        if q.frames.len() >= self.shared.capacity {
+            drop(q);
             self.urgent(close);
+        } else {
+            q.close = Some(close);
+            drop(q);
+            self.shared.items.notify_one();
         }
     }
 
     /// Closes at once, dropping whatever is still queued (for clients that stopped reading).
     pub fn close_now(&self, close: Close) {
-        self.ctl.closing.store(true, Ordering::Release);
-        self.ctl.closing_tx.send_replace(true);
+        self.shared.closing.store(true, Ordering::Release);
+        self.shared.closing_signal.notify_one();
         self.urgent(close);
     }
 
     fn urgent(&self, close: Close) {
-        if let Ok(mut slot) = self.ctl.urgent.lock() {
-            slot.get_or_insert(close);
-        }
-        self.ctl.notify.notify_one();
+        self.shared.lock().urgent.get_or_insert(close);
+        // Both: the writer may be waiting for frames or blocked on the socket.
+        self.shared.urgent.notify_one();
+        self.shared.items.notify_one();
     }
 
     /// Whether a close was asked for.
     pub fn is_closing(&self) -> bool {
-        self.ctl.closing.load(Ordering::Acquire)
+        self.shared.closing.load(Ordering::Acquire)
     }
 
-    /// Changes to true when a close begins.
-    pub fn closing_signal(&self) -> watch::Receiver<bool> {
-        self.ctl.closing_tx.subscribe()
+    /// Completes when a close begins.
+    pub fn closing_signal(&self) -> ClosingSignal {
+        ClosingSignal(self.shared.clone())
     }
 
     /// Same connection?
     pub fn same(&self, other: &Outbox) -> bool {
-        Arc::ptr_eq(&self.ctl, &other.ctl)
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 }
 
+/// What [`Inbox::recv_batch`] found.
+#[derive(Debug, PartialEq)]
+pub enum Batch {
+    /// Frames, moved to the caller's buffer.
+    Frames,
+    /// Close after the frames already taken.
+    Close(Close),
+    /// Close now: the client stopped reading (queued frames were dropped).
+    Urgent(Close),
+}
+
+fn take_frames(q: &mut Queue, into: &mut VecDeque<Text>) -> bool {
+    if q.frames.is_empty() {
+        return false;
+    }
+    if into.is_empty() {
+        // Swap, so both buffers keep their capacity and nothing is copied.
+        std::mem::swap(&mut q.frames, into);
+    } else {
+        into.append(&mut q.frames);
+    }
+    true
+}
+
 impl Inbox {
-    /// The next item; an urgent close wins over queued frames. `None` when every sender is gone.
+    /// Moves every queued frame to the back of `into`, waiting while nothing is queued.
+    /// An urgent close drops the queued frames and comes back at once; a queued close comes
+    /// back once the frames before it were taken. `None` when every sender is gone and
+    /// nothing is left.
+    pub async fn recv_batch(&mut self, into: &mut VecDeque<Text>) -> Option<Batch> {
+        loop {
+            let notified = self.shared.items.notified();
+            {
+                let mut q = self.shared.lock();
+                if let Some(c) = q.urgent.take() {
+                    q.frames.clear();
+                    q.close = None;
+                    return Some(Batch::Urgent(c));
+                }
+                if take_frames(&mut q, into) {
+                    return Some(Batch::Frames);
+                }
+                if let Some(c) = q.close.take() {
+                    return Some(Batch::Close(c));
+                }
+            }
+            if self.shared.senders.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            notified.await;
+        }
+    }
+
+    /// Moves whatever frames are queued now to the back of `into`; false if there were none.
+    pub fn try_take(&mut self, into: &mut VecDeque<Text>) -> bool {
+        take_frames(&mut self.shared.lock(), into)
+    }
+
+    /// The next item; an urgent close wins over queued frames. `None` when every sender is
+    /// gone and nothing is queued.
     pub async fn recv(&mut self) -> Option<Out> {
         loop {
-            tokio::select! {
-                biased;
-                () = self.ctl.notify.notified() => {
-                    if let Some(c) = self.ctl.take_urgent() {
-                        return Some(Out::Close(c));
-                    }
-                }
-                item = self.rx.recv() => return item,
+            if let Some(item) = self.try_recv() {
+                return Some(item);
             }
+            if self.shared.senders.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            // A frame queued since `try_recv` left a permit: this returns at once then.
+            self.shared.items.notified().await;
         }
     }
 
     /// A handle that waits for an urgent close while the writer is busy with the socket.
     pub fn watch(&self) -> Watch {
-        Watch(self.ctl.clone())
+        Watch(self.shared.clone())
     }
 
     /// Takes a queued item without waiting.
     pub fn try_recv(&mut self) -> Option<Out> {
-        self.rx.try_recv().ok()
+        let mut q = self.shared.lock();
+        if let Some(c) = q.urgent.take() {
+            q.frames.clear();
+            q.close = None;
+            return Some(Out::Close(c));
+        }
+        match q.frames.pop_front() {
+            Some(t) => Some(Out::Frame(t)),
+            None => q.close.take().map(Out::Close),
+        }
     }
 }
 
@@ -211,5 +346,55 @@ mod tests {
         assert!(!out.is_idle());
         out.close(close::UNRESPONSIVE);
         assert!(matches!(inbox.recv().await, Some(Out::Close(c)) if c.code == 4001));
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_everything_queued_then_the_close() {
+        let (out, mut inbox) = pair(8);
+        for s in ["a", "b", "c"] {
+            out.try_send(Text::from(s)).expect("queued");
+        }
+        out.close(close::RECONNECT);
+        let mut got = VecDeque::new();
+        assert_eq!(inbox.recv_batch(&mut got).await, Some(Batch::Frames));
+        let texts: Vec<&str> = got.iter().map(|t| t.as_str()).collect();
+        assert_eq!(texts, ["a", "b", "c"]);
+        assert!(out.is_idle());
+        assert!(
+            matches!(inbox.recv_batch(&mut got).await, Some(Batch::Close(c)) if c.code == 4003)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_writer_ends_when_every_sender_is_gone() {
+        let (out, mut inbox) = pair(8);
+        let session_copy = out.clone();
+        out.try_send(Text::from("a")).expect("queued");
+        drop(out);
+        let waiter = tokio::spawn(async move {
+            let mut got = VecDeque::new();
+            let first = inbox.recv_batch(&mut got).await;
+            let second = inbox.recv_batch(&mut got).await;
+            (first, second, got.len())
+        });
+        tokio::task::yield_now().await;
+        drop(session_copy);
+        let (first, second, n) = waiter.await.expect("joined");
+        assert_eq!(first, Some(Batch::Frames));
+        assert_eq!(second, None);
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test]
+    async fn the_reader_hears_of_a_close() {
+        let (out, _inbox) = pair(8);
+        let signal = out.closing_signal();
+        let waiter = tokio::spawn(async move { signal.closing().await });
+        tokio::task::yield_now().await;
+        out.close(close::RECONNECT);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("in time")
+            .expect("joined");
     }
 }

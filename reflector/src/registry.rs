@@ -39,10 +39,32 @@ pub struct SessionSummary {
     pub users: usize,
 }
 
+/// Activity of one session since the previous load report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Activity {
+    /// New views admitted.
+    pub joins: u32,
+    /// Members that left.
+    pub leaves: u32,
+    /// Highest member count seen.
+    pub peak_users: u32,
+    /// Messages reflected.
+    pub reflected: u64,
+    /// Bytes queued to clients.
+    pub bytes: u64,
+    /// Router reservations (from join tokens) the admitted views used.
+    pub admitted: Vec<u64>,
+    /// Hard cap learnt from a token (0: none).
+    pub max_users: u32,
+}
+
 /// All sessions of this reflector.
 #[derive(Debug)]
 pub struct Registry {
     summaries: Mutex<HashMap<Arc<str>, SessionSummary>>,
+    activity: Mutex<HashMap<Arc<str>, Activity>>,
+    /// Woken when a session's membership changes, so the load report goes out at once.
+    changed: tokio::sync::Notify,
     sessions: Mutex<HashMap<Arc<str>, SessionHandle>>,
     live: Mutex<HashMap<Arc<str>, Identity>>,
     draining: AtomicBool,
@@ -61,6 +83,8 @@ impl Registry {
     pub fn new(ctx: Arc<Context>) -> Arc<Self> {
         Arc::new(Self {
             summaries: Mutex::default(),
+            activity: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
             sessions: Mutex::default(),
             live: Mutex::default(),
             draining: AtomicBool::new(false),
@@ -139,11 +163,48 @@ impl Registry {
                 users,
             },
         );
+        let users = u32::try_from(users).unwrap_or(u32::MAX);
+        let mut activity = lock(&self.activity);
+        let a = activity.entry(id.clone()).or_default();
+        a.peak_users = a.peak_users.max(users);
+        drop(activity);
+        self.changed.notify_one();
     }
 
     /// Forgets a session that left memory.
     pub(crate) fn forget(&self, id: &str) {
         lock(&self.summaries).remove(id);
+        self.changed.notify_one();
+    }
+
+    /// Records a view admitted to a session (for the load report).
+    pub(crate) fn record_admission(&self, id: &Arc<str>, admitted: crate::admission::Admitted) {
+        let mut all = lock(&self.activity);
+        let a = all.entry(id.clone()).or_default();
+        a.joins += 1;
+        a.admitted.extend(admitted.reservation);
+        if admitted.max_users > 0 {
+            a.max_users = admitted.max_users;
+        }
+    }
+
+    /// Records traffic and leaves of a session (for the load report).
+    pub(crate) fn record_traffic(&self, id: &Arc<str>, f: crate::session::core::Flushed) {
+        let mut all = lock(&self.activity);
+        let a = all.entry(id.clone()).or_default();
+        a.reflected += f.reflected;
+        a.bytes += f.bytes;
+        a.leaves += u32::try_from(f.leaves).unwrap_or(u32::MAX);
+    }
+
+    /// Takes every session's activity since the previous call.
+    pub fn take_activity(&self) -> HashMap<Arc<str>, Activity> {
+        std::mem::take(&mut *lock(&self.activity))
+    }
+
+    /// Resolves when a session's membership changed since the last wake-up.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// Every session in memory with its member count, busiest first.

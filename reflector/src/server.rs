@@ -14,6 +14,9 @@ use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use refleet_api::token::{KeyListError, Verifier};
+
+use crate::admission::Admission;
 use crate::config::{Config, Limits};
 use crate::connection;
 use crate::files::Files;
@@ -23,11 +26,24 @@ use crate::session::Context;
 use crate::session::core::Settings;
 use crate::storage::{Storage, StorageError};
 
-/// Per-connection WebSocket read buffer; small, so that idle connections stay cheap (client
-/// frames are small; a larger one just takes a few more reads).
-const READ_BUFFER: usize = 4 * 1024;
+/// Per-connection WebSocket read buffer, allocated up front for every connection; small, so
+/// that idle connections stay cheap. Client frames are small (a SEND with a 64-byte payload is
+/// ~150 bytes), tungstenite reserves room for a longer frame once it has read its header, and
+/// a busy client's reads still carry several frames each.
+const READ_BUFFER: usize = 1024;
 /// Bytes gathered before tungstenite writes to the socket (we also flush once per batch).
 const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Why a reflector could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `--storage` could not be opened.
+    #[error("opening --storage: {0}")]
+    Storage(#[from] StorageError),
+    /// `--token-keys` is malformed.
+    #[error("--token-keys: {0}")]
+    TokenKeys(#[from] KeyListError),
+}
 
 /// A configured reflector, ready to serve a listener.
 #[derive(Debug, Clone)]
@@ -42,8 +58,10 @@ pub struct Reflector {
 impl Reflector {
     /// Opens the storage and prepares the shared state. `bound` is the listening address
     /// (used for the default public and files URLs).
-    pub fn new(config: &Config, bound: SocketAddr) -> Result<Self, StorageError> {
+    pub fn new(config: &Config, bound: SocketAddr) -> Result<Self, StartError> {
         let storage = Storage::open(&config.storage)?;
+        let keys = Verifier::parse_list(&config.token_keys)?;
+        let admission = Admission::new(config.require_join_token, keys);
         let limits = Arc::new(Limits::from(config));
         let metrics = Metrics::new(&config.region);
         let settings = Arc::new(Settings {
@@ -60,6 +78,7 @@ impl Reflector {
             settings,
             files_base: config.files_base(bound),
             snapshot_retention: limits.snapshot_retention,
+            admission,
         });
         let registry = Registry::new(ctx);
         let files = Files {
@@ -75,6 +94,16 @@ impl Reflector {
             limits,
             region: config.region.clone(),
         })
+    }
+
+    /// The admission policy (join tokens, shard caps).
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.registry.context().admission
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The session registry (for tests and embedding).
@@ -203,10 +232,13 @@ fn upgrade(app: &Arc<Reflector>, ws: WebSocketUpgrade, path: &str, peer: SocketA
     // Frames a little over the limit are read whole and refused with a clean 1009; far larger
     // ones are cut off by the WebSocket layer itself.
     let hard_limit = app.limits.max_frame_bytes.saturating_mul(2).max(64 * 1024);
+    let token = app.registry.context().admission.check_path(path);
     let (registry, limits) = (app.registry.clone(), app.limits.clone());
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| connection::serve(socket, session_id, peer, registry, limits))
+        .on_upgrade(move |socket| {
+            connection::serve(socket, session_id, token, peer, registry, limits)
+        })
 }

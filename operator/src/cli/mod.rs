@@ -2,4 +2,5 @@
 //! (a local fleet). Each lives in its own module with its clap arguments and `run`.
 
 pub mod operator;
+pub mod routing;
 pub mod up;

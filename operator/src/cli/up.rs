@@ -1,9 +1,11 @@
 //! `refleet up`: a whole fleet on one machine.
 //!
-//! Reads the config (or the embedded default), serves `/files/`, `/v1/status` and
-//! `/v1/shards`, and runs the local backend's observe → plan → act loop until Ctrl-C or
+//! Reads the config (or the embedded default), serves `/files/`, `/v1/status`,
+//! `/v1/shards` and the router (Route over gRPC, gRPC-Web and JSON `/v1/route`; the
+//! reflectors' report stream on a loopback port of its own), and runs the local backend's observe → plan → act loop until Ctrl-C or
 //! SIGTERM, which drains every reflector, waits for them to exit and returns.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,11 @@ use crate::local::fleet::{Fleet, PoolRuntime};
 use crate::local::launcher::{ProcessLauncher, ProcessSettings};
 use crate::local::server::{Published, Server};
 use crate::local::table;
+use crate::router::metrics::RouterMetrics;
+use crate::router::reports::{self, ReportHub};
+use crate::router::service::{self, Access, Frontend, always_leading};
+use crate::router::{Router, RouterConfig};
+use refleet_api::token::{Signer, Verifier};
 
 /// Arguments of `refleet up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +45,10 @@ pub struct UpArgs {
     /// Log lines as JSON objects instead of text (filter with RUST_LOG).
     #[arg(long, env = "REFLEET_UP_LOG_JSON")]
     pub log_json: bool,
+    /// Print a Prometheus configuration that scrapes this fleet (HTTP service discovery from
+    /// `/v1/prometheus/targets`, job names as in a cluster) and exit. Needs a fixed port.
+    #[arg(long)]
+    pub print_scrape_config: bool,
 }
 
 /// Runs the local fleet until Ctrl-C or SIGTERM.
@@ -48,6 +59,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         data_dir,
         reflector_bin,
         log_json,
+        print_scrape_config,
     } = args;
     init_tracing(log_json);
     let config = match &config {
@@ -72,7 +84,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         reflector_args,
         child_logs,
         max_upload_bytes,
+        join_tokens,
+        token_ttl_seconds,
     } = settings;
+    if print_scrape_config {
+        print_flush(&crate::local::prometheus::scrape_config(
+            listen.unwrap_or(config_listen),
+        )?);
+        return Ok(());
+    }
     let data_dir = absolute(&data_dir.unwrap_or(config_data_dir))?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
@@ -117,18 +137,78 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             + 10,
     );
 
+    // The router: Route on this same port (gRPC, gRPC-Web, JSON /v1/route), the report
+    // stream on a loopback port of its own that the reflectors are told about.
+    let signer = join_tokens.then(new_signer);
+    let metrics = Arc::new(crate::controller::metrics::Metrics::new());
+    let router = Router::new(
+        RouterConfig {
+            token_ttl: Duration::from_secs(token_ttl_seconds.max(1)),
+            ..RouterConfig::default()
+        },
+        signer.clone(),
+        RouterMetrics::new(&metrics.registry),
+    );
+    let report_listener = tokio::net::TcpListener::bind((bound.ip(), 0))
+        .await
+        .context("binding the report-stream port")?;
+    let report_url = format!(
+        "http://{}",
+        report_listener
+            .local_addr()
+            .context("reading the report address")?
+    );
+    let report_secret = random_hex(32);
+    let secret_file = data_dir.join("report-secret");
+    write_private(&secret_file, &report_secret)?;
+    let mut reflector_args = reflector_args;
+    reflector_args.extend([
+        "--report-url".to_owned(),
+        report_url.clone(),
+        "--report-token-file".to_owned(),
+        secret_file.display().to_string(),
+    ]);
+    if let Some(s) = &signer {
+        reflector_args.extend([
+            "--require-join-token".to_owned(),
+            "--token-keys".to_owned(),
+            Verifier::format_key(s.key_id(), &s.public_key()),
+        ]);
+    }
+    let hub = ReportHub::new(router.clone(), Some(report_secret));
+    let (stop_reports, reports_stopped) = tokio::sync::oneshot::channel::<()>();
+    let reporting = tokio::spawn(reports::serve(report_listener, hub, async {
+        let _ = reports_stopped.await;
+    }));
+    let frontend = Frontend {
+        router: router.clone(),
+        access: Arc::new(Access::new(HashMap::new(), &[], 1_000_000)),
+        leading: always_leading(),
+    };
+
     let shared = Arc::new(RwLock::new(Published::default()));
-    let server = Server::new(shared.clone(), storage, max_upload_bytes);
+    let mut server = Server::new(shared.clone(), storage, max_upload_bytes);
+    server.prometheus = Some(crate::local::prometheus::Endpoint::new(
+        crate::local::prometheus::Exporter::new(&metrics),
+        bound,
+    ));
+    let app = server
+        .router()
+        .merge(service::app_with(frontend, false).await);
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(async move {
-        axum::serve(listener, server.router())
-            .with_graceful_shutdown(async {
-                let _ = server_stopped.await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = server_stopped.await;
+        })
+        .await
     });
     println!("refleet: {base}");
     println!("status:  {base}v1/status");
+    println!("route:   {base}v1/route?namespace=default&session=<name>");
     tracing::info!(listen = %bound, storage = %storage_location, reflector = %binary.display(), data_dir = %data_dir.display(), "refleet up started");
 
     let launcher = ProcessLauncher::new(ProcessSettings {
@@ -138,7 +218,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         logs: child_logs,
         log_dir: data_dir.join("logs"),
     });
-    let mut fleet = Fleet::new(launcher, runtimes, sessions);
+    let mut fleet = Fleet::new(launcher, runtimes, sessions)
+        .with_metrics(metrics)
+        .with_router(router.clone());
     let started = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_millis(report_interval_millis.max(50)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -148,7 +230,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = &mut stop => break,
-            _ = interval.tick() => {
+            _ = async {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    // A client waits for a shard that needs a new reflector: act now.
+                    () = router.backend_wanted() => {}
+                }
+            } => {
                 fleet.tick(started.elapsed().as_secs()).await;
                 let status = fleet.status();
                 let rendered = table::render(&status);
@@ -168,6 +256,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     fleet.shutdown(shutdown_timeout).await;
     let _ = stop_server.send(());
     let _ = serving.await;
+    let _ = stop_reports.send(());
+    let _ = reporting.await;
     print_flush("refleet up stopped\n");
     Ok(())
 }
@@ -206,4 +296,30 @@ fn init_tracing(json: bool) {
     };
     // Already set (e.g. by a test): keep that one.
     drop(result);
+}
+
+/// A fresh Ed25519 signing key for this run's join tokens.
+fn new_signer() -> Signer {
+    let secret: [u8; 32] = rand::random();
+    Signer::new(format!("local-{}", random_hex(4)), &secret)
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Writes a secret readable by this user only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }

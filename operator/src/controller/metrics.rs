@@ -2,6 +2,12 @@
 //! error labels are `&'static str`, decision kinds a fixed set, and pool / region / session
 //! labels are bounded by the ReflectorPool and Session objects (series of a deleted Session
 //! are removed on the next sync of its pool).
+//!
+//! Every label set with a fixed set of values (controller, error kind, decision kind, shard
+//! state, reflector state, resource) exists at 0 from start-up or from the first sync of its
+//! pool, so dashboards and alert rules see a 0 instead of no series. Only the leader records
+//! pool and Session gauges; an instance that loses the lead drops them, so summing over all
+//! operator instances never counts a pool twice.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -11,7 +17,48 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::controller::reconcile::{POOL_CONTROLLER, SESSION_CONTROLLER};
+use crate::crd::{Capacity, ReflectorPoolSpec, ShardPhase};
 use crate::planner::{Decision, Plan};
+
+/// The `controller` label values.
+pub const CONTROLLERS: &[&str] = &[POOL_CONTROLLER, SESSION_CONTROLLER];
+
+/// The `error` label values of `refleet_operator_reconcile_errors_total`, as
+/// [`crate::controller::Error::metric_label`] names them.
+pub const ERROR_KINDS: &[&str] = &[
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "conflict",
+    "invalid",
+    "throttled",
+    "server_error",
+    "api_error",
+    "transport",
+    "serialize",
+];
+
+/// The `kind` label values of `refleet_operator_planner_decisions_total` ([`decision_kind`]).
+pub const DECISION_KINDS: &[&str] = &[
+    "open_shard",
+    "close_shard",
+    "remove_shard",
+    "scale_up",
+    "scale_held",
+    "drain_reflector",
+    "remove_reflector",
+    "session_degraded",
+];
+
+/// The `state` label values of `refleet_operator_shards`.
+pub const SHARD_STATES: &[&str] = &["Pending", "Open", "Full", "Closing"];
+
+/// The `state` label values of `refleet_operator_reflectors`.
+pub const REFLECTOR_STATES: &[&str] = &["starting", "ready", "draining"];
+
+/// The `resource` label values of the region capacity gauges.
+pub const RESOURCES: &[&str] = &["sessions", "users"];
 
 /// Every metric of the operator, registered in its own [`Registry`].
 pub struct Metrics {
@@ -26,8 +73,15 @@ pub struct Metrics {
     session_shards: IntGaugeVec,
     session_users: IntGaugeVec,
     leader: IntGauge,
+    region_used: IntGaugeVec,
+    region_capacity: IntGaugeVec,
+    region_limit: IntGaugeVec,
+    over_cap: IntGaugeVec,
     /// Per pool: the (namespace, session) label pairs set by its last sync.
     session_series: Mutex<HashMap<String, BTreeSet<(String, String)>>>,
+    /// Per (namespace, pool, region): the capacity of one reflector, from
+    /// [`Metrics::record_pool_limits`].
+    per_reflector: Mutex<HashMap<(String, String, String), Capacity>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -77,7 +131,10 @@ impl Metrics {
             .expect("valid metric"),
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        Self {
+        let region_gauge = |name: &str, help: &str| {
+            gauge(name, help, &["namespace", "pool", "region", "resource"])
+        };
+        let metrics = Self {
             reconciles: counter(
                 "refleet_operator_reconciles_total",
                 "Reconciliations started, by controller.",
@@ -135,9 +192,38 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            region_used: region_gauge(
+                "refleet_operator_region_used",
+                "Shards (resource=sessions) and users committed on a region's reflectors, pending shards included.",
+            ),
+            region_capacity: region_gauge(
+                "refleet_operator_region_capacity",
+                "What a region's ready reflectors carry: ready reflectors times one reflector's capacity.",
+            ),
+            region_limit: region_gauge(
+                "refleet_operator_region_capacity_limit",
+                "What a region carries at most: maxReflectors times one reflector's capacity.",
+            ),
+            over_cap: gauge(
+                "refleet_operator_shards_over_cap",
+                "Shards with more connected users than their session's maxUsersPerShard.",
+                &["namespace", "pool", "region"],
+            ),
             session_series: Mutex::default(),
+            per_reflector: Mutex::default(),
             registry: r,
+        };
+        for controller in CONTROLLERS {
+            metrics.reconciles.with_label_values(&[controller]);
+            metrics.duration.with_label_values(&[controller]);
+            for error in ERROR_KINDS {
+                metrics.failures.with_label_values(&[controller, error]);
+            }
         }
+        for kind in DECISION_KINDS {
+            metrics.decisions.with_label_values(&[kind]);
+        }
+        metrics
     }
 
     /// Counts the start of a reconciliation and returns a timer that records its duration
@@ -152,38 +238,112 @@ impl Metrics {
         self.failures.with_label_values(&[controller, error]).inc();
     }
 
-    /// Sets whether this instance leads.
+    /// Sets whether this instance leads. An instance that stops leading drops its pool and
+    /// Session gauges (the new leader reports them).
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+        if !leading {
+            for g in [
+                &self.shards,
+                &self.reflectors,
+                &self.session_shards,
+                &self.session_users,
+                &self.region_used,
+                &self.region_capacity,
+                &self.region_limit,
+                &self.over_cap,
+            ] {
+                g.reset();
+            }
+            lock(&self.session_series).clear();
+        }
     }
 
-    /// Records a pool's plan: decisions by kind, shards by state, reflectors by region and
-    /// state (as the plan counts them: to-create ones count as starting).
+    /// Records the limits of a pool's regions: one reflector's capacity and the capacity at
+    /// `maxReflectors` (`refleet_operator_region_capacity_limit`). Call it before
+    /// [`Metrics::record_plan`] so the ready capacity (`refleet_operator_region_capacity`)
+    /// can be derived from the plan.
+    pub fn record_pool_limits(&self, namespace: &str, pool: &str, spec: &ReflectorPoolSpec) {
+        let mut per = lock(&self.per_reflector);
+        for region in spec.resolved_regions() {
+            let cap = region.capacity;
+            let limits = [
+                u64::from(region.max_reflectors) * u64::from(cap.sessions),
+                u64::from(region.max_reflectors) * u64::from(cap.users),
+            ];
+            for (resource, n) in RESOURCES.iter().zip(limits) {
+                self.region_limit
+                    .with_label_values(&[namespace, pool, &region.name, resource])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            per.insert(
+                (namespace.to_owned(), pool.to_owned(), region.name.clone()),
+                cap,
+            );
+        }
+    }
+
+    /// Records a pool's plan (only the parts of `plan` that belong to pool `namespace/pool`):
+    /// decisions by kind, shards by state, reflectors by region and state (as the plan counts
+    /// them: to-create ones count as starting), committed and ready capacity by region, and
+    /// shards over their cap by region.
     pub fn record_plan(&self, namespace: &str, pool: &str, plan: &Plan) {
+        let id = format!("{namespace}/{pool}");
         for d in &plan.decisions {
             self.decisions.with_label_values(&[decision_kind(d)]).inc();
         }
-        for state in ["Pending", "Open", "Full", "Closing"] {
-            let n = plan
-                .shards
+        let shards: Vec<_> = plan.shards.iter().filter(|s| s.pool == id).collect();
+        for state in SHARD_STATES {
+            let n = shards
                 .iter()
-                .filter(|s| format!("{:?}", s.phase) == state)
+                .filter(|s| shard_state(s.phase) == *state)
                 .count();
             self.shards
                 .with_label_values(&[namespace, pool, state])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        for region in &plan.regions {
+        let per = lock(&self.per_reflector);
+        for region in plan.regions.iter().filter(|r| r.pool == id) {
             let counts = [
                 i64::from(region.starting) + i64::from(region.create),
                 i64::from(region.ready),
                 i64::from(region.draining),
             ];
-            for (state, n) in ["starting", "ready", "draining"].iter().zip(counts) {
+            for (state, n) in REFLECTOR_STATES.iter().zip(counts) {
                 self.reflectors
                     .with_label_values(&[namespace, pool, &region.region, state])
                     .set(n);
             }
+            let used = [region.committed_shards, region.committed_users];
+            for (resource, n) in RESOURCES.iter().zip(used) {
+                self.region_used
+                    .with_label_values(&[namespace, pool, &region.region, resource])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            let key = (namespace.to_owned(), pool.to_owned(), region.region.clone());
+            if let Some(cap) = per.get(&key) {
+                let ready = u64::from(region.ready);
+                let capacity = [
+                    ready * u64::from(cap.sessions),
+                    ready * u64::from(cap.users),
+                ];
+                for (resource, n) in RESOURCES.iter().zip(capacity) {
+                    self.region_capacity
+                        .with_label_values(&[namespace, pool, &region.region, resource])
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            let over = shards
+                .iter()
+                .filter(|s| {
+                    s.region == region.region
+                        && s.committed_users > 0
+                        && s.users > s.committed_users
+                })
+                .count();
+            self.over_cap
+                .with_label_values(&[namespace, pool, &region.region])
+                .set(i64::try_from(over).unwrap_or(i64::MAX));
         }
     }
 
@@ -202,10 +362,7 @@ impl Metrics {
                 .with_label_values(&[ns.as_str(), name.as_str()])
                 .set(i64::try_from(*users).unwrap_or(i64::MAX));
         }
-        let mut series = match self.session_series.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut series = lock(&self.session_series);
         let before = series
             .insert(pool_key.to_owned(), now.clone())
             .unwrap_or_default();
@@ -227,7 +384,21 @@ impl Metrics {
     }
 }
 
-/// The bounded `kind` label of a decision.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The `state` label of a shard phase.
+fn shard_state(phase: ShardPhase) -> &'static str {
+    match phase {
+        ShardPhase::Pending => "Pending",
+        ShardPhase::Open => "Open",
+        ShardPhase::Full => "Full",
+        ShardPhase::Closing => "Closing",
+    }
+}
+
+/// The bounded `kind` label of a decision (one of [`DECISION_KINDS`]).
 pub fn decision_kind(d: &Decision) -> &'static str {
     match d {
         Decision::OpenShard { .. } => "open_shard",
@@ -238,5 +409,148 @@ pub fn decision_kind(d: &Decision) -> &'static str {
         Decision::DrainReflector { .. } => "drain_reflector",
         Decision::RemoveReflector { .. } => "remove_reflector",
         Decision::SessionDegraded { .. } => "session_degraded",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::planner::{RegionPlan, ShardRecord};
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn shard(pool: &str, region: &str, users: u32, phase: ShardPhase) -> ShardRecord {
+        ShardRecord {
+            session: "default/app/lobby".into(),
+            name: "lobby".into(),
+            index: 0,
+            pool: pool.into(),
+            region: region.into(),
+            reflector: Some("r".into()),
+            committed_users: 10,
+            users,
+            reserved: 0,
+            phase,
+            empty_since: None,
+        }
+    }
+
+    #[test]
+    fn bounded_label_sets_exist_at_zero_from_the_start() {
+        let text = Metrics::new().render();
+        for series in [
+            r#"refleet_operator_reconciles_total{controller="reflectorpool"}"#,
+            r#"refleet_operator_reconciles_total{controller="session"}"#,
+            r#"refleet_operator_reconcile_errors_total{controller="session",error="conflict"}"#,
+            r#"refleet_operator_reconcile_duration_seconds_count{controller="reflectorpool"}"#,
+            r#"refleet_operator_planner_decisions_total{kind="open_shard"}"#,
+            r#"refleet_operator_planner_decisions_total{kind="session_degraded"}"#,
+            "refleet_operator_leader",
+        ] {
+            assert_eq!(value(&text, series), Some(0.0), "{series} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_plan_records_only_its_own_pool_with_capacity_and_over_cap_shards() {
+        let m = Metrics::new();
+        let spec: ReflectorPoolSpec = serde_json::from_value(serde_json::json!({
+            "defaults": { "image": "i", "capacity": { "sessions": 5, "users": 50 }, "maxReflectors": 4 },
+            "regions": [{ "name": "eu" }, { "name": "us", "maxReflectors": 2 }],
+            "files": { "publicURL": "https://files.test/" },
+            "reflectorURL": { "template": "ws://{pod}.test/" },
+        }))
+        .unwrap();
+        m.record_pool_limits("ns", "p", &spec);
+        let region = |pool: &str, region: &str, ready| RegionPlan {
+            pool: pool.into(),
+            region: region.into(),
+            ready,
+            committed_shards: 2,
+            committed_users: 20,
+            ..RegionPlan::default()
+        };
+        let plan = Plan {
+            shards: vec![
+                shard("ns/p", "eu", 12, ShardPhase::Full),
+                shard("ns/p", "eu", 3, ShardPhase::Open),
+                shard("ns/other", "eu", 30, ShardPhase::Full),
+            ],
+            regions: vec![
+                region("ns/p", "eu", 2),
+                region("ns/p", "us", 1),
+                region("ns/other", "eu", 9),
+            ],
+            ..Plan::default()
+        };
+        m.record_plan("ns", "p", &plan);
+        let text = m.render();
+        let v = |s: &str| value(&text, s);
+        assert_eq!(
+            v(r#"refleet_operator_shards{namespace="ns",pool="p",state="Full"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(r#"refleet_operator_shards{namespace="ns",pool="p",state="Pending"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            v(r#"refleet_operator_reflectors{namespace="ns",pool="p",region="eu",state="ready"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            v(
+                r#"refleet_operator_region_capacity{namespace="ns",pool="p",region="eu",resource="users"}"#
+            ),
+            Some(100.0)
+        );
+        assert_eq!(
+            v(
+                r#"refleet_operator_region_capacity_limit{namespace="ns",pool="p",region="us",resource="sessions"}"#
+            ),
+            Some(10.0)
+        );
+        assert_eq!(
+            v(
+                r#"refleet_operator_region_used{namespace="ns",pool="p",region="eu",resource="users"}"#
+            ),
+            Some(20.0)
+        );
+        assert_eq!(
+            v(r#"refleet_operator_shards_over_cap{namespace="ns",pool="p",region="eu"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(r#"refleet_operator_shards_over_cap{namespace="ns",pool="p",region="us"}"#),
+            Some(0.0)
+        );
+        assert!(!text.contains(r#"pool="other""#), "{text}");
+    }
+
+    #[test]
+    fn losing_the_lead_drops_pool_and_session_gauges() {
+        let m = Metrics::new();
+        m.set_leader(true);
+        m.record_plan(
+            "ns",
+            "p",
+            &Plan {
+                shards: vec![shard("ns/p", "eu", 1, ShardPhase::Open)],
+                ..Plan::default()
+            },
+        );
+        m.record_sessions("ns/p", &[("ns".into(), "lobby".into(), 1, 1)]);
+        assert!(m.render().contains("refleet_operator_session_users{"));
+        m.set_leader(false);
+        let text = m.render();
+        assert!(!text.contains("refleet_operator_session_users{"), "{text}");
+        assert!(!text.contains("refleet_operator_shards{"), "{text}");
+        assert_eq!(value(&text, "refleet_operator_leader"), Some(0.0));
+        // Counters stay.
+        assert!(text.contains(r#"refleet_operator_reconciles_total{controller="session"} 0"#));
     }
 }

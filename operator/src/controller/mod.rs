@@ -109,6 +109,8 @@ pub struct Context {
     pub resync: Duration,
     /// The clock (Unix seconds); tests fix it.
     pub clock: fn() -> Seconds,
+    /// The router, fed with every plan (`None`: routing off).
+    pub router: Option<Arc<crate::router::Router>>,
     pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PoolMemory>>>>,
 }
 
@@ -153,6 +155,7 @@ impl Context {
             metrics,
             resync: Duration::from_secs(10),
             clock: unix_now,
+            router: None,
             pools: Mutex::default(),
         }
     }

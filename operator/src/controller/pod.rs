@@ -156,34 +156,50 @@ pub fn reflector_pod(pool: &ReflectorPool, region: &ResolvedRegion, name: &str) 
                     allow_privilege_escalation: Some(false),
                     read_only_root_filesystem: Some(true),
                     run_as_non_root: Some(true),
+                    run_as_user: Some(RUN_AS_USER),
+                    run_as_group: Some(RUN_AS_USER),
                     capabilities: Some(Capabilities {
                         drop: Some(vec!["ALL".to_owned()]),
                         ..Default::default()
                     }),
+                    seccomp_profile: Some(runtime_default_seccomp()),
                     ..Default::default()
                 }),
-                volume_mounts: Some(vec![VolumeMount {
-                    name: "data".to_owned(),
-                    mount_path: "/data".to_owned(),
-                    ..Default::default()
-                }]),
+                volume_mounts: Some(vec![
+                    VolumeMount {
+                        name: "data".to_owned(),
+                        mount_path: "/data".to_owned(),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: "tmp".to_owned(),
+                        mount_path: "/tmp".to_owned(),
+                        ..Default::default()
+                    },
+                ]),
                 working_dir: Some("/data".to_owned()),
                 ..Default::default()
             }],
-            volumes: Some(vec![Volume {
-                name: "data".to_owned(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            }]),
+            // The root filesystem is read-only: local storage and temporary files go to
+            // emptyDirs.
+            volumes: Some(vec![
+                Volume {
+                    name: "data".to_owned(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "tmp".to_owned(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+            ]),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(RUN_AS_USER),
                 run_as_group: Some(RUN_AS_USER),
                 fs_group: Some(RUN_AS_USER),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".to_owned(),
-                    ..Default::default()
-                }),
+                seccomp_profile: Some(runtime_default_seccomp()),
                 ..Default::default()
             }),
             termination_grace_period_seconds: Some(drain + TERMINATION_SLACK_SECONDS),
@@ -232,6 +248,13 @@ pub fn reflector_service(pod: &Pod) -> Service {
     }
 }
 
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        ..Default::default()
+    }
+}
+
 fn env(name: &str, value: String) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
@@ -266,20 +289,48 @@ mod tests {
         assert_eq!(spec.termination_grace_period_seconds, Some(300 + 30));
         let c = &spec.containers[0];
         assert_eq!(c.image.as_deref(), Some("refleet-reflector:1"));
+        // Restricted Pod Security, on the pod and on the container.
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(
+            (sc.run_as_user, sc.run_as_group),
+            (Some(65532), Some(65532))
+        );
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         assert_eq!(
             sc.capabilities.as_ref().unwrap().drop.as_deref(),
             Some(&["ALL".to_owned()][..])
         );
+        assert!(sc.capabilities.as_ref().unwrap().add.is_none());
+        assert!(sc.privileged.is_none());
         let psc = spec.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            (psc.run_as_user, psc.run_as_group),
+            (Some(65532), Some(65532))
+        );
         assert_eq!(
             psc.seccomp_profile.as_ref().unwrap().type_,
             "RuntimeDefault"
         );
-        assert!(spec.volumes.as_ref().unwrap()[0].empty_dir.is_some());
+        assert!(spec.host_network.is_none() && spec.host_pid.is_none());
+        // The read-only root filesystem leaves /data and /tmp writable, both emptyDirs.
+        let volumes = spec.volumes.as_ref().unwrap();
+        assert!(volumes.iter().all(|v| v.empty_dir.is_some()));
+        let mounts: Vec<_> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(mounts, [("data", "/data"), ("tmp", "/tmp")]);
+        assert!(
+            mounts
+                .iter()
+                .all(|(name, _)| volumes.iter().any(|v| v.name == *name))
+        );
         let path = |p: &Option<Probe>| {
             p.as_ref()
                 .unwrap()

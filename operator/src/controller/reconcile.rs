@@ -116,7 +116,7 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
     let now = (ctx.clock)();
 
     // Plan.
-    let input = build_input(
+    let mut input = build_input(
         namespace,
         pool_name,
         pool.as_ref(),
@@ -126,7 +126,23 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
         &memory,
         now,
     );
+    if let Some(router) = &ctx.router {
+        router.prepare(&mut input);
+    }
     let plan = planner::plan(&input);
+    if let Some(router) = &ctx.router {
+        router.publish(
+            &id,
+            router_snapshot(
+                namespace,
+                pool.as_ref(),
+                &sessions,
+                &pods,
+                input.clone(),
+                &plan,
+            ),
+        );
+    }
 
     // Apply.
     let mut created = Vec::new();
@@ -460,6 +476,49 @@ async fn publish_decisions(
     }
 }
 
+/// What the router needs from one pool's plan: the input with the plan's shards, the
+/// Session objects, and the reflectors' public URLs (from their pods; reports refine them).
+fn router_snapshot(
+    namespace: &str,
+    pool: Option<&ReflectorPool>,
+    sessions: &[Session],
+    pods: &[Pod],
+    mut input: planner::PlanInput,
+    plan: &Plan,
+) -> crate::router::Snapshot {
+    input.shards.clone_from(&plan.shards);
+    input.history.clone_from(&plan.history);
+    let files_url = pool
+        .map(|p| p.spec.files.public_url.clone())
+        .unwrap_or_default();
+    let sessions = sessions
+        .iter()
+        .map(|s| crate::router::SessionDef {
+            namespace: namespace.to_owned(),
+            spec: s.spec.clone(),
+            pool: pool_id(namespace, &s.spec.pool_ref.name),
+            files_url: files_url.clone(),
+        })
+        .collect();
+    let urls = pods
+        .iter()
+        .filter_map(|p| {
+            let env = p.spec.as_ref()?.containers.first()?.env.as_ref()?;
+            let url = env
+                .iter()
+                .find(|e| e.name == "REFLEET_PUBLIC_URL")?
+                .value
+                .clone()?;
+            Some((p.name_any(), url))
+        })
+        .collect();
+    crate::router::Snapshot {
+        input,
+        sessions,
+        urls,
+    }
+}
+
 /// Runs both controllers over `namespace` (all namespaces when `None`) until `stop`
 /// resolves; returns when both have stopped.
 pub async fn run_controllers(
@@ -482,8 +541,16 @@ pub async fn run_controllers(
     };
     let stop = futures_util::FutureExt::shared(Box::pin(stop));
     let reflector_pods = watcher::Config::default().labels(super::pod::LABEL_POOL);
+    // A Route waiting for a shard whose reflector must be created: sync every pool now.
+    let wanted = ctx.router.clone().map(|router| {
+        futures_util::stream::unfold(router, |router| async move {
+            router.backend_wanted().await;
+            Some(((), router))
+        })
+    });
     let pool_controller = Controller::new(pools, watcher::Config::default())
         .owns(pods, reflector_pods)
+        .reconcile_all_on(futures_util::stream::iter(wanted).flatten())
         .graceful_shutdown_on(stop.clone())
         .run(reconcile_pool, pool_error_policy, ctx.clone())
         .for_each(|_| futures_util::future::ready(()));

@@ -73,6 +73,21 @@ pub struct LocalSettings {
     /// Largest upload the files endpoint accepts, in bytes.
     #[serde(default = "default_max_upload_bytes")]
     pub max_upload_bytes: usize,
+    /// Whether Route hands out signed join tokens and the reflectors require them for a
+    /// view's first JOIN (close 4103 without). Default true.
+    #[serde(default = "default_true")]
+    pub join_tokens: bool,
+    /// How long a join token (and the router's reservation) is valid, in seconds.
+    #[serde(default = "default_token_ttl_seconds")]
+    pub token_ttl_seconds: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_token_ttl_seconds() -> u64 {
+    60
 }
 
 impl Default for LocalSettings {
@@ -86,6 +101,8 @@ impl Default for LocalSettings {
             reflector_args: Vec::new(),
             child_logs: ChildLogs::default(),
             max_upload_bytes: default_max_upload_bytes(),
+            join_tokens: true,
+            token_ttl_seconds: default_token_ttl_seconds(),
         }
     }
 }

@@ -8,17 +8,21 @@
 //! scaling history are kept for the next tick, exactly as the kube controllers keep them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use super::config::{LOCAL_IMAGE, LocalPool, LocalSession};
 use super::launcher::{Launcher, Observed, ReportedSession, StartRequest};
+use crate::controller::metrics::Metrics;
+use crate::controller::reconcile::POOL_CONTROLLER;
 use crate::crd::{Capacity, ShardPhase};
 use crate::planner::{
     Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
     RegionInput, RegionPlan, ScaleHistory, Seconds, SessionInput, ShardPolicy, ShardRecord, plan,
 };
+use crate::router::{Router, SessionDef, Snapshot};
 
 /// How many recent decisions the status keeps.
 const RECENT_DECISIONS: usize = 50;
@@ -69,11 +73,14 @@ pub struct Fleet<L> {
     regions: Vec<RegionPlan>,
     started: BTreeMap<String, u32>,
     decisions: VecDeque<DecisionView>,
+    router: Option<Arc<Router>>,
+    metrics: Arc<Metrics>,
 }
 
 impl<L: Launcher> Fleet<L> {
     /// A fleet with no reflectors yet; the first [`Fleet::tick`] starts them.
     pub fn new(launcher: L, pools: Vec<PoolRuntime>, sessions: Vec<LocalSession>) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
             launcher,
             pools,
@@ -84,7 +91,38 @@ impl<L: Launcher> Fleet<L> {
             regions: Vec::new(),
             started: BTreeMap::new(),
             decisions: VecDeque::new(),
+            router: None,
+            metrics: metrics.clone(),
         }
+        .with_metrics(metrics)
+    }
+
+    /// Records the operator's metrics into `metrics` (what `/metrics` serves): the local
+    /// fleet is its one leader, each tick is a reconciliation of every pool.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        metrics.set_leader(true);
+        for rt in &self.pools {
+            metrics.record_pool_limits(&rt.pool.namespace, &rt.pool.name, &rt.pool.spec);
+        }
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics this fleet records.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Routes clients with `router`: each tick adds its reservations and the shards it
+    /// opened to the plan's input and publishes the result to it.
+    pub fn with_router(mut self, router: Arc<Router>) -> Self {
+        router.metrics.init_regions(
+            self.pools
+                .iter()
+                .flat_map(|p| p.pool.spec.regions.iter().map(|r| r.name.as_str())),
+        );
+        self.router = Some(router);
+        self
     }
 
     /// The launcher (tests drive their fake through it).
@@ -94,9 +132,15 @@ impl<L: Launcher> Fleet<L> {
 
     /// One round: observe, plan, act. `now` is in seconds on any monotonic clock.
     pub async fn tick(&mut self, now: Seconds) -> Vec<Decision> {
+        let metrics = self.metrics.clone();
+        let _timer = metrics.reconcile_started(POOL_CONTROLLER);
         self.observe(now).await;
-        let input = self.plan_input(now);
+        let mut input = self.plan_input(now);
+        if let Some(router) = &self.router {
+            router.prepare(&mut input);
+        }
         let plan = plan(&input);
+        self.record_metrics(&plan);
         for rp in &plan.reflectors {
             let Some(r) = self.reflectors.get_mut(&rp.name) else {
                 continue;
@@ -133,7 +177,50 @@ impl<L: Launcher> Fleet<L> {
         self.shards = plan.shards;
         self.history = plan.history;
         self.regions = plan.regions;
+        if let Some(router) = &self.router {
+            router.publish("local", self.snapshot(input));
+            router
+                .metrics
+                .set_reservations(&router.reservations_by_region());
+        }
         plan.decisions
+    }
+
+    /// Records one plan in the operator's metrics, pool by pool, as the pool controller does.
+    fn record_metrics(&self, plan: &crate::planner::Plan) {
+        let concrete = self.concrete_sessions();
+        for rt in &self.pools {
+            let (namespace, name) = (&rt.pool.namespace, &rt.pool.name);
+            self.metrics.record_plan(namespace, name, plan);
+            // Per Session object of this pool: open (not closing) shards and their users.
+            let mut per_session: BTreeMap<(String, String), (u32, u64)> = BTreeMap::new();
+            for s in self
+                .sessions
+                .iter()
+                .filter(|s| s.namespace == *namespace && s.spec.pool_ref.name == *name)
+            {
+                per_session.insert((s.namespace.clone(), s.name.clone()), (0, 0));
+            }
+            for sh in &plan.shards {
+                let Some(c) = concrete.get(&sh.session) else {
+                    continue;
+                };
+                let s = &self.sessions[c.spec];
+                if let Some((shards, users)) =
+                    per_session.get_mut(&(s.namespace.clone(), s.name.clone()))
+                {
+                    if sh.phase != ShardPhase::Closing {
+                        *shards += 1;
+                    }
+                    *users += u64::from(sh.users);
+                }
+            }
+            let gauges: Vec<(String, String, u32, u64)> = per_session
+                .into_iter()
+                .map(|((ns, session), (shards, users))| (ns, session, shards, users))
+                .collect();
+            self.metrics.record_sessions(&rt.pool.id(), &gauges);
+        }
     }
 
     /// Drains every reflector, waits for them to exit (at most `timeout`), kills the rest.
@@ -390,6 +477,42 @@ impl<L: Launcher> Fleet<L> {
             shards,
             history: self.history.clone(),
             now,
+        }
+    }
+
+    /// What the router needs after a plan: the input with the new shards and history, the
+    /// Session objects and the reflectors' URLs.
+    fn snapshot(&self, mut input: PlanInput) -> Snapshot {
+        input.shards.clone_from(&self.shards);
+        input.history.clone_from(&self.history);
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|s| {
+                let pool = format!("{}/{}", s.namespace, s.spec.pool_ref.name);
+                let files_url = self
+                    .pools
+                    .iter()
+                    .find(|p| p.pool.id() == pool)
+                    .map(|p| p.files_url.clone())
+                    .unwrap_or_default();
+                SessionDef {
+                    namespace: s.namespace.clone(),
+                    spec: s.spec.clone(),
+                    pool,
+                    files_url,
+                }
+            })
+            .collect();
+        let urls = self
+            .reflectors
+            .iter()
+            .filter_map(|(name, r)| Some((name.clone(), r.url.clone()?)))
+            .collect();
+        Snapshot {
+            input,
+            sessions,
+            urls,
         }
     }
 

@@ -21,10 +21,12 @@
 //! - [`launcher`]: the [`launcher::Launcher`] trait and the child-process launcher.
 //! - [`fleet`]: the observe → plan → act loop and the status it publishes.
 //! - [`server`]: the HTTP endpoints.
+//! - [`prometheus`]: `/metrics`, the Prometheus targets and the printed scrape config.
 //! - [`table`]: the table printed on every change.
 
 pub mod config;
 pub mod fleet;
 pub mod launcher;
+pub mod prometheus;
 pub mod server;
 pub mod table;

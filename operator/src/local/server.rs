@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use super::fleet::Status;
 use super::launcher::{ReportedSession, fetch_sessions};
+use super::prometheus::{self as prom, Endpoint};
 
 /// What the fleet loop publishes for the server.
 #[derive(Debug, Default)]
@@ -48,6 +49,8 @@ pub struct Server {
     pub shared: Shared,
     /// The pool's files endpoint: the reflector's own handler, gated by [`FleetGate`].
     pub files: Files,
+    /// `/metrics` and `/v1/prometheus/targets` (404 while `None`).
+    pub prometheus: Option<Endpoint>,
 }
 
 /// Accepts an upload when a session with connected users on any reflector of the fleet owns
@@ -73,7 +76,11 @@ impl Server {
             metrics: refleet_reflector::metrics::Metrics::new("local"),
             max_upload_bytes,
         };
-        Self { shared, files }
+        Self {
+            shared,
+            files,
+            prometheus: None,
+        }
     }
 }
 
@@ -85,6 +92,8 @@ impl Server {
             .route("/v1/status", get(status))
             .route("/v1/shards", get(shards))
             .route("/files/{*path}", axum::routing::any(files))
+            .route("/metrics", get(metrics))
+            .route(prom::TARGETS_PATH, get(prometheus_targets))
             .route(
                 "/",
                 get(|| async {
@@ -208,6 +217,42 @@ fn plain(status: StatusCode, text: &str) -> Response {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     res
+}
+
+async fn metrics(State(server): State<Server>) -> Response {
+    let Some(endpoint) = &server.prometheus else {
+        return plain(StatusCode::NOT_FOUND, "no metrics");
+    };
+    let mut res = endpoint.exporter.render().into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prom::CONTENT_TYPE),
+    );
+    res
+}
+
+/// Query of `GET /v1/prometheus/targets`.
+#[derive(Debug, Deserialize)]
+struct TargetsQuery {
+    /// Only this job's targets (`refleet-operator` or `refleet-reflector`).
+    job: Option<String>,
+}
+
+/// Prometheus HTTP service discovery: refleet up itself and every live reflector.
+async fn prometheus_targets(
+    State(server): State<Server>,
+    Query(q): Query<TargetsQuery>,
+) -> Response {
+    let Some(endpoint) = &server.prometheus else {
+        return plain(StatusCode::NOT_FOUND, "no metrics");
+    };
+    server.read(|p| {
+        json(&prom::targets(
+            &endpoint.address,
+            &p.status,
+            q.job.as_deref(),
+        ))
+    })
 }
 
 async fn files(State(server): State<Server>, req: Request) -> Response {

@@ -119,6 +119,17 @@ struct Tally {
     due: Instant,
 }
 
+/// What [`Core::flush_stats`] counted since the previous flush (for the load report).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Messages reflected.
+    pub reflected: u64,
+    /// Bytes queued to clients.
+    pub bytes: u64,
+    /// Members that left.
+    pub leaves: u64,
+}
+
 /// Counters accumulated during a batch and added to the shared metrics once.
 #[derive(Debug, Default)]
 struct Stats {
@@ -305,6 +316,17 @@ impl Core {
     /// Whether any member has an open connection.
     pub fn has_connections(&self) -> bool {
         self.members.iter().any(|m| m.conn.is_some())
+    }
+
+    /// Whether this user record (a view) was admitted to the session before and has not
+    /// left: a reconnect or a rejoin after a resume.
+    pub fn is_member(&self, user: Option<&str>) -> bool {
+        user.is_some_and(|u| {
+            self.members.iter().any(|m| {
+                m.user.as_deref() == Some(u)
+                    && matches!(m.state, State::Active | State::Leaving(_) | State::Ghost(_))
+            })
+        })
     }
 
     /// Members counted in `users` (everything but connections still waiting for SYNC).
@@ -1061,8 +1083,13 @@ impl Core {
     }
 
     /// Adds the counters of the last batch to the shared metrics.
-    pub fn flush_stats(&mut self) {
+    pub fn flush_stats(&mut self) -> Flushed {
         let s = std::mem::take(&mut self.stats);
+        let flushed = Flushed {
+            reflected: s.reflected,
+            bytes: s.bytes,
+            leaves: s.leaves,
+        };
         let m = &self.metrics;
         if s.deliveries > 0 {
             m.deliveries_total.inc_by(s.deliveries);
@@ -1087,6 +1114,7 @@ impl Core {
         if s.users_delta != 0 {
             m.users.add(s.users_delta);
         }
+        flushed
     }
 
     /// Forgets every member for the metrics when the session leaves memory.

@@ -13,6 +13,7 @@
 pub mod clock;
 pub mod core;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use self::core::{ConnId, Core, Effect, Settings};
+use crate::admission::{Admission, Admitted, TokenCheck};
 use crate::close;
 use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
@@ -42,6 +44,8 @@ pub enum Command {
         conn: ConnId,
         out: Outbox,
         join: Box<Join>,
+        /// The connection's verified join token, when it carried one or tokens are required.
+        token: Option<Arc<TokenCheck>>,
     },
     /// A SEND, TUTTI, SNAP, SAVE or TICKS from a joined connection.
     Message { conn: ConnId, msg: ClientMsg },
@@ -70,6 +74,8 @@ pub struct Context {
     pub files_base: String,
     /// Snapshots kept per session.
     pub snapshot_retention: usize,
+    /// Join tokens and hard caps.
+    pub admission: Arc<Admission>,
 }
 
 fn wall_ms() -> u64 {
@@ -92,10 +98,13 @@ pub(crate) async fn run(
         ctx.metrics.clone(),
         Instant::now(),
     );
-    let writer = Writer::spawn(ctx.clone());
+    let mut writer = Writer::new(ctx.clone());
     let mut loaded = false;
     let mut live = false;
     let mut reported_users = usize::MAX;
+    // Views admitted since the session came into memory: they may rejoin with the same URL
+    // after their token expired.
+    let mut admitted_views: HashSet<String> = HashSet::new();
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
     // Grows up to BATCH under load; small for the many quiet sessions.
@@ -117,7 +126,7 @@ pub(crate) async fn run(
                 }
                 for cmd in buf.drain(..) {
                     match cmd {
-                        Command::Join { conn, out, join } => {
+                        Command::Join { conn, out, join, token } => {
                             if !loaded {
                                 if let Err(e) = load(&mut core, &join, &ctx).await {
                                     tracing::error!(session = %id, error = %e, "storage look-up failed; client asked to retry");
@@ -125,6 +134,17 @@ pub(crate) async fn run(
                                     continue;
                                 }
                                 loaded = true;
+                            }
+                            let user = join.user.as_deref();
+                            let known = core.is_member(user) || user.is_some_and(|u| admitted_views.contains(u));
+                            let Some(admitted) = admit(&core, &ctx, &id, &out, &join, token.as_deref(), known) else {
+                                continue;
+                            };
+                            if let Some(u) = &join.user
+                                && !known
+                            {
+                                admitted_views.insert(u.clone());
+                                registry.record_admission(&id, admitted);
                             }
                             core.join(conn, out, *join, Instant::now());
                         }
@@ -145,7 +165,10 @@ pub(crate) async fn run(
         for effect in core.take_effects() {
             writer.submit(effect);
         }
-        core.flush_stats();
+        let flushed = core.flush_stats();
+        if flushed.reflected > 0 || flushed.leaves > 0 {
+            registry.record_traffic(&id, flushed);
+        }
         if core.has_connections() != live {
             live = !live;
             registry.set_live(&id, live.then(|| core.identity().clone()));
@@ -253,29 +276,37 @@ async fn store(core: &mut Core, ctx: &Context) {
 }
 
 /// Carries out a session's storage effects one after another, off the session's hot path.
+/// Its task and channel start with the first effect: most sessions never have one, and an
+/// unbounded channel allocates a block of 32 slots (~3 KB) up front.
 struct Writer {
-    tx: mpsc::UnboundedSender<Effect>,
-    task: tokio::task::JoinHandle<()>,
+    ctx: Arc<Context>,
+    running: Option<(mpsc::UnboundedSender<Effect>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Writer {
-    fn spawn(ctx: Arc<Context>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Effect>();
-        let task = tokio::spawn(async move {
-            while let Some(effect) = rx.recv().await {
-                apply(&ctx, effect).await;
-            }
-        });
-        Self { tx, task }
+    fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx, running: None }
     }
 
-    fn submit(&self, effect: Effect) {
-        let _ = self.tx.send(effect);
+    fn submit(&mut self, effect: Effect) {
+        let (tx, _) = self.running.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Effect>();
+            let ctx = self.ctx.clone();
+            let task = tokio::spawn(async move {
+                while let Some(effect) = rx.recv().await {
+                    apply(&ctx, effect).await;
+                }
+            });
+            (tx, task)
+        });
+        let _ = tx.send(effect);
     }
 
     async fn finish(self) {
-        drop(self.tx);
-        let _ = self.task.await;
+        if let Some((tx, task)) = self.running {
+            drop(tx);
+            let _ = task.await;
+        }
     }
 }
 
@@ -324,4 +355,45 @@ async fn apply(ctx: &Context, effect: Effect) {
             }
         }
     }
+}
+
+/// Applies the admission policy to a JOIN; refuses (closing `out`) and returns `None` when
+/// the view may not join.
+fn admit(
+    core: &Core,
+    ctx: &Context,
+    id: &str,
+    out: &Outbox,
+    join: &Join,
+    token: Option<&TokenCheck>,
+    known_view: bool,
+) -> Option<Admitted> {
+    let now_unix = i64::try_from(wall_ms() / 1000).unwrap_or(i64::MAX);
+    let decision = ctx.admission.decide(
+        token,
+        join.app_id.as_deref().unwrap_or(""),
+        shard_of(join),
+        known_view,
+        core.member_count(),
+        now_unix,
+    );
+    match decision {
+        Ok(a) => Some(a),
+        Err(refusal) => {
+            ctx.metrics.join_refusals(refusal.reason);
+            tracing::warn!(session = %id, reason = refusal.reason, detail = %refusal.detail, "JOIN refused");
+            out.close(refusal.close);
+            None
+        }
+    }
+}
+
+/// The shard name a JOIN asks for: its `name` is `<appId>/<shard>`.
+fn shard_of(join: &Join) -> &str {
+    let name = join.name.as_deref().unwrap_or("");
+    join.app_id
+        .as_deref()
+        .and_then(|app| name.strip_prefix(app))
+        .and_then(|rest| rest.strip_prefix('/'))
+        .unwrap_or(name)
 }

@@ -1,0 +1,317 @@
+//! The routing half of `refleet operator`: flags, the join-token key Secret, the router's
+//! and the report stream's servers, and the leader label on the operator's own pod.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{EnvVar, Pod, Secret};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use refleet_api::token::{Signer, Verifier};
+
+use crate::router::reports::{self, ReportHub};
+use crate::router::service::{self, Access, Frontend};
+use crate::router::{Router, RouterConfig};
+
+/// The label the leader puts on its own pod; the router and report Services select it.
+pub const LEADER_LABEL: &str = "refleet.dev/leader";
+
+/// Routing flags of `refleet operator`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RoutingArgs {
+    /// Address of the router: gRPC `refleet.routing.v1.Routing` (h2c) with health and
+    /// reflection, gRPC-Web, and JSON `GET /v1/route` / `GET /v1/shards`. Only the leader
+    /// answers (others: UNAVAILABLE / HTTP 503).
+    #[arg(long, env = "REFLEET_ROUTER_LISTEN", default_value = "0.0.0.0:8080")]
+    pub router_listen: SocketAddr,
+
+    /// Address of the report stream (`refleet.report.v1.Reports`) the reflectors connect
+    /// to. Cluster-internal.
+    #[arg(long, env = "REFLEET_REPORT_LISTEN", default_value = "0.0.0.0:8081")]
+    pub report_listen: SocketAddr,
+
+    /// File holding the shared secret reflectors present on the report stream. Without it
+    /// the stream is unauthenticated (keep its port cluster-internal).
+    #[arg(long, env = "REFLEET_REPORT_TOKEN_FILE")]
+    pub report_token_file: Option<PathBuf>,
+
+    /// The report-stream URL given to the reflector pods the operator creates, e.g.
+    /// http://refleet-report.refleet-system.svc:8081. Without it reflectors do not report
+    /// (the router then counts users from the reflectors' /sessions via the controllers).
+    #[arg(long, env = "REFLEET_REFLECTOR_REPORT_URL")]
+    pub reflector_report_url: Option<String>,
+
+    /// Sign join tokens and make reflectors require them for a view's first JOIN.
+    #[arg(long, env = "REFLEET_JOIN_TOKENS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub join_tokens: bool,
+
+    /// Secret (in the operator's namespace) holding the token signing key (`kid`,
+    /// `signing-key`: 32 raw bytes). Created if missing; replace both keys to rotate.
+    #[arg(
+        long,
+        env = "REFLEET_TOKEN_SECRET",
+        default_value = "refleet-join-token"
+    )]
+    pub token_secret: String,
+
+    /// How long a join token, and the reservation behind it, is valid.
+    #[arg(long, env = "REFLEET_TOKEN_TTL", default_value = "60s")]
+    pub token_ttl: humantime::Duration,
+
+    /// Directory of API keys (a mounted Secret): each file is named after an appId and holds
+    /// that app's key(s), one per line. When set, Route needs `x-api-key` (or
+    /// `authorization: Bearer`) with a key of the Session's appId.
+    #[arg(long, env = "REFLEET_API_KEYS_DIR")]
+    pub api_keys_dir: Option<PathBuf>,
+
+    /// Browser origins allowed to call the router (CORS and the Origin check), comma-separated;
+    /// `*` allows any.
+    #[arg(
+        long,
+        env = "REFLEET_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Route calls per second per client (API key, else IP address); bursts of twice that.
+    #[arg(long, env = "REFLEET_ROUTE_RATE_LIMIT", default_value_t = 100)]
+    pub route_rate_limit: u32,
+
+    /// This pod's name (downward API); the leader labels it `refleet.dev/leader=true`.
+    #[arg(long, env = "REFLEET_POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// This pod's namespace (downward API).
+    #[arg(long, env = "REFLEET_POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+}
+
+impl RoutingArgs {
+    /// Loopback ports chosen by the OS, tokens off: for tests.
+    pub fn loopback() -> Self {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        Self {
+            router_listen: any,
+            report_listen: any,
+            report_token_file: None,
+            reflector_report_url: None,
+            join_tokens: false,
+            token_secret: "refleet-join-token".to_owned(),
+            token_ttl: Duration::from_secs(60).into(),
+            api_keys_dir: None,
+            allowed_origins: vec!["*".to_owned()],
+            route_rate_limit: 1_000,
+            pod_name: None,
+            pod_namespace: None,
+        }
+    }
+}
+
+/// The running routing half.
+pub struct Routing {
+    /// The router (given to the controllers).
+    pub router: Arc<Router>,
+    /// Whether this replica leads.
+    pub leading: Arc<AtomicBool>,
+    /// Env the reflector pods get (report URL and secret, token keys).
+    pub reflector_env: Vec<EnvVar>,
+    /// Where the router listens.
+    pub router_addr: SocketAddr,
+    /// Where the report stream listens.
+    pub report_addr: SocketAddr,
+    client: Client,
+    pod: Option<(String, String)>,
+}
+
+/// Reads or creates the signing key Secret.
+async fn signing_key(client: &Client, namespace: &str, name: &str) -> anyhow::Result<Signer> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    for _ in 0..3 {
+        if let Some(s) = api
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading Secret {namespace}/{name}"))?
+        {
+            let data = s.data.unwrap_or_default();
+            let kid = data
+                .get("kid")
+                .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+                .unwrap_or_default();
+            let key = data
+                .get("signing-key")
+                .map(|b| b.0.clone())
+                .unwrap_or_default();
+            let secret: [u8; 32] = key.as_slice().try_into().map_err(|_| {
+                anyhow::anyhow!("Secret {namespace}/{name}: signing-key must be 32 raw bytes")
+            })?;
+            anyhow::ensure!(!kid.is_empty(), "Secret {namespace}/{name}: kid is empty");
+            return Ok(Signer::new(kid, &secret));
+        }
+        let secret: [u8; 32] = rand::random();
+        let kid = format!("k{:08x}", rand::random::<u32>());
+        let object = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/name".to_owned(),
+                    "refleet".to_owned(),
+                )])),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([
+                ("kid".to_owned(), ByteString(kid.clone().into_bytes())),
+                ("signing-key".to_owned(), ByteString(secret.to_vec())),
+            ])),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {
+                tracing::info!(secret = %name, %kid, "created the join-token signing key");
+                return Ok(Signer::new(kid, &secret));
+            }
+            // Another replica created it first: read theirs.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating Secret {namespace}/{name}")),
+        }
+    }
+    anyhow::bail!("Secret {namespace}/{name} kept changing while being read")
+}
+
+fn env(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..Default::default()
+    }
+}
+
+impl Routing {
+    /// Sets up keys, the router, and binds both listeners; `namespace` is the operator's.
+    pub async fn start(
+        client: Client,
+        args: RoutingArgs,
+        namespace: &str,
+        registry: &prometheus::Registry,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let signer = match args.join_tokens {
+            true => Some(signing_key(&client, namespace, &args.token_secret).await?),
+            false => None,
+        };
+        let report_secret = match &args.report_token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading --report-token-file {}", p.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let keys = match &args.api_keys_dir {
+            Some(dir) => Access::read_keys(dir)?,
+            None => HashMap::new(),
+        };
+        let router = Router::new(
+            RouterConfig {
+                token_ttl: *args.token_ttl,
+                warm_up: true,
+                ..RouterConfig::default()
+            },
+            signer.clone(),
+            crate::router::metrics::RouterMetrics::new(registry),
+        );
+        let leading = Arc::new(AtomicBool::new(false));
+        let mut reflector_env = Vec::new();
+        if let Some(url) = &args.reflector_report_url {
+            reflector_env.push(env("REFLEET_REPORT_URL", url.clone()));
+            if let Some(s) = &report_secret {
+                // Plain env: the secret only lets a pod send load reports.
+                reflector_env.push(env("REFLEET_REPORT_TOKEN", s.clone()));
+            }
+        }
+        if let Some(s) = &signer {
+            reflector_env.push(env("REFLEET_REQUIRE_JOIN_TOKEN", "true".to_owned()));
+            reflector_env.push(env(
+                "REFLEET_TOKEN_KEYS",
+                Verifier::format_key(s.key_id(), &s.public_key()),
+            ));
+        }
+        let router_listener = tokio::net::TcpListener::bind(args.router_listen)
+            .await
+            .with_context(|| format!("binding --router-listen {}", args.router_listen))?;
+        let report_listener = tokio::net::TcpListener::bind(args.report_listen)
+            .await
+            .with_context(|| format!("binding --report-listen {}", args.report_listen))?;
+        let router_addr = router_listener.local_addr()?;
+        let report_addr = report_listener.local_addr()?;
+        let frontend = Frontend {
+            router: router.clone(),
+            access: Arc::new(Access::new(
+                keys,
+                &args.allowed_origins,
+                args.route_rate_limit,
+            )),
+            leading: leading.clone(),
+        };
+        let hub = ReportHub::new(router.clone(), report_secret).only_when(leading.clone());
+        let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
+        let s1 = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = service::serve(router_listener, frontend, s1).await {
+                tracing::error!(error = %e, "router server failed");
+            }
+        });
+        tokio::spawn(async move {
+            if let Err(e) = reports::serve(report_listener, hub, shutdown).await {
+                tracing::error!(error = %e, "report server failed");
+            }
+        });
+        tracing::info!(router = %router_addr, report = %report_addr, tokens = signer.is_some(), "routing ready");
+        let pod = args.pod_name.clone().zip(
+            args.pod_namespace
+                .clone()
+                .or_else(|| Some(namespace.to_owned())),
+        );
+        Ok(Self {
+            router,
+            leading,
+            reflector_env,
+            router_addr,
+            report_addr,
+            client,
+            pod: pod.map(|(n, ns)| (ns, n)),
+        })
+    }
+
+    /// Leadership changed: route (after a warm-up) only while leading, and move the label.
+    pub async fn set_leading(&self, leading: bool) {
+        if leading {
+            self.router.reset();
+        }
+        self.leading.store(leading, Ordering::Relaxed);
+        let Some((ns, name)) = &self.pod else {
+            return;
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let value = if leading {
+            serde_json::json!("true")
+        } else {
+            serde_json::Value::Null
+        };
+        let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => tracing::info!(pod = %name, leading, "leader label updated"),
+            Err(e) => tracing::warn!(pod = %name, error = %e, "could not update the leader label"),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Routing and report-stream metrics. Labels have bounded values: transport, gRPC code,
+//! region.
+
+use prometheus::core::Collector as _;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+/// The transports Route is served on.
+pub const TRANSPORTS: &[&str] = &["grpc", "grpc_web", "json"];
+/// The result codes Route answers with.
+pub const CODES: &[&str] = &[
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "UNAVAILABLE",
+    "INTERNAL",
+];
+
+/// Routing metrics.
+#[derive(Clone, Debug)]
+pub struct RouterMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    reservations: IntGaugeVec,
+    shard_opens: IntCounterVec,
+    streams: IntGaugeVec,
+    /// Report streams that ended.
+    pub stream_disconnects: IntCounter,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("unique metric name");
+    c
+}
+
+impl RouterMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        let requests = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "refleet_router_requests_total",
+                    "Route calls by transport and result code.",
+                ),
+                &["transport", "code"],
+            )
+            .expect("valid metric"),
+        );
+        for t in TRANSPORTS {
+            for c in CODES {
+                requests.with_label_values(&[t, c]);
+            }
+        }
+        let duration = register(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "refleet_router_request_duration_seconds",
+                    "Time to answer a Route call, by transport (waits for a starting shard included).",
+                )
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+                &["transport"],
+            )
+            .expect("valid metric"),
+        );
+        for t in TRANSPORTS {
+            duration.with_label_values(&[t]);
+        }
+        Self {
+            requests,
+            duration,
+            reservations: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "refleet_router_reservations",
+                        "Places handed out by Route that have not yet joined or expired, by region.",
+                    ),
+                    &["region"],
+                )
+                .expect("valid metric"),
+            ),
+            shard_opens: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new("refleet_router_shard_opens_total", "Shards the router opened at once for waiting clients, by region."),
+                    &["region"],
+                )
+                .expect("valid metric"),
+            ),
+            streams: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new("refleet_report_streams", "Reflectors with an open report stream, by region."),
+                    &["region"],
+                )
+                .expect("valid metric"),
+            ),
+            stream_disconnects: register(
+                registry,
+                IntCounter::new("refleet_report_stream_disconnects_total", "Report streams that ended.")
+                    .expect("valid metric"),
+            ),
+        }
+    }
+
+    /// Creates the per-region series at 0 (so they exist before the first event).
+    pub fn init_regions<'a>(&self, regions: impl IntoIterator<Item = &'a str>) {
+        for r in regions {
+            self.reservations.with_label_values(&[r]);
+            self.shard_opens.with_label_values(&[r]);
+            self.streams.with_label_values(&[r]);
+        }
+    }
+
+    /// Counts one Route call.
+    pub fn request(&self, transport: &str, code: &str, seconds: f64) {
+        self.requests.with_label_values(&[transport, code]).inc();
+        self.timer(transport).observe(seconds);
+    }
+
+    fn timer(&self, transport: &str) -> Histogram {
+        self.duration.with_label_values(&[transport])
+    }
+
+    pub(crate) fn reserved(&self, region: &str) {
+        self.reservations.with_label_values(&[region]).inc();
+    }
+
+    pub(crate) fn shard_opened(&self, region: &str) {
+        self.shard_opens.with_label_values(&[region]).inc();
+    }
+
+    pub(crate) fn reset_reservations(&self) {
+        for m in self
+            .reservations
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+        {
+            if let Some(l) = m.get_label().first() {
+                self.reservations.with_label_values(&[l.value()]).set(0);
+            }
+        }
+    }
+
+    /// Sets the reservation gauge from the ledger.
+    pub fn set_reservations(&self, by_region: &std::collections::BTreeMap<String, u64>) {
+        self.reset_reservations();
+        for (r, n) in by_region {
+            self.reservations
+                .with_label_values(&[r])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Sets the open-stream gauge.
+    pub fn set_streams(&self, by_region: &std::collections::BTreeMap<String, u32>) {
+        for m in self.streams.collect().iter().flat_map(|f| f.get_metric()) {
+            if let Some(l) = m.get_label().first() {
+                self.streams.with_label_values(&[l.value()]).set(0);
+            }
+        }
+        for (r, n) in by_region {
+            self.streams.with_label_values(&[r]).set(i64::from(*n));
+        }
+    }
+}

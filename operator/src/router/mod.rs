@@ -1,0 +1,915 @@
+//! # The router: where should this client join this session?
+//!
+//! ```text
+//!  Route ──► Router::route ──► catalog (Session / namePattern) ──► shards of the session
+//!                │                                                   │ users (reports) + reservations (ledger)
+//!                │                      pick: preferred region, fullest shard below threshold
+//!                ├── none below ──► planner::plan(pool, session waiting) ──► new shard at once
+//!                │                   (pending ⇒ wake the backend, wait for its reflector)
+//!                └── reserve (ledger) + sign a join token ──► answer
+//!  backend loop (local fleet / controllers): prepare(input) → plan → publish(snapshot)
+//!  report stream: observe_report(..) → users per shard, reservations that turned into users
+//! ```
+//!
+//! The router owns no reflectors: a backend (the local fleet, or the kube controllers)
+//! publishes after every plan what exists ([`Router::publish`]), and before every plan
+//! adds what the router did since ([`Router::prepare`]: the shards it opened, its
+//! reservations, the pattern sessions clients asked for). Between two plans the router
+//! opens shards itself by calling the same pure planner on the published input, so a burst
+//! of clients is never refused for lack of a reconcile.
+//!
+//! **After a leader change** the new router cannot know the reservations the old one
+//! handed out and that are still in flight (tokens live `token_ttl`). Until one token
+//! lifetime has passed since it started, it counts every shard it did not open itself as
+//! full to its threshold, so new users go to new shards and no shard can go over its cap
+//! when the old tokens arrive.
+
+pub mod ledger;
+pub mod metrics;
+pub mod pick;
+pub mod reports;
+pub mod service;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use refleet_api::report::{ReflectorReport, ReflectorState as ReportedState};
+use refleet_api::routing::{RouteRequest, RouteResponse, ShardInfo};
+use refleet_api::token::{JoinClaims, Signer};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use self::ledger::{Ledger, Millis, ShardId};
+use self::metrics::RouterMetrics;
+use self::pick::{Candidate, pick, region_order, threshold_load};
+use crate::controller::input::session_key;
+use crate::crd::{SessionSpec, ShardPhase};
+use crate::planner::{
+    Decision, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord, plan,
+};
+
+/// Router settings.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// How long a join token (and its reservation) is valid.
+    pub token_ttl: Duration,
+    /// How long a Route waits for a new shard's reflector before RESOURCE_EXHAUSTED.
+    pub route_wait: Duration,
+    /// How long after its report stream was lost a reflector still gets routes.
+    pub report_grace: Duration,
+    /// Start in the post-failover warm-up (a replica that just became leader).
+    pub warm_up: bool,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            token_ttl: Duration::from_secs(60),
+            route_wait: Duration::from_secs(5),
+            report_grace: Duration::from_secs(5),
+            warm_up: false,
+        }
+    }
+}
+
+/// A Session object as the router needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionDef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its spec (exact `name` or `namePattern`).
+    pub spec: SessionSpec,
+    /// Id of its pool (`namespace/name`).
+    pub pool: String,
+    /// The pool's public files URL.
+    pub files_url: String,
+}
+
+/// What a backend publishes after each plan.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The plan input with the new plan's shards and history (one or more pools).
+    pub input: PlanInput,
+    /// The Session objects of those pools.
+    pub sessions: Vec<SessionDef>,
+    /// Public WebSocket base URL of each reflector that has one.
+    pub urls: HashMap<String, String>,
+}
+
+/// Why a Route failed. Every transport maps these to its own status.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RouteError {
+    /// A request field is missing or malformed.
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        /// The proto field name.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// No Session covers the name.
+    #[error("{0}")]
+    NotFound(String),
+    /// Nothing has room now.
+    #[error("{message}")]
+    Exhausted {
+        /// Why.
+        message: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// No or unknown API key.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The key or origin is not allowed for this app.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// This replica is not the leader.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl RouteError {
+    /// The gRPC code name (metric label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::Exhausted { .. } => "RESOURCE_EXHAUSTED",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::PermissionDenied(_) => "PERMISSION_DENIED",
+            Self::Unavailable(_) => "UNAVAILABLE",
+        }
+    }
+
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// A reflector as its report stream shows it.
+#[derive(Clone, Debug)]
+struct Live {
+    url: String,
+    region: String,
+    draining: bool,
+    connected: bool,
+    /// When the stream was last seen (open: now; lost: when it was lost).
+    seen: Millis,
+    users: HashMap<ShardId, u32>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Published snapshots by publisher key (`local`, or a pool id in a cluster).
+    views: BTreeMap<String, Snapshot>,
+    /// Shards this router opened that no snapshot holds yet.
+    opened: Vec<ShardRecord>,
+    /// Shards this router opened (exempt from the warm-up rule).
+    mine: HashSet<(String, String)>,
+    /// Pattern sessions clients asked for, not yet holding a shard.
+    demanded: BTreeMap<String, SessionInput>,
+    live: HashMap<String, Live>,
+    ledger: Ledger,
+    warm_until: Millis,
+}
+
+/// The outcome of one attempt under the lock.
+enum Attempt {
+    Routed(Routed),
+    /// A shard is opening; wait for its reflector.
+    Wait,
+}
+
+struct Routed {
+    shard: String,
+    url: String,
+    files_url: String,
+    region: String,
+    app_id: String,
+    persistence: bool,
+    max_users: u32,
+    reservation: u64,
+    expires: Millis,
+}
+
+/// The router. Cheap to share (`Arc`).
+pub struct Router {
+    inner: Mutex<Inner>,
+    config: RouterConfig,
+    signer: RwLock<Option<Signer>>,
+    started: Instant,
+    /// Wall-clock Unix ms at `started`, to turn ledger times into token expiries.
+    started_unix_ms: u64,
+    changed: watch::Sender<u64>,
+    wake: Notify,
+    /// Routing metrics.
+    pub metrics: RouterMetrics,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Router {
+    /// A router; `signer` signs join tokens (`None`: tokens off).
+    pub fn new(config: RouterConfig, signer: Option<Signer>, metrics: RouterMetrics) -> Arc<Self> {
+        let router = Arc::new(Self {
+            inner: Mutex::new(Inner {
+                ledger: Ledger::new(rand::random::<u64>() >> 1),
+                ..Inner::default()
+            }),
+            config,
+            signer: RwLock::new(signer),
+            started: Instant::now(),
+            started_unix_ms: unix_ms(),
+            changed: watch::channel(0).0,
+            wake: Notify::new(),
+            metrics,
+        });
+        if router.config.warm_up {
+            router.reset();
+        }
+        router
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// The token signer's public key and id, if tokens are on.
+    pub fn signer(&self) -> Option<Signer> {
+        self.signer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn now(&self) -> Millis {
+        self.started.elapsed().as_millis() as Millis
+    }
+
+    /// Forgets every reservation and report and starts the post-failover warm-up: what a
+    /// replica does when it becomes leader. Published snapshots stay (the backend
+    /// republishes anyway).
+    pub fn reset(&self) {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        inner.ledger = Ledger::new(rand::random::<u64>() >> 1);
+        inner.live.clear();
+        inner.mine.clear();
+        inner.opened.clear();
+        inner.demanded.clear();
+        inner.warm_until = now + self.config.token_ttl.as_millis() as Millis;
+        drop(inner);
+        self.metrics.reset_reservations();
+        tracing::info!(warm_up = ?self.config.token_ttl, "router state reset; shards it did not open count as full until the warm-up ends");
+    }
+
+    /// Resolves when a route waits for the backend to act (start a reflector).
+    pub async fn backend_wanted(&self) {
+        self.wake.notified().await;
+    }
+
+    // === backend side ===
+
+    /// Adds what the router did since the last plan to `input`: the shards it opened, its
+    /// reservations (`reserved`), and the pattern sessions clients asked for (`waiting`).
+    pub fn prepare(&self, input: &mut PlanInput) {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        inner.ledger.expire(now);
+        let pools: HashSet<&str> = input.pools.iter().map(|p| p.id.as_str()).collect();
+        for d in inner.demanded.values() {
+            if pools.contains(d.pool.as_str()) && !input.sessions.iter().any(|s| s.key == d.key) {
+                input.sessions.push(d.clone());
+            }
+        }
+        for sh in &inner.opened {
+            if pools.contains(sh.pool.as_str())
+                && !input
+                    .shards
+                    .iter()
+                    .any(|s| s.session == sh.session && s.name == sh.name)
+            {
+                input.shards.push(sh.clone());
+            }
+        }
+        let apps = app_ids(&input.sessions);
+        for sh in &mut input.shards {
+            if let Some(app) = apps.get(sh.session.as_str()) {
+                let id = (app.to_string(), sh.name.clone());
+                sh.reserved = inner.ledger.pending(&id, now);
+                if let Some(users) = reported_users(&inner.live, &id) {
+                    sh.users = users;
+                }
+            }
+        }
+    }
+
+    /// Takes a backend's view after a plan. `key` names the publisher (`local`, or a pool
+    /// id); a later snapshot with the same key replaces it.
+    pub fn publish(&self, key: &str, snapshot: Snapshot) {
+        let mut inner = lock(&self.inner);
+        let Inner {
+            opened, demanded, ..
+        } = &mut *inner;
+        opened.retain(|o| {
+            !snapshot
+                .input
+                .shards
+                .iter()
+                .any(|s| s.session == o.session && s.name == o.name)
+        });
+        demanded.retain(|k, _| !snapshot.input.shards.iter().any(|s| &s.session == k));
+        inner.views.insert(key.to_owned(), snapshot);
+        drop(inner);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Takes one load report of a reflector.
+    pub fn observe_report(&self, report: &ReflectorReport) {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        let mut users = HashMap::new();
+        for s in &report.shards {
+            let id = (s.app_id.clone(), s.shard.clone());
+            if s.shard.is_empty() {
+                continue;
+            }
+            inner
+                .ledger
+                .joined(&id, &s.admitted_reservations, s.joins, now);
+            *users.entry(id).or_insert(0) += s.users;
+        }
+        inner.live.insert(
+            report.reflector.clone(),
+            Live {
+                url: report.public_url.clone(),
+                region: report.region.clone(),
+                draining: report.state == ReportedState::Draining as i32,
+                connected: true,
+                seen: now,
+                users,
+            },
+        );
+        drop(inner);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// A reflector's report stream ended: it gets no new routes after the grace period.
+    pub fn report_lost(&self, reflector: &str) {
+        let now = self.now();
+        if let Some(l) = lock(&self.inner).live.get_mut(reflector) {
+            l.connected = false;
+            l.seen = now;
+        }
+    }
+
+    /// Reflectors whose report stream is open, per region.
+    pub fn live_streams(&self) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        for l in lock(&self.inner).live.values().filter(|l| l.connected) {
+            *out.entry(l.region.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+
+    // === Route ===
+
+    /// Routes one client. `authorize` is called with the Session's appId before anything
+    /// is reserved (API keys are per app).
+    pub async fn route(
+        &self,
+        req: &RouteRequest,
+        authorize: impl Fn(&str) -> Result<(), RouteError>,
+    ) -> Result<RouteResponse, RouteError> {
+        validate(req)?;
+        let deadline = Instant::now() + self.config.route_wait;
+        let mut changed = self.changed.subscribe();
+        loop {
+            changed.mark_unchanged();
+            let attempt = self.attempt(req, &authorize)?;
+            match attempt {
+                Attempt::Routed(r) => return Ok(self.answer(r)),
+                Attempt::Wait => {
+                    self.wake.notify_one();
+                    if tokio::time::timeout_at(deadline, changed.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(RouteError::Exhausted {
+                            message: format!(
+                                "session {:?}: a new shard is starting and was not ready within {:?}",
+                                req.session, self.config.route_wait
+                            ),
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn answer(&self, r: Routed) -> RouteResponse {
+        let expires_unix_ms = self.started_unix_ms + r.expires;
+        let expires_at = i64::try_from(expires_unix_ms / 1000).unwrap_or(i64::MAX);
+        let token = self.signer().map(|s| {
+            s.sign(JoinClaims {
+                app_id: r.app_id.clone(),
+                shard: r.shard.clone(),
+                persistence: r.persistence,
+                expires_at,
+                key_id: String::new(),
+                max_users: r.max_users,
+                reservation_id: r.reservation,
+            })
+        });
+        let mut url = r.url;
+        if !url.ends_with('/') {
+            url.push('/');
+        }
+        if let Some(t) = &token {
+            url.push_str(t);
+            url.push('/');
+        }
+        RouteResponse {
+            shard: r.shard,
+            reflector_url: url,
+            files_url: r.files_url,
+            region: r.region,
+            join_token: token.unwrap_or_default(),
+            token_expires_at: Some(prost_types::Timestamp {
+                seconds: expires_at,
+                nanos: 0,
+            }),
+            app_id: r.app_id,
+        }
+    }
+
+    fn attempt(
+        &self,
+        req: &RouteRequest,
+        authorize: &impl Fn(&str) -> Result<(), RouteError>,
+    ) -> Result<Attempt, RouteError> {
+        let now = self.now();
+        let grace = self.config.report_grace.as_millis() as Millis;
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let (view_key, def) =
+            find_session(&inner.views, &req.namespace, &req.session).ok_or_else(|| {
+                RouteError::NotFound(format!(
+                    "no Session in namespace {:?} covers {:?}",
+                    req.namespace, req.session
+                ))
+            })?;
+        authorize(&def.spec.app_id)?;
+        let spec = &def.spec;
+        let key = session_key(&def.namespace, &spec.app_id, &req.session);
+        let view = &inner.views[&view_key];
+        let pool = view.input.pools.iter().find(|p| p.id == def.pool);
+        let allowed: Vec<String> = if spec.regions.is_empty() {
+            pool.map(|p| p.regions.iter().map(|r| r.name.clone()).collect())
+                .unwrap_or_default()
+        } else {
+            spec.regions.clone()
+        };
+        let order = region_order(&allowed, Some(req.preferred_region.as_str())).map_err(|r| {
+            RouteError::invalid(
+                "preferred_region",
+                format!("{r:?} is not one of the session's regions {allowed:?}"),
+            )
+        })?;
+        let threshold = spec.scale_up_threshold;
+        let max_users = spec.max_users_per_shard;
+
+        // The session's routable shards, with their load.
+        let shards: Vec<&ShardRecord> = view
+            .input
+            .shards
+            .iter()
+            .chain(inner.opened.iter())
+            .filter(|s| s.session == key && matches!(s.phase, ShardPhase::Open | ShardPhase::Full))
+            .collect();
+        let mut candidates = Vec::new();
+        let mut urls = Vec::new();
+        let mut opening = false;
+        for sh in &shards {
+            let Some(r) = sh.reflector.as_deref() else {
+                opening = true;
+                continue;
+            };
+            let Some(url) = routable_url(view, &inner.live, r, now, grace) else {
+                opening |= view
+                    .input
+                    .reflectors
+                    .iter()
+                    .any(|o| o.name == r && o.state == ReflectorState::Starting);
+                continue;
+            };
+            let id = (spec.app_id.clone(), sh.name.clone());
+            let users = reported_users(&inner.live, &id).unwrap_or(sh.users);
+            let mut load = u64::from(users) + u64::from(inner.ledger.pending(&id, now));
+            if now < inner.warm_until && !inner.mine.contains(&(key.clone(), sh.name.clone())) {
+                load = load.max(threshold_load(max_users, threshold));
+            }
+            candidates.push(Candidate {
+                index: urls.len(),
+                number: sh.index,
+                region: sh.region.clone(),
+                load,
+            });
+            urls.push((sh.name.clone(), url, sh.region.clone()));
+        }
+        if !req.user_id.is_empty() {
+            let ids: Vec<ShardId> = urls
+                .iter()
+                .map(|(n, ..)| (spec.app_id.clone(), n.clone()))
+                .collect();
+            if let Some((id, reservation, expires)) =
+                inner.ledger.find_user(&ids, &req.user_id, now)
+            {
+                let (shard, url, region) = urls
+                    .iter()
+                    .find(|(n, ..)| *n == id.1)
+                    .cloned()
+                    .unwrap_or_default();
+                return Ok(Attempt::Routed(Routed {
+                    shard,
+                    url,
+                    files_url: def.files_url.clone(),
+                    region,
+                    app_id: spec.app_id.clone(),
+                    persistence: spec.persistence,
+                    max_users,
+                    reservation,
+                    expires,
+                }));
+            }
+        }
+        let chosen = pick(&candidates, &order, max_users, threshold).map(|i| urls[i].clone());
+        let chosen = match chosen {
+            Some(c) => Some(c),
+            None if opening => return Ok(Attempt::Wait),
+            None => {
+                let opened = open_shard(inner, &view_key, &def, &key, &req.session, &order, now)?;
+                self.metrics.shard_opened(&opened.region);
+                let placed = opened.reflector.clone();
+                let view = &inner.views[&view_key];
+                match placed.and_then(|r| routable_url(view, &inner.live, &r, now, grace)) {
+                    Some(url) => Some((opened.name.clone(), url, opened.region.clone())),
+                    None => return Ok(Attempt::Wait),
+                }
+            }
+        };
+        let Some((shard, url, region)) = chosen else {
+            return Ok(Attempt::Wait);
+        };
+        let expires = now + self.config.token_ttl.as_millis() as Millis;
+        let id = (spec.app_id.clone(), shard.clone());
+        let user = (!req.user_id.is_empty()).then_some(req.user_id.as_str());
+        let reservation = inner.ledger.reserve(&id, user, expires);
+        self.metrics.reserved(&region);
+        Ok(Attempt::Routed(Routed {
+            shard,
+            url,
+            files_url: def.files_url.clone(),
+            region,
+            app_id: spec.app_id.clone(),
+            persistence: spec.persistence,
+            max_users,
+            reservation,
+            expires,
+        }))
+    }
+
+    /// The shards of a session with their load (ListShards).
+    pub fn list_shards(
+        &self,
+        namespace: &str,
+        session: &str,
+    ) -> Result<Vec<ShardInfo>, RouteError> {
+        if namespace.is_empty() {
+            return Err(RouteError::invalid("namespace", "required"));
+        }
+        if session.is_empty() {
+            return Err(RouteError::invalid("session", "required"));
+        }
+        let now = self.now();
+        let inner = lock(&self.inner);
+        let (view_key, def) = find_session(&inner.views, namespace, session).ok_or_else(|| {
+            RouteError::NotFound(format!(
+                "no Session in namespace {namespace:?} covers {session:?}"
+            ))
+        })?;
+        let key = session_key(namespace, &def.spec.app_id, session);
+        let view = &inner.views[&view_key];
+        let max = def.spec.max_users_per_shard;
+        Ok(view
+            .input
+            .shards
+            .iter()
+            .chain(inner.opened.iter())
+            .filter(|s| s.session == key)
+            .map(|s| {
+                let id = (def.spec.app_id.clone(), s.name.clone());
+                ShardInfo {
+                    shard: s.name.clone(),
+                    region: s.region.clone(),
+                    reflector: s.reflector.clone().unwrap_or_default(),
+                    users: reported_users(&inner.live, &id).unwrap_or(s.users),
+                    reserved: inner.ledger.pending(&id, now),
+                    max_users: max,
+                    threshold_users: threshold_load(max, def.spec.scale_up_threshold) as u32,
+                    state: format!("{:?}", s.phase),
+                }
+            })
+            .collect())
+    }
+
+    /// Pending reservations per region (for the gauge).
+    pub fn reservations_by_region(&self) -> BTreeMap<String, u64> {
+        let now = self.now();
+        let inner = lock(&self.inner);
+        let mut out = BTreeMap::new();
+        for view in inner.views.values() {
+            let apps = app_ids(&view.input.sessions);
+            for sh in view.input.shards.iter().chain(inner.opened.iter()) {
+                if let Some(app) = apps.get(sh.session.as_str()) {
+                    let n = inner
+                        .ledger
+                        .pending(&(app.to_string(), sh.name.clone()), now);
+                    *out.entry(sh.region.clone()).or_insert(0) += u64::from(n);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn app_ids(sessions: &[SessionInput]) -> HashMap<&str, &str> {
+    // The key is `namespace/appId/name`.
+    sessions
+        .iter()
+        .filter_map(|s| {
+            let mut parts = s.key.splitn(3, '/');
+            parts.next()?;
+            Some((s.key.as_str(), parts.next()?))
+        })
+        .collect()
+}
+
+fn reported_users(live: &HashMap<String, Live>, id: &ShardId) -> Option<u32> {
+    let mut found = None;
+    for l in live.values() {
+        if let Some(u) = l.users.get(id) {
+            *found.get_or_insert(0) += u;
+        }
+    }
+    found
+}
+
+/// The URL of a reflector that may get new users now.
+fn routable_url(
+    view: &Snapshot,
+    live: &HashMap<String, Live>,
+    name: &str,
+    now: Millis,
+    grace: Millis,
+) -> Option<String> {
+    let observed = view.input.reflectors.iter().find(|r| r.name == name)?;
+    if observed.state != ReflectorState::Ready {
+        return None;
+    }
+    match live.get(name) {
+        Some(l) if l.draining => None,
+        Some(l) if !l.connected && now.saturating_sub(l.seen) > grace => None,
+        Some(l) if !l.url.is_empty() => Some(l.url.clone()),
+        _ => view.urls.get(name).cloned(),
+    }
+}
+
+fn find_session(
+    views: &BTreeMap<String, Snapshot>,
+    namespace: &str,
+    name: &str,
+) -> Option<(String, SessionDef)> {
+    let mut pattern = None;
+    for (k, v) in views {
+        for d in v.sessions.iter().filter(|d| d.namespace == namespace) {
+            if d.spec.name.as_deref() == Some(name) {
+                return Some((k.clone(), d.clone()));
+            }
+            if pattern.is_none() && d.spec.name.is_none() && d.spec.matches(name) {
+                pattern = Some((k.clone(), d.clone()));
+            }
+        }
+    }
+    pattern
+}
+
+/// Opens a shard for `key` now: the planner on the published input of its pool, with the
+/// router's reservations and the session marked waiting.
+fn open_shard(
+    inner: &mut Inner,
+    view_key: &str,
+    def: &SessionDef,
+    key: &str,
+    name: &str,
+    order: &[String],
+    now: Millis,
+) -> Result<ShardRecord, RouteError> {
+    let view = &inner.views[view_key];
+    let mut input = PlanInput {
+        pools: view
+            .input
+            .pools
+            .iter()
+            .filter(|p| p.id == def.pool)
+            .cloned()
+            .collect(),
+        sessions: view
+            .input
+            .sessions
+            .iter()
+            .filter(|s| s.pool == def.pool)
+            .cloned()
+            .collect(),
+        reflectors: view
+            .input
+            .reflectors
+            .iter()
+            .filter(|r| r.pool == def.pool)
+            .cloned()
+            .collect(),
+        shards: view
+            .input
+            .shards
+            .iter()
+            .chain(inner.opened.iter())
+            .filter(|s| s.pool == def.pool)
+            .cloned()
+            .collect(),
+        history: view.input.history.clone(),
+        now: view.input.now,
+    };
+    let spec = &def.spec;
+    let policy = ShardPolicy {
+        max_users_per_shard: spec.max_users_per_shard,
+        scale_up_threshold: spec.scale_up_threshold,
+        min_shards: spec.min_shards,
+        max_shards: spec.max_shards,
+        regions: order.to_vec(),
+        close_idle_after: u64::from(spec.close_idle_shards_after_seconds),
+    };
+    match input.sessions.iter_mut().find(|s| s.key == key) {
+        Some(s) => {
+            s.waiting = true;
+            s.policy.regions = order.to_vec();
+        }
+        None => {
+            let s = SessionInput {
+                key: key.to_owned(),
+                name: name.to_owned(),
+                pool: def.pool.clone(),
+                policy,
+                deleted: false,
+                waiting: true,
+            };
+            inner.demanded.insert(
+                key.to_owned(),
+                SessionInput {
+                    waiting: true,
+                    ..s.clone()
+                },
+            );
+            input.sessions.push(s);
+        }
+    }
+    let apps = app_ids(&input.sessions);
+    let reserved: Vec<(usize, u32, Option<u32>)> = input
+        .shards
+        .iter()
+        .enumerate()
+        .filter_map(|(i, sh)| {
+            let app = apps.get(sh.session.as_str())?;
+            let id = (app.to_string(), sh.name.clone());
+            Some((
+                i,
+                inner.ledger.pending(&id, now),
+                reported_users(&inner.live, &id),
+            ))
+        })
+        .collect();
+    for (i, r, users) in reserved {
+        input.shards[i].reserved = r;
+        if let Some(u) = users {
+            input.shards[i].users = u;
+        }
+        // During the warm-up the planner must see inherited shards as full too.
+        if now < inner.warm_until
+            && !inner.mine.contains(&(
+                input.shards[i].session.clone(),
+                input.shards[i].name.clone(),
+            ))
+        {
+            let t = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
+            let load = input.shards[i].load();
+            if input.shards[i].session == key && load < t {
+                input.shards[i].reserved += (t - load) as u32;
+            }
+        }
+    }
+    let plan = plan(&input);
+    let opened = plan.decisions.iter().find_map(|d| match d {
+        Decision::OpenShard { session, shard, .. } if session == key => Some(shard.clone()),
+        _ => None,
+    });
+    let Some(shard) = opened.and_then(|n| {
+        plan.shards
+            .iter()
+            .find(|s| s.session == key && s.name == n)
+            .cloned()
+    }) else {
+        let why = plan
+            .decisions
+            .iter()
+            .find_map(|d| match d {
+                Decision::SessionDegraded {
+                    session, message, ..
+                } if session == key => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| {
+                "every shard is at its threshold and no new shard can open".to_owned()
+            });
+        return Err(RouteError::Exhausted {
+            message: format!("session {name:?}: {why}"),
+            retry_after: Duration::from_secs(2),
+        });
+    };
+    tracing::info!(session = %key, shard = %shard.name, region = %shard.region, reflector = ?shard.reflector, "router opened a shard");
+    inner.mine.insert((key.to_owned(), shard.name.clone()));
+    inner.opened.push(shard.clone());
+    Ok(shard)
+}
+
+fn validate(req: &RouteRequest) -> Result<(), RouteError> {
+    let dns_label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if req.namespace.is_empty() {
+        return Err(RouteError::invalid("namespace", "required"));
+    }
+    if !dns_label(&req.namespace) {
+        return Err(RouteError::invalid(
+            "namespace",
+            "must be a Kubernetes namespace name",
+        ));
+    }
+    if req.session.is_empty() {
+        return Err(RouteError::invalid("session", "required"));
+    }
+    if req.session.len() > 200
+        || req.session.contains('~')
+        || req.session.contains('/')
+        || req.session.chars().any(char::is_control)
+    {
+        return Err(RouteError::invalid(
+            "session",
+            "at most 200 characters, without '~' (reserved for shard numbers), '/' or control characters",
+        ));
+    }
+    if req.preferred_region.len() > 63 {
+        return Err(RouteError::invalid(
+            "preferred_region",
+            "at most 63 characters",
+        ));
+    }
+    if req.user_id.len() > 256 {
+        return Err(RouteError::invalid("user_id", "at most 256 characters"));
+    }
+    Ok(())
+}

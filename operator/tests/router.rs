@@ -1,0 +1,516 @@
+//! The router end to end over its real transports (gRPC, gRPC-Web, JSON), fed with a
+//! published plan input and real report streams; no cluster needed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prost::Message as _;
+use refleet_api::report::reports_client::ReportsClient;
+use refleet_api::report::{Capacity as ReportCapacity, ReflectorReport, ShardLoad};
+use refleet_api::routing::routing_client::RoutingClient;
+use refleet_api::routing::{ListShardsRequest, RouteRequest, RouteResponse};
+use refleet_api::token::{Signer, Verifier};
+use refleet_operator::crd::{Capacity, PlacementStrategy, SessionSpec};
+use refleet_operator::planner::{
+    ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput,
+};
+use refleet_operator::router::metrics::RouterMetrics;
+use refleet_operator::router::reports::{self, ReportHub};
+use refleet_operator::router::service::{self, Access, Frontend};
+use refleet_operator::router::{Router, RouterConfig, SessionDef, Snapshot};
+use tonic_types::StatusExt;
+
+const POOL: &str = "default/pool";
+
+fn session(name: &str, cap: u32, max_shards: u32) -> SessionDef {
+    let mut spec: SessionSpec = serde_json::from_value(serde_json::json!({
+        "poolRef": {"name": "pool"}, "appId": "app", "name": name,
+        "maxUsersPerShard": cap, "scaleUpThreshold": 0.8, "maxShards": max_shards, "minShards": 0,
+    }))
+    .unwrap();
+    spec.regions = Vec::new();
+    SessionDef {
+        namespace: "default".into(),
+        spec,
+        pool: POOL.into(),
+        files_url: "http://files.test/files".into(),
+    }
+}
+
+/// One pool, regions eu and us, one ready reflector per region with room for `shards` shards.
+fn snapshot(sessions: Vec<SessionDef>, shards: u32) -> Snapshot {
+    let capacity = Capacity {
+        sessions: shards,
+        users: shards * 100,
+    };
+    let region = |n: &str| RegionInput {
+        name: n.into(),
+        image: "img".into(),
+        capacity,
+        min_reflectors: 1,
+        max_reflectors: 1,
+        warm_buffer: 0,
+    };
+    let reflector = |n: &str, r: &str| ObservedReflector {
+        name: n.into(),
+        pool: POOL.into(),
+        region: r.into(),
+        image: "img".into(),
+        capacity,
+        state: ReflectorState::Ready,
+    };
+    Snapshot {
+        input: PlanInput {
+            pools: vec![PoolInput {
+                id: POOL.into(),
+                placement: PlacementStrategy::Pack,
+                regions: vec![region("eu"), region("us")],
+                cooldown: 60,
+                drain_grace: 30,
+            }],
+            reflectors: vec![reflector("r-eu", "eu"), reflector("r-us", "us")],
+            ..PlanInput::default()
+        },
+        sessions,
+        urls: HashMap::from([
+            ("r-eu".into(), "ws://eu.test/".into()),
+            ("r-us".into(), "ws://us.test/".into()),
+        ]),
+    }
+}
+
+fn router(config: RouterConfig) -> (Arc<Router>, Signer) {
+    let signer = Signer::new("k1", &[5; 32]);
+    let r = Router::new(
+        config,
+        Some(signer.clone()),
+        RouterMetrics::new(&prometheus::Registry::new()),
+    );
+    (r, signer)
+}
+
+fn req(session: &str, region: &str) -> RouteRequest {
+    RouteRequest {
+        namespace: "default".into(),
+        session: session.into(),
+        preferred_region: region.into(),
+        user_id: String::new(),
+    }
+}
+
+async fn serve(frontend: Frontend) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(service::serve(listener, frontend, std::future::pending()));
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_burst_fills_shards_to_the_threshold_across_regions_and_tokens_verify() {
+    let (r, signer) = router(RouterConfig::default());
+    // 3 shards fit on each reflector: eu takes 3, then us.
+    r.publish("local", snapshot(vec![session("lobby", 10, 10)], 3));
+    let calls = (0..40).map(|_| {
+        let r = r.clone();
+        tokio::spawn(async move { r.route(&req("lobby", "eu"), |_| Ok(())).await })
+    });
+    let mut per_shard: HashMap<String, (u32, String)> = HashMap::new();
+    let mut verifier = Verifier::default();
+    verifier.insert("k1", &signer.public_key()).unwrap();
+    for c in calls {
+        let a: RouteResponse = c.await.unwrap().unwrap();
+        let claims = verifier.verify(&a.join_token).unwrap();
+        assert_eq!(
+            (
+                claims.app_id.as_str(),
+                claims.shard.as_str(),
+                claims.max_users
+            ),
+            ("app", a.shard.as_str(), 10)
+        );
+        assert!(a.reflector_url.ends_with(&format!("/{}/", a.join_token)));
+        assert_eq!(a.files_url, "http://files.test/files");
+        let e = per_shard.entry(a.shard).or_insert((0, a.region));
+        e.0 += 1;
+    }
+    // Threshold 8 of 10: five shards of 8, three in the preferred region, then two in us.
+    assert_eq!(per_shard.len(), 5, "{per_shard:?}");
+    assert!(per_shard.values().all(|(n, _)| *n == 8), "{per_shard:?}");
+    assert_eq!(
+        per_shard
+            .values()
+            .filter(|(_, region)| region == "eu")
+            .count(),
+        3
+    );
+    let listed = r.list_shards("default", "lobby").unwrap();
+    assert!(
+        listed
+            .iter()
+            .all(|s| s.reserved == 8 && s.threshold_users == 8 && s.max_users == 10)
+    );
+}
+
+#[tokio::test]
+async fn a_reset_mid_burst_never_overfills_a_shard() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", snapshot(vec![session("lobby", 10, 20)], 20));
+    let mut given: HashMap<String, u32> = HashMap::new();
+    for _ in 0..12 {
+        *given
+            .entry(r.route(&req("lobby", ""), |_| Ok(())).await.unwrap().shard)
+            .or_default() += 1;
+    }
+    // A new leader: state gone, the backend republishes what exists (shards without users yet).
+    let mut again = snapshot(vec![session("lobby", 10, 20)], 20);
+    let mut input = again.input.clone();
+    r.prepare(&mut input);
+    r.reset();
+    again.input.shards = r
+        .list_shards("default", "lobby")
+        .map(|_| input.shards.clone())
+        .unwrap_or_default();
+    r.publish("local", again);
+    for _ in 0..13 {
+        let a = r.route(&req("lobby", ""), |_| Ok(())).await.unwrap();
+        *given.entry(a.shard).or_default() += 1;
+    }
+    // Every token handed out before and after may still arrive: no shard may exceed 10.
+    assert!(given.values().all(|n| *n <= 10), "{given:?}");
+    assert_eq!(given.values().sum::<u32>(), 25, "no client refused");
+}
+
+#[tokio::test]
+async fn every_transport_shares_one_path_and_every_error_code() {
+    let (r, _) = router(RouterConfig {
+        route_wait: Duration::from_millis(200),
+        ..RouterConfig::default()
+    });
+    r.publish(
+        "local",
+        snapshot(vec![session("lobby", 10, 1), session("other", 10, 1)], 1),
+    );
+    let keys = HashMap::from([
+        ("key-app".to_owned(), "app".to_owned()),
+        ("key-x".to_owned(), "x".to_owned()),
+    ]);
+    let leading = service::always_leading();
+    let base = serve(Frontend {
+        router: r.clone(),
+        access: Arc::new(Access::new(keys, &["https://game.test".to_owned()], 1_000)),
+        leading: leading.clone(),
+    })
+    .await;
+
+    // gRPC, with the key in metadata.
+    let mut grpc = RoutingClient::connect(base.clone()).await.unwrap();
+    fn with_key<T>(k: &str, m: T) -> tonic::Request<T> {
+        let mut q = tonic::Request::new(m);
+        q.metadata_mut().insert("x-api-key", k.parse().unwrap());
+        q
+    }
+    let ok = grpc
+        .route(with_key("key-app", req("lobby", "eu")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((ok.shard.as_str(), ok.region.as_str()), ("lobby", "eu"));
+    let code = |e: tonic::Status| e.code();
+    assert_eq!(
+        code(grpc.route(req("lobby", "eu")).await.unwrap_err()),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        code(
+            grpc.route(with_key("nope", req("lobby", "eu")))
+                .await
+                .unwrap_err()
+        ),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        code(
+            grpc.route(with_key("key-x", req("lobby", "eu")))
+                .await
+                .unwrap_err()
+        ),
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            grpc.route(with_key("key-app", req("missing", "eu")))
+                .await
+                .unwrap_err()
+        ),
+        tonic::Code::NotFound
+    );
+    let bad = grpc
+        .route(with_key("key-app", req("lob~by", "eu")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let details = bad.get_error_details();
+    assert_eq!(
+        details.bad_request().unwrap().field_violations[0].field,
+        "session"
+    );
+    let bad_region = grpc
+        .route(with_key("key-app", req("lobby", "mars")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_region
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "preferred_region"
+    );
+    // maxShards 1 and 8 places per shard: the ninth caller gets RESOURCE_EXHAUSTED + RetryInfo.
+    for _ in 0..7 {
+        grpc.route(with_key("key-app", req("lobby", "eu")))
+            .await
+            .unwrap();
+    }
+    let full = grpc
+        .route(with_key("key-app", req("lobby", "eu")))
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        full.get_error_details()
+            .retry_info()
+            .unwrap()
+            .retry_delay
+            .is_some()
+    );
+    let listed = grpc
+        .list_shards(with_key(
+            "key-app",
+            ListShardsRequest {
+                namespace: "default".into(),
+                session: "lobby".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.shards[0].reserved, 8);
+
+    // JSON: same answers, no-store, CORS for the allowed origin only, 429 with Retry-After.
+    let http = reqwest::Client::new();
+    let get = |q: &str, origin: Option<&str>| {
+        let mut b = http
+            .get(format!("{base}/v1/route?{q}"))
+            .header("x-api-key", "key-app");
+        if let Some(o) = origin {
+            b = b.header("origin", o);
+        }
+        b.send()
+    };
+    let res = get(
+        "namespace=default&session=other&region=us",
+        Some("https://game.test"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://game.test"
+    );
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(
+        (
+            body["shard"].as_str(),
+            body["region"].as_str(),
+            body["appId"].as_str()
+        ),
+        (Some("other"), Some("us"), Some("app"))
+    );
+    assert!(
+        body["reflectorUrl"]
+            .as_str()
+            .unwrap()
+            .starts_with("ws://us.test/")
+    );
+    assert!(body["tokenExpiresAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        get("namespace=default&session=other", Some("https://evil.test"))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let res = get("namespace=default&session=lobby", None).await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert!(
+        res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let res = get("namespace=Bad_NS&session=lobby", None).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        res.json::<serde_json::Value>().await.unwrap()["field"],
+        "namespace"
+    );
+    assert_eq!(
+        get("namespace=default&session=nothing", None)
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let res = http
+        .get(format!("{base}/v1/route?namespace=default&session=other"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    // gRPC-Web over HTTP/1.1: a framed request, a framed answer with grpc-status trailer.
+    let msg = req("other", "eu").encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let res = http
+        .post(format!("{base}/refleet.routing.v1.Routing/Route"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("x-api-key", "key-app")
+        .body(frame)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let bytes = res.bytes().await.unwrap();
+    assert_eq!(bytes[0], 0, "a data frame first");
+    let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+    let answer = RouteResponse::decode(&bytes[5..5 + len]).unwrap();
+    assert_eq!(answer.shard, "other");
+    let trailer = String::from_utf8_lossy(&bytes[5 + len + 5..]);
+    assert!(trailer.contains("grpc-status:0"), "{trailer}");
+
+    // Only the leader routes.
+    leading.store(false, Ordering::Relaxed);
+    assert_eq!(
+        code(
+            grpc.route(with_key("key-app", req("other", "eu")))
+                .await
+                .unwrap_err()
+        ),
+        tonic::Code::Unavailable
+    );
+    assert_eq!(
+        get("namespace=default&session=other", None)
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+}
+
+#[tokio::test]
+async fn reports_turn_reservations_into_users_and_a_lost_stream_stops_routes() {
+    let (r, _) = router(RouterConfig {
+        report_grace: Duration::from_millis(300),
+        route_wait: Duration::from_millis(200),
+        ..RouterConfig::default()
+    });
+    r.publish("local", snapshot(vec![session("lobby", 10, 1)], 1));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(reports::serve(
+        listener,
+        ReportHub::new(r.clone(), Some("s3cret".into())),
+        std::future::pending(),
+    ));
+    let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    let claims = {
+        let mut v = Verifier::default();
+        v.insert("k1", &Signer::new("k1", &[5; 32]).public_key())
+            .unwrap();
+        v.verify(&a.join_token).unwrap()
+    };
+
+    let mut client = ReportsClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    // Without the secret: refused.
+    let (tx0, rx0) = tokio::sync::mpsc::channel::<ReflectorReport>(1);
+    drop(tx0);
+    let refused = client
+        .report(tokio_stream::wrappers::ReceiverStream::new(rx0))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<ReflectorReport>(4);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let report = |seq: u64, users: u32, admitted: Vec<u64>| ReflectorReport {
+        reflector: "r-eu".into(),
+        region: "eu".into(),
+        public_url: "ws://eu.test/".into(),
+        state: 1,
+        capacity: Some(ReportCapacity {
+            max_sessions: 1,
+            max_users: 100,
+        }),
+        shards: vec![ShardLoad {
+            session_id: "sid".into(),
+            shard: "lobby".into(),
+            app_id: "app".into(),
+            users,
+            joins: admitted.len() as u32,
+            admitted_reservations: admitted,
+            ..ShardLoad::default()
+        }],
+        sequence: seq,
+        ..ReflectorReport::default()
+    };
+    tx.send(report(1, 0, vec![])).await.unwrap();
+    let mut inbound = client.report(request).await.unwrap().into_inner();
+    let keys = inbound.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            keys.kind,
+            Some(refleet_api::report::instruction::Kind::TokenKeys(_))
+        ),
+        "token keys come first"
+    );
+    tx.send(report(2, 1, vec![claims.reservation_id]))
+        .await
+        .unwrap();
+    let listed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let s = r.list_shards("default", "lobby").unwrap();
+            if s[0].users == 1 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed[0].reserved, 0, "the reservation became the user");
+    assert_eq!(r.live_streams().get("eu"), Some(&1));
+    // The stream ends: after the grace period no new routes go to r-eu.
+    drop(tx);
+    drop(inbound);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(r.live_streams().get("eu"), None);
+    let e = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap_err();
+    assert_eq!(e.code(), "RESOURCE_EXHAUSTED");
+}

@@ -1,0 +1,113 @@
+//! Join tokens over real WebSockets: each bad-token case is refused with 4103 and counted,
+//! a valid token admits, an admitted view comes back after its token expired, and a shard
+//! at its hard cap refuses with 4105.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use refleet_api::token::{JoinClaims, Signer, Verifier};
+use support::{Client, metric, start_with, temp_storage};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn claims(shard: &str, expires_at: i64, max_users: u32) -> JoinClaims {
+    JoinClaims {
+        app_id: "io.refleet.test".into(),
+        shard: shard.into(),
+        persistence: true,
+        expires_at,
+        key_id: String::new(),
+        max_users,
+        reservation_id: 1,
+    }
+}
+
+#[tokio::test]
+async fn tokens_admit_matching_first_joins_and_refuse_the_rest() {
+    let signer = Signer::new("k1", &[9; 32]);
+    let keys = Verifier::format_key("k1", &signer.public_key());
+    let (_dir, storage) = temp_storage();
+    let r = start_with(&storage, &["--require-join-token", "--token-keys", &keys]).await;
+
+    let good = signer.sign(claims("room", now() + 60, 3));
+    let mut alice = Client::connect_path(&r, &format!("/reflector/{good}/s1"), "s1").await;
+    alice.join("alice").await;
+
+    let forged = Signer::new("k1", &[1; 32]).sign(claims("room", now() + 60, 3));
+    let unknown_key = Signer::new("k2", &[9; 32]).sign(claims("room", now() + 60, 3));
+    let cases = [
+        ("missing", "/reflector/s1".to_owned(), "missing_token"),
+        (
+            "garbage",
+            "/reflector/not.a-token/s1".to_owned(),
+            "invalid_token",
+        ),
+        ("no token segment", "/s1".to_owned(), "missing_token"),
+        ("forged", format!("/reflector/{forged}/s1"), "invalid_token"),
+        (
+            "unknown key",
+            format!("/reflector/{unknown_key}/s1"),
+            "invalid_token",
+        ),
+        (
+            "expired",
+            format!(
+                "/reflector/{}/s1",
+                signer.sign(claims("room", now() - 1, 3))
+            ),
+            "expired_token",
+        ),
+        (
+            "other shard",
+            format!(
+                "/reflector/{}/s1",
+                signer.sign(claims("room~2", now() + 60, 3))
+            ),
+            "wrong_shard",
+        ),
+    ];
+    for (what, path, reason) in cases {
+        let before = metric(
+            &r.metrics().await,
+            &format!("refleet_reflector_join_refusals_total{{reason=\"{reason}\"}}"),
+        );
+        let mut c = Client::connect_path(&r, &path, "s1").await;
+        c.send_json(
+            serde_json::json!({"id": "s1", "action": "JOIN", "args": Client::join_args(what)}),
+        )
+        .await;
+        assert_eq!(c.expect_close().await, 4103, "{what}");
+        let after = metric(
+            &r.metrics().await,
+            &format!("refleet_reflector_join_refusals_total{{reason=\"{reason}\"}}"),
+        );
+        assert_eq!(after, before + 1.0, "{what} counted as {reason}");
+    }
+
+    // An admitted view reconnects with a URL whose token has expired since.
+    let short = signer.sign(claims("room", now() + 2, 3));
+    let mut bob = Client::connect_path(&r, &format!("/reflector/{short}/s1"), "s1").await;
+    bob.join("bob").await;
+    bob.close().await;
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let mut bob = Client::connect_path(&r, &format!("/reflector/{short}/s1"), "s1").await;
+    bob.join("bob").await;
+
+    // alice and bob are members; the cap of 3 leaves room for one more, then 4105.
+    let mut carol = Client::connect_path(&r, &format!("/reflector/{good}/s1"), "s1").await;
+    carol.join("carol").await;
+    let mut dave = Client::connect_path(&r, &format!("/reflector/{good}/s1"), "s1").await;
+    dave.send_json(
+        serde_json::json!({"id": "s1", "action": "JOIN", "args": Client::join_args("dave")}),
+    )
+    .await;
+    assert_eq!(dave.expect_close().await, 4105);
+    // The members were not disturbed.
+    alice.send_msg("still here").await;
+    assert_eq!(carol.next_client_recv().await[2], "still here");
+}
