@@ -455,11 +455,11 @@ fn public_url(pod: &Pod) -> String {
         .unwrap()
 }
 
-/// What a client connects to: the reflector's URL as Route returns it
-/// (`<URL>reflector/<join token>/`, see proto/refleet/routing/v1/routing.proto) with the
-/// session id the client appends.
+/// What a client connects to: the URL the reflector reports (its REFLEET_PUBLIC_URL) plus
+/// the join token, as Route answers (`Router::answer`), plus the session id the client
+/// appends.
 fn client_url(pod: &Pod) -> String {
-    format!("{}reflector/TOKEN/0123abcd", public_url(pod))
+    format!("{}TOKEN.SIGNATURE/0123abcd", public_url(pod))
 }
 
 #[test]
