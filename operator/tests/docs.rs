@@ -55,19 +55,63 @@ fn crd_reference_documents_every_spec_field_with_its_description() {
     assert!(reference.contains("| `spec` | set exactly one of name or namePattern |"));
 }
 
-/// Every relative link target (`](target)`) in a Markdown text, without its `#anchor`.
+/// Every relative link target (`](target)`) in a Markdown text, with its `#anchor`; code
+/// blocks and code spans are not links.
 fn relative_links(text: &str) -> Vec<String> {
-    text.split("](")
+    let mut prose = String::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        for (i, part) in line.split('`').enumerate() {
+            if i % 2 == 0 {
+                prose.push_str(part);
+            }
+        }
+        prose.push('\n');
+    }
+    prose
+        .split("](")
         .skip(1)
         .filter_map(|rest| rest.split(')').next())
-        .map(|t| t.split('#').next().unwrap_or_default().to_owned())
+        .map(str::to_owned)
         .filter(|t| !t.is_empty() && !t.contains("://") && !t.starts_with("mailto:"))
         .collect()
 }
 
-/// Pages other branches add (the observability docs, the chart's README): a link to one
-/// of them may dangle until those branches are merged. Remove entries once they exist.
-const WRITTEN_ELSEWHERE: &[&str] = &["docs/observability.md", "charts/refleet/README.md"];
+/// The anchors GitHub gives a Markdown page's headings: lowercase, spaces to `-`, other
+/// punctuation dropped.
+fn anchors(text: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        }
+        if fenced || !line.starts_with('#') {
+            continue;
+        }
+        let title = line.trim_start_matches('#').trim();
+        out.push(
+            title
+                .chars()
+                .filter_map(|c| match c {
+                    ' ' => Some('-'),
+                    c if c.is_alphanumeric() || c == '-' || c == '_' => {
+                        Some(c.to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect(),
+        );
+    }
+    out
+}
 
 #[test]
 fn relative_links_in_the_docs_resolve() {
@@ -83,29 +127,24 @@ fn relative_links_in_the_docs_resolve() {
     for page in &pages {
         let text = std::fs::read_to_string(page).unwrap();
         for link in relative_links(&text) {
-            let target = page.parent().unwrap().join(&link);
-            let pending = WRITTEN_ELSEWHERE
-                .iter()
-                .any(|p| target.ends_with(p) || normalise(&target).ends_with(p));
-            if !target.exists() && !pending {
+            let (file, anchor) = match link.split_once('#') {
+                Some((file, anchor)) => (file.to_owned(), Some(anchor.to_owned())),
+                None => (link.clone(), None),
+            };
+            let target = if file.is_empty() {
+                page.clone()
+            } else {
+                page.parent().unwrap().join(&file)
+            };
+            if !target.exists() {
                 broken.push(format!("{}: {link}", page.display()));
+            } else if let Some(anchor) = anchor
+                && target.is_file()
+                && !anchors(&std::fs::read_to_string(&target).unwrap()).contains(&anchor)
+            {
+                broken.push(format!("{}: {link} (no such heading)", page.display()));
             }
         }
     }
     assert!(broken.is_empty(), "broken links: {broken:#?}");
-}
-
-/// `a/b/../c` → `a/c` (without touching the file system).
-fn normalise(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for part in path.components() {
-        match part {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
 }

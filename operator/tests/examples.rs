@@ -455,6 +455,13 @@ fn public_url(pod: &Pod) -> String {
         .unwrap()
 }
 
+/// What a client connects to: the URL the reflector reports (its REFLEET_PUBLIC_URL) plus
+/// the join token, as Route answers (`Router::answer`), plus the session id the client
+/// appends.
+fn client_url(pod: &Pod) -> String {
+    format!("{}TOKEN.SIGNATURE/0123abcd", public_url(pod))
+}
+
 #[test]
 fn ingress_recipes_route_every_reflector_name_the_operator_can_create_to_its_service() {
     let docs = cluster_docs();
@@ -465,7 +472,7 @@ fn ingress_recipes_route_every_reflector_name_the_operator_can_create_to_its_ser
         let ns = doc.namespace().unwrap();
         let first = pool.spec.resolved_regions().remove(0);
         let probe = reflector_pod(&pool, &first, &pod_name(doc.name(), &first.name, 0));
-        let probe_uri: http::Uri = public_url(&probe).parse().unwrap();
+        let probe_uri: http::Uri = client_url(&probe).parse().unwrap();
         if ingress_backend(&ingresses, ns, &probe_uri).is_none() {
             continue; // exposed another way (see the recipe's comments)
         }
@@ -481,8 +488,7 @@ fn ingress_recipes_route_every_reflector_name_the_operator_can_create_to_its_ser
             for n in 0..2 * region.max_reflectors {
                 let name = pod_name(doc.name(), &region.name, n);
                 let pod = reflector_pod(&pool, &region, &name);
-                // What a client connects to: the reflector URL, the join token, the session.
-                let url = format!("{}reflector/TOKEN/0123abcd", public_url(&pod));
+                let url = client_url(&pod);
                 let uri: http::Uri = url.parse().unwrap();
                 let (svc, port) = ingress_backend(&ingresses, ns, &uri)
                     .unwrap_or_else(|| panic!("{}: nothing routes {url}", doc.what()));
@@ -527,6 +533,27 @@ fn ingress_recipes_route_every_reflector_name_the_operator_can_create_to_its_ser
         BTreeSet::from(["games/arena".to_owned(), "games/plaza".to_owned()]),
         "pools exposed by the Ingress recipes"
     );
+    // No public route reaches a reflector's own endpoints (the Ingresses forward paths
+    // unchanged, so these would arrive as they are).
+    for (doc, ing) in &ingresses {
+        let ns = doc.namespace().unwrap();
+        for rule in ing.spec.as_ref().unwrap().rules.iter().flatten() {
+            let host = rule
+                .host
+                .clone()
+                .unwrap_or_else(|| "any.example.com".into());
+            let host = host.replace('*', "wildcard");
+            for path in ["/metrics", "/sessions", "/healthz", "/readyz"] {
+                let uri: http::Uri = format!("https://{host}{path}").parse().unwrap();
+                assert_eq!(
+                    ingress_backend(&ingresses, ns, &uri),
+                    None,
+                    "{}: {uri} is public",
+                    doc.what()
+                );
+            }
+        }
+    }
 }
 
 #[test]
