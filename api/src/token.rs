@@ -221,6 +221,7 @@ impl JoinClaims {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

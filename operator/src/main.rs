@@ -22,7 +22,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controllers in a cluster (leader-elected; watches Sessions and ReflectorPools).
-    Operator(refleet_operator::cli::operator::OperatorArgs),
+    Operator(Box<refleet_operator::cli::operator::OperatorArgs>),
     /// Run a whole fleet on this machine: the planner, simulated regions on loopback and
     /// `refleet-reflector` child processes.
     Up(refleet_operator::cli::up::UpArgs),
@@ -44,7 +44,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let Args { command } = Args::parse();
     match command {
-        Command::Operator(args) => refleet_operator::cli::operator::run(args).await?,
+        Command::Operator(args) => refleet_operator::cli::operator::run(*args).await?,
         Command::Up(args) => refleet_operator::cli::up::run(args).await?,
         Command::Crds {
             write: None,

@@ -17,6 +17,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
+use refleet_operator::cli::routing::RoutingArgs;
 use refleet_operator::controller::observe::NoLoad;
 use refleet_operator::crd::{ReflectorPool, Session};
 use serde_json::json;
@@ -120,6 +121,7 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
         metrics_listen: metrics_addr,
         resync: Duration::from_secs(1).into(),
         log_format: LogFormat::Text,
+        routing: RoutingArgs::loopback(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let op = tokio::spawn(serve(

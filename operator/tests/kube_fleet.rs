@@ -24,6 +24,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
+use refleet_operator::cli::routing::RoutingArgs;
 use refleet_operator::controller::observe::{HttpLoad, LoadSource, NoLoad};
 use refleet_operator::crd::{ReflectorPool, Session};
 use serde_json::{Value, json};
@@ -63,6 +64,7 @@ impl Operator {
             metrics_listen: metrics,
             resync: Duration::from_secs(1).into(),
             log_format: LogFormat::Text,
+            routing: RoutingArgs::loopback(),
         };
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(client, args, listener, load, async move {

@@ -171,6 +171,7 @@ fn refuse_token(e: &TokenError) -> Refusal {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use refleet_api::token::Signer;

@@ -140,6 +140,10 @@ pub struct Config {
     #[arg(long, env = "REFLEET_REPORT_TOKEN_FILE")]
     pub report_token_file: Option<std::path::PathBuf>,
 
+    /// The report-stream secret itself (alternative to --report-token-file).
+    #[arg(long, env = "REFLEET_REPORT_TOKEN", hide_env_values = true)]
+    pub report_token: Option<String>,
+
     /// How often the load report is sent when nothing changes.
     #[arg(long, env = "REFLEET_REPORT_INTERVAL", default_value = "1s")]
     pub report_interval: humantime::Duration,
@@ -216,6 +220,7 @@ impl From<&Config> for Limits {
             log_format: _,
             report_url: _,
             report_token_file: _,
+            report_token: _,
             report_interval: _,
             pool: _,
             token_keys: _,

@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
                     .trim()
                     .to_owned(),
             ),
-            None => None,
+            None => config.report_token.clone(),
         };
         let reporter = Reporter {
             url: url.clone(),

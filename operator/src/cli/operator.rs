@@ -16,6 +16,7 @@ use axum::routing::get;
 use kube::Client;
 use tokio::net::TcpListener;
 
+use crate::cli::routing::{Routing, RoutingArgs};
 use crate::controller::leader::{LeaseSettings, lead};
 use crate::controller::metrics::Metrics;
 use crate::controller::observe::{HttpLoad, LoadSource};
@@ -73,6 +74,10 @@ pub struct OperatorArgs {
     /// Log format (filter with `RUST_LOG`, default `info`).
     #[arg(long, env = "REFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Routing: Route, the report stream, join tokens, API keys.
+    #[command(flatten)]
+    pub routing: RoutingArgs,
 }
 
 /// Runs the operator until SIGTERM or Ctrl-C.
@@ -114,6 +119,7 @@ pub async fn serve(
         metrics_listen: _,
         resync,
         log_format: _,
+        routing,
     } = args;
     let identity = identity
         .or_else(|| std::env::var("POD_NAME").ok())
@@ -156,8 +162,25 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
+    let routing = {
+        let mut rx = stop_rx.clone();
+        Arc::new(
+            Routing::start(
+                client.clone(),
+                routing,
+                &lease_namespace,
+                &metrics.registry,
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            )
+            .await?,
+        )
+    };
     let mut ctx = Context::new(client.clone(), &identity, load, metrics.clone());
     ctx.resync = *resync;
+    ctx.router = Some(routing.router.clone());
+    ctx.reflector_env.clone_from(&routing.reflector_env);
     let ctx = Arc::new(ctx);
     let settings = LeaseSettings {
         name: lease_name,
@@ -175,7 +198,11 @@ pub async fn serve(
         async move {
             let _ = shutdown_rx.wait_for(|s| *s).await;
         },
-        move |leading| leading_metrics.set_leader(leading),
+        move |leading| {
+            leading_metrics.set_leader(leading);
+            let routing = routing.clone();
+            tokio::spawn(async move { routing.set_leading(leading).await });
+        },
         |lost| {
             let ctx = ctx.clone();
             let namespaces = namespaces.clone();

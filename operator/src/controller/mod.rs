@@ -111,6 +111,8 @@ pub struct Context {
     pub clock: fn() -> Seconds,
     /// The router, fed with every plan (`None`: routing off).
     pub router: Option<Arc<crate::router::Router>>,
+    /// Extra env of every reflector pod (report stream, token keys).
+    pub reflector_env: Vec<k8s_openapi::api::core::v1::EnvVar>,
     pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PoolMemory>>>>,
 }
 
@@ -156,6 +158,7 @@ impl Context {
             resync: Duration::from_secs(10),
             clock: unix_now,
             router: None,
+            reflector_env: Vec::new(),
             pools: Mutex::default(),
         }
     }

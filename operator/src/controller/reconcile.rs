@@ -273,7 +273,13 @@ async fn apply_reflectors(
                 break;
             };
             taken.insert(name.clone());
-            let pod = reflector_pod(pool, &region, &name);
+            let mut pod = reflector_pod(pool, &region, &name);
+            // Routing settings (report stream, join-token keys) the operator was started with.
+            if let Some(c) = pod.spec.as_mut().and_then(|s| s.containers.first_mut()) {
+                c.env
+                    .get_or_insert_with(Vec::new)
+                    .extend(ctx.reflector_env.iter().cloned());
+            }
             let params = PatchParams::apply(FIELD_MANAGER).force();
             let pod = api.patch(&name, &params, &Patch::Apply(&pod)).await?;
             info!(pod = %name, region = %region.name, "created reflector pod");
