@@ -1,7 +1,11 @@
 // Scenario 10: `refleet up` scales a session out with real clients and back in after they leave.
+// The clients ask the router where to join (join tokens are on, as by default): the router's
+// reservations count as load, so the planner opens the second shard once three users are routed
+// to the first, and the fourth user is routed to it.
 import assert from 'node:assert/strict';
 import { e2eTest } from './lib/harness.mjs';
 import { startFleet, reflectorsOf } from './lib/fleet.mjs';
+import { routedParticipant } from './lib/routed.mjs';
 import { waitFor } from './lib/util.mjs';
 
 // One region; a reflector carries one shard of 4 users, so a second shard needs a second
@@ -11,9 +15,7 @@ apiVersion: refleet.dev/v1alpha1
 kind: LocalFleet
 spec:
   reportIntervalMillis: 300
-  # This test joins shard URLs from /v1/shards directly (it checks the planner's own
-  # threshold-driven scale-out), so it runs without join tokens.
-  joinTokens: false
+  joinTokens: true
 ---
 apiVersion: refleet.dev/v1alpha1
 kind: ReflectorPool
@@ -54,8 +56,13 @@ e2eTest('refleet up opens a second shard on a second reflector past the threshol
     h.mark(`shard 0 on ${shard0.reflector} at ${shard0.url}`);
 
     // Three users reach the threshold (0.75 × 4).
-    const crowd = await h.participantsJoined(['a', 'b', 'c'].map(tag => ({ box: shard0.url, session: 'lobby', tag })));
-    h.mark('3 clients joined shard 0');
+    const crowd = ['a', 'b', 'c'].map(tag => routedParticipant(h, { tag, route: fleet.url, session: 'lobby' }));
+    await Promise.all(crowd.map(p => p.waitJoined(30000)));
+    for (const p of crowd) {
+        assert.equal(p.route.name, 'lobby', `${p.tag} is routed to shard 0`);
+        assert.ok(p.route.reflector.startsWith(shard0.url), `${p.tag} joins shard 0's reflector`);
+    }
+    h.mark('3 clients routed to and joined shard 0');
 
     const shards = await waitFor(async () => {
         const list = await fleet.shards('lobby');
@@ -70,8 +77,11 @@ e2eTest('refleet up opens a second shard on a second reflector past the threshol
     assert.equal(ready.length, 2, 'two reflector processes');
     h.mark(`shard lobby~1 on ${s1.reflector} at ${s1.url}`);
 
-    // A real client can use the new shard on the new reflector, and its load is seen.
-    const d = await h.participantsJoined([{ box: s1.url, session: 'lobby~1', tag: 'd' }]);
+    // The next user is routed to the new shard on the new reflector, and its load is seen.
+    const d = [routedParticipant(h, { tag: 'd', route: fleet.url, session: 'lobby' })];
+    await d[0].waitJoined(30000);
+    assert.equal(d[0].route.name, 'lobby~1', 'd is routed to the new shard');
+    assert.ok(d[0].route.reflector.startsWith(s1.url), 'd joins the new shard on the second reflector');
     await waitFor(async () => (await fleet.shards('lobby')).find(s => s.name === 'lobby~1')?.users === 1,
         { timeout: 10000, what: 'lobby~1 to report 1 user' });
     h.mark('client d on lobby~1');
@@ -88,6 +98,8 @@ e2eTest('refleet up opens a second shard on a second reflector past the threshol
     assert.equal(reflectorsOf(settled)[0].name, shard0.reflector, 'the first reflector stays');
     h.mark('back to one shard on one reflector');
     const decisions = settled.decisions.map(d => d.decision).join('\n');
+    assert.match(decisions, /OpenShard \{ session: "default\/io.refleet.e2e\/lobby", shard: "lobby~1", [^\n]*reason: AllShardsAtThreshold/,
+        'the planner opened the second shard because the first reached its threshold');
     assert.match(decisions, /DrainReflector \{ reflector: "local-a-2", reason: Surplus/);
     assert.match(decisions, /CloseShard \{ session: "default\/io.refleet.e2e\/lobby", shard: "lobby~1", reason: Idle/);
 

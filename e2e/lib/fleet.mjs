@@ -24,15 +24,18 @@ export async function startFleet(h, configText) {
     const dir = h.tempDir();
     const config = path.join(dir, 'fleet.yaml');
     fs.writeFileSync(config, configText);
+    // In a process group of its own, so that cleanup can kill its reflector children too: a
+    // SIGKILLed refleet up cannot stop them itself.
     const proc = spawn(bin, ['up', '--config', config, '--listen', '127.0.0.1:0', '--data-dir', path.join(dir, 'data'),
         '--reflector-bin', reflectorBin], {
         env: { RUST_LOG: 'info', NO_COLOR: '1', ...process.env },
         stdio: ['ignore', 'pipe', 'pipe'],
+        detached: true,
     });
     const stderr = new LogTail();
     const stdout = new LogTail();
     proc.stderr.on('data', d => stderr.push(d));
-    h.trackProcess('refleet-up', proc, stderr);
+    h.trackProcess('refleet-up', processGroup(proc), stderr);
     h.trackProcess('refleet-up-stdout', { on() {}, exitCode: 0, signalCode: null }, stdout);
     const exited = new Promise(resolve => proc.on('exit', (code, signal) => resolve({ code, signal })));
     const url = await withTimeout(new Promise((resolve, reject) => {
@@ -69,6 +72,22 @@ export async function startFleet(h, configText) {
         async stop(timeout = 30000) {
             proc.kill('SIGTERM');
             return withTimeout(exited, timeout, 'refleet up to exit after SIGTERM');
+        },
+    };
+}
+
+/** `proc` as the harness tracks it, whose kill() signals its whole process group. */
+function processGroup(proc) {
+    return {
+        on: (...args) => proc.on(...args),
+        get exitCode() { return proc.exitCode; },
+        get signalCode() { return proc.signalCode; },
+        kill(signal = 'SIGTERM') {
+            try {
+                process.kill(-proc.pid, signal);
+            } catch {
+                proc.kill(signal);
+            }
         },
     };
 }
