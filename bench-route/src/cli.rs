@@ -342,6 +342,7 @@ async fn measure(args: &Args, url: &str, server_pid: Option<u32>) -> anyhow::Res
                     );
                 }
                 println!("  timed calls: {}", r.latency);
+                println!("  fill calls:  {}", r.fill_latency);
                 for p in &r.problems {
                     println!("  FAILED: {p}");
                 }

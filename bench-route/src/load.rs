@@ -420,6 +420,8 @@ pub struct OpenReport {
     pub samples: Vec<OpenSample>,
     /// Over the timed calls.
     pub latency: Summary,
+    /// Over the fill calls (ordinary Routes on the same connection, for comparison).
+    pub fill_latency: Summary,
     /// What went wrong.
     pub problems: Vec<String>,
 }
@@ -435,6 +437,7 @@ pub async fn open_time(
     let mut client = client.clone();
     let mut out = Vec::new();
     let mut latency = Latency::new();
+    let mut fill_latency = Latency::new();
     let mut problems = Vec::new();
     for i in 0..samples {
         let before = target.list(&mut client).await.context("ListShards")?;
@@ -445,7 +448,10 @@ pub async fn open_time(
             .sum();
         let names: BTreeSet<String> = before.iter().map(|s| s.shard.clone()).collect();
         for _ in 0..fill {
-            match client.route(target.request(String::new())).await {
+            let t = Instant::now();
+            let result = client.route(target.request(String::new())).await;
+            fill_latency.record(t.elapsed());
+            match result {
                 Ok(r) if names.contains(&r.get_ref().shard) => {}
                 Ok(r) => problems.push(format!(
                     "sample {i}: a fill call already got a new shard {}",
@@ -489,6 +495,7 @@ pub async fn open_time(
     Ok(OpenReport {
         samples: out,
         latency: latency.summary(),
+        fill_latency: fill_latency.summary(),
         problems,
     })
 }
