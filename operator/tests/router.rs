@@ -514,3 +514,80 @@ async fn reports_turn_reservations_into_users_and_a_lost_stream_stops_routes() {
     let e = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap_err();
     assert_eq!(e.code(), "RESOURCE_EXHAUSTED");
 }
+
+#[tokio::test]
+async fn a_route_waits_for_a_shard_whose_reflector_is_still_starting() {
+    let (r, _) = router(RouterConfig {
+        route_wait: Duration::from_secs(5),
+        ..RouterConfig::default()
+    });
+    // Room for one shard per reflector, and the region may grow to two.
+    let mut snap = snapshot(vec![session("lobby", 10, 5)], 1);
+    snap.input.pools[0].regions[0].max_reflectors = 2;
+    snap.input.pools[0].regions.truncate(1);
+    snap.input.reflectors.truncate(1);
+    r.publish("local", snap.clone());
+    for _ in 0..8 {
+        assert_eq!(
+            r.route(&req("lobby", "eu"), |_| Ok(()))
+                .await
+                .unwrap()
+                .shard,
+            "lobby"
+        );
+    }
+    // The ninth needs shard lobby~1 on a reflector that does not exist yet: it waits.
+    let waiting = {
+        let r = r.clone();
+        tokio::spawn(async move { r.route(&req("lobby", "eu"), |_| Ok(())).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the Route waits for the new reflector"
+    );
+    // The backend starts the reflector and places the shard on it.
+    let mut input = snap.input.clone();
+    r.prepare(&mut input);
+    let pending = input
+        .shards
+        .iter()
+        .find(|s| s.name == "lobby~1")
+        .expect("the router opened lobby~1")
+        .clone();
+    assert!(pending.reflector.is_none());
+    // A plan while the reflector is still starting: the shard is still pending, and the
+    // waiting Route must keep waiting for it (not give up or open yet another shard).
+    let mut starting = snap.clone();
+    starting.input.shards = input.shards.clone();
+    let mut booting = starting.input.reflectors[0].clone();
+    booting.name = "r-eu-2".into();
+    booting.state = ReflectorState::Starting;
+    starting.input.reflectors.push(booting);
+    r.publish("local", starting);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "still waiting while the reflector starts"
+    );
+    let mut next = snap.clone();
+    next.input.shards = input.shards.clone();
+    for s in &mut next.input.shards {
+        if s.name == "lobby~1" {
+            s.reflector = Some("r-eu-2".into());
+            s.phase = refleet_operator::crd::ShardPhase::Open;
+        }
+    }
+    let mut second = next.input.reflectors[0].clone();
+    second.name = "r-eu-2".into();
+    next.input.reflectors.push(second);
+    next.urls.insert("r-eu-2".into(), "ws://eu2.test/".into());
+    r.publish("local", next);
+    let a = tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.shard, "lobby~1");
+    assert!(a.reflector_url.starts_with("ws://eu2.test/"));
+}

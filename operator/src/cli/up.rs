@@ -198,7 +198,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(async move {
         axum::serve(
-            listener,
+            service::nodelay(listener),
             app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(async {

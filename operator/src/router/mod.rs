@@ -508,7 +508,14 @@ impl Router {
             .shards
             .iter()
             .chain(inner.opened.iter())
-            .filter(|s| s.session == key && matches!(s.phase, ShardPhase::Open | ShardPhase::Full))
+            // Pending shards (waiting for a new reflector) count too: a Route waits for them.
+            .filter(|s| {
+                s.session == key
+                    && matches!(
+                        s.phase,
+                        ShardPhase::Open | ShardPhase::Full | ShardPhase::Pending
+                    )
+            })
             .collect();
         let mut candidates = Vec::new();
         let mut urls = Vec::new();

@@ -517,6 +517,10 @@ impl Core {
             }
         }
         self.stats.joins += 1;
+        if existing.is_some() && !(self.pending_joined.is_empty() && self.pending_left.is_empty()) {
+            // News held while nobody was active (see flush_users) goes out now.
+            self.users_due.get_or_insert(now + USERS_INTERVAL);
+        }
         if !delivered {
             tracing::warn!(session = %self.id, conn, "SYNC did not fit the send queue");
         }
@@ -823,8 +827,17 @@ impl Core {
             .filter(|m| m.state == State::Active && m.user.is_some())
             .count();
         if active == 0 {
-            self.pending_joined.clear();
-            self.pending_left.clear();
+            // Nobody to tell now. Members within their leave delay may come back (a view
+            // whose first connection dropped right after its JOIN): keep the news for them,
+            // sent when one is active again. With no member left at all, there is no one.
+            if self
+                .members
+                .iter()
+                .all(|m| m.user.is_none() || m.state == State::Waiting)
+            {
+                self.pending_joined.clear();
+                self.pending_left.clear();
+            }
             return;
         }
         let total = self.member_count();
@@ -1284,6 +1297,26 @@ mod tests {
             users_messages(&mut a_in).is_empty(),
             "the leave and the join cancelled out"
         );
+    }
+
+    #[test]
+    fn a_view_that_drops_right_after_its_join_is_announced_when_it_comes_back() {
+        let mut c = core();
+        let now = Instant::now();
+        let mut j = user("v");
+        j.leave_delay_ms = Some(3000.0);
+        let (a, _a_in) = outbox::pair(64);
+        c.join(1, a, j.clone(), now);
+        // The first connection drops before the users batch goes out; nobody is active.
+        c.closed(1, now + Duration::from_millis(10));
+        c.on_timers(now + USERS_INTERVAL);
+        // Back within the leave delay: the client waits to see its own join in the model.
+        let (b, mut b_in) = outbox::pair(64);
+        c.join(2, b, j, now + USERS_INTERVAL * 2);
+        c.on_timers(now + USERS_INTERVAL * 4);
+        let users = users_messages(&mut b_in);
+        assert_eq!(users.len(), 1, "{users:?}");
+        assert_eq!(users[0]["joined"], serde_json::json!(["v"]));
     }
 
     #[test]
