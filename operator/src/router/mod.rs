@@ -197,6 +197,28 @@ struct Routed {
     expires: Millis,
 }
 
+impl Routed {
+    /// An answer for `(shard, reflector URL, region)` of the Session `def`.
+    fn new(
+        def: &SessionDef,
+        (shard, url, region): (String, String, String),
+        reservation: u64,
+        expires: Millis,
+    ) -> Self {
+        Self {
+            shard,
+            url,
+            files_url: def.files_url.clone(),
+            region,
+            app_id: def.spec.app_id.clone(),
+            persistence: def.spec.persistence,
+            max_users: def.spec.max_users_per_shard,
+            reservation,
+            expires,
+        }
+    }
+}
+
 /// The router. Cheap to share (`Arc`).
 pub struct Router {
     inner: Mutex<Inner>,
@@ -560,17 +582,12 @@ impl Router {
                     .find(|(n, ..)| *n == id.1)
                     .cloned()
                     .unwrap_or_default();
-                return Ok(Attempt::Routed(Routed {
-                    shard,
-                    url,
-                    files_url: def.files_url.clone(),
-                    region,
-                    app_id: spec.app_id.clone(),
-                    persistence: spec.persistence,
-                    max_users,
+                return Ok(Attempt::Routed(Routed::new(
+                    &def,
+                    (shard, url, region),
                     reservation,
                     expires,
-                }));
+                )));
             }
         }
         let chosen = pick(&candidates, &order, max_users, threshold).map(|i| urls[i].clone());
@@ -596,17 +613,12 @@ impl Router {
         let user = (!req.user_id.is_empty()).then_some(req.user_id.as_str());
         let reservation = inner.ledger.reserve(&id, user, expires);
         self.metrics.reserved(&region);
-        Ok(Attempt::Routed(Routed {
-            shard,
-            url,
-            files_url: def.files_url.clone(),
-            region,
-            app_id: spec.app_id.clone(),
-            persistence: spec.persistence,
-            max_users,
+        Ok(Attempt::Routed(Routed::new(
+            &def,
+            (shard, url, region),
             reservation,
             expires,
-        }))
+        )))
     }
 
     /// The shards of a session with their load (ListShards).
