@@ -354,10 +354,23 @@ pub fn check_shards(
     expect: Expect,
 ) -> Vec<String> {
     let mut problems = Vec::new();
+    // Once every shard is at its threshold the planner opens one more, empty, ahead of
+    // demand (its scale-out rule); at most one such standby shard is expected.
+    let (holding, standby): (Vec<&ShardInfo>, Vec<&ShardInfo>) =
+        listed.iter().partition(|s| s.users + s.reserved > 0);
     if let Some(n) = expect.shards
-        && listed.len() != n as usize
+        && holding.len() != n as usize
     {
-        problems.push(format!("{} shards listed, expected {n}", listed.len()));
+        problems.push(format!(
+            "{} shards hold clients, expected {n}",
+            holding.len()
+        ));
+    }
+    if standby.len() > 1 {
+        problems.push(format!(
+            "{} empty shards listed, expected at most one standby",
+            standby.len()
+        ));
     }
     for s in listed {
         let load = s.users + s.reserved;
@@ -368,6 +381,7 @@ pub fn check_shards(
             ));
         }
         if let Some(p) = expect.per_shard
+            && s.users + s.reserved > 0
             && s.reserved != p
         {
             problems.push(format!(
@@ -544,7 +558,18 @@ mod tests {
                 ..expect
             },
         );
-        assert_eq!(p, vec!["2 shards listed, expected 3".to_owned()]);
+        assert_eq!(p, vec!["2 shards hold clients, expected 3".to_owned()]);
+
+        // One empty standby shard is fine; two are not.
+        let mut with_standby = listed.clone();
+        with_standby.push(info("s~2", 0));
+        assert!(check_shards(&with_standby, &answers, expect).is_empty());
+        with_standby.push(info("s~3", 0));
+        let p = check_shards(&with_standby, &answers, expect);
+        assert_eq!(
+            p,
+            vec!["2 empty shards listed, expected at most one standby".to_owned()]
+        );
 
         // A shard with 81 reservations, and answers that do not match the listing.
         let listed = vec![info("s", 81), info("s~1", 79)];

@@ -173,7 +173,7 @@ async fn a_burst_checks_the_shard_totals() {
         .unwrap();
     assert!(
         r.problems
-            .contains(&"11 shards listed, expected 10".to_owned()),
+            .contains(&"11 shards hold clients, expected 10".to_owned()),
         "{:?}",
         r.problems
     );
