@@ -25,6 +25,12 @@ pub enum Refused {
     Draining,
 }
 
+/// The shard (Croquet session name) of a JOIN `name`, which the client forms as
+/// `<appId>/<name>`; `None` when `name` does not start with `<app_id>/`.
+pub fn shard_name<'a>(name: &'a str, app_id: &str) -> Option<&'a str> {
+    name.strip_prefix(app_id)?.strip_prefix('/')
+}
+
 /// What `/sessions` reports about one session in memory.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -21,7 +21,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::admission::{Admission, ShardSettings};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Registry, shard_name};
 
 /// Least time between two reports (coalesces bursts of joins).
 const MIN_GAP: Duration = Duration::from_millis(100);
@@ -141,8 +141,7 @@ impl Reporter {
                 let shard = s
                     .name
                     .as_deref()
-                    .and_then(|n| n.strip_prefix(app.as_str()))
-                    .and_then(|n| n.strip_prefix('/'))
+                    .and_then(|n| shard_name(n, &app))
                     .unwrap_or_default()
                     .to_owned();
                 let users = u32::try_from(s.users).unwrap_or(u32::MAX);

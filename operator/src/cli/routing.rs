@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::ByteString;
@@ -94,23 +93,21 @@ pub struct RoutingArgs {
 }
 
 impl RoutingArgs {
-    /// Loopback ports chosen by the OS, tokens off: for tests.
+    /// The defaults with loopback ports chosen by the OS and tokens off: for tests.
     pub fn loopback() -> Self {
-        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-        Self {
-            router_listen: any,
-            report_listen: any,
-            report_token_file: None,
-            reflector_report_url: None,
-            join_tokens: false,
-            token_secret: "refleet-join-token".to_owned(),
-            token_ttl: Duration::from_secs(60).into(),
-            api_keys_dir: None,
-            allowed_origins: vec!["*".to_owned()],
-            route_rate_limit: 1_000,
-            pod_name: None,
-            pod_namespace: None,
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            routing: RoutingArgs,
         }
+        <Only as clap::Parser>::parse_from([
+            "refleet",
+            "--router-listen=127.0.0.1:0",
+            "--report-listen=127.0.0.1:0",
+            "--join-tokens=false",
+            "--route-rate-limit=1000",
+        ])
+        .routing
     }
 }
 

@@ -55,9 +55,7 @@ impl ReportedSession {
     pub fn shard(&self) -> Option<&str> {
         let name = self.name.as_deref()?;
         match self.app_id.as_deref() {
-            Some(app) => name
-                .strip_prefix(app)
-                .and_then(|rest| rest.strip_prefix('/')),
+            Some(app) => refleet_reflector::registry::shard_name(name, app),
             None => name.split_once('/').map(|(_, shard)| shard),
         }
     }

@@ -137,16 +137,7 @@ impl RouterMetrics {
     }
 
     pub(crate) fn reset_reservations(&self) {
-        for m in self
-            .reservations
-            .collect()
-            .iter()
-            .flat_map(|f| f.get_metric())
-        {
-            if let Some(l) = m.get_label().first() {
-                self.reservations.with_label_values(&[l.value()]).set(0);
-            }
-        }
+        zero(&self.reservations);
     }
 
     /// Sets the reservation gauge from the ledger.
@@ -161,13 +152,18 @@ impl RouterMetrics {
 
     /// Sets the open-stream gauge.
     pub fn set_streams(&self, by_region: &std::collections::BTreeMap<String, u32>) {
-        for m in self.streams.collect().iter().flat_map(|f| f.get_metric()) {
-            if let Some(l) = m.get_label().first() {
-                self.streams.with_label_values(&[l.value()]).set(0);
-            }
-        }
+        zero(&self.streams);
         for (r, n) in by_region {
             self.streams.with_label_values(&[r]).set(i64::from(*n));
+        }
+    }
+}
+
+/// Sets every series of a single-label gauge to 0 (values are then set from a full count).
+fn zero(gauge: &IntGaugeVec) {
+    for m in gauge.collect().iter().flat_map(|f| f.get_metric()) {
+        if let Some(l) = m.get_label().first() {
+            gauge.with_label_values(&[l.value()]).set(0);
         }
     }
 }

@@ -336,16 +336,7 @@ impl Router {
                 input.shards.push(sh.clone());
             }
         }
-        let apps = app_ids(&input.sessions);
-        for sh in &mut input.shards {
-            if let Some(app) = apps.get(sh.session.as_str()) {
-                let id = (app.to_string(), sh.name.clone());
-                sh.reserved = inner.ledger.pending(&id, now);
-                if let Some(users) = reported_users(&inner.live, &id) {
-                    sh.users = users;
-                }
-            }
-        }
+        fill_load(&inner, input, now);
     }
 
     /// Takes a backend's view after a plan. `key` names the publisher (`local`, or a pool
@@ -697,6 +688,21 @@ fn app_ids(sessions: &[SessionInput]) -> HashMap<&str, &str> {
         .collect()
 }
 
+/// Sets every shard's `reserved` from the ledger and, where a reflector reported it, its
+/// `users`: the load the planner compares with the threshold.
+fn fill_load(inner: &Inner, input: &mut PlanInput, now: Millis) {
+    let apps = app_ids(&input.sessions);
+    for sh in &mut input.shards {
+        if let Some(app) = apps.get(sh.session.as_str()) {
+            let id = (app.to_string(), sh.name.clone());
+            sh.reserved = inner.ledger.pending(&id, now);
+            if let Some(users) = reported_users(&inner.live, &id) {
+                sh.users = users;
+            }
+        }
+    }
+}
+
 fn reported_users(live: &HashMap<String, Live>, id: &ShardId) -> Option<u32> {
     let mut found = None;
     for l in live.values() {
@@ -824,37 +830,14 @@ fn open_shard(
             input.sessions.push(s);
         }
     }
-    let apps = app_ids(&input.sessions);
-    let reserved: Vec<(usize, u32, Option<u32>)> = input
-        .shards
-        .iter()
-        .enumerate()
-        .filter_map(|(i, sh)| {
-            let app = apps.get(sh.session.as_str())?;
-            let id = (app.to_string(), sh.name.clone());
-            Some((
-                i,
-                inner.ledger.pending(&id, now),
-                reported_users(&inner.live, &id),
-            ))
-        })
-        .collect();
-    for (i, r, users) in reserved {
-        input.shards[i].reserved = r;
-        if let Some(u) = users {
-            input.shards[i].users = u;
-        }
-        // During the warm-up the planner must see inherited shards as full too.
-        if now < inner.warm_until
-            && !inner.mine.contains(&(
-                input.shards[i].session.clone(),
-                input.shards[i].name.clone(),
-            ))
-        {
-            let t = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
-            let load = input.shards[i].load();
-            if input.shards[i].session == key && load < t {
-                input.shards[i].reserved += (t - load) as u32;
+    fill_load(inner, &mut input, now);
+    // During the warm-up the planner must see inherited shards as full too.
+    if now < inner.warm_until {
+        let t = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
+        for sh in input.shards.iter_mut().filter(|s| s.session == key) {
+            let load = sh.load();
+            if load < t && !inner.mine.contains(&(sh.session.clone(), sh.name.clone())) {
+                sh.reserved += (t - load) as u32;
             }
         }
     }

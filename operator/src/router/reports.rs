@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use refleet_api::report::reports_server::{Reports, ReportsServer};
 use refleet_api::report::{Instruction, ReflectorReport, TokenKey, TokenKeys, instruction::Kind};
+use subtle::ConstantTimeEq as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -59,16 +60,12 @@ impl ReportHub {
                 "report stream needs authorization: Bearer <secret>",
             )),
             // Constant-time comparison: the secret guards every reflector's reports.
-            Some(p) if !constant_eq(p.as_bytes(), secret.as_bytes()) => {
+            Some(p) if !bool::from(p.as_bytes().ct_eq(secret.as_bytes())) => {
                 Err(Status::unauthenticated("wrong report secret"))
             }
             Some(_) => Ok(()),
         }
     }
-}
-
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type InstructionStream =

@@ -26,7 +26,7 @@ use crate::close;
 use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::registry::Registry;
+use crate::registry::{Registry, shard_name};
 use crate::storage::Storage;
 
 /// How long a storage look-up at JOIN may take: the client gives up after 5 s without SYNC.
@@ -393,7 +393,6 @@ fn shard_of(join: &Join) -> &str {
     let name = join.name.as_deref().unwrap_or("");
     join.app_id
         .as_deref()
-        .and_then(|app| name.strip_prefix(app))
-        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|app| shard_name(name, app))
         .unwrap_or(name)
 }
