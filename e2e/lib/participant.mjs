@@ -1,25 +1,16 @@
 // Driving one real client (fixtures/participant.cjs) in its own Node process.
-import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { E2E_DIR, LogTail, withTimeout } from './util.mjs';
+import { FixtureProcess } from './child.mjs';
+import { E2E_DIR, withTimeout } from './util.mjs';
 
 const PARTICIPANT = path.join(E2E_DIR, 'fixtures', 'participant.cjs');
 
-export class Participant {
+export class Participant extends FixtureProcess {
     /**
      * options: box, session (name), tag, appId, code ('1'|'2'), tps, rejoinLimit, stepMs, env
      */
     constructor(options) {
-        this.options = options;
-        this.tag = options.tag;
-        this.stderr = new LogTail();
-        this.lines = [];            // every JSON line received
-        this.pending = new Map();   // id -> {resolve, reject, cmd}
-        this.nextId = 1;
-        this.final = null;
-        this.exitStatus = null;
-        const env = {
-            ...process.env,
+        super(PARTICIPANT, options, {
             E2E_BOX: options.box,
             E2E_SESSION: options.session,
             E2E_TAG: options.tag,
@@ -29,109 +20,31 @@ export class Participant {
             ...(options.rejoinLimit !== undefined ? { E2E_REJOIN_LIMIT: String(options.rejoinLimit) } : {}),
             ...(options.stepMs ? { E2E_STEP_MS: String(options.stepMs) } : {}),
             ...options.env,
-        };
-        this.proc = spawn(process.execPath, [PARTICIPANT], { cwd: E2E_DIR, env, stdio: ['pipe', 'pipe', 'pipe'] });
-        this.proc.stdin.on('error', () => {});
-        this.proc.stderr.on('data', d => this.stderr.push(d));
-        let buffered = '';
-        this.proc.stdout.on('data', chunk => {
-            buffered += chunk.toString();
-            let nl;
-            while ((nl = buffered.indexOf('\n')) >= 0) {
-                const line = buffered.slice(0, nl);
-                buffered = buffered.slice(nl + 1);
-                this.onLine(line);
-            }
         });
         this.joined = new Promise((resolve, reject) => {
             this.resolveJoined = resolve;
             this.rejectJoined = reject;
         });
         this.joined.catch(() => {});
-        this.exited = new Promise(resolve => {
-            this.proc.on('exit', (code, signal) => {
-                this.exitStatus = { code, signal };
-                const err = new Error(`participant ${this.tag} exited (${JSON.stringify(this.exitStatus)}); stderr:\n${this.stderr.tail()}`);
-                this.rejectJoined(err);
-                for (const p of this.pending.values()) p.reject(err);
-                this.pending.clear();
-                resolve(this.exitStatus);
-            });
-        });
     }
 
-    get running() { return this.exitStatus === null; }
-
-    onLine(line) {
-        if (!line.trim()) return;
-        let msg;
-        try {
-            msg = JSON.parse(line);
-        } catch {
-            this.stderr.push(`[harness] non-JSON stdout line: ${line}\n`);
-            return;
-        }
-        this.lines.push(msg);
+    onMessage(msg) {
         if (msg.type === 'joined') this.resolveJoined(msg.state);
         else if (msg.type === 'fatal') this.rejectJoined(new Error(`participant ${this.tag} failed to join: ${msg.error}`));
-        else if (msg.type === 'final') this.final = msg.state;
-        else if (msg.type === 'reply') {
-            const p = this.pending.get(msg.id);
-            if (!p) return;
-            this.pending.delete(msg.id);
-            if (msg.error) p.reject(new Error(`participant ${this.tag} ${p.cmd}: ${msg.error}`));
-            else p.resolve(msg);
-        }
     }
+
+    onExit(err) { this.rejectJoined(err); }
 
     /** Waits for the initial Session.join to finish; returns the state reported then. */
     async waitJoined(timeout = 30000) {
         return withTimeout(this.joined, timeout, `participant ${this.tag} to join; stderr:\n${this.stderr.tail(2000)}`);
     }
 
-    request(cmd, args = {}, timeout = 30000) {
-        if (!this.running) return Promise.reject(new Error(`participant ${this.tag} is not running`));
-        const id = this.nextId++;
-        const reply = new Promise((resolve, reject) => this.pending.set(id, { resolve, reject, cmd }));
-        this.proc.stdin.write(JSON.stringify({ id, cmd, ...args }) + '\n');
-        return withTimeout(reply, timeout, `participant ${this.tag} to answer ${cmd}`).finally(() => this.pending.delete(id));
-    }
-
-    async state() { return (await this.request('state')).state; }
-
-    /** Publishes `count` append events (numbered on from the participant's previous sends). */
-    async send(count, gap = 0) { return (await this.request('send', { count, gap }, 60000 + count * gap)).sent; }
-
     async snapshot() { return this.request('snapshot'); }
 
     async persist() { return this.request('persist'); }
 
-    /** Resolves with the state once the model log has >= count entries; throws on timeout. */
-    async waitForCount(count, timeout = 30000) {
-        const reply = await this.request('wait', { count, timeout }, timeout + 10000);
-        if (!reply.ok) {
-            throw new Error(`participant ${this.tag} has ${reply.state.count} log entries after ${timeout} ms, expected ${count}`);
-        }
-        return reply.state;
-    }
-
     async leave() { return this.request('leave'); }
 
     async join(timeout = 30000) { return (await this.request('join', {}, timeout)).state; }
-
-    /** Leaves the session, collects the final state and lets the process exit. */
-    async exit(timeout = 20000) {
-        if (!this.running) throw new Error(`participant ${this.tag} is not running`);
-        const id = this.nextId++;
-        this.proc.stdin.write(JSON.stringify({ id, cmd: 'exit' }) + '\n');
-        await withTimeout(this.exited, timeout, `participant ${this.tag} to exit`);
-        if (!this.final) throw new Error(`participant ${this.tag} exited without a final state; stderr:\n${this.stderr.tail()}`);
-        return this.final;
-    }
-
-    async kill() {
-        if (!this.running) return;
-        this.proc.kill('SIGKILL');
-        await withTimeout(this.exited, 10000, `participant ${this.tag} to die`);
-    }
 }

@@ -1,8 +1,8 @@
 // Driving real clients that join through Refleet's router (fixtures/routed-participant.cjs), and
 // watching reflectors while they do.
-import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { E2E_DIR, LogTail, sleep, withTimeout } from './util.mjs';
+import { FixtureProcess } from './child.mjs';
+import { E2E_DIR, sleep, withTimeout } from './util.mjs';
 
 const SCRIPT = path.join(E2E_DIR, 'fixtures', 'routed-participant.cjs');
 
@@ -26,23 +26,12 @@ export class Refused extends Error {
 /**
  * One client process. options: tag, and either route (endpoint), session, namespace, region,
  * userId — or reflector, files, name (a direct join, e.g. with a bad token) — and appId, env.
- * Has the same shape as participant.mjs's Participant (tag, proc, stderr, lines, exited,
- * kill), so the harness cleans it up and saves its logs when it is in `h.participants`.
+ * A FixtureProcess like participant.mjs's Participant, so the harness cleans it up and saves
+ * its logs when it is in `h.participants`.
  */
-export class RoutedParticipant {
+export class RoutedParticipant extends FixtureProcess {
     constructor(options) {
-        this.options = options;
-        this.tag = options.tag;
-        this.stderr = new LogTail();
-        this.lines = [];
-        this.pending = new Map();
-        this.nextId = 1;
-        this.final = null;
-        this.route = null;
-        this.closed = null;
-        this.exitStatus = null;
-        const env = {
-            ...process.env,
+        super(SCRIPT, options, {
             E2E_TAG: options.tag,
             E2E_SESSION: options.session ?? options.name ?? '',
             ...(options.route ? { E2E_ROUTE: options.route } : {}),
@@ -53,21 +42,10 @@ export class RoutedParticipant {
             ...(options.files ? { E2E_FILES: options.files } : {}),
             ...(options.appId ? { E2E_APP_ID: options.appId } : {}),
             ...options.env,
-        };
-        this.proc = spawn(process.execPath, [SCRIPT], { cwd: E2E_DIR, env, stdio: ['pipe', 'pipe', 'pipe'] });
-        running.add(this.proc);
-        this.proc.stdin.on('error', () => {});
-        this.proc.stderr.on('data', d => this.stderr.push(d));
-        let buffered = '';
-        this.proc.stdout.on('data', chunk => {
-            buffered += chunk.toString();
-            let nl;
-            while ((nl = buffered.indexOf('\n')) >= 0) {
-                const line = buffered.slice(0, nl);
-                buffered = buffered.slice(nl + 1);
-                this.onLine(line);
-            }
         });
+        running.add(this.proc);
+        this.route = null;
+        this.closed = null;
         // Settles with the joined state, or rejects with Refused / the failure.
         this.outcome = new Promise((resolve, reject) => {
             this.resolveOutcome = resolve;
@@ -79,32 +57,15 @@ export class RoutedParticipant {
             this.rejectRouted = reject;
         });
         this.routed.catch(() => {});
-        this.exited = new Promise(resolve => {
-            this.proc.on('exit', (code, signal) => {
-                running.delete(this.proc);
-                this.exitStatus = { code, signal };
-                const err = new Error(`participant ${this.tag} exited (${JSON.stringify(this.exitStatus)}); stderr:\n${this.stderr.tail()}`);
-                this.rejectOutcome(err);
-                this.rejectRouted(err);
-                for (const p of this.pending.values()) p.reject(err);
-                this.pending.clear();
-                resolve(this.exitStatus);
-            });
-        });
     }
 
-    get running() { return this.exitStatus === null; }
+    onExit(err) {
+        running.delete(this.proc);
+        this.rejectOutcome(err);
+        this.rejectRouted(err);
+    }
 
-    onLine(line) {
-        if (!line.trim()) return;
-        let msg;
-        try {
-            msg = JSON.parse(line);
-        } catch {
-            this.stderr.push(`[harness] non-JSON stdout line: ${line}\n`);
-            return;
-        }
-        this.lines.push(msg);
+    onMessage(msg) {
         if (msg.type === 'routed') {
             this.route = msg.route;
             this.resolveRouted(msg.route);
@@ -118,14 +79,6 @@ export class RoutedParticipant {
             Object.assign(err, { code: msg.code, status: msg.status });
             this.rejectRouted(err);
             this.rejectOutcome(err);
-        } else if (msg.type === 'final') {
-            this.final = msg.state;
-        } else if (msg.type === 'reply') {
-            const p = this.pending.get(msg.id);
-            if (!p) return;
-            this.pending.delete(msg.id);
-            if (msg.error) p.reject(new Error(`participant ${this.tag} ${p.cmd}: ${msg.error}`));
-            else p.resolve(msg);
         }
     }
 
@@ -143,39 +96,6 @@ export class RoutedParticipant {
             if (err instanceof Refused) return err;
             throw err;
         }
-    }
-
-    request(cmd, args = {}, timeout = 30000) {
-        if (!this.running) return Promise.reject(new Error(`participant ${this.tag} is not running`));
-        const id = this.nextId++;
-        const reply = new Promise((resolve, reject) => this.pending.set(id, { resolve, reject, cmd }));
-        this.proc.stdin.write(JSON.stringify({ id, cmd, ...args }) + '\n');
-        return withTimeout(reply, timeout, `participant ${this.tag} to answer ${cmd}`).finally(() => this.pending.delete(id));
-    }
-
-    async state() { return (await this.request('state')).state; }
-
-    async send(count, gap = 0) { return (await this.request('send', { count, gap }, 60000 + count * gap)).sent; }
-
-    async waitForCount(count, timeout = 30000) {
-        const reply = await this.request('wait', { count, timeout }, timeout + 10000);
-        if (!reply.ok) throw new Error(`participant ${this.tag} has ${reply.state.count} log entries after ${timeout} ms, expected ${count}`);
-        return reply.state;
-    }
-
-    /** Leaves, reports the final state and exits. */
-    async exit(timeout = 20000) {
-        if (!this.running) throw new Error(`participant ${this.tag} is not running`);
-        this.proc.stdin.write(JSON.stringify({ id: this.nextId++, cmd: 'exit' }) + '\n');
-        await withTimeout(this.exited, timeout, `participant ${this.tag} to exit`);
-        if (!this.final) throw new Error(`participant ${this.tag} exited without a final state; stderr:\n${this.stderr.tail()}`);
-        return this.final;
-    }
-
-    async kill() {
-        if (!this.running) return;
-        this.proc.kill('SIGKILL');
-        await withTimeout(this.exited, 10000, `participant ${this.tag} to die`);
     }
 }
 
