@@ -591,3 +591,75 @@ async fn a_route_waits_for_a_shard_whose_reflector_is_still_starting() {
     assert_eq!(a.shard, "lobby~1");
     assert!(a.reflector_url.starts_with("ws://eu2.test/"));
 }
+
+#[tokio::test]
+async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish(
+        "local",
+        snapshot(vec![session("lobby", 10, 4), session("hall", 10, 4)], 4),
+    );
+    let as_user = |s: &str, u: &str| RouteRequest {
+        user_id: u.into(),
+        ..req(s, "eu")
+    };
+    let first = r.route(&as_user("lobby", "ann"), |_| Ok(())).await.unwrap();
+    let again = r.route(&as_user("lobby", "ann"), |_| Ok(())).await.unwrap();
+    assert_eq!(again, first, "a repeated Route answers with the same place and token");
+    // The same user id in another session is another place.
+    let hall = r.route(&as_user("hall", "ann"), |_| Ok(())).await.unwrap();
+    assert_ne!(hall.join_token, first.join_token);
+    let bob = r.route(&as_user("lobby", "bob"), |_| Ok(())).await.unwrap();
+    assert_ne!(bob.join_token, first.join_token);
+    let reserved = |s: &str| -> u32 {
+        r.list_shards("default", s)
+            .unwrap()
+            .iter()
+            .map(|s| s.reserved)
+            .sum()
+    };
+    assert_eq!((reserved("lobby"), reserved("hall")), (2, 1));
+    // Ann's reservation turns into a user: her next Route is a new reservation and token.
+    let claims = {
+        let mut v = Verifier::default();
+        v.insert("k1", &Signer::new("k1", &[5; 32]).public_key())
+            .unwrap();
+        v.verify(&first.join_token).unwrap()
+    };
+    let load = |users: u32, admitted: Vec<u64>| ReflectorReport {
+        reflector: "r-eu".into(),
+        region: "eu".into(),
+        public_url: "ws://eu.test/".into(),
+        state: 1,
+        shards: vec![ShardLoad {
+            shard: first.shard.clone(),
+            app_id: "app".into(),
+            users,
+            joins: admitted.len() as u32,
+            admitted_reservations: admitted,
+            ..ShardLoad::default()
+        }],
+        ..ReflectorReport::default()
+    };
+    r.observe_report(&load(1, vec![claims.reservation_id]));
+    let third = r.route(&as_user("lobby", "ann"), |_| Ok(())).await.unwrap();
+    assert_ne!(third.join_token, first.join_token);
+    // A later report of the same reflector replaces its counts instead of adding to them.
+    r.observe_report(&load(3, vec![]));
+    r.observe_report(&load(3, vec![]));
+    let users = |s: &str| -> u32 {
+        r.list_shards("default", s)
+            .unwrap()
+            .iter()
+            .map(|s| s.users)
+            .sum()
+    };
+    assert_eq!(users("lobby"), 3);
+    // A second reflector reporting the same shard (a move in progress) adds to it.
+    r.observe_report(&ReflectorReport {
+        reflector: "r-us".into(),
+        region: "us".into(),
+        ..load(2, vec![])
+    });
+    assert_eq!(users("lobby"), 5);
+}

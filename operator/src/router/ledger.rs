@@ -7,11 +7,14 @@
 //! count in the same report the reservation disappears from), or, for reflectors without
 //! tokens, when the report counts new joins (oldest reservations first), or when it
 //! expires. Pure: time is a millisecond count the caller supplies.
+//!
+//! Costs are what a Route on a hot session can afford: each shard's reservations are kept
+//! sorted by expiry, so its pending count is a binary search, and a user's reservation is
+//! found through an index by (scope, user) instead of a scan. Lookups take `&str` pairs and
+//! allocate nothing.
 
 use std::collections::{HashMap, VecDeque};
-
-/// A shard as reflectors report it: (appId, shard name).
-pub type ShardId = (String, String);
+use std::sync::Arc;
 
 /// Milliseconds on the caller's monotonic clock.
 pub type Millis = u64;
@@ -19,14 +22,33 @@ pub type Millis = u64;
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Reservation {
     id: u64,
-    user: Option<String>,
     expires: Millis,
+    /// `(scope, user)` when the reservation was made for a user id.
+    user: Option<(String, String)>,
 }
 
-/// Outstanding reservations, per shard, oldest first.
+/// A user's pending reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    /// The shard's appId.
+    pub app: String,
+    /// The shard's name.
+    pub shard: String,
+    /// The reservation id.
+    pub id: u64,
+    /// When it expires.
+    pub expires: Millis,
+    /// The token handed out for it, once the caller attached one ([`Ledger::attach_token`]).
+    pub token: Option<Arc<str>>,
+}
+
+/// Outstanding reservations, per shard, in expiry order.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
-    shards: HashMap<ShardId, VecDeque<Reservation>>,
+    /// appId → shard name → reservations sorted by `expires` (ties: reservation order).
+    shards: HashMap<String, HashMap<String, VecDeque<Reservation>>>,
+    /// scope → user id → that user's pending reservation in the scope.
+    users: HashMap<String, HashMap<String, Hold>>,
     next_id: u64,
 }
 
@@ -36,81 +58,174 @@ impl Ledger {
     pub fn new(first_id: u64) -> Self {
         Self {
             shards: HashMap::new(),
+            users: HashMap::new(),
             next_id: first_id.max(1),
         }
     }
 
-    /// Reserves a place on `shard` until `expires`; returns the reservation id.
-    pub fn reserve(&mut self, shard: &ShardId, user: Option<&str>, expires: Millis) -> u64 {
+    /// Reserves a place on shard `(app, shard)` until `expires`; returns the reservation id.
+    /// `user` is `(scope, user id)`: a later [`Ledger::find_user`] in the same scope (the
+    /// router uses the session) finds this reservation while it is pending.
+    pub fn reserve(
+        &mut self,
+        (app, shard): (&str, &str),
+        user: Option<(&str, &str)>,
+        expires: Millis,
+    ) -> u64 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        self.shards
-            .entry(shard.clone())
+        let q = self
+            .shards
+            .entry(app.to_owned())
             .or_default()
-            .push_back(Reservation {
+            .entry(shard.to_owned())
+            .or_default();
+        let r = Reservation {
+            id,
+            expires,
+            user: user.map(|(s, u)| (s.to_owned(), u.to_owned())),
+        };
+        // Callers reserve with now + a fixed lifetime, so this is nearly always a push.
+        if q.back().is_none_or(|b| b.expires <= expires) {
+            q.push_back(r);
+        } else {
+            let at = q.partition_point(|x| x.expires <= expires);
+            q.insert(at, r);
+        }
+        if let Some((scope, user)) = user {
+            let hold = Hold {
+                app: app.to_owned(),
+                shard: shard.to_owned(),
                 id,
-                user: user.map(str::to_owned),
                 expires,
-            });
+                token: None,
+            };
+            let by_user = self.users.entry(scope.to_owned()).or_default();
+            // A user holds one place per scope: an older hold is replaced (its reservation
+            // still counts until it ends).
+            by_user.insert(user.to_owned(), hold);
+        }
         id
     }
 
-    /// Reservations of `shard` still pending at `now`.
-    pub fn pending(&self, shard: &ShardId, now: Millis) -> u32 {
-        self.shards.get(shard).map_or(0, |q| {
-            u32::try_from(q.iter().filter(|r| r.expires > now).count()).unwrap_or(u32::MAX)
-        })
-    }
-
-    /// A pending reservation of `user` on one of `shards` (a repeated Route for the same
-    /// user gets the same place instead of a second one).
-    pub fn find_user<'a>(
-        &self,
-        shards: impl IntoIterator<Item = &'a ShardId>,
-        user: &str,
-        now: Millis,
-    ) -> Option<(&'a ShardId, u64, Millis)> {
-        shards.into_iter().find_map(|s| {
-            self.shards.get(s)?.iter().find_map(|r| {
-                (r.expires > now && r.user.as_deref() == Some(user)).then_some((s, r.id, r.expires))
-            })
-        })
-    }
-
-    /// The reflector admitted views on `shard`: `admitted` are the reservation ids their
-    /// tokens carried; `joins` counts every new view (with or without a token). Returns how
-    /// many reservations ended (expired ones at `now` are dropped first, uncounted).
-    pub fn joined(&mut self, shard: &ShardId, admitted: &[u64], joins: u32, now: Millis) -> u32 {
-        let Some(q) = self.shards.get_mut(shard) else {
+    /// Reservations of shard `(app, shard)` still pending at `now`.
+    pub fn pending(&self, app: &str, shard: &str, now: Millis) -> u32 {
+        let Some(q) = self.shards.get(app).and_then(|m| m.get(shard)) else {
             return 0;
         };
-        q.retain(|r| r.expires > now);
+        let expired = q.partition_point(|r| r.expires <= now);
+        u32::try_from(q.len() - expired).unwrap_or(u32::MAX)
+    }
+
+    /// The pending reservation of `user` in `scope` (a repeated Route for the same user gets
+    /// the same place instead of a second one).
+    pub fn find_user(&self, scope: &str, user: &str, now: Millis) -> Option<&Hold> {
+        self.users
+            .get(scope)?
+            .get(user)
+            .filter(|h| h.expires > now)
+    }
+
+    /// Remembers the token handed out for `user`'s reservation `id`, so a repeated Route
+    /// answers with the same token. Does nothing if that reservation is no longer the user's.
+    pub fn attach_token(&mut self, scope: &str, user: &str, id: u64, token: Arc<str>) {
+        if let Some(h) = self
+            .users
+            .get_mut(scope)
+            .and_then(|m| m.get_mut(user))
+            .filter(|h| h.id == id)
+        {
+            h.token = Some(token);
+        }
+    }
+
+    /// The reflector admitted views on shard `(app, shard)`: `admitted` are the reservation
+    /// ids their tokens carried; `joins` counts every new view (with or without a token).
+    /// Returns how many reservations ended (expired ones at `now` are dropped first,
+    /// uncounted).
+    pub fn joined(
+        &mut self,
+        (app, shard): (&str, &str),
+        admitted: &[u64],
+        joins: u32,
+        now: Millis,
+    ) -> u32 {
+        let Some(q) = self.shards.get_mut(app).and_then(|m| m.get_mut(shard)) else {
+            return 0;
+        };
+        let mut ended = Vec::new();
+        let expired = q.partition_point(|r| r.expires <= now);
+        ended.extend(q.drain(..expired));
         let before = q.len();
         if admitted.is_empty() {
             // No token ids (tokens off): each new view takes the oldest reservation.
             let n = (joins as usize).min(q.len());
-            q.drain(..n);
+            ended.extend(q.drain(..n));
         } else {
-            q.retain(|r| !admitted.contains(&r.id));
+            let mut kept = VecDeque::with_capacity(q.len());
+            for r in q.drain(..) {
+                if admitted.contains(&r.id) {
+                    ended.push(r);
+                } else {
+                    kept.push_back(r);
+                }
+            }
+            *q = kept;
         }
-        let ended = before - q.len();
+        let count = before - q.len();
         if q.is_empty() {
-            self.shards.remove(shard);
+            self.drop_shard(app, shard);
         }
-        u32::try_from(ended).unwrap_or(u32::MAX)
+        self.forget_users(&ended);
+        u32::try_from(count).unwrap_or(u32::MAX)
     }
 
     /// Drops expired reservations.
     pub fn expire(&mut self, now: Millis) {
-        self.shards.retain(|_, q| {
-            q.retain(|r| r.expires > now);
-            !q.is_empty()
+        let mut ended = Vec::new();
+        self.shards.retain(|_, shards| {
+            shards.retain(|_, q| {
+                let expired = q.partition_point(|r| r.expires <= now);
+                ended.extend(q.drain(..expired));
+                !q.is_empty()
+            });
+            !shards.is_empty()
         });
+        self.forget_users(&ended);
     }
 
-    /// Every pending reservation, per shard.
-    pub fn totals(&self, now: Millis) -> impl Iterator<Item = (&ShardId, u32)> {
-        self.shards.keys().map(move |s| (s, self.pending(s, now)))
+    /// Every shard with pending reservations: `(app, shard, count)`.
+    pub fn totals(&self, now: Millis) -> impl Iterator<Item = (&str, &str, u32)> {
+        self.shards.iter().flat_map(move |(app, shards)| {
+            shards
+                .keys()
+                .map(move |s| (app.as_str(), s.as_str(), self.pending(app, s, now)))
+        })
+    }
+
+    fn drop_shard(&mut self, app: &str, shard: &str) {
+        if let Some(m) = self.shards.get_mut(app) {
+            m.remove(shard);
+            if m.is_empty() {
+                self.shards.remove(app);
+            }
+        }
+    }
+
+    fn forget_users(&mut self, ended: &[Reservation]) {
+        for r in ended {
+            let Some((scope, user)) = &r.user else {
+                continue;
+            };
+            if let Some(m) = self.users.get_mut(scope) {
+                if m.get(user).is_some_and(|h| h.id == r.id) {
+                    m.remove(user);
+                }
+                if m.is_empty() {
+                    self.users.remove(scope);
+                }
+            }
+        }
     }
 }
 
@@ -120,31 +235,62 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn shard(n: &str) -> ShardId {
-        ("app".into(), n.into())
-    }
+    const S: (&str, &str) = ("app", "s");
 
     #[test]
     fn reservations_end_by_token_id_by_join_count_or_by_expiry() {
         let mut l = Ledger::new(100);
-        let a = shard("s");
-        let r1 = l.reserve(&a, Some("u1"), 1_000);
-        let r2 = l.reserve(&a, None, 2_000);
-        let _r3 = l.reserve(&a, None, 3_000);
+        let r1 = l.reserve(S, Some(("sess", "u1")), 1_000);
+        let r2 = l.reserve(S, None, 2_000);
+        let _r3 = l.reserve(S, None, 3_000);
         assert_eq!((r1, r2), (100, 101));
-        assert_eq!(l.pending(&a, 0), 3);
+        assert_eq!(l.pending("app", "s", 0), 3);
         // The view with token r2 arrived.
-        assert_eq!(l.joined(&a, &[r2], 1, 0), 1);
-        assert_eq!(l.pending(&a, 0), 2);
-        assert_eq!(l.find_user([&a], "u1", 0).map(|(_, id, _)| id), Some(r1));
+        assert_eq!(l.joined(S, &[r2], 1, 0), 1);
+        assert_eq!(l.pending("app", "s", 0), 2);
+        assert_eq!(l.find_user("sess", "u1", 0).map(|h| h.id), Some(r1));
+        // The same user in another scope (session) holds nothing.
+        assert_eq!(l.find_user("other", "u1", 0), None);
         // r1 expires at 1000.
-        assert_eq!(l.pending(&a, 1_000), 1);
-        assert_eq!(l.find_user([&a], "u1", 1_000), None);
-        // A join without a token takes the oldest.
-        assert_eq!(l.joined(&a, &[], 1, 1_000), 1);
-        assert_eq!(l.pending(&a, 0), 0);
+        assert_eq!(l.pending("app", "s", 1_000), 1);
+        assert_eq!(l.find_user("sess", "u1", 1_000), None);
+        // A join without a token takes the oldest (r1 expired and is dropped uncounted).
+        assert_eq!(l.joined(S, &[], 1, 1_000), 1);
+        assert_eq!(l.pending("app", "s", 0), 0);
+        assert!(l.users.is_empty(), "ended reservations leave no user index entry");
         l.expire(5_000);
         assert_eq!(l.totals(0).count(), 0);
+    }
+
+    #[test]
+    fn out_of_order_expiries_are_counted_right() {
+        let mut l = Ledger::new(1);
+        for e in [50, 10, 30, 20, 40] {
+            l.reserve(S, None, e);
+        }
+        assert_eq!(l.pending("app", "s", 0), 5);
+        assert_eq!(l.pending("app", "s", 25), 3);
+        assert_eq!(l.pending("app", "s", 50), 0);
+        l.expire(30);
+        assert_eq!(l.totals(0).collect::<Vec<_>>(), vec![("app", "s", 2)]);
+    }
+
+    #[test]
+    fn an_attached_token_stays_with_its_reservation_only() {
+        let mut l = Ledger::new(1);
+        let a = l.reserve(S, Some(("sess", "u")), 100);
+        l.attach_token("sess", "u", a, "tok-a".into());
+        assert_eq!(
+            l.find_user("sess", "u", 0).and_then(|h| h.token.clone()),
+            Some("tok-a".into())
+        );
+        // Once the reservation ends, a new one for the user carries no old token.
+        l.joined(S, &[a], 1, 0);
+        assert_eq!(l.find_user("sess", "u", 0), None);
+        let b = l.reserve(S, Some(("sess", "u")), 200);
+        l.attach_token("sess", "u", a, "stale".into());
+        let h = l.find_user("sess", "u", 0).unwrap();
+        assert_eq!((h.id, h.token.clone()), (b, None));
     }
 
     proptest! {
@@ -156,8 +302,7 @@ mod tests {
             joins in proptest::collection::vec((0u32..5, any::<bool>()), 0..30),
         ) {
             let mut l = Ledger::new(1);
-            let s = shard("x");
-            let ids: Vec<u64> = (0..n).map(|i| l.reserve(&s, None, 10 + i as u64)).collect();
+            let ids: Vec<u64> = (0..n).map(|i| l.reserve(("app", "x"), None, 10 + i as u64)).collect();
             let mut ended = 0u32;
             for (k, by_id) in joins {
                 let admitted: Vec<u64> = if by_id {
@@ -165,10 +310,34 @@ mod tests {
                 } else {
                     Vec::new()
                 };
-                ended += l.joined(&s, &admitted, k, 0);
-                prop_assert_eq!(l.pending(&s, 0) as usize, n - ended as usize);
+                ended += l.joined(("app", "x"), &admitted, k, 0);
+                prop_assert_eq!(l.pending("app", "x", 0) as usize, n - ended as usize);
             }
-            prop_assert_eq!(l.pending(&s, 10 + n as u64), 0);
+            prop_assert_eq!(l.pending("app", "x", 10 + n as u64), 0);
+        }
+
+        /// The binary-searched count equals a plain count of unexpired reservations, and the
+        /// user index always points at a live reservation of that user.
+        #[test]
+        fn counts_and_user_index_match_a_plain_scan(
+            ops in proptest::collection::vec((0u64..100, 0u8..4, 0u64..100), 1..80),
+        ) {
+            let mut l = Ledger::new(1);
+            let mut model: Vec<(u64, u64)> = Vec::new(); // (id, expires)
+            for (expires, user, now) in ops {
+                let u = format!("u{user}");
+                let id = l.reserve(S, (user > 0).then_some(("sess", u.as_str())), expires);
+                model.push((id, expires));
+                let plain = model.iter().filter(|(_, e)| *e > now).count();
+                prop_assert_eq!(l.pending("app", "s", now) as usize, plain);
+                if let Some(h) = l.find_user("sess", &u, now) {
+                    prop_assert!(model.iter().any(|(i, e)| *i == h.id && *e > now));
+                }
+                if now % 3 == 0 {
+                    l.expire(now);
+                    model.retain(|(_, e)| *e > now);
+                }
+            }
         }
     }
 }

@@ -40,13 +40,14 @@ use refleet_api::token::{JoinClaims, Signer};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use self::ledger::{Ledger, Millis, ShardId};
+use self::ledger::{Ledger, Millis};
 use self::metrics::RouterMetrics;
 use self::pick::{Candidate, pick, region_order, threshold_load};
 use crate::controller::input::session_key;
 use crate::crd::{SessionSpec, ShardPhase};
 use crate::planner::{
-    Decision, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord, plan,
+    Decision, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardPolicy,
+    ShardRecord, plan,
 };
 
 /// Router settings.
@@ -151,6 +152,9 @@ impl RouteError {
     }
 }
 
+/// Users per shard: appId → shard name → count.
+type ShardUsers = HashMap<String, HashMap<String, u32>>;
+
 /// A reflector as its report stream shows it.
 #[derive(Clone, Debug)]
 struct Live {
@@ -160,13 +164,104 @@ struct Live {
     connected: bool,
     /// When the stream was last seen (open: now; lost: when it was lost).
     seen: Millis,
-    users: HashMap<ShardId, u32>,
+    users: ShardUsers,
+}
+
+/// The users every live reflector reports, summed per shard, kept up to date report by
+/// report so a Route reads a shard's count with one lookup instead of visiting every
+/// reflector.
+#[derive(Default)]
+struct Tally {
+    /// appId → shard → (users, how many reflectors report the shard).
+    shards: HashMap<String, HashMap<String, (u32, u32)>>,
+}
+
+impl Tally {
+    fn add(&mut self, users: &ShardUsers) {
+        for (app, shards) in users {
+            let m = self.shards.entry(app.clone()).or_default();
+            for (shard, n) in shards {
+                let e = m.entry(shard.clone()).or_default();
+                e.0 = e.0.saturating_add(*n);
+                e.1 += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, users: &ShardUsers) {
+        for (app, shards) in users {
+            let Some(m) = self.shards.get_mut(app) else {
+                continue;
+            };
+            for (shard, n) in shards {
+                if let Some(e) = m.get_mut(shard) {
+                    e.0 = e.0.saturating_sub(*n);
+                    e.1 = e.1.saturating_sub(1);
+                    if e.1 == 0 {
+                        m.remove(shard);
+                    }
+                }
+            }
+            if m.is_empty() {
+                self.shards.remove(app);
+            }
+        }
+    }
+
+    /// Users of a shard, if any reflector reports it.
+    fn users(&self, app: &str, shard: &str) -> Option<u32> {
+        self.shards.get(app)?.get(shard).map(|e| e.0)
+    }
+}
+
+/// A published snapshot with the indexes a Route needs.
+struct View {
+    snap: Snapshot,
+    /// Session key → indexes of its shards in `snap.input.shards`.
+    shards_of: HashMap<String, Vec<usize>>,
+    /// Reflector name → index in `snap.input.reflectors`.
+    reflector_at: HashMap<String, usize>,
+}
+
+impl View {
+    fn new(snap: Snapshot) -> Self {
+        let mut shards_of: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, sh) in snap.input.shards.iter().enumerate() {
+            shards_of.entry(sh.session.clone()).or_default().push(i);
+        }
+        let reflector_at = snap
+            .input
+            .reflectors
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i))
+            .collect();
+        Self {
+            snap,
+            shards_of,
+            reflector_at,
+        }
+    }
+
+    fn reflector(&self, name: &str) -> Option<&ObservedReflector> {
+        self.reflector_at
+            .get(name)
+            .map(|&i| &self.snap.input.reflectors[i])
+    }
+
+    fn session_shards<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
+        self.shards_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.snap.input.shards[i])
+    }
 }
 
 #[derive(Default)]
 struct Inner {
     /// Published snapshots by publisher key (`local`, or a pool id in a cluster).
-    views: BTreeMap<String, Snapshot>,
+    views: BTreeMap<String, Arc<View>>,
     /// Shards this router opened that no snapshot holds yet.
     opened: Vec<ShardRecord>,
     /// Shards this router opened (exempt from the warm-up rule).
@@ -174,6 +269,8 @@ struct Inner {
     /// Pattern sessions clients asked for, not yet holding a shard.
     demanded: BTreeMap<String, SessionInput>,
     live: HashMap<String, Live>,
+    /// The sum of `live`'s users.
+    tally: Tally,
     ledger: Ledger,
     warm_until: Millis,
 }
@@ -195,6 +292,10 @@ struct Routed {
     max_users: u32,
     reservation: u64,
     expires: Millis,
+    /// `(session key, user id)` of a user's reservation: its token is remembered.
+    user: Option<(String, String)>,
+    /// The token already handed out for this reservation (a repeated Route of a user).
+    token: Option<Arc<str>>,
 }
 
 impl Routed {
@@ -215,6 +316,8 @@ impl Routed {
             max_users: def.spec.max_users_per_shard,
             reservation,
             expires,
+            user: None,
+            token: None,
         }
     }
 }
@@ -298,6 +401,7 @@ impl Router {
         let mut inner = lock(&self.inner);
         inner.ledger = Ledger::new(rand::random::<u64>() >> 1);
         inner.live.clear();
+        inner.tally = Tally::default();
         inner.mine.clear();
         inner.opened.clear();
         inner.demanded.clear();
@@ -354,7 +458,9 @@ impl Router {
                 .any(|s| s.session == o.session && s.name == o.name)
         });
         demanded.retain(|k, _| !snapshot.input.shards.iter().any(|s| &s.session == k));
-        inner.views.insert(key.to_owned(), snapshot);
+        inner
+            .views
+            .insert(key.to_owned(), Arc::new(View::new(snapshot)));
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -362,19 +468,24 @@ impl Router {
     /// Takes one load report of a reflector.
     pub fn observe_report(&self, report: &ReflectorReport) {
         let now = self.now();
-        let mut inner = lock(&self.inner);
-        let mut users = HashMap::new();
-        for s in &report.shards {
-            let id = (s.app_id.clone(), s.shard.clone());
-            if s.shard.is_empty() {
-                continue;
-            }
-            inner
-                .ledger
-                .joined(&id, &s.admitted_reservations, s.joins, now);
-            *users.entry(id).or_insert(0) += s.users;
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let mut users = ShardUsers::new();
+        for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
+            inner.ledger.joined(
+                (&s.app_id, &s.shard),
+                &s.admitted_reservations,
+                s.joins,
+                now,
+            );
+            *users
+                .entry(s.app_id.clone())
+                .or_default()
+                .entry(s.shard.clone())
+                .or_insert(0) += s.users;
         }
-        inner.live.insert(
+        inner.tally.add(&users);
+        let previous = inner.live.insert(
             report.reflector.clone(),
             Live {
                 url: report.public_url.clone(),
@@ -385,7 +496,10 @@ impl Router {
                 users,
             },
         );
-        drop(inner);
+        if let Some(p) = previous {
+            inner.tally.remove(&p.users);
+        }
+        drop(guard);
         self.changed.send_modify(|g| *g += 1);
     }
 
@@ -446,17 +560,33 @@ impl Router {
     fn answer(&self, r: Routed) -> RouteResponse {
         let expires_unix_ms = self.started_unix_ms + r.expires;
         let expires_at = i64::try_from(expires_unix_ms / 1000).unwrap_or(i64::MAX);
-        let token = self.signer().map(|s| {
-            s.sign(JoinClaims {
-                app_id: r.app_id.clone(),
-                shard: r.shard.clone(),
-                persistence: r.persistence,
-                expires_at,
-                key_id: String::new(),
-                max_users: r.max_users,
-                reservation_id: r.reservation,
-            })
-        });
+        let token: Option<Arc<str>> = match r.token {
+            Some(t) => Some(t),
+            None => self.signer().map(|s| {
+                let t: Arc<str> = s
+                    .sign(JoinClaims {
+                        app_id: r.app_id.clone(),
+                        shard: r.shard.clone(),
+                        persistence: r.persistence,
+                        expires_at,
+                        key_id: String::new(),
+                        max_users: r.max_users,
+                        reservation_id: r.reservation,
+                    })
+                    .into();
+                // Signed outside the lock (it is the costliest step of a Route); a user's
+                // repeated Route gets this token back instead of a new signature.
+                if let Some((scope, user)) = &r.user {
+                    lock(&self.inner).ledger.attach_token(
+                        scope,
+                        user,
+                        r.reservation,
+                        t.clone(),
+                    );
+                }
+                t
+            }),
+        };
         let mut url = r.url;
         if !url.ends_with('/') {
             url.push('/');
@@ -470,7 +600,7 @@ impl Router {
             reflector_url: url,
             files_url: r.files_url,
             region: r.region,
-            join_token: token.unwrap_or_default(),
+            join_token: token.as_deref().unwrap_or_default().to_owned(),
             token_expires_at: Some(prost_types::Timestamp {
                 seconds: expires_at,
                 nanos: 0,
@@ -488,18 +618,19 @@ impl Router {
         let grace = self.config.report_grace.as_millis() as Millis;
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        let (view_key, def) =
+        let (view, at) =
             find_session(&inner.views, &req.namespace, &req.session).ok_or_else(|| {
                 RouteError::NotFound(format!(
                     "no Session in namespace {:?} covers {:?}",
                     req.namespace, req.session
                 ))
             })?;
+        let def = &view.snap.sessions[at];
         authorize(&def.spec.app_id)?;
         let spec = &def.spec;
-        let key = session_key(&def.namespace, &spec.app_id, &req.session);
-        let view = &inner.views[&view_key];
-        let pool = view.input.pools.iter().find(|p| p.id == def.pool);
+        let app = spec.app_id.as_str();
+        let key = session_key(&def.namespace, app, &req.session);
+        let pool = view.snap.input.pools.iter().find(|p| p.id == def.pool);
         let allowed: Vec<String> = if spec.regions.is_empty() {
             pool.map(|p| p.regions.iter().map(|r| r.name.clone()).collect())
                 .unwrap_or_default()
@@ -514,102 +645,95 @@ impl Router {
         })?;
         let threshold = spec.scale_up_threshold;
         let max_users = spec.max_users_per_shard;
+        let warming = now < inner.warm_until;
 
-        // The session's routable shards, with their load.
-        let shards: Vec<&ShardRecord> = view
-            .input
-            .shards
-            .iter()
-            .chain(inner.opened.iter())
-            // Pending shards (waiting for a new reflector) count too: a Route waits for them.
-            .filter(|s| {
-                s.session == key
-                    && matches!(
+        // The session's routable shards with their load; strings are cloned only for the
+        // answer. Pending shards (waiting for a new reflector) count too: a Route waits.
+        let chosen = {
+            let inner = &*inner;
+            let shards: Vec<&ShardRecord> = view
+                .session_shards(&key)
+                .chain(inner.opened.iter().filter(|s| s.session == key))
+                .filter(|s| {
+                    matches!(
                         s.phase,
                         ShardPhase::Open | ShardPhase::Full | ShardPhase::Pending
                     )
-            })
-            .collect();
-        let mut candidates = Vec::new();
-        let mut urls = Vec::new();
-        let mut opening = false;
-        for sh in &shards {
-            let Some(r) = sh.reflector.as_deref() else {
-                opening = true;
-                continue;
-            };
-            let Some(url) = routable_url(view, &inner.live, r, now, grace) else {
-                opening |= view
-                    .input
-                    .reflectors
-                    .iter()
-                    .any(|o| o.name == r && o.state == ReflectorState::Starting);
-                continue;
-            };
-            let id = (spec.app_id.clone(), sh.name.clone());
-            let users = reported_users(&inner.live, &id).unwrap_or(sh.users);
-            let mut load = u64::from(users) + u64::from(inner.ledger.pending(&id, now));
-            if now < inner.warm_until && !inner.mine.contains(&(key.clone(), sh.name.clone())) {
-                load = load.max(threshold_load(max_users, threshold));
-            }
-            candidates.push(Candidate {
-                index: urls.len(),
-                number: sh.index,
-                region: sh.region.clone(),
-                load,
-            });
-            urls.push((sh.name.clone(), url, sh.region.clone()));
-        }
-        if !req.user_id.is_empty() {
-            let ids: Vec<ShardId> = urls
-                .iter()
-                .map(|(n, ..)| (spec.app_id.clone(), n.clone()))
+                })
                 .collect();
-            if let Some((id, reservation, expires)) =
-                inner.ledger.find_user(&ids, &req.user_id, now)
-            {
-                let (shard, url, region) = urls
-                    .iter()
-                    .find(|(n, ..)| *n == id.1)
-                    .cloned()
-                    .unwrap_or_default();
-                return Ok(Attempt::Routed(Routed::new(
-                    &def,
-                    (shard, url, region),
-                    reservation,
-                    expires,
-                )));
+            let mut candidates = Vec::with_capacity(shards.len());
+            let mut routable: Vec<(&ShardRecord, &str)> = Vec::with_capacity(shards.len());
+            let mut opening = false;
+            for sh in shards {
+                let Some(r) = sh.reflector.as_deref() else {
+                    opening = true;
+                    continue;
+                };
+                let Some(url) = routable_url(&view, &inner.live, r, now, grace) else {
+                    opening |= view
+                        .reflector(r)
+                        .is_some_and(|o| o.state == ReflectorState::Starting);
+                    continue;
+                };
+                let users = inner.tally.users(app, &sh.name).unwrap_or(sh.users);
+                let mut load = u64::from(users) + u64::from(inner.ledger.pending(app, &sh.name, now));
+                if warming && !inner.mine.contains(&(key.clone(), sh.name.clone())) {
+                    load = load.max(threshold_load(max_users, threshold));
+                }
+                candidates.push(Candidate {
+                    index: routable.len(),
+                    number: sh.index,
+                    region: sh.region.clone(),
+                    load,
+                });
+                routable.push((sh, url));
             }
-        }
-        let chosen = pick(&candidates, &order, max_users, threshold).map(|i| urls[i].clone());
+            let owned = |(sh, url): (&ShardRecord, &str)| {
+                (sh.name.clone(), url.to_owned(), sh.region.clone())
+            };
+            // A user who already holds a place on a routable shard gets it back.
+            let held = (!req.user_id.is_empty())
+                .then(|| inner.ledger.find_user(&key, &req.user_id, now))
+                .flatten()
+                .filter(|h| h.app == app)
+                .and_then(|h| {
+                    let at = routable.iter().position(|(sh, _)| sh.name == h.shard)?;
+                    Some((owned(routable[at]), h.id, h.expires, h.token.clone()))
+                });
+            if let Some((answer, reservation, expires, token)) = held {
+                let mut routed = Routed::new(def, answer, reservation, expires);
+                routed.user = Some((key.clone(), req.user_id.clone()));
+                routed.token = token;
+                return Ok(Attempt::Routed(routed));
+            }
+            match pick(&candidates, &order, max_users, threshold) {
+                Some(i) => Some(owned(routable[i])),
+                None if opening => return Ok(Attempt::Wait),
+                None => None,
+            }
+        };
         let chosen = match chosen {
-            Some(c) => Some(c),
-            None if opening => return Ok(Attempt::Wait),
+            Some(c) => c,
             None => {
-                let opened = open_shard(inner, &view_key, &def, &key, &req.session, &order, now)?;
+                let opened = open_shard(inner, &view, def, &key, &req.session, &order, now)?;
                 self.metrics.shard_opened(&opened.region);
-                let placed = opened.reflector.clone();
-                let view = &inner.views[&view_key];
-                match placed.and_then(|r| routable_url(view, &inner.live, &r, now, grace)) {
-                    Some(url) => Some((opened.name.clone(), url, opened.region.clone())),
+                let placed = opened
+                    .reflector
+                    .as_deref()
+                    .and_then(|r| routable_url(&view, &inner.live, r, now, grace));
+                match placed {
+                    Some(url) => (opened.name.clone(), url.to_owned(), opened.region.clone()),
                     None => return Ok(Attempt::Wait),
                 }
             }
         };
-        let Some((shard, url, region)) = chosen else {
-            return Ok(Attempt::Wait);
-        };
         let expires = now + self.config.token_ttl.as_millis() as Millis;
-        let id = (spec.app_id.clone(), shard.clone());
-        let user = (!req.user_id.is_empty()).then_some(req.user_id.as_str());
-        let reservation = inner.ledger.reserve(&id, user, expires);
-        self.metrics.reserved(&region);
-        Ok(Attempt::Routed(Routed::new(
-            &def,
-            (shard, url, region),
-            reservation,
-            expires,
-        )))
+        let user = (!req.user_id.is_empty()).then_some((key.as_str(), req.user_id.as_str()));
+        let reservation = inner.ledger.reserve((app, &chosen.0), user, expires);
+        self.metrics.reserved(&chosen.2);
+        let mut routed = Routed::new(def, chosen, reservation, expires);
+        routed.user = user.map(|(k, u)| (k.to_owned(), u.to_owned()));
+        Ok(Attempt::Routed(routed))
     }
 
     /// The shards of a session with their load (ListShards).
@@ -626,32 +750,27 @@ impl Router {
         }
         let now = self.now();
         let inner = lock(&self.inner);
-        let (view_key, def) = find_session(&inner.views, namespace, session).ok_or_else(|| {
+        let (view, at) = find_session(&inner.views, namespace, session).ok_or_else(|| {
             RouteError::NotFound(format!(
                 "no Session in namespace {namespace:?} covers {session:?}"
             ))
         })?;
-        let key = session_key(namespace, &def.spec.app_id, session);
-        let view = &inner.views[&view_key];
+        let def = &view.snap.sessions[at];
+        let app = def.spec.app_id.as_str();
+        let key = session_key(namespace, app, session);
         let max = def.spec.max_users_per_shard;
         Ok(view
-            .input
-            .shards
-            .iter()
-            .chain(inner.opened.iter())
-            .filter(|s| s.session == key)
-            .map(|s| {
-                let id = (def.spec.app_id.clone(), s.name.clone());
-                ShardInfo {
-                    shard: s.name.clone(),
-                    region: s.region.clone(),
-                    reflector: s.reflector.clone().unwrap_or_default(),
-                    users: reported_users(&inner.live, &id).unwrap_or(s.users),
-                    reserved: inner.ledger.pending(&id, now),
-                    max_users: max,
-                    threshold_users: threshold_load(max, def.spec.scale_up_threshold) as u32,
-                    state: format!("{:?}", s.phase),
-                }
+            .session_shards(&key)
+            .chain(inner.opened.iter().filter(|s| s.session == key))
+            .map(|s| ShardInfo {
+                shard: s.name.clone(),
+                region: s.region.clone(),
+                reflector: s.reflector.clone().unwrap_or_default(),
+                users: inner.tally.users(app, &s.name).unwrap_or(s.users),
+                reserved: inner.ledger.pending(app, &s.name, now),
+                max_users: max,
+                threshold_users: threshold_load(max, def.spec.scale_up_threshold) as u32,
+                state: format!("{:?}", s.phase),
             })
             .collect())
     }
@@ -662,12 +781,10 @@ impl Router {
         let inner = lock(&self.inner);
         let mut out = BTreeMap::new();
         for view in inner.views.values() {
-            let apps = app_ids(&view.input.sessions);
-            for sh in view.input.shards.iter().chain(inner.opened.iter()) {
+            let apps = app_ids(&view.snap.input.sessions);
+            for sh in view.snap.input.shards.iter().chain(inner.opened.iter()) {
                 if let Some(app) = apps.get(sh.session.as_str()) {
-                    let n = inner
-                        .ledger
-                        .pending(&(app.to_string(), sh.name.clone()), now);
+                    let n = inner.ledger.pending(app, &sh.name, now);
                     *out.entry(sh.region.clone()).or_insert(0) += u64::from(n);
                 }
             }
@@ -694,58 +811,52 @@ fn fill_load(inner: &Inner, input: &mut PlanInput, now: Millis) {
     let apps = app_ids(&input.sessions);
     for sh in &mut input.shards {
         if let Some(app) = apps.get(sh.session.as_str()) {
-            let id = (app.to_string(), sh.name.clone());
-            sh.reserved = inner.ledger.pending(&id, now);
-            if let Some(users) = reported_users(&inner.live, &id) {
+            sh.reserved = inner.ledger.pending(app, &sh.name, now);
+            if let Some(users) = inner.tally.users(app, &sh.name) {
                 sh.users = users;
             }
         }
     }
 }
 
-fn reported_users(live: &HashMap<String, Live>, id: &ShardId) -> Option<u32> {
-    let mut found = None;
-    for l in live.values() {
-        if let Some(u) = l.users.get(id) {
-            *found.get_or_insert(0) += u;
-        }
-    }
-    found
-}
-
 /// The URL of a reflector that may get new users now.
-fn routable_url(
-    view: &Snapshot,
-    live: &HashMap<String, Live>,
+fn routable_url<'a>(
+    view: &'a View,
+    live: &'a HashMap<String, Live>,
     name: &str,
     now: Millis,
     grace: Millis,
-) -> Option<String> {
-    let observed = view.input.reflectors.iter().find(|r| r.name == name)?;
+) -> Option<&'a str> {
+    let observed = view.reflector(name)?;
     if observed.state != ReflectorState::Ready {
         return None;
     }
     match live.get(name) {
         Some(l) if l.draining => None,
         Some(l) if !l.connected && now.saturating_sub(l.seen) > grace => None,
-        Some(l) if !l.url.is_empty() => Some(l.url.clone()),
-        _ => view.urls.get(name).cloned(),
+        Some(l) if !l.url.is_empty() => Some(l.url.as_str()),
+        _ => view.snap.urls.get(name).map(String::as_str),
     }
 }
 
+/// The view holding the Session that covers `name` and its index there: an exact `name`
+/// wins over a `namePattern`.
 fn find_session(
-    views: &BTreeMap<String, Snapshot>,
+    views: &BTreeMap<String, Arc<View>>,
     namespace: &str,
     name: &str,
-) -> Option<(String, SessionDef)> {
+) -> Option<(Arc<View>, usize)> {
     let mut pattern = None;
-    for (k, v) in views {
-        for d in v.sessions.iter().filter(|d| d.namespace == namespace) {
+    for v in views.values() {
+        for (i, d) in v.snap.sessions.iter().enumerate() {
+            if d.namespace != namespace {
+                continue;
+            }
             if d.spec.name.as_deref() == Some(name) {
-                return Some((k.clone(), d.clone()));
+                return Some((v.clone(), i));
             }
             if pattern.is_none() && d.spec.name.is_none() && d.spec.matches(name) {
-                pattern = Some((k.clone(), d.clone()));
+                pattern = Some((v.clone(), i));
             }
         }
     }
@@ -756,46 +867,42 @@ fn find_session(
 /// router's reservations and the session marked waiting.
 fn open_shard(
     inner: &mut Inner,
-    view_key: &str,
+    view: &View,
     def: &SessionDef,
     key: &str,
     name: &str,
     order: &[String],
     now: Millis,
 ) -> Result<ShardRecord, RouteError> {
-    let view = &inner.views[view_key];
+    let snap = &view.snap.input;
     let mut input = PlanInput {
-        pools: view
-            .input
+        pools: snap
             .pools
             .iter()
             .filter(|p| p.id == def.pool)
             .cloned()
             .collect(),
-        sessions: view
-            .input
+        sessions: snap
             .sessions
             .iter()
             .filter(|s| s.pool == def.pool)
             .cloned()
             .collect(),
-        reflectors: view
-            .input
+        reflectors: snap
             .reflectors
             .iter()
             .filter(|r| r.pool == def.pool)
             .cloned()
             .collect(),
-        shards: view
-            .input
+        shards: snap
             .shards
             .iter()
             .chain(inner.opened.iter())
             .filter(|s| s.pool == def.pool)
             .cloned()
             .collect(),
-        history: view.input.history.clone(),
-        now: view.input.now,
+        history: snap.history.clone(),
+        now: snap.now,
     };
     let spec = &def.spec;
     let policy = ShardPolicy {
