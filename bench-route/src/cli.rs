@@ -40,6 +40,10 @@ pub struct Args {
     /// HTTP/2 connections (default: rate 4, burst 50, open-time 1).
     #[arg(long, env = "REFLEET_ROUTE_BENCH_CONNECTIONS")]
     pub connections: Option<usize>,
+    /// Tokio worker threads of the load generator. One by default: on a two-core machine
+    /// shared with the router, a second thread mostly adds cross-thread wake-ups.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..), env = "REFLEET_ROUTE_BENCH_THREADS")]
+    pub threads: u16,
     /// Namespace of the Session.
     #[arg(long, default_value = "default", env = "REFLEET_ROUTE_BENCH_NAMESPACE")]
     pub namespace: String,

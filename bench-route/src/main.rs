@@ -4,9 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// The system allocator's malloc/free were ~6 % of the generator's CPU in a 20 000/s run.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = refleet_route_bench::cli::Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.threads))
         .enable_all()
         .build()
     {

@@ -605,7 +605,10 @@ async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
     };
     let first = r.route(&as_user("lobby", "ann"), |_| Ok(())).await.unwrap();
     let again = r.route(&as_user("lobby", "ann"), |_| Ok(())).await.unwrap();
-    assert_eq!(again, first, "a repeated Route answers with the same place and token");
+    assert_eq!(
+        again, first,
+        "a repeated Route answers with the same place and token"
+    );
     // The same user id in another session is another place.
     let hall = r.route(&as_user("hall", "ann"), |_| Ok(())).await.unwrap();
     assert_ne!(hall.join_token, first.join_token);

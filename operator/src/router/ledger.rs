@@ -13,7 +13,9 @@
 //! found through an index by (scope, user) instead of a scan. Lookups take `&str` pairs and
 //! allocate nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 /// Milliseconds on the caller's monotonic clock.
@@ -57,8 +59,8 @@ impl Ledger {
     /// a previous leader's tokens are not mistaken for ours).
     pub fn new(first_id: u64) -> Self {
         Self {
-            shards: HashMap::new(),
-            users: HashMap::new(),
+            shards: HashMap::default(),
+            users: HashMap::default(),
             next_id: first_id.max(1),
         }
     }
@@ -113,17 +115,18 @@ impl Ledger {
         let Some(q) = self.shards.get(app).and_then(|m| m.get(shard)) else {
             return 0;
         };
-        let expired = q.partition_point(|r| r.expires <= now);
+        // Sorted by expiry: nothing has expired unless the oldest has (the common case, O(1)).
+        let expired = match q.front() {
+            Some(first) if first.expires <= now => q.partition_point(|r| r.expires <= now),
+            _ => 0,
+        };
         u32::try_from(q.len() - expired).unwrap_or(u32::MAX)
     }
 
     /// The pending reservation of `user` in `scope` (a repeated Route for the same user gets
     /// the same place instead of a second one).
     pub fn find_user(&self, scope: &str, user: &str, now: Millis) -> Option<&Hold> {
-        self.users
-            .get(scope)?
-            .get(user)
-            .filter(|h| h.expires > now)
+        self.users.get(scope)?.get(user).filter(|h| h.expires > now)
     }
 
     /// Remembers the token handed out for `user`'s reservation `id`, so a repeated Route
@@ -257,7 +260,10 @@ mod tests {
         // A join without a token takes the oldest (r1 expired and is dropped uncounted).
         assert_eq!(l.joined(S, &[], 1, 1_000), 1);
         assert_eq!(l.pending("app", "s", 0), 0);
-        assert!(l.users.is_empty(), "ended reservations leave no user index entry");
+        assert!(
+            l.users.is_empty(),
+            "ended reservations leave no user index entry"
+        );
         l.expire(5_000);
         assert_eq!(l.totals(0).count(), 0);
     }

@@ -31,6 +31,10 @@ pub mod reports;
 pub mod service;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+// The Route path does several map lookups per shard of a session; foldhash is several times
+// faster than SipHash on short keys and still seeded per process.
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,8 +50,8 @@ use self::pick::{Candidate, pick, region_order, threshold_load};
 use crate::controller::input::session_key;
 use crate::crd::{SessionSpec, ShardPhase};
 use crate::planner::{
-    Decision, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardPolicy,
-    ShardRecord, plan,
+    Decision, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord,
+    plan,
 };
 
 /// Router settings.
@@ -153,7 +157,7 @@ impl RouteError {
 }
 
 /// Users per shard: appId → shard name → count.
-type ShardUsers = HashMap<String, HashMap<String, u32>>;
+type ShardUsers = FastMap<String, FastMap<String, u32>>;
 
 /// A reflector as its report stream shows it.
 #[derive(Clone, Debug)]
@@ -173,7 +177,7 @@ struct Live {
 #[derive(Default)]
 struct Tally {
     /// appId → shard → (users, how many reflectors report the shard).
-    shards: HashMap<String, HashMap<String, (u32, u32)>>,
+    shards: FastMap<String, FastMap<String, (u32, u32)>>,
 }
 
 impl Tally {
@@ -218,14 +222,14 @@ impl Tally {
 struct View {
     snap: Snapshot,
     /// Session key → indexes of its shards in `snap.input.shards`.
-    shards_of: HashMap<String, Vec<usize>>,
+    shards_of: FastMap<String, Vec<usize>>,
     /// Reflector name → index in `snap.input.reflectors`.
-    reflector_at: HashMap<String, usize>,
+    reflector_at: FastMap<String, usize>,
 }
 
 impl View {
     fn new(snap: Snapshot) -> Self {
-        let mut shards_of: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut shards_of: FastMap<String, Vec<usize>> = FastMap::default();
         for (i, sh) in snap.input.shards.iter().enumerate() {
             shards_of.entry(sh.session.clone()).or_default().push(i);
         }
@@ -265,10 +269,10 @@ struct Inner {
     /// Shards this router opened that no snapshot holds yet.
     opened: Vec<ShardRecord>,
     /// Shards this router opened (exempt from the warm-up rule).
-    mine: HashSet<(String, String)>,
+    mine: FastSet<(String, String)>,
     /// Pattern sessions clients asked for, not yet holding a shard.
     demanded: BTreeMap<String, SessionInput>,
-    live: HashMap<String, Live>,
+    live: FastMap<String, Live>,
     /// The sum of `live`'s users.
     tally: Tally,
     ledger: Ledger,
@@ -277,7 +281,7 @@ struct Inner {
 
 /// The outcome of one attempt under the lock.
 enum Attempt {
-    Routed(Routed),
+    Routed(Box<Routed>),
     /// A shard is opening; wait for its reflector.
     Wait,
 }
@@ -470,7 +474,7 @@ impl Router {
         let now = self.now();
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        let mut users = ShardUsers::new();
+        let mut users = ShardUsers::default();
         for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
             inner.ledger.joined(
                 (&s.app_id, &s.shard),
@@ -537,7 +541,7 @@ impl Router {
             changed.mark_unchanged();
             let attempt = self.attempt(req, &authorize)?;
             match attempt {
-                Attempt::Routed(r) => return Ok(self.answer(r)),
+                Attempt::Routed(r) => return Ok(self.answer(*r)),
                 Attempt::Wait => {
                     self.wake.notify_one();
                     if tokio::time::timeout_at(deadline, changed.changed())
@@ -577,12 +581,9 @@ impl Router {
                 // Signed outside the lock (it is the costliest step of a Route); a user's
                 // repeated Route gets this token back instead of a new signature.
                 if let Some((scope, user)) = &r.user {
-                    lock(&self.inner).ledger.attach_token(
-                        scope,
-                        user,
-                        r.reservation,
-                        t.clone(),
-                    );
+                    lock(&self.inner)
+                        .ledger
+                        .attach_token(scope, user, r.reservation, t.clone());
                 }
                 t
             }),
@@ -676,7 +677,8 @@ impl Router {
                     continue;
                 };
                 let users = inner.tally.users(app, &sh.name).unwrap_or(sh.users);
-                let mut load = u64::from(users) + u64::from(inner.ledger.pending(app, &sh.name, now));
+                let mut load =
+                    u64::from(users) + u64::from(inner.ledger.pending(app, &sh.name, now));
                 if warming && !inner.mine.contains(&(key.clone(), sh.name.clone())) {
                     load = load.max(threshold_load(max_users, threshold));
                 }
@@ -704,7 +706,7 @@ impl Router {
                 let mut routed = Routed::new(def, answer, reservation, expires);
                 routed.user = Some((key.clone(), req.user_id.clone()));
                 routed.token = token;
-                return Ok(Attempt::Routed(routed));
+                return Ok(Attempt::Routed(Box::new(routed)));
             }
             match pick(&candidates, &order, max_users, threshold) {
                 Some(i) => Some(owned(routable[i])),
@@ -733,7 +735,7 @@ impl Router {
         self.metrics.reserved(&chosen.2);
         let mut routed = Routed::new(def, chosen, reservation, expires);
         routed.user = user.map(|(k, u)| (k.to_owned(), u.to_owned()));
-        Ok(Attempt::Routed(routed))
+        Ok(Attempt::Routed(Box::new(routed)))
     }
 
     /// The shards of a session with their load (ListShards).
@@ -822,7 +824,7 @@ fn fill_load(inner: &Inner, input: &mut PlanInput, now: Millis) {
 /// The URL of a reflector that may get new users now.
 fn routable_url<'a>(
     view: &'a View,
-    live: &'a HashMap<String, Live>,
+    live: &'a FastMap<String, Live>,
     name: &str,
     now: Millis,
     grace: Millis,

@@ -254,9 +254,10 @@ impl Routing for Frontend {
         request: tonic::Request<RouteRequest>,
     ) -> Result<tonic::Response<RouteResponse>, tonic::Status> {
         let peer = request.remote_addr().map(|a| a.ip());
-        let headers = request.metadata().clone().into_headers();
+        let (metadata, _, req) = request.into_parts();
+        let headers = metadata.into_headers();
         let transport = transport_of(&headers);
-        Frontend::route(self, transport, &headers, peer, request.into_inner())
+        Frontend::route(self, transport, &headers, peer, req)
             .await
             .map(tonic::Response::new)
             .map_err(|e| status(&e))
@@ -267,8 +268,8 @@ impl Routing for Frontend {
         request: tonic::Request<ListShardsRequest>,
     ) -> Result<tonic::Response<ListShardsResponse>, tonic::Status> {
         let peer = request.remote_addr().map(|a| a.ip());
-        let headers = request.metadata().clone().into_headers();
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
+        let headers = metadata.into_headers();
         self.list(&headers, peer, &req.namespace, &req.session)
             .map(tonic::Response::new)
             .map_err(|e| status(&e))
