@@ -493,6 +493,22 @@ async fn reports_turn_reservations_into_users_and_a_lost_stream_stops_routes() {
     tx.send(report(2, 1, vec![claims.reservation_id]))
         .await
         .unwrap();
+    // The reported shard's Session settings follow, once.
+    let settings = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        settings.kind,
+        Some(refleet_api::report::instruction::Kind::ShardSettings(
+            refleet_api::report::ShardSettings {
+                shard: "lobby".into(),
+                max_users: 10,
+                persistence: true,
+            }
+        ))
+    );
     let listed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let s = r.list_shards("default", "lobby").unwrap();

@@ -102,6 +102,16 @@ impl Admission {
         read(&self.shards).get(shard).copied()
     }
 
+    /// Whether a shard keeps persistent data (SAVE records and their look-up): the
+    /// operator's shard settings when it sent some, else the router's token claim
+    /// (`token_claim`: the first admitted token's), else on, the Session default.
+    pub fn persistence(&self, shard: &str, token_claim: Option<bool>) -> bool {
+        self.shard(shard)
+            .map(|s| s.persistence)
+            .or(token_claim)
+            .unwrap_or(true)
+    }
+
     /// Verifies the token in a WebSocket path. `None` when tokens are not required and the
     /// path carries nothing that looks like one.
     pub fn check_path(&self, path: &str) -> Option<Arc<TokenCheck>> {
@@ -193,6 +203,25 @@ mod tests {
             max_users: 2,
             reservation_id: 7,
         })
+    }
+
+    #[test]
+    fn persistence_comes_from_the_operator_then_the_token_then_defaults_on() {
+        let (_, a) = setup(false);
+        assert!(a.persistence("lobby", None));
+        assert!(!a.persistence("lobby", Some(false)));
+        a.set_shard(
+            "lobby",
+            ShardSettings {
+                max_users: 10,
+                persistence: true,
+            },
+        );
+        assert!(
+            a.persistence("lobby", Some(false)),
+            "the operator's settings win"
+        );
+        assert!(!a.persistence("other", Some(false)));
     }
 
     #[test]

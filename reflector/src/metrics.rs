@@ -249,8 +249,8 @@ impl Metrics {
             persistence: counter_vec(
                 r,
                 "refleet_reflector_persistence_operations_total",
-                "Persisted-data operations: SAVE records stored and look-ups at session start.",
-                &[&["save", "lookup_hit", "lookup_miss", "error"]],
+                "Persisted-data operations: SAVE records stored, look-ups at session start, and SAVEs dropped or look-ups skipped because the shard's Session has persistence off.",
+                &[&["save", "lookup_hit", "lookup_miss", "error", "skipped"]],
                 &["op"],
             ),
             session_state: counter_vec(

@@ -111,3 +111,68 @@ async fn tokens_admit_matching_first_joins_and_refuse_the_rest() {
     alice.send_msg("still here").await;
     assert_eq!(carol.next_client_recv().await[2], "still here");
 }
+
+#[tokio::test]
+async fn a_token_with_persistence_off_keeps_no_persistent_data() {
+    let signer = Signer::new("k1", &[9; 32]);
+    let keys = Verifier::format_key("k1", &signer.public_key());
+    let (_dir, storage) = temp_storage();
+    let r = start_with(&storage, &["--require-join-token", "--token-keys", &keys]).await;
+    let token = |persistence: bool| {
+        signer.sign(JoinClaims {
+            persistence,
+            ..claims("room", now() + 60, 10)
+        })
+    };
+    let skipped = |text: &str| {
+        metric(
+            text,
+            "refleet_reflector_persistence_operations_total{op=\"skipped\"}",
+        )
+    };
+    let before = skipped(&r.metrics().await);
+
+    // Persistence off: the look-up is skipped and the SAVE is dropped.
+    let off = token(false);
+    let mut v1 = Client::connect_path(&r, &format!("/reflector/{off}/v1"), "v1").await;
+    v1.join("a").await;
+    let saved = format!("{}/apps/io.refleet.test/pid-1/save/hash1", r.files_base());
+    v1.send_json(serde_json::json!({"id": "v1", "action": "SAVE", "args": {"persistTime": 10, "url": saved, "dissident": null}}))
+        .await;
+    v1.send_msg("sync point").await;
+    v1.next_client_recv().await;
+    assert_eq!(
+        skipped(&r.metrics().await),
+        before + 2.0,
+        "look-up and SAVE skipped"
+    );
+
+    // Persistence on, same persistentId: nothing was kept.
+    let on = token(true);
+    let mut v2 = Client::connect_path(&r, &format!("/reflector/{on}/v2"), "v2").await;
+    let sync = v2.join("b").await;
+    assert!(sync.get("persisted").is_none(), "{sync}");
+    // With persistence on, the SAVE is recorded and the next session finds it.
+    v2.send_json(serde_json::json!({"id": "v2", "action": "SAVE", "args": {"persistTime": 10, "url": saved, "dissident": null}}))
+        .await;
+    v2.send_msg("sync point").await;
+    v2.next_client_recv().await;
+    let found = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut i = 0;
+        loop {
+            i += 1;
+            // A fresh session each time: a session looks persisted data up at its first JOIN.
+            let id = format!("v3-{i}");
+            let mut v3 = Client::connect_path(&r, &format!("/reflector/{on}/{id}"), &id).await;
+            let sync = v3.join("c").await;
+            if sync.get("persisted").is_some() {
+                return sync;
+            }
+            v3.close().await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the SAVE of a persistent shard is kept");
+    assert_eq!(found["url"], saved.as_str());
+}

@@ -516,6 +516,27 @@ impl Router {
         }
     }
 
+    /// What a reflector hosting shard `(app, shard)` must enforce, from the shard's Session:
+    /// its hard user cap and whether it keeps persistent data. `None` for a shard no
+    /// published plan or router-opened shard knows.
+    pub fn shard_settings(&self, app: &str, shard: &str) -> Option<(u32, bool)> {
+        let inner = lock(&self.inner);
+        let session_key = inner
+            .views
+            .values()
+            .flat_map(|v| v.snap.input.shards.iter())
+            .chain(inner.opened.iter())
+            .filter(|s| s.name == shard)
+            .map(|s| s.session.as_str())
+            .find(|k| k.split('/').nth(1) == Some(app))?;
+        // The key is `namespace/appId/name`.
+        let mut parts = session_key.splitn(3, '/');
+        let (namespace, _, name) = (parts.next()?, parts.next()?, parts.next()?);
+        let (view, at) = find_session(&inner.views, namespace, name)?;
+        let spec = &view.snap.sessions[at].spec;
+        Some((spec.max_users_per_shard, spec.persistence))
+    }
+
     /// Reflectors whose report stream is open, per region.
     pub fn live_streams(&self) -> BTreeMap<String, u32> {
         let mut out = BTreeMap::new();

@@ -1,13 +1,17 @@
 //! The report stream's server side: every reflector keeps one stream open; each report
 //! updates the router (users per shard, reservations that became users), and the stream
-//! carries the token keys back. A stream that ends marks its reflector lost, and the router
+//! carries the token keys back, then each reported shard's settings (hard cap, persistence)
+//! from its Session, again whenever they change. A stream that ends marks its reflector lost, and the router
 //! stops sending users to it after the grace period.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use refleet_api::report::reports_server::{Reports, ReportsServer};
-use refleet_api::report::{Instruction, ReflectorReport, TokenKey, TokenKeys, instruction::Kind};
+use refleet_api::report::{
+    Instruction, ReflectorReport, ShardSettings, TokenKey, TokenKeys, instruction::Kind,
+};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -109,6 +113,8 @@ impl Reports for ReportHub {
         tokio::spawn(async move {
             let mut name: Option<String> = None;
             let mut last_seq = 0u64;
+            // Settings sent on this stream, per shard: sent again only when they change.
+            let mut sent: HashMap<(String, String), (u32, bool)> = HashMap::new();
             loop {
                 match inbound.message().await {
                     Ok(Some(report)) => {
@@ -129,6 +135,34 @@ impl Reports for ReportHub {
                         name = Some(report.reflector.clone());
                         router.observe_report(&report);
                         router.metrics.set_streams(&router.live_streams());
+                        for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
+                            let Some(settings) = router.shard_settings(&s.app_id, &s.shard) else {
+                                continue;
+                            };
+                            let id = (s.app_id.clone(), s.shard.clone());
+                            if sent.get(&id) == Some(&settings) {
+                                continue;
+                            }
+                            let (max_users, persistence) = settings;
+                            let instruction = Instruction {
+                                kind: Some(Kind::ShardSettings(ShardSettings {
+                                    shard: s.shard.clone(),
+                                    max_users,
+                                    persistence,
+                                })),
+                            };
+                            if tx.send(Ok(instruction)).await.is_err() {
+                                break;
+                            }
+                            sent.insert(id, settings);
+                        }
+                        // Shards the reflector no longer hosts are forgotten with it.
+                        sent.retain(|(app, shard), _| {
+                            report
+                                .shards
+                                .iter()
+                                .any(|s| &s.app_id == app && &s.shard == shard)
+                        });
                     }
                     Ok(None) => break,
                     Err(e) => {

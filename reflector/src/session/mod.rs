@@ -105,6 +105,10 @@ pub(crate) async fn run(
     // Views admitted since the session came into memory: they may rejoin with the same URL
     // after their token expired.
     let mut admitted_views: HashSet<String> = HashSet::new();
+    // The shard this session is and the persistence its first routed token claimed: with the
+    // operator's shard settings they decide whether persistent data is kept.
+    let mut shard = String::new();
+    let mut token_persistence: Option<bool> = None;
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
     // Grows up to BATCH under load; small for the many quiet sessions.
@@ -128,7 +132,13 @@ pub(crate) async fn run(
                     match cmd {
                         Command::Join { conn, out, join, token } => {
                             if !loaded {
-                                if let Err(e) = load(&mut core, &join, &ctx).await {
+                                shard = shard_of(&join).to_owned();
+                                token_persistence = match token.as_deref() {
+                                    Some(Ok(claims)) => Some(claims.persistence),
+                                    _ => None,
+                                };
+                                let persists = ctx.admission.persistence(&shard, token_persistence);
+                                if let Err(e) = load(&mut core, &join, &ctx, persists).await {
                                     tracing::error!(session = %id, error = %e, "storage look-up failed; client asked to retry");
                                     out.close(close::RECONNECT.with_reason("storage unavailable, retry"));
                                     continue;
@@ -163,6 +173,13 @@ pub(crate) async fn run(
             () = &mut sleep => core.on_timers(Instant::now()),
         }
         for effect in core.take_effects() {
+            if matches!(effect, Effect::SavePersisted { .. })
+                && !ctx.admission.persistence(&shard, token_persistence)
+            {
+                ctx.metrics.persistence("skipped");
+                tracing::debug!(session = %id, shard = %shard, "SAVE dropped: the Session has persistence off");
+                continue;
+            }
             writer.submit(effect);
         }
         let flushed = core.flush_stats();
@@ -210,11 +227,13 @@ pub(crate) async fn run(
     tracing::info!(session = %id, drained, "session ended");
 }
 
-/// First JOIN: resume stored state, else find persisted data for the JOIN's identity.
+/// First JOIN: resume stored state, else (when the shard `persists`) find persisted data
+/// for the JOIN's identity.
 async fn load(
     core: &mut Core,
     join: &Join,
     ctx: &Context,
+    persists: bool,
 ) -> Result<(), crate::storage::StorageError> {
     let id = core.id().clone();
     let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
@@ -239,6 +258,10 @@ async fn load(
         }
     }
     let identity = Core::identity_from(join);
+    if !persists {
+        ctx.metrics.persistence("skipped");
+        return Ok(());
+    }
     if let (Some(app), Some(pid)) = (&identity.app_id, &identity.persistent_id) {
         let dev = identity.developer_id.as_deref().unwrap_or("unknown_dev_id");
         let found = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_persisted(dev, app, pid))
