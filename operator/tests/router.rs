@@ -630,14 +630,13 @@ async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
     assert_ne!(hall.join_token, first.join_token);
     let bob = r.route(&as_user("lobby", "bob"), |_| Ok(())).await.unwrap();
     assert_ne!(bob.join_token, first.join_token);
-    let reserved = |s: &str| -> u32 {
-        r.list_shards("default", s)
-            .unwrap()
-            .iter()
-            .map(|s| s.reserved)
-            .sum()
+    // A session's total of one ListShards field.
+    let total = |s: &str, field: fn(&refleet_api::routing::ShardInfo) -> u32| -> u32 {
+        r.list_shards("default", s).unwrap().iter().map(field).sum()
     };
-    assert_eq!((reserved("lobby"), reserved("hall")), (2, 1));
+    let reserved = |s: &refleet_api::routing::ShardInfo| s.reserved;
+    let users = |s: &refleet_api::routing::ShardInfo| s.users;
+    assert_eq!((total("lobby", reserved), total("hall", reserved)), (2, 1));
     // Ann's reservation turns into a user: her next Route is a new reservation and token.
     let claims = {
         let mut v = Verifier::default();
@@ -666,19 +665,12 @@ async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
     // A later report of the same reflector replaces its counts instead of adding to them.
     r.observe_report(&load(3, vec![]));
     r.observe_report(&load(3, vec![]));
-    let users = |s: &str| -> u32 {
-        r.list_shards("default", s)
-            .unwrap()
-            .iter()
-            .map(|s| s.users)
-            .sum()
-    };
-    assert_eq!(users("lobby"), 3);
+    assert_eq!(total("lobby", users), 3);
     // A second reflector reporting the same shard (a move in progress) adds to it.
     r.observe_report(&ReflectorReport {
         reflector: "r-us".into(),
         region: "us".into(),
         ..load(2, vec![])
     });
-    assert_eq!(users("lobby"), 5);
+    assert_eq!(total("lobby", users), 5);
 }

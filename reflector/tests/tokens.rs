@@ -27,12 +27,18 @@ fn claims(shard: &str, expires_at: i64, max_users: u32) -> JoinClaims {
     }
 }
 
-#[tokio::test]
-async fn tokens_admit_matching_first_joins_and_refuse_the_rest() {
+/// A reflector that requires join tokens signed by the returned key (key id `k1`).
+async fn with_tokens() -> (Signer, tempfile::TempDir, support::TestReflector) {
     let signer = Signer::new("k1", &[9; 32]);
     let keys = Verifier::format_key("k1", &signer.public_key());
-    let (_dir, storage) = temp_storage();
+    let (dir, storage) = temp_storage();
     let r = start_with(&storage, &["--require-join-token", "--token-keys", &keys]).await;
+    (signer, dir, r)
+}
+
+#[tokio::test]
+async fn tokens_admit_matching_first_joins_and_refuse_the_rest() {
+    let (signer, _dir, r) = with_tokens().await;
 
     let good = signer.sign(claims("room", now() + 60, 3));
     let mut alice = Client::connect_path(&r, &format!("/reflector/{good}/s1"), "s1").await;
@@ -114,10 +120,7 @@ async fn tokens_admit_matching_first_joins_and_refuse_the_rest() {
 
 #[tokio::test]
 async fn a_token_with_persistence_off_keeps_no_persistent_data() {
-    let signer = Signer::new("k1", &[9; 32]);
-    let keys = Verifier::format_key("k1", &signer.public_key());
-    let (_dir, storage) = temp_storage();
-    let r = start_with(&storage, &["--require-join-token", "--token-keys", &keys]).await;
+    let (signer, _dir, r) = with_tokens().await;
     let token = |persistence: bool| {
         signer.sign(JoinClaims {
             persistence,
