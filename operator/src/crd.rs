@@ -513,7 +513,9 @@ pub struct SessionSpec {
     pub persistence: bool,
 
     /// Seconds a shard must have been empty (no users, no pending reservations) before it
-    /// closes. A closing shard takes no new users and is removed once empty. Default 60.
+    /// closes. A closing shard takes no new users and is removed once empty. The session
+    /// keeps `minShards`, and keeps its last shard below the threshold while its other shards
+    /// are all at it (a new user would only make it open again). Default 60.
     #[serde(default = "default_idle_shard_seconds")]
     #[schemars(range(max = 86400))]
     pub close_idle_shards_after_seconds: u32,

@@ -31,7 +31,9 @@
 //!   `maxReflectors` is skipped for the next one. If every region is full,
 //!   `CapacityExhausted`.
 //! - **Closing.** A shard empty for `closeIdleShardsAfterSeconds` closes (if the session has
-//!   more than `minShards`); a closing shard takes no new users and is removed once empty.
+//!   more than `minShards`), except the last shard below the threshold while the session's
+//!   other shards are all at it (it is the standby the opening rule would recreate at once);
+//!   a closing shard takes no new users and is removed once empty.
 //!   A deleted session's shards all close.
 //! - **Draining.** Reflectors are never removed while they host a shard: they drain first
 //!   (no new shards) and are removed when empty. Reflectors of an old image drain at once,
@@ -436,9 +438,22 @@ pub fn plan(input: &PlanInput) -> Plan {
             .filter(|&&i| shards[i].phase != ShardPhase::Closing)
             .count();
         mine.sort_by_key(|&i| std::cmp::Reverse(shards[i].index));
+        // Live shards below the threshold: the last of them is kept even when idle, as long as
+        // other shards are live (all at their threshold): closing it would only make the rule
+        // below open another one at once.
+        let mut below_live = mine
+            .iter()
+            .filter(|&&i| {
+                shards[i].phase != ShardPhase::Closing && !at_threshold(shards[i].load(), policy)
+            })
+            .count();
         for &i in mine.iter() {
             let shard = &mut shards[i];
             if shard.phase == ShardPhase::Closing || live <= policy.min_shards as usize {
+                continue;
+            }
+            let is_below = !at_threshold(shard.load(), policy);
+            if is_below && below_live == 1 && live > 1 {
                 continue;
             }
             if let Some(since) = shard.empty_since
@@ -446,6 +461,7 @@ pub fn plan(input: &PlanInput) -> Plan {
             {
                 shard.phase = ShardPhase::Closing;
                 live -= 1;
+                below_live -= usize::from(is_below);
                 decisions.push(Decision::CloseShard {
                     session: session.key.clone(),
                     shard: shard.name.clone(),

@@ -397,6 +397,35 @@ fn idle_shard_closes_after_its_idle_period_and_is_removed_once_empty() {
 }
 
 #[test]
+fn the_last_idle_shard_below_the_threshold_stays_as_the_standby() {
+    // Shard 0 is at its threshold (80 of 100 by default): closing the idle shard 1 would only
+    // make the opening rule open another one. Once shard 0 drops below, shard 1 closes.
+    let mut idle = shard("lobby", 1, "eu-a", 0);
+    idle.empty_since = Some(0);
+    let busy = input(
+        vec![reflector("eu-a", "eu")],
+        vec![session("lobby")],
+        vec![shard("lobby", 0, "eu-a", 80), idle.clone()],
+    );
+    let p = plan(&busy);
+    assert_eq!(p.shards[1].phase, ShardPhase::Open, "{:?}", p.decisions);
+    assert!(
+        !p.decisions.iter().any(|d| matches!(
+            d,
+            Decision::CloseShard { .. } | Decision::OpenShard { .. }
+        )),
+        "no churn: {:?}",
+        p.decisions
+    );
+    let quiet = input(
+        vec![reflector("eu-a", "eu")],
+        vec![session("lobby")],
+        vec![shard("lobby", 0, "eu-a", 79), idle],
+    );
+    assert_eq!(plan(&quiet).shards[1].phase, ShardPhase::Closing);
+}
+
+#[test]
 fn shard_empty_for_less_than_its_idle_period_stays_open() {
     let mut idle = shard("lobby", 1, "eu-a", 0);
     idle.empty_since = Some(1000 - 59);
