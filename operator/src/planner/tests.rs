@@ -410,10 +410,9 @@ fn the_last_idle_shard_below_the_threshold_stays_as_the_standby() {
     let p = plan(&busy);
     assert_eq!(p.shards[1].phase, ShardPhase::Open, "{:?}", p.decisions);
     assert!(
-        !p.decisions.iter().any(|d| matches!(
-            d,
-            Decision::CloseShard { .. } | Decision::OpenShard { .. }
-        )),
+        !p.decisions
+            .iter()
+            .any(|d| matches!(d, Decision::CloseShard { .. } | Decision::OpenShard { .. })),
         "no churn: {:?}",
         p.decisions
     );
