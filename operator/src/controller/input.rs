@@ -38,6 +38,12 @@ pub fn session_key(namespace: &str, app_id: &str, name: &str) -> String {
     format!("{namespace}/{app_id}/{name}")
 }
 
+/// The parts of a [`session_key`]: `(namespace, appId, name)`.
+pub fn split_session_key(key: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = key.splitn(3, '/');
+    Some((parts.next()?, parts.next()?, parts.next()?))
+}
+
 /// The concrete session names a Session governs now: its `name`, or for a pattern the
 /// matching names that have shards or that a reflector hosts.
 pub fn concrete_names(
@@ -115,14 +121,7 @@ pub fn build_input(
     let mut apps: HashMap<String, (String, u32)> = HashMap::new();
     for session in sessions {
         let spec = &session.spec;
-        let policy = ShardPolicy {
-            max_users_per_shard: spec.max_users_per_shard,
-            scale_up_threshold: spec.scale_up_threshold,
-            min_shards: spec.min_shards,
-            max_shards: spec.max_shards,
-            regions: spec.regions.clone(),
-            close_idle_after: u64::from(spec.close_idle_shards_after_seconds),
-        };
+        let policy = ShardPolicy::from(spec);
         for name in concrete_names(session, memory, loads) {
             let key = session_key(namespace, &spec.app_id, &name);
             apps.insert(key.clone(), (spec.app_id.clone(), spec.max_users_per_shard));

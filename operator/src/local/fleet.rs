@@ -418,14 +418,7 @@ impl<L: Launcher> Fleet<L> {
                     key: key.clone(),
                     name: c.name.clone(),
                     pool: format!("{}/{}", s.namespace, s.spec.pool_ref.name),
-                    policy: ShardPolicy {
-                        max_users_per_shard: s.spec.max_users_per_shard,
-                        scale_up_threshold: s.spec.scale_up_threshold,
-                        min_shards: s.spec.min_shards,
-                        max_shards: s.spec.max_shards,
-                        regions: s.spec.regions.clone(),
-                        close_idle_after: Seconds::from(s.spec.close_idle_shards_after_seconds),
-                    },
+                    policy: ShardPolicy::from(&s.spec),
                     deleted: false,
                     waiting: false,
                 }

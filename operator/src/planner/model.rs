@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::crd::SessionSpec;
 pub use crate::crd::{Capacity, PlacementStrategy, Reason, ShardPhase};
 
 /// A point in time or a duration, in whole seconds. The caller picks the epoch (the operator
@@ -85,6 +86,20 @@ impl Default for ShardPolicy {
             max_shards: 10,
             regions: Vec::new(),
             close_idle_after: 60,
+        }
+    }
+}
+
+impl From<&SessionSpec> for ShardPolicy {
+    /// A Session's policy as its spec states it.
+    fn from(spec: &SessionSpec) -> Self {
+        Self {
+            max_users_per_shard: spec.max_users_per_shard,
+            scale_up_threshold: spec.scale_up_threshold,
+            min_shards: spec.min_shards,
+            max_shards: spec.max_shards,
+            regions: spec.regions.clone(),
+            close_idle_after: Seconds::from(spec.close_idle_shards_after_seconds),
         }
     }
 }

@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use self::ledger::{Ledger, Millis};
 use self::metrics::RouterMetrics;
 use self::pick::{Candidate, pick, region_order, threshold_load};
-use crate::controller::input::session_key;
+use crate::controller::input::{session_key, split_session_key};
 use crate::crd::{SessionSpec, ShardPhase};
 use crate::planner::{
     Decision, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord,
@@ -521,17 +521,14 @@ impl Router {
     /// published plan or router-opened shard knows.
     pub fn shard_settings(&self, app: &str, shard: &str) -> Option<(u32, bool)> {
         let inner = lock(&self.inner);
-        let session_key = inner
+        let (namespace, _, name) = inner
             .views
             .values()
             .flat_map(|v| v.snap.input.shards.iter())
             .chain(inner.opened.iter())
             .filter(|s| s.name == shard)
-            .map(|s| s.session.as_str())
-            .find(|k| k.split('/').nth(1) == Some(app))?;
-        // The key is `namespace/appId/name`.
-        let mut parts = session_key.splitn(3, '/');
-        let (namespace, _, name) = (parts.next()?, parts.next()?, parts.next()?);
+            .filter_map(|s| split_session_key(&s.session))
+            .find(|(_, a, _)| *a == app)?;
         let (view, at) = find_session(&inner.views, namespace, name)?;
         let spec = &view.snap.sessions[at].spec;
         Some((spec.max_users_per_shard, spec.persistence))
@@ -817,14 +814,9 @@ impl Router {
 }
 
 fn app_ids(sessions: &[SessionInput]) -> HashMap<&str, &str> {
-    // The key is `namespace/appId/name`.
     sessions
         .iter()
-        .filter_map(|s| {
-            let mut parts = s.key.splitn(3, '/');
-            parts.next()?;
-            Some((s.key.as_str(), parts.next()?))
-        })
+        .filter_map(|s| Some((s.key.as_str(), split_session_key(&s.key)?.1)))
         .collect()
 }
 
@@ -929,12 +921,8 @@ fn open_shard(
     };
     let spec = &def.spec;
     let policy = ShardPolicy {
-        max_users_per_shard: spec.max_users_per_shard,
-        scale_up_threshold: spec.scale_up_threshold,
-        min_shards: spec.min_shards,
-        max_shards: spec.max_shards,
         regions: order.to_vec(),
-        close_idle_after: u64::from(spec.close_idle_shards_after_seconds),
+        ..ShardPolicy::from(spec)
     };
     match input.sessions.iter_mut().find(|s| s.key == key) {
         Some(s) => {
