@@ -165,25 +165,14 @@ impl std::fmt::Display for Errors {
     }
 }
 
-/// Linux reports `utime`/`stime` in USER_HZ, 100 on every architecture's ABI.
-const USER_HZ: f64 = 100.0;
-
 /// User + system CPU seconds of a process (`None`: `self`), all threads.
 pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let path = pid.map_or_else(
         || "/proc/self/stat".to_owned(),
         |p| format!("/proc/{p}/stat"),
     );
-    parse_cpu(&std::fs::read_to_string(path).ok()?)
-}
-
-/// utime + stime from a `stat` line (fields 14 and 15, counted after the `(comm)`).
-pub fn parse_cpu(stat: &str) -> Option<f64> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    let mut f = after.split_ascii_whitespace();
-    let utime: u64 = f.nth(11)?.parse().ok()?;
-    let stime: u64 = f.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
+    // The reflector load generator's parser of `stat` lines.
+    refleet_bench::procstat::cpu_seconds(&std::fs::read_to_string(path).ok()?)
 }
 
 /// The 1-minute load average.
@@ -261,6 +250,6 @@ mod tests {
     #[test]
     fn cpu_from_stat() {
         let stat = "1234 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4 0";
-        assert_eq!(parse_cpu(stat), Some(3.0));
+        assert_eq!(refleet_bench::procstat::cpu_seconds(stat), Some(3.0));
     }
 }
