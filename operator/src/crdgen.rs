@@ -7,6 +7,31 @@
 
 use std::path::{Path, PathBuf};
 
+/// Runs a CRD's CEL rules (`x-kubernetes-validations`) on `object` as the API server would:
+/// `(field path, message)` of every failing rule; `None` when the CRD carries no schema.
+pub fn cel_violations(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    object: &serde_json::Value,
+) -> Option<Vec<(String, String)>> {
+    let schema = crd
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok())?;
+    Some(
+        match kube::core::cel::Validator::new().validate(&schema, object, None) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors
+                .into_vec()
+                .into_iter()
+                .map(|e| (e.field_path, e.message))
+                .collect(),
+        },
+    )
+}
+
 /// Errors while rendering or writing the CRDs.
 #[derive(Debug, thiserror::Error)]
 pub enum CrdGenError {

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use kube::CustomResourceExt;
-use kube::core::cel::Validator;
 use refleet_operator::crd::{ReflectorPool, Session};
 use refleet_operator::crdgen;
 use serde_json::{Value, json};
@@ -57,39 +56,28 @@ fn crds_stream_holds_every_crd_as_its_own_document() {
     }
 }
 
-fn schema_of(
-    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-) -> Value {
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap()
-}
-
 /// The CEL messages a `Session` with this spec gets (empty when it is accepted).
 fn session_errors(spec: Value) -> Vec<String> {
     let object = json!({"apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
         "metadata": {"name": "s"}, "spec": spec});
-    cel_errors(schema_of(Session::crd()), object)
+    cel_errors(&Session::crd(), &object)
 }
 
 fn pool_errors(spec: Value) -> Vec<String> {
     let object = json!({"apiVersion": "refleet.dev/v1alpha1", "kind": "ReflectorPool",
         "metadata": {"name": "p"}, "spec": spec});
-    cel_errors(schema_of(ReflectorPool::crd()), object)
+    cel_errors(&ReflectorPool::crd(), &object)
 }
 
-fn cel_errors(schema: Value, object: Value) -> Vec<String> {
-    match Validator::new().validate(&schema, &object, None) {
-        Ok(()) => Vec::new(),
-        Err(errors) => errors.into_vec().into_iter().map(|e| e.message).collect(),
-    }
+fn cel_errors(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    object: &Value,
+) -> Vec<String> {
+    refleet_operator::crdgen::cel_violations(crd, object)
+        .expect("the CRD has a schema")
+        .into_iter()
+        .map(|(_, message)| message)
+        .collect()
 }
 
 fn session(extra: Value) -> Value {

@@ -214,20 +214,11 @@ fn cel_errors(
     crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     doc: &Doc,
 ) -> Vec<String> {
-    let schema = serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap();
-    match kube::core::cel::Validator::new().validate(&schema, &doc.value, None) {
-        Ok(()) => Vec::new(),
-        Err(errors) => errors.into_vec().into_iter().map(|e| e.message).collect(),
-    }
+    refleet_operator::crdgen::cel_violations(&crd, &doc.value)
+        .expect("the CRD has a schema")
+        .into_iter()
+        .map(|(_, message)| message)
+        .collect()
 }
 
 #[test]

@@ -394,34 +394,20 @@ fn cel(
     name: &str,
     spec: &Value,
 ) -> Result<(), String> {
-    let Some(schema) = crd
-        .spec
-        .versions
-        .first()
-        .and_then(|v| v.schema.as_ref())
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok())
-    else {
-        return Ok(());
-    };
     let object = serde_json::json!({
         "apiVersion": format!("{GROUP}/{VERSION}"), "kind": kind,
         "metadata": {"name": name}, "spec": spec,
     });
-    match kube::core::cel::Validator::new().validate(&schema, &object, None) {
-        Ok(()) => Ok(()),
-        Err(errors) => Err(errors
-            .into_vec()
-            .into_iter()
-            .map(|e| {
-                let path = if e.field_path.is_empty() {
-                    "spec"
-                } else {
-                    e.field_path.as_str()
-                };
-                format!("{path}: {}", e.message)
-            })
-            .collect::<Vec<_>>()
-            .join("; ")),
+    let violations = crate::crdgen::cel_violations(&crd, &object).unwrap_or_default();
+    if violations.is_empty() {
+        return Ok(());
     }
+    Err(violations
+        .into_iter()
+        .map(|(path, message)| {
+            let path = if path.is_empty() { "spec" } else { &path };
+            format!("{path}: {message}")
+        })
+        .collect::<Vec<_>>()
+        .join("; "))
 }
