@@ -174,6 +174,9 @@ async fn a_reset_mid_burst_never_overfills_a_shard() {
         .map(|_| input.shards.clone())
         .unwrap_or_default();
     r.publish("local", again);
+    // Settings of a published shard come from its Session; another app's shard has none.
+    assert_eq!(r.shard_settings("app", "lobby"), Some((10, true)));
+    assert_eq!(r.shard_settings("other-app", "lobby"), None);
     for _ in 0..13 {
         let a = r.route(&req("lobby", ""), |_| Ok(())).await.unwrap();
         *given.entry(a.shard).or_default() += 1;

@@ -223,6 +223,8 @@ struct View {
     snap: Snapshot,
     /// Session key → indexes of its shards in `snap.input.shards`.
     shards_of: FastMap<String, Vec<usize>>,
+    /// Shard name → indexes of the shards so named (one per app and session at most).
+    named: FastMap<String, Vec<usize>>,
     /// Reflector name → index in `snap.input.reflectors`.
     reflector_at: FastMap<String, usize>,
 }
@@ -230,8 +232,10 @@ struct View {
 impl View {
     fn new(snap: Snapshot) -> Self {
         let mut shards_of: FastMap<String, Vec<usize>> = FastMap::default();
+        let mut named: FastMap<String, Vec<usize>> = FastMap::default();
         for (i, sh) in snap.input.shards.iter().enumerate() {
             shards_of.entry(sh.session.clone()).or_default().push(i);
+            named.entry(sh.name.clone()).or_default().push(i);
         }
         let reflector_at = snap
             .input
@@ -243,6 +247,7 @@ impl View {
         Self {
             snap,
             shards_of,
+            named,
             reflector_at,
         }
     }
@@ -256,6 +261,14 @@ impl View {
     fn session_shards<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
         self.shards_of
             .get(key)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.snap.input.shards[i])
+    }
+
+    fn shards_named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
+        self.named
+            .get(name)
             .into_iter()
             .flatten()
             .map(|&i| &self.snap.input.shards[i])
@@ -524,9 +537,8 @@ impl Router {
         let (namespace, _, name) = inner
             .views
             .values()
-            .flat_map(|v| v.snap.input.shards.iter())
-            .chain(inner.opened.iter())
-            .filter(|s| s.name == shard)
+            .flat_map(|v| v.shards_named(shard))
+            .chain(inner.opened.iter().filter(|s| s.name == shard))
             .filter_map(|s| split_session_key(&s.session))
             .find(|(_, a, _)| *a == app)?;
         let (view, at) = find_session(&inner.views, namespace, name)?;
