@@ -26,13 +26,7 @@ impl Spawned {
     /// Starts `binary up --config CONFIG --listen 127.0.0.1:0 --data-dir <scratch>` and waits
     /// for the `refleet: URL` line. Its stderr goes to `<scratch>/refleet-up.log`.
     pub async fn start(binary: &Path, config: &Path, nice: Option<i32>) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "refleet-route-bench-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis())
-        ));
+        let dir = refleet_bench::target::scratch_dir("refleet-route-bench");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::File::create(dir.join("refleet-up.log"))?;
         let mut cmd = match nice {

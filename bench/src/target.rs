@@ -54,13 +54,7 @@ impl Target {
     /// Starts `binary --listen 127.0.0.1:0 --storage <scratch> <extra...>` and waits for the
     /// `box:` line it prints.
     pub async fn spawn(binary: &str, extra: &[String]) -> anyhow::Result<Self> {
-        let scratch = std::env::temp_dir().join(format!(
-            "refleet-bench-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis())
-        ));
+        let scratch = scratch_dir("refleet-bench");
         std::fs::create_dir_all(&scratch).context("creating the reflector's scratch directory")?;
         let log = std::fs::File::create(scratch.join("reflector.log"))
             .context("creating the reflector log file")?;
@@ -118,6 +112,17 @@ impl Target {
             let _ = std::fs::remove_dir_all(dir.join("storage"));
         }
     }
+}
+
+/// A fresh scratch directory path for a spawned server: `$TMPDIR/<prefix>-<pid>-<unix ms>`.
+pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    ))
 }
 
 #[cfg(test)]
