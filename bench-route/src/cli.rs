@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::load::{self, Expect, RateOptions, Target};
+use crate::load::{self, Arrivals, Expect, RateOptions, Target};
 use crate::server::{self, Spawned};
 use crate::stats::{Cpu, CpuMeter, loadavg};
 
@@ -58,7 +58,7 @@ pub struct Args {
 /// The measurements.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Mode {
-    /// A sustained rate of Route calls from many callers, each on a fixed schedule.
+    /// A sustained rate of Route calls, open loop (see `--arrivals`).
     /// Fails (exit 1) when any call fails.
     Rate {
         /// Session name.
@@ -73,7 +73,7 @@ pub enum Mode {
         /// Unmeasured span first, same load.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         warmup: Duration,
-        /// Concurrent callers.
+        /// Calls in flight at most (`poisson`, `even`), or callers (`callers`).
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
         /// Distinct user ids the calls cycle through; a repeated user gets its pending
@@ -81,6 +81,14 @@ pub enum Mode {
         /// until its token expires.
         #[arg(long, default_value_t = 2_000)]
         users: u64,
+        /// When calls are sent: `poisson` (independent clients: exponential gaps), `even`
+        /// (1/rate apart), or `callers` (each of `--concurrency` callers on Tokio's
+        /// millisecond timer, so calls leave in clumps at each tick).
+        #[arg(long, value_enum, default_value_t = Arrivals::Callers)]
+        arrivals: Arrivals,
+        /// Seed of the Poisson schedule.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// CALLS Route calls for one session released at the same instant; then ListShards must
     /// show the expected shards and reservations. Fails on any error or mismatch.
@@ -211,6 +219,8 @@ async fn measure(args: &Args, url: &str, server_pid: Option<u32>) -> anyhow::Res
                 warmup: Duration::ZERO,
                 concurrency: 8,
                 users: 50,
+                arrivals: Arrivals::Poisson,
+                seed: 1,
             },
             Mode::Burst {
                 session: "burst".into(),
@@ -245,6 +255,8 @@ async fn measure(args: &Args, url: &str, server_pid: Option<u32>) -> anyhow::Res
                 warmup,
                 concurrency,
                 users,
+                arrivals,
+                seed,
             } => {
                 let t = target(session);
                 let o = RateOptions {
@@ -253,11 +265,25 @@ async fn measure(args: &Args, url: &str, server_pid: Option<u32>) -> anyhow::Res
                     warmup: *warmup,
                     concurrency: *concurrency,
                     users: *users,
+                    arrivals: *arrivals,
+                    seed: *seed,
                 };
                 let r = load::rate(&clients, &t, &o).await;
                 println!(
-                    "rate: session {:?}, offered {:.0}/s over {conns} connections × {} callers, users {}: achieved {:.0}/s, {} calls, {} OK",
-                    t.session, o.rate, o.concurrency, o.users, r.achieved_per_s, r.calls, r.ok
+                    "rate: session {:?}, offered {:.0}/s ({} arrivals) over {conns} connections, {} {}, users {}: achieved {:.0}/s, {} calls, {} OK",
+                    t.session,
+                    o.rate,
+                    serde_json::to_value(o.arrivals)?.as_str().unwrap_or("?"),
+                    o.concurrency,
+                    if o.arrivals == Arrivals::Callers {
+                        "callers"
+                    } else {
+                        "in flight at most"
+                    },
+                    o.users,
+                    r.achieved_per_s,
+                    r.calls,
+                    r.ok
                 );
                 println!("  latency (from send):     {}", r.latency);
                 println!("  latency (from schedule): {}", r.latency_from_schedule);

@@ -1,34 +1,39 @@
 //! The three measurements: sustained lookups, a burst for one session, and the time from a
 //! session passing its threshold to a new shard being routable.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use rand_distr::Distribution;
 use refleet_api::routing::routing_client::RoutingClient;
 use refleet_api::routing::{ListShardsRequest, RouteRequest, ShardInfo};
 use serde::Serialize;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::stats::{Errors, Latency, Summary};
+use crate::transport::Connection;
 
 /// A Route client over one HTTP/2 connection.
-pub type Client = RoutingClient<Channel>;
+pub type Client = RoutingClient<Connection>;
 
-/// Opens `n` HTTP/2 (h2c) connections to the router at `url`.
+/// Opens `n` HTTP/2 (h2c) connections to the router at `url` (`http://host:port`).
 pub async fn connect(url: &str, n: usize) -> anyhow::Result<Vec<Client>> {
+    let origin: http::Uri = url.trim_end_matches('/').parse().context("router URL")?;
+    let authority = origin
+        .authority()
+        .filter(|_| origin.scheme_str() == Some("http"))
+        .with_context(|| format!("router URL {url}: expected http://host:port"))?
+        .to_string();
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        let channel = Endpoint::from_shared(url.trim_end_matches('/').to_owned())
-            .context("router URL")?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .with_context(|| format!("connecting to the router at {url}"))?;
-        out.push(RoutingClient::new(channel));
+        let conn = Connection::open(&authority).await?;
+        out.push(RoutingClient::with_origin(conn, origin.clone()));
     }
     Ok(out)
 }
@@ -84,6 +89,27 @@ pub struct RateOptions {
     pub concurrency: usize,
     /// Distinct user ids the calls cycle through (0: anonymous calls, each reserves a place).
     pub users: u64,
+    /// When calls are sent.
+    pub arrivals: Arrivals,
+    /// Seed of the Poisson arrivals (the same seed gives the same schedule).
+    pub seed: u64,
+}
+
+/// How a rate run spaces its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arrivals {
+    /// Calls arrive as from many independent clients: exponential gaps at the offered rate,
+    /// timed by a pacer thread. `--concurrency` caps the calls in flight; a call that finds
+    /// the cap reached waits and shows up as send lag.
+    Poisson,
+    /// Calls arrive evenly spaced (1/rate apart), timed by a pacer thread; cap as for
+    /// `poisson`.
+    Even,
+    /// `--concurrency` callers, each sleeping on Tokio's timer until its next slot. Tokio's
+    /// timer ticks in whole milliseconds, so calls leave in clumps of rate/1000 at each tick:
+    /// a harsher load than independent clients make (sessions 2 and 3 measured this way).
+    Callers,
 }
 
 /// What a sustained-rate run measured.
@@ -124,77 +150,61 @@ struct WorkerTally {
     last_done: Option<Instant>,
 }
 
-/// Offers `rate` calls/s from `concurrency` callers, each on a fixed schedule (open loop:
-/// a slow answer delays only its own caller's next call, and shows up in `send_lag`).
+impl WorkerTally {
+    fn merge(&mut self, t: Self) {
+        self.latency.merge(&t.latency);
+        self.corrected.merge(&t.corrected);
+        self.lag.merge(&t.lag);
+        self.late += t.late;
+        self.calls += t.calls;
+        self.ok += t.ok;
+        self.errors.merge(&t.errors);
+        for (k, v) in t.shards {
+            *self.shards.entry(k).or_insert(0) += v;
+        }
+        self.last_done = self.last_done.max(t.last_done);
+    }
+
+    /// Counts one call scheduled at `sched`, sent at `sent`, answered at `done`.
+    fn record(
+        &mut self,
+        sched: Instant,
+        sent: Instant,
+        done: Instant,
+        result: Result<String, tonic::Status>,
+    ) {
+        self.calls += 1;
+        self.latency.record(done - sent);
+        self.corrected.record(done - sched);
+        let lag = sent.saturating_duration_since(sched);
+        self.lag.record(lag);
+        if lag > Duration::from_millis(5) {
+            self.late += 1;
+        }
+        self.last_done = Some(done);
+        match result {
+            Ok(shard) => {
+                self.ok += 1;
+                *self.shards.entry(shard).or_insert(0) += 1;
+            }
+            Err(s) => self.errors.add(&s),
+        }
+    }
+}
+
+/// Offers `rate` calls/s for `duration` after `warmup`, open loop: a slow answer does not
+/// hold back later sends (except through the in-flight cap), and lateness shows up in
+/// `send_lag` and in the latency from the schedule.
 pub async fn rate(clients: &[Client], target: &Target, o: &RateOptions) -> RateReport {
-    let conc = o.concurrency.max(1);
-    let interval = Duration::from_secs_f64(conc as f64 / o.rate.max(0.001));
     let start = Instant::now() + Duration::from_millis(100);
     let measure_from = start + o.warmup;
     let end = measure_from + o.duration;
-    let target = Arc::new(target.clone());
-    let mut tasks = Vec::with_capacity(conc);
-    for w in 0..conc {
-        let mut client = clients[w % clients.len()].clone();
-        let target = target.clone();
-        let offset = interval.mul_f64(w as f64 / conc as f64);
-        let users = o.users;
-        tasks.push(tokio::spawn(async move {
-            let mut t = WorkerTally::default();
-            let mut k: u64 = 0;
-            loop {
-                let sched = start + offset + interval.mul_f64(k as f64);
-                if sched >= end {
-                    break;
-                }
-                tokio::time::sleep_until(sched).await;
-                let user = if users > 0 {
-                    format!("user-{}", (w as u64 + k * conc as u64) % users)
-                } else {
-                    String::new()
-                };
-                let sent = Instant::now();
-                let result = client.route(target.request(user)).await;
-                let done = Instant::now();
-                k += 1;
-                if sched < measure_from {
-                    continue;
-                }
-                t.calls += 1;
-                t.latency.record(done - sent);
-                t.corrected.record(done - sched);
-                let lag = sent.saturating_duration_since(sched);
-                t.lag.record(lag);
-                if lag > Duration::from_millis(5) {
-                    t.late += 1;
-                }
-                t.last_done = Some(done);
-                match result {
-                    Ok(r) => {
-                        t.ok += 1;
-                        *t.shards.entry(r.into_inner().shard).or_insert(0) += 1;
-                    }
-                    Err(s) => t.errors.add(&s),
-                }
-            }
-            t
-        }));
-    }
-    let mut all = WorkerTally::default();
-    for task in tasks {
-        let Ok(t) = task.await else { continue };
-        all.latency.merge(&t.latency);
-        all.corrected.merge(&t.corrected);
-        all.lag.merge(&t.lag);
-        all.late += t.late;
-        all.calls += t.calls;
-        all.ok += t.ok;
-        all.errors.merge(&t.errors);
-        for (k, v) in t.shards {
-            *all.shards.entry(k).or_insert(0) += v;
+    let all = match o.arrivals {
+        Arrivals::Callers => rate_callers(clients, target, o, start, measure_from, end).await,
+        Arrivals::Even | Arrivals::Poisson => {
+            rate_paced(clients, target, o, start, measure_from, end).await
         }
-        all.last_done = all.last_done.max(t.last_done);
-    }
+    };
     let span = all
         .last_done
         .map_or(o.duration, |d| d.saturating_duration_since(measure_from))
@@ -211,6 +221,178 @@ pub async fn rate(clients: &[Client], target: &Target, o: &RateOptions) -> RateR
         late_sends: all.late,
         shards: all.shards,
     }
+}
+
+fn user_id(users: u64, k: u64) -> String {
+    if users > 0 {
+        format!("user-{}", k % users)
+    } else {
+        String::new()
+    }
+}
+
+/// A pacer thread decides when each call is due (Tokio's timer cannot: it ticks in
+/// milliseconds) and hands the slots to one task that keeps up to `concurrency` calls in
+/// flight.
+async fn rate_paced(
+    clients: &[Client],
+    target: &Target,
+    o: &RateOptions,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> WorkerTally {
+    let (tx, mut slots) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let schedule = Schedule::new(o.arrivals, o.rate, o.seed);
+    let (start_std, end_std) = (start.into_std(), end.into_std());
+    let pacer = std::thread::Builder::new()
+        .name("pacer".into())
+        .spawn(move || schedule.run(start_std, end_std, &tx));
+    let mut all = WorkerTally::default();
+    if pacer.is_err() {
+        all.errors
+            .add(&tonic::Status::internal("could not start the pacer thread"));
+        return all;
+    }
+    let cap = o.concurrency.max(1);
+    let call = |(k, sched): (u64, Instant)| {
+        let mut client = clients[(k % clients.len() as u64) as usize].clone();
+        let request = target.request(user_id(o.users, k));
+        async move {
+            let sent = Instant::now();
+            let result = client.route(request).await;
+            (
+                sched,
+                sent,
+                Instant::now(),
+                result.map(|r| r.into_inner().shard),
+            )
+        }
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let mut waiting = VecDeque::new();
+    let mut pacing = true;
+    while pacing || !in_flight.is_empty() {
+        tokio::select! {
+            Some((sched, sent, done, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                if sched >= measure_from {
+                    all.record(sched, sent, done, result);
+                }
+                if let Some(slot) = waiting.pop_front() {
+                    in_flight.push(call(slot));
+                }
+            }
+            slot = slots.recv(), if pacing => match slot {
+                Some(slot) if in_flight.len() < cap => in_flight.push(call(slot)),
+                Some(slot) => waiting.push_back(slot),
+                None => pacing = false,
+            },
+        }
+    }
+    all
+}
+
+/// When the calls of a paced run are due.
+struct Schedule {
+    arrivals: Arrivals,
+    rate: f64,
+    rng: SmallRng,
+}
+
+impl Schedule {
+    fn new(arrivals: Arrivals, rate: f64, seed: u64) -> Self {
+        Self {
+            arrivals,
+            rate: rate.max(0.001),
+            rng: SmallRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Time to the next call.
+    fn gap(&mut self) -> Duration {
+        let mean = 1.0 / self.rate;
+        let secs = match self.arrivals {
+            Arrivals::Poisson => {
+                rand_distr::Exp::new(self.rate).map_or(mean, |exp| exp.sample(&mut self.rng))
+            }
+            Arrivals::Even | Arrivals::Callers => mean,
+        };
+        Duration::from_secs_f64(secs)
+    }
+
+    /// Sends each call's (number, due time) on `tx` when it is due, from `start` to `end`.
+    /// A late wake-up sends every call that came due meanwhile, each with its own due time.
+    fn run(
+        mut self,
+        start: std::time::Instant,
+        end: std::time::Instant,
+        tx: &tokio::sync::mpsc::UnboundedSender<(u64, Instant)>,
+    ) {
+        let mut next = start;
+        let mut k = 0u64;
+        while next < end {
+            let now = std::time::Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            let now = std::time::Instant::now();
+            while next <= now && next < end {
+                if tx.send((k, Instant::from_std(next))).is_err() {
+                    return;
+                }
+                k += 1;
+                next += self.gap();
+            }
+        }
+    }
+}
+
+/// `concurrency` callers, each on a fixed schedule of its own, sleeping on Tokio's timer.
+async fn rate_callers(
+    clients: &[Client],
+    target: &Target,
+    o: &RateOptions,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> WorkerTally {
+    let conc = o.concurrency.max(1);
+    let interval = Duration::from_secs_f64(conc as f64 / o.rate.max(0.001));
+    let target = Arc::new(target.clone());
+    let mut tasks = Vec::with_capacity(conc);
+    for w in 0..conc {
+        let mut client = clients[w % clients.len()].clone();
+        let target = target.clone();
+        let offset = interval.mul_f64(w as f64 / conc as f64);
+        let users = o.users;
+        tasks.push(tokio::spawn(async move {
+            let mut t = WorkerTally::default();
+            let mut k: u64 = 0;
+            loop {
+                let sched = start + offset + interval.mul_f64(k as f64);
+                if sched >= end {
+                    break;
+                }
+                tokio::time::sleep_until(sched).await;
+                let user = user_id(users, w as u64 + k * conc as u64);
+                let sent = Instant::now();
+                let result = client.route(target.request(user)).await;
+                let done = Instant::now();
+                k += 1;
+                if sched >= measure_from {
+                    t.record(sched, sent, done, result.map(|r| r.into_inner().shard));
+                }
+            }
+            t
+        }));
+    }
+    let mut all = WorkerTally::default();
+    for task in tasks {
+        if let Ok(t) = task.await {
+            all.merge(t);
+        }
+    }
+    all
 }
 
 // === burst ===
@@ -270,42 +452,25 @@ pub async fn burst(
     calls: usize,
     expect: Expect,
 ) -> anyhow::Result<BurstReport> {
-    let barrier = Arc::new(tokio::sync::Barrier::new(calls + 1));
-    let (go_tx, go_rx) = tokio::sync::watch::channel(None::<Instant>);
-    let target = Arc::new(target.clone());
-    let mut tasks = Vec::with_capacity(calls);
-    for i in 0..calls {
-        let mut client = clients[i % clients.len()].clone();
-        let target = target.clone();
-        let barrier = barrier.clone();
-        let mut go = go_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let req = target.request(String::new());
-            barrier.wait().await;
-            let t0 = loop {
-                if let Some(t0) = *go.borrow_and_update() {
-                    break t0;
-                }
-                if go.changed().await.is_err() {
-                    return None;
-                }
-            };
-            let result = client.route(req).await;
-            Some((result.map(|r| r.into_inner().shard), Instant::now() - t0))
-        }));
-    }
-    barrier.wait().await;
+    // Every call is built first and sent at its first poll, all driven by this one task:
+    // no task per call to spawn, park on a barrier and wake at the release.
+    let mut in_flight: FuturesUnordered<_> = (0..calls)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let request = target.request(String::new());
+            async move {
+                let result = client.route(request).await;
+                (result.map(|r| r.into_inner().shard), Instant::now())
+            }
+        })
+        .collect();
     let t0 = Instant::now();
-    let _ = go_tx.send(Some(t0));
     let mut latency = Latency::new();
     let mut errors = Errors::default();
     let mut answers = BTreeMap::new();
     let mut ok = 0;
-    for task in tasks {
-        let Ok(Some((result, took))) = task.await else {
-            continue;
-        };
-        latency.record(took);
+    while let Some((result, done)) = in_flight.next().await {
+        latency.record(done - t0);
         match result {
             Ok(shard) => {
                 ok += 1;
@@ -527,6 +692,24 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn even_gaps_are_exact_and_poisson_gaps_average_to_the_rate() {
+        let mut even = Schedule::new(Arrivals::Even, 20_000.0, 1);
+        assert_eq!(even.gap(), Duration::from_micros(50));
+
+        let n = 200_000;
+        let mut poisson = Schedule::new(Arrivals::Poisson, 20_000.0, 1);
+        let gaps: Vec<f64> = (0..n).map(|_| poisson.gap().as_secs_f64()).collect();
+        let mean = gaps.iter().sum::<f64>() / f64::from(n);
+        assert!((mean * 1e6 - 50.0).abs() < 1.0, "mean gap {mean}");
+        // Exponential: about 1 - 1/e of the gaps are shorter than the mean.
+        let short = gaps.iter().filter(|g| **g < 50e-6).count() as f64 / f64::from(n);
+        assert!((short - 0.632).abs() < 0.01, "{short}");
+        // The same seed, the same schedule.
+        let mut again = Schedule::new(Arrivals::Poisson, 20_000.0, 1);
+        assert_eq!(again.gap().as_secs_f64(), gaps[0]);
+    }
 
     fn info(name: &str, reserved: u32) -> ShardInfo {
         ShardInfo {

@@ -11,7 +11,7 @@ use refleet_api::routing::routing_server::{Routing, RoutingServer};
 use refleet_api::routing::{
     ListShardsRequest, ListShardsResponse, RouteRequest, RouteResponse, ShardInfo,
 };
-use refleet_route_bench::load::{self, Expect, RateOptions, Target};
+use refleet_route_bench::load::{self, Arrivals, Expect, RateOptions, Target};
 
 /// Fills shards of `per_shard` one after another; every `fail_every`-th call (if set) is
 /// refused with RESOURCE_EXHAUSTED; `lie` adds one reservation to the first shard in
@@ -98,29 +98,59 @@ fn target(session: &str) -> Target {
 
 #[tokio::test]
 async fn a_rate_run_counts_every_refusal_by_code() {
+    for arrivals in [Arrivals::Callers, Arrivals::Even, Arrivals::Poisson] {
+        let fake = Fake {
+            per_shard: 1_000_000,
+            fail_every: 7,
+            ..Fake::default()
+        };
+        let url = serve(fake.clone()).await;
+        let clients = load::connect(&url, 2).await.unwrap();
+        let o = RateOptions {
+            rate: 500.0,
+            duration: Duration::from_millis(600),
+            warmup: Duration::ZERO,
+            concurrency: 8,
+            users: 10,
+            arrivals,
+            seed: 7,
+        };
+        let r = load::rate(&clients, &target("lookup"), &o).await;
+        let refused = fake.refused.load(Ordering::SeqCst);
+        assert!(refused > 0, "{arrivals:?}");
+        assert_eq!(r.calls, fake.calls.load(Ordering::SeqCst), "{arrivals:?}");
+        assert_eq!(r.errors.total(), refused);
+        assert_eq!(r.errors.by_code.get("RESOURCE_EXHAUSTED"), Some(&refused));
+        assert_eq!(r.ok + refused, r.calls);
+        assert_eq!(r.shards.get("lookup"), Some(&r.ok));
+        assert!(r.achieved_per_s > 300.0, "{arrivals:?}: {r:?}");
+        if arrivals == Arrivals::Even {
+            // 600 ms at 500/s, 2 ms apart: exactly 300 slots.
+            assert_eq!(r.calls, 300);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_paced_run_does_not_measure_its_warmup() {
     let fake = Fake {
         per_shard: 1_000_000,
-        fail_every: 7,
         ..Fake::default()
     };
     let url = serve(fake.clone()).await;
-    let clients = load::connect(&url, 2).await.unwrap();
+    let clients = load::connect(&url, 1).await.unwrap();
     let o = RateOptions {
-        rate: 500.0,
-        duration: Duration::from_millis(600),
-        warmup: Duration::ZERO,
-        concurrency: 8,
-        users: 10,
+        rate: 1000.0,
+        duration: Duration::from_millis(200),
+        warmup: Duration::from_millis(100),
+        concurrency: 4,
+        users: 0,
+        arrivals: Arrivals::Even,
+        seed: 1,
     };
     let r = load::rate(&clients, &target("lookup"), &o).await;
-    let refused = fake.refused.load(Ordering::SeqCst);
-    assert!(refused > 0);
-    assert_eq!(r.calls, fake.calls.load(Ordering::SeqCst));
-    assert_eq!(r.errors.total(), refused);
-    assert_eq!(r.errors.by_code.get("RESOURCE_EXHAUSTED"), Some(&refused));
-    assert_eq!(r.ok + refused, r.calls);
-    assert_eq!(r.shards.get("lookup"), Some(&r.ok));
-    assert!(r.achieved_per_s > 300.0, "{r:?}");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 300);
+    assert_eq!((r.calls, r.ok), (200, 200));
 }
 
 #[tokio::test]
