@@ -54,6 +54,25 @@ pub struct Ledger {
     next_id: u64,
 }
 
+/// One app's reservations (see [`Ledger::of_app`]).
+#[derive(Clone, Copy)]
+pub struct AppReservations<'a>(Option<&'a HashMap<String, VecDeque<Reservation>>>);
+
+impl AppReservations<'_> {
+    /// Reservations on `shard` not yet expired at `now`.
+    pub fn pending(&self, shard: &str, now: Millis) -> u32 {
+        let Some(q) = self.0.and_then(|m| m.get(shard)) else {
+            return 0;
+        };
+        // Sorted by expiry: nothing has expired unless the oldest has (the common case, O(1)).
+        let expired = match q.front() {
+            Some(first) if first.expires <= now => q.partition_point(|r| r.expires <= now),
+            _ => 0,
+        };
+        u32::try_from(q.len() - expired).unwrap_or(u32::MAX)
+    }
+}
+
 impl Ledger {
     /// An empty ledger whose ids start at `first_id` (random per router instance, so ids of
     /// a previous leader's tokens are not mistaken for ours).
@@ -112,15 +131,13 @@ impl Ledger {
 
     /// Reservations of shard `(app, shard)` still pending at `now`.
     pub fn pending(&self, app: &str, shard: &str, now: Millis) -> u32 {
-        let Some(q) = self.shards.get(app).and_then(|m| m.get(shard)) else {
-            return 0;
-        };
-        // Sorted by expiry: nothing has expired unless the oldest has (the common case, O(1)).
-        let expired = match q.front() {
-            Some(first) if first.expires <= now => q.partition_point(|r| r.expires <= now),
-            _ => 0,
-        };
-        u32::try_from(q.len() - expired).unwrap_or(u32::MAX)
+        self.of_app(app).pending(shard, now)
+    }
+
+    /// The reservations of one app, looked up once for a Route that weighs every shard of a
+    /// session.
+    pub fn of_app(&self, app: &str) -> AppReservations<'_> {
+        AppReservations(self.shards.get(app))
     }
 
     /// The pending reservation of `user` in `scope` (a repeated Route for the same user gets

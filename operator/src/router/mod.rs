@@ -216,6 +216,11 @@ impl Tally {
     fn users(&self, app: &str, shard: &str) -> Option<u32> {
         self.shards.get(app)?.get(shard).map(|e| e.0)
     }
+
+    /// One app's reported shards: shard → (users, reflectors reporting it).
+    fn of_app(&self, app: &str) -> Option<&FastMap<String, (u32, u32)>> {
+        self.shards.get(app)
+    }
 }
 
 /// A published snapshot with the indexes a Route needs.
@@ -695,20 +700,34 @@ impl Router {
             let mut candidates = Vec::with_capacity(shards.len());
             let mut routable: Vec<(&ShardRecord, &str)> = Vec::with_capacity(shards.len());
             let mut opening = false;
+            // Looked up once per Route, not once per shard: a session's shards mostly share
+            // a few reflectors, and all of them its app.
+            let reserved = inner.ledger.of_app(app);
+            let reported = inner.tally.of_app(app);
+            let mut last: Option<(&str, Option<&str>)> = None;
             for sh in shards {
                 let Some(r) = sh.reflector.as_deref() else {
                     opening = true;
                     continue;
                 };
-                let Some(url) = routable_url(&view, &inner.live, r, now, grace) else {
+                let url = match last {
+                    Some((name, url)) if name == r => url,
+                    _ => {
+                        let url = routable_url(&view, &inner.live, r, now, grace);
+                        last = Some((r, url));
+                        url
+                    }
+                };
+                let Some(url) = url else {
                     opening |= view
                         .reflector(r)
                         .is_some_and(|o| o.state == ReflectorState::Starting);
                     continue;
                 };
-                let users = inner.tally.users(app, &sh.name).unwrap_or(sh.users);
-                let mut load =
-                    u64::from(users) + u64::from(inner.ledger.pending(app, &sh.name, now));
+                let users = reported
+                    .and_then(|m| m.get(sh.name.as_str()))
+                    .map_or(sh.users, |e| e.0);
+                let mut load = u64::from(users) + u64::from(reserved.pending(&sh.name, now));
                 if warming && !inner.mine.contains(&(key.clone(), sh.name.clone())) {
                     load = load.max(threshold_load(max_users, threshold));
                 }
