@@ -199,11 +199,20 @@ pub async fn rate(clients: &[Client], target: &Target, o: &RateOptions) -> RateR
     let start = Instant::now() + Duration::from_millis(100);
     let measure_from = start + o.warmup;
     let end = measure_from + o.duration;
+    let window = Window {
+        start,
+        measure_from,
+        end,
+    };
+    let run = Run {
+        clients,
+        target,
+        o,
+        window,
+    };
     let all = match o.arrivals {
-        Arrivals::Callers => rate_callers(clients, target, o, start, measure_from, end).await,
-        Arrivals::Even | Arrivals::Poisson => {
-            rate_paced(clients, target, o, start, measure_from, end).await
-        }
+        Arrivals::Callers => rate_callers(run).await,
+        Arrivals::Even | Arrivals::Poisson => rate_paced(run).await,
     };
     let span = all
         .last_done
@@ -223,6 +232,23 @@ pub async fn rate(clients: &[Client], target: &Target, o: &RateOptions) -> RateR
     }
 }
 
+/// A rate run's span: calls from `start`, measured from `measure_from`, none due at `end`.
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+}
+
+/// What a rate run drives, and when.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    clients: &'a [Client],
+    target: &'a Target,
+    o: &'a RateOptions,
+    window: Window,
+}
+
 fn user_id(users: u64, k: u64) -> String {
     if users > 0 {
         format!("user-{}", k % users)
@@ -234,14 +260,9 @@ fn user_id(users: u64, k: u64) -> String {
 /// A pacer thread decides when each call is due (Tokio's timer cannot: it ticks in
 /// milliseconds) and hands the slots to one task that keeps up to `concurrency` calls in
 /// flight.
-async fn rate_paced(
-    clients: &[Client],
-    target: &Target,
-    o: &RateOptions,
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
-) -> WorkerTally {
+async fn rate_paced(run: Run<'_>) -> WorkerTally {
+    let (clients, target, o, w) = (run.clients, run.target, run.o, run.window);
+    let (start, measure_from, end) = (w.start, w.measure_from, w.end);
     let (tx, mut slots) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
     let schedule = Schedule::new(o.arrivals, o.rate, o.seed);
     let (start_std, end_std) = (start.into_std(), end.into_std());
@@ -348,14 +369,9 @@ impl Schedule {
 }
 
 /// `concurrency` callers, each on a fixed schedule of its own, sleeping on Tokio's timer.
-async fn rate_callers(
-    clients: &[Client],
-    target: &Target,
-    o: &RateOptions,
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
-) -> WorkerTally {
+async fn rate_callers(run: Run<'_>) -> WorkerTally {
+    let (clients, target, o, w) = (run.clients, run.target, run.o, run.window);
+    let (start, measure_from, end) = (w.start, w.measure_from, w.end);
     let conc = o.concurrency.max(1);
     let interval = Duration::from_secs_f64(conc as f64 / o.rate.max(0.001));
     let target = Arc::new(target.clone());
