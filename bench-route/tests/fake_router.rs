@@ -153,6 +153,15 @@ async fn a_paced_run_does_not_measure_its_warmup() {
     assert_eq!((r.calls, r.ok), (200, 200));
 }
 
+/// 800 Route calls at once against `fake` over 4 connections, checked against `expect`.
+async fn burst_of_800(fake: Fake, expect: Expect) -> load::BurstReport {
+    let url = serve(fake).await;
+    let clients = load::connect(&url, 4).await.unwrap();
+    load::burst(&clients, &target("burst"), 800, expect)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_burst_checks_the_shard_totals() {
     // Right: 800 calls, 80 per shard → 10 shards of 80.
@@ -160,15 +169,11 @@ async fn a_burst_checks_the_shard_totals() {
         per_shard: 80,
         ..Fake::default()
     };
-    let url = serve(right).await;
-    let clients = load::connect(&url, 4).await.unwrap();
     let expect = Expect {
         shards: Some(10),
         per_shard: Some(80),
     };
-    let r = load::burst(&clients, &target("burst"), 800, expect)
-        .await
-        .unwrap();
+    let r = burst_of_800(right, expect).await;
     assert_eq!((r.ok, r.listed.len()), (800, 10));
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 
@@ -178,11 +183,7 @@ async fn a_burst_checks_the_shard_totals() {
         lie: true,
         ..Fake::default()
     };
-    let url = serve(lying).await;
-    let clients = load::connect(&url, 4).await.unwrap();
-    let r = load::burst(&clients, &target("burst"), 800, expect)
-        .await
-        .unwrap();
+    let r = burst_of_800(lying, expect).await;
     assert!(
         r.problems
             .iter()
@@ -196,11 +197,7 @@ async fn a_burst_checks_the_shard_totals() {
         per_shard: 73,
         ..Fake::default()
     };
-    let url = serve(small).await;
-    let clients = load::connect(&url, 4).await.unwrap();
-    let r = load::burst(&clients, &target("burst"), 800, expect)
-        .await
-        .unwrap();
+    let r = burst_of_800(small, expect).await;
     assert!(
         r.problems
             .contains(&"11 shards hold clients, expected 10".to_owned()),
@@ -214,11 +211,7 @@ async fn a_burst_checks_the_shard_totals() {
         fail_every: 100,
         ..Fake::default()
     };
-    let url = serve(refusing).await;
-    let clients = load::connect(&url, 4).await.unwrap();
-    let r = load::burst(&clients, &target("burst"), 800, Expect::default())
-        .await
-        .unwrap();
+    let r = burst_of_800(refusing, Expect::default()).await;
     assert_eq!(r.errors.by_code.get("RESOURCE_EXHAUSTED"), Some(&8));
     assert!(
         r.problems.iter().any(|p| p.contains("8 calls failed")),
