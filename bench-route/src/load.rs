@@ -315,30 +315,31 @@ async fn rate_paced(run: Run<'_>) -> WorkerTally {
 
 /// When the calls of a paced run are due.
 struct Schedule {
-    arrivals: Arrivals,
-    rate: f64,
+    /// Even gaps: this one. Poisson: the mean of `exp`.
+    mean: Duration,
+    /// Exponential gaps at the rate, for Poisson arrivals.
+    exp: Option<rand_distr::Exp<f64>>,
     rng: SmallRng,
 }
 
 impl Schedule {
     fn new(arrivals: Arrivals, rate: f64, seed: u64) -> Self {
+        let rate = rate.max(0.001);
         Self {
-            arrivals,
-            rate: rate.max(0.001),
+            mean: Duration::from_secs_f64(1.0 / rate),
+            exp: match arrivals {
+                Arrivals::Poisson => rand_distr::Exp::new(rate).ok(),
+                Arrivals::Even | Arrivals::Callers => None,
+            },
             rng: SmallRng::seed_from_u64(seed),
         }
     }
 
     /// Time to the next call.
     fn gap(&mut self) -> Duration {
-        let mean = 1.0 / self.rate;
-        let secs = match self.arrivals {
-            Arrivals::Poisson => {
-                rand_distr::Exp::new(self.rate).map_or(mean, |exp| exp.sample(&mut self.rng))
-            }
-            Arrivals::Even | Arrivals::Callers => mean,
-        };
-        Duration::from_secs_f64(secs)
+        self.exp.map_or(self.mean, |exp| {
+            Duration::from_secs_f64(exp.sample(&mut self.rng))
+        })
     }
 
     /// Sends each call's (number, due time) on `tx` when it is due, from `start` to `end`.
