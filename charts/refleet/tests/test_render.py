@@ -184,6 +184,11 @@ def test_rbac_is_least_privilege(rendered):
     resources = {res: rule["verbs"] for rule in self_role["rules"] for res in rule["resources"]}
     assert {"get", "patch"} <= set(resources["pods"])
     assert {"get", "create", "update"} <= set(resources["leases"])
+    # Leader election and the operator's own pod and Secrets belong to the release namespace
+    # only: never in the shared rules, which reach every (watched) namespace.
+    for role in shared:
+        granted = {res for rule in role["rules"] for res in rule["resources"]}
+        assert not granted & {"leases", "secrets"}, f"[{name}] {role['kind']}: {granted}"
     # The chart's ClusterRole keeps every rule the operator had before (its tests bind them).
     clusterwide, _ = render({}, name=RELEASE, namespace=NAMESPACE)
     text = chartlib.CHART.joinpath("templates/clusterrole.yaml").read_text().split("\nrules:\n", 1)[1]
