@@ -39,10 +39,18 @@ fn chart_rules(template: &str) -> Vec<PolicyRule> {
     let rules: String = text[start..]
         .lines()
         .filter(|l| !l.trim_start().starts_with("{{"))
-        .map(|l| l.replace(r#"{{ include "refleet.joinTokenSecret" . | quote }}"#, r#""refleet-join-token""#))
+        .map(|l| {
+            l.replace(
+                r#"{{ include "refleet.joinTokenSecret" . | quote }}"#,
+                r#""refleet-join-token""#,
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n");
-    assert!(!rules.contains("{{"), "an unexpected template value in {template}");
+    assert!(
+        !rules.contains("{{"),
+        "an unexpected template value in {template}"
+    );
     #[derive(serde::Deserialize)]
     struct Rules {
         rules: Vec<PolicyRule>,
@@ -102,7 +110,8 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
     )
     .await
     .unwrap();
-    let subjects = json!([{"kind": "ServiceAccount", "name": "refleet-operator", "namespace": release_ns}]);
+    let subjects =
+        json!([{"kind": "ServiceAccount", "name": "refleet-operator", "namespace": release_ns}]);
     let role = ClusterRole {
         metadata: serde_json::from_value(json!({"name": "refleet-it-operator"})).unwrap(),
         rules: Some(chart_rules("clusterrole.yaml")),
