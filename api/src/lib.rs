@@ -3,10 +3,12 @@
 //! - [`routing`]: `refleet.routing.v1`, the Route service clients ask where to join.
 //! - [`report`]: `refleet.report.v1`, the stream each reflector keeps open to the operator.
 //! - [`token`]: signed join tokens, issued by the router and checked by reflectors.
+//! - [`report_credential`]: each reflector's own credential for its report stream.
 //!
 //! The `.proto` files under `proto/` are the reference; this crate is generated from them
 //! by `build.rs` (protox + tonic-prost-build, no `protoc` needed).
 
+pub mod report_credential;
 pub mod token;
 
 /// `refleet.routing.v1`: generated messages, client and server.

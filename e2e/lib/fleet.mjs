@@ -58,6 +58,8 @@ export async function startFleet(h, configText) {
     });
     return {
         url, proc, stdout, stderr, exited,
+        /** The data directory (`<dir>/storage` holds the pool's stored files). */
+        dataDir: path.join(dir, 'data'),
         async status() {
             const res = await fetch(new URL('v1/status', url));
             if (!res.ok) throw new Error(`GET /v1/status: ${res.status}`);

@@ -2,8 +2,9 @@
 //! Established, a CEL rule rejects a bad Session with its message, and the operator —
 //! impersonating a ServiceAccount bound to exactly the chart's rules (the ClusterRole, and
 //! the Role of its own namespace) — creates a pool's reflector pod and gives a Session its
-//! shard, status and Events, with no Forbidden; and cannot write Leases outside its own
-//! namespace.
+//! shard, status and Events, with no Forbidden; cannot write Leases outside its own
+//! namespace; creates the report key Secret once (never the chart) and gives the pod only its
+//! own report credential, which a restarted operator still accepts.
 //!
 //! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
 
@@ -14,13 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use refleet_api::report_credential::{ReflectorIdentity, ReportKey};
 use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
-use refleet_operator::cli::routing::RoutingArgs;
+use refleet_operator::cli::routing::{Routing, RoutingArgs};
 use refleet_operator::controller::observe::NoLoad;
 use refleet_operator::crd::{ReflectorPool, Session};
 use serde_json::json;
@@ -28,8 +30,10 @@ use serde_json::json;
 mod support;
 use support::{config, eventually, prepare, start_kube};
 
+const REPORT_SECRET: &str = "refleet-report-key";
+
 /// The `rules:` of one of the chart's RBAC templates (plain YAML after `rules:`; template
-/// lines dropped, and the one inline value, the join-token Secret's name, filled in).
+/// lines dropped, and the inline values, the Secrets' names of a release `refleet`, filled in).
 fn chart_rules(template: &str) -> Vec<PolicyRule> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../charts/refleet/templates")
@@ -43,6 +47,10 @@ fn chart_rules(template: &str) -> Vec<PolicyRule> {
             l.replace(
                 r#"{{ include "refleet.joinTokenSecret" . | quote }}"#,
                 r#""refleet-join-token""#,
+            )
+            .replace(
+                r#"{{ include "refleet.reportSecret" . | quote }}"#,
+                &format!("{REPORT_SECRET:?}"),
             )
         })
         .collect::<Vec<_>>()
@@ -182,11 +190,11 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
         metrics_listen: metrics_addr,
         resync: Duration::from_secs(1).into(),
         log_format: LogFormat::Text,
-        routing: RoutingArgs::loopback(),
+        routing: routing_args(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let op = tokio::spawn(serve(
-        operator,
+        operator.clone(),
         args,
         listener,
         Arc::new(NoLoad),
@@ -229,8 +237,29 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
     })
     .await;
     assert_eq!(
-        pod.metadata.owner_references.unwrap()[0].kind,
+        pod.metadata.owner_references.clone().unwrap()[0].kind,
         "ReflectorPool"
+    );
+    // The operator created the report key Secret, and the pod holds only its own credential.
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), release_ns);
+    let root = secrets.get(REPORT_SECRET).await.unwrap().data.unwrap()["token"]
+        .0
+        .clone();
+    let credentials: Vec<String> = pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .iter()
+        .flatten()
+        .filter(|e| e.name.starts_with("REFLEET_REPORT_TOKEN"))
+        .map(|e| e.value.clone().unwrap())
+        .collect();
+    assert_eq!(credentials.len(), 1, "{credentials:?}");
+    let credential = credentials[0].clone();
+    assert_eq!(
+        ReportKey::new(&root).unwrap().verify(&credential),
+        Ok(ReflectorIdentity {
+            reflector: "arena-eu-0".into(),
+            region: "eu".into()
+        })
     );
     let status = json!({"status": {
         "phase": "Running", "podIP": "127.0.0.1",
@@ -307,5 +336,37 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
         .expect("operator stops")
         .unwrap()
         .unwrap();
+    // A restarted operator reads the same key (no new Secret, no new credentials): running
+    // reflectors' streams stay accepted.
+    let restarted = Routing::start(
+        operator,
+        routing_args(),
+        release_ns,
+        &prometheus::Registry::new(),
+        std::future::ready(()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        restarted
+            .report_key
+            .unwrap()
+            .credential("arena-eu-0", "eu")
+            .unwrap(),
+        credential
+    );
+    assert_eq!(
+        secrets.get(REPORT_SECRET).await.unwrap().data.unwrap()["token"].0,
+        root
+    );
     eprintln!("kube test took {:?}", started.elapsed());
+}
+
+/// Routing as the chart sets it up: reflectors report, with credentials from the report key.
+fn routing_args() -> RoutingArgs {
+    RoutingArgs {
+        report_secret: Some(REPORT_SECRET.to_owned()),
+        reflector_report_url: Some("http://refleet-report.test:8081".to_owned()),
+        ..RoutingArgs::loopback()
+    }
 }

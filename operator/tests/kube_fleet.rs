@@ -5,7 +5,8 @@
 //! - a kubelet stand-in runs a real `refleet-reflector` process per reflector pod (on its
 //!   own loopback address), the operator reads their load with `HttpLoad`, and real
 //!   protocol-level clients joining shard 0 past the Session's threshold make the operator
-//!   record the users and open shard `<name>~1`.
+//!   record the users and open shard `<name>~1`; each reflector opens its report stream with
+//!   the credential the operator put in its pod, and none is refused.
 //!
 //! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
 
@@ -51,6 +52,7 @@ impl Operator {
         identity: &str,
         lease_duration: Duration,
         load: Arc<dyn LoadSource>,
+        routing: RoutingArgs,
     ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = listener.local_addr().unwrap();
@@ -64,7 +66,7 @@ impl Operator {
             metrics_listen: metrics,
             resync: Duration::from_secs(1).into(),
             log_format: LogFormat::Text,
-            routing: RoutingArgs::loopback(),
+            routing,
         };
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(client, args, listener, load, async move {
@@ -159,8 +161,18 @@ async fn leader_hands_over_to_the_standby_which_then_reconciles() {
     prepare(&admin, ns).await;
     let lease_duration = Duration::from_secs(4);
 
-    let a = Operator::start(admin.clone(), ns, "it-a", lease_duration, Arc::new(NoLoad)).await;
-    let b = Operator::start(admin.clone(), ns, "it-b", lease_duration, Arc::new(NoLoad)).await;
+    let start = |id| {
+        Operator::start(
+            admin.clone(),
+            ns,
+            id,
+            lease_duration,
+            Arc::new(NoLoad),
+            RoutingArgs::loopback(),
+        )
+    };
+    let a = start("it-a").await;
+    let b = start("it-b").await;
 
     // Exactly one leads: the Lease names it and only its gauge says 1.
     let holder = eventually("a leader", Duration::from_secs(20), || {
@@ -281,8 +293,14 @@ fn reflector_binary() -> PathBuf {
     bin
 }
 
-/// Starts a reflector on `addr` and returns once it prints its `box:` line.
-async fn start_reflector(bin: &Path, addr: SocketAddr, storage: &Path) -> tokio::process::Child {
+/// Starts a reflector on `addr` with the report-stream part of its pod's environment
+/// (`env`), and returns once it prints its `box:` line.
+async fn start_reflector(
+    bin: &Path,
+    addr: SocketAddr,
+    storage: &Path,
+    env: Vec<(String, String)>,
+) -> tokio::process::Child {
     let mut child = tokio::process::Command::new(bin)
         .args([
             "--listen",
@@ -294,6 +312,7 @@ async fn start_reflector(bin: &Path, addr: SocketAddr, storage: &Path) -> tokio:
             "--drain-timeout",
             "1s",
         ])
+        .envs(env)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -339,7 +358,21 @@ async fn kubelet(
             let i = u8::try_from(addrs.lock().unwrap().len()).unwrap();
             let ip = Ipv4Addr::new(127, 0, 0, 10 + i);
             let addr = SocketAddr::from((ip, port));
-            let child = start_reflector(&bin, addr, &storage.join(&name)).await;
+            let env = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers[0].env.iter().flatten())
+                .filter(|e| {
+                    [
+                        "REFLEET_REPORT_URL",
+                        "REFLEET_REPORT_TOKEN",
+                        "REFLEET_REFLECTOR_NAME",
+                    ]
+                    .contains(&e.name.as_str())
+                })
+                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                .collect();
+            let child = start_reflector(&bin, addr, &storage.join(&name), env).await;
             reflectors.children.lock().unwrap().push(child);
             let status = json!({"status": {
                 "phase": "Running", "podIP": ip.to_string(),
@@ -424,12 +457,25 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
         storage.clone(),
     ));
 
+    // Reflectors report to this operator, each with the credential in its pod.
+    let report_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let routing = RoutingArgs {
+        report_listen: SocketAddr::from(([127, 0, 0, 1], report_port)),
+        reflector_report_url: Some(format!("http://127.0.0.1:{report_port}")),
+        report_secret: Some("refleet-report-key".to_owned()),
+        ..RoutingArgs::loopback()
+    };
     let op = Operator::start(
         admin.clone(),
         ns,
         "it-fleet",
         Duration::from_secs(6),
         Arc::new(HttpLoad::with_port(port)),
+        routing,
     )
     .await;
 
@@ -494,6 +540,31 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
         ),
         "{body}"
     );
+
+    // Every reflector's report stream is open under its own identity; none was refused.
+    let metrics = eventually(
+        "every reflector's report stream",
+        Duration::from_secs(30),
+        || {
+            let op = &op;
+            let started_pods = addrs.lock().unwrap().len();
+            async move {
+                let text = op.metrics_text().await?;
+                let streams: f64 = text
+                    .lines()
+                    .filter(|l| l.starts_with("refleet_report_streams{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                (streams as usize == started_pods).then_some(text)
+            }
+        },
+    )
+    .await;
+    let refusals: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("refleet_report_refusals_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(refusals.is_empty(), "{refusals:?}");
 
     for c in clients {
         c.abort();

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use prost::Message as _;
 use refleet_api::report::reports_client::ReportsClient;
-use refleet_api::report::{Capacity as ReportCapacity, ReflectorReport, ShardLoad};
+use refleet_api::report::{Capacity as ReportCapacity, Instruction, ReflectorReport, ShardLoad};
+use refleet_api::report_credential::ReportKey;
 use refleet_api::routing::routing_client::RoutingClient;
 use refleet_api::routing::{ListShardsRequest, RouteRequest, RouteResponse};
 use refleet_api::token::{Signer, Verifier};
@@ -426,16 +427,18 @@ async fn every_transport_shares_one_path_and_every_error_code() {
 #[tokio::test]
 async fn reports_turn_reservations_into_users_and_a_lost_stream_stops_routes() {
     let (r, _) = router(RouterConfig {
-        report_grace: Duration::from_millis(300),
+        report_grace: Duration::from_millis(500),
         route_wait: Duration::from_millis(200),
         ..RouterConfig::default()
     });
     r.publish("local", snapshot(vec![session("lobby", 10, 1)], 1));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let key = ReportKey::new(&[7; 32]).unwrap();
+    let credential = key.credential("r-eu", "eu").unwrap();
     tokio::spawn(reports::serve(
         listener,
-        ReportHub::new(r.clone(), Some("s3cret".into())),
+        ReportHub::new(r.clone(), Some(key)),
         std::future::pending(),
     ));
     let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
@@ -449,7 +452,7 @@ async fn reports_turn_reservations_into_users_and_a_lost_stream_stops_routes() {
     let mut client = ReportsClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    // Without the secret: refused.
+    // Without a credential: refused.
     let (tx0, rx0) = tokio::sync::mpsc::channel::<ReflectorReport>(1);
     drop(tx0);
     let refused = client
@@ -460,9 +463,10 @@ async fn reports_turn_reservations_into_users_and_a_lost_stream_stops_routes() {
 
     let (tx, rx) = tokio::sync::mpsc::channel::<ReflectorReport>(4);
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().unwrap(),
+    );
     let report = |seq: u64, users: u32, admitted: Vec<u64>| ReflectorReport {
         reflector: "r-eu".into(),
         region: "eu".into(),
@@ -529,7 +533,7 @@ async fn reports_turn_reservations_into_users_and_a_lost_stream_stops_routes() {
     // The stream ends: after the grace period no new routes go to r-eu.
     drop(tx);
     drop(inbound);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(r.live_streams().get("eu"), None);
     let e = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap_err();
     assert_eq!(e.code(), "RESOURCE_EXHAUSTED");
@@ -900,4 +904,281 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
     assert_eq!(via("127.0.0.5", "198.51.100.3").await, 200);
     assert_eq!(via("127.0.0.5", "198.51.100.4").await, 200);
     assert_eq!(via("127.0.0.5", "198.51.100.5").await, 429);
+}
+
+// === The report stream's identity and the expiry of reported load (issue #16, 11 and 12) ===
+
+/// Serves a report hub for `r` on a loopback port.
+async fn report_hub(r: &Arc<Router>, key: Option<ReportKey>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(reports::serve(
+        listener,
+        ReportHub::new(r.clone(), key),
+        std::future::pending(),
+    ));
+    format!("http://{addr}")
+}
+
+/// A report of `reflector` in `region` with `users` on shard `lobby`.
+fn lobby_report(reflector: &str, region: &str, seq: u64, users: u32) -> ReflectorReport {
+    ReflectorReport {
+        reflector: reflector.into(),
+        region: region.into(),
+        public_url: format!("ws://{reflector}.test/"),
+        state: 1,
+        shards: vec![ShardLoad {
+            session_id: "sid".into(),
+            shard: "lobby".into(),
+            app_id: "app".into(),
+            users,
+            ..ShardLoad::default()
+        }],
+        sequence: seq,
+        ..ReflectorReport::default()
+    }
+}
+
+/// A reflector's side of one report stream, as `refleet-reflector` opens it: the first report
+/// goes out with the call.
+struct Stream {
+    tx: tokio::sync::mpsc::Sender<ReflectorReport>,
+    inbound: tonic::Streaming<Instruction>,
+}
+
+async fn open(
+    url: &str,
+    bearer: Option<&str>,
+    first: ReflectorReport,
+) -> Result<Stream, tonic::Status> {
+    let mut client = ReportsClient::connect(url.to_owned()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<ReflectorReport>(4);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(b) = bearer {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {b}").parse().unwrap());
+    }
+    tx.send(first).await.unwrap();
+    let inbound = client.report(request).await?.into_inner();
+    Ok(Stream { tx, inbound })
+}
+
+impl Stream {
+    /// How the operator ends this stream: the status it sends, or `None` when it just closes.
+    async fn ended(mut self) -> Option<tonic::Status> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match self.inbound.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return None,
+                    Err(status) => return Some(status),
+                }
+            }
+        })
+        .await
+        .expect("the operator ends the stream")
+    }
+}
+
+/// Waits until `f` holds (polling; the bound only stops a broken test).
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+fn lobby_users(r: &Router) -> u32 {
+    r.list_shards("default", "lobby")
+        .unwrap()
+        .iter()
+        .map(|s| s.users)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_report_stream_speaks_for_its_own_reflector_and_clients_go_to_the_assigned_url() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", snapshot(vec![session("lobby", 100, 1)], 1));
+    let key = ReportKey::new(&[7; 32]).unwrap();
+    let url = report_hub(&r, Some(key.clone())).await;
+    let eu = key.credential("r-eu", "eu").unwrap();
+
+    // The old shared secret, another operator's credential, none at all: refused.
+    let other = ReportKey::new(&[8; 32])
+        .unwrap()
+        .credential("r-eu", "eu")
+        .unwrap();
+    for (bearer, reason) in [
+        (Some("s3cret"), "malformed_credential"),
+        (Some(other.as_str()), "bad_credential"),
+        (None, "missing_credential"),
+    ] {
+        let refused = open(&url, bearer, lobby_report("r-eu", "eu", 1, 0)).await;
+        assert_eq!(
+            refused.err().map(|s| s.code()),
+            Some(tonic::Code::Unauthenticated),
+            "{bearer:?}"
+        );
+        assert_eq!(r.metrics.report_refusals(reason), 1, "{reason}");
+    }
+
+    // r-eu's credential cannot report for r-us, nor put r-eu in another region.
+    let s = open(&url, Some(eu.as_str()), lobby_report("r-us", "us", 1, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.ended().await.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+    let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "us", 1, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.ended().await.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(r.metrics.report_refusals("other_reflector"), 1);
+    assert_eq!(r.metrics.report_refusals("wrong_region"), 1);
+    // Nor rename itself on a later report.
+    let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 0))
+        .await
+        .unwrap();
+    s.tx.send(lobby_report("r-us", "us", 2, 0)).await.unwrap();
+    assert_eq!(
+        s.ended().await.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(r.live_streams().get("us"), None, "no stream counted for us");
+
+    // r-eu itself proposes an attacker's URL: clients still go where the operator placed it.
+    let mut evil = lobby_report("r-eu", "eu", 1, 0);
+    evil.public_url = "ws://127.0.0.1:9499/attacker/".into();
+    let s = open(&url, Some(eu.as_str()), evil).await.unwrap();
+    until("r-eu's stream", || r.live_streams().get("eu") == Some(&1)).await;
+    for _ in 0..10 {
+        let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+        assert!(
+            a.reflector_url.starts_with("ws://eu.test/"),
+            "{}",
+            a.reflector_url
+        );
+    }
+    drop(s);
+}
+
+#[tokio::test]
+async fn a_lost_or_silent_streams_load_expires_after_the_grace_period() {
+    let (r, _) = router(RouterConfig {
+        report_grace: Duration::from_millis(500),
+        route_wait: Duration::from_millis(100),
+        ..RouterConfig::default()
+    });
+    // One shard at most, 500 users at most: 500 reported users make the session full.
+    let mut snap = snapshot(vec![session("lobby", 500, 1)], 5);
+    snap.input.pools[0].regions.truncate(1);
+    snap.input.reflectors.truncate(1);
+    r.publish("local", snap.clone());
+    let key = ReportKey::new(&[7; 32]).unwrap();
+    let url = report_hub(&r, Some(key.clone())).await;
+    let eu = key.credential("r-eu", "eu").unwrap();
+    let planned_users = |r: &Router| {
+        let mut input = snap.input.clone();
+        r.prepare(&mut input);
+        input.shards.iter().map(|s| s.users).sum::<u32>()
+    };
+    assert_eq!(
+        r.route(&req("lobby", "eu"), |_| Ok(()))
+            .await
+            .unwrap()
+            .shard,
+        "lobby"
+    );
+
+    // 500 users, then the stream closes: after the grace period they no longer count.
+    let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 500))
+        .await
+        .unwrap();
+    until("500 users", || lobby_users(&r) == 500).await;
+    assert_eq!(
+        r.route(&req("lobby", "eu"), |_| Ok(()))
+            .await
+            .unwrap_err()
+            .code(),
+        "RESOURCE_EXHAUSTED",
+        "full"
+    );
+    drop(s);
+    until("the lost stream's users to expire", || lobby_users(&r) == 0).await;
+    assert_eq!(
+        planned_users(&r),
+        0,
+        "the planner no longer sees them either"
+    );
+    // The reflector reconnects with its real load: it gets routes again.
+    let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 3))
+        .await
+        .unwrap();
+    until("3 users", || lobby_users(&r) == 3).await;
+    assert_eq!(
+        r.route(&req("lobby", "eu"), |_| Ok(()))
+            .await
+            .unwrap()
+            .shard,
+        "lobby"
+    );
+
+    // A stream that stays open but goes silent is closed, and its load expires too.
+    s.tx.send(lobby_report("r-eu", "eu", 2, 500)).await.unwrap();
+    until("500 users", || lobby_users(&r) == 500).await;
+    // (The reflector's side stays open: it just sends nothing more.)
+    let tx = s.tx.clone();
+    let status = s.ended().await;
+    assert_eq!(status.map(|s| s.code()), Some(tonic::Code::Unavailable));
+    assert_eq!(r.metrics.report_refusals("silent"), 1);
+    until("the silent stream's users to expire", || {
+        lobby_users(&r) == 0
+    })
+    .await;
+    drop(tx);
+}
+
+#[tokio::test]
+async fn an_unauthenticated_stream_is_pinned_to_its_first_reflector_and_a_known_region() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", snapshot(vec![session("lobby", 100, 1)], 1));
+    let url = report_hub(&r, None).await;
+    assert_eq!(
+        r.route(&req("lobby", "eu"), |_| Ok(()))
+            .await
+            .unwrap()
+            .shard,
+        "lobby"
+    );
+    // A region no pool has is refused (the region label stays bounded).
+    let s = open(&url, None, lobby_report("r-x", "mars", 1, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.ended().await.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(r.metrics.report_refusals("unknown_region"), 1);
+    assert!(!r.live_streams().contains_key("mars"));
+    // The first report binds the stream: a later one about another reflector closes it.
+    let s = open(&url, None, lobby_report("r-eu", "eu", 1, 7))
+        .await
+        .unwrap();
+    until("7 users", || lobby_users(&r) == 7).await;
+    s.tx.send(lobby_report("r-us", "us", 2, 0)).await.unwrap();
+    assert_eq!(
+        s.ended().await.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(r.metrics.report_refusals("other_reflector"), 1);
+    assert_eq!(r.live_streams().get("us"), None);
 }

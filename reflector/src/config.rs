@@ -141,12 +141,14 @@ pub struct Config {
     #[arg(long, env = "REFLEET_REPORT_URL")]
     pub report_url: Option<String>,
 
-    /// File holding the shared secret presented on the report stream
-    /// (`authorization: Bearer …`), e.g. mounted from a Secret.
+    /// File holding this reflector's report credential, presented on the report stream
+    /// (`authorization: Bearer …`). The operator mints one per reflector
+    /// (`<name>.<region>.<mac>`) and accepts from the stream only reports about that
+    /// reflector and region; `refleet operator` and `refleet up` set REFLEET_REPORT_TOKEN.
     #[arg(long, env = "REFLEET_REPORT_TOKEN_FILE")]
     pub report_token_file: Option<std::path::PathBuf>,
 
-    /// The report-stream secret itself (alternative to --report-token-file).
+    /// The report credential itself (alternative to --report-token-file).
     #[arg(long, env = "REFLEET_REPORT_TOKEN", hide_env_values = true)]
     pub report_token: Option<String>,
 

@@ -44,7 +44,7 @@ pub struct Identity {
 #[derive(Debug, Clone)]
 pub struct Reporter {
     pub url: String,
-    /// Shared secret for `authorization: Bearer`.
+    /// This reflector's report credential, for `authorization: Bearer`.
     pub token: Option<String>,
     pub interval: Duration,
     pub identity: Identity,

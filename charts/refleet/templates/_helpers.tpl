@@ -35,9 +35,9 @@ app.kubernetes.io/component: operator
 {{- default (printf "%s-join-token" .Release.Name) .Values.joinTokens.existingSecret -}}
 {{- end -}}
 
-{{/* Secret with the report-stream shared secret (key `token`). */}}
-{{- define "refleet.reportTokenSecret" -}}
-{{- default (printf "%s-report-token" .Release.Name) .Values.report.existingSecret -}}
+{{/* Secret with the report key (key `token`; the operator creates it when missing). */}}
+{{- define "refleet.reportSecret" -}}
+{{- default (printf "%s-report-key" .Release.Name) .Values.report.existingSecret -}}
 {{- end -}}
 
 {{/* Secret with the API keys (file name = appId, content = key). */}}

@@ -13,6 +13,8 @@ and checks them)."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -69,8 +71,9 @@ def test_install_with_defaults_into_a_restricted_namespace(kube):
     assert f"svc/{RELEASE}-router 8080:8080" in out.stdout  # NOTES.txt
     objects = manifest(kube, RELEASE, NS)
     kinds = sorted({o["kind"] for o in objects})
+    # No Secret: the operator creates its own (a rendered one would change on every render).
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
-                     "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount"]
+                     "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"]
     for obj in objects:
         path = kube.object_path(obj, NS)
         r = kube.get(path)
@@ -83,8 +86,7 @@ def test_install_with_defaults_into_a_restricted_namespace(kube):
         assert stored["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     dep = kube.get(f"/apis/apps/v1/namespaces/{NS}/deployments/{RELEASE}-operator").json()
     assert dep["spec"]["replicas"] == 2
-    secret = kube.get(f"/api/v1/namespaces/{NS}/secrets/{RELEASE}-report-token").json()
-    assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(secret["data"]["token"]).decode())
+    assert kube.get(f"/api/v1/namespaces/{NS}/secrets/{RELEASE}-report-key").status_code == 404
     print(f"install + checks: {time.monotonic() - started:.1f}s")
 
 
@@ -116,21 +118,17 @@ def operator(kube):
     [container] = dep["spec"]["template"]["spec"]["containers"]
     sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
     (work / "in/kubeconfig").write_text(kube.token_kubeconfig(kube.sa_token(NS, sa), NS))
-    secret = kube.get(f"/api/v1/namespaces/{NS}/secrets/{RELEASE}-report-token").json()
-    (work / "in/report-token").mkdir()
-    (work / "in/report-token/token").write_bytes(base64.b64decode(secret["data"]["token"]))
     ports = {name: sandbox.free_port() for name in ("router", "report", "metrics")}
     env = {}
     for e in container["env"]:
         field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
         env[e["name"]] = {"metadata.name": SANDBOX_POD, "metadata.namespace": NS}[field] if field else e["value"]
-    # The same settings, on loopback ports of this test and with the token at a path it owns.
+    # The same settings, on loopback ports of this test.
     for name, var, port in (("router", "REFLEET_ROUTER_LISTEN", 8080), ("report", "REFLEET_REPORT_LISTEN", 8081),
                             ("metrics", "REFLEET_METRICS_LISTEN", 9090)):
         assert env[var] == f"0.0.0.0:{port}"
         env[var] = f"127.0.0.1:{ports[name]}"
-    assert env["REFLEET_REPORT_TOKEN_FILE"] == "/etc/refleet/report-token/token"
-    env["REFLEET_REPORT_TOKEN_FILE"] = str(work / "in/report-token/token")
+    assert env["REFLEET_REPORT_SECRET"] == f"{RELEASE}-report-key"
     # API keys are on by default and none exist yet: the optional Secret volume is empty.
     assert env["REFLEET_API_KEYS_DIR"] == "/etc/refleet/api-keys"
     (work / "in/api-keys").mkdir()
@@ -202,8 +200,30 @@ def test_operator_serves_routing_and_labels_its_pod_leader(kube, operator):
         assert {"kid", "signing-key"} <= set(data)
     except AssertionError:
         problems.append(f"Secret {secret} (keys kid, signing-key) was not created")
+    # The report key: created by the operator (the chart renders none), and each reflector pod
+    # gets only its own credential derived from it.
+    secret = operator["env"]["REFLEET_REPORT_SECRET"]
+    try:
+        data = kube.eventually("the report key Secret", lambda: (
+            (s := kube.get(f"/api/v1/namespaces/{NS}/secrets/{secret}")).ok and s.json().get("data")), 15)
+        key = base64.b64decode(data["token"]).strip()
+        assert len(key) >= 16
+        pods = kube.get(f"/api/v1/namespaces/{NS}/pods?labelSelector=refleet.dev/pool=arena").json()["items"]
+        assert pods, "no reflector pod"
+        for pod in pods:
+            name, region = pod["metadata"]["name"], pod["metadata"]["labels"]["refleet.dev/region"]
+            env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+            assert env["REFLEET_REPORT_TOKEN"] == report_credential(key, name, region), name
+    except (AssertionError, KeyError) as e:
+        problems.append(f"report key Secret {secret} or the pods' credentials: {e!r}")
     assert "forbidden" not in log.read_text().lower(), log.read_text()[-4000:]
     assert problems == [], f"{problems}\n{log.read_text()[-3000:]}"
+
+
+def report_credential(key: bytes, reflector: str, region: str) -> str:
+    """What api/src/report_credential.rs mints, written again from its description."""
+    mac = hmac.new(key, b"refleet-report-v1\0" + reflector.encode() + b"\0" + region.encode(), hashlib.sha256)
+    return f"{reflector}.{region}." + base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
 
 
 def _connects(port: int) -> bool:
@@ -258,8 +278,8 @@ def test_namespaced_rbac_release_with_the_toggles_this_apiserver_knows(kube, tmp
         assert kube.get(kube.object_path(obj, ns)).status_code == 404, obj["metadata"]
 
 
-def test_upgrade_changes_a_value_and_keeps_the_report_secret(kube):
-    path = f"/api/v1/namespaces/{NS}/secrets/{RELEASE}-report-token"
+def test_upgrade_changes_a_value_and_keeps_the_report_key(kube):
+    path = f"/api/v1/namespaces/{NS}/secrets/{RELEASE}-report-key"
     before = kube.get(path).json()["data"]["token"]
     out = kube.helm("upgrade", RELEASE, CHART, "-n", NS, "--set", "operator.replicas=3",
                     "--set", "operator.logLevel=debug")
@@ -269,7 +289,7 @@ def test_upgrade_changes_a_value_and_keeps_the_report_secret(kube):
     assert dep["spec"]["replicas"] == 3
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["RUST_LOG"] == "debug"
-    assert kube.get(path).json()["data"]["token"] == before, "the report-stream secret must survive upgrades"
+    assert kube.get(path).json()["data"]["token"] == before, "the report key must survive upgrades"
     for crd in ("reflectorpools.refleet.dev", "sessions.refleet.dev"):
         assert established(kube, crd)
 

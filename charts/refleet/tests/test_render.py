@@ -95,7 +95,7 @@ DANGEROUS_VERBS = {"escalate", "bind", "impersonate", "*"}
 OPERATOR_ENV = {
     "REFLEET_POD_NAME", "REFLEET_POD_NAMESPACE", "REFLEET_LEASE_NAME", "REFLEET_LEASE_NAMESPACE",
     "REFLEET_LEASE_DURATION", "REFLEET_LEASE_RENEW_BEFORE", "REFLEET_RESYNC", "REFLEET_METRICS_LISTEN",
-    "REFLEET_ROUTER_LISTEN", "REFLEET_REPORT_LISTEN", "REFLEET_REPORT_TOKEN_FILE",
+    "REFLEET_ROUTER_LISTEN", "REFLEET_REPORT_LISTEN", "REFLEET_REPORT_SECRET", "REFLEET_REPORT_GRACE",
     "REFLEET_REFLECTOR_REPORT_URL", "REFLEET_JOIN_TOKENS", "REFLEET_TOKEN_SECRET", "REFLEET_TOKEN_TTL",
     "REFLEET_ALLOWED_ORIGINS", "REFLEET_ROUTE_RATE_LIMIT", "REFLEET_LOG_FORMAT", "RUST_LOG",
     "REFLEET_RESERVATION_CLAIM_WINDOW", "REFLEET_MAX_RESERVATIONS_PER_CLIENT", "REFLEET_ANONYMOUS_RESERVATION_SHARE",
@@ -161,8 +161,9 @@ def test_rbac_is_least_privilege(rendered):
                 assert role["kind"] == "Role" and role["metadata"]["namespace"] == NAMESPACE, where
                 assert rule["verbs"] in (["get"], ["create"]), where
                 if rule["verbs"] == ["get"]:
-                    expected = values["joinTokens"]["existingSecret"] or f"{RELEASE}-join-token"
-                    assert rule["resourceNames"] == [expected], where
+                    expected = [values["joinTokens"]["existingSecret"] or f"{RELEASE}-join-token",
+                                values["report"]["existingSecret"] or f"{RELEASE}-report-key"]
+                    assert rule["resourceNames"] == expected, where
     # The shared rules are exactly those of the ClusterRole, per watched namespace if namespaced.
     shared = [r for r in roles if r["metadata"]["name"] == f"{RELEASE}-operator"]
     if values["rbac"]["namespaced"]:
@@ -260,16 +261,14 @@ def test_operator_deployment(rendered):
     assert v["REFLEET_ANONYMOUS_RESERVATION_SHARE"] == str(reservations["anonymousShare"])
     if values["operator"]["watchNamespaces"]:
         assert v["REFLEET_NAMESPACES"] == ",".join(values["operator"]["watchNamespaces"])
-    # Mounted files: the report token always, the API keys when enabled; each names a Secret
-    # the chart renders or the one the values name.
+    # The report key is the operator's Secret (read or created through the API), never a
+    # rendered or mounted one. The API keys are mounted when enabled, from a Secret the chart
+    # renders or the one the values name.
     secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
-    report_secret = volumes["report-token"]["secret"]["secretName"]
-    assert mounts["/etc/refleet/report-token"] == "report-token"
-    assert v["REFLEET_REPORT_TOKEN_FILE"] == "/etc/refleet/report-token/token"
-    if values["report"]["existingSecret"]:
-        assert report_secret == values["report"]["existingSecret"] and report_secret not in secrets
-    else:
-        assert "token" in secrets[report_secret]["data"]
+    assert v["REFLEET_REPORT_SECRET"] == (values["report"]["existingSecret"] or f"{RELEASE}-report-key")
+    assert v["REFLEET_REPORT_SECRET"] not in secrets
+    assert v["REFLEET_REPORT_GRACE"] == values["report"]["grace"]
+    assert not any("report" in m for m in mounts), mounts
     if values["apiKeys"]["enabled"]:
         assert v["REFLEET_API_KEYS_DIR"] == "/etc/refleet/api-keys" and mounts["/etc/refleet/api-keys"] == "api-keys"
         keys_secret = volumes["api-keys"]["secret"]["secretName"]
@@ -481,14 +480,14 @@ def test_api_keys_are_on_by_default_and_refuse_routes_until_keys_exist():
     assert "every Route is refused" in notes
 
 
-def test_report_token_is_random_and_stable_in_form():
-    first, _ = render({})
-    second, _ = render({})
-    token = lambda objs: one(objs, "Secret", f"{RELEASE}-report-token")["data"]["token"]
-    assert token(first) != token(second), "a fresh install must generate a new secret"
-    import base64
-
-    assert len(base64.b64decode(token(first))) == 48
+def test_every_render_is_the_same():
+    """`helm template`, Argo CD and Flux render the chart without a cluster, again and again:
+    a value generated at render time (like a report secret) would change on every render and
+    lock out every running reflector."""
+    for values in ({}, TOGGLES["everything"]):
+        first, _ = render(values)
+        second, _ = render(values)
+        assert first == second
 
 
 # ---------------------------------------------------------------- bad values

@@ -181,6 +181,7 @@ pub async fn serve(
     ctx.resync = *resync;
     ctx.router = Some(routing.router.clone());
     ctx.reflector_env.clone_from(&routing.reflector_env);
+    ctx.report_key.clone_from(&routing.report_key);
     let ctx = Arc::new(ctx);
     let settings = LeaseSettings {
         name: lease_name,

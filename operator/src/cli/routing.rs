@@ -1,5 +1,6 @@
-//! The routing half of `refleet operator`: flags, the join-token key Secret, the router's
-//! and the report stream's servers, and the leader label on the operator's own pod.
+//! The routing half of `refleet operator`: flags, the join-token key and report key Secrets,
+//! the router's and the report stream's servers, and the leader label on the operator's own
+//! pod.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{EnvVar, Pod, Secret};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use refleet_api::report_credential::ReportKey;
 use refleet_api::token::{Signer, Verifier};
 
 use crate::router::client::TrustedProxies;
@@ -36,10 +38,19 @@ pub struct RoutingArgs {
     #[arg(long, env = "REFLEET_REPORT_LISTEN", default_value = "0.0.0.0:8081")]
     pub report_listen: SocketAddr,
 
-    /// File holding the shared secret reflectors present on the report stream. Without it
-    /// the stream is unauthenticated (keep its port cluster-internal).
-    #[arg(long, env = "REFLEET_REPORT_TOKEN_FILE")]
-    pub report_token_file: Option<PathBuf>,
+    /// Secret (in the operator's namespace) holding the report key (key `token`, at least 16
+    /// bytes), created with a random key if missing. The operator derives from it one
+    /// credential per reflector pod it creates, which proves that pod's name and region on the
+    /// report stream. Without it the stream is unauthenticated (development only). Changing
+    /// the key invalidates the credentials of running reflectors: replace their pods.
+    #[arg(long, env = "REFLEET_REPORT_SECRET")]
+    pub report_secret: Option<String>,
+
+    /// How long after its last report a reflector's reported users still count and it still
+    /// gets routes; a report stream silent that long is closed. Must exceed the reflectors'
+    /// report interval (1s).
+    #[arg(long, env = "REFLEET_REPORT_GRACE", default_value = "5s")]
+    pub report_grace: humantime::Duration,
 
     /// The report-stream URL given to the reflector pods the operator creates, e.g.
     /// http://refleet-report.refleet-system.svc:8081. Without it reflectors do not report
@@ -159,8 +170,11 @@ pub struct Routing {
     pub router: Arc<Router>,
     /// Whether this replica leads.
     pub leading: Arc<AtomicBool>,
-    /// Env the reflector pods get (report URL and secret, token keys).
+    /// Env the reflector pods get (report URL, token keys).
     pub reflector_env: Vec<EnvVar>,
+    /// Mints each reflector pod's report credential (`None`: reflectors do not report, or
+    /// the stream is unauthenticated).
+    pub report_key: Option<ReportKey>,
     /// Where the router listens.
     pub router_addr: SocketAddr,
     /// Where the report stream listens.
@@ -246,6 +260,61 @@ async fn signing_key(client: &Client, namespace: &str, name: &str) -> anyhow::Re
     anyhow::bail!("Secret {namespace}/{name} kept changing while being read")
 }
 
+/// Reads or creates the report key Secret (key `token`).
+async fn report_key(client: &Client, namespace: &str, name: &str) -> anyhow::Result<ReportKey> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    for _ in 0..3 {
+        if let Some(s) = api
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading Secret {namespace}/{name}"))?
+        {
+            let data = s.data.unwrap_or_default();
+            let token = data
+                .get("token")
+                .map(|b| b.0.as_slice())
+                .unwrap_or_default();
+            // A value typed by hand often ends with a newline; it is not part of the key.
+            let token = token.trim_ascii();
+            return ReportKey::new(token)
+                .with_context(|| format!("Secret {namespace}/{name}, key token"));
+        }
+        // Text, so that it can be typed or copied like any other Secret value.
+        let token = random_hex(32);
+        let object = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/name".to_owned(),
+                    "refleet".to_owned(),
+                )])),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                "token".to_owned(),
+                ByteString(token.clone().into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {
+                tracing::info!(secret = %name, "created the report key");
+                return Ok(ReportKey::new(token.as_bytes())?);
+            }
+            // Another replica created it first: read theirs.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating Secret {namespace}/{name}")),
+        }
+    }
+    anyhow::bail!("Secret {namespace}/{name} kept changing while being read")
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
 fn env(name: &str, value: String) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
@@ -267,13 +336,8 @@ impl Routing {
             true => Some(signing_key(&client, namespace, &args.token_secret).await?),
             false => None,
         };
-        let report_secret = match &args.report_token_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("reading --report-token-file {}", p.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
+        let report_key = match &args.report_secret {
+            Some(name) => Some(report_key(&client, namespace, name).await?),
             None => None,
         };
         let keys = match &args.api_keys_dir {
@@ -286,6 +350,7 @@ impl Routing {
         let router = Router::new(
             RouterConfig {
                 token_ttl: *args.token_ttl,
+                report_grace: *args.report_grace,
                 warm_up: true,
                 claim_window: *args.reservation_claim_window,
                 max_per_client: args.max_reservations_per_client,
@@ -299,10 +364,6 @@ impl Routing {
         let mut reflector_env = Vec::new();
         if let Some(url) = &args.reflector_report_url {
             reflector_env.push(env("REFLEET_REPORT_URL", url.clone()));
-            if let Some(s) = &report_secret {
-                // Plain env: the secret only lets a pod send load reports.
-                reflector_env.push(env("REFLEET_REPORT_TOKEN", s.clone()));
-            }
         }
         if let Some(s) = &signer {
             reflector_env.push(env("REFLEET_REQUIRE_JOIN_TOKEN", "true".to_owned()));
@@ -333,7 +394,7 @@ impl Routing {
             access,
             leading: leading.clone(),
         };
-        let hub = ReportHub::new(router.clone(), report_secret).only_when(leading.clone());
+        let hub = ReportHub::new(router.clone(), report_key.clone()).only_when(leading.clone());
         let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
         let s1 = shutdown.clone();
         tokio::spawn(async move {
@@ -356,6 +417,7 @@ impl Routing {
             router,
             leading,
             reflector_env,
+            report_key: report_key.filter(|_| args.reflector_report_url.is_some()),
             router_addr,
             report_addr,
             client,

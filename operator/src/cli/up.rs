@@ -23,6 +23,7 @@ use crate::router::metrics::RouterMetrics;
 use crate::router::reports::{self, ReportHub};
 use crate::router::service::{self, Access, Frontend, always_leading};
 use crate::router::{Router, RouterConfig};
+use refleet_api::report_credential::ReportKey;
 use refleet_api::token::{Signer, Verifier};
 
 /// Arguments of `refleet up`.
@@ -165,16 +166,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .local_addr()
             .context("reading the report address")?
     );
-    let report_secret = random_hex(32);
-    let secret_file = data_dir.join("report-secret");
-    write_private(&secret_file, &report_secret)?;
+    tracing::info!(url = %report_url, "report stream listening (each reflector child has its own credential)");
+    // This run's report key stays in memory: each child gets its own credential from it.
+    let report_key = ReportKey::new(&rand::random::<[u8; 32]>())?;
     let mut reflector_args = reflector_args;
-    reflector_args.extend([
-        "--report-url".to_owned(),
-        report_url.clone(),
-        "--report-token-file".to_owned(),
-        secret_file.display().to_string(),
-    ]);
+    reflector_args.extend(["--report-url".to_owned(), report_url.clone()]);
     if let Some(s) = &signer {
         reflector_args.extend([
             "--require-join-token".to_owned(),
@@ -182,7 +178,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Verifier::format_key(s.key_id(), &s.public_key()),
         ]);
     }
-    let hub = ReportHub::new(router.clone(), Some(report_secret));
+    let hub = ReportHub::new(router.clone(), Some(report_key.clone()));
     let (stop_reports, reports_stopped) = tokio::sync::oneshot::channel::<()>();
     let reporting = tokio::spawn(reports::serve(report_listener, hub, async {
         let _ = reports_stopped.await;
@@ -224,6 +220,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         extra_args: reflector_args,
         logs: child_logs,
         log_dir: data_dir.join("logs"),
+        report_key: Some(report_key),
     });
     let mut fleet = Fleet::new(launcher, runtimes, sessions)
         .with_metrics(metrics)
@@ -315,18 +312,4 @@ fn random_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect()
-}
-
-/// Writes a secret readable by this user only.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
 }

@@ -64,6 +64,9 @@ pub enum Error {
     /// An object could not be serialised for a patch.
     #[error("serialising a patch failed: {0}")]
     Serialize(#[source] serde_json::Error),
+    /// A reflector's report credential could not be minted (its name or region).
+    #[error("{0}")]
+    Credential(#[source] refleet_api::report_credential::CredentialError),
 }
 
 impl From<kube::Error> for Error {
@@ -88,6 +91,7 @@ impl Error {
             },
             Error::Kube(_) => "transport",
             Error::Serialize(_) => "serialize",
+            Error::Credential(_) => "credential",
         }
     }
 }
@@ -113,6 +117,8 @@ pub struct Context {
     pub router: Option<Arc<crate::router::Router>>,
     /// Extra env of every reflector pod (report stream, token keys).
     pub reflector_env: Vec<k8s_openapi::api::core::v1::EnvVar>,
+    /// Mints each new reflector pod's report credential (`REFLEET_REPORT_TOKEN`).
+    pub report_key: Option<refleet_api::report_credential::ReportKey>,
     pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PoolMemory>>>>,
 }
 
@@ -159,6 +165,7 @@ impl Context {
             clock: unix_now,
             router: None,
             reflector_env: Vec::new(),
+            report_key: None,
             pools: Mutex::default(),
         }
     }

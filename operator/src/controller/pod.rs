@@ -37,6 +37,8 @@ pub const CONTAINER: &str = "reflector";
 pub const RUN_AS_USER: i64 = 65532;
 /// Extra seconds on top of the drain grace so the reflector can store state and exit.
 pub const TERMINATION_SLACK_SECONDS: i64 = 30;
+/// Env var carrying a reflector's own report-stream credential.
+pub const REPORT_TOKEN_ENV: &str = "REFLEET_REPORT_TOKEN";
 
 /// Name of reflector `index` of `region` in `pool`.
 pub fn pod_name(pool: &str, region: &str, index: u32) -> String {
@@ -214,6 +216,18 @@ pub fn reflector_pod(pool: &ReflectorPool, region: &ResolvedRegion, name: &str) 
     }
 }
 
+/// Gives `pod` its own report credential. Any credential the pool's env set is dropped, and
+/// so is a token file (the reflector would prefer it), so a pool cannot hand its pods
+/// another reflector's identity.
+pub fn set_report_credential(pod: &mut Pod, credential: String) {
+    let Some(c) = pod.spec.as_mut().and_then(|s| s.containers.first_mut()) else {
+        return;
+    };
+    let env = c.env.get_or_insert_with(Vec::new);
+    env.retain(|e| e.name != REPORT_TOKEN_ENV && e.name != "REFLEET_REPORT_TOKEN_FILE");
+    env.push(self::env(REPORT_TOKEN_ENV, credential));
+}
+
 /// The Service in front of one reflector pod (when `reflectorURL.perPodService` is set),
 /// named like the pod and owned by it, so it goes away with the pod.
 pub fn reflector_service(pod: &Pod) -> Service {
@@ -352,6 +366,25 @@ mod tests {
         assert_eq!(env["REFLEET_REGION"], "eu");
         assert_eq!(env["REFLEET_PUBLIC_URL"], "ws://arena-eu-0.eu.games.test/");
         assert_eq!(env["REFLEET_DRAIN_TIMEOUT"], "300s");
+    }
+
+    #[test]
+    fn a_pods_report_credential_replaces_any_the_pool_sets() {
+        let mut pool = fixtures::pool("games", "arena", &["eu"]);
+        pool.spec.defaults.env = Some(vec![
+            env(REPORT_TOKEN_ENV, "someone-else".into()),
+            env("REFLEET_REPORT_TOKEN_FILE", "/elsewhere".into()),
+        ]);
+        let region = pool.spec.resolved_region("eu").unwrap();
+        let mut pod = reflector_pod(&pool, &region, "arena-eu-0");
+        set_report_credential(&mut pod, "arena-eu-0.eu.mac".into());
+        let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+        let report: Vec<_> = env
+            .iter()
+            .filter(|e| e.name.starts_with("REFLEET_REPORT_TOKEN"))
+            .map(|e| (e.name.as_str(), e.value.as_deref().unwrap()))
+            .collect();
+        assert_eq!(report, [(REPORT_TOKEN_ENV, "arena-eu-0.eu.mac")]);
     }
 
     #[test]

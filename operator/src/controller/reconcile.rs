@@ -29,7 +29,7 @@ use super::input::{PoolMemory, build_input, pool_id};
 use super::observe::read_loads;
 use super::pod::{
     ANNOTATION_DRAIN_DEADLINE, LABEL_STATE, STATE_DRAINING, TERMINATION_SLACK_SECONDS, pod_name,
-    pool_selector, reflector_pod, reflector_service,
+    pool_selector, reflector_pod, reflector_service, set_report_credential,
 };
 use super::status::{governs, pool_status, session_problem, session_status};
 use super::{Context, Error, FIELD_MANAGER, Result};
@@ -279,6 +279,14 @@ async fn apply_reflectors(
                 c.env
                     .get_or_insert_with(Vec::new)
                     .extend(ctx.reflector_env.iter().cloned());
+            }
+            // The pod's own identity on the report stream: derived from the name and region,
+            // so a retried apply sets the same value.
+            if let Some(key) = &ctx.report_key {
+                let credential = key
+                    .credential(&name, &region.name)
+                    .map_err(super::Error::Credential)?;
+                set_report_credential(&mut pod, credential);
             }
             let params = PatchParams::apply(FIELD_MANAGER).force();
             let pod = api.patch(&name, &params, &Patch::Apply(&pod)).await?;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use refleet_api::report_credential::{CredentialError, ReportKey};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -94,6 +95,15 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// Its report credential could not be minted (its name or region).
+    #[error("reflector {name}: {source}")]
+    Credential {
+        /// Reflector name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: CredentialError,
+    },
 }
 
 /// Starts, observes, drains and kills reflectors. The fleet loop uses only this, so it can
@@ -127,6 +137,9 @@ pub struct ProcessSettings {
     pub logs: ChildLogs,
     /// Directory for log files (with [`ChildLogs::Files`]).
     pub log_dir: PathBuf,
+    /// Mints each child's own report credential, given in its environment
+    /// (`REFLEET_REPORT_TOKEN`, which only this user can read), never on its command line.
+    pub report_key: Option<ReportKey>,
 }
 
 struct ChildProc {
@@ -173,6 +186,15 @@ impl Launcher for ProcessLauncher {
             name: req.name.clone(),
             source,
         };
+        let credential = s
+            .report_key
+            .as_ref()
+            .map(|k| k.credential(&req.name, &req.region))
+            .transpose()
+            .map_err(|source| LaunchError::Credential {
+                name: req.name.clone(),
+                source,
+            })?;
         let stderr = match s.logs {
             ChildLogs::Inherit => Stdio::inherit(),
             ChildLogs::Files => {
@@ -200,11 +222,16 @@ impl Launcher for ProcessLauncher {
             .arg("--drain-timeout")
             .arg(humantime::format_duration(req.drain_timeout).to_string())
             .args(&s.extra_args)
+            // The reflector would prefer a token file over its own credential.
+            .env_remove("REFLEET_REPORT_TOKEN_FILE")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true);
+        if let Some(c) = credential {
+            cmd.env("REFLEET_REPORT_TOKEN", c);
+        }
         let mut child = cmd.spawn().map_err(spawn_err)?;
         let (tx, rx) = watch::channel(None);
         if let Some(stdout) = child.stdout.take() {

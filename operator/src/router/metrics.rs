@@ -1,5 +1,6 @@
 //! Routing and report-stream metrics. Labels have bounded values: transport, gRPC code,
-//! region.
+//! region (the regions of the published pools, or of the operator's own credentials), and
+//! the refusal reasons below.
 
 use prometheus::core::Collector as _;
 use prometheus::{
@@ -20,6 +21,24 @@ pub const CODES: &[&str] = &[
     "INTERNAL",
 ];
 
+/// Why a report stream, or a report on it, was refused.
+pub const REPORT_REFUSALS: &[&str] = &[
+    // No `authorization: Bearer <credential>` although the operator has a report key.
+    "missing_credential",
+    // Not shaped like a credential (e.g. the old shared secret).
+    "malformed_credential",
+    // Not minted with the operator's key.
+    "bad_credential",
+    // A report about another reflector than the one the stream speaks for.
+    "other_reflector",
+    // A report with another region than the one assigned to the reflector.
+    "wrong_region",
+    // A region no published pool has (streams without credentials only).
+    "unknown_region",
+    // No report within the grace period: the stream was closed.
+    "silent",
+];
+
 /// Routing metrics.
 #[derive(Clone, Debug)]
 pub struct RouterMetrics {
@@ -30,6 +49,7 @@ pub struct RouterMetrics {
     streams: IntGaugeVec,
     /// Report streams that ended.
     pub stream_disconnects: IntCounter,
+    report_refusals: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -106,7 +126,35 @@ impl RouterMetrics {
                 IntCounter::new("refleet_report_stream_disconnects_total", "Report streams that ended.")
                     .expect("valid metric"),
             ),
+            report_refusals: {
+                let c = register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "refleet_report_refusals_total",
+                            "Report streams refused or closed by the operator, by reason.",
+                        ),
+                        &["reason"],
+                    )
+                    .expect("valid metric"),
+                );
+                for r in REPORT_REFUSALS {
+                    c.with_label_values(&[r]);
+                }
+                c
+            },
         }
+    }
+
+    /// Counts one refused report stream; `reason` is one of [`REPORT_REFUSALS`].
+    pub(crate) fn report_refused(&self, reason: &'static str) {
+        debug_assert!(REPORT_REFUSALS.contains(&reason), "{reason}");
+        self.report_refusals.with_label_values(&[reason]).inc();
+    }
+
+    /// Report streams refused for `reason` so far.
+    pub fn report_refusals(&self, reason: &str) -> u64 {
+        self.report_refusals.with_label_values(&[reason]).get()
     }
 
     /// Creates the per-region series at 0 (so they exist before the first event).

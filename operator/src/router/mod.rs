@@ -9,6 +9,7 @@
 //!                └── reserve (ledger) + sign a join token ──► answer
 //!  backend loop (local fleet / controllers): prepare(input) → plan → publish(snapshot)
 //!  report stream: observe_report(..) → users per shard, reservations that turned into users
+//!                 (a reflector's load counts until `report_grace` after its last report)
 //! ```
 //!
 //! The router owns no reflectors: a backend (the local fleet, or the kube controllers)
@@ -71,7 +72,9 @@ pub struct RouterConfig {
     pub token_ttl: Duration,
     /// How long a Route waits for a new shard's reflector before RESOURCE_EXHAUSTED.
     pub route_wait: Duration,
-    /// How long after its report stream was lost a reflector still gets routes.
+    /// How long after its last report a reflector's reported load still counts and it
+    /// still gets routes; a stream silent that long is closed. Longer than the reflectors'
+    /// report interval (1 s by default).
     pub report_grace: Duration,
     /// Start in the post-failover warm-up (a replica that just became leader).
     pub warm_up: bool,
@@ -199,15 +202,18 @@ impl RouteError {
 /// Users per shard: appId → shard name → count.
 type ShardUsers = FastMap<String, FastMap<String, u32>>;
 
-/// A reflector as its report stream shows it.
+/// A reflector as its report stream shows it. Its URL is never taken from a report: clients
+/// go to the URL the backend assigned ([`Snapshot::urls`]).
 #[derive(Clone, Debug)]
 struct Live {
-    url: String,
     region: String,
     draining: bool,
     connected: bool,
-    /// When the stream was last seen (open: now; lost: when it was lost).
+    /// When its last report arrived.
     seen: Millis,
+    /// No report came within the grace period: `users` no longer count (and are empty), and
+    /// the reflector gets no routes until it reports again.
+    expired: bool,
     users: ShardUsers,
 }
 
@@ -333,8 +339,41 @@ struct Inner {
     live: FastMap<String, Live>,
     /// The sum of `live`'s users.
     tally: Tally,
+    /// Before this time no `live` entry can expire (the earliest `seen + grace`).
+    next_expiry: Millis,
     ledger: Ledger,
     warm_until: Millis,
+}
+
+impl Inner {
+    /// Drops the load of every reflector with no report within `grace` (a lost or silent
+    /// stream), so a crashed reflector's users stop holding its shards full. Cheap when
+    /// nothing can have expired yet: one comparison.
+    fn expire_reports(&mut self, now: Millis, grace: Millis) {
+        if now < self.next_expiry {
+            return;
+        }
+        let Inner {
+            live, tally, views, ..
+        } = self;
+        let mut next = Millis::MAX;
+        live.retain(|name, l| {
+            if l.expired {
+                // Kept so that it gets no routes; forgotten once no plan knows the name.
+                return views.values().any(|v| v.reflector(name).is_some());
+            }
+            if now.saturating_sub(l.seen) > grace {
+                tally.remove(&l.users);
+                l.users.clear();
+                l.expired = true;
+                tracing::warn!(reflector = %name, connected = l.connected, "no report within the grace period: its load no longer counts and it gets no routes");
+                return true;
+            }
+            next = next.min(l.seen + grace + 1);
+            true
+        });
+        self.next_expiry = next;
+    }
 }
 
 /// The outcome of one attempt under the lock.
@@ -465,6 +504,7 @@ impl Router {
         inner.ledger = Ledger::new(rand::random::<u64>() >> 1);
         inner.live.clear();
         inner.tally = Tally::default();
+        inner.next_expiry = 0;
         inner.mine.clear();
         inner.opened.clear();
         inner.demanded.clear();
@@ -487,6 +527,7 @@ impl Router {
         let now = self.now();
         let mut inner = lock(&self.inner);
         inner.ledger.expire(now);
+        inner.expire_reports(now, self.grace());
         let pools: HashSet<&str> = input.pools.iter().map(|p| p.id.as_str()).collect();
         for d in inner.demanded.values() {
             if pools.contains(d.pool.as_str()) && !input.sessions.iter().any(|s| s.key == d.key) {
@@ -528,9 +569,11 @@ impl Router {
         self.changed.send_modify(|g| *g += 1);
     }
 
-    /// Takes one load report of a reflector.
+    /// Takes one load report of a reflector. The report stream has already checked that it
+    /// speaks for this reflector and region; its `public_url` is ignored.
     pub fn observe_report(&self, report: &ReflectorReport) {
         let now = self.now();
+        let grace = self.grace();
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
         let mut users = ShardUsers::default();
@@ -551,28 +594,43 @@ impl Router {
         let previous = inner.live.insert(
             report.reflector.clone(),
             Live {
-                url: report.public_url.clone(),
                 region: report.region.clone(),
                 draining: report.state == ReportedState::Draining as i32,
                 connected: true,
                 seen: now,
+                expired: false,
                 users,
             },
         );
         if let Some(p) = previous {
             inner.tally.remove(&p.users);
         }
+        inner.next_expiry = inner.next_expiry.min(now + grace);
         drop(guard);
         self.changed.send_modify(|g| *g += 1);
     }
 
-    /// A reflector's report stream ended: it gets no new routes after the grace period.
+    /// A reflector's report stream ended: once the grace period after its last report has
+    /// passed, its load no longer counts and it gets no new routes.
     pub fn report_lost(&self, reflector: &str) {
-        let now = self.now();
         if let Some(l) = lock(&self.inner).live.get_mut(reflector) {
             l.connected = false;
-            l.seen = now;
         }
+    }
+
+    /// Whether a published pool has region `region`.
+    pub fn knows_region(&self, region: &str) -> bool {
+        lock(&self.inner).views.values().any(|v| {
+            v.snap
+                .input
+                .pools
+                .iter()
+                .any(|p| p.regions.iter().any(|r| r.name == region))
+        })
+    }
+
+    fn grace(&self) -> Millis {
+        self.config.report_grace.as_millis() as Millis
     }
 
     /// What a reflector hosting shard `(app, shard)` must enforce, from the shard's Session:
@@ -592,10 +650,13 @@ impl Router {
         Some((spec.max_users_per_shard, spec.persistence))
     }
 
-    /// Reflectors whose report stream is open, per region.
+    /// Reflectors whose report stream is open and not silent, per region.
     pub fn live_streams(&self) -> BTreeMap<String, u32> {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        inner.expire_reports(now, self.grace());
         let mut out = BTreeMap::new();
-        for l in lock(&self.inner).live.values().filter(|l| l.connected) {
+        for l in inner.live.values().filter(|l| l.connected && !l.expired) {
             *out.entry(l.region.clone()).or_insert(0) += 1;
         }
         out
@@ -703,9 +764,10 @@ impl Router {
         authorize: &impl Fn(&str) -> Result<(), RouteError>,
     ) -> Result<Attempt, RouteError> {
         let now = self.now();
-        let grace = self.config.report_grace.as_millis() as Millis;
+        let grace = self.grace();
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
+        inner.expire_reports(now, grace);
         let (view, at) =
             find_session(&inner.views, &req.namespace, &req.session).ok_or_else(|| {
                 RouteError::NotFound(format!(
@@ -930,7 +992,8 @@ impl Router {
             return Err(RouteError::invalid("session", "required"));
         }
         let now = self.now();
-        let inner = lock(&self.inner);
+        let mut inner = lock(&self.inner);
+        inner.expire_reports(now, self.grace());
         let (view, at) = find_session(&inner.views, namespace, session).ok_or_else(|| {
             RouteError::NotFound(format!(
                 "no Session in namespace {namespace:?} covers {session:?}"
@@ -1008,9 +1071,9 @@ fn routable_url<'a>(
         return None;
     }
     match live.get(name) {
-        Some(l) if l.draining => None,
-        Some(l) if !l.connected && now.saturating_sub(l.seen) > grace => None,
-        Some(l) if !l.url.is_empty() => Some(l.url.as_str()),
+        Some(l) if l.draining || l.expired => None,
+        Some(l) if now.saturating_sub(l.seen) > grace => None,
+        // The URL the backend assigned (pool template, launcher), never a reported one.
         _ => view.snap.urls.get(name).map(String::as_str),
     }
 }

@@ -1,8 +1,19 @@
 //! The report stream's server side: every reflector keeps one stream open; each report
 //! updates the router (users per shard, reservations that became users), and the stream
 //! carries the token keys back, then each reported shard's settings (hard cap, persistence)
-//! from its Session, again whenever they change. A stream that ends marks its reflector lost, and the router
-//! stops sending users to it after the grace period.
+//! from its Session, again whenever they change.
+//!
+//! **Identity.** A stream speaks for one reflector only. With a report key (the normal
+//! case) the reflector proves which one with the credential the operator minted for it
+//! ([`refleet_api::report_credential`]), which names its reflector and region; without one
+//! (an unauthenticated stream, for development) the stream is bound to the first reflector
+//! its reports name, in a region of a published pool. A report about any other reflector or
+//! region closes the stream with PERMISSION_DENIED. The URL a report proposes is never used:
+//! clients go to the URL the backend assigned.
+//!
+//! **Loss.** A stream that ends, or sends nothing for the router's `report_grace`, marks its
+//! reflector lost: after the grace period it gets no new routes and its reported users no
+//! longer count.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -12,7 +23,7 @@ use refleet_api::report::reports_server::{Reports, ReportsServer};
 use refleet_api::report::{
     Instruction, ReflectorReport, ShardSettings, TokenKey, TokenKeys, instruction::Kind,
 };
-use subtle::ConstantTimeEq as _;
+use refleet_api::report_credential::{ReflectorIdentity, ReportKey};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,18 +34,19 @@ use super::Router;
 #[derive(Debug, Clone)]
 pub struct ReportHub {
     router: Arc<Router>,
-    /// Shared secret reflectors must present (`authorization: Bearer …`); `None`: open.
-    secret: Option<Arc<str>>,
+    /// Checks the credential reflectors present (`authorization: Bearer …`); `None`: open.
+    key: Option<Arc<ReportKey>>,
     /// Accept streams only while this is true (the leader); `None`: always.
     leading: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl ReportHub {
-    /// A hub feeding `router`.
-    pub fn new(router: Arc<Router>, secret: Option<String>) -> Self {
+    /// A hub feeding `router`; `key` checks the reflectors' credentials (`None`: any stream
+    /// is accepted, bound to the first reflector it names).
+    pub fn new(router: Arc<Router>, key: Option<ReportKey>) -> Self {
         Self {
             router,
-            secret: secret.map(Arc::from),
+            key: key.map(Arc::new),
             leading: None,
         }
     }
@@ -50,24 +62,75 @@ impl ReportHub {
         ReportsServer::new(self)
     }
 
-    fn check(&self, request: &Request<Streaming<ReflectorReport>>) -> Result<(), Status> {
-        let Some(secret) = &self.secret else {
-            return Ok(());
+    /// The reflector the stream's credential proves (`None` without a report key).
+    fn authenticate(
+        &self,
+        request: &Request<Streaming<ReflectorReport>>,
+    ) -> Result<Option<ReflectorIdentity>, Status> {
+        let Some(key) = &self.key else {
+            return Ok(None);
         };
         let presented = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            None => Err(Status::unauthenticated(
-                "report stream needs authorization: Bearer <secret>",
+        let Some(credential) = presented else {
+            self.router.metrics.report_refused("missing_credential");
+            return Err(Status::unauthenticated(
+                "report stream needs authorization: Bearer <credential> (the reflector's REFLEET_REPORT_TOKEN)",
+            ));
+        };
+        key.verify(credential).map(Some).map_err(|e| {
+            self.router.metrics.report_refused(e.reason());
+            tracing::warn!(peer = ?request.remote_addr(), error = %e, "report stream refused");
+            Status::unauthenticated(e.to_string())
+        })
+    }
+}
+
+/// Checks one report against the stream's identity (binding an unauthenticated stream to
+/// its first report); `Err` carries the refusal reason and status.
+fn admit(
+    router: &Router,
+    bound: &mut Option<ReflectorIdentity>,
+    report: &ReflectorReport,
+) -> Result<(), (&'static str, Status)> {
+    if report.reflector.is_empty() {
+        return Err((
+            "other_reflector",
+            Status::invalid_argument("reflector: required"),
+        ));
+    }
+    match bound {
+        Some(id) if report.reflector != id.reflector => Err((
+            "other_reflector",
+            Status::permission_denied(format!(
+                "this stream reports for reflector {:?} only, not {:?}",
+                id.reflector, report.reflector
             )),
-            // Constant-time comparison: the secret guards every reflector's reports.
-            Some(p) if !bool::from(p.as_bytes().ct_eq(secret.as_bytes())) => {
-                Err(Status::unauthenticated("wrong report secret"))
-            }
-            Some(_) => Ok(()),
+        )),
+        Some(id) if report.region != id.region => Err((
+            "wrong_region",
+            Status::permission_denied(format!(
+                "reflector {:?} is in region {:?}, not {:?}",
+                id.reflector, id.region, report.region
+            )),
+        )),
+        Some(_) => Ok(()),
+        None if !router.knows_region(&report.region) => Err((
+            "unknown_region",
+            Status::permission_denied(format!(
+                "region {:?} is not a region of any pool",
+                report.region
+            )),
+        )),
+        None => {
+            *bound = Some(ReflectorIdentity {
+                reflector: report.reflector.clone(),
+                region: report.region.clone(),
+            });
+            Ok(())
         }
     }
 }
@@ -83,7 +146,7 @@ impl Reports for ReportHub {
         &self,
         request: Request<Streaming<ReflectorReport>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
-        self.check(&request)?;
+        let identity = self.authenticate(&request)?;
         if self
             .leading
             .as_ref()
@@ -110,22 +173,35 @@ impl Reports for ReportHub {
                 .await;
         }
         let router = self.router.clone();
+        let grace = router.config().report_grace;
         tokio::spawn(async move {
+            let mut bound = identity;
             let mut name: Option<String> = None;
             let mut last_seq = 0u64;
             // Settings sent on this stream, per shard: sent again only when they change.
             let mut sent: HashMap<(String, String), (u32, bool)> = HashMap::new();
             loop {
-                match inbound.message().await {
+                let Ok(next) = tokio::time::timeout(grace, inbound.message()).await else {
+                    // Its load stops counting anyway; closing lets the reflector reconnect.
+                    tracing::warn!(reflector = ?name, ?grace, "no report within the grace period; closing the report stream");
+                    router.metrics.report_refused("silent");
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "no report within {grace:?}; reconnect"
+                        ))))
+                        .await;
+                    break;
+                };
+                match next {
                     Ok(Some(report)) => {
-                        if report.reflector.is_empty() {
-                            let _ = tx
-                                .send(Err(Status::invalid_argument("reflector: required")))
-                                .await;
+                        if let Err((reason, status)) = admit(&router, &mut bound, &report) {
+                            tracing::warn!(reflector = %report.reflector, region = %report.region, bound = ?bound, ?peer, reason, "report refused; closing the report stream");
+                            router.metrics.report_refused(reason);
+                            let _ = tx.send(Err(status)).await;
                             break;
                         }
                         if name.is_none() {
-                            tracing::info!(reflector = %report.reflector, region = %report.region, url = %report.public_url, ?peer, "report stream open");
+                            tracing::info!(reflector = %report.reflector, region = %report.region, ?peer, "report stream open");
                         }
                         if report.sequence <= last_seq {
                             tracing::debug!(reflector = %report.reflector, sequence = report.sequence, "out-of-order report ignored");
