@@ -339,7 +339,9 @@ impl Routing {
         let report_key = match &args.report_secret {
             Some(name) => Some(report_key(&client, namespace, name).await?),
             None => {
-                tracing::warn!("no --report-secret: the report stream accepts reflectors without a credential (each stream is still pinned to one reflector and a known region); for development only");
+                tracing::warn!(
+                    "no --report-secret: the report stream accepts reflectors without a credential (each stream is still pinned to one reflector and a known region); for development only"
+                );
                 None
             }
         };
