@@ -13,6 +13,7 @@
 //! - [`registry`]: the table of sessions, touched only at JOIN.
 //! - [`session`]: one task per session; [`session::core`] holds the protocol itself.
 //! - [`files`]: the files endpoint for snapshots and persisted data.
+//! - [`files_scope`]: which snapshot and persisted-data URLs a session may record.
 //! - [`storage`]: the object store behind files, persisted-data records and session state.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`close`]: every close code the reflector sends.
@@ -31,6 +32,7 @@ pub mod close;
 pub mod config;
 pub mod connection;
 pub mod files;
+pub mod files_scope;
 pub mod frame;
 pub mod metrics;
 pub mod outbox;

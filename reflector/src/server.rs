@@ -71,6 +71,7 @@ impl Reflector {
             rejoin_grace: limits.rejoin_grace,
             requ_messages: limits.requ_messages,
             max_messages: limits.max_messages,
+            files_base: config.files_base(bound),
         });
         let ctx = Arc::new(Context {
             storage: storage.clone(),
