@@ -174,7 +174,11 @@ mod tests {
             );
         }
         assert_eq!(
-            persisted_path(BASE, &Identity::default(), &format!("{BASE}/apps/io.app/PID/save/H")),
+            persisted_path(
+                BASE,
+                &Identity::default(),
+                &format!("{BASE}/apps/io.app/PID/save/H")
+            ),
             Err(OutOfScope::NoIdentity)
         );
     }

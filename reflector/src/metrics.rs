@@ -73,6 +73,8 @@ pub struct Metrics {
     files_requests: IntCounterVec,
     files_bytes: IntCounterVec,
     stored_url_refusals: IntCounterVec,
+    /// Uploads being read now.
+    pub uploads_in_progress: IntGauge,
     /// 1 while the reflector is draining.
     pub draining: IntGauge,
     /// Sessions by lifecycle outcome.
@@ -262,6 +264,11 @@ impl Metrics {
                 "Persisted-data operations: SAVE records stored, look-ups at session start, and SAVEs dropped or look-ups skipped because the shard's Session has persistence off.",
                 &[&["save", "lookup_hit", "lookup_miss", "error", "skipped"]],
                 &["op"],
+            ),
+            uploads_in_progress: gauge(
+                r,
+                "refleet_reflector_uploads_in_progress",
+                "Uploads to the files endpoint being read now (capped by --max-uploads).",
             ),
             stored_url_refusals: counter_vec(
                 r,

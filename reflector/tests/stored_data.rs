@@ -1,5 +1,5 @@
 //! What a session may record and prune: SNAP and SAVE URLs only under the session's own
-//! prefix on this reflector's files base.
+//! prefix on this reflector's files base; and `/sessions` only for the operator.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -42,8 +42,10 @@ async fn save_records_only_urls_under_the_sessions_own_prefix() {
         "http://evil.example/files/apps/io.refleet.test/pid-1/save/h".to_string(),
         format!("{base}/apps/io.refleet.test/snap/c/pid-1.attacker/1_1.h"),
     ] {
-        a.send_json(json!({"id": "attacker", "action": "SAVE", "args": {"persistTime": 1, "url": url}}))
-            .await;
+        a.send_json(
+            json!({"id": "attacker", "action": "SAVE", "args": {"persistTime": 1, "url": url}}),
+        )
+        .await;
     }
     barrier(&mut a, "after the SAVEs").await;
     let metrics = r.metrics().await;
@@ -93,7 +95,12 @@ async fn snap_cannot_name_or_prune_another_sessions_snapshots() {
     let victim = |t: u32| format!("{base}/apps/com.victim/snap/code1/vpid.victim/{t:010}_{t}.h{t}");
     for t in 1..=4 {
         assert_eq!(
-            http.put(victim(t)).body(format!("v{t}")).send().await.unwrap().status(),
+            http.put(victim(t))
+                .body(format!("v{t}"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
             201
         );
     }
@@ -123,8 +130,54 @@ async fn snap_cannot_name_or_prune_another_sessions_snapshots() {
     // Stopping waits for pruning: the victim's snapshots are all still there.
     r.drain_and_stop().await;
     for t in 1..=4 {
-        let file = std::path::Path::new(&dir)
-            .join(format!("files/apps/com.victim/snap/code1/vpid.victim/{t:010}_{t}.h{t}"));
+        let file = std::path::Path::new(&dir).join(format!(
+            "files/apps/com.victim/snap/code1/vpid.victim/{t:010}_{t}.h{t}"
+        ));
         assert!(file.exists(), "{file:?} was pruned");
     }
+}
+
+/// A non-loopback address of this machine, if it has one (found without sending anything).
+fn outside_address() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.255:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test]
+async fn sessions_are_listed_only_for_the_operator() {
+    let Some(ip) = outside_address() else {
+        eprintln!("skipped: this machine has no non-loopback address to test from");
+        return;
+    };
+    let (_d, dir) = temp_storage();
+    let r = support::start_on("0.0.0.0:0", &dir, &["--report-token", "s3cret"]).await;
+    let mut a = Client::connect(&r, "listed").await;
+    a.join("a").await;
+    let outside = format!("http://{ip}:{}/sessions", r.addr.port());
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    assert_eq!(http.get(&outside).send().await.unwrap().status(), 403);
+    assert_eq!(
+        http.get(&outside)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let ok = http
+        .get(&outside)
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(ok.text().await.unwrap().contains("listed"));
+    // On the same machine (or pod), no secret is needed.
+    let local = format!("http://127.0.0.1:{}/sessions", r.addr.port());
+    assert_eq!(http.get(&local).send().await.unwrap().status(), 200);
+    a.close().await;
+    r.drain_and_stop().await;
 }

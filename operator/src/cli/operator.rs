@@ -90,14 +90,18 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
-    serve(
-        client,
-        args,
-        listener,
-        Arc::new(HttpLoad::new()),
-        shutdown_signal(),
-    )
-    .await
+    // Reflectors answer /sessions (their load) only with the report-stream secret.
+    let report_secret = match &args.routing.report_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --report-token-file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let load = HttpLoad::new().with_secret(report_secret.as_deref());
+    serve(client, args, listener, Arc::new(load), shutdown_signal()).await
 }
 
 /// Runs the operator with `client`, serving `/metrics` and `/healthz` on `listener`, until

@@ -16,7 +16,7 @@ use anyhow::Context;
 
 use crate::local::config::{LocalConfig, LocalSettings};
 use crate::local::fleet::{Fleet, PoolRuntime};
-use crate::local::launcher::{ProcessLauncher, ProcessSettings};
+use crate::local::launcher::{ProcessLauncher, ProcessSettings, sessions_client};
 use crate::local::server::{Published, Server};
 use crate::local::table;
 use crate::router::metrics::RouterMetrics;
@@ -175,7 +175,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Verifier::format_key(s.key_id(), &s.public_key()),
         ]);
     }
-    let hub = ReportHub::new(router.clone(), Some(report_secret));
+    let hub = ReportHub::new(router.clone(), Some(report_secret.clone()));
     let (stop_reports, reports_stopped) = tokio::sync::oneshot::channel::<()>();
     let reporting = tokio::spawn(reports::serve(report_listener, hub, async {
         let _ = reports_stopped.await;
@@ -187,7 +187,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
 
     let shared = Arc::new(RwLock::new(Published::default()));
-    let mut server = Server::new(shared.clone(), storage, max_upload_bytes);
+    // The children's /sessions answer only with the report secret (or to loopback clients).
+    let sessions_http = sessions_client(Some(&report_secret));
+    let mut server = Server::new(
+        shared.clone(),
+        storage,
+        max_upload_bytes,
+        sessions_http.clone(),
+    );
     server.prometheus = Some(crate::local::prometheus::Endpoint::new(
         crate::local::prometheus::Exporter::new(&metrics),
         bound,
@@ -217,6 +224,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         extra_args: reflector_args,
         logs: child_logs,
         log_dir: data_dir.join("logs"),
+        sessions_http,
     });
     let mut fleet = Fleet::new(launcher, runtimes, sessions)
         .with_metrics(metrics)

@@ -1,7 +1,8 @@
 //! What the controllers observe: reflector pods and the load each reflector reports.
 //!
 //! Load comes through the small [`LoadSource`] trait. Today's implementation,
-//! [`HttpLoad`], asks every ready reflector pod for `GET http://<podIP>:7070/sessions`; the
+//! [`HttpLoad`], asks every ready reflector pod for `GET http://<podIP>:7070/sessions` (with
+//! the report-stream secret, which `/sessions` requires from non-loopback clients); the
 //! reflectors' gRPC report stream (a later piece) will implement the same trait.
 
 use std::collections::HashMap;
@@ -110,12 +111,34 @@ impl HttpLoad {
 
     /// Same, on another port (tests run reflectors on loopback addresses).
     pub fn with_port(port: u16) -> Self {
-        let client = reqwest::Client::builder()
+        Self {
+            client: Self::client(None),
+            port,
+        }
+    }
+
+    /// Presents the report-stream secret: reflectors answer `/sessions` from other
+    /// addresses than loopback only with it.
+    pub fn with_secret(mut self, secret: Option<&str>) -> Self {
+        self.client = Self::client(secret);
+        self
+    }
+
+    fn client(secret: Option<&str>) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(secret) = secret
+            && let Ok(mut value) =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {secret}"))
+        {
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .no_proxy()
+            .default_headers(headers)
             .build()
-            .unwrap_or_default();
-        Self { client, port }
+            .unwrap_or_default()
     }
 }
 

@@ -48,6 +48,10 @@ pub struct ReportedSession {
     pub persistent_id: Option<String>,
     /// Members (connected users plus those within their leave delay).
     pub users: u32,
+    /// Addresses of the admitted members connected now (uploads into the session are
+    /// accepted only from these).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<std::net::IpAddr>,
 }
 
 impl ReportedSession {
@@ -127,6 +131,8 @@ pub struct ProcessSettings {
     pub logs: ChildLogs,
     /// Directory for log files (with [`ChildLogs::Files`]).
     pub log_dir: PathBuf,
+    /// The client for `/sessions` polls (see [`sessions_client`]).
+    pub sessions_http: reqwest::Client,
 }
 
 struct ChildProc {
@@ -146,10 +152,7 @@ pub struct ProcessLauncher {
 impl ProcessLauncher {
     /// A launcher with no children yet.
     pub fn new(settings: ProcessSettings) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(800))
-            .build()
-            .unwrap_or_default();
+        let http = settings.sessions_http.clone();
         Self {
             settings,
             children: BTreeMap::new(),
@@ -292,6 +295,23 @@ impl Launcher for ProcessLauncher {
     fn forget(&mut self, name: &str) {
         self.children.remove(name);
     }
+}
+
+/// A client for reflectors' `/sessions` with a short timeout, presenting the report-stream
+/// `secret` (a reflector answers `/sessions` only with it, or to a loopback client).
+pub fn sessions_client(secret: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(secret) = secret
+        && let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {secret}"))
+    {
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(800))
+        .default_headers(headers)
+        .build()
+        .unwrap_or_default()
 }
 
 /// The body of a reflector's `/sessions`.

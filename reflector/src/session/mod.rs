@@ -157,9 +157,13 @@ pub(crate) async fn run(
                                 registry.record_admission(&id, admitted);
                             }
                             core.join(conn, out, *join, Instant::now());
+                            registry.attach(&id, conn);
                         }
                         Command::Message { conn, msg } => core.message(conn, msg, Instant::now()),
-                        Command::Closed { conn } => core.closed(conn, Instant::now()),
+                        Command::Closed { conn } => {
+                            registry.detach(&id, conn);
+                            core.closed(conn, Instant::now());
+                        }
                         Command::EndIfIdle => end_when_idle = true,
                         Command::Drain => {
                             if !core.is_draining() {
