@@ -321,6 +321,7 @@ fn random_hex(bytes: usize) -> String {
 /// Writes a secret readable by this user only.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::PermissionsExt as _;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -328,6 +329,34 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    // `mode` applies only when the file is created: a file left from an earlier run (or
+    // planted with looser permissions) is narrowed before the secret goes in.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting permissions of {}", path.display()))?;
     f.write_all(text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn secrets_are_private_even_when_the_file_existed() {
+        let dir = std::env::temp_dir().join(format!("refleet-up-test-{}", random_hex(8)));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("report-secret");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private(&path, "new secret").expect("write_private");
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new secret");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
