@@ -139,10 +139,15 @@ async fn snap_cannot_name_or_prune_another_sessions_snapshots() {
 
 /// A non-loopback address of this machine, if it has one (found without sending anything).
 fn outside_address() -> Option<std::net::IpAddr> {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    s.connect("192.0.2.255:9").ok()?;
-    let ip = s.local_addr().ok()?.ip();
-    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+    // Connecting a UDP socket only picks a route and a source address.
+    ["198.51.100.1:9", "10.1.2.3:9", "192.168.1.1:9"]
+        .iter()
+        .find_map(|target| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+            s.connect(target).ok()?;
+            let ip = s.local_addr().ok()?.ip();
+            (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+        })
 }
 
 #[tokio::test]
