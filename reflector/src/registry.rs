@@ -69,6 +69,9 @@ pub struct Activity {
     pub max_users: u32,
 }
 
+/// An admitted connection of a session and its peer address.
+type Attached = (ConnId, IpAddr);
+
 /// All sessions of this reflector.
 #[derive(Debug)]
 pub struct Registry {
@@ -81,7 +84,7 @@ pub struct Registry {
     /// The peer address of every open WebSocket connection.
     conn_peers: Mutex<HashMap<ConnId, IpAddr>>,
     /// The connections each session admitted, with their peer addresses.
-    attached: Mutex<HashMap<Arc<str>, Vec<(ConnId, IpAddr)>>>,
+    attached: Mutex<HashMap<Arc<str>, Vec<Attached>>>,
     draining: AtomicBool,
     tracker: TaskTracker,
     ctx: Arc<Context>,
