@@ -224,6 +224,13 @@ impl JoinClaims {
         if now_unix >= self.expires_at {
             return Err(TokenError::Expired);
         }
+        self.check_identity(app_id, name)
+    }
+
+    /// Whether these (verified) claims name `app_id` and shard `name`, whatever their expiry:
+    /// enough to let a view that was admitted with this very token back in, and to spend a
+    /// storage look-up on it.
+    pub fn check_identity(&self, app_id: &str, name: &str) -> Result<(), TokenError> {
         if self.app_id != app_id {
             return Err(TokenError::WrongShard {
                 field: "appId",

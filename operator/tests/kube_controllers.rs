@@ -1,7 +1,9 @@
 //! Against a real kube-apiserver + etcd (scripts/kube-local): the CRDs install and become
 //! Established, a CEL rule rejects a bad Session with its message, and the operator —
-//! impersonating a ServiceAccount bound to exactly the chart's ClusterRole — creates a
-//! pool's reflector pod and gives a Session its shard, status and Events, with no Forbidden.
+//! impersonating a ServiceAccount bound to exactly the chart's rules (the ClusterRole, and
+//! the Role of its own namespace) — creates a pool's reflector pod and gives a Session its
+//! shard, status and Events, with no Forbidden; and cannot write Leases outside its own
+//! namespace.
 //!
 //! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
 
@@ -11,9 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
@@ -25,17 +28,29 @@ use serde_json::json;
 mod support;
 use support::{config, eventually, prepare, start_kube};
 
-/// The chart's ClusterRole rules (the plain YAML after `rules:`).
-fn chart_rules() -> Vec<PolicyRule> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/refleet/templates/clusterrole.yaml");
+/// The `rules:` of one of the chart's RBAC templates (plain YAML after `rules:`; template
+/// lines dropped, and the one inline value, the join-token Secret's name, filled in).
+fn chart_rules(template: &str) -> Vec<PolicyRule> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/refleet/templates")
+        .join(template);
     let text = std::fs::read_to_string(path).unwrap();
-    let start = text.find("\nrules:\n").expect("rules: in the ClusterRole") + 1;
+    let start = text.find("\nrules:\n").expect("rules: in the template") + 1;
     let rules: String = text[start..]
         .lines()
         .filter(|l| !l.trim_start().starts_with("{{"))
+        .map(|l| {
+            l.replace(
+                r#"{{ include "refleet.joinTokenSecret" . | quote }}"#,
+                r#""refleet-join-token""#,
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n");
+    assert!(
+        !rules.contains("{{"),
+        "an unexpected template value in {template}"
+    );
     #[derive(serde::Deserialize)]
     struct Rules {
         rules: Vec<PolicyRule>,
@@ -78,17 +93,28 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
         "{err}"
     );
 
-    // The chart's RBAC, bound to a ServiceAccount the operator impersonates.
-    let sa: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    // The chart's RBAC, bound to a ServiceAccount the operator impersonates: the ClusterRole
+    // cluster-wide, the own-namespace Role in the release namespace (not the watched one).
+    let release_ns = "refleet-it-system";
+    Api::<Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": release_ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let sa: Api<ServiceAccount> = Api::namespaced(admin.clone(), release_ns);
     sa.create(
         &PostParams::default(),
         &serde_json::from_value(json!({"metadata": {"name": "refleet-operator"}})).unwrap(),
     )
     .await
     .unwrap();
+    let subjects =
+        json!([{"kind": "ServiceAccount", "name": "refleet-operator", "namespace": release_ns}]);
     let role = ClusterRole {
         metadata: serde_json::from_value(json!({"name": "refleet-it-operator"})).unwrap(),
-        rules: Some(chart_rules()),
+        rules: Some(chart_rules("clusterrole.yaml")),
         ..Default::default()
     };
     Api::<ClusterRole>::all(admin.clone())
@@ -98,23 +124,58 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
     let binding: ClusterRoleBinding = serde_json::from_value(json!({
         "metadata": {"name": "refleet-it-operator"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "refleet-it-operator"},
-        "subjects": [{"kind": "ServiceAccount", "name": "refleet-operator", "namespace": ns}]
+        "subjects": subjects
     }))
     .unwrap();
     Api::<ClusterRoleBinding>::all(admin.clone())
         .create(&PostParams::default(), &binding)
         .await
         .unwrap();
+    let self_role = Role {
+        metadata: serde_json::from_value(json!({"name": "refleet-it-operator-self"})).unwrap(),
+        rules: Some(chart_rules("role.yaml")),
+    };
+    Api::<Role>::namespaced(admin.clone(), release_ns)
+        .create(&PostParams::default(), &self_role)
+        .await
+        .unwrap();
+    let self_binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "refleet-it-operator-self"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "refleet-it-operator-self"},
+        "subjects": subjects
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), release_ns)
+        .create(&PostParams::default(), &self_binding)
+        .await
+        .unwrap();
     let mut op_config = admin_config.clone();
-    op_config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:refleet-operator"));
+    op_config.auth_info.impersonate = Some(format!(
+        "system:serviceaccount:{release_ns}:refleet-operator"
+    ));
     let operator = Client::try_from(op_config).unwrap();
+
+    // Leases only in its own namespace: a Lease in a watched namespace (or any other) is
+    // Forbidden, so a compromised operator cannot take over another controller's election.
+    let lease: Lease =
+        serde_json::from_value(json!({"metadata": {"name": "someone-elses-election"}})).unwrap();
+    for other in [ns, "default"] {
+        let err = Api::<Lease>::namespaced(operator.clone(), other)
+            .create(&PostParams::default(), &lease)
+            .await
+            .expect_err("a Lease outside the release namespace must be Forbidden");
+        assert!(
+            matches!(&err, kube::Error::Api(e) if e.code == 403),
+            "{other}: {err}"
+        );
+    }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = listener.local_addr().unwrap();
     let args = OperatorArgs {
         namespaces: vec![ns.to_owned()],
         lease_name: "refleet-operator".to_owned(),
-        lease_namespace: Some(ns.to_owned()),
+        lease_namespace: Some(release_ns.to_owned()),
         identity: Some("it-0".to_owned()),
         lease_duration: Duration::from_secs(6).into(),
         lease_renew_before: Duration::from_secs(2).into(),

@@ -17,10 +17,11 @@ use refleet_operator::crd::{Capacity, PlacementStrategy, SessionSpec};
 use refleet_operator::planner::{
     ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput,
 };
+use refleet_operator::router::client::{self, TrustedProxies};
 use refleet_operator::router::metrics::RouterMetrics;
 use refleet_operator::router::reports::{self, ReportHub};
 use refleet_operator::router::service::{self, Access, Frontend};
-use refleet_operator::router::{Router, RouterConfig, SessionDef, Snapshot};
+use refleet_operator::router::{Caller, Router, RouterConfig, SessionDef, Snapshot};
 use tonic_types::StatusExt;
 
 const POOL: &str = "default/pool";
@@ -676,4 +677,227 @@ async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
         ..load(2, vec![])
     });
     assert_eq!(total("lobby", users), 5);
+}
+
+/// `GET /v1/route` from a client bound to `from` (any 127.x address is loopback).
+async fn json_route_from(
+    base: &str,
+    from: &str,
+    session: &str,
+    headers: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let http = reqwest::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let mut b = http.get(format!(
+        "{base}/v1/route?namespace=default&session={session}"
+    ));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let res = b.send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn anonymous_routes_can_neither_lock_a_session_nor_scale_it_up() {
+    let (r, _) = router(RouterConfig::default());
+    // Keys off (the old chart default); 4 shards of 8 places below the threshold each.
+    r.publish(
+        "local",
+        snapshot(vec![session("lobby", 10, 4), session("hall", 10, 4)], 4),
+    );
+    let base = serve(Frontend {
+        router: r.clone(),
+        access: Arc::new(Access::new(HashMap::new(), &[], 1_000)),
+        leading: service::always_leading(),
+    })
+    .await;
+
+    // One client asks 32 times: it gets a few places, then a 429 that says which limit.
+    let mut answered = 0;
+    let mut refusal = serde_json::Value::Null;
+    for _ in 0..32 {
+        match json_route_from(&base, "127.0.0.1", "lobby", &[]).await {
+            (200, _) => answered += 1,
+            (429, body) => refusal = body,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(answered, 4, "the per-client limit");
+    let message = refusal["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("limit per client without an API key: 4"),
+        "{refusal}"
+    );
+    // A new user is routed.
+    assert_eq!(
+        json_route_from(&base, "127.0.0.2", "lobby", &[]).await.0,
+        200
+    );
+
+    // 32 clients once each: every one is answered, the session opens no more than two shards
+    // for them, and a new user still gets in.
+    for i in 0..32 {
+        let from = format!("127.0.1.{}", i + 1);
+        assert_eq!(json_route_from(&base, &from, "hall", &[]).await.0, 200);
+    }
+    assert_eq!(
+        json_route_from(&base, "127.0.0.3", "hall", &[]).await.0,
+        200
+    );
+    let shards = r.list_shards("default", "hall").unwrap();
+    assert!(shards.len() <= 2, "{shards:?}");
+    let held: u32 = shards.iter().map(|s| s.reserved).sum();
+    assert!(
+        held <= 8,
+        "anonymous callers hold at most half the free places: {shards:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unused_reservation_is_released_after_the_claim_window_and_keyed_callers_are_not_capped()
+{
+    let (r, _) = router(RouterConfig {
+        claim_window: Duration::from_millis(300),
+        max_per_client: 2,
+        ..RouterConfig::default()
+    });
+    r.publish("local", snapshot(vec![session("lobby", 10, 4)], 4));
+    let anon = Caller::Anonymous("198.51.100.7".parse().unwrap());
+    let reserved = || -> u32 {
+        r.list_shards("default", "lobby")
+            .unwrap()
+            .iter()
+            .map(|s| s.reserved)
+            .sum()
+    };
+    let first = r
+        .route_as(&req("lobby", "eu"), &anon, |_| Ok(()))
+        .await
+        .unwrap();
+    // The token outlives the claim window: a late join is still admitted by the reflector.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(first.token_expires_at.unwrap().seconds >= now + 50);
+    r.route_as(&req("lobby", "eu"), &anon, |_| Ok(()))
+        .await
+        .unwrap();
+    let e = r
+        .route_as(&req("lobby", "eu"), &anon, |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "RESOURCE_EXHAUSTED");
+    // A user routed again keeps the place it holds, even at the limit.
+    let ann = RouteRequest {
+        user_id: "ann".into(),
+        ..req("lobby", "eu")
+    };
+    let other = Caller::Anonymous("198.51.100.8".parse().unwrap());
+    let a1 = r.route_as(&ann, &other, |_| Ok(())).await.unwrap();
+    r.route_as(&req("lobby", "eu"), &other, |_| Ok(()))
+        .await
+        .unwrap();
+    assert_eq!(r.route_as(&ann, &other, |_| Ok(())).await.unwrap(), a1);
+    // A caller with a known key is the app's: no per-client limit.
+    let keyed = Caller::Keyed("app".into());
+    for _ in 0..6 {
+        r.route_as(&req("lobby", "eu"), &keyed, |_| Ok(()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(reserved(), 10);
+    // Nobody joins: the places come back after the claim window, and the client may route again.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while reserved() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("reservations released");
+    r.route_as(&req("lobby", "eu"), &anon, |_| Ok(()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unknown_api_keys_count_against_their_address_not_a_bucket_of_their_own() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", snapshot(vec![session("lobby", 10, 4)], 4));
+    let keys = HashMap::from([("key-app".to_owned(), "app".to_owned())]);
+    // 1 call per second, bursts of 2.
+    let keyed = serve(Frontend {
+        router: r.clone(),
+        access: Arc::new(Access::new(keys, &[], 1)),
+        leading: service::always_leading(),
+    })
+    .await;
+    let statuses = |base: String, from: &'static str| async move {
+        let mut out = Vec::new();
+        for i in 0..3 {
+            let key = format!("random-{i}-{}", rand::random::<u64>());
+            out.push(
+                json_route_from(&base, from, "lobby", &[("x-api-key", key.as_str())])
+                    .await
+                    .0,
+            );
+        }
+        out
+    };
+    assert_eq!(statuses(keyed.clone(), "127.0.0.1").await, [401, 401, 429]);
+    // A known key has its own bucket.
+    assert_eq!(
+        json_route_from(&keyed, "127.0.0.1", "lobby", &[("x-api-key", "key-app")])
+            .await
+            .0,
+        200
+    );
+    // Keys off: a presented key means nothing, the address is the client.
+    let open = serve(Frontend {
+        router: r.clone(),
+        access: Arc::new(Access::new(HashMap::new(), &[], 1)),
+        leading: service::always_leading(),
+    })
+    .await;
+    assert_eq!(statuses(open, "127.0.0.2").await, [200, 200, 429]);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
+    let (r, _) = router(RouterConfig {
+        max_per_client: 0,
+        anonymous_share: 1.0,
+        ..RouterConfig::default()
+    });
+    r.publish("local", snapshot(vec![session("lobby", 10, 4)], 4));
+    let proxies = TrustedProxies::new(vec![client::parse_proxy("127.0.0.1").unwrap()]);
+    let base = serve(Frontend {
+        router: r.clone(),
+        access: Arc::new(Access::new(HashMap::new(), &[], 1).trusting(proxies)),
+        leading: service::always_leading(),
+    })
+    .await;
+    let via = |from: &'static str, client: &'static str| {
+        let base = base.clone();
+        async move {
+            json_route_from(&base, from, "lobby", &[("x-forwarded-for", client)])
+                .await
+                .0
+        }
+    };
+    // From the proxy: the forwarded address is the client.
+    assert_eq!(via("127.0.0.1", "198.51.100.1").await, 200);
+    assert_eq!(via("127.0.0.1", "198.51.100.1").await, 200);
+    assert_eq!(via("127.0.0.1", "198.51.100.1").await, 429);
+    assert_eq!(via("127.0.0.1", "198.51.100.2").await, 200);
+    // A spoofed left-most entry does not make a new client.
+    assert_eq!(via("127.0.0.1", "6.6.6.6, 198.51.100.1").await, 429);
+    // From anyone else the header is ignored.
+    assert_eq!(via("127.0.0.5", "198.51.100.3").await, 200);
+    assert_eq!(via("127.0.0.5", "198.51.100.4").await, 200);
+    assert_eq!(via("127.0.0.5", "198.51.100.5").await, 429);
 }

@@ -35,6 +35,7 @@ fn settings() -> Arc<Settings> {
         requ_messages: usize::MAX,
         max_messages: usize::MAX,
         files_base: "http://bench/files".into(),
+        max_retained_bytes: usize::MAX,
     })
 }
 

@@ -144,6 +144,12 @@ pub struct Config {
     #[arg(long, env = "REFLEET_MAX_MESSAGES", default_value_t = 100_000)]
     pub max_messages: usize,
 
+    /// Hard cap of the bytes of messages retained since the last snapshot, per session;
+    /// past it SENDs are dropped like past --max-messages. Late joiners receive all retained
+    /// messages in their SYNC, so this also bounds a SYNC.
+    #[arg(long, env = "REFLEET_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_retained_bytes: usize,
+
     /// The operator's report-stream endpoint (e.g. http://refleet-report.refleet-system.svc:8081).
     /// When set, the reflector keeps a gRPC stream open to it, reports its load about once a
     /// second and at once on change, and follows its instructions (drain, shard caps, token
@@ -206,6 +212,7 @@ pub struct Limits {
     pub snapshot_retention: usize,
     pub requ_messages: usize,
     pub max_messages: usize,
+    pub max_retained_bytes: usize,
 }
 
 impl Default for Limits {
@@ -235,6 +242,7 @@ impl From<&Config> for Limits {
             snapshot_retention,
             requ_messages,
             max_messages,
+            max_retained_bytes,
             listen: _,
             public_url: _,
             files_url: _,
@@ -269,6 +277,7 @@ impl From<&Config> for Limits {
             snapshot_retention: *snapshot_retention,
             requ_messages: *requ_messages,
             max_messages: (*max_messages).max(1),
+            max_retained_bytes: (*max_retained_bytes).max(1),
         }
     }
 }

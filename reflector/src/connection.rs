@@ -21,7 +21,7 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
-use crate::admission::TokenCheck;
+use crate::admission::{Presented, Requested};
 use crate::close::{self, Close};
 use crate::config::Limits;
 use crate::frame::{self, ClientMsg, Text};
@@ -55,7 +55,7 @@ pub fn session_id_from_path(path: &str) -> &str {
 pub fn serve(
     socket: WebSocket,
     session_id: Arc<str>,
-    token: Option<Arc<TokenCheck>>,
+    token: Option<Arc<Presented>>,
     peer: SocketAddr,
     registry: Arc<Registry>,
     limits: Arc<Limits>,
@@ -106,7 +106,7 @@ struct Reader {
     conn: ConnId,
     session_id: Arc<str>,
     /// The connection's verified join token (checked by the session at JOIN).
-    token: Option<Arc<TokenCheck>>,
+    token: Option<Arc<Presented>>,
     peer: SocketAddr,
     registry: Arc<Registry>,
     limits: Arc<Limits>,
@@ -278,6 +278,21 @@ impl Reader {
     async fn join(&mut self, join: Box<frame::Join>) {
         if self.joined.is_some() {
             tracing::debug!(conn = self.conn, session = %self.session_id, "second JOIN on one connection ignored");
+            return;
+        }
+        // Before the JOIN may start (or touch) a session: the token for what it names.
+        let req = Requested {
+            app_id: join.app_id.as_deref().unwrap_or(""),
+            shard: crate::session::shard_of(&join),
+        };
+        if let Err(r) = self
+            .registry
+            .context()
+            .admission
+            .precheck(self.token.as_deref(), req)
+        {
+            self.registry.context().metrics.join_refusals(r.reason);
+            self.refuse(r.close, &r.detail);
             return;
         }
         let mut join = join;

@@ -100,6 +100,8 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "invalid_token",
     "expired_token",
     "wrong_shard",
+    "wrong_session",
+    "view_taken",
     "shard_full",
 ];
 
@@ -406,6 +408,11 @@ impl Metrics {
         self.session_ends
             .with_label_values(&[if drained { "drained" } else { "empty" }])
             .inc();
+    }
+
+    /// Counts a session whose task failed (a bug: it panicked) and was removed.
+    pub fn session_failed(&self) {
+        self.session_ends.with_label_values(&["failed"]).inc();
     }
 
     /// The text exposition of every metric.

@@ -122,7 +122,11 @@ impl Registry {
     pub fn join(self: &Arc<Self>, id: &str) -> Result<SessionHandle, Refused> {
         let mut sessions = lock(&self.sessions);
         if let Some(h) = sessions.get(id) {
-            return Ok(h.clone());
+            if !h.tx.is_closed() {
+                return Ok(h.clone());
+            }
+            // Its task is gone without removing itself (it failed): start a new one.
+            sessions.remove(id);
         }
         if self.is_draining() {
             return Err(Refused::Draining);
@@ -156,6 +160,15 @@ impl Registry {
         sessions.remove(id);
         rx.close();
         true
+    }
+
+    /// Removes the handle of a session whose task failed, so that the next JOIN of that id
+    /// starts a new task instead of queueing to a dead one.
+    pub(crate) fn remove_failed(&self, id: &str) {
+        let mut sessions = lock(&self.sessions);
+        if sessions.get(id).is_some_and(|h| h.tx.is_closed()) {
+            sessions.remove(id);
+        }
     }
 
     /// Records whether a session has connected clients (and under which identity).
@@ -344,5 +357,47 @@ impl Registry {
     pub async fn wait_all(&self) {
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn registry() -> Arc<Registry> {
+        let settings = crate::session::core::Settings {
+            reflector_name: "t".into(),
+            default_tick: Duration::from_millis(200),
+            empty_session_ttl: Duration::from_secs(10),
+            rejoin_grace: Duration::from_secs(10),
+            requ_messages: 10,
+            max_messages: 10,
+            max_retained_bytes: 1000,
+            files_base: "http://f".into(),
+        };
+        Registry::new(Arc::new(Context {
+            storage: crate::storage::Storage::open("memory://").unwrap(),
+            metrics: crate::metrics::Metrics::new("t"),
+            settings: Arc::new(settings),
+            files_base: "http://f".into(),
+            snapshot_retention: 1,
+            admission: crate::admission::Admission::new(false, Default::default()),
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_session_whose_task_died_is_replaced_at_the_next_join() {
+        let r = registry();
+        // A handle whose task is gone (its receiver dropped), as after a panic.
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        lock(&r.sessions).insert(Arc::from("s"), SessionHandle { tx });
+        let h = r.join("s").unwrap();
+        assert!(!h.tx.is_closed(), "a new session task took its place");
+        // remove_failed leaves a live session alone.
+        r.remove_failed("s");
+        assert!(r.contains("s"));
     }
 }

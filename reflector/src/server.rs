@@ -87,6 +87,7 @@ impl Reflector {
             requ_messages: limits.requ_messages,
             max_messages: limits.max_messages,
             files_base: config.files_base(bound),
+            max_retained_bytes: limits.max_retained_bytes,
         });
         let ctx = Arc::new(Context {
             storage: storage.clone(),

@@ -143,6 +143,13 @@ pub struct StoredSession {
     pub users: Vec<Box<RawValue>>,
     /// Wall-clock time of storing (ms since the Unix epoch).
     pub stored_at_ms: u64,
+    /// The identity the session was admitted under; it keeps it wherever it resumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<crate::admission::Binding>,
+    /// Admitted views (user record JSON text) with a hex fingerprint of the token each was
+    /// admitted with: what a returning view must present again.
+    #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
+    pub views: std::collections::HashMap<String, String>,
 }
 
 /// The current stored-session format.
@@ -735,6 +742,8 @@ mod tests {
             completed_tallies: vec![],
             users: vec![],
             stored_at_ms: 0,
+            binding: None,
+            views: Default::default(),
         };
         s.store_session(&state).await.expect("store");
         let back = s

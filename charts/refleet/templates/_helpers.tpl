@@ -88,9 +88,6 @@ a message that names the value to change.
 {{- if and .Values.reflectorTLS.enabled .Values.reflectorTLS.certManager.enabled (empty .Values.reflectorTLS.certManager.dnsNames) -}}
 {{- fail "reflectorTLS.certManager.enabled=true needs reflectorTLS.certManager.dnsNames (the reflector endpoints' host names)" -}}
 {{- end -}}
-{{- if and .Values.apiKeys.enabled (not .Values.apiKeys.existingSecret) (empty .Values.apiKeys.keys) -}}
-{{- fail "apiKeys.enabled=true needs apiKeys.existingSecret or at least one entry in apiKeys.keys (appId: key)" -}}
-{{- end -}}
 {{- if and .Values.router.gateway.enabled (empty .Values.router.gateway.parentRefs) -}}
 {{- fail "router.gateway.enabled=true needs router.gateway.parentRefs (the Gateway the routes attach to)" -}}
 {{- end -}}

@@ -41,6 +41,10 @@ OPERATOR_FLAGS = {
     "--api-keys-dir": "REFLEET_API_KEYS_DIR",
     "--allowed-origins": "REFLEET_ALLOWED_ORIGINS",
     "--route-rate-limit": "REFLEET_ROUTE_RATE_LIMIT",
+    "--trusted-proxies": "REFLEET_TRUSTED_PROXIES",
+    "--reservation-claim-window": "REFLEET_RESERVATION_CLAIM_WINDOW",
+    "--max-reservations-per-client": "REFLEET_MAX_RESERVATIONS_PER_CLIENT",
+    "--anonymous-reservation-share": "REFLEET_ANONYMOUS_RESERVATION_SHARE",
     "--pod-name": "REFLEET_POD_NAME",
     "--pod-namespace": "REFLEET_POD_NAMESPACE",
     "--reflector-report-url": "REFLEET_REFLECTOR_REPORT_URL",
@@ -89,7 +93,8 @@ def test_operator_accepts_every_flag_and_variable_the_chart_sets():
                        if f in flags and flags[f]["env"] != e)
     accepted = {v["env"] for v in flags.values()}
     everything = chartlib.deep_merge({"apiKeys": {"enabled": True, "existingSecret": "k"}},
-                                     {"operator": {"watchNamespaces": ["a"]}})
+                                     {"operator": {"watchNamespaces": ["a"]},
+                                      "router": {"trustedProxies": ["10.0.0.0/8"]}})
     chart_vars = {n for n in deployment_env(everything) if n.startswith("REFLEET_")}
     unaccepted = sorted(chart_vars - accepted)
     assert not (missing or wrong_env or unaccepted), (

@@ -131,6 +131,10 @@ def operator(kube):
         env[var] = f"127.0.0.1:{ports[name]}"
     assert env["REFLEET_REPORT_TOKEN_FILE"] == "/etc/refleet/report-token/token"
     env["REFLEET_REPORT_TOKEN_FILE"] = str(work / "in/report-token/token")
+    # API keys are on by default and none exist yet: the optional Secret volume is empty.
+    assert env["REFLEET_API_KEYS_DIR"] == "/etc/refleet/api-keys"
+    (work / "in/api-keys").mkdir()
+    env["REFLEET_API_KEYS_DIR"] = str(work / "in/api-keys")
     env.update({"KUBECONFIG": str(work / "in/kubeconfig"), "HOSTNAME": SANDBOX_POD, "TMPDIR": str(work / "tmp")})
     log = work / "operator.log"
     assert container["command"] == ["/usr/local/bin/refleet", "operator"]

@@ -49,6 +49,9 @@ TOGGLES: dict[str, dict] = {
     "crds-not-kept": {"crds": {"keep": False}},
     "api-keys": {"apiKeys": {"enabled": True, "keys": {"com.example.counter": "s3cret", "io.refleet.demo": "k2"}}},
     "api-keys-existing": {"apiKeys": {"enabled": True, "existingSecret": "my-api-keys"}},
+    "api-keys-off": {"apiKeys": {"enabled": False}},
+    "trusted-proxies": {"router": {"trustedProxies": ["10.0.0.0/8", "192.168.1.7", "fd00::/8"],
+                                   "reservations": {"claimWindow": "10s", "perClient": 2, "anonymousShare": 0.25}}},
     "existing-secrets": {"report": {"existingSecret": "my-report-token"},
                          "joinTokens": {"existingSecret": "my-join-key", "ttl": "2m"}},
     "join-tokens-off": {"joinTokens": {"enabled": False}},
@@ -67,7 +70,7 @@ TOGGLES: dict[str, dict] = {
 }
 TOGGLES["everything"] = {}
 for _name, _values in TOGGLES.items():
-    if _name not in ("everything", "crds-off", "api-keys-existing", "external-service-account", "pdb-off",
+    if _name not in ("everything", "crds-off", "api-keys-existing", "api-keys-off", "external-service-account", "pdb-off",
                      "reflector-tls-existing", "gateway-tls-cert-manager", "ingress-tls-existing"):
         TOGGLES["everything"] = chartlib.deep_merge(TOGGLES["everything"], _values)
 
@@ -95,6 +98,7 @@ OPERATOR_ENV = {
     "REFLEET_ROUTER_LISTEN", "REFLEET_REPORT_LISTEN", "REFLEET_REPORT_TOKEN_FILE",
     "REFLEET_REFLECTOR_REPORT_URL", "REFLEET_JOIN_TOKENS", "REFLEET_TOKEN_SECRET", "REFLEET_TOKEN_TTL",
     "REFLEET_ALLOWED_ORIGINS", "REFLEET_ROUTE_RATE_LIMIT", "REFLEET_LOG_FORMAT", "RUST_LOG",
+    "REFLEET_RESERVATION_CLAIM_WINDOW", "REFLEET_MAX_RESERVATIONS_PER_CLIENT", "REFLEET_ANONYMOUS_RESERVATION_SHARE",
 }
 PORTS = {"router": 8080, "report": 8081, "metrics": 9090}
 
@@ -184,6 +188,11 @@ def test_rbac_is_least_privilege(rendered):
     resources = {res: rule["verbs"] for rule in self_role["rules"] for res in rule["resources"]}
     assert {"get", "patch"} <= set(resources["pods"])
     assert {"get", "create", "update"} <= set(resources["leases"])
+    # Leader election and the operator's own pod and Secrets belong to the release namespace
+    # only: never in the shared rules, which reach every (watched) namespace.
+    for role in shared:
+        granted = {res for rule in role["rules"] for res in rule["resources"]}
+        assert not granted & {"leases", "secrets"}, f"[{name}] {role['kind']}: {granted}"
     # The chart's ClusterRole keeps every rule the operator had before (its tests bind them).
     clusterwide, _ = render({}, name=RELEASE, namespace=NAMESPACE)
     text = chartlib.CHART.joinpath("templates/clusterrole.yaml").read_text().split("\nrules:\n", 1)[1]
@@ -227,6 +236,8 @@ def test_operator_deployment(rendered):
         expected.add("REFLEET_NAMESPACES")
     if values["apiKeys"]["enabled"]:
         expected.add("REFLEET_API_KEYS_DIR")
+    if values["router"]["trustedProxies"]:
+        expected.add("REFLEET_TRUSTED_PROXIES")
     expected |= {e["name"] for e in values["operator"]["extraEnv"]}
     assert set(env) == expected
     v = {k: e.get("value") for k, e in env.items()}
@@ -241,6 +252,12 @@ def test_operator_deployment(rendered):
     assert v["REFLEET_TOKEN_SECRET"] == (values["joinTokens"]["existingSecret"] or f"{RELEASE}-join-token")
     assert v["REFLEET_TOKEN_TTL"] == values["joinTokens"]["ttl"]
     assert v["REFLEET_ALLOWED_ORIGINS"] == ",".join(values["router"]["allowedOrigins"])
+    if values["router"]["trustedProxies"]:
+        assert v["REFLEET_TRUSTED_PROXIES"] == ",".join(values["router"]["trustedProxies"])
+    reservations = values["router"]["reservations"]
+    assert v["REFLEET_RESERVATION_CLAIM_WINDOW"] == reservations["claimWindow"]
+    assert v["REFLEET_MAX_RESERVATIONS_PER_CLIENT"] == str(reservations["perClient"])
+    assert v["REFLEET_ANONYMOUS_RESERVATION_SHARE"] == str(reservations["anonymousShare"])
     if values["operator"]["watchNamespaces"]:
         assert v["REFLEET_NAMESPACES"] == ",".join(values["operator"]["watchNamespaces"])
     # Mounted files: the report token always, the API keys when enabled; each names a Secret
@@ -256,10 +273,15 @@ def test_operator_deployment(rendered):
     if values["apiKeys"]["enabled"]:
         assert v["REFLEET_API_KEYS_DIR"] == "/etc/refleet/api-keys" and mounts["/etc/refleet/api-keys"] == "api-keys"
         keys_secret = volumes["api-keys"]["secret"]["secretName"]
+        optional = volumes["api-keys"]["secret"].get("optional", False)
         if values["apiKeys"]["existingSecret"]:
             assert keys_secret == values["apiKeys"]["existingSecret"] and keys_secret not in secrets
+            assert not optional
+        elif values["apiKeys"]["keys"]:
+            assert set(secrets[keys_secret]["data"]) == set(values["apiKeys"]["keys"]) and not optional
         else:
-            assert set(secrets[keys_secret]["data"]) == set(values["apiKeys"]["keys"])
+            # Keys on, none given: the user creates the Secret; the pod starts without it.
+            assert keys_secret == f"{RELEASE}-api-keys" and keys_secret not in secrets and optional
     # Spread: every constraint selects the operator pods.
     for tsc in ps.get("topologySpreadConstraints", []):
         assert tsc["labelSelector"]["matchLabels"] == selector
@@ -442,6 +464,21 @@ def test_notes_say_what_to_do_next(rendered):
         assert (values["joinTokens"]["existingSecret"] or f"{RELEASE}-join-token") in notes
     else:
         assert "Join tokens are OFF" in notes
+    keys = values["apiKeys"]
+    if not keys["enabled"]:
+        assert "API keys are OFF" in notes
+    elif not keys["existingSecret"] and not keys["keys"]:
+        assert f"create secret generic {RELEASE}-api-keys --from-literal=<appId>=<key>" in notes
+        assert "every Route is refused" in notes
+
+
+def test_api_keys_are_on_by_default_and_refuse_routes_until_keys_exist():
+    """Anonymous Routes are a lock-out and scale-up lever: the default install needs keys."""
+    objects, notes = render({}, name=RELEASE, namespace=NAMESPACE)
+    [c] = operator_deployment(objects)["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["REFLEET_API_KEYS_DIR"] == "/etc/refleet/api-keys"
+    assert "every Route is refused" in notes
 
 
 def test_report_token_is_random_and_stable_in_form():
@@ -471,6 +508,10 @@ SCHEMA_REJECTS = [
     ({"router": {"ingress": {"path": "api"}}}, "/router/ingress/path"),
     ({"router": {"rateLimit": -1}}, "/router/rateLimit"),
     ({"router": {"allowedOrigins": []}}, "/router/allowedOrigins"),
+    ({"router": {"trustedProxies": ["my-ingress"]}}, "/router/trustedProxies/0"),
+    ({"router": {"reservations": {"anonymousShare": 2}}}, "/router/reservations/anonymousShare"),
+    ({"router": {"reservations": {"perClient": -1}}}, "/router/reservations/perClient"),
+    ({"router": {"reservations": {"claimWindow": "soon"}}}, "/router/reservations/claimWindow"),
     ({"router": {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": ""}}}}}, "/router/tls/certManager/issuerRef/name"),
     ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "/metrics/serviceMonitor/interval"),
     ({"apiKeys": {"keys": {"bad key!": "x"}}}, "at '/apiKeys/keys': additional properties 'bad key!' not allowed"),
@@ -490,7 +531,6 @@ TEMPLATE_REJECTS = [
     ({"reflectorTLS": {"enabled": True}}, "reflectorTLS.enabled=true needs reflectorTLS.existingSecret"),
     ({"reflectorTLS": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "le"}}}},
      "reflectorTLS.certManager.enabled=true needs reflectorTLS.certManager.dnsNames"),
-    ({"apiKeys": {"enabled": True}}, "apiKeys.enabled=true needs apiKeys.existingSecret"),
     ({"router": {"gateway": {"enabled": True}}}, "router.gateway.enabled=true needs router.gateway.parentRefs"),
 ]
 

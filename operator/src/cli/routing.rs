@@ -14,6 +14,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use refleet_api::token::{Signer, Verifier};
 
+use crate::router::client::TrustedProxies;
 use crate::router::reports::{self, ReportHub};
 use crate::router::service::{self, Access, Frontend};
 use crate::router::{Router, RouterConfig};
@@ -65,7 +66,8 @@ pub struct RoutingArgs {
 
     /// Directory of API keys (a mounted Secret): each file is named after an appId and holds
     /// that app's key(s), one per line. When set, Route needs `x-api-key` (or
-    /// `authorization: Bearer`) with a key of the Session's appId.
+    /// `authorization: Bearer`) with a key of the Session's appId; an empty directory refuses
+    /// every Route until keys appear. Re-read every 30 s, so keys can change without a restart.
     #[arg(long, env = "REFLEET_API_KEYS_DIR")]
     pub api_keys_dir: Option<PathBuf>,
 
@@ -79,9 +81,35 @@ pub struct RoutingArgs {
     )]
     pub allowed_origins: Vec<String>,
 
-    /// Route calls per second per client (API key, else IP address); bursts of twice that.
+    /// Route calls per second per client; bursts of twice that. A client is a known API key,
+    /// else its address (IPv6 by /64, through --trusted-proxies); an unknown key counts as
+    /// its address.
     #[arg(long, env = "REFLEET_ROUTE_RATE_LIMIT", default_value_t = 100)]
     pub route_rate_limit: u32,
+
+    /// Proxies in front of the router (your Ingress or load balancer), as IP addresses or
+    /// CIDR blocks, comma-separated. When the connecting address is one of them, the client
+    /// is the right-most address of X-Forwarded-For (else Forwarded) that is not one of
+    /// them. Empty: the connecting address is the client and those headers are ignored.
+    #[arg(long, env = "REFLEET_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// How long a Route's reservation holds its place when nobody joins with it (at most
+    /// --token-ttl; the token stays valid for --token-ttl, and a late join is still
+    /// admitted up to the shard's hard cap).
+    #[arg(long, env = "REFLEET_RESERVATION_CLAIM_WINDOW", default_value = "15s")]
+    pub reservation_claim_window: humantime::Duration,
+
+    /// Reservations a caller without an API key (one client address) may hold per Session
+    /// within their claim window; more Routes get RESOURCE_EXHAUSTED / HTTP 429. 0: no limit.
+    #[arg(long, env = "REFLEET_MAX_RESERVATIONS_PER_CLIENT", default_value_t = 4)]
+    pub max_reservations_per_client: u32,
+
+    /// Share (0 to 1) of a Session's free places that callers without an API key may hold
+    /// together. Past it they are still routed, without a reserved place and never to a
+    /// new shard. 1: no limit.
+    #[arg(long, env = "REFLEET_ANONYMOUS_RESERVATION_SHARE", default_value_t = 0.5, value_parser = parse_share)]
+    pub anonymous_reservation_share: f64,
 
     /// This pod's name (downward API); the leader labels it `refleet.dev/leader=true`.
     #[arg(long, env = "REFLEET_POD_NAME")]
@@ -91,6 +119,20 @@ pub struct RoutingArgs {
     #[arg(long, env = "REFLEET_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
 }
+
+fn parse_proxy(s: &str) -> Result<ipnet::IpNet, crate::router::client::ProxyParseError> {
+    crate::router::client::parse_proxy(s)
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number from 0 to 1")),
+    }
+}
+
+/// How often `--api-keys-dir` is read again.
+const KEYS_RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl RoutingArgs {
     /// The defaults with loopback ports chosen by the OS and tokens off: for tests.
@@ -125,6 +167,29 @@ pub struct Routing {
     pub report_addr: SocketAddr,
     client: Client,
     pod: Option<(String, String)>,
+}
+
+/// Reads the API keys again every [`KEYS_RELOAD`] (a mounted Secret changes in place); a
+/// read that fails keeps the keys in use.
+async fn reload_keys(dir: PathBuf, access: Arc<Access>) {
+    let mut last = Access::read_keys(&dir).ok();
+    let mut tick = tokio::time::interval(KEYS_RELOAD);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match Access::read_keys(&dir) {
+            Ok(keys) if last.as_ref() != Some(&keys) => {
+                let apps: std::collections::BTreeSet<&String> = keys.values().collect();
+                tracing::info!(keys = keys.len(), apps = apps.len(), "API keys reloaded");
+                access.set_keys(keys.clone());
+                last = Some(keys);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "API keys not reloaded; keeping the previous ones")
+            }
+        }
+    }
 }
 
 /// Reads or creates the signing key Secret.
@@ -212,13 +277,19 @@ impl Routing {
             None => None,
         };
         let keys = match &args.api_keys_dir {
-            Some(dir) => Access::read_keys(dir)?,
-            None => HashMap::new(),
+            Some(dir) => Some(Access::read_keys(dir)?),
+            None => None,
         };
+        if keys.as_ref().is_some_and(HashMap::is_empty) {
+            tracing::warn!(dir = ?args.api_keys_dir, "API keys are required and none are configured: every Route is refused until keys are added");
+        }
         let router = Router::new(
             RouterConfig {
                 token_ttl: *args.token_ttl,
                 warm_up: true,
+                claim_window: *args.reservation_claim_window,
+                max_per_client: args.max_reservations_per_client,
+                anonymous_share: args.anonymous_reservation_share,
                 ..RouterConfig::default()
             },
             signer.clone(),
@@ -248,13 +319,18 @@ impl Routing {
             .with_context(|| format!("binding --report-listen {}", args.report_listen))?;
         let router_addr = router_listener.local_addr()?;
         let report_addr = report_listener.local_addr()?;
+        let mut access = Access::new(HashMap::new(), &args.allowed_origins, args.route_rate_limit)
+            .trusting(TrustedProxies::new(args.trusted_proxies.clone()));
+        if let Some(keys) = keys {
+            access = access.requiring_keys(keys);
+        }
+        let access = Arc::new(access);
+        if let Some(dir) = args.api_keys_dir.clone() {
+            tokio::spawn(reload_keys(dir, access.clone()));
+        }
         let frontend = Frontend {
             router: router.clone(),
-            access: Arc::new(Access::new(
-                keys,
-                &args.allowed_origins,
-                args.route_rate_limit,
-            )),
+            access,
             leading: leading.clone(),
         };
         let hub = ReportHub::new(router.clone(), report_secret).only_when(leading.clone());

@@ -86,6 +86,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         max_upload_bytes,
         join_tokens,
         token_ttl_seconds,
+        reservations_per_client,
+        anonymous_reservation_share,
     } = settings;
     if print_scrape_config {
         print_flush(&crate::local::prometheus::scrape_config(
@@ -144,6 +146,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let router = Router::new(
         RouterConfig {
             token_ttl: Duration::from_secs(token_ttl_seconds.max(1)),
+            // Off unless the LocalFleet turns them on: on a developer's machine every client
+            // is the same loopback address, so per-client reservation limits would refuse
+            // the second browser tab's burst.
+            max_per_client: reservations_per_client,
+            anonymous_share: anonymous_reservation_share,
             ..RouterConfig::default()
         },
         signer.clone(),

@@ -80,6 +80,19 @@ pub struct LocalSettings {
     /// How long a join token (and the router's reservation) is valid, in seconds.
     #[serde(default = "default_token_ttl_seconds")]
     pub token_ttl_seconds: u64,
+    /// Unused reservations one client address may hold per Session (the operator's
+    /// `--max-reservations-per-client`). Default 0, off: on one machine every client is the
+    /// same loopback address.
+    #[serde(default)]
+    pub reservations_per_client: u32,
+    /// Share of a Session's free places that clients without an API key may hold reserved
+    /// together (the operator's `--anonymous-reservation-share`). Default 1, off.
+    #[serde(default = "default_anonymous_share")]
+    pub anonymous_reservation_share: f64,
+}
+
+fn default_anonymous_share() -> f64 {
+    1.0
 }
 
 fn default_true() -> bool {
@@ -103,6 +116,8 @@ impl Default for LocalSettings {
             max_upload_bytes: default_max_upload_bytes(),
             join_tokens: true,
             token_ttl_seconds: default_token_ttl_seconds(),
+            reservations_per_client: 0,
+            anonymous_reservation_share: default_anonymous_share(),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The reservation ledger: places the router promised and that have not yet turned into
 //! users at a reflector (or expired).
 //!
-//! Every Route answer reserves one place on a shard until its join token expires. A
-//! reservation ends when the reflector reports the view it admitted with that token (its id
+//! Every Route answer reserves one place on a shard for its claim window (at most the join
+//! token's lifetime: a reservation nobody uses soon is released early, so reserving is not
+//! a way to lock others out; the token stays valid and the reflector's hard cap still
+//! guards the shard). A reservation ends when the reflector reports the view it admitted with that token (its id
 //! rides in the token and comes back in the report, so the user appears in the reported
 //! count in the same report the reservation disappears from), or, for reflectors without
 //! tokens, when the report counts new joins (oldest reservations first), or when it
@@ -14,6 +16,7 @@
 //! allocate nothing.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 
 use foldhash::HashMap;
 use std::sync::Arc;
@@ -27,6 +30,36 @@ struct Reservation {
     expires: Millis,
     /// `(scope, user)` when the reservation was made for a user id.
     user: Option<(String, String)>,
+    /// `(scope, client)` when an anonymous caller made it.
+    anonymous: Option<(String, IpAddr)>,
+}
+
+/// Who a reservation is for, beyond its shard.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Claim<'a> {
+    /// `(scope, user id)`: a later [`Ledger::find_user`] in the scope finds it.
+    pub user: Option<(&'a str, &'a str)>,
+    /// `(scope, client address)` of an anonymous caller, for the per-caller and
+    /// per-scope limits ([`Ledger::anonymous_of`], [`Ledger::anonymous_counted`]).
+    pub anonymous: Option<(&'a str, IpAddr)>,
+    /// When the join token handed out for it expires (remembered for a repeated Route).
+    pub token_expires: Millis,
+}
+
+/// One anonymous caller's reservation in a scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AnonHold {
+    id: u64,
+    expires: Millis,
+    /// Holds a place on a shard (else an answer past the scope's anonymous share, which
+    /// only counts against its caller's own limit).
+    counted: bool,
+}
+
+/// Anonymous reservations of one scope (a session).
+#[derive(Clone, Debug, Default)]
+struct AnonScope {
+    by_client: HashMap<IpAddr, Vec<AnonHold>>,
 }
 
 /// A user's pending reservation.
@@ -38,8 +71,10 @@ pub struct Hold {
     pub shard: String,
     /// The reservation id.
     pub id: u64,
-    /// When it expires.
+    /// When its place is released.
     pub expires: Millis,
+    /// When the token handed out for it expires.
+    pub token_expires: Millis,
     /// The token handed out for it, once the caller attached one ([`Ledger::attach_token`]).
     pub token: Option<Arc<str>>,
 }
@@ -51,6 +86,8 @@ pub struct Ledger {
     shards: HashMap<String, HashMap<String, VecDeque<Reservation>>>,
     /// scope → user id → that user's pending reservation in the scope.
     users: HashMap<String, HashMap<String, Hold>>,
+    /// scope → anonymous callers' reservations.
+    anonymous: HashMap<String, AnonScope>,
     next_id: u64,
 }
 
@@ -80,6 +117,7 @@ impl Ledger {
         Self {
             shards: HashMap::default(),
             users: HashMap::default(),
+            anonymous: HashMap::default(),
             next_id: first_id.max(1),
         }
     }
@@ -89,12 +127,26 @@ impl Ledger {
     /// router uses the session) finds this reservation while it is pending.
     pub fn reserve(
         &mut self,
-        (app, shard): (&str, &str),
+        shard: (&str, &str),
         user: Option<(&str, &str)>,
         expires: Millis,
     ) -> u64 {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let claim = Claim {
+            user,
+            anonymous: None,
+            token_expires: expires,
+        };
+        self.reserve_for(shard, claim, expires)
+    }
+
+    /// [`Ledger::reserve`] with everything about who it is for.
+    pub fn reserve_for(
+        &mut self,
+        (app, shard): (&str, &str),
+        claim: Claim<'_>,
+        expires: Millis,
+    ) -> u64 {
+        let id = self.take_id();
         let q = self
             .shards
             .entry(app.to_owned())
@@ -104,7 +156,8 @@ impl Ledger {
         let r = Reservation {
             id,
             expires,
-            user: user.map(|(s, u)| (s.to_owned(), u.to_owned())),
+            user: claim.user.map(|(s, u)| (s.to_owned(), u.to_owned())),
+            anonymous: claim.anonymous.map(|(s, c)| (s.to_owned(), c)),
         };
         // Callers reserve with now + a fixed lifetime, so this is nearly always a push.
         if q.back().is_none_or(|b| b.expires <= expires) {
@@ -113,12 +166,13 @@ impl Ledger {
             let at = q.partition_point(|x| x.expires <= expires);
             q.insert(at, r);
         }
-        if let Some((scope, user)) = user {
+        if let Some((scope, user)) = claim.user {
             let hold = Hold {
                 app: app.to_owned(),
                 shard: shard.to_owned(),
                 id,
                 expires,
+                token_expires: claim.token_expires,
                 token: None,
             };
             let by_user = self.users.entry(scope.to_owned()).or_default();
@@ -126,7 +180,68 @@ impl Ledger {
             // still counts until it ends).
             by_user.insert(user.to_owned(), hold);
         }
+        if let Some((scope, client)) = claim.anonymous {
+            self.hold_anonymous(scope, client, id, expires, true);
+        }
         id
+    }
+
+    /// An answer to an anonymous caller that holds no place (past the scope's anonymous
+    /// share): it only counts against that caller's own limit until `expires`.
+    pub fn note_unreserved(&mut self, scope: &str, client: IpAddr, expires: Millis) -> u64 {
+        let id = self.take_id();
+        self.hold_anonymous(scope, client, id, expires, false);
+        id
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    fn hold_anonymous(
+        &mut self,
+        scope: &str,
+        client: IpAddr,
+        id: u64,
+        expires: Millis,
+        counted: bool,
+    ) {
+        self.anonymous
+            .entry(scope.to_owned())
+            .or_default()
+            .by_client
+            .entry(client)
+            .or_default()
+            .push(AnonHold {
+                id,
+                expires,
+                counted,
+            });
+    }
+
+    /// Reservations (held places or not) of anonymous `client` in `scope` still in their
+    /// claim window at `now`.
+    pub fn anonymous_of(&self, scope: &str, client: IpAddr, now: Millis) -> u32 {
+        let n = self
+            .anonymous
+            .get(scope)
+            .and_then(|a| a.by_client.get(&client))
+            .map_or(0, |v| v.iter().filter(|h| h.expires > now).count());
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Places held by anonymous callers in `scope` at `now`.
+    pub fn anonymous_counted(&self, scope: &str, now: Millis) -> u32 {
+        let n = self.anonymous.get(scope).map_or(0, |a| {
+            a.by_client
+                .values()
+                .flatten()
+                .filter(|h| h.counted && h.expires > now)
+                .count()
+        });
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     /// Reservations of shard `(app, shard)` still pending at `now`.
@@ -212,6 +327,13 @@ impl Ledger {
             !shards.is_empty()
         });
         self.forget_users(&ended);
+        self.anonymous.retain(|_, a| {
+            a.by_client.retain(|_, v| {
+                v.retain(|h| h.expires > now);
+                !v.is_empty()
+            });
+            !a.by_client.is_empty()
+        });
     }
 
     /// Every shard with pending reservations: `(app, shard, count)`.
@@ -234,6 +356,19 @@ impl Ledger {
 
     fn forget_users(&mut self, ended: &[Reservation]) {
         for r in ended {
+            if let Some((scope, client)) = &r.anonymous
+                && let Some(a) = self.anonymous.get_mut(scope)
+            {
+                if let Some(v) = a.by_client.get_mut(client) {
+                    v.retain(|h| h.id != r.id);
+                    if v.is_empty() {
+                        a.by_client.remove(client);
+                    }
+                }
+                if a.by_client.is_empty() {
+                    self.anonymous.remove(scope);
+                }
+            }
             let Some((scope, user)) = &r.user else {
                 continue;
             };
@@ -314,6 +449,38 @@ mod tests {
         l.attach_token("sess", "u", a, "stale".into());
         let h = l.find_user("sess", "u", 0).unwrap();
         assert_eq!((h.id, h.token.clone()), (b, None));
+    }
+
+    #[test]
+    fn anonymous_reservations_are_counted_per_client_and_end_with_their_place() {
+        let mut l = Ledger::new(1);
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let b: IpAddr = "198.51.100.2".parse().unwrap();
+        let anon = |c| Claim {
+            user: None,
+            anonymous: Some(("sess", c)),
+            token_expires: 1_000,
+        };
+        let r1 = l.reserve_for(S, anon(a), 100);
+        l.reserve_for(S, anon(a), 200);
+        l.reserve_for(S, anon(b), 100);
+        l.note_unreserved("sess", a, 100);
+        assert_eq!(l.anonymous_of("sess", a, 0), 3);
+        assert_eq!(
+            l.anonymous_counted("sess", 0),
+            3,
+            "the unreserved one holds no place"
+        );
+        assert_eq!(l.pending("app", "s", 0), 3);
+        assert_eq!(l.anonymous_of("other", a, 0), 0);
+        // Joining ends the reservation for its client too.
+        l.joined(S, &[r1], 1, 0);
+        assert_eq!(l.anonymous_of("sess", a, 0), 2);
+        // The claim window ends: counted no more, and expire forgets them.
+        assert_eq!(l.anonymous_of("sess", a, 100), 1);
+        assert_eq!(l.anonymous_counted("sess", 100), 1);
+        l.expire(200);
+        assert!(l.anonymous.is_empty());
     }
 
     proptest! {

@@ -18,12 +18,21 @@
 //! opens shards itself by calling the same pure planner on the published input, so a burst
 //! of clients is never refused for lack of a reconcile.
 //!
+//! **Who reserves.** A caller with a known API key is its app's; anyone else is an
+//! anonymous caller, known by its address ([`client`]). Reservations are released when
+//! not used within the claim window (shorter than the token's lifetime), an anonymous
+//! caller may hold only a few per session, and anonymous callers together hold at most a
+//! share of a session's free places: past it they are still answered, but without a
+//! reserved place and never with a new shard, so waves of anonymous Routes can neither
+//! lock a session for everyone nor scale it up without end.
+//!
 //! **After a leader change** the new router cannot know the reservations the old one
 //! handed out and that are still in flight (tokens live `token_ttl`). Until one token
 //! lifetime has passed since it started, it counts every shard it did not open itself as
 //! full to its threshold, so new users go to new shards and no shard can go over its cap
 //! when the old tokens arrive.
 
+pub mod client;
 pub mod ledger;
 pub mod metrics;
 pub mod pick;
@@ -31,6 +40,7 @@ pub mod reports;
 pub mod service;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 
 // The Route path does several map lookups per shard of a session; foldhash is several times
 // faster than SipHash on short keys and still seeded per process.
@@ -44,9 +54,9 @@ use refleet_api::token::{JoinClaims, Signer};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use self::ledger::{Ledger, Millis};
+use self::ledger::{Claim, Ledger, Millis};
 use self::metrics::RouterMetrics;
-use self::pick::{Candidate, pick, region_order, threshold_load};
+use self::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load};
 use crate::controller::input::{session_key, split_session_key};
 use crate::crd::{SessionSpec, ShardPhase};
 use crate::planner::{
@@ -65,6 +75,15 @@ pub struct RouterConfig {
     pub report_grace: Duration,
     /// Start in the post-failover warm-up (a replica that just became leader).
     pub warm_up: bool,
+    /// How long a reservation holds its place when nobody joins with it (capped at
+    /// `token_ttl`; the token itself stays valid for `token_ttl`).
+    pub claim_window: Duration,
+    /// Reservations one anonymous caller may hold per session within their claim window;
+    /// 0: no limit.
+    pub max_per_client: u32,
+    /// The share (0..=1) of a session's free places that anonymous callers may hold
+    /// together; past it they are answered without a reserved place. 1: no limit.
+    pub anonymous_share: f64,
 }
 
 impl Default for RouterConfig {
@@ -74,8 +93,29 @@ impl Default for RouterConfig {
             route_wait: Duration::from_secs(5),
             report_grace: Duration::from_secs(5),
             warm_up: false,
+            claim_window: Duration::from_secs(15),
+            max_per_client: 4,
+            anonymous_share: 0.5,
         }
     }
+}
+
+impl RouterConfig {
+    /// How long a reservation holds its place.
+    fn claim_ms(&self) -> Millis {
+        self.claim_window.min(self.token_ttl).as_millis() as Millis
+    }
+}
+
+/// Who is calling Route.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// Presented an API key the router knows; the key's appId.
+    Keyed(Arc<str>),
+    /// No known key: the client's address (IPv6 by /64), through trusted proxies.
+    Anonymous(IpAddr),
+    /// In-process (the local fleet's own calls, tests): no per-caller limits.
+    Internal,
 }
 
 /// A Session object as the router needs it.
@@ -313,7 +353,8 @@ struct Routed {
     persistence: bool,
     max_users: u32,
     reservation: u64,
-    expires: Millis,
+    /// When the join token expires.
+    token_expires: Millis,
     /// `(session key, user id)` of a user's reservation: its token is remembered.
     user: Option<(String, String)>,
     /// The token already handed out for this reservation (a repeated Route of a user).
@@ -326,7 +367,7 @@ impl Routed {
         def: &SessionDef,
         (shard, url, region): (String, String, String),
         reservation: u64,
-        expires: Millis,
+        token_expires: Millis,
     ) -> Self {
         Self {
             shard,
@@ -337,7 +378,7 @@ impl Routed {
             persistence: def.spec.persistence,
             max_users: def.spec.max_users_per_shard,
             reservation,
-            expires,
+            token_expires,
             user: None,
             token: None,
         }
@@ -562,11 +603,21 @@ impl Router {
 
     // === Route ===
 
-    /// Routes one client. `authorize` is called with the Session's appId before anything
-    /// is reserved (API keys are per app).
+    /// Routes one in-process client ([`Caller::Internal`]). `authorize` is called with the
+    /// Session's appId before anything is reserved (API keys are per app).
     pub async fn route(
         &self,
         req: &RouteRequest,
+        authorize: impl Fn(&str) -> Result<(), RouteError>,
+    ) -> Result<RouteResponse, RouteError> {
+        self.route_as(req, &Caller::Internal, authorize).await
+    }
+
+    /// Routes one client for `caller`, whose kind decides the reservation limits.
+    pub async fn route_as(
+        &self,
+        req: &RouteRequest,
+        caller: &Caller,
         authorize: impl Fn(&str) -> Result<(), RouteError>,
     ) -> Result<RouteResponse, RouteError> {
         validate(req)?;
@@ -574,7 +625,7 @@ impl Router {
         let mut changed = self.changed.subscribe();
         loop {
             changed.mark_unchanged();
-            let attempt = self.attempt(req, &authorize)?;
+            let attempt = self.attempt(req, caller, &authorize)?;
             match attempt {
                 Attempt::Routed(r) => return Ok(self.answer(*r)),
                 Attempt::Wait => {
@@ -597,7 +648,7 @@ impl Router {
     }
 
     fn answer(&self, r: Routed) -> RouteResponse {
-        let expires_unix_ms = self.started_unix_ms + r.expires;
+        let expires_unix_ms = self.started_unix_ms + r.token_expires;
         let expires_at = i64::try_from(expires_unix_ms / 1000).unwrap_or(i64::MAX);
         let token: Option<Arc<str>> = match r.token {
             Some(t) => Some(t),
@@ -648,6 +699,7 @@ impl Router {
     fn attempt(
         &self,
         req: &RouteRequest,
+        caller: &Caller,
         authorize: &impl Fn(&str) -> Result<(), RouteError>,
     ) -> Result<Attempt, RouteError> {
         let now = self.now();
@@ -686,10 +738,10 @@ impl Router {
         // The session's routable shards with their load; strings are cloned only for the
         // answer. Pending shards (waiting for a new reflector) count too: a Route waits.
         let chosen = {
-            let inner = &*inner;
+            let ro = &*inner;
             let shards: Vec<&ShardRecord> = view
                 .session_shards(&key)
-                .chain(inner.opened.iter().filter(|s| s.session == key))
+                .chain(ro.opened.iter().filter(|s| s.session == key))
                 .filter(|s| {
                     matches!(
                         s.phase,
@@ -702,8 +754,12 @@ impl Router {
             let mut opening = false;
             // Looked up once per Route, not once per shard: a session's shards mostly share
             // a few reflectors, and all of them its app.
-            let reserved = inner.ledger.of_app(app);
-            let reported = inner.tally.of_app(app);
+            let reserved = ro.ledger.of_app(app);
+            let reported = ro.tally.of_app(app);
+            let at_threshold = threshold_load(max_users, threshold);
+            // Places below the threshold not taken by users: what anonymous callers may
+            // hold a share of.
+            let mut free: u64 = 0;
             let mut last: Option<(&str, Option<&str>)> = None;
             for sh in shards {
                 let Some(r) = sh.reflector.as_deref() else {
@@ -713,7 +769,7 @@ impl Router {
                 let url = match last {
                     Some((name, url)) if name == r => url,
                     _ => {
-                        let url = routable_url(&view, &inner.live, r, now, grace);
+                        let url = routable_url(&view, &ro.live, r, now, grace);
                         last = Some((r, url));
                         url
                     }
@@ -727,8 +783,9 @@ impl Router {
                 let users = reported
                     .and_then(|m| m.get(sh.name.as_str()))
                     .map_or(sh.users, |e| e.0);
+                free += at_threshold.saturating_sub(u64::from(users));
                 let mut load = u64::from(users) + u64::from(reserved.pending(&sh.name, now));
-                if warming && !inner.mine.contains(&(key.clone(), sh.name.clone())) {
+                if warming && !ro.mine.contains(&(key.clone(), sh.name.clone())) {
                     load = load.max(threshold_load(max_users, threshold));
                 }
                 candidates.push(Candidate {
@@ -744,18 +801,67 @@ impl Router {
             };
             // A user who already holds a place on a routable shard gets it back.
             let held = (!req.user_id.is_empty())
-                .then(|| inner.ledger.find_user(&key, &req.user_id, now))
+                .then(|| ro.ledger.find_user(&key, &req.user_id, now))
                 .flatten()
                 .filter(|h| h.app == app)
                 .and_then(|h| {
                     let at = routable.iter().position(|(sh, _)| sh.name == h.shard)?;
-                    Some((owned(routable[at]), h.id, h.expires, h.token.clone()))
+                    Some((owned(routable[at]), h.id, h.token_expires, h.token.clone()))
                 });
-            if let Some((answer, reservation, expires, token)) = held {
-                let mut routed = Routed::new(def, answer, reservation, expires);
+            if let Some((answer, reservation, token_expires, token)) = held {
+                let mut routed = Routed::new(def, answer, reservation, token_expires);
                 routed.user = Some((key.clone(), req.user_id.clone()));
                 routed.token = token;
                 return Ok(Attempt::Routed(Box::new(routed)));
+            }
+            if let Caller::Anonymous(client) = caller {
+                let client = *client;
+                let mine = ro.ledger.anonymous_of(&key, client, now);
+                let cap = self.config.max_per_client;
+                if cap > 0 && mine >= cap {
+                    return Err(RouteError::Exhausted {
+                        message: format!(
+                            "session {:?}: this client already holds {mine} reservations not yet used (limit per client without an API key: {cap}); join with them, or retry when they are released",
+                            req.session
+                        ),
+                        retry_after: self.config.claim_window.min(self.config.token_ttl),
+                    });
+                }
+                // The session may still open a shard: its places count as free too, so
+                // anonymous callers can fill the last shard and open the next one, but
+                // not a second one on their own.
+                let shard_count = u32::try_from(routable.len()).unwrap_or(u32::MAX);
+                if shard_count < spec.max_shards {
+                    free += at_threshold;
+                }
+                let share =
+                    (self.config.anonymous_share.clamp(0.0, 1.0) * free as f64).ceil() as u64;
+                let held_by_anonymous = u64::from(ro.ledger.anonymous_counted(&key, now));
+                if held_by_anonymous >= share && self.config.anonymous_share < 1.0 {
+                    // Past the share: answered without a reserved place, and never with a
+                    // new shard (the reflector's hard cap still guards the shard).
+                    let Some(i) = pick_unreserved(&candidates, &order, max_users, threshold) else {
+                        if opening {
+                            return Ok(Attempt::Wait);
+                        }
+                        return Err(RouteError::Exhausted {
+                            message: format!(
+                                "session {:?}: callers without an API key hold {held_by_anonymous} of its {free} free places (their share) and every shard is full; retry later or call with an API key",
+                                req.session
+                            ),
+                            retry_after: Duration::from_secs(2),
+                        });
+                    };
+                    tracing::debug!(session = %key, %client, held_by_anonymous, free, "anonymous share reached: answered without a reserved place");
+                    let answer = owned(routable[i]);
+                    return Ok(Attempt::Routed(Box::new(self.unreserved(
+                        &mut inner.ledger,
+                        def,
+                        (&key, client),
+                        answer,
+                        now,
+                    ))));
+                }
             }
             match pick(&candidates, &order, max_users, threshold) {
                 Some(i) => Some(owned(routable[i])),
@@ -778,13 +884,37 @@ impl Router {
                 }
             }
         };
-        let expires = now + self.config.token_ttl.as_millis() as Millis;
+        let expires = now + self.config.claim_ms();
+        let token_expires = now + self.config.token_ttl.as_millis() as Millis;
         let user = (!req.user_id.is_empty()).then_some((key.as_str(), req.user_id.as_str()));
-        let reservation = inner.ledger.reserve((app, &chosen.0), user, expires);
+        let claim = Claim {
+            user,
+            anonymous: match caller {
+                Caller::Anonymous(client) => Some((key.as_str(), *client)),
+                _ => None,
+            },
+            token_expires,
+        };
+        let reservation = inner.ledger.reserve_for((app, &chosen.0), claim, expires);
         self.metrics.reserved(&chosen.2);
-        let mut routed = Routed::new(def, chosen, reservation, expires);
+        let mut routed = Routed::new(def, chosen, reservation, token_expires);
         routed.user = user.map(|(k, u)| (k.to_owned(), u.to_owned()));
         Ok(Attempt::Routed(Box::new(routed)))
+    }
+
+    /// An answer that reserves no place, noted against its anonymous caller's own limit.
+    fn unreserved(
+        &self,
+        ledger: &mut Ledger,
+        def: &SessionDef,
+        (key, client): (&str, IpAddr),
+        answer: (String, String, String),
+        now: Millis,
+    ) -> Routed {
+        let claim_until = now + self.config.claim_ms();
+        let token_expires = now + self.config.token_ttl.as_millis() as Millis;
+        let id = ledger.note_unreserved(key, client, claim_until);
+        Routed::new(def, answer, id, token_expires)
     }
 
     /// The shards of a session with their load (ListShards).

@@ -60,6 +60,26 @@ pub fn pick(
     })
 }
 
+/// Picks a shard for an answer that reserves no place (an anonymous caller past its
+/// session's share): like [`pick`], else the least loaded shard still below its hard cap,
+/// in region order. Never `None` for want of a new shard: such answers open none.
+pub fn pick_unreserved(
+    candidates: &[Candidate],
+    order: &[String],
+    max_users: u32,
+    threshold: f64,
+) -> Option<usize> {
+    pick(candidates, order, max_users, threshold).or_else(|| {
+        order.iter().find_map(|region| {
+            candidates
+                .iter()
+                .filter(|c| &c.region == region && c.load < u64::from(max_users))
+                .min_by(|a, b| a.load.cmp(&b.load).then(a.number.cmp(&b.number)))
+                .map(|c| c.index)
+        })
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -111,6 +131,17 @@ mod tests {
         assert_eq!(pick(&[c(0, 0, "eu", 80)], &order, 100, 0.8), None);
         assert_eq!(threshold_load(10, 0.8), 8);
         assert_eq!(threshold_load(100, 0.75), 75);
+    }
+
+    #[test]
+    fn unreserved_answers_use_the_headroom_but_never_past_the_cap() {
+        let order = regions(&["eu", "us"]);
+        let at_threshold = [c(0, 0, "eu", 8), c(1, 1, "eu", 9), c(2, 2, "us", 10)];
+        assert_eq!(pick_unreserved(&at_threshold, &order, 10, 0.8), Some(0));
+        let full = [c(0, 0, "eu", 10), c(1, 1, "us", 10)];
+        assert_eq!(pick_unreserved(&full, &order, 10, 0.8), None);
+        let room = [c(0, 0, "eu", 10), c(1, 1, "us", 3)];
+        assert_eq!(pick_unreserved(&room, &order, 10, 0.8), Some(1));
     }
 
     proptest! {

@@ -1,14 +1,16 @@
 //! The router's front doors, one code path behind all three: gRPC (`refleet.routing.v1`,
 //! with gRPC health and server reflection), gRPC-Web for browsers, and JSON
 //! (`GET /v1/route`, `GET /v1/shards`) with CORS. API keys, allowed origins and a
-//! per-client rate limit apply to every transport.
+//! per-client rate limit apply to every transport. A client is a known API key, else its
+//! address (through `--trusted-proxies`): an unknown key is never a client of its own, or a
+//! fresh random key per call would be a fresh rate limit.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Query, State};
@@ -23,16 +25,42 @@ use tokio::time::Instant;
 use tonic_types::{ErrorDetails, StatusExt};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use super::{RouteError, Router};
+use super::client::{TrustedProxies, limit_key};
+use super::{Caller, RouteError, Router};
+
+/// Above this many rate-limit buckets, idle ones are pruned at once; if every one is busy,
+/// anonymous clients share one overflow bucket until pruning frees room. Bounds memory
+/// against floods of distinct addresses (a bucket is ~100 bytes).
+const MAX_CLIENTS: usize = 100_000;
+
+/// How often idle rate-limit buckets are pruned by default.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// What the rate limiter counts calls against.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum LimitKey {
+    /// A presented API key the router knows. Unknown keys never get a bucket of their own.
+    Key(String),
+    /// A client address (IPv6 by /64), through trusted proxies.
+    Addr(IpAddr),
+    /// Every anonymous client while the bucket table is full.
+    Overflow,
+}
 
 /// Who may call Route, and how often.
 #[derive(Debug)]
 pub struct Access {
-    /// API key → appId it is valid for. Empty: no key needed.
-    keys: HashMap<String, String>,
+    /// API key → appId it is valid for. `None`: keys off (no key needed); an empty map
+    /// means keys on and none configured yet, which refuses every Route.
+    keys: RwLock<Option<Arc<HashMap<String, String>>>>,
     /// Allowed browser origins; `None`: any.
     origins: Option<Vec<String>>,
-    limiter: DefaultKeyedRateLimiter<String>,
+    limiter: DefaultKeyedRateLimiter<LimitKey>,
+    proxies: TrustedProxies,
+    prune_every: Duration,
+    last_prune: Mutex<std::time::Instant>,
+    calls: AtomicU64,
+    overflowing: AtomicBool,
 }
 
 /// A bad API-keys directory.
@@ -44,8 +72,9 @@ pub struct KeysError {
 }
 
 impl Access {
-    /// Access rules: `keys` maps API key → appId; `origins` of `["*"]` or empty allows any;
-    /// `rate` calls per second per client (API key, else IP), with a burst of twice that.
+    /// Access rules: `keys` maps API key → appId (empty: no key needed); `origins` of
+    /// `["*"]` or empty allows any; `rate` calls per second per client (a known API key,
+    /// else the client address), with a burst of twice that.
     pub fn new(keys: HashMap<String, String>, origins: &[String], rate: u32) -> Self {
         let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
@@ -55,10 +84,54 @@ impl Access {
             .filter(|o| !o.is_empty())
             .collect::<Vec<_>>();
         Self {
-            keys,
+            keys: RwLock::new((!keys.is_empty()).then(|| Arc::new(keys))),
             origins: (!origins.is_empty() && !origins.iter().any(|o| o == "*")).then_some(origins),
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            proxies: TrustedProxies::default(),
+            prune_every: PRUNE_EVERY,
+            last_prune: Mutex::new(std::time::Instant::now()),
+            calls: AtomicU64::new(0),
+            overflowing: AtomicBool::new(false),
         }
+    }
+
+    /// Requires API keys even while `keys` is empty (every Route is then refused until keys
+    /// arrive through [`Access::set_keys`]): what `--api-keys-dir` means.
+    pub fn requiring_keys(self, keys: HashMap<String, String>) -> Self {
+        self.set_keys(keys);
+        self
+    }
+
+    /// Believes forwarded-for headers from these proxies (`--trusted-proxies`).
+    pub fn trusting(mut self, proxies: TrustedProxies) -> Self {
+        self.proxies = proxies;
+        self
+    }
+
+    /// Prunes idle rate-limit buckets this often (tests use a short period).
+    pub fn pruning_every(mut self, every: Duration) -> Self {
+        self.prune_every = every;
+        self
+    }
+
+    /// Replaces the API keys (a reloaded Secret) and turns keys on.
+    pub fn set_keys(&self, keys: HashMap<String, String>) {
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(keys));
+    }
+
+    fn keys(&self) -> Option<Arc<HashMap<String, String>>> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Clients with a rate-limit bucket now.
+    pub fn clients(&self) -> usize {
+        self.limiter.len()
     }
 
     /// Reads API keys from a directory (a mounted Secret): each file is named after an
@@ -90,12 +163,36 @@ impl Access {
             .is_none_or(|list| list.iter().any(|o| o == origin))
     }
 
-    /// Checks origin and rate before the Session is known; returns the presented key.
+    /// Drops buckets that are full again (idle clients) every `prune_every`, and at once
+    /// when the table is at its bound.
+    fn maybe_prune(&self) {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut last) = self.last_prune.try_lock() else {
+            return; // another call is pruning
+        };
+        let crowded = n.is_multiple_of(256) && self.limiter.len() >= MAX_CLIENTS;
+        if crowded || last.elapsed() >= self.prune_every {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+            *last = std::time::Instant::now();
+            let full = self.limiter.len() >= MAX_CLIENTS;
+            if full != self.overflowing.swap(full, Ordering::Relaxed) {
+                tracing::warn!(
+                    clients = self.limiter.len(),
+                    overflowing = full,
+                    "Route rate limiter: bucket table at its bound; anonymous clients share one bucket while it is"
+                );
+            }
+        }
+    }
+
+    /// Checks origin and rate before the Session is known; returns the presented key and
+    /// who the caller is (the key's app when the key is known, else the client address).
     fn admit(
         &self,
         headers: &HeaderMap,
         peer: Option<IpAddr>,
-    ) -> Result<Option<String>, RouteError> {
+    ) -> Result<(Option<String>, Caller), RouteError> {
         if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
             && !self.origin_allowed(origin)
         {
@@ -104,11 +201,28 @@ impl Access {
             )));
         }
         let key = presented_key(headers);
-        let client = key
-            .clone()
-            .or_else(|| peer.map(|p| p.to_string()))
-            .unwrap_or_default();
-        if let Err(not_until) = self.limiter.check_key(&client) {
+        let app = self
+            .keys()
+            .zip(key.as_deref())
+            .and_then(|(keys, k)| keys.get(k).cloned());
+        // No socket address only happens in-process; such callers share one bucket.
+        let ip = peer.map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| {
+            self.proxies.client_ip(p, headers)
+        });
+        self.maybe_prune();
+        let (caller, bucket) = match (app, &key) {
+            (Some(app), Some(k)) => (Caller::Keyed(app.into()), LimitKey::Key(k.clone())),
+            _ => {
+                let addr = limit_key(ip);
+                let bucket = if self.overflowing.load(Ordering::Relaxed) {
+                    LimitKey::Overflow
+                } else {
+                    LimitKey::Addr(addr)
+                };
+                (Caller::Anonymous(addr), bucket)
+            }
+        };
+        if let Err(not_until) = self.limiter.check_key(&bucket) {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
             ));
@@ -117,20 +231,20 @@ impl Access {
                 retry_after: wait.max(Duration::from_millis(100)),
             });
         }
-        Ok(key)
+        Ok((key, caller))
     }
 
     /// Checks the key against the Session's appId.
     fn authorize(&self, key: Option<&str>, app_id: &str) -> Result<(), RouteError> {
-        if self.keys.is_empty() {
+        let Some(keys) = self.keys() else {
             return Ok(());
-        }
+        };
         let Some(key) = key else {
             return Err(RouteError::Unauthenticated(
                 "an API key is required (x-api-key header)".into(),
             ));
         };
-        match self.keys.get(key) {
+        match keys.get(key) {
             None => Err(RouteError::Unauthenticated("unknown API key".into())),
             Some(app) if app != app_id => Err(RouteError::PermissionDenied(format!(
                 "this API key is not valid for appId {app_id:?}"
@@ -194,9 +308,11 @@ impl Frontend {
                 "not the leader; retry (the Service selects the leader)".into(),
             ));
         }
-        let key = self.access.admit(headers, peer)?;
+        let (key, caller) = self.access.admit(headers, peer)?;
         self.router
-            .route(req, |app| self.access.authorize(key.as_deref(), app))
+            .route_as(req, &caller, |app| {
+                self.access.authorize(key.as_deref(), app)
+            })
             .await
     }
 
@@ -478,4 +594,59 @@ pub fn nodelay(
         }
     }
     axum::serve::ListenerExt::tap_io(listener, set as fn(&mut tokio::net::TcpStream))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn with_key(key: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", key.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn unknown_keys_never_get_a_bucket_and_known_ones_are_the_caller() {
+        let keys = HashMap::from([("k-app".to_owned(), "app".to_owned())]);
+        let access = Access::new(keys, &[], 1_000);
+        let peer = Some("203.0.113.5".parse().unwrap());
+        for i in 0..100 {
+            let (_, caller) = access.admit(&with_key(&format!("junk-{i}")), peer).unwrap();
+            assert_eq!(caller, Caller::Anonymous("203.0.113.5".parse().unwrap()));
+        }
+        assert_eq!(access.clients(), 1, "one bucket: the address");
+        let (_, caller) = access.admit(&with_key("k-app"), peer).unwrap();
+        assert_eq!(caller, Caller::Keyed("app".into()));
+        assert_eq!(access.clients(), 2);
+        // Keys on with none configured: every Route is refused, not let through.
+        let none = Access::new(HashMap::new(), &[], 1_000).requiring_keys(HashMap::new());
+        assert!(matches!(
+            none.authorize(Some("anything"), "app"),
+            Err(RouteError::Unauthenticated(_))
+        ));
+        assert!(
+            Access::new(HashMap::new(), &[], 1_000)
+                .authorize(None, "app")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn idle_buckets_are_pruned() {
+        let access = Access::new(HashMap::new(), &[], 1_000).pruning_every(Duration::ZERO);
+        for i in 0..50u8 {
+            let peer = Some(IpAddr::from([198, 51, 100, i]));
+            access.admit(&HeaderMap::new(), peer).unwrap();
+        }
+        assert!(access.clients() >= 40, "{}", access.clients());
+        // At 1000 calls/s a bucket is full again (idle) a millisecond after its call.
+        let pruned = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            let _ = access.admit(&HeaderMap::new(), Some(IpAddr::from([192, 0, 2, 1])));
+            access.clients() <= 2
+        });
+        assert!(pruned, "{} buckets left", access.clients());
+    }
 }

@@ -47,6 +47,16 @@ const MAX_COMPLETED_TALLIES: usize = 20;
 pub const CHUNK_SIZE: usize = 1_000_000;
 /// The longest leave delay a client may ask for.
 const MAX_LEAVE_DELAY: Duration = Duration::from_secs(60);
+/// The longest debounce window a SEND's tags may ask for.
+const MAX_DEBOUNCE: Duration = Duration::from_secs(3600);
+/// Longest `msgID` a debounce is kept for; longer ones are reflected without debouncing (the
+/// client's only one is `pollForSnapshot`).
+pub const MAX_DEBOUNCE_KEY: usize = 128;
+/// Debounce keys remembered per session; past it, expired ones are pruned and new keys go
+/// undebounced.
+pub const MAX_DEBOUNCE_KEYS: usize = 64;
+/// Tallies open at once per session; TUTTIs for further keys are ignored.
+pub const MAX_OPEN_TALLIES: usize = 64;
 
 /// Settings every session of a reflector shares.
 #[derive(Debug, Clone)]
@@ -61,6 +71,8 @@ pub struct Settings {
     /// Public files base URL (no trailing slash): SNAP and SAVE URLs must lie under the
     /// session's own prefix there.
     pub files_base: String,
+    /// Bytes of retained messages at which SENDs are dropped.
+    pub max_retained_bytes: usize,
 }
 
 /// Storage work a session asks its task to do.
@@ -189,12 +201,26 @@ fn js_number(out: &mut String, v: f64) {
     }
 }
 
+/// A client's milliseconds as a duration in `0..=max`: negative, NaN and infinite values are
+/// zero, anything too large for a `Duration` is `max` (a client's number never panics).
 fn millis(v: f64, max: Duration) -> Duration {
     if v.is_finite() && v > 0.0 {
-        Duration::from_secs_f64(v / 1000.0).min(max)
+        Duration::try_from_secs_f64(v / 1000.0).map_or(max, |d| d.min(max))
     } else {
         Duration::ZERO
     }
+}
+
+/// What a reflected message is, for the retention limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A client's SEND or a TUTTI's first message: within the limits, or dropped.
+    Client,
+    /// A tally result: may pass the limits by a small headroom, so that the snapshot vote
+    /// that empties a full buffer still completes.
+    Tally,
+    /// A `users` message: always, or joining clients would never finish joining.
+    Users,
 }
 
 /// The state of one session.
@@ -220,7 +246,10 @@ pub struct Core {
     users_due: Option<Instant>,
     tallies: HashMap<String, Tally>,
     completed: VecDeque<(String, f64)>,
-    debounce: HashMap<String, Instant>,
+    /// Debounced SEND keys: when each was last reflected and its window.
+    debounce: HashMap<String, (Instant, Duration)>,
+    /// Bytes of `messages` (their `[time, seq, …]` text).
+    retained_bytes: usize,
     next_tick: Instant,
     empty_since: Option<Instant>,
     initialised: bool,
@@ -256,6 +285,7 @@ impl Core {
             tallies: HashMap::new(),
             completed: VecDeque::new(),
             debounce: HashMap::new(),
+            retained_bytes: 0,
             next_tick: now + settings.default_tick,
             empty_since: Some(now),
             initialised: false,
@@ -389,6 +419,7 @@ impl Core {
                 }
             })
             .collect();
+        self.retained_bytes = self.messages.iter().map(|m| m.args.len()).sum();
         self.completed = stored.completed_tallies.into_iter().collect();
         let grace = self.settings.rejoin_grace.max(self.leave_delay);
         for user in stored.users {
@@ -451,6 +482,8 @@ impl Core {
             completed_tallies: self.completed.iter().cloned().collect(),
             users,
             stored_at_ms: wall_ms,
+            binding: None,
+            views: Default::default(),
         }
     }
 
@@ -573,23 +606,25 @@ impl Core {
     pub fn message(&mut self, conn: ConnId, msg: ClientMsg, now: Instant) {
         match msg {
             ClientMsg::Send { rest, tags } => {
-                if let Some(tags) = tags
-                    && let (Some(window), Some(id)) = (tags.debounce, tags.msg_id)
+                let debounce = tags
+                    .and_then(|t| Some((t.msg_id?, millis(t.debounce?, MAX_DEBOUNCE))))
+                    .filter(|(id, _)| id.len() <= MAX_DEBOUNCE_KEY);
+                if let Some((id, _)) = &debounce
+                    && let Some((last, window)) = self.debounce.get(id)
+                    && now.saturating_duration_since(*last) < *window
                 {
-                    let window = millis(window, Duration::from_secs(3600));
-                    if let Some(last) = self.debounce.get(&id)
-                        && now.saturating_duration_since(*last) < window
-                    {
-                        tracing::debug!(session = %self.id, msg_id = %id, "debounced SEND dropped");
-                        return;
-                    }
-                    self.debounce.insert(id, now);
+                    tracing::debug!(session = %self.id, msg_id = %id, "debounced SEND dropped");
+                    return;
                 }
-                if !self.reflect(&rest, now, false) {
+                if !self.reflect(&rest, now, Kind::Client) {
                     self.refuse_send(conn);
+                    return;
+                }
+                if let Some((id, window)) = debounce {
+                    self.remember_debounce(id, window, now);
                 }
             }
-            ClientMsg::Tutti(t) => self.tutti(*t, now),
+            ClientMsg::Tutti(t) => self.tutti(conn, *t, now),
             ClientMsg::Snap(s) => {
                 let scope = files_scope::snapshot_path(
                     &self.settings.files_base,
@@ -649,6 +684,18 @@ impl Core {
         }
     }
 
+    /// Remembers a reflected debounced SEND's key, within [`MAX_DEBOUNCE_KEYS`].
+    fn remember_debounce(&mut self, id: String, window: Duration, now: Instant) {
+        if self.debounce.len() >= MAX_DEBOUNCE_KEYS && !self.debounce.contains_key(&id) {
+            self.debounce
+                .retain(|_, (last, w)| now.saturating_duration_since(*last) < *w);
+            if self.debounce.len() >= MAX_DEBOUNCE_KEYS {
+                return;
+            }
+        }
+        self.debounce.insert(id, (now, window));
+    }
+
     fn refuse_send(&mut self, conn: ConnId) {
         self.dropped_sends += 1;
         if self.dropped_sends % 100 != 1 {
@@ -677,8 +724,20 @@ impl Core {
 
     /// Stamps and fans out one message whose array starts with `rest` after time and seq.
     /// Returns false when the message buffer is full (meta messages always pass).
-    fn reflect(&mut self, rest: &str, now: Instant, meta: bool) -> bool {
-        if !meta && self.messages.len() >= self.settings.max_messages {
+    fn reflect(&mut self, rest: &str, now: Instant, kind: Kind) -> bool {
+        let (max_messages, max_bytes) =
+            (self.settings.max_messages, self.settings.max_retained_bytes);
+        let (limit_messages, limit_bytes) = match kind {
+            Kind::Client => (max_messages, max_bytes),
+            Kind::Tally => (
+                max_messages.saturating_add(max_messages / 64 + 1),
+                max_bytes.saturating_add(max_bytes / 64),
+            ),
+            Kind::Users => (usize::MAX, usize::MAX),
+        };
+        if self.messages.len() >= limit_messages
+            || self.retained_bytes.saturating_add(rest.len()) > limit_bytes
+        {
             return false;
         }
         let time = self.clock.read(now);
@@ -697,6 +756,7 @@ impl Core {
         frame.push('}');
         let text = Text::from(frame);
         self.fan_out(&text, false);
+        self.retained_bytes += end - start;
         self.messages.push_back(Reflected {
             frame: text,
             args: start..end,
@@ -885,12 +945,12 @@ impl Core {
         payload.push('}');
         self.pending_joined.clear();
         self.pending_left.clear();
-        self.reflect(&frame::with_size(&payload), now, true);
+        self.reflect(&frame::with_size(&payload), now, Kind::Users);
     }
 
     // === tallies ===
 
-    fn tutti(&mut self, t: frame::Tutti, now: Instant) {
+    fn tutti(&mut self, conn: ConnId, t: frame::Tutti, now: Instant) {
         if !self.tallies.contains_key(&t.key) {
             let time = self.clock.read(now) as f64;
             if self.completed.iter().any(|(k, _)| *k == t.key)
@@ -899,8 +959,16 @@ impl Core {
                 tracing::debug!(session = %self.id, key = %t.key, "late or repeated TUTTI ignored");
                 return;
             }
-            if let Some(first) = &t.first_msg {
-                self.reflect(first, now, true);
+            if self.tallies.len() >= MAX_OPEN_TALLIES {
+                tracing::debug!(session = %self.id, key = %t.key, "too many open tallies: TUTTI ignored");
+                return;
+            }
+            // The first message is a client's message like a SEND's: within the limits.
+            if let Some(first) = &t.first_msg
+                && !self.reflect(first, now, Kind::Client)
+            {
+                self.refuse_send(conn);
+                return;
             }
             let expecting = self
                 .members
@@ -954,7 +1022,7 @@ impl Core {
                 json_string(key),
                 tally.expecting
             );
-            self.reflect(&frame::with_size(&payload), now, true);
+            self.reflect(&frame::with_size(&payload), now, Kind::Tally);
         }
         let time = self.clock.read(now) as f64;
         self.completed.push_back((key.to_string(), tally.send_time));
@@ -1002,7 +1070,8 @@ impl Core {
             .iter()
             .position(|m| seq_after(s.seq, m.seq))
             .unwrap_or(self.messages.len());
-        self.messages.drain(..keep_from);
+        let trimmed: usize = self.messages.drain(..keep_from).map(|m| m.args.len()).sum();
+        self.retained_bytes -= trimmed;
         tracing::info!(session = %self.id, time = s.time, seq = s.seq, retained = self.messages.len(), "snapshot accepted");
         self.metrics.snapshot(true);
         self.effects
@@ -1186,6 +1255,16 @@ impl Core {
     }
 }
 
+impl Drop for Core {
+    /// A session dropped without [`Core::release`] (its task panicked) still leaves the
+    /// gauges right.
+    fn drop(&mut self) {
+        if !self.members.is_empty() {
+            self.release();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1200,6 +1279,7 @@ mod tests {
             requ_messages: 60_000,
             max_messages: 100_000,
             files_base: "http://f/files".into(),
+            max_retained_bytes: usize::MAX,
         })
     }
 
@@ -1241,6 +1321,8 @@ mod tests {
                 .map(|u| RawValue::from_string(u.to_string()).expect("raw"))
                 .collect(),
             stored_at_ms: 0,
+            binding: None,
+            views: Default::default(),
         }
     }
 
@@ -1265,6 +1347,143 @@ mod tests {
             .filter(|f| f["args"][2]["what"] == "users")
             .map(|f| f["args"][2].clone())
             .collect()
+    }
+
+    fn send(c: &mut Core, conn: ConnId, payload: &str, tags: Option<(f64, &str)>, now: Instant) {
+        c.message(
+            conn,
+            ClientMsg::Send {
+                rest: format!("{},0", json_string(payload)).into(),
+                tags: tags.map(|(d, id)| frame::Tags {
+                    debounce: Some(d),
+                    msg_id: Some(id.to_owned()),
+                }),
+            },
+            now,
+        );
+    }
+
+    fn core_with(max_messages: usize, max_retained_bytes: usize) -> Core {
+        let mut s = (*settings()).clone();
+        s.max_messages = max_messages;
+        s.max_retained_bytes = max_retained_bytes;
+        Core::new(
+            Arc::from("s"),
+            Arc::new(s),
+            Metrics::new("test"),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn client_numbers_become_bounded_durations_without_panicking() {
+        let max = Duration::from_secs(60);
+        for v in [1e300, f64::MAX, f64::INFINITY] {
+            assert_eq!(
+                millis(v, max),
+                if v.is_finite() { max } else { Duration::ZERO }
+            );
+        }
+        for v in [f64::NAN, -1.0, 0.0, f64::NEG_INFINITY] {
+            assert_eq!(millis(v, max), Duration::ZERO);
+        }
+        assert_eq!(millis(1250.0, max), Duration::from_millis(1250));
+        let mut c = core();
+        let now = Instant::now();
+        let mut j = user("v");
+        j.leave_delay_ms = Some(1e300);
+        j.tick_ms = Some(1e300);
+        j.scale = Some(1e300);
+        let (out, _inbox) = outbox::pair(64);
+        c.join(1, out, j, now);
+        assert_eq!(c.leave_delay, MAX_LEAVE_DELAY);
+        assert_eq!(c.tick, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_debounce_map_stays_bounded_and_ignores_dropped_and_oversized_keys() {
+        let mut c = core_with(100_000, usize::MAX);
+        let now = Instant::now();
+        let (out, _inbox) = outbox::pair(100_000);
+        c.join(1, out, user("a"), now);
+        let long = "k".repeat(MAX_DEBOUNCE_KEY + 1);
+        send(&mut c, 1, "p", Some((5000.0, &long)), now);
+        assert!(c.debounce.is_empty(), "an oversized key is not remembered");
+        for i in 0..300 {
+            send(&mut c, 1, "p", Some((5000.0, &format!("key{i}"))), now);
+        }
+        assert_eq!(c.debounce.len(), MAX_DEBOUNCE_KEYS);
+        // Once their windows passed, old keys make room for new ones.
+        let later = now + Duration::from_secs(6);
+        send(&mut c, 1, "p", Some((5000.0, "fresh")), later);
+        assert!(c.debounce.contains_key("fresh"));
+        assert_eq!(c.debounce.len(), 1);
+
+        // A SEND dropped for a full buffer leaves no key behind.
+        let mut full = core_with(1, usize::MAX);
+        let (out, _inbox) = outbox::pair(64);
+        full.join(1, out, user("a"), now);
+        send(&mut full, 1, "fills", None, now);
+        send(&mut full, 1, "dropped", Some((5000.0, "k")), now);
+        assert!(full.debounce.is_empty());
+    }
+
+    #[test]
+    fn retained_bytes_are_capped_and_freed_by_a_snapshot() {
+        let mut c = core_with(100_000, 1000);
+        let now = Instant::now();
+        let (out, _inbox) = outbox::pair(100_000);
+        c.join(1, out, user("a"), now);
+        let payload = "x".repeat(300);
+        for _ in 0..10 {
+            send(&mut c, 1, &payload, None, now);
+        }
+        assert_eq!(
+            c.messages.len(),
+            3,
+            "three 300-byte messages fit in 1000 bytes"
+        );
+        assert!(c.retained_bytes <= 1000);
+        let last = c.seq;
+        c.snap(frame::Snap {
+            time: 1.0,
+            seq: last,
+            url: "u".into(),
+            dissident: false,
+        });
+        assert_eq!((c.messages.len(), c.retained_bytes), (0, 0));
+        send(&mut c, 1, &payload, None, now);
+        assert_eq!(c.messages.len(), 1);
+    }
+
+    #[test]
+    fn tutti_first_messages_count_and_open_tallies_are_bounded() {
+        let mut c = core_with(20, usize::MAX);
+        let now = Instant::now();
+        let (a, _a_in) = outbox::pair(100_000);
+        c.join(1, a, user("a"), now);
+        let (b, _b_in) = outbox::pair(100_000);
+        c.join(2, b, user("b"), now);
+        c.on_timers(now + USERS_INTERVAL);
+        for i in 0..200 {
+            c.message(
+                1,
+                ClientMsg::Tutti(Box::new(frame::Tutti {
+                    send_time: 0.0,
+                    payload: format!("v{i}"),
+                    first_msg: (i < 100).then(|| format!("\"first{i}\",0")),
+                    wants_vote: true,
+                    tally_target: "[\"t\"]".into(),
+                    key: format!("k@{i}"),
+                })),
+                now,
+            );
+        }
+        assert!(c.messages.len() <= 20, "{}", c.messages.len());
+        assert!(c.tallies.len() <= MAX_OPEN_TALLIES);
+        // Their results (b never votes) come after the tally window, with little headroom.
+        c.on_timers(now + TALLY_INTERVAL);
+        assert!(c.messages.len() <= 21, "{}", c.messages.len());
     }
 
     #[test]

@@ -12,8 +12,8 @@
 
 pub mod clock;
 pub mod core;
+mod gate;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use self::core::{ConnId, Core, Effect, Settings};
-use crate::admission::{Admission, Admitted, TokenCheck};
+use self::gate::Gate;
+use crate::admission::{self, Admission, Presented, Refusal, Requested};
 use crate::close;
 use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
@@ -45,7 +46,7 @@ pub enum Command {
         out: Outbox,
         join: Box<Join>,
         /// The connection's verified join token, when it carried one or tokens are required.
-        token: Option<Arc<TokenCheck>>,
+        token: Option<Arc<Presented>>,
     },
     /// A SEND, TUTTI, SNAP, SAVE or TICKS from a joined connection.
     Message { conn: ConnId, msg: ClientMsg },
@@ -87,11 +88,20 @@ fn wall_ms() -> u64 {
 /// Runs one session until it ends. `rx` is closed by the registry when the session is removed.
 pub(crate) async fn run(
     id: Arc<str>,
-    mut rx: mpsc::Receiver<Command>,
+    rx: mpsc::Receiver<Command>,
     ctx: Arc<Context>,
     registry: Arc<Registry>,
 ) {
     ctx.metrics.sessions.inc();
+    // Whatever way this task ends, a panic included, the registry must not keep its handle:
+    // a dead handle would refuse every later JOIN of this session id.
+    let mut guard = EndGuard {
+        rx,
+        id: id.clone(),
+        registry: registry.clone(),
+        ctx: ctx.clone(),
+        ended: false,
+    };
     let mut core = Core::new(
         id.clone(),
         ctx.settings.clone(),
@@ -99,16 +109,9 @@ pub(crate) async fn run(
         Instant::now(),
     );
     let mut writer = Writer::new(ctx.clone());
-    let mut loaded = false;
     let mut live = false;
     let mut reported_users = usize::MAX;
-    // Views admitted since the session came into memory: they may rejoin with the same URL
-    // after their token expired.
-    let mut admitted_views: HashSet<String> = HashSet::new();
-    // The shard this session is and the persistence its first routed token claimed: with the
-    // operator's shard settings they decide whether persistent data is kept.
-    let mut shard = String::new();
-    let mut token_persistence: Option<bool> = None;
+    let mut gate = Gate::default();
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
     // Grows up to BATCH under load; small for the many quiet sessions.
@@ -124,40 +127,14 @@ pub(crate) async fn run(
             .as_mut()
             .reset(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
         tokio::select! {
-            n = rx.recv_many(&mut buf, BATCH) => {
+            n = guard.rx.recv_many(&mut buf, BATCH) => {
                 if n == 0 {
                     break false;
                 }
                 for cmd in buf.drain(..) {
                     match cmd {
                         Command::Join { conn, out, join, token } => {
-                            if !loaded {
-                                shard = shard_of(&join).to_owned();
-                                token_persistence = match token.as_deref() {
-                                    Some(Ok(claims)) => Some(claims.persistence),
-                                    _ => None,
-                                };
-                                let persists = ctx.admission.persistence(&shard, token_persistence);
-                                if let Err(e) = load(&mut core, &join, &ctx, persists).await {
-                                    tracing::error!(session = %id, error = %e, "storage look-up failed; client asked to retry");
-                                    out.close(close::RECONNECT.with_reason("storage unavailable, retry"));
-                                    continue;
-                                }
-                                loaded = true;
-                            }
-                            let user = join.user.as_deref();
-                            let known = core.is_member(user) || user.is_some_and(|u| admitted_views.contains(u));
-                            let Some(admitted) = admit(&core, &ctx, &id, &out, &join, token.as_deref(), known) else {
-                                continue;
-                            };
-                            if let Some(u) = &join.user
-                                && !known
-                            {
-                                admitted_views.insert(u.clone());
-                                registry.record_admission(&id, admitted);
-                            }
-                            core.join(conn, out, *join, Instant::now());
-                            registry.attach(&id, conn);
+                            on_join(&mut core, &mut gate, &ctx, &registry, &id, Joining { conn, out, join, token }).await;
                         }
                         Command::Message { conn, msg } => core.message(conn, msg, Instant::now()),
                         Command::Closed { conn } => {
@@ -177,11 +154,9 @@ pub(crate) async fn run(
             () = &mut sleep => core.on_timers(Instant::now()),
         }
         for effect in core.take_effects() {
-            if matches!(effect, Effect::SavePersisted { .. })
-                && !ctx.admission.persistence(&shard, token_persistence)
-            {
+            if matches!(effect, Effect::SavePersisted { .. }) && !persists(&ctx, &gate) {
                 ctx.metrics.persistence("skipped");
-                tracing::debug!(session = %id, shard = %shard, "SAVE dropped: the Session has persistence off");
+                tracing::debug!(session = %id, "SAVE dropped: the Session has persistence off");
                 continue;
             }
             writer.submit(effect);
@@ -207,17 +182,17 @@ pub(crate) async fn run(
                 || (end_when_idle && !core.has_connections()));
         if drain_done || idle_done {
             core.settle(now);
-            if loaded && core.has_state() {
-                store(&mut core, &ctx).await;
+            if gate.resumed && core.has_state() {
+                store(&mut core, &gate, &ctx).await;
             }
-            if registry.remove_if_quiet(&id, &mut rx) {
+            if registry.remove_if_quiet(&id, &mut guard.rx) {
                 break drain_done;
             }
         }
     };
     // Anything that reached the queue after the session was removed: ask to come back, the
     // next JOIN finds the state just stored.
-    while let Ok(cmd) = rx.try_recv() {
+    while let Ok(cmd) = guard.rx.try_recv() {
         if let Command::Join { out, .. } = cmd {
             out.close(close::RECONNECT.with_reason("session restarting, reconnect"));
         }
@@ -226,41 +201,207 @@ pub(crate) async fn run(
     registry.forget(&id);
     writer.finish().await;
     core.release();
+    guard.ended = true;
     ctx.metrics.sessions.dec();
     ctx.metrics.session_end(drained);
     tracing::info!(session = %id, drained, "session ended");
 }
 
-/// First JOIN: resume stored state, else (when the shard `persists`) find persisted data
-/// for the JOIN's identity.
-async fn load(
+/// Cleans up after a session task that did not reach its normal end (it panicked): removes
+/// its handle so the next JOIN starts afresh (from its last stored state), and takes it out
+/// of the reports and gauges. The panic itself ends only this task.
+struct EndGuard {
+    /// The session's queue; closed first, so that the registry can tell its handle is dead.
+    rx: mpsc::Receiver<Command>,
+    id: Arc<str>,
+    registry: Arc<Registry>,
+    ctx: Arc<Context>,
+    ended: bool,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.rx.close();
+        self.registry.remove_failed(&self.id);
+        self.registry.set_live(&self.id, None);
+        self.registry.forget(&self.id);
+        self.ctx.metrics.sessions.dec();
+        // Otherwise the task was cancelled: the runtime is shutting down.
+        if std::thread::panicking() {
+            tracing::error!(session = %self.id, "session task failed; its clients are disconnected and the session restarts from its stored state");
+            self.ctx.metrics.session_failed();
+        }
+    }
+}
+
+/// A JOIN handed to its session.
+struct Joining {
+    conn: ConnId,
+    out: Outbox,
+    join: Box<Join>,
+    token: Option<Arc<Presented>>,
+}
+
+/// Whether this session keeps persistent data: the operator's shard settings, else its
+/// binding's token claim, else on.
+fn persists(ctx: &Context, gate: &Gate) -> bool {
+    let b = gate.binding();
+    ctx.admission.persistence(
+        b.map_or("", |b| b.shard.as_str()),
+        b.and_then(|b| b.persistence),
+    )
+}
+
+/// Admits (or refuses) a JOIN and hands it to the core. Order matters: nothing is looked up
+/// or remembered for a JOIN before it showed a token for the identity it names, the
+/// session's stored state is read before deciding (it holds the binding and the views that
+/// may return), and persisted data is looked up only for an admitted JOIN.
+async fn on_join(
+    core: &mut Core,
+    gate: &mut Gate,
+    ctx: &Context,
+    registry: &Registry,
+    id: &Arc<str>,
+    j: Joining,
+) {
+    let Joining {
+        conn,
+        out,
+        join,
+        token,
+    } = j;
+    let presented = token.as_deref();
+    let req = Requested {
+        app_id: join.app_id.as_deref().unwrap_or(""),
+        shard: shard_of(&join),
+    };
+    let refuse = |r: Refusal| {
+        ctx.metrics.join_refusals(r.reason);
+        tracing::warn!(session = %id, reason = r.reason, detail = %r.detail, "JOIN refused");
+        out.close(r.close.clone());
+    };
+    if let Err(r) = ctx.admission.precheck(presented, req) {
+        return refuse(r);
+    }
+    if let Some(b) = gate.binding()
+        && !b.admits(req.app_id, req.shard)
+    {
+        return refuse(admission::wrong_session(b, req));
+    }
+    if !gate.resumed {
+        match resume(core, gate, ctx, req).await {
+            Ok(()) => gate.resumed = true,
+            Err(Resume::Refused(r)) => return refuse(r),
+            Err(Resume::Storage(e)) => {
+                tracing::error!(session = %id, error = %e, "storage look-up failed; client asked to retry");
+                out.close(close::RECONNECT.with_reason("storage unavailable, retry"));
+                return;
+            }
+        }
+    }
+    let user = join.user.as_deref();
+    let known = gate.known(&ctx.admission, user, core.is_member(user), presented);
+    if !known && gate.taken(&ctx.admission, user, presented) {
+        return refuse(Refusal {
+            close: close::BAD_API_KEY.with_reason("this view joined with another token"),
+            reason: "view_taken",
+            detail: format!(
+                "user {} was admitted with another token",
+                user.unwrap_or("")
+            ),
+        });
+    }
+    let now_unix = i64::try_from(wall_ms() / 1000).unwrap_or(i64::MAX);
+    let admitted = match ctx.admission.decide(
+        presented,
+        req,
+        gate.binding(),
+        known,
+        core.member_count(),
+        now_unix,
+    ) {
+        Ok(a) => a,
+        Err(r) => return refuse(r),
+    };
+    if !known {
+        gate.admit(user, presented, admitted, req, core.member_count());
+        registry.record_admission(id, admitted);
+    }
+    if !gate.loaded {
+        if let Err(e) = look_up_persisted(core, &join, ctx, persists(ctx, gate)).await {
+            tracing::error!(session = %id, error = %e, "persisted-data look-up failed; client asked to retry");
+            out.close(close::RECONNECT.with_reason("storage unavailable, retry"));
+            return;
+        }
+        gate.loaded = true;
+    }
+    core.join(conn, out, *join, Instant::now());
+    // Uploads into the session's paths are accepted from this connection's address now.
+    registry.attach(id, conn);
+}
+
+/// Why a session could not be resumed for a JOIN.
+enum Resume {
+    /// The stored session belongs to another identity.
+    Refused(Refusal),
+    Storage(crate::storage::StorageError),
+}
+
+/// Before the first JOIN is decided: continues the session's stored state when there is
+/// one (refusing a JOIN that names another identity than the one it was stored under).
+async fn resume(
+    core: &mut Core,
+    gate: &mut Gate,
+    ctx: &Context,
+    req: Requested<'_>,
+) -> Result<(), Resume> {
+    let id = core.id().clone();
+    let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
+        .await
+        .map_err(|_| Resume::Storage(crate::storage::StorageError::Timeout(LOOKUP_TIMEOUT)))?;
+    match stored {
+        Ok(Some(state)) => {
+            let mut restored = Gate::default();
+            restored.restore(&state);
+            if let Some(b) = restored.binding()
+                && !b.admits(req.app_id, req.shard)
+            {
+                return Err(Resume::Refused(admission::wrong_session(b, req)));
+            }
+            tracing::info!(session = %id, timeline = %state.timeline, messages = state.messages.len(), "session resumed from storage");
+            ctx.metrics.session_state("resume", true);
+            *gate = restored;
+            // A resumed session has its persisted data (or snapshot) already.
+            gate.loaded = true;
+            core.restore(state, Instant::now());
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(crate::storage::StorageError::Corrupt { key, source }) => {
+            // A record we cannot read would block the session forever; start fresh instead.
+            tracing::error!(session = %id, key, error = %source, "stored session unreadable, starting fresh");
+            ctx.metrics.session_state("resume", false);
+            Ok(())
+        }
+        Err(e) => {
+            ctx.metrics.session_state("resume", false);
+            Err(Resume::Storage(e))
+        }
+    }
+}
+
+/// After the first admitted JOIN of a fresh session: when the shard `persists`, finds
+/// persisted data for that JOIN's identity.
+async fn look_up_persisted(
     core: &mut Core,
     join: &Join,
     ctx: &Context,
     persists: bool,
 ) -> Result<(), crate::storage::StorageError> {
     let id = core.id().clone();
-    let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
-        .await
-        .map_err(|_| crate::storage::StorageError::Timeout(LOOKUP_TIMEOUT))?;
-    match stored {
-        Ok(Some(state)) => {
-            tracing::info!(session = %id, timeline = %state.timeline, messages = state.messages.len(), "session resumed from storage");
-            ctx.metrics.session_state("resume", true);
-            core.restore(state, Instant::now());
-            return Ok(());
-        }
-        Ok(None) => {}
-        Err(crate::storage::StorageError::Corrupt { key, source }) => {
-            // A record we cannot read would block the session forever; start fresh instead.
-            tracing::error!(session = %id, key, error = %source, "stored session unreadable, starting fresh");
-            ctx.metrics.session_state("resume", false);
-        }
-        Err(e) => {
-            ctx.metrics.session_state("resume", false);
-            return Err(e);
-        }
-    }
     let identity = Core::identity_from(join);
     if !persists {
         ctx.metrics.persistence("skipped");
@@ -287,8 +428,9 @@ async fn load(
     Ok(())
 }
 
-async fn store(core: &mut Core, ctx: &Context) {
-    let state = core.to_stored(Instant::now(), wall_ms());
+async fn store(core: &mut Core, gate: &Gate, ctx: &Context) {
+    let mut state = core.to_stored(Instant::now(), wall_ms());
+    gate.fill(&mut state);
     let (messages, seq) = (state.messages.len(), state.seq);
     match ctx.storage.store_session(&state).await {
         Ok(()) => {
@@ -384,39 +526,8 @@ async fn apply(ctx: &Context, effect: Effect) {
     }
 }
 
-/// Applies the admission policy to a JOIN; refuses (closing `out`) and returns `None` when
-/// the view may not join.
-fn admit(
-    core: &Core,
-    ctx: &Context,
-    id: &str,
-    out: &Outbox,
-    join: &Join,
-    token: Option<&TokenCheck>,
-    known_view: bool,
-) -> Option<Admitted> {
-    let now_unix = i64::try_from(wall_ms() / 1000).unwrap_or(i64::MAX);
-    let decision = ctx.admission.decide(
-        token,
-        join.app_id.as_deref().unwrap_or(""),
-        shard_of(join),
-        known_view,
-        core.member_count(),
-        now_unix,
-    );
-    match decision {
-        Ok(a) => Some(a),
-        Err(refusal) => {
-            ctx.metrics.join_refusals(refusal.reason);
-            tracing::warn!(session = %id, reason = refusal.reason, detail = %refusal.detail, "JOIN refused");
-            out.close(refusal.close);
-            None
-        }
-    }
-}
-
 /// The shard name a JOIN asks for: its `name` is `<appId>/<shard>`.
-fn shard_of(join: &Join) -> &str {
+pub(crate) fn shard_of(join: &Join) -> &str {
     let name = join.name.as_deref().unwrap_or("");
     join.app_id
         .as_deref()

@@ -1,0 +1,130 @@
+//! A session's door: the identity it was admitted under and the views it let in.
+//!
+//! The policy (what a token must say) is [`crate::admission`]'s; this keeps what one session
+//! must remember to apply it: its [`Binding`], and for every admitted view the [`Proof`] it
+//! came with, so that a returning view can be told from someone who copied its `user`
+//! record out of a `users` message. Both are stored with the session's state, so they hold
+//! across a restart.
+
+use std::collections::HashMap;
+
+use crate::admission::{Admission, Admitted, Binding, Presented, Proof, Requested};
+use crate::storage::StoredSession;
+
+/// Admitted views remembered beyond the current members before the rest are forgotten
+/// (a view that left long ago must show a fresh token).
+const MAX_FORMER_VIEWS: usize = 1024;
+
+/// What one session remembers about admission.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    binding: Option<Binding>,
+    /// Admitted views by user record (JSON text), with the proof they were admitted with
+    /// (`None` when they came without a token to a reflector that does not require one).
+    views: HashMap<String, Option<Proof>>,
+    /// The session's stored state has been looked for (and restored when found).
+    pub resumed: bool,
+    /// The session is set up: resumed, or persisted data looked up for its first admitted
+    /// JOIN.
+    pub loaded: bool,
+}
+
+impl Gate {
+    /// The identity the session is bound to, once it admitted a JOIN (or was restored).
+    pub fn binding(&self) -> Option<&Binding> {
+        self.binding.as_ref()
+    }
+
+    /// Whether `user` is a view admitted before that proves it with `presented`.
+    /// `member`: the core still counts it as a member (e.g. a ghost of a resumed session).
+    pub fn known(
+        &self,
+        admission: &Admission,
+        user: Option<&str>,
+        member: bool,
+        presented: Option<&Presented>,
+    ) -> bool {
+        let Some(user) = user else { return false };
+        let admitted = self.views.get(user);
+        if admitted.is_none() && !member {
+            return false;
+        }
+        admission.proves(admitted.copied().flatten(), presented)
+    }
+
+    /// Whether `user` is a view admitted with a token other than the one `presented`: someone
+    /// who read its user record in a `users` message, or a client of the same shard that
+    /// must not take over another's membership.
+    pub fn taken(
+        &self,
+        admission: &Admission,
+        user: Option<&str>,
+        presented: Option<&Presented>,
+    ) -> bool {
+        let Some(Some(proof)) = user.and_then(|u| self.views.get(u)) else {
+            return false;
+        };
+        !admission.proves(Some(*proof), presented)
+    }
+
+    /// Records an admitted JOIN; the first one binds the session.
+    pub fn admit(
+        &mut self,
+        user: Option<&str>,
+        presented: Option<&Presented>,
+        admitted: Admitted,
+        req: Requested<'_>,
+        members: usize,
+    ) {
+        self.binding.get_or_insert_with(|| Binding {
+            app_id: req.app_id.to_owned(),
+            shard: req.shard.to_owned(),
+            max_users: admitted.token_max_users,
+            persistence: admitted.persistence,
+        });
+        if let Some(u) = user {
+            if self.views.len() >= MAX_FORMER_VIEWS + members {
+                // Keep the map bounded by forgetting half of it, whichever views those are: a
+                // forgotten view only needs a fresh token to come back.
+                let keep = MAX_FORMER_VIEWS / 2;
+                let mut n = 0;
+                self.views.retain(|_, _| {
+                    n += 1;
+                    n <= keep
+                });
+            }
+            self.views.insert(u.to_owned(), presented.map(|p| p.proof));
+        }
+    }
+
+    /// Takes the binding and admitted views of a stored session. Records written before
+    /// bindings were stored are bound to the identity they were stored under.
+    pub fn restore(&mut self, stored: &StoredSession) {
+        self.binding = stored.binding.clone().or_else(|| {
+            let app_id = stored.app_id.clone()?;
+            let name = stored.name.as_deref()?;
+            let shard = crate::registry::shard_name(name, &app_id).unwrap_or(name);
+            Some(Binding {
+                shard: shard.to_owned(),
+                app_id,
+                max_users: 0,
+                persistence: None,
+            })
+        });
+        self.views = stored
+            .views
+            .iter()
+            .map(|(user, proof)| (user.clone(), Proof::from_hex(proof)))
+            .collect();
+    }
+
+    /// Writes the binding and admitted views into a record about to be stored.
+    pub fn fill(&self, stored: &mut StoredSession) {
+        stored.binding.clone_from(&self.binding);
+        stored.views = self
+            .views
+            .iter()
+            .filter_map(|(u, p)| Some((u.clone(), p.as_ref()?.to_hex())))
+            .collect();
+    }
+}
