@@ -212,7 +212,7 @@ impl Files {
         self.metrics
             .files_request(method.as_str(), res.status().as_u16());
         if res.status().is_client_error() || res.status().is_server_error() {
-            tracing::info!(method = %method, path, status = res.status().as_u16(), "files request refused");
+            tracing::info!(method = %method, path, %peer, status = res.status().as_u16(), "files request refused");
         } else {
             tracing::debug!(method = %method, path, status = res.status().as_u16(), "files request");
         }
