@@ -7,8 +7,9 @@ import { waitFor } from './lib/util.mjs';
 const seqAfter = (a, b) => { const d = (b - a) >>> 0; return d > 0 && d < 0x80000000; };
 
 e2eTest('late joiner gets the snapshot URL in SYNC, downloads it from the files endpoint and converges', { timeout: 120000 }, async (t, h) => {
-    const reflector = await h.reflector({ storage: `file://${h.tempDir()}` });
-    const proxy = await h.proxy(reflector.box);
+    const proxy = await h.proxy();
+    const reflector = await h.reflector({ storage: `file://${h.tempDir()}`, filesUrl: proxy.filesUrl });
+    proxy.setTarget(reflector.box);
     const session = h.sessionName('late');
     const common = { box: proxy.box, session, tps: 10 };
     const [a, b] = await h.participantsJoined([{ ...common, tag: 'A' }, { ...common, tag: 'B' }]);

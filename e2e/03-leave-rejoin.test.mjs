@@ -12,8 +12,9 @@ function usersMessagesSeenBy(proxy, user) {
 }
 
 e2eTest('a client that leaves and joins again receives the current state and everyone converges', { timeout: 120000 }, async (t, h) => {
-    const reflector = await h.reflector({ storage: `file://${h.tempDir()}` });
-    const proxy = await h.proxy(reflector.box);
+    const proxy = await h.proxy();
+    const reflector = await h.reflector({ storage: `file://${h.tempDir()}`, filesUrl: proxy.filesUrl });
+    proxy.setTarget(reflector.box);
     const session = h.sessionName('leave');
     const common = { box: proxy.box, session, tps: 10 };
     const [a, b, c] = await h.participantsJoined(['A', 'B', 'C'].map(tag => ({ ...common, tag })));
@@ -54,8 +55,9 @@ e2eTest('a client that leaves and joins again receives the current state and eve
 });
 
 e2eTest('a dropped connection is followed by a seamless rejoin on the same timeline', { timeout: 120000 }, async (t, h) => {
-    const reflector = await h.reflector({ storage: `file://${h.tempDir()}` });
-    const proxy = await h.proxy(reflector.box);
+    const proxy = await h.proxy();
+    const reflector = await h.reflector({ storage: `file://${h.tempDir()}`, filesUrl: proxy.filesUrl });
+    proxy.setTarget(reflector.box);
     const session = h.sessionName('drop');
     // rejoinLimit: how long the client keeps its view while reconnecting (client default 1000 ms);
     // raised so that the deliberate reconnect delay below cannot make a slow machine reboot the view.

@@ -7,8 +7,9 @@ const pathOf = url => new URL(url, 'http://x').pathname;
 
 e2eTest('code version 2 starts from the data persisted by code version 1', { timeout: 120000 }, async (t, h) => {
     const storageDir = h.tempDir();
-    const first = await h.reflector({ storage: `file://${storageDir}`, emptySessionTtl: '1s', drainTimeout: '2s' });
-    const proxy = await h.proxy(first.box);
+    const proxy = await h.proxy();
+    const first = await h.reflector({ storage: `file://${storageDir}`, filesUrl: proxy.filesUrl, emptySessionTtl: '1s', drainTimeout: '2s' });
+    proxy.setTarget(first.box);
     const session = h.sessionName('persist');
     const common = { box: proxy.box, session, tps: 10 };
 
@@ -34,7 +35,7 @@ e2eTest('code version 2 starts from the data persisted by code version 1', { tim
     await sleep(2000);
     const status = await first.terminate(15000);
     assert.deepEqual(status, { code: 0, signal: null }, 'the reflector exits 0 on SIGTERM');
-    const second = await h.reflector({ storage: `file://${storageDir}`, emptySessionTtl: '1s' });
+    const second = await h.reflector({ storage: `file://${storageDir}`, filesUrl: proxy.filesUrl, emptySessionTtl: '1s' });
     proxy.setTarget(second.box);
     h.mark('reflector restarted');
 

@@ -38,9 +38,10 @@ function lastTimeSeen(proxy, conn) {
 
 e2eTest('graceful restart: sessions survive SIGTERM and a restart on the same storage and port', { timeout: 150000 }, async (t, h) => {
     const storageDir = h.tempDir();
-    const options = { storage: `file://${storageDir}`, drainTimeout: '2s' };
+    const proxy = await h.proxy();
+    const options = { storage: `file://${storageDir}`, filesUrl: proxy.filesUrl, drainTimeout: '2s' };
     const first = await h.reflector(options);
-    const proxy = await h.proxy(first.box);
+    proxy.setTarget(first.box);
     const session = h.sessionName('restart');
     // rejoinLimit 10 s: the clients keep their views while the reflector restarts
     const common = { box: proxy.box, session, tps: 10, rejoinLimit: 10000 };

@@ -19,11 +19,13 @@ e2eTest('S3 storage: snapshot for a late joiner and persisted data across a code
     h.mark(`moto up on ${moto.endpoint}, prefix ${prefix}`);
     // An empty working directory: with S3 storage nothing may land in a local default directory.
     const cwd = h.tempDir();
+    const proxy = await h.proxy();
     const options = {
         storage: `s3://${BUCKET}/${prefix}`, env: moto.clientEnv(), cwd, emptySessionTtl: '1s', drainTimeout: '2s',
+        filesUrl: proxy.filesUrl,
     };
     const first = await h.reflector(options);
-    const proxy = await h.proxy(first.box);
+    proxy.setTarget(first.box);
     const session = h.sessionName('s3');
     const common = { box: proxy.box, session, tps: 10 };
 

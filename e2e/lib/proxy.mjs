@@ -5,6 +5,9 @@
 // (the files endpoint) is forwarded as-is and recorded as {method, path, status, reqBytes, resBytes}.
 // If the reflector cannot be reached, the upgrade is answered with 502 and the socket closed, so
 // the client sees a failed connection and retries, as it would against a reflector that is down.
+// The proxy may start without a target (set it with setTarget): a reflector records SNAP and SAVE
+// URLs only under its --files-url, so it is started with `filesUrl: proxy.filesUrl` once the
+// proxy's address is known.
 import crypto from 'node:crypto';
 import http from 'node:http';
 import { createRequire } from 'node:module';
@@ -38,7 +41,7 @@ class FrameDecoder {
 
 export class RecordingProxy {
     constructor(target) {
-        this.setTarget(target);
+        if (target) this.setTarget(target);
         this.t0 = Date.now();
         this.events = [];        // {t, conn, event:'open'|'close'|'refused', ...}
         this.frames = [];        // {t, conn, dir:'c2s'|'s2c', text, msg}
@@ -69,6 +72,8 @@ export class RecordingProxy {
         });
         this.port = this.server.address().port;
         this.box = `http://127.0.0.1:${this.port}/`;
+        /** The files base clients derive from `box`: a proxied reflector's --files-url. */
+        this.filesUrl = `${this.box}files`;
         return this;
     }
 

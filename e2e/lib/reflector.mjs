@@ -83,7 +83,7 @@ export class ReflectorProcess {
 /**
  * Starts the reflector and waits for its `box: http://127.0.0.1:PORT/` line.
  * options: storage (URL), listen (default 127.0.0.1:0), drainTimeout, emptySessionTtl,
- *          publicUrl, snapshotRetention, env (extra environment), args (extra argv),
+ *          publicUrl, filesUrl, snapshotRetention, env (extra environment), args (extra argv),
  *          readyTimeout (ms).
  */
 export async function startReflector(options = {}) {
@@ -91,6 +91,7 @@ export async function startReflector(options = {}) {
     const args = ['--listen', options.listen || '127.0.0.1:0'];
     if (options.storage) args.push('--storage', options.storage);
     if (options.publicUrl) args.push('--public-url', options.publicUrl);
+    if (options.filesUrl) args.push('--files-url', options.filesUrl);
     if (options.drainTimeout) args.push('--drain-timeout', options.drainTimeout);
     if (options.emptySessionTtl) args.push('--empty-session-ttl', options.emptySessionTtl);
     if (options.snapshotRetention !== undefined) args.push('--snapshot-retention', String(options.snapshotRetention));

@@ -49,6 +49,7 @@ impl FakeLauncher {
             app_id: Some("io.x".into()),
             persistent_id: Some("pid".into()),
             users,
+            peers: vec![],
         });
     }
 
@@ -285,6 +286,7 @@ fn a_reported_session_maps_to_its_shard_by_the_join_name() {
         app_id: Some("io.x".into()),
         persistent_id: None,
         users: 1,
+        peers: vec![],
     };
     assert_eq!(s.shard(), Some("lobby~2"));
     let other_app = ReportedSession {

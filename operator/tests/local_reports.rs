@@ -54,6 +54,7 @@ async fn each_child_reports_under_its_own_credential() {
         logs: ChildLogs::Files,
         log_dir: dir.join("logs"),
         report_key: Some(key),
+        sessions_http: refleet_operator::local::launcher::sessions_client(),
     });
     for (name, region) in [("local-a-1", "local-a"), ("local-b-1", "local-b")] {
         launcher

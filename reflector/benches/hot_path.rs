@@ -34,6 +34,7 @@ fn settings() -> Arc<Settings> {
         rejoin_grace: Duration::from_secs(10),
         requ_messages: usize::MAX,
         max_messages: usize::MAX,
+        files_base: "http://bench/files".into(),
         max_retained_bytes: usize::MAX,
     })
 }

@@ -63,9 +63,25 @@ pub struct Config {
     #[arg(long, env = "REFLEET_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
     pub max_frame_bytes: usize,
 
-    /// Largest upload accepted by the files endpoint, in bytes (HTTP 413 above it).
+    /// Largest upload accepted by the files endpoint, in bytes (HTTP 413 above it). Uploads
+    /// are streamed to storage, so this does not bound memory; `--max-uploads` does.
     #[arg(long, env = "REFLEET_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
     pub max_upload_bytes: usize,
+
+    /// An upload whose body sends nothing for this long is dropped (HTTP 408) and nothing is
+    /// stored.
+    #[arg(long, env = "REFLEET_UPLOAD_IDLE_TIMEOUT", default_value = "15s")]
+    pub upload_idle_timeout: humantime::Duration,
+
+    /// Most uploads read at once; further ones get HTTP 503 with Retry-After. Each holds up
+    /// to about 10 MiB while it streams in.
+    #[arg(long, env = "REFLEET_MAX_UPLOADS", default_value_t = 16)]
+    pub max_uploads: usize,
+
+    /// Most uploads read at once from one client address; further ones get HTTP 429 with
+    /// Retry-After. The real client uploads one file at a time.
+    #[arg(long, env = "REFLEET_MAX_UPLOADS_PER_PEER", default_value_t = 4)]
+    pub max_uploads_per_peer: usize,
 
     /// Messages per second one connection may send on average; exceeding it closes the
     /// connection with 4104. The real client sends at most 60 per second.
@@ -148,7 +164,9 @@ pub struct Config {
     #[arg(long, env = "REFLEET_REPORT_TOKEN_FILE")]
     pub report_token_file: Option<std::path::PathBuf>,
 
-    /// The report credential itself (alternative to --report-token-file).
+    /// The report credential itself (alternative to --report-token-file). The same value
+    /// (`authorization: Bearer …`) lets the operator read `/sessions`, which otherwise answers
+    /// only clients on a loopback address.
     #[arg(long, env = "REFLEET_REPORT_TOKEN", hide_env_values = true)]
     pub report_token: Option<String>,
 
@@ -180,6 +198,9 @@ pub struct Config {
 pub struct Limits {
     pub max_frame_bytes: usize,
     pub max_upload_bytes: usize,
+    pub upload_idle_timeout: Duration,
+    pub max_uploads: usize,
+    pub max_uploads_per_peer: usize,
     pub rate_limit: u32,
     pub rate_burst: u32,
     pub send_queue: usize,
@@ -207,6 +228,9 @@ impl From<&Config> for Limits {
         let Config {
             max_frame_bytes,
             max_upload_bytes,
+            upload_idle_timeout,
+            max_uploads,
+            max_uploads_per_peer,
             rate_limit,
             rate_burst,
             send_queue,
@@ -239,6 +263,9 @@ impl From<&Config> for Limits {
         Self {
             max_frame_bytes: *max_frame_bytes,
             max_upload_bytes: *max_upload_bytes,
+            upload_idle_timeout: (*upload_idle_timeout).into(),
+            max_uploads: (*max_uploads).max(1),
+            max_uploads_per_peer: (*max_uploads_per_peer).max(1),
             rate_limit: (*rate_limit).max(1),
             rate_burst: (*rate_burst).max(1),
             send_queue: (*send_queue).max(16),
@@ -258,6 +285,17 @@ impl From<&Config> for Limits {
 }
 
 impl Config {
+    /// The report-stream secret (`--report-token`, else the contents of
+    /// `--report-token-file`), if one is configured. It also guards `/sessions`.
+    pub fn report_secret(&self) -> std::io::Result<Option<String>> {
+        match (&self.report_token, &self.report_token_file) {
+            (Some(t), _) => Ok(Some(t.trim().to_owned())),
+            (None, Some(path)) => Ok(Some(std::fs::read_to_string(path)?.trim().to_owned())),
+            (None, None) => Ok(None),
+        }
+        .map(|t| t.filter(|t| !t.is_empty()))
+    }
+
     /// The public base URL with exactly one trailing slash.
     pub fn public_base(&self, bound: SocketAddr) -> String {
         let mut base = match &self.public_url {

@@ -65,6 +65,7 @@ pub fn serve(
     metrics.connections.inc();
     metrics.connections_total.inc();
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    registry.connection_opened(conn, peer.ip());
     let (out, inbox) = outbox::pair(limits.send_queue);
     let writer = tokio::spawn(write_loop(sink, inbox, registry.clone()));
     let reader = Reader {
@@ -96,6 +97,7 @@ pub fn serve(
         {
             tracing::debug!(conn, "writer did not finish in time");
         }
+        registry.connection_closed(conn);
         registry.context().metrics.connections.dec();
     }
 }

@@ -3,22 +3,30 @@
 //! The client builds these URLs itself (`<files base>/apps/<appId>/snap/…` and
 //! `<files base>/apps/<appId>/<persistentId>/save/<hash>`) and shares them through the
 //! session, so every client of a session must reach the same files base. Downloads are open
-//! to anyone who has the URL (the contents are end-to-end encrypted); uploads are accepted
-//! only under the path of a session that has a client on this reflector right now, snapshots
-//! only once, and only up to `--max-upload-bytes`.
+//! to anyone who has the URL (the contents are end-to-end encrypted).
+//!
+//! The unmodified client sends no credential with an upload, and the hashes in its file
+//! names are over the plaintext (it encrypts with a random IV), so the server cannot check
+//! them. An upload is therefore accepted only under the path of a session that has an
+//! admitted member connected from the uploader's address right now, every file is written
+//! once, and bodies are streamed with a size cap, an idle timeout and a cap on concurrent
+//! uploads per address and in total.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
-use bytes::Bytes;
-use futures_util::TryStreamExt;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
+use futures_util::{StreamExt, TryStreamExt};
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::storage::{PutOutcome, Storage, StorageError};
+use crate::storage::{OnExisting, PutOutcome, STAGE_PART_BYTES, Staged, Storage, StorageError};
+use crate::upload_slots::{Busy, UploadSlots};
 
 const MAX_SEGMENTS: usize = 16;
 const MAX_SEGMENT_LEN: usize = 256;
@@ -56,7 +64,8 @@ pub enum Upload<'a> {
     },
     /// `snapshots/<sessionId>/<file>` (clients without an apiKey; write-once).
     KeylessSnapshot { session_id: &'a str },
-    /// `apps/<appId>/<persistentId>/save/<hash>` (hash-addressed, may be written again).
+    /// `apps/<appId>/<persistentId>/save/<hash>` (named by the plaintext's hash; the first
+    /// upload is kept).
     Persisted {
         app_id: &'a str,
         persistent_id: &'a str,
@@ -83,40 +92,59 @@ pub fn classify<'a>(segments: &[&'a str]) -> Option<Upload<'a>> {
     }
 }
 
-/// Decides whether an upload may be stored: whether a session with a connected client owns
-/// its path. A reflector asks its own session registry; `refleet up` asks its whole fleet.
+/// Decides whether an upload may be stored: whether a session owning its path has an
+/// admitted member connected from the uploader's address. A reflector asks its own session
+/// registry; `refleet up` asks its whole fleet.
 pub trait UploadGate: Send + Sync + std::fmt::Debug + 'static {
-    /// Whether `upload` belongs to a session that has a connected client right now.
-    fn allows<'a>(&'a self, upload: &'a Upload<'a>) -> BoxFuture<'a, bool>;
+    /// Whether `upload` from `peer` belongs to a session that has an admitted member
+    /// connected from `peer` right now.
+    fn allows<'a>(&'a self, upload: &'a Upload<'a>, peer: IpAddr) -> BoxFuture<'a, bool>;
 }
 
 impl UploadGate for Registry {
-    fn allows<'a>(&'a self, upload: &'a Upload<'a>) -> BoxFuture<'a, bool> {
+    fn allows<'a>(&'a self, upload: &'a Upload<'a>, peer: IpAddr) -> BoxFuture<'a, bool> {
         let allowed = match upload {
             Upload::Snapshot {
                 app_id,
                 persistent_id,
                 session_id,
-            } => self.has_live(app_id, persistent_id, Some(session_id)),
+            } => self.has_live(app_id, persistent_id, Some(session_id), peer),
             Upload::Persisted {
                 app_id,
                 persistent_id,
-            } => self.has_live(app_id, persistent_id, None),
-            Upload::KeylessSnapshot { session_id } => self.is_live(session_id),
+            } => self.has_live(app_id, persistent_id, None, peer),
+            Upload::KeylessSnapshot { session_id } => self.is_live(session_id, peer),
         };
         Box::pin(std::future::ready(allowed))
     }
 }
 
+/// Limits on uploads.
+#[derive(Debug, Clone)]
+pub struct UploadLimits {
+    /// Largest upload (`--max-upload-bytes`).
+    pub max_bytes: usize,
+    /// Longest wait for the next piece of a body (`--upload-idle-timeout`).
+    pub idle_timeout: Duration,
+    /// Uploads read at once (`--max-uploads`).
+    pub max_total: usize,
+    /// Uploads read at once from one address (`--max-uploads-per-peer`).
+    pub max_per_peer: usize,
+}
+
 /// Everything the files endpoint needs.
 #[derive(Debug, Clone)]
 pub struct Files {
-    pub storage: Storage,
+    storage: Storage,
     /// Who may upload.
-    pub gate: Arc<dyn UploadGate>,
-    pub metrics: Metrics,
-    pub max_upload_bytes: usize,
+    gate: Arc<dyn UploadGate>,
+    metrics: Metrics,
+    limits: UploadLimits,
+    slots: Arc<UploadSlots>,
 }
+
+/// How long a refused client should wait before trying again.
+const RETRY_AFTER_SECS: &str = "1";
 
 fn cors(mut res: Response) -> Response {
     let h = res.headers_mut();
@@ -150,19 +178,41 @@ fn plain(status: StatusCode, text: &str) -> Response {
 }
 
 impl Files {
-    /// Handles a request for `path` (the part after `/files/`).
+    /// A files endpoint on `storage`, uploads gated by `gate`.
+    pub fn new(
+        storage: Storage,
+        gate: Arc<dyn UploadGate>,
+        metrics: Metrics,
+        limits: UploadLimits,
+    ) -> Self {
+        let slots = UploadSlots::new(
+            limits.max_total,
+            limits.max_per_peer,
+            Some(metrics.uploads_in_progress.clone()),
+        );
+        Self {
+            storage,
+            gate,
+            metrics,
+            limits,
+            slots,
+        }
+    }
+
+    /// Handles a request from `peer` for `path` (the part after `/files/`).
     pub async fn handle(
         &self,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
         body: Body,
+        peer: IpAddr,
     ) -> Response {
-        let res = self.route(method, path, headers, body).await;
+        let res = self.route(method, path, headers, body, peer).await;
         self.metrics
             .files_request(method.as_str(), res.status().as_u16());
         if res.status().is_client_error() || res.status().is_server_error() {
-            tracing::info!(method = %method, path, status = res.status().as_u16(), "files request refused");
+            tracing::info!(method = %method, path, %peer, status = res.status().as_u16(), "files request refused");
         } else {
             tracing::debug!(method = %method, path, status = res.status().as_u16(), "files request");
         }
@@ -175,6 +225,7 @@ impl Files {
         path: &str,
         headers: &HeaderMap,
         body: Body,
+        peer: IpAddr,
     ) -> Response {
         if *method == Method::OPTIONS {
             return plain(StatusCode::NO_CONTENT, "");
@@ -185,7 +236,7 @@ impl Files {
         }
         match *method {
             Method::GET | Method::HEAD => self.download(&segments, *method == Method::HEAD).await,
-            Method::PUT => self.upload(&segments, headers, body).await,
+            Method::PUT => self.upload(&segments, headers, body, peer).await,
             _ => {
                 let mut res = plain(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -242,57 +293,162 @@ impl Files {
         res
     }
 
-    async fn upload(&self, segments: &[&str], headers: &HeaderMap, body: Body) -> Response {
+    async fn upload(
+        &self,
+        segments: &[&str],
+        headers: &HeaderMap,
+        body: Body,
+        peer: IpAddr,
+    ) -> Response {
         let Some(kind) = classify(segments) else {
             return plain(
                 StatusCode::FORBIDDEN,
                 "uploads are accepted only at snapshot and persisted-data paths",
             );
         };
-        let allowed = self.gate.allows(&kind).await;
-        if !allowed {
+        let _slot = match self.slots.try_take(peer) {
+            Ok(slot) => slot,
+            Err(busy) => {
+                let (status, text) = match busy {
+                    Busy::Peer => (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many uploads from this address at once (--max-uploads-per-peer)",
+                    ),
+                    Busy::Total => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many uploads at once (--max-uploads)",
+                    ),
+                };
+                let mut res = plain(status, text);
+                res.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECS),
+                );
+                return res;
+            }
+        };
+        if !self.gate.allows(&kind, peer).await {
             return plain(
                 StatusCode::FORBIDDEN,
-                "no session with a connected client on this reflector owns this path",
+                "no session with a member connected from this address owns this path",
             );
         }
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_upload_bytes as u64) {
-            return plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "upload larger than --max-upload-bytes",
-            );
+        if declared.is_some_and(|n| n > self.limits.max_bytes as u64) {
+            return too_large();
         }
-        let bytes: Bytes = match axum::body::to_bytes(body, self.max_upload_bytes).await {
-            Ok(b) => b,
-            Err(_) => {
-                return plain(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "upload larger than --max-upload-bytes",
-                );
-            }
+        let on_existing = match kind {
+            Upload::Persisted { .. } => OnExisting::Keep,
+            Upload::Snapshot { .. } | Upload::KeylessSnapshot { .. } => OnExisting::RefuseOther,
         };
-        let size = bytes.len() as u64;
-        let write_once = !matches!(kind, Upload::Persisted { .. });
-        match self.storage.put_file(segments, bytes, write_once).await {
+        let (outcome, size) = match self.receive(body).await {
+            Ok(Received::Whole(bytes)) => {
+                let size = bytes.len() as u64;
+                (
+                    self.storage.put_file(segments, bytes, on_existing).await,
+                    size,
+                )
+            }
+            Ok(Received::Staged(staged, size)) => (
+                self.storage
+                    .publish_staged(staged, segments, on_existing)
+                    .await,
+                size,
+            ),
+            Err(refusal) => return refusal,
+        };
+        match outcome {
             Ok(PutOutcome::Created) => {
                 self.metrics.files_bytes(true, size);
                 plain(StatusCode::CREATED, "stored")
             }
-            Ok(PutOutcome::Replaced) => {
-                self.metrics.files_bytes(true, size);
-                plain(StatusCode::OK, "replaced")
-            }
             Ok(PutOutcome::Unchanged) => plain(StatusCode::OK, "already stored"),
-            Err(StorageError::Conflict(_)) => {
-                plain(StatusCode::CONFLICT, "snapshots are write-once")
-            }
+            Err(StorageError::Conflict(_)) => plain(
+                StatusCode::CONFLICT,
+                "files are write-once: this snapshot exists with other content",
+            ),
             Err(e) => storage_failure(&e),
         }
     }
+
+    /// Reads an upload body: whole when it is small, streamed into a staging object once it
+    /// outgrows one part. Enforces the size cap and the idle timeout as the bytes arrive.
+    async fn receive(&self, body: Body) -> Result<Received, Response> {
+        let mut stream = body.into_data_stream();
+        let mut buffered = BytesMut::new();
+        let mut staged: Option<Staged> = None;
+        let mut size: usize = 0;
+        loop {
+            let chunk = match tokio::time::timeout(self.limits.idle_timeout, stream.next()).await {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "upload body failed");
+                    abort(staged).await;
+                    return Err(plain(StatusCode::BAD_REQUEST, "upload body ended early"));
+                }
+                Err(_) => {
+                    abort(staged).await;
+                    return Err(plain(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "upload body stalled (--upload-idle-timeout)",
+                    ));
+                }
+            };
+            size = size.saturating_add(chunk.len());
+            if size > self.limits.max_bytes {
+                abort(staged).await;
+                return Err(too_large());
+            }
+            if let Some(s) = staged.as_mut() {
+                if let Err(e) = s.write(chunk).await {
+                    abort(staged).await;
+                    return Err(storage_failure(&e));
+                }
+                continue;
+            }
+            buffered.extend_from_slice(&chunk);
+            if buffered.len() > STAGE_PART_BYTES {
+                let mut s = match self.storage.stage().await {
+                    Ok(s) => s,
+                    Err(e) => return Err(storage_failure(&e)),
+                };
+                if let Err(e) = s.write(buffered.split().freeze()).await {
+                    s.abort().await;
+                    return Err(storage_failure(&e));
+                }
+                staged = Some(s);
+            }
+        }
+        Ok(match staged {
+            Some(s) => Received::Staged(s, size as u64),
+            None => Received::Whole(buffered.freeze()),
+        })
+    }
+}
+
+/// A complete upload body.
+enum Received {
+    /// Small enough to have been kept in memory.
+    Whole(Bytes),
+    /// Streamed into a staging object (its size).
+    Staged(Staged, u64),
+}
+
+async fn abort(staged: Option<Staged>) {
+    if let Some(s) = staged {
+        s.abort().await;
+    }
+}
+
+fn too_large() -> Response {
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "upload larger than --max-upload-bytes",
+    )
 }
 
 fn storage_failure(e: &StorageError) -> Response {

@@ -13,6 +13,8 @@
 //! - [`registry`]: the table of sessions, touched only at JOIN.
 //! - [`session`]: one task per session; [`session::core`] holds the protocol itself.
 //! - [`files`]: the files endpoint for snapshots and persisted data.
+//! - [`files_scope`]: which snapshot and persisted-data URLs a session may record.
+//! - [`upload_slots`]: the cap on concurrent uploads, per peer address and in total.
 //! - [`storage`]: the object store behind files, persisted-data records and session state.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`close`]: every close code the reflector sends.
@@ -31,6 +33,7 @@ pub mod close;
 pub mod config;
 pub mod connection;
 pub mod files;
+pub mod files_scope;
 pub mod frame;
 pub mod metrics;
 pub mod outbox;
@@ -40,6 +43,7 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod storage;
+pub mod upload_slots;
 
 pub use config::Config;
 pub use server::Reflector;

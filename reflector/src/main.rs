@@ -45,15 +45,9 @@ async fn main() -> anyhow::Result<()> {
     println!("box: {public}");
     let drain = Arc::new(Notify::new());
     if let Some(url) = &config.report_url {
-        let token = match &config.report_token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading --report-token-file {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => config.report_token.clone(),
-        };
+        let token = config
+            .report_secret()
+            .context("reading --report-token-file")?;
         let reporter = Reporter {
             url: url.clone(),
             token,

@@ -72,6 +72,9 @@ pub struct Metrics {
     session_state: IntCounterVec,
     files_requests: IntCounterVec,
     files_bytes: IntCounterVec,
+    stored_url_refusals: IntCounterVec,
+    /// Uploads being read now.
+    pub uploads_in_progress: IntGauge,
     /// 1 while the reflector is draining.
     pub draining: IntGauge,
     /// Sessions by lifecycle outcome.
@@ -81,6 +84,15 @@ pub struct Metrics {
     /// 1 while the load-report stream is open.
     pub report_stream_connected: IntGauge,
 }
+
+/// Reasons a SNAP or SAVE URL is not recorded (metric label values).
+pub const STORED_URL_REASONS: &[&str] = &[
+    "not_member",
+    "foreign_base",
+    "bad_path",
+    "foreign_prefix",
+    "no_identity",
+];
 
 /// Reasons a JOIN is refused by the admission policy (metric label values).
 pub const REFUSAL_REASONS: &[&str] = &[
@@ -255,6 +267,18 @@ impl Metrics {
                 &[&["save", "lookup_hit", "lookup_miss", "error", "skipped"]],
                 &["op"],
             ),
+            uploads_in_progress: gauge(
+                r,
+                "refleet_reflector_uploads_in_progress",
+                "Uploads to the files endpoint being read now (capped by --max-uploads).",
+            ),
+            stored_url_refusals: counter_vec(
+                r,
+                "refleet_reflector_stored_url_refusals_total",
+                "SNAP and SAVE announcements ignored because their URL is not under the session's own files prefix on this files base, or because they did not come from an admitted member.",
+                &[&["SNAP", "SAVE"], STORED_URL_REASONS],
+                &["action", "reason"],
+            ),
             session_state: counter_vec(
                 r,
                 "refleet_reflector_session_state_operations_total",
@@ -338,6 +362,14 @@ impl Metrics {
     /// Counts a persisted-data operation (`save`, `lookup_hit`, `lookup_miss`, `error`).
     pub fn persistence(&self, op: &'static str) {
         self.persistence.with_label_values(&[op]).inc();
+    }
+
+    /// Counts a SNAP or SAVE whose URL was not recorded, by `reason` (an entry of
+    /// [`STORED_URL_REASONS`]).
+    pub fn stored_url_refused(&self, action: &'static str, reason: &'static str) {
+        self.stored_url_refusals
+            .with_label_values(&[action, reason])
+            .inc();
     }
 
     /// Counts a stored-session-state operation.

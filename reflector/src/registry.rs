@@ -6,13 +6,14 @@
 //! what the files endpoint checks before it accepts an upload.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use crate::session::core::Identity;
+use crate::session::core::{ConnId, Identity};
 use crate::session::{self, Command, Context, SessionHandle};
 
 /// Commands queued per session before senders wait (back-pressure onto the sockets).
@@ -43,6 +44,10 @@ pub struct SessionSummary {
     pub persistent_id: Option<String>,
     /// Members: connected users plus those within their leave delay.
     pub users: usize,
+    /// Addresses of the admitted members connected now: `refleet up` accepts an upload into
+    /// this session only from one of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<IpAddr>,
 }
 
 /// Activity of one session since the previous load report.
@@ -64,6 +69,9 @@ pub struct Activity {
     pub max_users: u32,
 }
 
+/// An admitted connection of a session and its peer address.
+type Attached = (ConnId, IpAddr);
+
 /// All sessions of this reflector.
 #[derive(Debug)]
 pub struct Registry {
@@ -73,6 +81,10 @@ pub struct Registry {
     changed: tokio::sync::Notify,
     sessions: Mutex<HashMap<Arc<str>, SessionHandle>>,
     live: Mutex<HashMap<Arc<str>, Identity>>,
+    /// The peer address of every open WebSocket connection.
+    conn_peers: Mutex<HashMap<ConnId, IpAddr>>,
+    /// The connections each session admitted, with their peer addresses.
+    attached: Mutex<HashMap<Arc<str>, Vec<Attached>>>,
     draining: AtomicBool,
     tracker: TaskTracker,
     ctx: Arc<Context>,
@@ -93,6 +105,8 @@ impl Registry {
             changed: tokio::sync::Notify::new(),
             sessions: Mutex::default(),
             live: Mutex::default(),
+            conn_peers: Mutex::default(),
+            attached: Mutex::default(),
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             ctx,
@@ -180,6 +194,7 @@ impl Registry {
                 app_id: identity.app_id.clone(),
                 persistent_id: identity.persistent_id.clone(),
                 users,
+                peers: Vec::new(),
             },
         );
         let users = u32::try_from(users).unwrap_or(u32::MAX);
@@ -190,8 +205,50 @@ impl Registry {
         self.changed.notify_one();
     }
 
+    /// Records the peer address of a new WebSocket connection.
+    pub(crate) fn connection_opened(&self, conn: ConnId, peer: IpAddr) {
+        lock(&self.conn_peers).insert(conn, peer);
+    }
+
+    /// Forgets a WebSocket connection's peer address.
+    pub(crate) fn connection_closed(&self, conn: ConnId) {
+        lock(&self.conn_peers).remove(&conn);
+    }
+
+    /// Records that a session admitted `conn`: uploads from its address may go to the
+    /// session's paths while it stays connected.
+    pub(crate) fn attach(&self, id: &Arc<str>, conn: ConnId) {
+        let Some(peer) = lock(&self.conn_peers).get(&conn).copied() else {
+            return;
+        };
+        let mut attached = lock(&self.attached);
+        let conns = attached.entry(id.clone()).or_default();
+        if !conns.iter().any(|(c, _)| *c == conn) {
+            conns.push((conn, peer));
+        }
+    }
+
+    /// Records that an admitted connection of a session has ended.
+    pub(crate) fn detach(&self, id: &str, conn: ConnId) {
+        let mut attached = lock(&self.attached);
+        if let Some(conns) = attached.get_mut(id) {
+            conns.retain(|(c, _)| *c != conn);
+            if conns.is_empty() {
+                attached.remove(id);
+            }
+        }
+    }
+
+    /// Whether a session has an admitted member connected from `peer`.
+    pub fn has_member_from(&self, session_id: &str, peer: IpAddr) -> bool {
+        lock(&self.attached)
+            .get(session_id)
+            .is_some_and(|conns| conns.iter().any(|(_, p)| *p == peer))
+    }
+
     /// Forgets a session that left memory.
     pub(crate) fn forget(&self, id: &str) {
+        lock(&self.attached).remove(id);
         lock(&self.summaries).remove(id);
         self.changed.notify_one();
     }
@@ -229,6 +286,15 @@ impl Registry {
     /// Every session in memory with its member count, busiest first.
     pub fn summaries(&self) -> Vec<SessionSummary> {
         let mut all: Vec<SessionSummary> = lock(&self.summaries).values().cloned().collect();
+        let attached = lock(&self.attached);
+        for s in &mut all {
+            if let Some(conns) = attached.get(s.session_id.as_str()) {
+                s.peers = conns.iter().map(|(_, p)| *p).collect();
+                s.peers.sort_unstable();
+                s.peers.dedup();
+            }
+        }
+        drop(attached);
         all.sort_by(|a, b| {
             b.users
                 .cmp(&a.users)
@@ -238,24 +304,29 @@ impl Registry {
     }
 
     /// Whether a session with connected clients has this appId and persistentId (and, when
-    /// given, this session id).
-    pub fn has_live(&self, app_id: &str, persistent_id: &str, session_id: Option<&str>) -> bool {
+    /// given, this session id), and an admitted member connected from `peer`.
+    pub fn has_live(
+        &self,
+        app_id: &str,
+        persistent_id: &str,
+        session_id: Option<&str>,
+        peer: IpAddr,
+    ) -> bool {
+        let owns = |i: &Identity| {
+            i.app_id.as_deref() == Some(app_id) && i.persistent_id.as_deref() == Some(persistent_id)
+        };
         let live = lock(&self.live);
         match session_id {
-            Some(sid) => live.get(sid).is_some_and(|i| {
-                i.app_id.as_deref() == Some(app_id)
-                    && i.persistent_id.as_deref() == Some(persistent_id)
-            }),
-            None => live.values().any(|i| {
-                i.app_id.as_deref() == Some(app_id)
-                    && i.persistent_id.as_deref() == Some(persistent_id)
-            }),
+            Some(sid) => live.get(sid).is_some_and(owns) && self.has_member_from(sid, peer),
+            None => live
+                .iter()
+                .any(|(sid, i)| owns(i) && self.has_member_from(sid, peer)),
         }
     }
 
-    /// Whether a session with this id has connected clients.
-    pub fn is_live(&self, session_id: &str) -> bool {
-        lock(&self.live).contains_key(session_id)
+    /// Whether a session with this id has connected clients, one of them from `peer`.
+    pub fn is_live(&self, session_id: &str, peer: IpAddr) -> bool {
+        lock(&self.live).contains_key(session_id) && self.has_member_from(session_id, peer)
     }
 
     /// Stops taking new sessions, and ends the sessions that have no connected client now.
@@ -304,6 +375,7 @@ mod tests {
             requ_messages: 10,
             max_messages: 10,
             max_retained_bytes: 1000,
+            files_base: "http://f".into(),
         };
         Registry::new(Arc::new(Context {
             storage: crate::storage::Storage::open("memory://").unwrap(),

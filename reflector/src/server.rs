@@ -19,7 +19,7 @@ use refleet_api::token::{KeyListError, Verifier};
 use crate::admission::Admission;
 use crate::config::{Config, Limits};
 use crate::connection;
-use crate::files::Files;
+use crate::files::{Files, UploadLimits};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::session::Context;
@@ -43,6 +43,9 @@ pub enum StartError {
     /// `--token-keys` is malformed.
     #[error("--token-keys: {0}")]
     TokenKeys(#[from] KeyListError),
+    /// `--report-token-file` could not be read.
+    #[error("reading --report-token-file: {0}")]
+    ReportToken(#[from] std::io::Error),
 }
 
 /// A configured reflector, ready to serve a listener.
@@ -53,6 +56,18 @@ pub struct Reflector {
     metrics: Metrics,
     limits: Arc<Limits>,
     region: String,
+    /// The secret `/sessions` requires (this reflector's report credential), if any.
+    sessions_secret: Option<Secret>,
+}
+
+/// A secret that stays out of Debug output.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl Reflector {
@@ -71,6 +86,7 @@ impl Reflector {
             rejoin_grace: limits.rejoin_grace,
             requ_messages: limits.requ_messages,
             max_messages: limits.max_messages,
+            files_base: config.files_base(bound),
             max_retained_bytes: limits.max_retained_bytes,
         });
         let ctx = Arc::new(Context {
@@ -82,18 +98,24 @@ impl Reflector {
             admission,
         });
         let registry = Registry::new(ctx);
-        let files = Files {
+        let files = Files::new(
             storage,
-            gate: registry.clone(),
-            metrics: metrics.clone(),
-            max_upload_bytes: limits.max_upload_bytes,
-        };
+            registry.clone(),
+            metrics.clone(),
+            UploadLimits {
+                max_bytes: limits.max_upload_bytes,
+                idle_timeout: limits.upload_idle_timeout,
+                max_total: limits.max_uploads,
+                max_per_peer: limits.max_uploads_per_peer,
+            },
+        );
         Ok(Self {
             registry,
             files,
             metrics,
             limits,
             region: config.region.clone(),
+            sessions_secret: config.report_secret()?.map(Secret),
         })
     }
 
@@ -180,8 +202,12 @@ async fn entry(
                 text(StatusCode::OK, "ready\n".into())
             }
         }
+        "/sessions" if !may_read_sessions(&app, &req, peer) => text(
+            StatusCode::FORBIDDEN,
+            "/sessions needs `authorization: Bearer <report token>` or a loopback client\n".into(),
+        ),
         "/sessions" => {
-            // Per-session figures for the local fleet (and debugging); bounded by the sessions
+            // Per-session figures for the operator (and debugging); bounded by the sessions
             // in memory, and kept out of Prometheus labels on purpose.
             let body = serde_json::json!({
                 "region": app.region,
@@ -207,11 +233,33 @@ async fn entry(
             Some(rest) => {
                 let (parts, body) = req.into_parts();
                 let body: Body = body;
-                app.files.handle(&parts.method, rest, &parts.headers, body).await
+                app.files.handle(&parts.method, rest, &parts.headers, body, peer.ip()).await
             }
             None => text(StatusCode::NOT_FOUND, "not found\n".into()),
         },
     }
+}
+
+/// `/sessions` names every session, its users and their addresses, so it is not for the
+/// public: it needs this reflector's report credential, which the operator can mint, or a client on a
+/// loopback address (the same machine or pod).
+fn may_read_sessions(app: &Reflector, req: &Request, peer: SocketAddr) -> bool {
+    if peer.ip().is_loopback() {
+        return true;
+    }
+    let Some(secret) = &app.sessions_secret else {
+        return false;
+    };
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), secret.0.as_bytes()))
+}
+
+/// Compares without an early exit, so the time taken does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn upgrade(app: &Arc<Reflector>, ws: WebSocketUpgrade, path: &str, peer: SocketAddr) -> Response {

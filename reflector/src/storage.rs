@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! files/<path>                                   bytes clients PUT and GET through /files/
+//! uploads/<random>                               large uploads while they stream in
 //! persisted/<developerId>/<appId>/<persistentId>.json   {"url": …} of the last SAVE
 //! sessions/<sessionId>.json                      a stored session (see StoredSession)
 //! ```
@@ -19,7 +20,7 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::{Path, PathPart};
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use thiserror::Error;
@@ -53,10 +54,52 @@ pub enum StorageError {
 pub enum PutOutcome {
     /// A new object.
     Created,
-    /// An existing object was replaced (persisted data, which is hash-addressed).
-    Replaced,
-    /// A write-once object already held exactly these bytes.
+    /// The object existed already and was kept as it was (see [`OnExisting`]).
     Unchanged,
+}
+
+/// What a PUT to a files path that exists already does: files are never replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExisting {
+    /// Accept only a byte-identical retry; other bytes are a [`StorageError::Conflict`]
+    /// (snapshots).
+    RefuseOther,
+    /// Keep the stored object and report success (persisted data: its name is the hash of
+    /// the plaintext, and the client encrypts with a random IV, so the same data arrives as
+    /// other bytes under the same name whenever a later session persists it again).
+    Keep,
+}
+
+/// Size of the parts a staged upload is written in (the smallest part S3 accepts): an
+/// upload holds at most about two of them in memory.
+pub const STAGE_PART_BYTES: usize = 5 << 20;
+
+/// An upload being streamed into a staging object.
+pub struct Staged {
+    path: Path,
+    writer: WriteMultipart,
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged").field("path", &self.path).finish()
+    }
+}
+
+impl Staged {
+    /// Appends bytes, waiting while a part is still being written (so memory stays bounded).
+    pub async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+        self.writer.wait_for_capacity(1).await?;
+        self.writer.put(bytes);
+        Ok(())
+    }
+
+    /// Gives the upload up and removes what was written of it.
+    pub async fn abort(self) {
+        if let Err(e) = self.writer.abort().await {
+            tracing::warn!(path = %self.path, error = %e, "aborting a staged upload failed");
+        }
+    }
 }
 
 /// The snapshot a session last accepted.
@@ -209,24 +252,15 @@ impl Storage {
         }
     }
 
-    /// Stores a file. A `write_once` file that exists already is accepted again only with
-    /// identical bytes (a retried upload), otherwise it is a [`StorageError::Conflict`].
+    /// Stores a file that arrived whole; every files path is written once (see
+    /// [`OnExisting`] for what a second PUT to it does).
     pub async fn put_file(
         &self,
         segments: &[&str],
         body: Bytes,
-        write_once: bool,
+        on_existing: OnExisting,
     ) -> Result<PutOutcome, StorageError> {
         let path = Self::file_path(segments);
-        if !write_once {
-            let existed = self.store.head(&path).await.is_ok();
-            self.store.put(&path, PutPayload::from_bytes(body)).await?;
-            return Ok(if existed {
-                PutOutcome::Replaced
-            } else {
-                PutOutcome::Created
-            });
-        }
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -238,13 +272,16 @@ impl Storage {
         {
             Ok(_) => Ok(PutOutcome::Created),
             Err(object_store::Error::AlreadyExists { .. }) => {
-                self.same_or_conflict(&path, &body).await
+                self.existing(&path, on_existing, |existing| existing == body)
+                    .await
             }
             Err(object_store::Error::NotImplemented { .. }) => {
                 // Stores without conditional writes: check first (a narrow race is acceptable,
                 // both writers upload the same content-addressed snapshot).
                 if self.store.head(&path).await.is_ok() {
-                    return self.same_or_conflict(&path, &body).await;
+                    return self
+                        .existing(&path, on_existing, |existing| existing == body)
+                        .await;
                 }
                 self.store.put(&path, PutPayload::from_bytes(body)).await?;
                 Ok(PutOutcome::Created)
@@ -253,16 +290,119 @@ impl Storage {
         }
     }
 
-    async fn same_or_conflict(
+    async fn existing(
         &self,
         path: &Path,
-        body: &Bytes,
+        on_existing: OnExisting,
+        same: impl FnOnce(Bytes) -> bool,
     ) -> Result<PutOutcome, StorageError> {
-        let existing = self.store.get(path).await?.bytes().await?;
-        if existing == *body {
-            Ok(PutOutcome::Unchanged)
-        } else {
-            Err(StorageError::Conflict(path.to_string()))
+        match on_existing {
+            OnExisting::Keep => Ok(PutOutcome::Unchanged),
+            OnExisting::RefuseOther => {
+                let existing = self.store.get(path).await?.bytes().await?;
+                if same(existing) {
+                    Ok(PutOutcome::Unchanged)
+                } else {
+                    Err(StorageError::Conflict(path.to_string()))
+                }
+            }
+        }
+    }
+
+    /// Starts streaming a large upload into a staging object outside `files/`, to be
+    /// published by [`Storage::publish_staged`] once it is complete.
+    pub async fn stage(&self) -> Result<Staged, StorageError> {
+        let name = format!("{:032x}", rand::random::<u128>());
+        let path = Path::from_iter([PathPart::from("uploads"), PathPart::from(name.as_str())]);
+        let upload = self.store.put_multipart(&path).await?;
+        Ok(Staged {
+            path,
+            writer: WriteMultipart::new_with_chunk_size(upload, STAGE_PART_BYTES),
+        })
+    }
+
+    /// Completes a staged upload and publishes it at `segments` (write-once, as
+    /// [`Storage::put_file`]); the staging object is removed either way.
+    pub async fn publish_staged(
+        &self,
+        staged: Staged,
+        segments: &[&str],
+        on_existing: OnExisting,
+    ) -> Result<PutOutcome, StorageError> {
+        let from = staged.path.clone();
+        // `finish` aborts the multipart upload itself when it fails.
+        staged.writer.finish().await?;
+        let outcome = self
+            .publish(&from, &Self::file_path(segments), on_existing)
+            .await;
+        if let Err(e) = self.store.delete(&from).await {
+            tracing::warn!(path = %from, error = %e, "removing a staged upload failed");
+        }
+        outcome
+    }
+
+    async fn publish(
+        &self,
+        from: &Path,
+        to: &Path,
+        on_existing: OnExisting,
+    ) -> Result<PutOutcome, StorageError> {
+        match self.store.copy_if_not_exists(from, to).await {
+            Ok(()) => return Ok(PutOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(
+                object_store::Error::NotSupported { .. }
+                | object_store::Error::NotImplemented { .. },
+            ) => {
+                // S3 without a copy-if-not-exists setting: check first (the same narrow race
+                // as put_file on stores without conditional writes).
+                if self.store.head(to).await.is_err() {
+                    self.store.copy(from, to).await?;
+                    return Ok(PutOutcome::Created);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match on_existing {
+            OnExisting::Keep => Ok(PutOutcome::Unchanged),
+            OnExisting::RefuseOther => {
+                if self.same_content(from, to).await? {
+                    Ok(PutOutcome::Unchanged)
+                } else {
+                    Err(StorageError::Conflict(to.to_string()))
+                }
+            }
+        }
+    }
+
+    /// Compares two stored objects chunk by chunk, without holding either whole.
+    async fn same_content(&self, a: &Path, b: &Path) -> Result<bool, StorageError> {
+        if self.store.head(a).await?.size != self.store.head(b).await?.size {
+            return Ok(false);
+        }
+        let mut sa = self.store.get(a).await?.into_stream();
+        let mut sb = self.store.get(b).await?.into_stream();
+        let (mut ca, mut cb) = (Bytes::new(), Bytes::new());
+        loop {
+            while ca.is_empty() {
+                match sa.next().await {
+                    Some(chunk) => ca = chunk?,
+                    None => break,
+                }
+            }
+            while cb.is_empty() {
+                match sb.next().await {
+                    Some(chunk) => cb = chunk?,
+                    None => break,
+                }
+            }
+            if ca.is_empty() || cb.is_empty() {
+                return Ok(ca.is_empty() && cb.is_empty());
+            }
+            let n = ca.len().min(cb.len());
+            if ca.split_to(n) != cb.split_to(n) {
+                return Ok(false);
+            }
         }
     }
 
@@ -424,19 +564,20 @@ mod tests {
         let s = mem();
         let key = ["apps", "a", "snap", "h", "p.s", "0000000001_5.x"];
         assert_eq!(
-            s.put_file(&key, Bytes::from_static(b"one"), true)
+            s.put_file(&key, Bytes::from_static(b"one"), OnExisting::RefuseOther)
                 .await
                 .expect("put"),
             PutOutcome::Created
         );
         assert_eq!(
-            s.put_file(&key, Bytes::from_static(b"one"), true)
+            s.put_file(&key, Bytes::from_static(b"one"), OnExisting::RefuseOther)
                 .await
                 .expect("put"),
             PutOutcome::Unchanged
         );
         assert!(matches!(
-            s.put_file(&key, Bytes::from_static(b"two"), true).await,
+            s.put_file(&key, Bytes::from_static(b"two"), OnExisting::RefuseOther)
+                .await,
             Err(StorageError::Conflict(_))
         ));
         let (size, got) = s.get_file(&key).await.expect("get").expect("exists");
@@ -448,22 +589,65 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn overwritable_files_are_replaced() {
+    async fn persisted_files_keep_their_first_bytes() {
         let s = mem();
         let key = ["apps", "a", "p", "save", "h"];
         assert_eq!(
-            s.put_file(&key, Bytes::from_static(b"1"), false)
+            s.put_file(&key, Bytes::from_static(b"1"), OnExisting::Keep)
                 .await
                 .expect("put"),
             PutOutcome::Created
         );
         assert_eq!(
-            s.put_file(&key, Bytes::from_static(b"2"), false)
+            s.put_file(&key, Bytes::from_static(b"22"), OnExisting::Keep)
                 .await
                 .expect("put"),
-            PutOutcome::Replaced
+            PutOutcome::Unchanged
         );
         assert_eq!(s.head_file(&key).await.expect("head"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn staged_uploads_are_published_once() {
+        let s = mem();
+        let key = ["apps", "a", "snap", "c", "p.s", "0000000001_1.h"];
+        let big = Bytes::from(vec![7u8; STAGE_PART_BYTES + 10]);
+        let mut staged = s.stage().await.expect("stage");
+        staged.write(big.slice(..100)).await.expect("write");
+        staged.write(big.slice(100..)).await.expect("write");
+        assert_eq!(
+            s.publish_staged(staged, &key, OnExisting::RefuseOther)
+                .await
+                .expect("publish"),
+            PutOutcome::Created
+        );
+        let mut again = s.stage().await.expect("stage");
+        again.write(big.clone()).await.expect("write");
+        assert_eq!(
+            s.publish_staged(again, &key, OnExisting::RefuseOther)
+                .await
+                .expect("publish"),
+            PutOutcome::Unchanged,
+            "an identical retry"
+        );
+        let mut other = s.stage().await.expect("stage");
+        let mut changed = big.to_vec();
+        changed[STAGE_PART_BYTES + 5] = 8;
+        other.write(Bytes::from(changed)).await.expect("write");
+        assert!(matches!(
+            s.publish_staged(other, &key, OnExisting::RefuseOther).await,
+            Err(StorageError::Conflict(_))
+        ));
+        assert_eq!(
+            s.head_file(&key).await.expect("head"),
+            Some(big.len() as u64)
+        );
+        let leftovers = s
+            .store
+            .list(Some(&Path::from("uploads")))
+            .collect::<Vec<_>>()
+            .await;
+        assert!(leftovers.is_empty(), "staging objects are removed");
     }
 
     #[tokio::test]
@@ -474,7 +658,7 @@ mod tests {
             s.put_file(
                 &["apps", "a", "snap", "c", "p.s", &name],
                 Bytes::from_static(b"x"),
-                true,
+                OnExisting::RefuseOther,
             )
             .await
             .expect("put");
@@ -482,7 +666,7 @@ mod tests {
         s.put_file(
             &["apps", "a", "snap", "c", "other.s", "0000000001_1.h"],
             Bytes::from_static(b"x"),
-            true,
+            OnExisting::RefuseOther,
         )
         .await
         .expect("put");

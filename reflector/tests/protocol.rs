@@ -662,8 +662,13 @@ async fn a_full_message_buffer_asks_for_a_snapshot_and_then_drops_sends() {
         "m6 and m7 did not fit the buffer"
     );
     // A snapshot empties the buffer; messages flow again.
+    // (A SNAP URL counts only under the session's own snapshot folder.)
+    let url = format!(
+        "{}/apps/io.refleet.test/snap/code1/pid-1.full/0000000001_{last_seq}.h",
+        r.files_base()
+    );
     a.send_json(
-        json!({"id": "full", "action": "SNAP", "args": {"time": 1, "seq": last_seq, "url": "u"}}),
+        json!({"id": "full", "action": "SNAP", "args": {"time": 1, "seq": last_seq, "url": url}}),
     )
     .await;
     a.send_msg("after snapshot").await;

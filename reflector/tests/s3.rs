@@ -113,6 +113,49 @@ async fn sessions_files_and_persisted_data_live_in_s3_and_move_between_reflector
     let files = format!("http://{}/files", a1.0);
     let mut a = Client::connect(&a1, "s3-session").await;
     let first = a.join("a").await;
+    // A large upload streams through a multipart staging object and is published once.
+    let big_url =
+        format!("{files}/apps/io.refleet.test/snap/code1/pid-1.s3-session/0000000001_1.big");
+    let big: Vec<u8> = (0..6_000_000u32).map(|i| (i % 253) as u8).collect();
+    assert_eq!(
+        http.put(&big_url)
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    assert_eq!(
+        http.put(&big_url)
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "an identical retry"
+    );
+    let mut changed = big.clone();
+    changed[5_500_000] ^= 1;
+    assert_eq!(
+        http.put(&big_url)
+            .body(changed)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
+    let got = http
+        .get(&big_url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got.as_ref() == big.as_slice(), "the first bytes, whole");
     for i in 0..3 {
         a.send_msg(&format!("m{i}")).await;
     }

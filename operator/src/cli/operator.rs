@@ -90,14 +90,20 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
-    serve(
-        client,
-        args,
-        listener,
-        Arc::new(HttpLoad::new()),
-        shutdown_signal(),
-    )
-    .await
+    // Reflectors answer /sessions (their load) only with their own report credential, minted
+    // from the report key (read, or created, here first; the router reads the same Secret).
+    let key = match &args.routing.report_secret {
+        Some(name) => {
+            let namespace = args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            Some(crate::cli::routing::report_key(&client, &namespace, name).await?)
+        }
+        None => None,
+    };
+    let load = HttpLoad::new().with_key(key);
+    serve(client, args, listener, Arc::new(load), shutdown_signal()).await
 }
 
 /// Runs the operator with `client`, serving `/metrics` and `/healthz` on `listener`, until

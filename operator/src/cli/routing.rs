@@ -261,7 +261,11 @@ async fn signing_key(client: &Client, namespace: &str, name: &str) -> anyhow::Re
 }
 
 /// Reads or creates the report key Secret (key `token`).
-async fn report_key(client: &Client, namespace: &str, name: &str) -> anyhow::Result<ReportKey> {
+pub(crate) async fn report_key(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<ReportKey> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     for _ in 0..3 {
         if let Some(s) = api

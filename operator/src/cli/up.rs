@@ -16,7 +16,7 @@ use anyhow::Context;
 
 use crate::local::config::{LocalConfig, LocalSettings};
 use crate::local::fleet::{Fleet, PoolRuntime};
-use crate::local::launcher::{ProcessLauncher, ProcessSettings};
+use crate::local::launcher::{ProcessLauncher, ProcessSettings, sessions_client};
 use crate::local::server::{Published, Server};
 use crate::local::table;
 use crate::router::metrics::RouterMetrics;
@@ -190,7 +190,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
 
     let shared = Arc::new(RwLock::new(Published::default()));
-    let mut server = Server::new(shared.clone(), storage, max_upload_bytes);
+    // The children's /sessions answer loopback clients, and others with their credential.
+    let sessions_http = sessions_client();
+    let mut server = Server::new(
+        shared.clone(),
+        storage,
+        max_upload_bytes,
+        sessions_http.clone(),
+    );
     server.prometheus = Some(crate::local::prometheus::Endpoint::new(
         crate::local::prometheus::Exporter::new(&metrics),
         bound,
@@ -221,6 +228,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         logs: child_logs,
         log_dir: data_dir.join("logs"),
         report_key: Some(report_key),
+        sessions_http,
     });
     let mut fleet = Fleet::new(launcher, runtimes, sessions)
         .with_metrics(metrics)

@@ -1,7 +1,8 @@
 //! What the controllers observe: reflector pods and the load each reflector reports.
 //!
 //! Load comes through the small [`LoadSource`] trait. Today's implementation,
-//! [`HttpLoad`], asks every ready reflector pod for `GET http://<podIP>:7070/sessions`; the
+//! [`HttpLoad`], asks every ready reflector pod for `GET http://<podIP>:7070/sessions` (with
+//! the report-stream secret, which `/sessions` requires from non-loopback clients); the
 //! reflectors' gRPC report stream (a later piece) will implement the same trait.
 
 use std::collections::HashMap;
@@ -12,6 +13,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use serde::Deserialize;
+
+use refleet_api::report_credential::ReportKey;
 
 use super::pod::{LABEL_REGION, LABEL_STATE, REFLECTOR_PORT, STATE_DRAINING};
 use crate::planner::ReflectorState;
@@ -100,6 +103,9 @@ pub trait LoadSource: Send + Sync + 'static {
 pub struct HttpLoad {
     client: reqwest::Client,
     port: u16,
+    /// Mints each pod's report credential, which its `/sessions` asks for from any
+    /// non-loopback client.
+    key: Option<ReportKey>,
 }
 
 impl HttpLoad {
@@ -110,12 +116,22 @@ impl HttpLoad {
 
     /// Same, on another port (tests run reflectors on loopback addresses).
     pub fn with_port(port: u16) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .no_proxy()
-            .build()
-            .unwrap_or_default();
-        Self { client, port }
+        Self {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .no_proxy()
+                .build()
+                .unwrap_or_default(),
+            port,
+            key: None,
+        }
+    }
+
+    /// Presents each pod's own report credential (minted from the report key): reflectors
+    /// answer `/sessions` to other addresses than loopback only with it.
+    pub fn with_key(mut self, key: Option<ReportKey>) -> Self {
+        self.key = key;
+        self
     }
 }
 
@@ -133,7 +149,14 @@ impl LoadSource for HttpLoad {
         Box::pin(async move {
             let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
             let url = format!("http://{ip}:{}/sessions", self.port);
-            let res = self.client.get(&url).send().await;
+            let mut req = self.client.get(&url);
+            if let Some(key) = &self.key
+                && let Some(region) = pod.labels().get(LABEL_REGION)
+                && let Ok(credential) = key.credential(&pod.name_any(), region)
+            {
+                req = req.bearer_auth(credential);
+            }
+            let res = req.send().await;
             match res {
                 Ok(r) if r.status().is_success() => r.json().await.ok(),
                 Ok(r) => {

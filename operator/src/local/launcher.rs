@@ -49,6 +49,10 @@ pub struct ReportedSession {
     pub persistent_id: Option<String>,
     /// Members (connected users plus those within their leave delay).
     pub users: u32,
+    /// Addresses of the admitted members connected now (uploads into the session are
+    /// accepted only from these).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<std::net::IpAddr>,
 }
 
 impl ReportedSession {
@@ -140,6 +144,8 @@ pub struct ProcessSettings {
     /// Mints each child's own report credential, given in its environment
     /// (`REFLEET_REPORT_TOKEN`, which only this user can read), never on its command line.
     pub report_key: Option<ReportKey>,
+    /// The client for `/sessions` polls (see [`sessions_client`]).
+    pub sessions_http: reqwest::Client,
 }
 
 struct ChildProc {
@@ -147,6 +153,8 @@ struct ChildProc {
     /// The box URL once printed.
     url: watch::Receiver<Option<String>>,
     exited: Option<(bool, String)>,
+    /// Its report credential, which also lets refleet up read its `/sessions`.
+    credential: Option<String>,
 }
 
 /// Runs reflectors as child processes (killed if refleet up itself is dropped).
@@ -159,10 +167,7 @@ pub struct ProcessLauncher {
 impl ProcessLauncher {
     /// A launcher with no children yet.
     pub fn new(settings: ProcessSettings) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(800))
-            .build()
-            .unwrap_or_default();
+        let http = settings.sessions_http.clone();
         Self {
             settings,
             children: BTreeMap::new(),
@@ -229,7 +234,7 @@ impl Launcher for ProcessLauncher {
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true);
-        if let Some(c) = credential {
+        if let Some(c) = &credential {
             cmd.env("REFLEET_REPORT_TOKEN", c);
         }
         let mut child = cmd.spawn().map_err(spawn_err)?;
@@ -254,6 +259,7 @@ impl Launcher for ProcessLauncher {
                 child,
                 url: rx,
                 exited: None,
+                credential,
             },
         );
         Ok(())
@@ -302,16 +308,17 @@ impl Launcher for ProcessLauncher {
                 None => {
                     out.insert(name.clone(), Observed::Starting);
                 }
-                Some(url) => polls.push((name.clone(), url)),
+                Some(url) => polls.push((name.clone(), url, c.credential.clone())),
             }
         }
         let http = &self.http;
-        let fetched =
-            futures_util::future::join_all(polls.into_iter().map(|(name, url)| async move {
-                let sessions = fetch_sessions(http, &url).await;
+        let fetched = futures_util::future::join_all(polls.into_iter().map(
+            |(name, url, credential)| async move {
+                let sessions = fetch_sessions(http, &url, credential.as_deref()).await;
                 (name, Observed::Running { url, sessions })
-            }))
-            .await;
+            },
+        ))
+        .await;
         out.extend(fetched);
         out
     }
@@ -321,6 +328,14 @@ impl Launcher for ProcessLauncher {
     }
 }
 
+/// A client for reflectors' `/sessions` with a short timeout.
+pub fn sessions_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .unwrap_or_default()
+}
+
 /// The body of a reflector's `/sessions`.
 #[derive(Debug, Deserialize)]
 struct SessionsReport {
@@ -328,9 +343,19 @@ struct SessionsReport {
 }
 
 /// `GET <url>sessions`, or `None` when the reflector does not answer properly.
-pub async fn fetch_sessions(http: &reqwest::Client, url: &str) -> Option<Vec<ReportedSession>> {
+/// A reflector's `/sessions`, presenting its report `credential` when known (a reflector
+/// answers `/sessions` only with it, or to a loopback client).
+pub async fn fetch_sessions(
+    http: &reqwest::Client,
+    url: &str,
+    credential: Option<&str>,
+) -> Option<Vec<ReportedSession>> {
     let endpoint = format!("{}/sessions", url.trim_end_matches('/'));
-    let res = match http.get(&endpoint).send().await {
+    let mut req = http.get(&endpoint);
+    if let Some(c) = credential {
+        req = req.bearer_auth(c);
+    }
+    let res = match req.send().await {
         Ok(res) if res.status().is_success() => res,
         Ok(res) => {
             tracing::debug!(%endpoint, status = res.status().as_u16(), "sessions not available");

@@ -347,7 +347,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let bound = listener.local_addr().unwrap();
         let base = format!("http://{bound}");
-        let mut server = Server::new(shared, storage, 1024);
+        let mut server = Server::new(shared, storage, 1024, crate::local::server::http_client());
         let without = server.clone().router();
         server.prometheus = Some(Endpoint::new(Exporter::new(&metrics), bound));
         let serving = tokio::spawn(async move { axum::serve(listener, server.router()).await });

@@ -2,25 +2,30 @@
 //! URLs outlive any one reflector), `GET /v1/status`, `GET /v1/shards` and `/healthz`.
 //!
 //! Downloads are open (contents are end-to-end encrypted). An upload is accepted only under
-//! the path of a session with connected users on some reflector of the fleet: refleet up
-//! knows them from the reflectors' `/sessions`, polled every tick, and polls them again at
-//! once before refusing an upload it has not seen (a session may have started since).
+//! the path of a session that has an admitted member connected from the uploader's address
+//! on some reflector of the fleet: refleet up knows them from the reflectors' `/sessions`,
+//! polled every tick, and polls them again before refusing an upload it has not seen (a
+//! session may have started since) — at most once per [`REFRESH_GAP`], shared by every
+//! upload waiting meanwhile, so refused uploads cannot multiply into polls of the fleet.
 
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, Request, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::future::BoxFuture;
-use refleet_reflector::files::{Files, Upload, UploadGate};
+use refleet_reflector::config::Limits;
+use refleet_reflector::files::{Files, Upload, UploadGate, UploadLimits};
 use refleet_reflector::storage::Storage;
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use super::fleet::Status;
-use super::launcher::{ReportedSession, fetch_sessions};
+use super::launcher::{ReportedSession, fetch_sessions, sessions_client};
 use super::prometheus::{self as prom, Endpoint};
 
 /// What the fleet loop publishes for the server.
@@ -53,29 +58,48 @@ pub struct Server {
     pub prometheus: Option<Endpoint>,
 }
 
-/// Accepts an upload when a session with connected users on any reflector of the fleet owns
-/// its path.
-#[derive(Debug, Clone)]
+/// The shortest time between two fresh `/sessions` polls for uploads not seen in the
+/// published list.
+pub const REFRESH_GAP: Duration = Duration::from_millis(500);
+
+/// Accepts an upload when a session owning its path has an admitted member connected from
+/// the uploader's address, on any reflector of the fleet.
+#[derive(Debug)]
 pub struct FleetGate {
     /// Published by the fleet loop.
     pub shared: Shared,
     /// For the fresh `/sessions` poll before refusing an upload.
     pub http: reqwest::Client,
+    /// The shortest time between two fresh polls ([`REFRESH_GAP`]).
+    pub refresh_gap: Duration,
+    /// The last fresh poll: when it ended and what it found. Held while polling, so
+    /// concurrent refusals wait for one poll instead of starting their own.
+    fresh: tokio::sync::Mutex<Option<(Instant, Vec<ReportedSession>)>>,
 }
 
 impl Server {
-    /// A server for the fleet's shared state, serving `/files/` from `storage`.
-    pub fn new(shared: Shared, storage: Storage, max_upload_bytes: usize) -> Self {
-        let gate = FleetGate {
-            shared: shared.clone(),
-            http: http_client(),
-        };
-        let files = Files {
+    /// A server for the fleet's shared state, serving `/files/` from `storage`; `http`
+    /// polls the reflectors' `/sessions` (see [`sessions_client`]).
+    pub fn new(
+        shared: Shared,
+        storage: Storage,
+        max_upload_bytes: usize,
+        http: reqwest::Client,
+    ) -> Self {
+        let gate = FleetGate::new(shared.clone(), http);
+        // The reflector's own defaults for the rest (idle timeout, concurrency caps).
+        let defaults = Limits::default();
+        let files = Files::new(
             storage,
-            gate: Arc::new(gate),
-            metrics: refleet_reflector::metrics::Metrics::new("local"),
-            max_upload_bytes,
-        };
+            Arc::new(gate),
+            refleet_reflector::metrics::Metrics::new("local"),
+            UploadLimits {
+                max_bytes: max_upload_bytes,
+                idle_timeout: defaults.upload_idle_timeout,
+                max_total: defaults.max_uploads,
+                max_per_peer: defaults.max_uploads_per_peer,
+            },
+        );
         Self {
             shared,
             files,
@@ -109,37 +133,68 @@ impl Server {
 }
 
 impl FleetGate {
+    /// A gate reading `shared`, polling with `http`.
+    pub fn new(shared: Shared, http: reqwest::Client) -> Self {
+        Self {
+            shared,
+            http,
+            refresh_gap: REFRESH_GAP,
+            fresh: tokio::sync::Mutex::new(None),
+        }
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Published) -> T) -> T {
         read(&self.shared, f)
     }
 
-    /// Whether some reflector has a session with users owning this upload path.
-    fn owns(live: &[ReportedSession], kind: &Upload<'_>) -> bool {
-        live.iter().any(|s| match kind {
-            Upload::Snapshot {
-                app_id,
-                persistent_id,
-                session_id,
-            } => {
-                s.app_id.as_deref() == Some(app_id)
-                    && s.persistent_id.as_deref() == Some(persistent_id)
-                    && s.session_id == *session_id
-            }
-            Upload::Persisted {
-                app_id,
-                persistent_id,
-            } => {
-                s.app_id.as_deref() == Some(app_id)
-                    && s.persistent_id.as_deref() == Some(persistent_id)
-            }
-            Upload::KeylessSnapshot { session_id } => s.session_id == *session_id,
+    /// Whether some reflector has a session owning this upload path with a member
+    /// connected from `peer`.
+    fn owns(live: &[ReportedSession], kind: &Upload<'_>, peer: IpAddr) -> bool {
+        live.iter().any(|s| {
+            let path_ok = match kind {
+                Upload::Snapshot {
+                    app_id,
+                    persistent_id,
+                    session_id,
+                } => {
+                    s.app_id.as_deref() == Some(app_id)
+                        && s.persistent_id.as_deref() == Some(persistent_id)
+                        && s.session_id == *session_id
+                }
+                Upload::Persisted {
+                    app_id,
+                    persistent_id,
+                } => {
+                    s.app_id.as_deref() == Some(app_id)
+                        && s.persistent_id.as_deref() == Some(persistent_id)
+                }
+                Upload::KeylessSnapshot { session_id } => s.session_id == *session_id,
+            };
+            path_ok && s.peers.contains(&peer)
         })
     }
 
-    async fn upload_allowed(&self, kind: &Upload<'_>) -> bool {
-        if self.read(|p| Self::owns(&p.live, kind)) {
+    async fn upload_allowed(&self, kind: &Upload<'_>, peer: IpAddr) -> bool {
+        if self.read(|p| Self::owns(&p.live, kind, peer)) {
             return true;
         }
+        let asked_at = Instant::now();
+        let mut fresh = self.fresh.lock().await;
+        // A poll that ended after this upload arrived (it waited for it), or one within the
+        // gap, answers it too.
+        if let Some((ended, live)) = fresh.as_ref()
+            && (*ended >= asked_at || ended.elapsed() < self.refresh_gap)
+        {
+            return Self::owns(live, kind, peer);
+        }
+        let live = self.poll_fleet().await;
+        let allowed = Self::owns(&live, kind, peer);
+        *fresh = Some((Instant::now(), live));
+        allowed
+    }
+
+    /// Every reflector's sessions with users, asked now (all reflectors at once).
+    async fn poll_fleet(&self) -> Vec<ReportedSession> {
         let urls: Vec<String> = self.read(|p| {
             p.status
                 .regions
@@ -148,22 +203,20 @@ impl FleetGate {
                 .filter_map(|r| r.url.clone())
                 .collect()
         });
-        for url in urls {
-            if let Some(sessions) = fetch_sessions(&self.http, &url).await {
-                let live: Vec<ReportedSession> =
-                    sessions.into_iter().filter(|s| s.users > 0).collect();
-                if Self::owns(&live, kind) {
-                    return true;
-                }
-            }
-        }
-        false
+        let http = &self.http;
+        futures_util::future::join_all(urls.iter().map(|url| fetch_sessions(http, url, None)))
+            .await
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|s| s.users > 0)
+            .collect()
     }
 }
 
 impl UploadGate for FleetGate {
-    fn allows<'a>(&'a self, upload: &'a Upload<'a>) -> BoxFuture<'a, bool> {
-        Box::pin(self.upload_allowed(upload))
+    fn allows<'a>(&'a self, upload: &'a Upload<'a>, peer: IpAddr) -> BoxFuture<'a, bool> {
+        Box::pin(self.upload_allowed(upload, peer))
     }
 }
 
@@ -255,7 +308,11 @@ async fn prometheus_targets(
     })
 }
 
-async fn files(State(server): State<Server>, req: Request) -> Response {
+async fn files(
+    State(server): State<Server>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -265,31 +322,31 @@ async fn files(State(server): State<Server>, req: Request) -> Response {
         .to_owned();
     server
         .files
-        .handle(&parts.method, &path, &parts.headers, body)
+        .handle(&parts.method, &path, &parts.headers, body, peer.ip())
         .await
 }
 
-/// A client for the fresh `/sessions` poll.
+/// A client for the fresh `/sessions` poll, without the report secret (for tests).
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_millis(800))
-        .build()
-        .unwrap_or_default()
+    sessions_client()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+    use crate::local::fleet::{ReflectorView, RegionView};
+
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    const ELSEWHERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 8, 7));
 
     fn gate_with(live: Vec<ReportedSession>) -> FleetGate {
         let shared: Shared = Arc::new(RwLock::new(Published {
             status: Status::default(),
             live,
         }));
-        FleetGate {
-            shared,
-            http: http_client(),
-        }
+        FleetGate::new(shared, http_client())
     }
 
     fn session(id: &str, app: &str, pid: &str) -> ReportedSession {
@@ -299,6 +356,7 @@ mod tests {
             app_id: Some(app.into()),
             persistent_id: Some(pid.into()),
             users: 2,
+            peers: vec![HERE],
         }
     }
 
@@ -315,9 +373,12 @@ mod tests {
             persistent_id: "pid",
         };
         let keyless = Upload::KeylessSnapshot { session_id: "sid" };
-        assert!(gate.allows(&snapshot).await);
-        assert!(gate.allows(&persisted).await);
-        assert!(gate.allows(&keyless).await);
+        assert!(gate.allows(&snapshot, HERE).await);
+        assert!(gate.allows(&persisted, HERE).await);
+        assert!(gate.allows(&keyless, HERE).await);
+        // The right path, but no member of the session connected from that address.
+        assert!(!gate.allows(&snapshot, ELSEWHERE).await);
+        assert!(!gate.allows(&persisted, ELSEWHERE).await);
         // Another session, app or persistentId: refused (no reflector to ask again here).
         let other_session = Upload::Snapshot {
             app_id: "io.app",
@@ -332,9 +393,83 @@ mod tests {
             app_id: "io.app",
             persistent_id: "pid2",
         };
-        assert!(!gate.allows(&other_session).await);
-        assert!(!gate.allows(&other_app).await);
-        assert!(!gate.allows(&other_pid).await);
-        assert!(!gate_with(vec![]).allows(&persisted).await);
+        assert!(!gate.allows(&other_session, HERE).await);
+        assert!(!gate.allows(&other_app, HERE).await);
+        assert!(!gate.allows(&other_pid, HERE).await);
+        assert!(!gate_with(vec![]).allows(&persisted, HERE).await);
+    }
+
+    /// A stand-in reflector whose `/sessions` counts its callers and lists nothing.
+    async fn counting_reflector(hits: Arc<AtomicUsize>) -> String {
+        let app = Router::new().route(
+            "/sessions",
+            get(move || {
+                let hits = hits.clone();
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(serde_json::json!({"sessions": []}))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn refused_uploads_share_one_fresh_poll_of_the_fleet() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let mut reflectors = Vec::new();
+        for i in 0..3 {
+            reflectors.push(ReflectorView {
+                name: format!("r{i}"),
+                state: "Ready",
+                url: Some(counting_reflector(hits.clone()).await),
+                files_url: String::new(),
+                users: 0,
+                shards: vec![],
+            });
+        }
+        let shared: Shared = Arc::new(RwLock::new(Published {
+            status: Status {
+                regions: vec![RegionView {
+                    pool: "default/p".into(),
+                    name: "local".into(),
+                    desired: 3,
+                    reflectors,
+                }],
+                ..Status::default()
+            },
+            live: vec![],
+        }));
+        let mut gate = FleetGate::new(shared, http_client());
+        // Long enough that no second refresh falls within this test, however slow the machine.
+        gate.refresh_gap = Duration::from_secs(3600);
+        let foreign = Upload::Persisted {
+            app_id: "com.victim",
+            persistent_id: "pid",
+        };
+        // Fifty refused uploads at once, then fifty more in a row: one poll of each reflector,
+        // not one per refusal.
+        let refusals = (0..50).map(|_| gate.allows(&foreign, ELSEWHERE));
+        assert!(
+            futures_util::future::join_all(refusals)
+                .await
+                .iter()
+                .all(|allowed| !allowed)
+        );
+        for _ in 0..50 {
+            assert!(!gate.allows(&foreign, ELSEWHERE).await);
+        }
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            3,
+            "/sessions requests for 100 refused uploads"
+        );
     }
 }

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::clock::Clock;
 use crate::close;
+use crate::files_scope;
 use crate::frame::{self, ClientMsg, Join, Text, json_string};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SendError};
@@ -67,6 +68,9 @@ pub struct Settings {
     pub rejoin_grace: Duration,
     pub requ_messages: usize,
     pub max_messages: usize,
+    /// Public files base URL (no trailing slash): SNAP and SAVE URLs must lie under the
+    /// session's own prefix there.
+    pub files_base: String,
     /// Bytes of retained messages at which SENDs are dropped.
     pub max_retained_bytes: usize,
 }
@@ -621,8 +625,29 @@ impl Core {
                 }
             }
             ClientMsg::Tutti(t) => self.tutti(conn, *t, now),
-            ClientMsg::Snap(s) => self.snap(s),
-            ClientMsg::Save(s) => self.save(conn, s),
+            ClientMsg::Snap(s) => {
+                let scope = files_scope::snapshot_path(
+                    &self.settings.files_base,
+                    &self.identity,
+                    &self.id,
+                    &s.url,
+                );
+                if self.stored_url_allowed(conn, "SNAP", &s.url, scope.map(|_| ())) {
+                    self.snap(s);
+                }
+            }
+            ClientMsg::Save(s) => {
+                let scope =
+                    files_scope::persisted_path(&self.settings.files_base, &self.identity, &s.url);
+                // A session without appId/persistentId is closed with 4101 by `save`.
+                let scope = scope.or_else(|e| match e {
+                    files_scope::OutOfScope::NoIdentity => Ok(()),
+                    e => Err(e),
+                });
+                if self.stored_url_allowed(conn, "SAVE", &s.url, scope) {
+                    self.save(conn, s);
+                }
+            }
             ClientMsg::Ticks(t) => self.apply_ticks(t.tick_ms, t.delay_ms, t.scale, now),
             // Connection-level actions never reach the session.
             ClientMsg::Join(_)
@@ -1010,6 +1035,29 @@ impl Core {
 
     // === snapshots and persistence ===
 
+    /// Whether a SNAP or SAVE from `conn` may be recorded: it must come from an admitted,
+    /// connected member and name a URL under the session's own prefix (`scope`).
+    fn stored_url_allowed(
+        &self,
+        conn: ConnId,
+        action: &'static str,
+        url: &str,
+        scope: Result<(), files_scope::OutOfScope>,
+    ) -> bool {
+        let member = self
+            .members
+            .iter()
+            .any(|m| m.conn == Some(conn) && m.state == State::Active);
+        let reason = match (member, scope) {
+            (true, Ok(())) => return true,
+            (false, _) => "not_member",
+            (true, Err(e)) => e.label(),
+        };
+        self.metrics.stored_url_refused(action, reason);
+        tracing::warn!(session = %self.id, conn, action, reason, url, "stored-data URL ignored");
+        false
+    }
+
     fn snap(&mut self, s: frame::Snap) {
         let newer = self.snapshot.as_ref().is_none_or(|cur| s.time > cur.time);
         if s.dissident || !newer {
@@ -1230,6 +1278,7 @@ mod tests {
             rejoin_grace: Duration::from_secs(10),
             requ_messages: 60_000,
             max_messages: 100_000,
+            files_base: "http://f/files".into(),
             max_retained_bytes: usize::MAX,
         })
     }

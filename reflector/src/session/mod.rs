@@ -137,7 +137,10 @@ pub(crate) async fn run(
                             on_join(&mut core, &mut gate, &ctx, &registry, &id, Joining { conn, out, join, token }).await;
                         }
                         Command::Message { conn, msg } => core.message(conn, msg, Instant::now()),
-                        Command::Closed { conn } => core.closed(conn, Instant::now()),
+                        Command::Closed { conn } => {
+                            registry.detach(&id, conn);
+                            core.closed(conn, Instant::now());
+                        }
                         Command::EndIfIdle => end_when_idle = true,
                         Command::Drain => {
                             if !core.is_draining() {
@@ -336,6 +339,8 @@ async fn on_join(
         gate.loaded = true;
     }
     core.join(conn, out, *join, Instant::now());
+    // Uploads into the session's paths are accepted from this connection's address now.
+    registry.attach(id, conn);
 }
 
 /// Why a session could not be resumed for a JOIN.

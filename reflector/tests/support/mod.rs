@@ -152,6 +152,26 @@ impl Client {
         }
     }
 
+    /// Connects from the local address `from` (a loopback address other than 127.0.0.1
+    /// plays a second client machine).
+    pub async fn connect_from(r: &impl Target, session: &str, from: std::net::IpAddr) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::new(from, 0))
+            .expect("bind the client address");
+        let tcp = socket.connect(r.addr()).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::client_async(
+            format!("ws://{}/reflector/{session}", r.addr()),
+            MaybeTlsStream::Plain(tcp),
+        )
+        .await
+        .expect("handshake");
+        Client {
+            ws,
+            session: session.to_string(),
+        }
+    }
+
     pub fn join_args(user: &str) -> Value {
         json!({
             "name": "io.refleet.test/room", "apiKey": "none", "appId": "io.refleet.test",
@@ -300,6 +320,14 @@ impl Client {
         })
         .await;
     }
+}
+
+/// An HTTP client whose connections come from the local address `from`.
+pub fn http_from(from: std::net::IpAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(from)
+        .build()
+        .expect("http client")
 }
 
 /// A fresh temporary storage directory (kept for the test's lifetime by the returned guard).
