@@ -21,8 +21,9 @@ from chartlib import one, render
 REPO = chartlib.REPO
 BIN, REFLECTOR_BIN = chartlib.BIN, chartlib.REFLECTOR_BIN
 
-# CONVENTIONS.md: every flag of `refleet operator` and its environment variable. The chart
-# sets the variables; the binary must accept each one.
+# Every flag of `refleet operator` and its environment variable, as `refleet operator --help`
+# shows them (operator/README.md describes the controller, routing-limit and report flags). The
+# chart sets the variables; the binary must accept each one.
 OPERATOR_FLAGS = {
     "--namespaces": "REFLEET_NAMESPACES",
     "--lease-name": "REFLEET_LEASE_NAME",

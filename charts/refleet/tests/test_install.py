@@ -174,9 +174,9 @@ def test_operator_runs_non_root_with_the_chart_rbac_and_env(kube, operator):
 
 
 def test_operator_serves_routing_and_labels_its_pod_leader(kube, operator):
-    """What the router/report/join-token flags add (CONVENTIONS.md): the router and report
-    ports answer, the leader labels its pod for the Services, and the operator creates the
-    join-token key Secret with the chart's RBAC."""
+    """What the router/report/join-token flags add (`refleet operator --help`): the router and
+    report ports answer, the leader labels its pod for the Services, and the operator creates
+    the join-token key Secret with the chart's RBAC."""
     proc, log, ports = operator["proc"], operator["log"], operator["ports"]
     sandbox.wait_http(f"http://127.0.0.1:{ports['metrics']}/healthz", proc, log)
     problems = []

@@ -91,7 +91,8 @@ DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 # Verbs that would let the operator grant itself more than it has.
 DANGEROUS_VERBS = {"escalate", "bind", "impersonate", "*"}
 
-# Exactly what the operator container gets, by CONVENTIONS.md's names.
+# Exactly what the operator container gets: the variables `refleet operator --help` names for its
+# flags (test_binaries.py checks the binary accepts each), plus RUST_LOG.
 OPERATOR_ENV = {
     "REFLEET_POD_NAME", "REFLEET_POD_NAMESPACE", "REFLEET_LEASE_NAME", "REFLEET_LEASE_NAMESPACE",
     "REFLEET_LEASE_DURATION", "REFLEET_LEASE_RENEW_BEFORE", "REFLEET_RESYNC", "REFLEET_METRICS_LISTEN",
