@@ -110,6 +110,35 @@ function rawJoin(url, sessionId, args) {
     return withTimeout(done, 10000, `the reflector to answer a JOIN into ${sessionId}`);
 }
 
+/** A raw session of the attacker's own: JOINs and keeps the socket once SYNCed. */
+function rawSession(url, sessionId, args) {
+    const ws = new WebSocket(`${url.replace(/^http/, 'ws')}${sessionId}`);
+    const synced = new Promise((resolve, reject) => {
+        ws.on('open', () => ws.send(JSON.stringify({ id: sessionId, action: 'JOIN', args: { version: 1, apiKey: 'none', ...args } })));
+        ws.on('message', data => {
+            if (JSON.parse(data.toString()).action === 'SYNC') resolve(ws);
+        });
+        ws.on('close', code => reject(new Error(`closed ${code} before SYNC`)));
+        ws.on('error', reject);
+    });
+    return withTimeout(synced, 10000, `a SYNC in ${sessionId}`);
+}
+
+/** An HTTP request from loopback address `from`; resolves {status, body}. */
+function request(method, url, from, body) {
+    const u = new URL(url);
+    return new Promise((resolve, reject) => {
+        const req = http.request({ method, host: u.hostname, port: u.port, path: u.pathname, localAddress: from,
+            headers: body ? { 'content-length': Buffer.byteLength(body) } : {} }, res => {
+            const chunks = [];
+            res.on('data', d => chunks.push(d));
+            res.on('end', () => resolve({ status: res.statusCode, body: Buffer.concat(chunks).toString() }));
+        });
+        req.on('error', reject);
+        req.end(body);
+    });
+}
+
 /** Every file below `dir` with its contents (relative path -> base64). */
 function snapshotTree(dir) {
     const out = {};
@@ -145,6 +174,16 @@ e2eTest('an attacker app on the same fleet cannot join, impersonate, overwrite, 
     const victimView = s1.viewId;
     const { base } = splitToken(v1.route.reflector);
     h.mark(`victim joined: session ${victimSid}, view ${victimView}, reflector ${base}`);
+    // The victim's persisted data, uploaded from its clients' address (as its client would).
+    const files = v1.route.files;
+    const entry = await waitFor(async () => {
+        const res = await fetch(new URL('sessions', base));
+        return (await res.json()).sessions.find(x => x.sessionId === victimSid);
+    }, { what: 'the victim session in /sessions' });
+    const victimPid = entry.persistentId;
+    const savedPath = `${files}/apps/${VICTIM}/${victimPid}/save/victim-data-hash`;
+    const put = await request('PUT', savedPath, '127.0.0.1', 'the victim\'s encrypted data');
+    assert.equal(put.status, 201, `the victim's own upload: ${JSON.stringify(put)}`);
     const storageDir = path.join(fleet.dataDir, 'storage');
     const storedBefore = snapshotTree(storageDir);
     const refusals = reason => reflectorCounter(base, 'refleet_reflector_join_refusals_total', { reason });
@@ -183,6 +222,33 @@ e2eTest('an attacker app on the same fleet cannot join, impersonate, overwrite, 
     assert.equal(fresh.code, 4103);
     assert.equal(await lookups(), lookupsBefore, 'no storage look-up for a refused JOIN');
     h.mark('3: nothing looked up before admission');
+
+    // 4/5. A member of the attacker's own session sends SAVE and SNAP naming the victim's
+    // files: neither is recorded, and nothing of the victim's is pruned.
+    const storedRefusals = async () => {
+        const text = await (await fetch(new URL('metrics', base))).text();
+        return text.split('\n').filter(l => l.startsWith('refleet_reflector_stored_url_refusals_total'))
+            .reduce((sum, l) => sum + Number(l.split(/\s+/).pop()), 0);
+    };
+    const storedRefusalsBefore = await storedRefusals();
+    const mine = await routeFrom(endpoint, 'public', '127.0.0.9');
+    const attackerSession = await rawSession(mine.body.reflectorUrl, 'attacker-own-session', {
+        appId: ATTACKER, name: `${ATTACKER}/public`, user: 'mallory', persistentId: 'attacker-pid', codeHash: 'c',
+    });
+    attackerSession.send(JSON.stringify({ id: 'attacker-own-session', action: 'SAVE', args: { persistTime: 1, url: `${files}/apps/${VICTIM}/${victimPid}/save/evil`, dissident: null } }));
+    attackerSession.send(JSON.stringify({ id: 'attacker-own-session', action: 'SNAP', args: { time: 1e9, seq: 1, hash: 'h', url: `${files}/apps/${VICTIM}/snap/c/${victimPid}.${victimSid}/1000000000_1.h`, dissident: null } }));
+    await waitFor(async () => (await storedRefusals()) >= storedRefusalsBefore + 2, { what: 'the SAVE and SNAP refused' });
+    attackerSession.close();
+    h.mark('4/5: foreign SAVE and SNAP URLs refused');
+
+    // 6. Overwriting the victim's persisted data over HTTP: refused from another address, and
+    // from the victim's own address the first bytes stay (write-once).
+    const fromElsewhere = await request('PUT', savedPath, '127.0.0.5', 'evil');
+    assert.ok(fromElsewhere.status >= 400, `PUT from a non-member address: ${JSON.stringify(fromElsewhere)}`);
+    await request('PUT', savedPath, '127.0.0.1', 'evil');
+    const back = await request('GET', savedPath, '127.0.0.5');
+    assert.equal(back.body, 'the victim\'s encrypted data', 'persisted data keeps its first bytes');
+    h.mark('6: the victim\'s persisted file could not be overwritten');
 
     // 11/12. A process posing as the fleet's reflector on the report stream, with a forged
     // credential, proposing its own URL: refused, and Route keeps answering the real URL.
@@ -240,8 +306,15 @@ e2eTest('an attacker app on the same fleet cannot join, impersonate, overwrite, 
     for (const p of [v1, v2, v3]) {
         assert.equal(p.closed, null, `${p.tag} was never refused`);
     }
-    // Stored files the victim had before are all still there, byte for byte.
+    // Stored files the victim had before are all still there, byte for byte, and no record
+    // of the attacker's points into the victim's files.
     const storedAfter = snapshotTree(storageDir);
+    assert.ok(Object.keys(storedBefore).some(f => f.includes('victim-data-hash')), 'the victim file is among those checked');
+    for (const [file, content] of Object.entries(storedAfter)) {
+        if (file.includes(ATTACKER) || file.includes('attacker-pid')) {
+            assert.ok(!Buffer.from(content, 'base64').toString().includes(VICTIM), `${file} names the victim`);
+        }
+    }
     for (const [file, content] of Object.entries(storedBefore)) {
         assert.equal(storedAfter[file], content, `stored file ${file} unchanged`);
     }
