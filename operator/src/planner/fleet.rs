@@ -8,8 +8,12 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::model::*;
 
+/// In [`Slot::region`]: the reflector's pool or region no longer exists.
+pub(super) const NO_REGION: usize = usize::MAX;
+
 /// A reflector slot: an observed reflector or one the plan creates.
 pub(super) struct Slot {
+    /// Index in `Fleet::regions`, or [`NO_REGION`].
     pub(super) region: usize,
     /// Index into `input.reflectors`, `None` for a reflector to create.
     pub(super) real: Option<usize>,
@@ -75,8 +79,8 @@ impl<'a> Fleet<'a> {
                 let region = region_ids
                     .get(&(r.pool.as_str(), r.region.as_str()))
                     .copied()
-                    .unwrap_or(usize::MAX);
-                let current = region != usize::MAX && r.image == regions[region].spec.image;
+                    .unwrap_or(NO_REGION);
+                let current = region != NO_REGION && r.image == regions[region].spec.image;
                 let usable = current && r.state != ReflectorState::Draining;
                 if usable {
                     regions[region].usable += 1;
