@@ -102,3 +102,141 @@ impl PlanState<'_> {
         h.last_down_at = Some(now);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::state::fixture::*;
+    use super::*;
+
+    #[test]
+    fn drain_stale_drains_old_images_and_orphans_and_removes_empty_draining_ones() {
+        let mut old = reflector("eu-old", "eu");
+        old.image = "img:0".into();
+        let mut done = reflector("eu-done", "eu");
+        done.state = ReflectorState::Draining;
+        let mut busy = reflector("eu-busy", "eu");
+        busy.state = ReflectorState::Draining;
+        let input = input(
+            vec![
+                reflector("eu-a", "eu"),
+                old,
+                done,
+                busy,
+                reflector("mars-a", "mars"),
+            ],
+            vec![session("lobby")],
+            vec![shard("lobby", 0, Some("eu-busy"), 10)],
+        );
+        let mut state = PlanState::new(&input);
+        state.adopt_shards();
+        state.drain_stale();
+        use ReflectorAction::*;
+        // The pool's grace is 60 s; an orphan has no pool, so no grace.
+        assert_eq!(
+            state.actions,
+            [
+                Keep,
+                Drain { deadline: 1060 },
+                Remove,
+                Keep,
+                Drain { deadline: 1000 }
+            ]
+        );
+        assert_eq!(
+            state.decisions,
+            [
+                Decision::DrainReflector {
+                    reflector: "eu-old".into(),
+                    reason: DrainReason::ImageChanged,
+                    deadline: 1060,
+                },
+                Decision::RemoveReflector {
+                    reflector: "eu-done".into()
+                },
+                Decision::DrainReflector {
+                    reflector: "mars-a".into(),
+                    reason: DrainReason::RegionRemoved,
+                    deadline: 1000,
+                },
+            ]
+        );
+    }
+
+    /// Region eu with three empty ready reflectors and one starting, wanting one.
+    fn surplus(input: &PlanInput) -> PlanState<'_> {
+        let mut state = PlanState::new(input);
+        state.adopt_shards();
+        state.tally_regions();
+        state.tallies[0].desired = 1;
+        state
+    }
+
+    fn surplus_input() -> PlanInput {
+        let mut starting = reflector("eu-s", "eu");
+        starting.state = ReflectorState::Starting;
+        input(
+            vec![
+                reflector("eu-a", "eu"),
+                reflector("eu-c", "eu"),
+                starting,
+                reflector("eu-b", "eu"),
+            ],
+            vec![],
+            vec![],
+        )
+    }
+
+    #[test]
+    fn scale_down_drains_starting_reflectors_first_then_the_highest_names() {
+        let input = surplus_input();
+        let mut state = surplus(&input);
+        state.scale_down(0);
+        let drained: Vec<_> = state
+            .decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::DrainReflector {
+                    reflector,
+                    reason: DrainReason::Surplus,
+                    deadline: 1060,
+                } => Some(reflector.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(drained, ["eu-s", "eu-c", "eu-b"]);
+        assert_eq!(state.actions[0], ReflectorAction::Keep);
+        let t = &state.tallies[0];
+        assert_eq!((t.ready, t.starting, t.draining), (1, 0, 3));
+        let h = state.history[&("ns/pool".to_owned(), "eu".to_owned())];
+        assert_eq!(
+            (h.last_direction, h.last_down_at),
+            (Some(ScaleDirection::Down), Some(1000))
+        );
+    }
+
+    #[test]
+    fn scale_down_waits_a_cooldown_after_a_scale_up() {
+        let mut input = surplus_input();
+        input.history.insert(
+            ("ns/pool".into(), "eu".into()),
+            RegionHistory {
+                last_direction: Some(ScaleDirection::Up),
+                last_change_at: 800,
+                last_up_at: Some(800),
+                last_down_at: None,
+            },
+        );
+        let mut state = surplus(&input);
+        state.scale_down(0);
+        assert_eq!(
+            state.decisions,
+            [Decision::ScaleHeld {
+                pool: "ns/pool".into(),
+                region: "eu".into(),
+                direction: ScaleDirection::Down,
+                until: 1100,
+            }]
+        );
+        assert_eq!(state.actions, [ReflectorAction::Keep; 4]);
+    }
+}

@@ -5,6 +5,8 @@
 use super::at_threshold;
 use super::fleet::Placed;
 use super::model::*;
+#[cfg(test)]
+use super::state::NO_SESSION;
 use super::state::{BySession, PlanState};
 use crate::crd::shard_name;
 
@@ -199,5 +201,241 @@ impl PlanState<'_> {
                 (Some(_), _) => ShardPhase::Open,
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::state::fixture::*;
+    use super::*;
+
+    /// A state with the given shards adopted and grouped, ready for the per-session phases.
+    fn adopted(input: &PlanInput) -> PlanState<'_> {
+        let mut state = PlanState::new(input);
+        state.adopt_shards();
+        state.group_by_session();
+        state
+    }
+
+    fn reasons(state: &PlanState<'_>) -> Vec<Reason> {
+        state
+            .decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::SessionDegraded { reason, .. } => Some(*reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn session_regions_lists_the_known_ones_in_order_and_degrades_for_the_rest() {
+        let mut picky = session("a");
+        picky.policy.regions = vec!["us".into(), "mars".into(), "eu".into()];
+        let mut lost = session("b");
+        lost.pool = "ns/other".into();
+        let mut deleted = session("c");
+        deleted.deleted = true;
+        let input = input(vec![], vec![picky, lost, deleted, session("d")], vec![]);
+        let mut state = adopted(&input);
+        assert!(state.session_regions(0));
+        assert_eq!(state.allowed, [1, 0]);
+        assert!(!state.session_regions(1));
+        assert!(!state.session_regions(2));
+        assert!(state.session_regions(3));
+        assert_eq!(state.allowed, [0, 1]);
+        assert_eq!(
+            reasons(&state),
+            [Reason::UnknownRegion, Reason::PoolNotFound]
+        );
+    }
+
+    #[test]
+    fn close_idle_closes_the_highest_idle_shards_down_to_min_shards() {
+        let idle = |index| {
+            let mut s = shard("lobby", index, Some("eu-a"), 0);
+            s.empty_since = Some(900);
+            s
+        };
+        let (s0, s1, s2) = (idle(0), idle(1), idle(2));
+        let mut recent = idle(3);
+        recent.empty_since = Some(990);
+        let mut lobby = session("lobby");
+        lobby.policy.min_shards = 2;
+        let input = input(
+            vec![reflector("eu-a", "eu")],
+            vec![lobby],
+            vec![s0, s2, s1, recent],
+        );
+        let mut state = adopted(&input);
+        state.close_idle(0);
+        let phases: Vec<_> = state.shards.iter().map(|s| (s.index, s.phase)).collect();
+        // 3 has been idle too briefly (10 s < 60 s); of the others, 2 then 1 close and 0
+        // stays for minShards.
+        assert_eq!(
+            phases,
+            [
+                (0, ShardPhase::Open),
+                (2, ShardPhase::Closing),
+                (1, ShardPhase::Closing),
+                (3, ShardPhase::Open)
+            ]
+        );
+        let closed: Vec<_> = state
+            .decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::CloseShard {
+                    shard,
+                    reason: CloseReason::Idle,
+                    ..
+                } => Some(shard.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, ["lobby~2", "lobby~1"]);
+    }
+
+    #[test]
+    fn close_idle_keeps_the_standby_below_the_threshold_when_the_others_are_at_it() {
+        let mut standby = shard("lobby", 1, Some("eu-a"), 0);
+        standby.empty_since = Some(0);
+        let input = input(
+            vec![reflector("eu-a", "eu")],
+            vec![session("lobby")],
+            vec![shard("lobby", 0, Some("eu-a"), 90), standby],
+        );
+        let mut state = adopted(&input);
+        state.close_idle(0);
+        assert!(state.decisions.is_empty());
+        assert_eq!(state.shards[1].phase, ShardPhase::Open);
+    }
+
+    #[test]
+    fn open_shards_takes_the_lowest_free_number_when_every_shard_is_at_the_threshold() {
+        let input = input(
+            vec![reflector("eu-a", "eu")],
+            vec![session("lobby")],
+            vec![shard("lobby", 1, Some("eu-a"), 80)],
+        );
+        let mut state = adopted(&input);
+        assert!(state.session_regions(0));
+        state.open_shards(0);
+        assert_eq!(
+            state.decisions,
+            [Decision::OpenShard {
+                session: "lobby".into(),
+                shard: "lobby".into(),
+                region: "eu".into(),
+                reflector: Some("eu-a".into()),
+                reason: OpenReason::AllShardsAtThreshold,
+                fell_back_from: vec![],
+            }]
+        );
+        let opened = &state.shards[1];
+        assert_eq!((opened.index, opened.empty_since), (0, Some(1000)));
+        assert_eq!(state.owner, [0, 0]);
+        // Its commitment is charged: 400 - 100 - 100.
+        assert_eq!(state.fleet.slots[0].free_users, 200);
+    }
+
+    #[test]
+    fn open_shards_opens_min_shards_and_falls_back_to_a_region_with_room() {
+        let mut lobby = session("lobby");
+        lobby.policy.min_shards = 2;
+        let mut input = input(vec![], vec![lobby], vec![]);
+        input.pools[0].regions[0].max_reflectors = 0;
+        let mut state = adopted(&input);
+        assert!(state.session_regions(0));
+        state.open_shards(0);
+        let opened: Vec<_> = state
+            .decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::OpenShard {
+                    shard,
+                    region,
+                    reflector,
+                    reason,
+                    fell_back_from,
+                    ..
+                } => Some((
+                    shard.as_str(),
+                    region.as_str(),
+                    reflector.clone(),
+                    *reason,
+                    fell_back_from.clone(),
+                )),
+                _ => None,
+            })
+            .collect();
+        // No reflector yet: both wait for the one the region will create.
+        let want = |shard| {
+            (
+                shard,
+                "us",
+                None,
+                OpenReason::MinShards,
+                vec!["eu".to_owned()],
+            )
+        };
+        assert_eq!(opened, [want("lobby"), want("lobby~1")]);
+        assert_eq!(state.fleet.regions[1].to_create, 1);
+    }
+
+    #[test]
+    fn open_shards_says_why_it_stops_at_max_shards_or_without_capacity() {
+        let mut capped = session("a");
+        capped.policy.max_shards = 1;
+        let input = input(
+            vec![reflector("eu-a", "eu")],
+            vec![capped, session("b")],
+            vec![shard("a", 0, Some("eu-a"), 100)],
+        );
+        let mut state = adopted(&input);
+        // Both regions at maxReflectors, and no room left on eu-a.
+        state.fleet.regions[0].usable = 10;
+        state.fleet.regions[1].usable = 10;
+        state.fleet.regions[0].ready.clear();
+        assert!(state.session_regions(0));
+        state.open_shards(0);
+        assert!(state.session_regions(1));
+        state.open_shards(1);
+        assert_eq!(
+            reasons(&state),
+            [Reason::MaxShardsReached, Reason::CapacityExhausted]
+        );
+    }
+
+    #[test]
+    fn set_shard_phases_marks_pending_full_and_open_and_leaves_closing_alone() {
+        let mut closing = shard("lobby", 3, Some("eu-a"), 90);
+        closing.phase = ShardPhase::Closing;
+        let input = input(
+            vec![reflector("eu-a", "eu")],
+            vec![session("lobby")],
+            vec![],
+        );
+        let mut state = PlanState::new(&input);
+        state.shards = vec![
+            shard("lobby", 0, None, 0),
+            shard("lobby", 1, Some("eu-a"), 80),
+            shard("lobby", 2, Some("eu-a"), 79),
+            closing,
+            shard("gone", 0, Some("eu-a"), 100),
+        ];
+        state.owner = vec![0, 0, 0, 0, NO_SESSION];
+        state.set_shard_phases();
+        let phases: Vec<_> = state.shards.iter().map(|s| s.phase).collect();
+        assert_eq!(
+            phases,
+            [
+                ShardPhase::Pending,
+                ShardPhase::Full,
+                ShardPhase::Open,
+                ShardPhase::Closing,
+                ShardPhase::Open
+            ]
+        );
     }
 }

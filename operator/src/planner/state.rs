@@ -181,3 +181,144 @@ impl<'a> PlanState<'a> {
         }
     }
 }
+
+/// Small inputs for the phase tests: pool `ns/pool` with regions `eu` and `us` (capacity 4
+/// sessions, 400 users, 1 to 10 reflectors), time 1000.
+#[cfg(test)]
+pub(super) mod fixture {
+    use super::super::tests::{pool, region};
+    pub(in super::super) use super::super::tests::{reflector, session};
+    use super::*;
+    use crate::crd::shard_name;
+
+    pub(in super::super) fn input(
+        reflectors: Vec<ObservedReflector>,
+        sessions: Vec<SessionInput>,
+        shards: Vec<ShardRecord>,
+    ) -> PlanInput {
+        PlanInput {
+            pools: vec![pool(vec![region("eu"), region("us")])],
+            sessions,
+            reflectors,
+            shards,
+            history: ScaleHistory::new(),
+            now: 1000,
+        }
+    }
+
+    /// Shard `index` of `session` in `eu`, committing 100 users.
+    pub(in super::super) fn shard(
+        session: &str,
+        index: u32,
+        reflector: Option<&str>,
+        users: u32,
+    ) -> ShardRecord {
+        ShardRecord {
+            session: session.into(),
+            name: shard_name(session, index),
+            index,
+            pool: "ns/pool".into(),
+            region: "eu".into(),
+            reflector: reflector.map(Into::into),
+            committed_users: 100,
+            users,
+            reserved: 0,
+            phase: ShardPhase::Open,
+            empty_since: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::*;
+    use super::*;
+    use crate::planner::fleet::NO_REGION;
+
+    #[test]
+    fn new_indexes_reflectors_by_region_and_only_current_ones_are_usable() {
+        let mut old = reflector("eu-old", "eu");
+        old.image = "img:0".into();
+        let mut draining = reflector("eu-d", "eu");
+        draining.state = ReflectorState::Draining;
+        let input = input(
+            vec![
+                reflector("eu-a", "eu"),
+                old,
+                draining,
+                reflector("us-a", "us"),
+                reflector("mars-a", "mars"),
+            ],
+            vec![session("lobby")],
+            vec![],
+        );
+        let state = PlanState::new(&input);
+        let slots = &state.fleet.slots;
+        assert_eq!(
+            slots
+                .iter()
+                .map(|s| (s.region, s.usable))
+                .collect::<Vec<_>>(),
+            [
+                (0, true),
+                (0, false),
+                (0, false),
+                (1, true),
+                (NO_REGION, false)
+            ]
+        );
+        assert_eq!(state.fleet.regions[0].usable, 1);
+        assert_eq!(state.reflector_ids["us-a"], 3);
+        assert_eq!(state.session_ids["lobby"], 0);
+        assert_eq!(state.actions, [ReflectorAction::Keep; 5]);
+    }
+
+    #[test]
+    fn by_session_groups_shards_and_skips_those_of_gone_sessions() {
+        let mut by = BySession::new(&[1, NO_SESSION, 0, 1], 3);
+        assert_eq!(by.of(0), [2]);
+        assert_eq!(by.of(1), [0, 3]);
+        assert!(by.of(2).is_empty());
+    }
+
+    #[test]
+    fn group_by_session_groups_the_adopted_shards() {
+        let input = input(vec![], vec![session("a"), session("b")], vec![]);
+        let mut state = PlanState::new(&input);
+        state.owner = vec![1, 0, NO_SESSION, 1];
+        state.group_by_session();
+        assert_eq!(state.by_session.of(0), [1]);
+        assert_eq!(state.by_session.of(1), [0, 3]);
+    }
+
+    #[test]
+    fn finish_emits_one_region_plan_per_region_and_an_action_per_reflector() {
+        let input = input(vec![reflector("eu-a", "eu")], vec![], vec![]);
+        let mut state = PlanState::new(&input);
+        state.tallies = vec![
+            RegionTally {
+                ready: 1,
+                desired: 2,
+                create: 1,
+                ..RegionTally::default()
+            },
+            RegionTally::default(),
+        ];
+        state.actions[0] = ReflectorAction::Drain { deadline: 5 };
+        let plan = state.finish();
+        assert_eq!(
+            plan.reflectors,
+            [ReflectorPlan {
+                name: "eu-a".into(),
+                action: ReflectorAction::Drain { deadline: 5 }
+            }]
+        );
+        assert_eq!(
+            plan.regions
+                .iter()
+                .map(|r| (r.region.as_str(), r.ready, r.desired, r.create))
+                .collect::<Vec<_>>(),
+            [("eu", 1, 2, 1), ("us", 0, 0, 0)]
+        );
+    }
+}
