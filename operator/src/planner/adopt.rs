@@ -1,5 +1,5 @@
-//! Phases 2 and 3: the shards of the previous plan. They come first because existing shards
-//! never move: what they commit must be charged to their reflectors before anything new is
+//! The shards of the previous plan. They are handled first because existing shards never
+//! move: what they commit must be charged to their reflectors before anything new is
 //! placed, or a new shard could take room a live one already holds.
 
 use super::fleet::Placed;
@@ -7,11 +7,11 @@ use super::model::*;
 use super::state::{NO_SESSION, PlanState};
 
 impl PlanState<'_> {
-    /// Phase 2, adopt: keeps every shard of the previous plan where it is, charging its
-    /// commitment to its reflector, except those that are gone (closed and empty, or on a
-    /// reflector that no longer exists). Shards of a deleted session start closing; shards
-    /// without a reflector are noted as pending. Ends by indexing the room left, which the
-    /// placing phases search.
+    /// Keeps every shard of the previous plan where it is, charging its commitment to its
+    /// reflector, except those that are gone (closed and empty, or on a reflector that no
+    /// longer exists). Shards of a deleted session start closing; shards without a
+    /// reflector are noted as pending. Ends by indexing the room left, which the placing
+    /// phases search.
     pub(super) fn adopt_shards(&mut self) {
         let input = self.input;
         let now = input.now;
@@ -74,10 +74,10 @@ impl PlanState<'_> {
         });
     }
 
-    /// Phase 3, place pending: a shard still waiting for a reflector is placed again, in its
-    /// session's regions in order (a region may have room now that it lacked before). It
-    /// runs before sessions open shards: these already exist and the opening rule counts
-    /// them as live, so they get room ahead of any new one.
+    /// A shard still waiting for a reflector is placed again, in its session's regions in
+    /// order (a region may have room now that it lacked before). It runs before sessions
+    /// open shards: these already exist and the opening rule counts them as live, so they
+    /// get room ahead of any new one.
     pub(super) fn place_pending(&mut self) {
         let input = self.input;
         for k in 0..self.pending.len() {

@@ -9,8 +9,8 @@ use super::state::PlanState;
 impl PlanState<'_> {
     /// Drains the reflectors that cannot take new shards although they are not draining yet
     /// (an old image, or a pool or region that no longer exists), and removes draining ones
-    /// that host no shard. It runs after placement, since only then is it known which
-    /// reflectors keep a shard.
+    /// that host no shard. Whether one hosts a shard is known from adoption alone: no
+    /// placement uses a reflector that takes no new shards.
     pub(super) fn drain_stale(&mut self) {
         let input = self.input;
         let now = input.now;

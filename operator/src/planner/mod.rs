@@ -44,6 +44,38 @@
 //!   only a cool-down after its last scale-down — so two changes of direction are always at
 //!   least a cool-down apart — except an *urgent* scale-up (shards pending, or below
 //!   `minReflectors`), which is never held because it would refuse users.
+//!
+//! ## Phases
+//!
+//! `plan` runs these phases in this order over one `PlanState` (the input, the capacity
+//! ledger of `fleet.rs`, the plan being built and per-session and per-region working data).
+//! Each phase only reads what earlier ones wrote, and decisions are appended as the phases
+//! run, so a plan's decisions read in this order too.
+//!
+//! 1. **Index** (`PlanState::new`, `state.rs`): the observed reflectors into the ledger by
+//!    region, sessions and reflectors by name.
+//! 2. **Adopt** (`adopt_shards`, `adopt.rs`): the previous plan's shards stay where they
+//!    are and their commitment is charged; lost ones drop, a deleted session's close. First,
+//!    because existing shards never move: nothing new may take the room they hold.
+//! 3. **Place pending** (`place_pending`): shards still without a reflector get one, before
+//!    any session opens a shard, because the opening rule already counts them as live.
+//! 4. **Per session**, in input order (`sessions.rs`), over its shards grouped once
+//!    (`group_by_session`): the regions it may use (`session_regions`), then **close idle**
+//!    shards (`close_idle`), then **open** shards (`open_shards`). Closing goes first so
+//!    opening sees only the shards that stay; sessions go one at a time because each opening
+//!    takes room the next one will not find.
+//! 5. **Shard phases** (`set_shard_phases`): pending, full or open, once every placement is
+//!    final.
+//! 6. **Drain stale** (`drain_stale`, `drain.rs`): old images and orphans drain, empty
+//!    draining reflectors go. It needs only the adopted shards (nothing new lands on a
+//!    reflector that takes no shards) and runs here so that the decisions about shards come
+//!    before those about reflectors.
+//! 7. **Size**, per region (`size.rs`): count its reflectors (`tally_regions`), the size it
+//!    wants (`size_region`: busy + to create + warm buffer), then **scale up** (`scale_up`)
+//!    or **down** (`scale_down` in `drain.rs`, which picks the empty reflectors to drain),
+//!    each held by the cool-down. Last, because the demand it sizes for is what placement
+//!    made of the fleet.
+//! 8. **Emit** (`PlanState::finish`): the [`Plan`].
 
 mod adopt;
 mod drain;

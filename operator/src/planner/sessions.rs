@@ -1,6 +1,6 @@
-//! Phases 4 to 7: each session's shards. Per session, closing runs before opening so that
-//! the opening rule sees the shards that stay; sessions go one after another, in input
-//! order, because each opening takes room the next session will not find.
+//! Each session's shards. Per session, closing runs before opening so that the opening rule
+//! sees the shards that stay; sessions go one after another, in input order, because each
+//! opening takes room the next session will not find.
 
 use super::at_threshold;
 use super::fleet::Placed;
@@ -11,16 +11,16 @@ use super::state::{BySession, PlanState};
 use crate::crd::shard_name;
 
 impl PlanState<'_> {
-    /// Phase 4, group: the adopted shards of each session, so that the per-session phases
-    /// do not scan every shard.
+    /// The adopted shards of each session, so that the per-session phases do not scan every
+    /// shard.
     pub(super) fn group_by_session(&mut self) {
         self.by_session = BySession::new(&self.owner, self.input.sessions.len());
     }
 
-    /// Phase 5, regions: fills `allowed` with the regions session `s` may use, and says why
-    /// the session is degraded if its pool or some of its regions do not exist. False when
-    /// there is nothing to do for it: it is deleted (its shards closed on adoption) or its
-    /// pool is missing.
+    /// Fills `allowed` with the regions session `s` may use, and says why the session is
+    /// degraded if its pool or some of its regions do not exist. False when there is
+    /// nothing to do for it: it is deleted (its shards closed on adoption) or its pool is
+    /// missing.
     pub(super) fn session_regions(&mut self, s: usize) -> bool {
         let session = &self.input.sessions[s];
         if session.deleted {
@@ -50,8 +50,8 @@ impl PlanState<'_> {
         true
     }
 
-    /// Phase 6, close idle: shards of session `s` empty for the idle period close, highest
-    /// numbers first (so the low numbers stay and reopen first), while the session keeps
+    /// Shards of session `s` empty for the idle period close, highest numbers first (so the
+    /// low numbers stay and reopen first), while the session keeps
     /// `minShards` live ones. The last live shard below the threshold is kept when the
     /// others are all at it: closing it would only make the opening rule open another one
     /// at once.
@@ -96,8 +96,8 @@ impl PlanState<'_> {
         }
     }
 
-    /// Phase 7, open: session `s` gets shards while it has fewer than `minShards` live, or
-    /// while every live one is at its threshold (and it has one, or a client waits), up to
+    /// Session `s` gets shards while it has fewer than `minShards` live, or while every
+    /// live one is at its threshold (and it has one, or a client waits), up to
     /// `maxShards`. Each takes the lowest free number and goes to the first allowed region
     /// with room (see [`Fleet::place_in`](super::fleet::Fleet::place_in)).
     pub(super) fn open_shards(&mut self, s: usize) {
@@ -186,9 +186,9 @@ impl PlanState<'_> {
         }
     }
 
-    /// Phase 8, shard phases: every shard not closing is pending (no reflector yet), full
-    /// (at its threshold: the router sends it no one new) or open. This runs once every
-    /// shard has its final placement.
+    /// Every shard not closing is pending (no reflector yet), full (at its threshold: the
+    /// router sends it no one new) or open. This runs once every shard has its final
+    /// placement.
     pub(super) fn set_shard_phases(&mut self) {
         for (shard, &s) in self.shards.iter_mut().zip(&self.owner) {
             if shard.phase == ShardPhase::Closing {

@@ -102,8 +102,8 @@ pub(super) struct RegionTally {
 }
 
 impl<'a> PlanState<'a> {
-    /// Phase 1, index: the ledger of observed reflectors by region and the lookups by
-    /// session key and reflector name that the later phases resolve names with.
+    /// The ledger of observed reflectors by region and the lookups by session key and
+    /// reflector name that the later phases resolve names with.
     pub(super) fn new(input: &'a PlanInput) -> Self {
         let session_ids = input
             .sessions
@@ -143,7 +143,7 @@ impl<'a> PlanState<'a> {
             .map(|i| self.input.reflectors[i].name.clone())
     }
 
-    /// Last phase, emit: the plan, with one [`RegionPlan`] per region in pool order.
+    /// Emits the plan, with one [`RegionPlan`] per region in pool order.
     pub(super) fn finish(self) -> Plan {
         let input = self.input;
         let regions = self
