@@ -95,9 +95,7 @@ impl PlanState<'_> {
             for &r in &self.allowed {
                 if let Some(placed) = self.fleet.place_in(r, claim) {
                     let reflector = match placed {
-                        Placed::Ready(slot) => self.fleet.slots[slot]
-                            .real
-                            .map(|x| input.reflectors[x].name.clone()),
+                        Placed::Ready(slot) => self.reflector_name(slot),
                         Placed::Pending => None,
                     };
                     let shard = &mut self.shards[i];

@@ -102,7 +102,6 @@ impl PlanState<'_> {
     /// with room (see [`Fleet::place_in`](super::fleet::Fleet::place_in)).
     pub(super) fn open_shards(&mut self, s: usize) {
         let input = self.input;
-        let now = input.now;
         let session = &input.sessions[s];
         let policy = &session.policy;
         let mine = self.by_session.of(s);
@@ -116,11 +115,7 @@ impl PlanState<'_> {
             shards[i].phase != ShardPhase::Closing && !at_threshold(shards[i].load(), policy)
         });
         loop {
-            let reason = if live < policy.min_shards as usize {
-                OpenReason::MinShards
-            } else if !below && live < policy.max_shards as usize && (live > 0 || session.waiting) {
-                OpenReason::AllShardsAtThreshold
-            } else {
+            let Some(reason) = open_reason(policy, session.waiting, live, below) else {
                 if !below && live > 0 && live >= policy.max_shards as usize {
                     self.decisions.push(Decision::SessionDegraded {
                         session: session.key.clone(),
@@ -133,16 +128,7 @@ impl PlanState<'_> {
                 }
                 break;
             };
-            let mut tried = Vec::new();
-            let mut placed = None;
-            for &r in &self.allowed {
-                if let Some(p) = self.fleet.place_in(r, policy.max_users_per_shard) {
-                    placed = Some((r, p));
-                    break;
-                }
-                tried.push(self.fleet.regions[r].spec.name.clone());
-            }
-            let Some((r, p)) = placed else {
+            let Some((r, p, tried)) = self.place_new(policy.max_users_per_shard) else {
                 self.decisions.push(Decision::SessionDegraded {
                     session: session.key.clone(),
                     reason: Reason::CapacityExhausted,
@@ -153,37 +139,67 @@ impl PlanState<'_> {
             };
             let index = (0..).find(|n| !used.contains(n)).unwrap_or(0);
             used.push(index);
-            let reflector = match p {
-                Placed::Ready(slot) => self.reflector_name(slot),
-                Placed::Pending => None,
-            };
-            let name = shard_name(&session.name, index);
-            let region = self.fleet.regions[r].spec.name.clone();
-            self.decisions.push(Decision::OpenShard {
-                session: session.key.clone(),
-                shard: name.clone(),
-                region: region.clone(),
-                reflector: reflector.clone(),
-                reason,
-                fell_back_from: tried,
-            });
-            self.shards.push(ShardRecord {
-                session: session.key.clone(),
-                name,
-                index,
-                pool: session.pool.clone(),
-                region,
-                reflector,
-                committed_users: policy.max_users_per_shard,
-                users: 0,
-                reserved: 0,
-                phase: ShardPhase::Open,
-                empty_since: Some(now),
-            });
-            self.owner.push(s);
+            self.record_opened(s, index, r, p, reason, tried);
             live += 1;
+            // It is empty, so below its threshold: only minShards can ask for another.
             below = true;
         }
+    }
+
+    /// Adds shard `index` of session `s`, just placed in region `r`, to the plan, and says
+    /// why it opened.
+    fn record_opened(
+        &mut self,
+        s: usize,
+        index: u32,
+        r: usize,
+        placed: Placed,
+        reason: OpenReason,
+        fell_back_from: Vec<String>,
+    ) {
+        let session = &self.input.sessions[s];
+        let reflector = match placed {
+            Placed::Ready(slot) => self.reflector_name(slot),
+            Placed::Pending => None,
+        };
+        let name = shard_name(&session.name, index);
+        let region = self.fleet.regions[r].spec.name.clone();
+        self.decisions.push(Decision::OpenShard {
+            session: session.key.clone(),
+            shard: name.clone(),
+            region: region.clone(),
+            reflector: reflector.clone(),
+            reason,
+            fell_back_from,
+        });
+        self.shards.push(ShardRecord {
+            session: session.key.clone(),
+            name,
+            index,
+            pool: session.pool.clone(),
+            region,
+            reflector,
+            committed_users: session.policy.max_users_per_shard,
+            users: 0,
+            reserved: 0,
+            phase: ShardPhase::Open,
+            empty_since: Some(self.input.now),
+        });
+        self.owner.push(s);
+    }
+
+    /// Places a new shard committing `claim` users in the first allowed region with room:
+    /// the region, where it went, and the regions tried before it (the decision reports the
+    /// fallback).
+    fn place_new(&mut self, claim: u32) -> Option<(usize, Placed, Vec<String>)> {
+        let mut tried = Vec::new();
+        for &r in &self.allowed {
+            if let Some(p) = self.fleet.place_in(r, claim) {
+                return Some((r, p, tried));
+            }
+            tried.push(self.fleet.regions[r].spec.name.clone());
+        }
+        None
     }
 
     /// Every shard not closing is pending (no reflector yet), full (at its threshold: the
@@ -201,6 +217,23 @@ impl PlanState<'_> {
                 (Some(_), _) => ShardPhase::Open,
             };
         }
+    }
+}
+
+/// Why a session with `live` shards, `below` telling whether one of them is below its
+/// threshold, should get one more now; `None` when it should not.
+fn open_reason(
+    policy: &ShardPolicy,
+    waiting: bool,
+    live: usize,
+    below: bool,
+) -> Option<OpenReason> {
+    if live < policy.min_shards as usize {
+        Some(OpenReason::MinShards)
+    } else if !below && live < policy.max_shards as usize && (live > 0 || waiting) {
+        Some(OpenReason::AllShardsAtThreshold)
+    } else {
+        None
     }
 }
 
@@ -404,6 +437,33 @@ mod tests {
         assert_eq!(
             reasons(&state),
             [Reason::MaxShardsReached, Reason::CapacityExhausted]
+        );
+    }
+
+    #[test]
+    fn open_reason_follows_min_shards_then_the_threshold_up_to_max_shards() {
+        let policy = ShardPolicy {
+            min_shards: 1,
+            max_shards: 3,
+            ..ShardPolicy::default()
+        };
+        let reason = |waiting, live, below| open_reason(&policy, waiting, live, below);
+        assert_eq!(reason(false, 0, false), Some(OpenReason::MinShards));
+        assert_eq!(
+            reason(false, 2, false),
+            Some(OpenReason::AllShardsAtThreshold)
+        );
+        assert_eq!(reason(false, 2, true), None);
+        assert_eq!(reason(false, 3, false), None);
+        // With minShards 0, a session without shards opens one only for a waiting client.
+        let lazy = ShardPolicy {
+            min_shards: 0,
+            ..policy
+        };
+        assert_eq!(open_reason(&lazy, false, 0, false), None);
+        assert_eq!(
+            open_reason(&lazy, true, 0, false),
+            Some(OpenReason::AllShardsAtThreshold)
         );
     }
 
