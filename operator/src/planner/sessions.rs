@@ -51,10 +51,9 @@ impl PlanState<'_> {
     }
 
     /// Shards of session `s` empty for the idle period close, highest numbers first (so the
-    /// low numbers stay and reopen first), while the session keeps
-    /// `minShards` live ones. The last live shard below the threshold is kept when the
-    /// others are all at it: closing it would only make the opening rule open another one
-    /// at once.
+    /// low numbers stay and reopen first), while the session keeps `minShards` live ones.
+    /// The last live shard below the threshold is kept when the others are all at it:
+    /// closing it would only make the opening rule open another one at once.
     pub(super) fn close_idle(&mut self, s: usize) {
         let session = &self.input.sessions[s];
         let policy = &session.policy;
@@ -96,10 +95,9 @@ impl PlanState<'_> {
         }
     }
 
-    /// Session `s` gets shards while it has fewer than `minShards` live, or while every
-    /// live one is at its threshold (and it has one, or a client waits), up to
-    /// `maxShards`. Each takes the lowest free number and goes to the first allowed region
-    /// with room (see [`Fleet::place_in`](super::fleet::Fleet::place_in)).
+    /// Session `s` gets shards while it has fewer than `minShards` live, or while every live
+    /// one is at its threshold (and it has one, or a client waits), up to `maxShards`. Each
+    /// takes the lowest free number and the first allowed region with room.
     pub(super) fn open_shards(&mut self, s: usize) {
         let input = self.input;
         let session = &input.sessions[s];
