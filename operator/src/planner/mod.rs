@@ -44,229 +44,56 @@
 //!   only a cool-down after its last scale-down — so two changes of direction are always at
 //!   least a cool-down apart — except an *urgent* scale-up (shards pending, or below
 //!   `minReflectors`), which is never held because it would refuse users.
+//!
+//! ## Phases
+//!
+//! `plan` runs these phases in this order over one `PlanState` (the input, the capacity
+//! ledger of `fleet.rs`, the plan being built and per-session and per-region working data).
+//! Each phase only reads what earlier ones wrote, and decisions are appended as the phases
+//! run, so a plan's decisions read in this order too.
+//!
+//! 1. **Index** (`PlanState::new`, `state.rs`): the observed reflectors into the ledger by
+//!    region, sessions and reflectors by name.
+//! 2. **Adopt** (`adopt_shards`, `adopt.rs`): the previous plan's shards stay where they
+//!    are and their commitment is charged; lost ones drop, a deleted session's close. First,
+//!    because existing shards never move: nothing new may take the room they hold.
+//! 3. **Place pending** (`place_pending`): shards still without a reflector get one, before
+//!    any session opens a shard, because the opening rule already counts them as live.
+//! 4. **Per session**, in input order (`sessions.rs`), over its shards grouped once
+//!    (`group_by_session`): the regions it may use (`session_regions`), then **close idle**
+//!    shards (`close_idle`), then **open** shards (`open_shards`). Closing goes first so
+//!    opening sees only the shards that stay; sessions go one at a time because each opening
+//!    takes room the next one will not find.
+//! 5. **Shard phases** (`set_shard_phases`): pending, full or open, once every placement is
+//!    final.
+//! 6. **Drain stale** (`drain_stale`, `drain.rs`): old images and orphans drain, empty
+//!    draining reflectors go. It needs only the adopted shards (nothing new lands on a
+//!    reflector that takes no shards) and runs here so that the decisions about shards come
+//!    before those about reflectors.
+//! 7. **Size**, per region (`size.rs`): count its reflectors (`tally_regions`), the size it
+//!    wants (`size_region`: busy + to create + warm buffer), then **scale up** (`scale_up`)
+//!    or **down** (`scale_down` in `drain.rs`, which picks the empty reflectors to drain),
+//!    each held by the cool-down. Last, because the demand it sizes for is what placement
+//!    made of the fleet.
+//! 8. **Emit** (`PlanState::finish`): the [`Plan`].
 
+mod adopt;
+mod drain;
+mod fleet;
 mod model;
+mod sessions;
+mod size;
+mod state;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
-
-use rustc_hash::FxHashMap as HashMap;
-
 pub use model::*;
 
+use state::PlanState;
+
+// The table tests name shards with it (they see this module's names).
+#[cfg(test)]
 use crate::crd::shard_name;
-
-/// A reflector slot: an observed reflector or one the plan creates.
-struct Slot {
-    region: usize,
-    /// Index into `input.reflectors`, `None` for a reflector to create.
-    real: Option<usize>,
-    /// Takes new shards (current image, not draining).
-    usable: bool,
-    ready: bool,
-    free_users: i64,
-    free_sessions: i64,
-    shards: u32,
-}
-
-/// One region of one pool, with its placement indexes.
-struct Region<'a> {
-    pool: usize,
-    spec: &'a RegionInput,
-    /// Ready usable slots with a free session slot, by free users.
-    ready: BTreeSet<(i64, usize)>,
-    /// Starting or to-create usable slots with a free session slot, by free users.
-    waiting: BTreeSet<(i64, usize)>,
-    usable: u32,
-    to_create: u32,
-}
-
-struct Fleet<'a> {
-    input: &'a PlanInput,
-    slots: Vec<Slot>,
-    regions: Vec<Region<'a>>,
-    /// `(pool, region name)` → region index.
-    region_ids: HashMap<(&'a str, &'a str), usize>,
-    pool_ids: HashMap<&'a str, usize>,
-}
-
-/// Where a shard went.
-enum Placed {
-    Ready(usize),
-    Pending,
-}
-
-impl<'a> Fleet<'a> {
-    fn new(input: &'a PlanInput) -> Self {
-        let mut pool_ids = HashMap::default();
-        let mut region_ids = HashMap::default();
-        let mut regions = Vec::new();
-        for (p, pool) in input.pools.iter().enumerate() {
-            pool_ids.insert(pool.id.as_str(), p);
-            for spec in &pool.regions {
-                region_ids.insert((pool.id.as_str(), spec.name.as_str()), regions.len());
-                regions.push(Region {
-                    pool: p,
-                    spec,
-                    ready: BTreeSet::new(),
-                    waiting: BTreeSet::new(),
-                    usable: 0,
-                    to_create: 0,
-                });
-            }
-        }
-        let slots = input
-            .reflectors
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let region = region_ids
-                    .get(&(r.pool.as_str(), r.region.as_str()))
-                    .copied()
-                    .unwrap_or(usize::MAX);
-                let current = region != usize::MAX && r.image == regions[region].spec.image;
-                let usable = current && r.state != ReflectorState::Draining;
-                if usable {
-                    regions[region].usable += 1;
-                }
-                Slot {
-                    region,
-                    real: Some(i),
-                    usable,
-                    ready: r.state == ReflectorState::Ready,
-                    free_users: i64::from(r.capacity.users),
-                    free_sessions: i64::from(r.capacity.sessions),
-                    shards: 0,
-                }
-            })
-            .collect();
-        Fleet {
-            input,
-            slots,
-            regions,
-            region_ids,
-            pool_ids,
-        }
-    }
-
-    /// Charges a shard to a slot (no capacity check: used for shards already there).
-    fn commit(&mut self, slot: usize, users: u32) {
-        let s = &mut self.slots[slot];
-        s.free_users -= i64::from(users);
-        s.free_sessions -= 1;
-        s.shards += 1;
-    }
-
-    /// Builds the placement indexes once the existing shards are committed.
-    fn index(&mut self) {
-        for (i, s) in self.slots.iter().enumerate() {
-            if s.usable && s.free_sessions > 0 && s.free_users > 0 {
-                let r = &mut self.regions[s.region];
-                if s.ready {
-                    r.ready.insert((s.free_users, i));
-                } else {
-                    r.waiting.insert((s.free_users, i));
-                }
-            }
-        }
-    }
-
-    fn pick(
-        set: &BTreeSet<(i64, usize)>,
-        claim: i64,
-        strategy: PlacementStrategy,
-    ) -> Option<usize> {
-        match strategy {
-            PlacementStrategy::Pack => set.range((claim, 0)..).next().map(|&(_, i)| i),
-            PlacementStrategy::Spread => set.last().filter(|(f, _)| *f >= claim).map(|&(_, i)| i),
-        }
-    }
-
-    /// Places a shard committing `claim` users in region `r`, if the region has room now,
-    /// soon (a starting reflector), or can grow.
-    fn place_in(&mut self, r: usize, claim: u32) -> Option<Placed> {
-        let strategy = self.input.pools[self.regions[r].pool].placement;
-        let c = i64::from(claim);
-        let region = &self.regions[r];
-        let (slot, ready) = if let Some(s) = Self::pick(&region.ready, c, strategy) {
-            (s, true)
-        } else if let Some(s) = Self::pick(&region.waiting, c, strategy) {
-            (s, false)
-        } else {
-            let spec = region.spec;
-            let fits = i64::from(spec.capacity.users) >= c && spec.capacity.sessions > 0;
-            if !fits || region.usable + region.to_create >= spec.max_reflectors {
-                return None;
-            }
-            let s = self.slots.len();
-            self.slots.push(Slot {
-                region: r,
-                real: None,
-                usable: true,
-                ready: false,
-                free_users: i64::from(spec.capacity.users),
-                free_sessions: i64::from(spec.capacity.sessions),
-                shards: 0,
-            });
-            let region = &mut self.regions[r];
-            region.to_create += 1;
-            region.waiting.insert((i64::from(spec.capacity.users), s));
-            (s, false)
-        };
-        let key = (self.slots[slot].free_users, slot);
-        let region = &mut self.regions[r];
-        if ready {
-            region.ready.remove(&key);
-        } else {
-            region.waiting.remove(&key);
-        }
-        self.commit(slot, claim);
-        let s = &self.slots[slot];
-        if s.free_sessions > 0 && s.free_users > 0 {
-            let region = &mut self.regions[r];
-            if ready {
-                region.ready.insert((s.free_users, slot));
-            } else {
-                region.waiting.insert((s.free_users, slot));
-            }
-        }
-        Some(if ready {
-            Placed::Ready(slot)
-        } else {
-            Placed::Pending
-        })
-    }
-
-    /// Fills `known` with the regions a session may use, in order, and `unknown` with the
-    /// names it lists that the pool lacks (buffers are reused: this runs once per session).
-    fn allowed_regions(
-        &self,
-        pool: usize,
-        policy: &'a ShardPolicy,
-        known: &mut Vec<usize>,
-        unknown: &mut Vec<&'a str>,
-    ) {
-        known.clear();
-        unknown.clear();
-        let pool_id = self.input.pools[pool].id.as_str();
-        if policy.regions.is_empty() {
-            known.extend(
-                self.input.pools[pool]
-                    .regions
-                    .iter()
-                    .filter_map(|r| self.region_ids.get(&(pool_id, r.name.as_str())).copied()),
-            );
-            return;
-        }
-        for name in &policy.regions {
-            match self.region_ids.get(&(pool_id, name.as_str())) {
-                Some(&r) => known.push(r),
-                None => unknown.push(name.as_str()),
-            }
-        }
-    }
-}
 
 /// Whether a shard with this load has reached its session's threshold.
 fn at_threshold(load: u64, policy: &ShardPolicy) -> bool {
@@ -275,479 +102,23 @@ fn at_threshold(load: u64, policy: &ShardPolicy) -> bool {
 
 /// Computes the desired state. Pure: the same input always gives the same plan.
 pub fn plan(input: &PlanInput) -> Plan {
-    let now = input.now;
-    let mut fleet = Fleet::new(input);
-    let mut decisions = Vec::new();
-
-    const NONE: usize = usize::MAX;
-    let session_ids: HashMap<&str, usize> = input
-        .sessions
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.key.as_str(), i))
-        .collect();
-    let reflector_ids: HashMap<&str, usize> = input
-        .reflectors
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.as_str(), i))
-        .collect();
-
-    // 1. Existing shards: drop lost and emptied ones, commit the rest where they are.
-    let mut shards: Vec<ShardRecord> =
-        Vec::with_capacity(input.shards.len() + input.sessions.len());
-    // The session index of each shard in `shards` (NONE: its session is gone).
-    let mut owner: Vec<usize> = Vec::with_capacity(shards.capacity());
-    let mut pending: Vec<usize> = Vec::new();
-    let mut known = Vec::new();
-    let mut unknown = Vec::new();
-    for shard in &input.shards {
-        let sid = session_ids
-            .get(shard.session.as_str())
-            .copied()
-            .unwrap_or(NONE);
-        let session = input.sessions.get(sid).filter(|s| !s.deleted);
-        let empty = shard.load() == 0;
-        if shard.phase == ShardPhase::Closing && empty {
-            decisions.push(Decision::RemoveShard {
-                session: shard.session.clone(),
-                shard: shard.name.clone(),
-                reason: RemoveReason::ClosedEmpty,
-            });
-            continue;
-        }
-        let slot = match &shard.reflector {
-            Some(name) => match reflector_ids.get(name.as_str()) {
-                Some(&slot) => Some(slot),
-                None => {
-                    decisions.push(Decision::RemoveShard {
-                        session: shard.session.clone(),
-                        shard: shard.name.clone(),
-                        reason: RemoveReason::ReflectorGone,
-                    });
-                    continue;
-                }
-            },
-            None => None,
-        };
-        let mut out = shard.clone();
-        out.empty_since = if empty {
-            Some(shard.empty_since.unwrap_or(now))
-        } else {
-            None
-        };
-        if session.is_none() && out.phase != ShardPhase::Closing {
-            out.phase = ShardPhase::Closing;
-            decisions.push(Decision::CloseShard {
-                session: shard.session.clone(),
-                shard: shard.name.clone(),
-                reason: CloseReason::SessionDeleted,
-            });
-        }
-        match slot {
-            Some(slot) => fleet.commit(slot, shard.committed_users),
-            None if out.phase == ShardPhase::Closing => {
-                // A closing shard that never got a reflector has nobody on it.
-                decisions.push(Decision::RemoveShard {
-                    session: shard.session.clone(),
-                    shard: shard.name.clone(),
-                    reason: RemoveReason::ClosedEmpty,
-                });
-                continue;
-            }
-            None => pending.push(shards.len()),
-        }
-        shards.push(out);
-        owner.push(sid);
-    }
-    fleet.index();
-
-    // 2. Pending shards wait for (or get) a reflector again, in their session's regions.
-    for &i in &pending {
-        let shard = &mut shards[i];
-        let Some(session) = input.sessions.get(owner[i]) else {
-            continue;
-        };
-        let Some(&pool) = fleet.pool_ids.get(session.pool.as_str()) else {
-            continue;
-        };
-        fleet.allowed_regions(pool, &session.policy, &mut known, &mut unknown);
-        let claim = session.policy.max_users_per_shard;
-        shard.reflector = None;
-        for &r in &known {
-            if let Some(placed) = fleet.place_in(r, claim) {
-                shard.region = fleet.regions[r].spec.name.clone();
-                shard.committed_users = claim;
-                if let Placed::Ready(slot) = placed {
-                    let real = fleet.slots[slot]
-                        .real
-                        .map(|x| input.reflectors[x].name.clone());
-                    shard.reflector = real;
-                }
-                break;
-            }
-        }
-    }
-
-    // 3. Per session: close idle shards, open new ones, set phases.
-    // Shards grouped by session, as one flat array: session s owns
-    // `grouped[start[s]..start[s + 1]]`.
-    let mut start = vec![0usize; input.sessions.len() + 1];
-    for &s in &owner {
-        if s != NONE {
-            start[s + 1] += 1;
-        }
-    }
+    let mut state = PlanState::new(input);
+    state.adopt_shards();
+    state.place_pending();
+    state.group_by_session();
     for s in 0..input.sessions.len() {
-        start[s + 1] += start[s];
-    }
-    let mut grouped = vec![0usize; start[input.sessions.len()]];
-    let mut fill = start.clone();
-    for (i, &s) in owner.iter().enumerate() {
-        if s != NONE {
-            grouped[fill[s]] = i;
-            fill[s] += 1;
+        if state.session_regions(s) {
+            state.close_idle(s);
+            state.open_shards(s);
         }
     }
-    for (s, session) in input.sessions.iter().enumerate() {
-        if session.deleted {
-            continue;
-        }
-        let policy = &session.policy;
-        let Some(&pool) = fleet.pool_ids.get(session.pool.as_str()) else {
-            decisions.push(Decision::SessionDegraded {
-                session: session.key.clone(),
-                reason: Reason::PoolNotFound,
-                message: format!("no ReflectorPool {} in this namespace", session.pool),
-            });
-            continue;
-        };
-        fleet.allowed_regions(pool, policy, &mut known, &mut unknown);
-        let allowed = &known;
-        if !unknown.is_empty() {
-            decisions.push(Decision::SessionDegraded {
-                session: session.key.clone(),
-                reason: Reason::UnknownRegion,
-                message: format!("pool {} has no region {}", session.pool, unknown.join(", ")),
-            });
-        }
-        let mine = &mut grouped[start[s]..start[s + 1]];
-        // Close idle shards beyond minShards, highest numbers first.
-        let mut live = mine
-            .iter()
-            .filter(|&&i| shards[i].phase != ShardPhase::Closing)
-            .count();
-        mine.sort_by_key(|&i| std::cmp::Reverse(shards[i].index));
-        // Live shards below the threshold: the last of them is kept even when idle, as long as
-        // other shards are live (all at their threshold): closing it would only make the rule
-        // below open another one at once.
-        let mut below_live = mine
-            .iter()
-            .filter(|&&i| {
-                shards[i].phase != ShardPhase::Closing && !at_threshold(shards[i].load(), policy)
-            })
-            .count();
-        for &i in mine.iter() {
-            let shard = &mut shards[i];
-            if shard.phase == ShardPhase::Closing || live <= policy.min_shards as usize {
-                continue;
-            }
-            let is_below = !at_threshold(shard.load(), policy);
-            if is_below && below_live == 1 && live > 1 {
-                continue;
-            }
-            if let Some(since) = shard.empty_since
-                && now.saturating_sub(since) >= policy.close_idle_after
-            {
-                shard.phase = ShardPhase::Closing;
-                live -= 1;
-                below_live -= usize::from(is_below);
-                decisions.push(Decision::CloseShard {
-                    session: session.key.clone(),
-                    shard: shard.name.clone(),
-                    reason: CloseReason::Idle,
-                });
-            }
-        }
-        // Open shards while below minShards, or while every live shard is at its threshold.
-        let mut used: Vec<u32> = mine.iter().map(|&i| shards[i].index).collect();
-        let mut below = mine.iter().any(|&i| {
-            shards[i].phase != ShardPhase::Closing && !at_threshold(shards[i].load(), policy)
-        });
-        loop {
-            let reason = if live < policy.min_shards as usize {
-                OpenReason::MinShards
-            } else if !below && live < policy.max_shards as usize && (live > 0 || session.waiting) {
-                OpenReason::AllShardsAtThreshold
-            } else {
-                if !below && live > 0 && live >= policy.max_shards as usize {
-                    decisions.push(Decision::SessionDegraded {
-                        session: session.key.clone(),
-                        reason: Reason::MaxShardsReached,
-                        message: format!(
-                            "all {live} shards are at the scale-up threshold and maxShards is {}",
-                            policy.max_shards
-                        ),
-                    });
-                }
-                break;
-            };
-            let mut tried = Vec::new();
-            let mut placed = None;
-            for &r in allowed {
-                if let Some(p) = fleet.place_in(r, policy.max_users_per_shard) {
-                    placed = Some((r, p));
-                    break;
-                }
-                tried.push(fleet.regions[r].spec.name.clone());
-            }
-            let Some((r, p)) = placed else {
-                decisions.push(Decision::SessionDegraded {
-                    session: session.key.clone(),
-                    reason: Reason::CapacityExhausted,
-                    message: "every allowed region is at maxReflectors with no room for a shard"
-                        .to_owned(),
-                });
-                break;
-            };
-            let index = (0..).find(|n| !used.contains(n)).unwrap_or(0);
-            used.push(index);
-            let reflector = match p {
-                Placed::Ready(slot) => fleet.slots[slot]
-                    .real
-                    .map(|x| input.reflectors[x].name.clone()),
-                Placed::Pending => None,
-            };
-            let name = shard_name(&session.name, index);
-            let region = fleet.regions[r].spec.name.clone();
-            decisions.push(Decision::OpenShard {
-                session: session.key.clone(),
-                shard: name.clone(),
-                region: region.clone(),
-                reflector: reflector.clone(),
-                reason,
-                fell_back_from: tried,
-            });
-            shards.push(ShardRecord {
-                session: session.key.clone(),
-                name,
-                index,
-                pool: session.pool.clone(),
-                region,
-                reflector,
-                committed_users: policy.max_users_per_shard,
-                users: 0,
-                reserved: 0,
-                phase: ShardPhase::Open,
-                empty_since: Some(now),
-            });
-            owner.push(s);
-            live += 1;
-            below = true;
-        }
+    state.set_shard_phases();
+    state.drain_stale();
+    state.tally_regions();
+    for r in 0..state.fleet.regions.len() {
+        state.size_region(r);
+        state.scale_up(r);
+        state.scale_down(r);
     }
-
-    // Phases of the shards that are not closing.
-    for (shard, &s) in shards.iter_mut().zip(&owner) {
-        if shard.phase == ShardPhase::Closing {
-            continue;
-        }
-        let policy = input.sessions.get(s).map(|s| &s.policy);
-        shard.phase = match (&shard.reflector, policy) {
-            (None, _) => ShardPhase::Pending,
-            (Some(_), Some(p)) if at_threshold(shard.load(), p) => ShardPhase::Full,
-            (Some(_), _) => ShardPhase::Open,
-        };
-    }
-
-    // 4. Reflectors: drain old images and orphans, remove drained empty ones, size regions.
-    let mut actions: Vec<ReflectorAction> = vec![ReflectorAction::Keep; input.reflectors.len()];
-    let grace = |region: usize| {
-        fleet
-            .regions
-            .get(region)
-            .map(|r| input.pools[r.pool].drain_grace)
-            .unwrap_or(0)
-    };
-    for (slot, s) in fleet.slots.iter().enumerate() {
-        let Some(i) = s.real else { continue };
-        let r = &input.reflectors[i];
-        if r.state == ReflectorState::Draining {
-            if s.shards == 0 {
-                actions[i] = ReflectorAction::Remove;
-                decisions.push(Decision::RemoveReflector {
-                    reflector: r.name.clone(),
-                });
-            }
-        } else if !s.usable {
-            let reason = if s.region == usize::MAX {
-                DrainReason::RegionRemoved
-            } else {
-                DrainReason::ImageChanged
-            };
-            let deadline = now + grace(fleet.slots[slot].region);
-            actions[i] = ReflectorAction::Drain { deadline };
-            decisions.push(Decision::DrainReflector {
-                reflector: r.name.clone(),
-                reason,
-                deadline,
-            });
-        }
-    }
-
-    let mut history = input.history.clone();
-    let mut regions_out = Vec::with_capacity(fleet.regions.len());
-    // Empty usable reflectors per region, as drain candidates.
-    let mut empties: Vec<Vec<usize>> = vec![Vec::new(); fleet.regions.len()];
-    let mut busy = vec![0u32; fleet.regions.len()];
-    let mut ready = vec![0u32; fleet.regions.len()];
-    let mut starting = vec![0u32; fleet.regions.len()];
-    let mut draining = vec![0u32; fleet.regions.len()];
-    let mut committed = vec![(0u64, 0u64); fleet.regions.len()];
-    for s in &fleet.slots {
-        if s.region == usize::MAX {
-            continue;
-        }
-        let cap = s
-            .real
-            .map(|i| input.reflectors[i].capacity)
-            .unwrap_or(fleet.regions[s.region].spec.capacity);
-        let c = &mut committed[s.region];
-        c.0 += u64::from(s.shards);
-        c.1 += (i64::from(cap.users) - s.free_users).max(0) as u64;
-        match s.real {
-            Some(i) if s.usable => {
-                if s.shards == 0 {
-                    empties[s.region].push(i);
-                } else {
-                    busy[s.region] += 1;
-                }
-                if s.ready {
-                    ready[s.region] += 1;
-                } else {
-                    starting[s.region] += 1;
-                }
-            }
-            Some(_) => draining[s.region] += 1,
-            None => {}
-        }
-    }
-    for (r, region) in fleet.regions.iter().enumerate() {
-        let pool = &input.pools[region.pool];
-        let spec = region.spec;
-        let key = (pool.id.clone(), spec.name.clone());
-        let h = history.entry(key).or_default();
-        let wanted = busy[r] + region.to_create + spec.warm_buffer;
-        let desired = wanted.clamp(
-            spec.min_reflectors,
-            spec.max_reflectors.max(spec.min_reflectors),
-        );
-        let usable = region.usable;
-        let mut create = 0;
-        if desired > usable {
-            let urgent = region.to_create > 0 || usable < spec.min_reflectors;
-            let reason = if region.to_create > 0 {
-                ScaleUpReason::PendingShards
-            } else if usable < spec.min_reflectors {
-                ScaleUpReason::MinReflectors
-            } else {
-                ScaleUpReason::WarmBuffer
-            };
-            let held_until = h
-                .last_down_at
-                .map(|t| t + pool.cooldown)
-                .filter(|&t| now < t);
-            match held_until {
-                Some(until) if !urgent => decisions.push(Decision::ScaleHeld {
-                    pool: pool.id.clone(),
-                    region: spec.name.clone(),
-                    direction: ScaleDirection::Up,
-                    until,
-                }),
-                _ => {
-                    create = (desired - usable).max(region.to_create);
-                    decisions.push(Decision::ScaleUp {
-                        pool: pool.id.clone(),
-                        region: spec.name.clone(),
-                        from: usable,
-                        to: usable + create,
-                        reason,
-                        urgent,
-                    });
-                    if h.last_direction != Some(ScaleDirection::Up) {
-                        h.last_change_at = now;
-                    }
-                    h.last_direction = Some(ScaleDirection::Up);
-                    h.last_up_at = Some(now);
-                }
-            }
-        } else if desired < usable && !empties[r].is_empty() {
-            let held_until = h.last_up_at.map(|t| t + pool.cooldown).filter(|&t| now < t);
-            if let Some(until) = held_until {
-                decisions.push(Decision::ScaleHeld {
-                    pool: pool.id.clone(),
-                    region: spec.name.clone(),
-                    direction: ScaleDirection::Down,
-                    until,
-                });
-            } else {
-                let candidates = &mut empties[r];
-                // Starting reflectors first, then the highest names.
-                candidates.sort_by(|&a, &b| {
-                    let (a, b) = (&input.reflectors[a], &input.reflectors[b]);
-                    (a.state != ReflectorState::Starting, &b.name)
-                        .cmp(&(b.state != ReflectorState::Starting, &a.name))
-                });
-                let n = (usable - desired).min(candidates.len() as u32);
-                let deadline = now + pool.drain_grace;
-                for &i in candidates.iter().take(n as usize) {
-                    actions[i] = ReflectorAction::Drain { deadline };
-                    decisions.push(Decision::DrainReflector {
-                        reflector: input.reflectors[i].name.clone(),
-                        reason: DrainReason::Surplus,
-                        deadline,
-                    });
-                    if input.reflectors[i].state == ReflectorState::Ready {
-                        ready[r] -= 1;
-                    } else {
-                        starting[r] -= 1;
-                    }
-                    draining[r] += 1;
-                }
-                if h.last_direction != Some(ScaleDirection::Down) {
-                    h.last_change_at = now;
-                }
-                h.last_direction = Some(ScaleDirection::Down);
-                h.last_down_at = Some(now);
-            }
-        }
-        regions_out.push(RegionPlan {
-            pool: pool.id.clone(),
-            region: spec.name.clone(),
-            image: spec.image.clone(),
-            ready: ready[r],
-            starting: starting[r],
-            draining: draining[r],
-            desired,
-            create,
-            committed_shards: committed[r].0,
-            committed_users: committed[r].1,
-        });
-    }
-
-    Plan {
-        shards,
-        reflectors: input
-            .reflectors
-            .iter()
-            .zip(actions)
-            .map(|(r, action)| ReflectorPlan {
-                name: r.name.clone(),
-                action,
-            })
-            .collect(),
-        regions: regions_out,
-        decisions,
-        history,
-    }
+    state.finish()
 }
