@@ -58,11 +58,10 @@ use tokio::time::Instant;
 use self::ledger::{Claim, Ledger, Millis};
 use self::metrics::RouterMetrics;
 use self::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load};
-use crate::controller::input::{session_key, split_session_key};
 use crate::crd::{SessionSpec, ShardPhase};
 use crate::planner::{
     Decision, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord,
-    plan,
+    plan, session_key, split_session_key,
 };
 
 /// Router settings.
