@@ -7,7 +7,7 @@
 //!                ├── none below ──► planner::plan(pool, session waiting) ──► new shard at once
 //!                │                   (pending ⇒ wake the backend, wait for its reflector)
 //!                └── reserve (ledger) + sign a join token ──► answer
-//!  backend loop (local fleet / controllers): prepare(input) → plan → publish(snapshot)
+//!  backend loop (local fleet / controllers): prepare(input) → plan → publish(fleet view)
 //!  report stream: observe_report(..) → users per shard, reservations that turned into users
 //!                 (a reflector's load counts until `report_grace` after its last report)
 //! ```
@@ -133,9 +133,10 @@ pub struct SessionDef {
     pub files_url: String,
 }
 
-/// What a backend publishes after each plan.
+/// What a backend publishes after each plan: its part of the fleet as the router sees it.
+/// (Not a Croquet snapshot: those are session state the reflectors store.)
 #[derive(Clone, Debug, Default)]
-pub struct Snapshot {
+pub struct FleetView {
     /// The plan input with the new plan's shards and history (one or more pools).
     pub input: PlanInput,
     /// The Session objects of those pools.
@@ -202,7 +203,7 @@ impl RouteError {
 type ShardUsers = FastMap<String, FastMap<String, u32>>;
 
 /// A reflector as its report stream shows it. Its URL is never taken from a report: clients
-/// go to the URL the backend assigned ([`Snapshot::urls`]).
+/// go to the URL the backend assigned ([`FleetView::urls`]).
 #[derive(Clone, Debug)]
 struct Live {
     region: String,
@@ -268,26 +269,26 @@ impl Tally {
     }
 }
 
-/// A published snapshot with the indexes a Route needs.
-struct View {
-    snap: Snapshot,
-    /// Session key → indexes of its shards in `snap.input.shards`.
+/// A published [`FleetView`] with the indexes a Route needs.
+struct Published {
+    fleet: FleetView,
+    /// Session key → indexes of its shards in `fleet.input.shards`.
     shards_of: FastMap<String, Vec<usize>>,
     /// Shard name → indexes of the shards so named (one per app and session at most).
     named: FastMap<String, Vec<usize>>,
-    /// Reflector name → index in `snap.input.reflectors`.
+    /// Reflector name → index in `fleet.input.reflectors`.
     reflector_at: FastMap<String, usize>,
 }
 
-impl View {
-    fn new(snap: Snapshot) -> Self {
+impl Published {
+    fn new(fleet: FleetView) -> Self {
         let mut shards_of: FastMap<String, Vec<usize>> = FastMap::default();
         let mut named: FastMap<String, Vec<usize>> = FastMap::default();
-        for (i, sh) in snap.input.shards.iter().enumerate() {
+        for (i, sh) in fleet.input.shards.iter().enumerate() {
             shards_of.entry(sh.session.clone()).or_default().push(i);
             named.entry(sh.name.clone()).or_default().push(i);
         }
-        let reflector_at = snap
+        let reflector_at = fleet
             .input
             .reflectors
             .iter()
@@ -295,7 +296,7 @@ impl View {
             .map(|(i, r)| (r.name.clone(), i))
             .collect();
         Self {
-            snap,
+            fleet,
             shards_of,
             named,
             reflector_at,
@@ -305,7 +306,7 @@ impl View {
     fn reflector(&self, name: &str) -> Option<&ObservedReflector> {
         self.reflector_at
             .get(name)
-            .map(|&i| &self.snap.input.reflectors[i])
+            .map(|&i| &self.fleet.input.reflectors[i])
     }
 
     fn session_shards<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
@@ -313,7 +314,7 @@ impl View {
             .get(key)
             .into_iter()
             .flatten()
-            .map(|&i| &self.snap.input.shards[i])
+            .map(|&i| &self.fleet.input.shards[i])
     }
 
     fn shards_named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
@@ -321,15 +322,15 @@ impl View {
             .get(name)
             .into_iter()
             .flatten()
-            .map(|&i| &self.snap.input.shards[i])
+            .map(|&i| &self.fleet.input.shards[i])
     }
 }
 
 #[derive(Default)]
 struct Inner {
-    /// Published snapshots by publisher key (`local`, or a pool id in a cluster).
-    views: BTreeMap<String, Arc<View>>,
-    /// Shards this router opened that no snapshot holds yet.
+    /// Published fleet views by publisher key (`local`, or a pool id in a cluster).
+    views: BTreeMap<String, Arc<Published>>,
+    /// Shards this router opened that no published view holds yet.
     opened: Vec<ShardRecord>,
     /// Shards this router opened (exempt from the warm-up rule).
     mine: FastSet<(String, String)>,
@@ -495,7 +496,7 @@ impl Router {
     }
 
     /// Forgets every reservation and report and starts the post-failover warm-up: what a
-    /// replica does when it becomes leader. Published snapshots stay (the backend
+    /// replica does when it becomes leader. Published fleet views stay (the backend
     /// republishes anyway).
     pub fn reset(&self) {
         let now = self.now();
@@ -547,23 +548,23 @@ impl Router {
     }
 
     /// Takes a backend's view after a plan. `key` names the publisher (`local`, or a pool
-    /// id); a later snapshot with the same key replaces it.
-    pub fn publish(&self, key: &str, snapshot: Snapshot) {
+    /// id); a later view with the same key replaces it.
+    pub fn publish(&self, key: &str, fleet: FleetView) {
         let mut inner = lock(&self.inner);
         let Inner {
             opened, demanded, ..
         } = &mut *inner;
         opened.retain(|o| {
-            !snapshot
+            !fleet
                 .input
                 .shards
                 .iter()
                 .any(|s| s.session == o.session && s.name == o.name)
         });
-        demanded.retain(|k, _| !snapshot.input.shards.iter().any(|s| &s.session == k));
+        demanded.retain(|k, _| !fleet.input.shards.iter().any(|s| &s.session == k));
         inner
             .views
-            .insert(key.to_owned(), Arc::new(View::new(snapshot)));
+            .insert(key.to_owned(), Arc::new(Published::new(fleet)));
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -620,7 +621,7 @@ impl Router {
     /// Whether a published pool has region `region`.
     pub fn knows_region(&self, region: &str) -> bool {
         lock(&self.inner).views.values().any(|v| {
-            v.snap
+            v.fleet
                 .input
                 .pools
                 .iter()
@@ -645,7 +646,7 @@ impl Router {
             .filter_map(|s| split_session_key(&s.session))
             .find(|(_, a, _)| *a == app)?;
         let (view, at) = find_session(&inner.views, namespace, name)?;
-        let spec = &view.snap.sessions[at].spec;
+        let spec = &view.fleet.sessions[at].spec;
         Some((spec.max_users_per_shard, spec.persistence))
     }
 
@@ -774,12 +775,12 @@ impl Router {
                     req.namespace, req.session
                 ))
             })?;
-        let def = &view.snap.sessions[at];
+        let def = &view.fleet.sessions[at];
         authorize(&def.spec.app_id)?;
         let spec = &def.spec;
         let app = spec.app_id.as_str();
         let key = session_key(&def.namespace, app, &req.session);
-        let pool = view.snap.input.pools.iter().find(|p| p.id == def.pool);
+        let pool = view.fleet.input.pools.iter().find(|p| p.id == def.pool);
         let allowed: Vec<String> = if spec.regions.is_empty() {
             pool.map(|p| p.regions.iter().map(|r| r.name.clone()).collect())
                 .unwrap_or_default()
@@ -998,7 +999,7 @@ impl Router {
                 "no Session in namespace {namespace:?} covers {session:?}"
             ))
         })?;
-        let def = &view.snap.sessions[at];
+        let def = &view.fleet.sessions[at];
         let app = def.spec.app_id.as_str();
         let key = session_key(namespace, app, session);
         let max = def.spec.max_users_per_shard;
@@ -1024,8 +1025,8 @@ impl Router {
         let inner = lock(&self.inner);
         let mut out = BTreeMap::new();
         for view in inner.views.values() {
-            let apps = app_ids(&view.snap.input.sessions);
-            for sh in view.snap.input.shards.iter().chain(inner.opened.iter()) {
+            let apps = app_ids(&view.fleet.input.sessions);
+            for sh in view.fleet.input.shards.iter().chain(inner.opened.iter()) {
                 if let Some(app) = apps.get(sh.session.as_str()) {
                     let n = inner.ledger.pending(app, &sh.name, now);
                     *out.entry(sh.region.clone()).or_insert(0) += u64::from(n);
@@ -1059,7 +1060,7 @@ fn fill_load(inner: &Inner, input: &mut PlanInput, now: Millis) {
 
 /// The URL of a reflector that may get new users now.
 fn routable_url<'a>(
-    view: &'a View,
+    view: &'a Published,
     live: &'a FastMap<String, Live>,
     name: &str,
     now: Millis,
@@ -1073,20 +1074,20 @@ fn routable_url<'a>(
         Some(l) if l.draining || l.expired => None,
         Some(l) if now.saturating_sub(l.seen) > grace => None,
         // The URL the backend assigned (pool template, launcher), never a reported one.
-        _ => view.snap.urls.get(name).map(String::as_str),
+        _ => view.fleet.urls.get(name).map(String::as_str),
     }
 }
 
 /// The view holding the Session that covers `name` and its index there: an exact `name`
 /// wins over a `namePattern`.
 fn find_session(
-    views: &BTreeMap<String, Arc<View>>,
+    views: &BTreeMap<String, Arc<Published>>,
     namespace: &str,
     name: &str,
-) -> Option<(Arc<View>, usize)> {
+) -> Option<(Arc<Published>, usize)> {
     let mut pattern = None;
     for v in views.values() {
-        for (i, d) in v.snap.sessions.iter().enumerate() {
+        for (i, d) in v.fleet.sessions.iter().enumerate() {
             if d.namespace != namespace {
                 continue;
             }
@@ -1105,42 +1106,42 @@ fn find_session(
 /// router's reservations and the session marked waiting.
 fn open_shard(
     inner: &mut Inner,
-    view: &View,
+    view: &Published,
     def: &SessionDef,
     key: &str,
     name: &str,
     order: &[String],
     now: Millis,
 ) -> Result<ShardRecord, RouteError> {
-    let snap = &view.snap.input;
+    let published = &view.fleet.input;
     let mut input = PlanInput {
-        pools: snap
+        pools: published
             .pools
             .iter()
             .filter(|p| p.id == def.pool)
             .cloned()
             .collect(),
-        sessions: snap
+        sessions: published
             .sessions
             .iter()
             .filter(|s| s.pool == def.pool)
             .cloned()
             .collect(),
-        reflectors: snap
+        reflectors: published
             .reflectors
             .iter()
             .filter(|r| r.pool == def.pool)
             .cloned()
             .collect(),
-        shards: snap
+        shards: published
             .shards
             .iter()
             .chain(inner.opened.iter())
             .filter(|s| s.pool == def.pool)
             .cloned()
             .collect(),
-        history: snap.history.clone(),
-        now: snap.now,
+        history: published.history.clone(),
+        now: published.now,
     };
     let spec = &def.spec;
     let policy = ShardPolicy {
