@@ -39,13 +39,12 @@ pub mod metrics;
 pub mod pick;
 pub mod reports;
 pub mod service;
+mod view;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
-// The Route path does several map lookups per shard of a session; foldhash is several times
-// faster than SipHash on short keys and still seeded per process.
-use foldhash::{HashMap as FastMap, HashSet as FastSet};
+use foldhash::HashSet as FastSet;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,10 +57,12 @@ use tokio::time::Instant;
 use self::ledger::{Claim, Ledger, Millis};
 use self::metrics::RouterMetrics;
 use self::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load};
-use crate::crd::{SessionSpec, ShardPhase};
+use self::view::{Fleet, Published, ShardUsers, app_ids};
+pub use self::view::{FleetView, SessionDef};
+use crate::crd::ShardPhase;
 use crate::planner::{
-    Decision, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord,
-    plan, session_key, split_session_key,
+    Decision, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord, plan, session_key,
+    split_session_key,
 };
 
 /// Router settings.
@@ -120,31 +121,6 @@ pub enum Caller {
     Internal,
 }
 
-/// A Session object as the router needs it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SessionDef {
-    /// Its namespace.
-    pub namespace: String,
-    /// Its spec (exact `name` or `namePattern`).
-    pub spec: SessionSpec,
-    /// Id of its pool (`namespace/name`).
-    pub pool: String,
-    /// The pool's public files URL.
-    pub files_url: String,
-}
-
-/// What a backend publishes after each plan: its part of the fleet as the router sees it.
-/// (Not a Croquet snapshot: those are session state the reflectors store.)
-#[derive(Clone, Debug, Default)]
-pub struct FleetView {
-    /// The plan input with the new plan's shards and history (one or more pools).
-    pub input: PlanInput,
-    /// The Session objects of those pools.
-    pub sessions: Vec<SessionDef>,
-    /// Public WebSocket base URL of each reflector that has one.
-    pub urls: HashMap<String, String>,
-}
-
 /// Why a Route failed. Every transport maps these to its own status.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum RouteError {
@@ -199,181 +175,18 @@ impl RouteError {
     }
 }
 
-/// Users per shard: appId → shard name → count.
-type ShardUsers = FastMap<String, FastMap<String, u32>>;
-
-/// A reflector as its report stream shows it. Its URL is never taken from a report: clients
-/// go to the URL the backend assigned ([`FleetView::urls`]).
-#[derive(Clone, Debug)]
-struct Live {
-    region: String,
-    draining: bool,
-    connected: bool,
-    /// When its last report arrived.
-    seen: Millis,
-    /// No report came within the grace period: `users` no longer count (and are empty), and
-    /// the reflector gets no routes until it reports again.
-    expired: bool,
-    users: ShardUsers,
-}
-
-/// The users every live reflector reports, summed per shard, kept up to date report by
-/// report so a Route reads a shard's count with one lookup instead of visiting every
-/// reflector.
-#[derive(Default)]
-struct Tally {
-    /// appId → shard → (users, how many reflectors report the shard).
-    shards: FastMap<String, FastMap<String, (u32, u32)>>,
-}
-
-impl Tally {
-    fn add(&mut self, users: &ShardUsers) {
-        for (app, shards) in users {
-            let m = self.shards.entry(app.clone()).or_default();
-            for (shard, n) in shards {
-                let e = m.entry(shard.clone()).or_default();
-                e.0 = e.0.saturating_add(*n);
-                e.1 += 1;
-            }
-        }
-    }
-
-    fn remove(&mut self, users: &ShardUsers) {
-        for (app, shards) in users {
-            let Some(m) = self.shards.get_mut(app) else {
-                continue;
-            };
-            for (shard, n) in shards {
-                if let Some(e) = m.get_mut(shard) {
-                    e.0 = e.0.saturating_sub(*n);
-                    e.1 = e.1.saturating_sub(1);
-                    if e.1 == 0 {
-                        m.remove(shard);
-                    }
-                }
-            }
-            if m.is_empty() {
-                self.shards.remove(app);
-            }
-        }
-    }
-
-    /// Users of a shard, if any reflector reports it.
-    fn users(&self, app: &str, shard: &str) -> Option<u32> {
-        self.shards.get(app)?.get(shard).map(|e| e.0)
-    }
-
-    /// One app's reported shards: shard → (users, reflectors reporting it).
-    fn of_app(&self, app: &str) -> Option<&FastMap<String, (u32, u32)>> {
-        self.shards.get(app)
-    }
-}
-
-/// A published [`FleetView`] with the indexes a Route needs.
-struct Published {
-    fleet: FleetView,
-    /// Session key → indexes of its shards in `fleet.input.shards`.
-    shards_of: FastMap<String, Vec<usize>>,
-    /// Shard name → indexes of the shards so named (one per app and session at most).
-    named: FastMap<String, Vec<usize>>,
-    /// Reflector name → index in `fleet.input.reflectors`.
-    reflector_at: FastMap<String, usize>,
-}
-
-impl Published {
-    fn new(fleet: FleetView) -> Self {
-        let mut shards_of: FastMap<String, Vec<usize>> = FastMap::default();
-        let mut named: FastMap<String, Vec<usize>> = FastMap::default();
-        for (i, sh) in fleet.input.shards.iter().enumerate() {
-            shards_of.entry(sh.session.clone()).or_default().push(i);
-            named.entry(sh.name.clone()).or_default().push(i);
-        }
-        let reflector_at = fleet
-            .input
-            .reflectors
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.clone(), i))
-            .collect();
-        Self {
-            fleet,
-            shards_of,
-            named,
-            reflector_at,
-        }
-    }
-
-    fn reflector(&self, name: &str) -> Option<&ObservedReflector> {
-        self.reflector_at
-            .get(name)
-            .map(|&i| &self.fleet.input.reflectors[i])
-    }
-
-    fn session_shards<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
-        self.shards_of
-            .get(key)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.fleet.input.shards[i])
-    }
-
-    fn shards_named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
-        self.named
-            .get(name)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.fleet.input.shards[i])
-    }
-}
-
 #[derive(Default)]
 struct Inner {
-    /// Published fleet views by publisher key (`local`, or a pool id in a cluster).
-    views: BTreeMap<String, Arc<Published>>,
+    /// What backends published and reflectors reported.
+    fleet: Fleet,
     /// Shards this router opened that no published view holds yet.
     opened: Vec<ShardRecord>,
     /// Shards this router opened (exempt from the warm-up rule).
     mine: FastSet<(String, String)>,
     /// Pattern sessions clients asked for, not yet holding a shard.
     demanded: BTreeMap<String, SessionInput>,
-    live: FastMap<String, Live>,
-    /// The sum of `live`'s users.
-    tally: Tally,
-    /// Before this time no `live` entry can expire (the earliest `seen + grace`).
-    next_expiry: Millis,
     ledger: Ledger,
     warm_until: Millis,
-}
-
-impl Inner {
-    /// Drops the load of every reflector with no report within `grace` (a lost or silent
-    /// stream), so a crashed reflector's users stop holding its shards full. Cheap when
-    /// nothing can have expired yet: one comparison.
-    fn expire_reports(&mut self, now: Millis, grace: Millis) {
-        if now < self.next_expiry {
-            return;
-        }
-        let Inner {
-            live, tally, views, ..
-        } = self;
-        let mut next = Millis::MAX;
-        live.retain(|name, l| {
-            if l.expired {
-                // Kept so that it gets no routes; forgotten once no plan knows the name.
-                return views.values().any(|v| v.reflector(name).is_some());
-            }
-            if now.saturating_sub(l.seen) > grace {
-                tally.remove(&l.users);
-                l.users.clear();
-                l.expired = true;
-                tracing::warn!(reflector = %name, connected = l.connected, "no report within the grace period: its load no longer counts and it gets no routes");
-                return true;
-            }
-            next = next.min(l.seen + grace + 1);
-            true
-        });
-        self.next_expiry = next;
-    }
 }
 
 /// The outcome of one attempt under the lock.
@@ -502,9 +315,7 @@ impl Router {
         let now = self.now();
         let mut inner = lock(&self.inner);
         inner.ledger = Ledger::new(rand::random::<u64>() >> 1);
-        inner.live.clear();
-        inner.tally = Tally::default();
-        inner.next_expiry = 0;
+        inner.fleet.forget_reports();
         inner.mine.clear();
         inner.opened.clear();
         inner.demanded.clear();
@@ -527,7 +338,7 @@ impl Router {
         let now = self.now();
         let mut inner = lock(&self.inner);
         inner.ledger.expire(now);
-        inner.expire_reports(now, self.grace());
+        inner.fleet.expire_reports(now, self.grace());
         let pools: HashSet<&str> = input.pools.iter().map(|p| p.id.as_str()).collect();
         for d in inner.demanded.values() {
             if pools.contains(d.pool.as_str()) && !input.sessions.iter().any(|s| s.key == d.key) {
@@ -562,9 +373,7 @@ impl Router {
                 .any(|s| s.session == o.session && s.name == o.name)
         });
         demanded.retain(|k, _| !fleet.input.shards.iter().any(|s| &s.session == k));
-        inner
-            .views
-            .insert(key.to_owned(), Arc::new(Published::new(fleet)));
+        inner.fleet.publish(key, fleet);
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -590,22 +399,14 @@ impl Router {
                 .entry(s.shard.clone())
                 .or_insert(0) += s.users;
         }
-        inner.tally.add(&users);
-        let previous = inner.live.insert(
-            report.reflector.clone(),
-            Live {
-                region: report.region.clone(),
-                draining: report.state == ReportedState::Draining as i32,
-                connected: true,
-                seen: now,
-                expired: false,
-                users,
-            },
+        inner.fleet.observe(
+            &report.reflector,
+            &report.region,
+            report.state == ReportedState::Draining as i32,
+            users,
+            now,
+            grace,
         );
-        if let Some(p) = previous {
-            inner.tally.remove(&p.users);
-        }
-        inner.next_expiry = inner.next_expiry.min(now + grace);
         drop(guard);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -613,20 +414,12 @@ impl Router {
     /// A reflector's report stream ended: once the grace period after its last report has
     /// passed, its load no longer counts and it gets no new routes.
     pub fn report_lost(&self, reflector: &str) {
-        if let Some(l) = lock(&self.inner).live.get_mut(reflector) {
-            l.connected = false;
-        }
+        lock(&self.inner).fleet.report_lost(reflector);
     }
 
     /// Whether a published pool has region `region`.
     pub fn knows_region(&self, region: &str) -> bool {
-        lock(&self.inner).views.values().any(|v| {
-            v.fleet
-                .input
-                .pools
-                .iter()
-                .any(|p| p.regions.iter().any(|r| r.name == region))
-        })
+        lock(&self.inner).fleet.knows_region(region)
     }
 
     fn grace(&self) -> Millis {
@@ -639,13 +432,12 @@ impl Router {
     pub fn shard_settings(&self, app: &str, shard: &str) -> Option<(u32, bool)> {
         let inner = lock(&self.inner);
         let (namespace, _, name) = inner
-            .views
-            .values()
-            .flat_map(|v| v.shards_named(shard))
+            .fleet
+            .shards_named(shard)
             .chain(inner.opened.iter().filter(|s| s.name == shard))
             .filter_map(|s| split_session_key(&s.session))
             .find(|(_, a, _)| *a == app)?;
-        let (view, at) = find_session(&inner.views, namespace, name)?;
+        let (view, at) = inner.fleet.find_session(namespace, name)?;
         let spec = &view.fleet.sessions[at].spec;
         Some((spec.max_users_per_shard, spec.persistence))
     }
@@ -654,12 +446,8 @@ impl Router {
     pub fn live_streams(&self) -> BTreeMap<String, u32> {
         let now = self.now();
         let mut inner = lock(&self.inner);
-        inner.expire_reports(now, self.grace());
-        let mut out = BTreeMap::new();
-        for l in inner.live.values().filter(|l| l.connected && !l.expired) {
-            *out.entry(l.region.clone()).or_insert(0) += 1;
-        }
-        out
+        inner.fleet.expire_reports(now, self.grace());
+        inner.fleet.live_streams()
     }
 
     // === Route ===
@@ -767,9 +555,11 @@ impl Router {
         let grace = self.grace();
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        inner.expire_reports(now, grace);
-        let (view, at) =
-            find_session(&inner.views, &req.namespace, &req.session).ok_or_else(|| {
+        inner.fleet.expire_reports(now, grace);
+        let (view, at) = inner
+            .fleet
+            .find_session(&req.namespace, &req.session)
+            .ok_or_else(|| {
                 RouteError::NotFound(format!(
                     "no Session in namespace {:?} covers {:?}",
                     req.namespace, req.session
@@ -817,7 +607,7 @@ impl Router {
             // Looked up once per Route, not once per shard: a session's shards mostly share
             // a few reflectors, and all of them its app.
             let reserved = ro.ledger.of_app(app);
-            let reported = ro.tally.of_app(app);
+            let reported = ro.fleet.app_users(app);
             let at_threshold = threshold_load(max_users, threshold);
             // Places below the threshold not taken by users: what anonymous callers may
             // hold a share of.
@@ -831,7 +621,7 @@ impl Router {
                 let url = match last {
                     Some((name, url)) if name == r => url,
                     _ => {
-                        let url = routable_url(&view, &ro.live, r, now, grace);
+                        let url = ro.fleet.routable_url(&view, r, now, grace);
                         last = Some((r, url));
                         url
                     }
@@ -842,9 +632,7 @@ impl Router {
                         .is_some_and(|o| o.state == ReflectorState::Starting);
                     continue;
                 };
-                let users = reported
-                    .and_then(|m| m.get(sh.name.as_str()))
-                    .map_or(sh.users, |e| e.0);
+                let users = reported.of(&sh.name).unwrap_or(sh.users);
                 free += at_threshold.saturating_sub(u64::from(users));
                 let mut load = u64::from(users) + u64::from(reserved.pending(&sh.name, now));
                 if warming && !ro.mine.contains(&(key.clone(), sh.name.clone())) {
@@ -939,7 +727,7 @@ impl Router {
                 let placed = opened
                     .reflector
                     .as_deref()
-                    .and_then(|r| routable_url(&view, &inner.live, r, now, grace));
+                    .and_then(|r| inner.fleet.routable_url(&view, r, now, grace));
                 match placed {
                     Some(url) => (opened.name.clone(), url.to_owned(), opened.region.clone()),
                     None => return Ok(Attempt::Wait),
@@ -993,12 +781,15 @@ impl Router {
         }
         let now = self.now();
         let mut inner = lock(&self.inner);
-        inner.expire_reports(now, self.grace());
-        let (view, at) = find_session(&inner.views, namespace, session).ok_or_else(|| {
-            RouteError::NotFound(format!(
-                "no Session in namespace {namespace:?} covers {session:?}"
-            ))
-        })?;
+        inner.fleet.expire_reports(now, self.grace());
+        let (view, at) = inner
+            .fleet
+            .find_session(namespace, session)
+            .ok_or_else(|| {
+                RouteError::NotFound(format!(
+                    "no Session in namespace {namespace:?} covers {session:?}"
+                ))
+            })?;
         let def = &view.fleet.sessions[at];
         let app = def.spec.app_id.as_str();
         let key = session_key(namespace, app, session);
@@ -1010,7 +801,7 @@ impl Router {
                 shard: s.name.clone(),
                 region: s.region.clone(),
                 reflector: s.reflector.clone().unwrap_or_default(),
-                users: inner.tally.users(app, &s.name).unwrap_or(s.users),
+                users: inner.fleet.users(app, &s.name).unwrap_or(s.users),
                 reserved: inner.ledger.pending(app, &s.name, now),
                 max_users: max,
                 threshold_users: threshold_load(max, def.spec.scale_up_threshold) as u32,
@@ -1024,7 +815,7 @@ impl Router {
         let now = self.now();
         let inner = lock(&self.inner);
         let mut out = BTreeMap::new();
-        for view in inner.views.values() {
+        for view in inner.fleet.published() {
             let apps = app_ids(&view.fleet.input.sessions);
             for sh in view.fleet.input.shards.iter().chain(inner.opened.iter()) {
                 if let Some(app) = apps.get(sh.session.as_str()) {
@@ -1037,13 +828,6 @@ impl Router {
     }
 }
 
-fn app_ids(sessions: &[SessionInput]) -> HashMap<&str, &str> {
-    sessions
-        .iter()
-        .filter_map(|s| Some((s.key.as_str(), split_session_key(&s.key)?.1)))
-        .collect()
-}
-
 /// Sets every shard's `reserved` from the ledger and, where a reflector reported it, its
 /// `users`: the load the planner compares with the threshold.
 fn fill_load(inner: &Inner, input: &mut PlanInput, now: Millis) {
@@ -1051,55 +835,11 @@ fn fill_load(inner: &Inner, input: &mut PlanInput, now: Millis) {
     for sh in &mut input.shards {
         if let Some(app) = apps.get(sh.session.as_str()) {
             sh.reserved = inner.ledger.pending(app, &sh.name, now);
-            if let Some(users) = inner.tally.users(app, &sh.name) {
+            if let Some(users) = inner.fleet.users(app, &sh.name) {
                 sh.users = users;
             }
         }
     }
-}
-
-/// The URL of a reflector that may get new users now.
-fn routable_url<'a>(
-    view: &'a Published,
-    live: &'a FastMap<String, Live>,
-    name: &str,
-    now: Millis,
-    grace: Millis,
-) -> Option<&'a str> {
-    let observed = view.reflector(name)?;
-    if observed.state != ReflectorState::Ready {
-        return None;
-    }
-    match live.get(name) {
-        Some(l) if l.draining || l.expired => None,
-        Some(l) if now.saturating_sub(l.seen) > grace => None,
-        // The URL the backend assigned (pool template, launcher), never a reported one.
-        _ => view.fleet.urls.get(name).map(String::as_str),
-    }
-}
-
-/// The view holding the Session that covers `name` and its index there: an exact `name`
-/// wins over a `namePattern`.
-fn find_session(
-    views: &BTreeMap<String, Arc<Published>>,
-    namespace: &str,
-    name: &str,
-) -> Option<(Arc<Published>, usize)> {
-    let mut pattern = None;
-    for v in views.values() {
-        for (i, d) in v.fleet.sessions.iter().enumerate() {
-            if d.namespace != namespace {
-                continue;
-            }
-            if d.spec.name.as_deref() == Some(name) {
-                return Some((v.clone(), i));
-            }
-            if pattern.is_none() && d.spec.name.is_none() && d.spec.matches(name) {
-                pattern = Some((v.clone(), i));
-            }
-        }
-    }
-    pattern
 }
 
 /// Opens a shard for `key` now: the planner on the published input of its pool, with the
