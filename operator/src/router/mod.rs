@@ -38,6 +38,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod pick;
 pub mod reports;
+mod route;
 pub mod service;
 mod view;
 
@@ -54,16 +55,13 @@ use refleet_api::token::{JoinClaims, Signer};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use self::ledger::{Claim, Ledger, Millis};
+use self::ledger::{Ledger, Millis};
 use self::metrics::RouterMetrics;
-use self::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load};
-use self::view::{Fleet, Published, ShardUsers, app_ids};
+use self::pick::threshold_load;
+use self::route::{Attempt, Routed, fill_load, validate};
+use self::view::{Fleet, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
-use crate::crd::ShardPhase;
-use crate::planner::{
-    Decision, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord, plan, session_key,
-    split_session_key,
-};
+use crate::planner::{PlanInput, SessionInput, ShardRecord, session_key, split_session_key};
 
 /// Router settings.
 #[derive(Clone, Debug)]
@@ -189,54 +187,6 @@ struct Inner {
     warm_until: Millis,
 }
 
-/// The outcome of one attempt under the lock.
-enum Attempt {
-    Routed(Box<Routed>),
-    /// A shard is opening; wait for its reflector.
-    Wait,
-}
-
-struct Routed {
-    shard: String,
-    url: String,
-    files_url: String,
-    region: String,
-    app_id: String,
-    persistence: bool,
-    max_users: u32,
-    reservation: u64,
-    /// When the join token expires.
-    token_expires: Millis,
-    /// `(session key, user id)` of a user's reservation: its token is remembered.
-    user: Option<(String, String)>,
-    /// The token already handed out for this reservation (a repeated Route of a user).
-    token: Option<Arc<str>>,
-}
-
-impl Routed {
-    /// An answer for `(shard, reflector URL, region)` of the Session `def`.
-    fn new(
-        def: &SessionDef,
-        (shard, url, region): (String, String, String),
-        reservation: u64,
-        token_expires: Millis,
-    ) -> Self {
-        Self {
-            shard,
-            url,
-            files_url: def.files_url.clone(),
-            region,
-            app_id: def.spec.app_id.clone(),
-            persistence: def.spec.persistence,
-            max_users: def.spec.max_users_per_shard,
-            reservation,
-            token_expires,
-            user: None,
-            token: None,
-        }
-    }
-}
-
 /// The router. Cheap to share (`Arc`).
 pub struct Router {
     inner: Mutex<Inner>,
@@ -355,7 +305,7 @@ impl Router {
                 input.shards.push(sh.clone());
             }
         }
-        fill_load(&inner, input, now);
+        fill_load(&inner.fleet, &inner.ledger, input, now);
     }
 
     /// Takes a backend's view after a plan. `key` names the publisher (`local`, or a pool
@@ -545,228 +495,6 @@ impl Router {
         }
     }
 
-    fn attempt(
-        &self,
-        req: &RouteRequest,
-        caller: &Caller,
-        authorize: &impl Fn(&str) -> Result<(), RouteError>,
-    ) -> Result<Attempt, RouteError> {
-        let now = self.now();
-        let grace = self.grace();
-        let mut guard = lock(&self.inner);
-        let inner = &mut *guard;
-        inner.fleet.expire_reports(now, grace);
-        let (view, at) = inner
-            .fleet
-            .find_session(&req.namespace, &req.session)
-            .ok_or_else(|| {
-                RouteError::NotFound(format!(
-                    "no Session in namespace {:?} covers {:?}",
-                    req.namespace, req.session
-                ))
-            })?;
-        let def = &view.fleet.sessions[at];
-        authorize(&def.spec.app_id)?;
-        let spec = &def.spec;
-        let app = spec.app_id.as_str();
-        let key = session_key(&def.namespace, app, &req.session);
-        let pool = view.fleet.input.pools.iter().find(|p| p.id == def.pool);
-        let allowed: Vec<String> = if spec.regions.is_empty() {
-            pool.map(|p| p.regions.iter().map(|r| r.name.clone()).collect())
-                .unwrap_or_default()
-        } else {
-            spec.regions.clone()
-        };
-        let order = region_order(&allowed, Some(req.preferred_region.as_str())).map_err(|r| {
-            RouteError::invalid(
-                "preferred_region",
-                format!("{r:?} is not one of the session's regions {allowed:?}"),
-            )
-        })?;
-        let threshold = spec.scale_up_threshold;
-        let max_users = spec.max_users_per_shard;
-        let warming = now < inner.warm_until;
-
-        // The session's routable shards with their load; strings are cloned only for the
-        // answer. Pending shards (waiting for a new reflector) count too: a Route waits.
-        let chosen = {
-            let ro = &*inner;
-            let shards: Vec<&ShardRecord> = view
-                .session_shards(&key)
-                .chain(ro.opened.iter().filter(|s| s.session == key))
-                .filter(|s| {
-                    matches!(
-                        s.phase,
-                        ShardPhase::Open | ShardPhase::Full | ShardPhase::Pending
-                    )
-                })
-                .collect();
-            let mut candidates = Vec::with_capacity(shards.len());
-            let mut routable: Vec<(&ShardRecord, &str)> = Vec::with_capacity(shards.len());
-            let mut opening = false;
-            // Looked up once per Route, not once per shard: a session's shards mostly share
-            // a few reflectors, and all of them its app.
-            let reserved = ro.ledger.of_app(app);
-            let reported = ro.fleet.app_users(app);
-            let at_threshold = threshold_load(max_users, threshold);
-            // Places below the threshold not taken by users: what anonymous callers may
-            // hold a share of.
-            let mut free: u64 = 0;
-            let mut last: Option<(&str, Option<&str>)> = None;
-            for sh in shards {
-                let Some(r) = sh.reflector.as_deref() else {
-                    opening = true;
-                    continue;
-                };
-                let url = match last {
-                    Some((name, url)) if name == r => url,
-                    _ => {
-                        let url = ro.fleet.routable_url(&view, r, now, grace);
-                        last = Some((r, url));
-                        url
-                    }
-                };
-                let Some(url) = url else {
-                    opening |= view
-                        .reflector(r)
-                        .is_some_and(|o| o.state == ReflectorState::Starting);
-                    continue;
-                };
-                let users = reported.of(&sh.name).unwrap_or(sh.users);
-                free += at_threshold.saturating_sub(u64::from(users));
-                let mut load = u64::from(users) + u64::from(reserved.pending(&sh.name, now));
-                if warming && !ro.mine.contains(&(key.clone(), sh.name.clone())) {
-                    load = load.max(threshold_load(max_users, threshold));
-                }
-                candidates.push(Candidate {
-                    index: routable.len(),
-                    number: sh.index,
-                    region: sh.region.clone(),
-                    load,
-                });
-                routable.push((sh, url));
-            }
-            let owned = |(sh, url): (&ShardRecord, &str)| {
-                (sh.name.clone(), url.to_owned(), sh.region.clone())
-            };
-            // A user who already holds a place on a routable shard gets it back.
-            let held = (!req.user_id.is_empty())
-                .then(|| ro.ledger.find_user(&key, &req.user_id, now))
-                .flatten()
-                .filter(|h| h.app == app)
-                .and_then(|h| {
-                    let at = routable.iter().position(|(sh, _)| sh.name == h.shard)?;
-                    Some((owned(routable[at]), h.id, h.token_expires, h.token.clone()))
-                });
-            if let Some((answer, reservation, token_expires, token)) = held {
-                let mut routed = Routed::new(def, answer, reservation, token_expires);
-                routed.user = Some((key.clone(), req.user_id.clone()));
-                routed.token = token;
-                return Ok(Attempt::Routed(Box::new(routed)));
-            }
-            if let Caller::Anonymous(client) = caller {
-                let client = *client;
-                let mine = ro.ledger.anonymous_of(&key, client, now);
-                let cap = self.config.max_per_client;
-                if cap > 0 && mine >= cap {
-                    return Err(RouteError::Exhausted {
-                        message: format!(
-                            "session {:?}: this client already holds {mine} reservations not yet used (limit per client without an API key: {cap}); join with them, or retry when they are released",
-                            req.session
-                        ),
-                        retry_after: self.config.claim_window.min(self.config.token_ttl),
-                    });
-                }
-                // The session may still open a shard: its places count as free too, so
-                // anonymous callers can fill the last shard and open the next one, but
-                // not a second one on their own.
-                let shard_count = u32::try_from(routable.len()).unwrap_or(u32::MAX);
-                if shard_count < spec.max_shards {
-                    free += at_threshold;
-                }
-                let share =
-                    (self.config.anonymous_share.clamp(0.0, 1.0) * free as f64).ceil() as u64;
-                let held_by_anonymous = u64::from(ro.ledger.anonymous_counted(&key, now));
-                if held_by_anonymous >= share && self.config.anonymous_share < 1.0 {
-                    // Past the share: answered without a reserved place, and never with a
-                    // new shard (the reflector's hard cap still guards the shard).
-                    let Some(i) = pick_unreserved(&candidates, &order, max_users, threshold) else {
-                        if opening {
-                            return Ok(Attempt::Wait);
-                        }
-                        return Err(RouteError::Exhausted {
-                            message: format!(
-                                "session {:?}: callers without an API key hold {held_by_anonymous} of its {free} free places (their share) and every shard is full; retry later or call with an API key",
-                                req.session
-                            ),
-                            retry_after: Duration::from_secs(2),
-                        });
-                    };
-                    tracing::debug!(session = %key, %client, held_by_anonymous, free, "anonymous share reached: answered without a reserved place");
-                    let answer = owned(routable[i]);
-                    return Ok(Attempt::Routed(Box::new(self.unreserved(
-                        &mut inner.ledger,
-                        def,
-                        (&key, client),
-                        answer,
-                        now,
-                    ))));
-                }
-            }
-            match pick(&candidates, &order, max_users, threshold) {
-                Some(i) => Some(owned(routable[i])),
-                None if opening => return Ok(Attempt::Wait),
-                None => None,
-            }
-        };
-        let chosen = match chosen {
-            Some(c) => c,
-            None => {
-                let opened = open_shard(inner, &view, def, &key, &req.session, &order, now)?;
-                self.metrics.shard_opened(&opened.region);
-                let placed = opened
-                    .reflector
-                    .as_deref()
-                    .and_then(|r| inner.fleet.routable_url(&view, r, now, grace));
-                match placed {
-                    Some(url) => (opened.name.clone(), url.to_owned(), opened.region.clone()),
-                    None => return Ok(Attempt::Wait),
-                }
-            }
-        };
-        let expires = now + self.config.claim_ms();
-        let token_expires = now + self.config.token_ttl.as_millis() as Millis;
-        let user = (!req.user_id.is_empty()).then_some((key.as_str(), req.user_id.as_str()));
-        let claim = Claim {
-            user,
-            anonymous: match caller {
-                Caller::Anonymous(client) => Some((key.as_str(), *client)),
-                _ => None,
-            },
-            token_expires,
-        };
-        let reservation = inner.ledger.reserve_for((app, &chosen.0), claim, expires);
-        self.metrics.reserved(&chosen.2);
-        let mut routed = Routed::new(def, chosen, reservation, token_expires);
-        routed.user = user.map(|(k, u)| (k.to_owned(), u.to_owned()));
-        Ok(Attempt::Routed(Box::new(routed)))
-    }
-
-    /// An answer that reserves no place, noted against its anonymous caller's own limit.
-    fn unreserved(
-        &self,
-        ledger: &mut Ledger,
-        def: &SessionDef,
-        (key, client): (&str, IpAddr),
-        answer: (String, String, String),
-        now: Millis,
-    ) -> Routed {
-        let claim_until = now + self.config.claim_ms();
-        let token_expires = now + self.config.token_ttl.as_millis() as Millis;
-        let id = ledger.note_unreserved(key, client, claim_until);
-        Routed::new(def, answer, id, token_expires)
-    }
-
     /// The shards of a session with their load (ListShards).
     pub fn list_shards(
         &self,
@@ -785,11 +513,7 @@ impl Router {
         let (view, at) = inner
             .fleet
             .find_session(namespace, session)
-            .ok_or_else(|| {
-                RouteError::NotFound(format!(
-                    "no Session in namespace {namespace:?} covers {session:?}"
-                ))
-            })?;
+            .ok_or_else(|| RouteError::no_session(namespace, session))?;
         let def = &view.fleet.sessions[at];
         let app = def.spec.app_id.as_str();
         let key = session_key(namespace, app, session);
@@ -826,174 +550,4 @@ impl Router {
         }
         out
     }
-}
-
-/// Sets every shard's `reserved` from the ledger and, where a reflector reported it, its
-/// `users`: the load the planner compares with the threshold.
-fn fill_load(inner: &Inner, input: &mut PlanInput, now: Millis) {
-    let apps = app_ids(&input.sessions);
-    for sh in &mut input.shards {
-        if let Some(app) = apps.get(sh.session.as_str()) {
-            sh.reserved = inner.ledger.pending(app, &sh.name, now);
-            if let Some(users) = inner.fleet.users(app, &sh.name) {
-                sh.users = users;
-            }
-        }
-    }
-}
-
-/// Opens a shard for `key` now: the planner on the published input of its pool, with the
-/// router's reservations and the session marked waiting.
-fn open_shard(
-    inner: &mut Inner,
-    view: &Published,
-    def: &SessionDef,
-    key: &str,
-    name: &str,
-    order: &[String],
-    now: Millis,
-) -> Result<ShardRecord, RouteError> {
-    let published = &view.fleet.input;
-    let mut input = PlanInput {
-        pools: published
-            .pools
-            .iter()
-            .filter(|p| p.id == def.pool)
-            .cloned()
-            .collect(),
-        sessions: published
-            .sessions
-            .iter()
-            .filter(|s| s.pool == def.pool)
-            .cloned()
-            .collect(),
-        reflectors: published
-            .reflectors
-            .iter()
-            .filter(|r| r.pool == def.pool)
-            .cloned()
-            .collect(),
-        shards: published
-            .shards
-            .iter()
-            .chain(inner.opened.iter())
-            .filter(|s| s.pool == def.pool)
-            .cloned()
-            .collect(),
-        history: published.history.clone(),
-        now: published.now,
-    };
-    let spec = &def.spec;
-    let policy = ShardPolicy {
-        regions: order.to_vec(),
-        ..ShardPolicy::from(spec)
-    };
-    match input.sessions.iter_mut().find(|s| s.key == key) {
-        Some(s) => {
-            s.waiting = true;
-            s.policy.regions = order.to_vec();
-        }
-        None => {
-            let s = SessionInput {
-                key: key.to_owned(),
-                name: name.to_owned(),
-                pool: def.pool.clone(),
-                policy,
-                deleted: false,
-                waiting: true,
-            };
-            inner.demanded.insert(
-                key.to_owned(),
-                SessionInput {
-                    waiting: true,
-                    ..s.clone()
-                },
-            );
-            input.sessions.push(s);
-        }
-    }
-    fill_load(inner, &mut input, now);
-    // During the warm-up the planner must see inherited shards as full too.
-    if now < inner.warm_until {
-        let t = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
-        for sh in input.shards.iter_mut().filter(|s| s.session == key) {
-            let load = sh.load();
-            if load < t && !inner.mine.contains(&(sh.session.clone(), sh.name.clone())) {
-                sh.reserved += (t - load) as u32;
-            }
-        }
-    }
-    let plan = plan(&input);
-    let opened = plan.decisions.iter().find_map(|d| match d {
-        Decision::OpenShard { session, shard, .. } if session == key => Some(shard.clone()),
-        _ => None,
-    });
-    let Some(shard) = opened.and_then(|n| {
-        plan.shards
-            .iter()
-            .find(|s| s.session == key && s.name == n)
-            .cloned()
-    }) else {
-        let why = plan
-            .decisions
-            .iter()
-            .find_map(|d| match d {
-                Decision::SessionDegraded {
-                    session, message, ..
-                } if session == key => Some(message.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| {
-                "every shard is at its threshold and no new shard can open".to_owned()
-            });
-        return Err(RouteError::Exhausted {
-            message: format!("session {name:?}: {why}"),
-            retry_after: Duration::from_secs(2),
-        });
-    };
-    tracing::info!(session = %key, shard = %shard.name, region = %shard.region, reflector = ?shard.reflector, "router opened a shard");
-    inner.mine.insert((key.to_owned(), shard.name.clone()));
-    inner.opened.push(shard.clone());
-    Ok(shard)
-}
-
-fn validate(req: &RouteRequest) -> Result<(), RouteError> {
-    let dns_label = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    if req.namespace.is_empty() {
-        return Err(RouteError::invalid("namespace", "required"));
-    }
-    if !dns_label(&req.namespace) {
-        return Err(RouteError::invalid(
-            "namespace",
-            "must be a Kubernetes namespace name",
-        ));
-    }
-    if req.session.is_empty() {
-        return Err(RouteError::invalid("session", "required"));
-    }
-    if req.session.len() > 200
-        || req.session.contains('~')
-        || req.session.contains('/')
-        || req.session.chars().any(char::is_control)
-    {
-        return Err(RouteError::invalid(
-            "session",
-            "at most 200 characters, without '~' (reserved for shard numbers), '/' or control characters",
-        ));
-    }
-    if req.preferred_region.len() > 63 {
-        return Err(RouteError::invalid(
-            "preferred_region",
-            "at most 63 characters",
-        ));
-    }
-    if req.user_id.len() > 256 {
-        return Err(RouteError::invalid("user_id", "at most 256 characters"));
-    }
-    Ok(())
 }
