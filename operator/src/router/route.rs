@@ -696,3 +696,278 @@ pub(super) fn validate(req: &RouteRequest) -> Result<(), RouteError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::crd::{Capacity, PlacementStrategy};
+    use crate::planner::{ObservedReflector, RegionInput};
+    use crate::router::view::tests::{reflector, session, shard};
+    use crate::router::view::{FleetView, ShardUsers};
+
+    const KEY: &str = "ns/app/a";
+
+    fn regions(r: &[&str]) -> Vec<String> {
+        r.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn pool(id: &str, names: &[&str]) -> PoolInput {
+        PoolInput {
+            id: id.into(),
+            placement: PlacementStrategy::Pack,
+            regions: names
+                .iter()
+                .map(|n| RegionInput {
+                    name: (*n).into(),
+                    image: "img".into(),
+                    capacity: Capacity {
+                        sessions: 10,
+                        users: 1000,
+                    },
+                    min_reflectors: 1,
+                    max_reflectors: 1,
+                    warm_buffer: 0,
+                })
+                .collect(),
+            cooldown: 60,
+            drain_grace: 30,
+        }
+    }
+
+    fn ready(name: &str) -> ObservedReflector {
+        ObservedReflector {
+            capacity: Capacity {
+                sessions: 10,
+                users: 1000,
+            },
+            ..reflector(name, ReflectorState::Ready)
+        }
+    }
+
+    /// Session `a` (10 users per shard, threshold 0.8, at most 3 shards) and its shards.
+    fn published(shards: Vec<ShardRecord>) -> Published {
+        Published::new(FleetView {
+            input: PlanInput {
+                pools: vec![pool("ns/pool", &["eu", "us"])],
+                reflectors: vec![ready("r1"), reflector("r2", ReflectorState::Starting)],
+                shards,
+                ..PlanInput::default()
+            },
+            sessions: vec![session(Some("a"), None)],
+            urls: HashMap::from([("r1".into(), "ws://r1/".into())]),
+        })
+    }
+
+    fn req(preferred: &str, user: &str) -> RouteRequest {
+        RouteRequest {
+            namespace: "ns".into(),
+            session: "a".into(),
+            preferred_region: preferred.into(),
+            user_id: user.into(),
+        }
+    }
+
+    #[test]
+    fn regions_come_from_the_session_else_its_pool_preferred_first() {
+        let mut spec = session(Some("a"), None).spec;
+        let p = pool("ns/pool", &["eu", "us", "ap"]);
+        assert_eq!(
+            region_order_for(&spec, Some(&p), "us").unwrap(),
+            regions(&["us", "eu", "ap"])
+        );
+        assert_eq!(region_order_for(&spec, None, "").unwrap(), regions(&[]));
+        spec.regions = regions(&["ap", "eu"]);
+        assert_eq!(
+            region_order_for(&spec, Some(&p), "").unwrap(),
+            regions(&["ap", "eu"])
+        );
+        let err = region_order_for(&spec, Some(&p), "us").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RouteError::InvalidArgument {
+                    field: "preferred_region",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn shard_load_counts_reports_reservations_and_the_warm_up() {
+        let mut pending = shard("a", 2, "r1");
+        pending.reflector = None;
+        pending.phase = ShardPhase::Pending;
+        let mut closing = shard("a", 3, "r1");
+        closing.phase = ShardPhase::Closing;
+        let mut recorded = shard("a", 4, "r1");
+        recorded.users = 2;
+        let view = published(vec![
+            shard("a", 0, "r1"),
+            shard("a", 1, "r2"),
+            pending,
+            closing,
+            recorded,
+        ]);
+        let def = &view.fleet.sessions[0];
+        let target = Target::new(&view, def, &req("", "")).unwrap();
+        let mut fleet = Fleet::default();
+        let mut users = ShardUsers::default();
+        users.entry("app".into()).or_default().insert("a".into(), 5);
+        fleet.observe("r1", "eu", false, users, 0, 1000);
+        let mut ledger = Ledger::new(1);
+        ledger.reserve(("app", "a"), None, 100);
+
+        let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, None, 0, 1000);
+        // `a~1` waits for its starting reflector, `a~2` for a placement; `a~3` is closing.
+        assert!(shards.opening);
+        let loads: Vec<(String, u64)> = shards
+            .routable
+            .iter()
+            .zip(&shards.candidates)
+            .map(|((sh, _), c)| (sh.name.clone(), c.load))
+            .collect();
+        assert_eq!(loads, [("a".into(), 6), ("a~4".into(), 2)]);
+        // Free places below the threshold (8) count users only, not reservations.
+        assert_eq!(shards.free, 3 + 6);
+
+        // During the warm-up every shard but the router's own counts as at its threshold.
+        let mine = FastSet::from_iter([(KEY.to_owned(), "a~4".to_owned())]);
+        let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, Some(&mine), 0, 1000);
+        let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
+        assert_eq!(loads, [8, 2]);
+
+        // Shards this router opened count as the session's too.
+        let opened = [shard("a", 5, "r1")];
+        let more = Shards::of_session(&view, &opened, &fleet, &ledger, &target, None, 0, 1000);
+        assert_eq!(more.routable.len(), 3);
+    }
+
+    #[test]
+    fn a_user_gets_back_the_place_it_holds_on_a_routable_shard() {
+        let view = published(vec![shard("a", 0, "r1"), shard("a", 1, "r2")]);
+        let def = &view.fleet.sessions[0];
+        let target = Target::new(&view, def, &req("", "u1")).unwrap();
+        let fleet = Fleet::default();
+        let mut ledger = Ledger::new(1);
+        let id = ledger.reserve(("app", "a"), Some((KEY, "u1")), 100);
+        ledger.reserve(("app", "a~1"), Some((KEY, "u2")), 100);
+        let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, None, 0, 1000);
+
+        let held = held_place(&ledger, &shards, &target, "u1", 0).unwrap();
+        assert_eq!((held.shard.as_str(), held.reservation), ("a", id));
+        assert_eq!(held.user, Some((KEY.to_owned(), "u1".to_owned())));
+        assert!(held_place(&ledger, &shards, &target, "", 0).is_none());
+        assert!(
+            held_place(&ledger, &shards, &target, "u2", 0).is_none(),
+            "its shard's reflector is starting"
+        );
+        assert!(held_place(&ledger, &shards, &target, "u3", 0).is_none());
+    }
+
+    #[test]
+    fn anonymous_limits() {
+        assert!(!over_client_cap(10, 0), "0: no limit");
+        assert!(!over_client_cap(3, 4));
+        assert!(over_client_cap(4, 4));
+
+        assert!(!share_reached(1.0, 100, 10), "a share of 1 is no limit");
+        assert!(!share_reached(0.5, 4, 9), "4 of ceil(4.5) = 5");
+        assert!(share_reached(0.5, 5, 9));
+        assert!(share_reached(0.5, 0, 0), "no free place: nothing to share");
+        assert!(share_reached(-1.0, 0, 10), "clamped to 0");
+
+        let view = published(vec![shard("a", 0, "r1")]);
+        let def = &view.fleet.sessions[0];
+        let target = Target::new(&view, def, &req("", "")).unwrap();
+        let ledger = Ledger::new(1);
+        let shards = Shards::of_session(
+            &view,
+            &[],
+            &Fleet::default(),
+            &ledger,
+            &target,
+            None,
+            0,
+            1000,
+        );
+        // One shard of at most 3: the next shard's 8 places count as free too.
+        assert_eq!(free_places_for_anonymous(&shards, target.spec()), 8 + 8);
+        let mut spec = target.spec().clone();
+        spec.max_shards = 1;
+        assert_eq!(free_places_for_anonymous(&shards, &spec), 8);
+    }
+
+    #[test]
+    fn a_new_shard_is_planned_on_the_pool_input_with_the_session_waiting() {
+        let mut other = shard("b", 0, "r9");
+        other.pool = "ns/other".into();
+        let view = published(vec![other]);
+        let def = &view.fleet.sessions[0];
+        let opened = [shard("a", 1, "r1")];
+        let mut input = pool_input(&view.fleet.input, &opened, "ns/pool");
+        assert_eq!(input.pools.len(), 1);
+        let names: Vec<&str> = input.shards.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["a~1"],
+            "other pools' shards left out, the router's own in"
+        );
+
+        let order = regions(&["us", "eu"]);
+        let demanded = mark_waiting(&mut input, def, KEY, "a", &order).unwrap();
+        assert!(demanded.waiting);
+        assert_eq!(demanded.policy.regions, order);
+        assert_eq!(input.sessions, [demanded]);
+        // Known already: marked, not added again.
+        assert!(mark_waiting(&mut input, def, KEY, "a", &regions(&["eu"])).is_none());
+        assert_eq!(input.sessions.len(), 1);
+        assert_eq!(input.sessions[0].policy.regions, regions(&["eu"]));
+    }
+
+    #[test]
+    fn the_plan_names_the_new_shard_or_why_there_is_none() {
+        let view = published(vec![]);
+        let def = &view.fleet.sessions[0];
+        let mut input = pool_input(&view.fleet.input, &[], "ns/pool");
+        mark_waiting(&mut input, def, KEY, "a", &regions(&["eu"]));
+        let shard = shard_opened_by(&plan(&input), KEY).unwrap();
+        assert_eq!((shard.name.as_str(), shard.region.as_str()), ("a", "eu"));
+        assert_eq!(shard.reflector.as_deref(), Some("r1"));
+
+        let mut no_pool = pool_input(&view.fleet.input, &[], "ns/missing");
+        mark_waiting(&mut no_pool, def, KEY, "a", &regions(&["eu"]));
+        no_pool.sessions[0].pool = "ns/missing".into();
+        let why = shard_opened_by(&plan(&no_pool), KEY).unwrap_err();
+        assert!(why.contains("no ReflectorPool"), "{why}");
+        assert_eq!(
+            shard_opened_by(&Plan::default(), KEY).unwrap_err(),
+            "every shard is at its threshold and no new shard can open"
+        );
+    }
+
+    #[test]
+    fn the_warm_up_holds_inherited_shards_at_the_threshold_for_the_planner() {
+        let mut input = PlanInput {
+            shards: vec![
+                shard("a", 0, "r1"),
+                shard("a", 1, "r1"),
+                shard("b", 0, "r1"),
+            ],
+            ..PlanInput::default()
+        };
+        input.shards[0].users = 3;
+        let mine = FastSet::from_iter([(KEY.to_owned(), "a~1".to_owned())]);
+        hold_inherited_shards_full(&mut input, KEY, &session(Some("a"), None).spec, &mine);
+        let loads: Vec<u64> = input.shards.iter().map(ShardRecord::load).collect();
+        assert_eq!(
+            loads,
+            [8, 0, 0],
+            "the router's own shard and other sessions untouched"
+        );
+    }
+}
