@@ -32,6 +32,14 @@
 //! lifetime has passed since it started, it counts every shard it did not open itself as
 //! full to its threshold, so new users go to new shards and no shard can go over its cap
 //! when the old tokens arrive.
+//!
+//! **Modules.** This one owns the [`Router`] type, its API for backends, report streams and
+//! transports, and the lock that makes one Route's decisions atomic. What the router knows
+//! is `view` (published [`FleetView`]s with their indexes, reported load and its expiry);
+//! what it decides is `route` (the Route policy: shard load, held places, anonymous
+//! limits, opening a shard, reserving), on [`pick`] (the pure choice among shards) and
+//! [`ledger`] (reservations). [`service`] and [`reports`] are the gRPC/JSON front ends,
+//! [`client`] tells callers apart, [`metrics`] counts.
 
 pub mod client;
 pub mod ledger;
@@ -173,6 +181,8 @@ impl RouteError {
     }
 }
 
+/// Everything a Route reads and changes, under one lock: a Route must reserve against the
+/// load it just counted, or two concurrent Routes could both take a shard's last place.
 #[derive(Default)]
 struct Inner {
     /// What backends published and reflectors reported.
@@ -184,6 +194,7 @@ struct Inner {
     /// Pattern sessions clients asked for, not yet holding a shard.
     demanded: BTreeMap<String, SessionInput>,
     ledger: Ledger,
+    /// End of the post-failover warm-up (see the module docs).
     warm_until: Millis,
 }
 

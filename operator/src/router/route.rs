@@ -196,17 +196,7 @@ impl<'a> Shards<'a> {
     ) -> Self {
         let key = &target.key;
         let spec = target.spec();
-        let shards: Vec<&ShardRecord> = view
-            .session_shards(key)
-            .chain(opened.iter().filter(|s| &s.session == key))
-            // Pending shards (waiting for a new reflector) count too: a Route waits.
-            .filter(|s| {
-                matches!(
-                    s.phase,
-                    ShardPhase::Open | ShardPhase::Full | ShardPhase::Pending
-                )
-            })
-            .collect();
+        let shards = shards_not_closing(view, opened, key);
         let mut out = Shards {
             candidates: Vec::with_capacity(shards.len()),
             routable: Vec::with_capacity(shards.len()),
@@ -261,6 +251,24 @@ impl<'a> Shards<'a> {
         let (sh, url) = self.routable[i];
         (sh.name.clone(), url.to_owned(), sh.region.clone())
     }
+}
+
+/// The session's shards, published or opened by this router, that are not closing. Pending
+/// shards (waiting for a new reflector) are among them: a Route waits for those.
+fn shards_not_closing<'a>(
+    view: &'a Published,
+    opened: &'a [ShardRecord],
+    key: &str,
+) -> Vec<&'a ShardRecord> {
+    view.session_shards(key)
+        .chain(opened.iter().filter(|s| s.session == key))
+        .filter(|s| {
+            matches!(
+                s.phase,
+                ShardPhase::Open | ShardPhase::Full | ShardPhase::Pending
+            )
+        })
+        .collect()
 }
 
 /// A user who already holds a place on a routable shard gets it back, with the token it was
