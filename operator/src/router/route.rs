@@ -93,8 +93,8 @@ impl RouteError {
     }
 }
 
-/// The session a Route is for and the regions to try.
-pub(super) struct Target<'v> {
+/// The session a Route is for and the regions to try, resolved once per attempt.
+struct Target<'v> {
     def: &'v SessionDef,
     /// The planner's session key.
     key: String,
