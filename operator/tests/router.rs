@@ -22,7 +22,7 @@ use refleet_operator::router::client::{self, TrustedProxies};
 use refleet_operator::router::metrics::RouterMetrics;
 use refleet_operator::router::reports::{self, ReportHub};
 use refleet_operator::router::service::{self, Access, Frontend};
-use refleet_operator::router::{Caller, Router, RouterConfig, SessionDef, Snapshot};
+use refleet_operator::router::{Caller, FleetView, Router, RouterConfig, SessionDef};
 use tonic_types::StatusExt;
 
 const POOL: &str = "default/pool";
@@ -43,7 +43,7 @@ fn session(name: &str, cap: u32, max_shards: u32) -> SessionDef {
 }
 
 /// One pool, regions eu and us, one ready reflector per region with room for `shards` shards.
-fn snapshot(sessions: Vec<SessionDef>, shards: u32) -> Snapshot {
+fn fleet_view(sessions: Vec<SessionDef>, shards: u32) -> FleetView {
     let capacity = Capacity {
         sessions: shards,
         users: shards * 100,
@@ -64,7 +64,7 @@ fn snapshot(sessions: Vec<SessionDef>, shards: u32) -> Snapshot {
         capacity,
         state: ReflectorState::Ready,
     };
-    Snapshot {
+    FleetView {
         input: PlanInput {
             pools: vec![PoolInput {
                 id: POOL.into(),
@@ -114,7 +114,7 @@ async fn serve(frontend: Frontend) -> String {
 async fn a_burst_fills_shards_to_the_threshold_across_regions_and_tokens_verify() {
     let (r, signer) = router(RouterConfig::default());
     // 3 shards fit on each reflector: eu takes 3, then us.
-    r.publish("local", snapshot(vec![session("lobby", 10, 10)], 3));
+    r.publish("local", fleet_view(vec![session("lobby", 10, 10)], 3));
     let calls = (0..40).map(|_| {
         let r = r.clone();
         tokio::spawn(async move { r.route(&req("lobby", "eu"), |_| Ok(())).await })
@@ -159,7 +159,7 @@ async fn a_burst_fills_shards_to_the_threshold_across_regions_and_tokens_verify(
 #[tokio::test]
 async fn a_reset_mid_burst_never_overfills_a_shard() {
     let (r, _) = router(RouterConfig::default());
-    r.publish("local", snapshot(vec![session("lobby", 10, 20)], 20));
+    r.publish("local", fleet_view(vec![session("lobby", 10, 20)], 20));
     let mut given: HashMap<String, u32> = HashMap::new();
     for _ in 0..12 {
         *given
@@ -167,7 +167,7 @@ async fn a_reset_mid_burst_never_overfills_a_shard() {
             .or_default() += 1;
     }
     // A new leader: state gone, the backend republishes what exists (shards without users yet).
-    let mut again = snapshot(vec![session("lobby", 10, 20)], 20);
+    let mut again = fleet_view(vec![session("lobby", 10, 20)], 20);
     let mut input = again.input.clone();
     r.prepare(&mut input);
     r.reset();
@@ -196,7 +196,7 @@ async fn every_transport_shares_one_path_and_every_error_code() {
     });
     r.publish(
         "local",
-        snapshot(vec![session("lobby", 10, 1), session("other", 10, 1)], 1),
+        fleet_view(vec![session("lobby", 10, 1), session("other", 10, 1)], 1),
     );
     let keys = HashMap::from([
         ("key-app".to_owned(), "app".to_owned()),
@@ -431,7 +431,7 @@ async fn reports_turn_reservations_into_users_and_a_lost_stream_stops_routes() {
         route_wait: Duration::from_millis(200),
         ..RouterConfig::default()
     });
-    r.publish("local", snapshot(vec![session("lobby", 10, 1)], 1));
+    r.publish("local", fleet_view(vec![session("lobby", 10, 1)], 1));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let key = ReportKey::new(&[7; 32]).unwrap();
@@ -546,11 +546,11 @@ async fn a_route_waits_for_a_shard_whose_reflector_is_still_starting() {
         ..RouterConfig::default()
     });
     // Room for one shard per reflector, and the region may grow to two.
-    let mut snap = snapshot(vec![session("lobby", 10, 5)], 1);
-    snap.input.pools[0].regions[0].max_reflectors = 2;
-    snap.input.pools[0].regions.truncate(1);
-    snap.input.reflectors.truncate(1);
-    r.publish("local", snap.clone());
+    let mut fleet = fleet_view(vec![session("lobby", 10, 5)], 1);
+    fleet.input.pools[0].regions[0].max_reflectors = 2;
+    fleet.input.pools[0].regions.truncate(1);
+    fleet.input.reflectors.truncate(1);
+    r.publish("local", fleet.clone());
     for _ in 0..8 {
         assert_eq!(
             r.route(&req("lobby", "eu"), |_| Ok(()))
@@ -571,7 +571,7 @@ async fn a_route_waits_for_a_shard_whose_reflector_is_still_starting() {
         "the Route waits for the new reflector"
     );
     // The backend starts the reflector and places the shard on it.
-    let mut input = snap.input.clone();
+    let mut input = fleet.input.clone();
     r.prepare(&mut input);
     let pending = input
         .shards
@@ -582,7 +582,7 @@ async fn a_route_waits_for_a_shard_whose_reflector_is_still_starting() {
     assert!(pending.reflector.is_none());
     // A plan while the reflector is still starting: the shard is still pending, and the
     // waiting Route must keep waiting for it (not give up or open yet another shard).
-    let mut starting = snap.clone();
+    let mut starting = fleet.clone();
     starting.input.shards = input.shards.clone();
     let mut booting = starting.input.reflectors[0].clone();
     booting.name = "r-eu-2".into();
@@ -594,7 +594,7 @@ async fn a_route_waits_for_a_shard_whose_reflector_is_still_starting() {
         !waiting.is_finished(),
         "still waiting while the reflector starts"
     );
-    let mut next = snap.clone();
+    let mut next = fleet.clone();
     next.input.shards = input.shards.clone();
     for s in &mut next.input.shards {
         if s.name == "lobby~1" {
@@ -621,7 +621,7 @@ async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
     let (r, _) = router(RouterConfig::default());
     r.publish(
         "local",
-        snapshot(vec![session("lobby", 10, 4), session("hall", 10, 4)], 4),
+        fleet_view(vec![session("lobby", 10, 4), session("hall", 10, 4)], 4),
     );
     let as_user = |s: &str, u: &str| RouteRequest {
         user_id: u.into(),
@@ -711,7 +711,7 @@ async fn anonymous_routes_can_neither_lock_a_session_nor_scale_it_up() {
     // Keys off (the old chart default); 4 shards of 8 places below the threshold each.
     r.publish(
         "local",
-        snapshot(vec![session("lobby", 10, 4), session("hall", 10, 4)], 4),
+        fleet_view(vec![session("lobby", 10, 4), session("hall", 10, 4)], 4),
     );
     let base = serve(Frontend {
         router: r.clone(),
@@ -769,7 +769,7 @@ async fn an_unused_reservation_is_released_after_the_claim_window_and_keyed_call
         max_per_client: 2,
         ..RouterConfig::default()
     });
-    r.publish("local", snapshot(vec![session("lobby", 10, 4)], 4));
+    r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
     let anon = Caller::Anonymous("198.51.100.7".parse().unwrap());
     let reserved = || -> u32 {
         r.list_shards("default", "lobby")
@@ -831,7 +831,7 @@ async fn an_unused_reservation_is_released_after_the_claim_window_and_keyed_call
 #[tokio::test]
 async fn unknown_api_keys_count_against_their_address_not_a_bucket_of_their_own() {
     let (r, _) = router(RouterConfig::default());
-    r.publish("local", snapshot(vec![session("lobby", 10, 4)], 4));
+    r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
     let keys = HashMap::from([("key-app".to_owned(), "app".to_owned())]);
     // 1 call per second, bursts of 2.
     let keyed = serve(Frontend {
@@ -877,7 +877,7 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
         anonymous_share: 1.0,
         ..RouterConfig::default()
     });
-    r.publish("local", snapshot(vec![session("lobby", 10, 4)], 4));
+    r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
     let proxies = TrustedProxies::new(vec![client::parse_proxy("127.0.0.1").unwrap()]);
     let base = serve(Frontend {
         router: r.clone(),
@@ -1003,7 +1003,7 @@ fn lobby_users(r: &Router) -> u32 {
 #[tokio::test]
 async fn a_report_stream_speaks_for_its_own_reflector_and_clients_go_to_the_assigned_url() {
     let (r, _) = router(RouterConfig::default());
-    r.publish("local", snapshot(vec![session("lobby", 100, 1)], 1));
+    r.publish("local", fleet_view(vec![session("lobby", 100, 1)], 1));
     let key = ReportKey::new(&[7; 32]).unwrap();
     let url = report_hub(&r, Some(key.clone())).await;
     let eu = key.credential("r-eu", "eu").unwrap();
@@ -1079,15 +1079,15 @@ async fn a_lost_or_silent_streams_load_expires_after_the_grace_period() {
         ..RouterConfig::default()
     });
     // One shard at most, 500 users at most: 500 reported users make the session full.
-    let mut snap = snapshot(vec![session("lobby", 500, 1)], 5);
-    snap.input.pools[0].regions.truncate(1);
-    snap.input.reflectors.truncate(1);
-    r.publish("local", snap.clone());
+    let mut fleet = fleet_view(vec![session("lobby", 500, 1)], 5);
+    fleet.input.pools[0].regions.truncate(1);
+    fleet.input.reflectors.truncate(1);
+    r.publish("local", fleet.clone());
     let key = ReportKey::new(&[7; 32]).unwrap();
     let url = report_hub(&r, Some(key.clone())).await;
     let eu = key.credential("r-eu", "eu").unwrap();
     let planned_users = |r: &Router| {
-        let mut input = snap.input.clone();
+        let mut input = fleet.input.clone();
         r.prepare(&mut input);
         input.shards.iter().map(|s| s.users).sum::<u32>()
     };
@@ -1150,7 +1150,7 @@ async fn a_lost_or_silent_streams_load_expires_after_the_grace_period() {
 #[tokio::test]
 async fn an_unauthenticated_stream_is_pinned_to_its_first_reflector_and_a_known_region() {
     let (r, _) = router(RouterConfig::default());
-    r.publish("local", snapshot(vec![session("lobby", 100, 1)], 1));
+    r.publish("local", fleet_view(vec![session("lobby", 100, 1)], 1));
     let url = report_hub(&r, None).await;
     assert_eq!(
         r.route(&req("lobby", "eu"), |_| Ok(()))

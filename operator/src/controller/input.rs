@@ -16,6 +16,9 @@ use crate::planner::{
     ObservedReflector, PlanInput, PoolInput, RegionInput, ScaleHistory, Seconds, SessionInput,
     ShardPolicy, ShardRecord,
 };
+// Defined with the planner's SessionInput, whose key they build, so the router can use them
+// without depending on the controller.
+pub use crate::planner::{session_key, split_session_key};
 
 /// What the controller remembers about one pool between plans.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -31,17 +34,6 @@ pub struct PoolMemory {
 /// Planner id of pool `name` in `namespace`.
 pub fn pool_id(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
-}
-
-/// Planner key of session `name` of `app_id` in `namespace`.
-pub fn session_key(namespace: &str, app_id: &str, name: &str) -> String {
-    format!("{namespace}/{app_id}/{name}")
-}
-
-/// The parts of a [`session_key`]: `(namespace, appId, name)`.
-pub fn split_session_key(key: &str) -> Option<(&str, &str, &str)> {
-    let mut parts = key.splitn(3, '/');
-    Some((parts.next()?, parts.next()?, parts.next()?))
 }
 
 /// The concrete session names a Session governs now: its `name`, or for a pattern the

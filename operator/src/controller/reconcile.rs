@@ -133,7 +133,7 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
     if let Some(router) = &ctx.router {
         router.publish(
             &id,
-            router_snapshot(
+            router_fleet_view(
                 namespace,
                 pool.as_ref(),
                 &sessions,
@@ -492,14 +492,14 @@ async fn publish_decisions(
 
 /// What the router needs from one pool's plan: the input with the plan's shards, the
 /// Session objects, and the reflectors' public URLs (from their pods; reports refine them).
-fn router_snapshot(
+fn router_fleet_view(
     namespace: &str,
     pool: Option<&ReflectorPool>,
     sessions: &[Session],
     pods: &[Pod],
     mut input: planner::PlanInput,
     plan: &Plan,
-) -> crate::router::Snapshot {
+) -> crate::router::FleetView {
     input.shards.clone_from(&plan.shards);
     input.history.clone_from(&plan.history);
     let files_url = pool
@@ -526,7 +526,7 @@ fn router_snapshot(
             Some((p.name_any(), url))
         })
         .collect();
-    crate::router::Snapshot {
+    crate::router::FleetView {
         input,
         sessions,
         urls,

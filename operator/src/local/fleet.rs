@@ -22,7 +22,7 @@ use crate::planner::{
     Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
     RegionInput, RegionPlan, ScaleHistory, Seconds, SessionInput, ShardPolicy, ShardRecord, plan,
 };
-use crate::router::{Router, SessionDef, Snapshot};
+use crate::router::{FleetView, Router, SessionDef};
 
 /// How many recent decisions the status keeps.
 const RECENT_DECISIONS: usize = 50;
@@ -178,7 +178,7 @@ impl<L: Launcher> Fleet<L> {
         self.history = plan.history;
         self.regions = plan.regions;
         if let Some(router) = &self.router {
-            router.publish("local", self.snapshot(input));
+            router.publish("local", self.fleet_view(input));
             router
                 .metrics
                 .set_reservations(&router.reservations_by_region());
@@ -475,7 +475,7 @@ impl<L: Launcher> Fleet<L> {
 
     /// What the router needs after a plan: the input with the new shards and history, the
     /// Session objects and the reflectors' URLs.
-    fn snapshot(&self, mut input: PlanInput) -> Snapshot {
+    fn fleet_view(&self, mut input: PlanInput) -> FleetView {
         input.shards.clone_from(&self.shards);
         input.history.clone_from(&self.history);
         let sessions = self
@@ -502,7 +502,7 @@ impl<L: Launcher> Fleet<L> {
             .iter()
             .filter_map(|(name, r)| Some((name.clone(), r.url.clone()?)))
             .collect();
-        Snapshot {
+        FleetView {
             input,
             sessions,
             urls,

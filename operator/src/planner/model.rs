@@ -122,6 +122,17 @@ pub struct SessionInput {
     pub waiting: bool,
 }
 
+/// Planner key of session `name` of `app_id` in `namespace`.
+pub fn session_key(namespace: &str, app_id: &str, name: &str) -> String {
+    format!("{namespace}/{app_id}/{name}")
+}
+
+/// The parts of a [`session_key`]: `(namespace, appId, name)`.
+pub fn split_session_key(key: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = key.splitn(3, '/');
+    Some((parts.next()?, parts.next()?, parts.next()?))
+}
+
 /// Lifecycle of a reflector as observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ReflectorState {

@@ -7,7 +7,7 @@
 //!                ├── none below ──► planner::plan(pool, session waiting) ──► new shard at once
 //!                │                   (pending ⇒ wake the backend, wait for its reflector)
 //!                └── reserve (ledger) + sign a join token ──► answer
-//!  backend loop (local fleet / controllers): prepare(input) → plan → publish(snapshot)
+//!  backend loop (local fleet / controllers): prepare(input) → plan → publish(fleet view)
 //!  report stream: observe_report(..) → users per shard, reservations that turned into users
 //!                 (a reflector's load counts until `report_grace` after its last report)
 //! ```
@@ -32,20 +32,28 @@
 //! lifetime has passed since it started, it counts every shard it did not open itself as
 //! full to its threshold, so new users go to new shards and no shard can go over its cap
 //! when the old tokens arrive.
+//!
+//! **Modules.** This one owns the [`Router`] type, its API for backends, report streams and
+//! transports, and the lock that makes one Route's decisions atomic. What the router knows
+//! is `view` (published [`FleetView`]s with their indexes, reported load and its expiry);
+//! what it decides is `route` (the Route policy: shard load, held places, anonymous
+//! limits, opening a shard, reserving), on [`pick`] (the pure choice among shards) and
+//! [`ledger`] (reservations). [`service`] and [`reports`] are the gRPC/JSON front ends,
+//! [`client`] tells callers apart, [`metrics`] counts.
 
 pub mod client;
 pub mod ledger;
 pub mod metrics;
 pub mod pick;
 pub mod reports;
+mod route;
 pub mod service;
+mod view;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
-// The Route path does several map lookups per shard of a session; foldhash is several times
-// faster than SipHash on short keys and still seeded per process.
-use foldhash::{HashMap as FastMap, HashSet as FastSet};
+use foldhash::HashSet as FastSet;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -55,15 +63,13 @@ use refleet_api::token::{JoinClaims, Signer};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use self::ledger::{Claim, Ledger, Millis};
+use self::ledger::{Ledger, Millis};
 use self::metrics::RouterMetrics;
-use self::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load};
-use crate::controller::input::{session_key, split_session_key};
-use crate::crd::{SessionSpec, ShardPhase};
-use crate::planner::{
-    Decision, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord,
-    plan,
-};
+use self::pick::threshold_load;
+use self::route::{Attempt, Routed, fill_load, validate};
+use self::view::{Fleet, ShardUsers, app_ids};
+pub use self::view::{FleetView, SessionDef};
+use crate::planner::{PlanInput, SessionInput, ShardRecord, session_key, split_session_key};
 
 /// Router settings.
 #[derive(Clone, Debug)]
@@ -121,30 +127,6 @@ pub enum Caller {
     Internal,
 }
 
-/// A Session object as the router needs it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SessionDef {
-    /// Its namespace.
-    pub namespace: String,
-    /// Its spec (exact `name` or `namePattern`).
-    pub spec: SessionSpec,
-    /// Id of its pool (`namespace/name`).
-    pub pool: String,
-    /// The pool's public files URL.
-    pub files_url: String,
-}
-
-/// What a backend publishes after each plan.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    /// The plan input with the new plan's shards and history (one or more pools).
-    pub input: PlanInput,
-    /// The Session objects of those pools.
-    pub sessions: Vec<SessionDef>,
-    /// Public WebSocket base URL of each reflector that has one.
-    pub urls: HashMap<String, String>,
-}
-
 /// Why a Route failed. Every transport maps these to its own status.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum RouteError {
@@ -199,229 +181,21 @@ impl RouteError {
     }
 }
 
-/// Users per shard: appId → shard name → count.
-type ShardUsers = FastMap<String, FastMap<String, u32>>;
-
-/// A reflector as its report stream shows it. Its URL is never taken from a report: clients
-/// go to the URL the backend assigned ([`Snapshot::urls`]).
-#[derive(Clone, Debug)]
-struct Live {
-    region: String,
-    draining: bool,
-    connected: bool,
-    /// When its last report arrived.
-    seen: Millis,
-    /// No report came within the grace period: `users` no longer count (and are empty), and
-    /// the reflector gets no routes until it reports again.
-    expired: bool,
-    users: ShardUsers,
-}
-
-/// The users every live reflector reports, summed per shard, kept up to date report by
-/// report so a Route reads a shard's count with one lookup instead of visiting every
-/// reflector.
-#[derive(Default)]
-struct Tally {
-    /// appId → shard → (users, how many reflectors report the shard).
-    shards: FastMap<String, FastMap<String, (u32, u32)>>,
-}
-
-impl Tally {
-    fn add(&mut self, users: &ShardUsers) {
-        for (app, shards) in users {
-            let m = self.shards.entry(app.clone()).or_default();
-            for (shard, n) in shards {
-                let e = m.entry(shard.clone()).or_default();
-                e.0 = e.0.saturating_add(*n);
-                e.1 += 1;
-            }
-        }
-    }
-
-    fn remove(&mut self, users: &ShardUsers) {
-        for (app, shards) in users {
-            let Some(m) = self.shards.get_mut(app) else {
-                continue;
-            };
-            for (shard, n) in shards {
-                if let Some(e) = m.get_mut(shard) {
-                    e.0 = e.0.saturating_sub(*n);
-                    e.1 = e.1.saturating_sub(1);
-                    if e.1 == 0 {
-                        m.remove(shard);
-                    }
-                }
-            }
-            if m.is_empty() {
-                self.shards.remove(app);
-            }
-        }
-    }
-
-    /// Users of a shard, if any reflector reports it.
-    fn users(&self, app: &str, shard: &str) -> Option<u32> {
-        self.shards.get(app)?.get(shard).map(|e| e.0)
-    }
-
-    /// One app's reported shards: shard → (users, reflectors reporting it).
-    fn of_app(&self, app: &str) -> Option<&FastMap<String, (u32, u32)>> {
-        self.shards.get(app)
-    }
-}
-
-/// A published snapshot with the indexes a Route needs.
-struct View {
-    snap: Snapshot,
-    /// Session key → indexes of its shards in `snap.input.shards`.
-    shards_of: FastMap<String, Vec<usize>>,
-    /// Shard name → indexes of the shards so named (one per app and session at most).
-    named: FastMap<String, Vec<usize>>,
-    /// Reflector name → index in `snap.input.reflectors`.
-    reflector_at: FastMap<String, usize>,
-}
-
-impl View {
-    fn new(snap: Snapshot) -> Self {
-        let mut shards_of: FastMap<String, Vec<usize>> = FastMap::default();
-        let mut named: FastMap<String, Vec<usize>> = FastMap::default();
-        for (i, sh) in snap.input.shards.iter().enumerate() {
-            shards_of.entry(sh.session.clone()).or_default().push(i);
-            named.entry(sh.name.clone()).or_default().push(i);
-        }
-        let reflector_at = snap
-            .input
-            .reflectors
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.clone(), i))
-            .collect();
-        Self {
-            snap,
-            shards_of,
-            named,
-            reflector_at,
-        }
-    }
-
-    fn reflector(&self, name: &str) -> Option<&ObservedReflector> {
-        self.reflector_at
-            .get(name)
-            .map(|&i| &self.snap.input.reflectors[i])
-    }
-
-    fn session_shards<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
-        self.shards_of
-            .get(key)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.snap.input.shards[i])
-    }
-
-    fn shards_named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a ShardRecord> + 'a {
-        self.named
-            .get(name)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.snap.input.shards[i])
-    }
-}
-
+/// Everything a Route reads and changes, under one lock: a Route must reserve against the
+/// load it just counted, or two concurrent Routes could both take a shard's last place.
 #[derive(Default)]
 struct Inner {
-    /// Published snapshots by publisher key (`local`, or a pool id in a cluster).
-    views: BTreeMap<String, Arc<View>>,
-    /// Shards this router opened that no snapshot holds yet.
+    /// What backends published and reflectors reported.
+    fleet: Fleet,
+    /// Shards this router opened that no published view holds yet.
     opened: Vec<ShardRecord>,
     /// Shards this router opened (exempt from the warm-up rule).
     mine: FastSet<(String, String)>,
     /// Pattern sessions clients asked for, not yet holding a shard.
     demanded: BTreeMap<String, SessionInput>,
-    live: FastMap<String, Live>,
-    /// The sum of `live`'s users.
-    tally: Tally,
-    /// Before this time no `live` entry can expire (the earliest `seen + grace`).
-    next_expiry: Millis,
     ledger: Ledger,
+    /// End of the post-failover warm-up (see the module docs).
     warm_until: Millis,
-}
-
-impl Inner {
-    /// Drops the load of every reflector with no report within `grace` (a lost or silent
-    /// stream), so a crashed reflector's users stop holding its shards full. Cheap when
-    /// nothing can have expired yet: one comparison.
-    fn expire_reports(&mut self, now: Millis, grace: Millis) {
-        if now < self.next_expiry {
-            return;
-        }
-        let Inner {
-            live, tally, views, ..
-        } = self;
-        let mut next = Millis::MAX;
-        live.retain(|name, l| {
-            if l.expired {
-                // Kept so that it gets no routes; forgotten once no plan knows the name.
-                return views.values().any(|v| v.reflector(name).is_some());
-            }
-            if now.saturating_sub(l.seen) > grace {
-                tally.remove(&l.users);
-                l.users.clear();
-                l.expired = true;
-                tracing::warn!(reflector = %name, connected = l.connected, "no report within the grace period: its load no longer counts and it gets no routes");
-                return true;
-            }
-            next = next.min(l.seen + grace + 1);
-            true
-        });
-        self.next_expiry = next;
-    }
-}
-
-/// The outcome of one attempt under the lock.
-enum Attempt {
-    Routed(Box<Routed>),
-    /// A shard is opening; wait for its reflector.
-    Wait,
-}
-
-struct Routed {
-    shard: String,
-    url: String,
-    files_url: String,
-    region: String,
-    app_id: String,
-    persistence: bool,
-    max_users: u32,
-    reservation: u64,
-    /// When the join token expires.
-    token_expires: Millis,
-    /// `(session key, user id)` of a user's reservation: its token is remembered.
-    user: Option<(String, String)>,
-    /// The token already handed out for this reservation (a repeated Route of a user).
-    token: Option<Arc<str>>,
-}
-
-impl Routed {
-    /// An answer for `(shard, reflector URL, region)` of the Session `def`.
-    fn new(
-        def: &SessionDef,
-        (shard, url, region): (String, String, String),
-        reservation: u64,
-        token_expires: Millis,
-    ) -> Self {
-        Self {
-            shard,
-            url,
-            files_url: def.files_url.clone(),
-            region,
-            app_id: def.spec.app_id.clone(),
-            persistence: def.spec.persistence,
-            max_users: def.spec.max_users_per_shard,
-            reservation,
-            token_expires,
-            user: None,
-            token: None,
-        }
-    }
 }
 
 /// The router. Cheap to share (`Arc`).
@@ -496,15 +270,13 @@ impl Router {
     }
 
     /// Forgets every reservation and report and starts the post-failover warm-up: what a
-    /// replica does when it becomes leader. Published snapshots stay (the backend
+    /// replica does when it becomes leader. Published fleet views stay (the backend
     /// republishes anyway).
     pub fn reset(&self) {
         let now = self.now();
         let mut inner = lock(&self.inner);
         inner.ledger = Ledger::new(rand::random::<u64>() >> 1);
-        inner.live.clear();
-        inner.tally = Tally::default();
-        inner.next_expiry = 0;
+        inner.fleet.forget_reports();
         inner.mine.clear();
         inner.opened.clear();
         inner.demanded.clear();
@@ -527,7 +299,7 @@ impl Router {
         let now = self.now();
         let mut inner = lock(&self.inner);
         inner.ledger.expire(now);
-        inner.expire_reports(now, self.grace());
+        inner.fleet.expire_reports(now, self.grace());
         let pools: HashSet<&str> = input.pools.iter().map(|p| p.id.as_str()).collect();
         for d in inner.demanded.values() {
             if pools.contains(d.pool.as_str()) && !input.sessions.iter().any(|s| s.key == d.key) {
@@ -544,27 +316,25 @@ impl Router {
                 input.shards.push(sh.clone());
             }
         }
-        fill_load(&inner, input, now);
+        fill_load(&inner.fleet, &inner.ledger, input, now);
     }
 
     /// Takes a backend's view after a plan. `key` names the publisher (`local`, or a pool
-    /// id); a later snapshot with the same key replaces it.
-    pub fn publish(&self, key: &str, snapshot: Snapshot) {
+    /// id); a later view with the same key replaces it.
+    pub fn publish(&self, key: &str, fleet: FleetView) {
         let mut inner = lock(&self.inner);
         let Inner {
             opened, demanded, ..
         } = &mut *inner;
         opened.retain(|o| {
-            !snapshot
+            !fleet
                 .input
                 .shards
                 .iter()
                 .any(|s| s.session == o.session && s.name == o.name)
         });
-        demanded.retain(|k, _| !snapshot.input.shards.iter().any(|s| &s.session == k));
-        inner
-            .views
-            .insert(key.to_owned(), Arc::new(View::new(snapshot)));
+        demanded.retain(|k, _| !fleet.input.shards.iter().any(|s| &s.session == k));
+        inner.fleet.publish(key, fleet);
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -590,22 +360,14 @@ impl Router {
                 .entry(s.shard.clone())
                 .or_insert(0) += s.users;
         }
-        inner.tally.add(&users);
-        let previous = inner.live.insert(
-            report.reflector.clone(),
-            Live {
-                region: report.region.clone(),
-                draining: report.state == ReportedState::Draining as i32,
-                connected: true,
-                seen: now,
-                expired: false,
-                users,
-            },
+        inner.fleet.observe(
+            &report.reflector,
+            &report.region,
+            report.state == ReportedState::Draining as i32,
+            users,
+            now,
+            grace,
         );
-        if let Some(p) = previous {
-            inner.tally.remove(&p.users);
-        }
-        inner.next_expiry = inner.next_expiry.min(now + grace);
         drop(guard);
         self.changed.send_modify(|g| *g += 1);
     }
@@ -613,20 +375,12 @@ impl Router {
     /// A reflector's report stream ended: once the grace period after its last report has
     /// passed, its load no longer counts and it gets no new routes.
     pub fn report_lost(&self, reflector: &str) {
-        if let Some(l) = lock(&self.inner).live.get_mut(reflector) {
-            l.connected = false;
-        }
+        lock(&self.inner).fleet.report_lost(reflector);
     }
 
     /// Whether a published pool has region `region`.
     pub fn knows_region(&self, region: &str) -> bool {
-        lock(&self.inner).views.values().any(|v| {
-            v.snap
-                .input
-                .pools
-                .iter()
-                .any(|p| p.regions.iter().any(|r| r.name == region))
-        })
+        lock(&self.inner).fleet.knows_region(region)
     }
 
     fn grace(&self) -> Millis {
@@ -639,14 +393,13 @@ impl Router {
     pub fn shard_settings(&self, app: &str, shard: &str) -> Option<(u32, bool)> {
         let inner = lock(&self.inner);
         let (namespace, _, name) = inner
-            .views
-            .values()
-            .flat_map(|v| v.shards_named(shard))
+            .fleet
+            .shards_named(shard)
             .chain(inner.opened.iter().filter(|s| s.name == shard))
             .filter_map(|s| split_session_key(&s.session))
             .find(|(_, a, _)| *a == app)?;
-        let (view, at) = find_session(&inner.views, namespace, name)?;
-        let spec = &view.snap.sessions[at].spec;
+        let (view, at) = inner.fleet.find_session(namespace, name)?;
+        let spec = &view.fleet.sessions[at].spec;
         Some((spec.max_users_per_shard, spec.persistence))
     }
 
@@ -654,12 +407,8 @@ impl Router {
     pub fn live_streams(&self) -> BTreeMap<String, u32> {
         let now = self.now();
         let mut inner = lock(&self.inner);
-        inner.expire_reports(now, self.grace());
-        let mut out = BTreeMap::new();
-        for l in inner.live.values().filter(|l| l.connected && !l.expired) {
-            *out.entry(l.region.clone()).or_insert(0) += 1;
-        }
-        out
+        inner.fleet.expire_reports(now, self.grace());
+        inner.fleet.live_streams()
     }
 
     // === Route ===
@@ -757,228 +506,6 @@ impl Router {
         }
     }
 
-    fn attempt(
-        &self,
-        req: &RouteRequest,
-        caller: &Caller,
-        authorize: &impl Fn(&str) -> Result<(), RouteError>,
-    ) -> Result<Attempt, RouteError> {
-        let now = self.now();
-        let grace = self.grace();
-        let mut guard = lock(&self.inner);
-        let inner = &mut *guard;
-        inner.expire_reports(now, grace);
-        let (view, at) =
-            find_session(&inner.views, &req.namespace, &req.session).ok_or_else(|| {
-                RouteError::NotFound(format!(
-                    "no Session in namespace {:?} covers {:?}",
-                    req.namespace, req.session
-                ))
-            })?;
-        let def = &view.snap.sessions[at];
-        authorize(&def.spec.app_id)?;
-        let spec = &def.spec;
-        let app = spec.app_id.as_str();
-        let key = session_key(&def.namespace, app, &req.session);
-        let pool = view.snap.input.pools.iter().find(|p| p.id == def.pool);
-        let allowed: Vec<String> = if spec.regions.is_empty() {
-            pool.map(|p| p.regions.iter().map(|r| r.name.clone()).collect())
-                .unwrap_or_default()
-        } else {
-            spec.regions.clone()
-        };
-        let order = region_order(&allowed, Some(req.preferred_region.as_str())).map_err(|r| {
-            RouteError::invalid(
-                "preferred_region",
-                format!("{r:?} is not one of the session's regions {allowed:?}"),
-            )
-        })?;
-        let threshold = spec.scale_up_threshold;
-        let max_users = spec.max_users_per_shard;
-        let warming = now < inner.warm_until;
-
-        // The session's routable shards with their load; strings are cloned only for the
-        // answer. Pending shards (waiting for a new reflector) count too: a Route waits.
-        let chosen = {
-            let ro = &*inner;
-            let shards: Vec<&ShardRecord> = view
-                .session_shards(&key)
-                .chain(ro.opened.iter().filter(|s| s.session == key))
-                .filter(|s| {
-                    matches!(
-                        s.phase,
-                        ShardPhase::Open | ShardPhase::Full | ShardPhase::Pending
-                    )
-                })
-                .collect();
-            let mut candidates = Vec::with_capacity(shards.len());
-            let mut routable: Vec<(&ShardRecord, &str)> = Vec::with_capacity(shards.len());
-            let mut opening = false;
-            // Looked up once per Route, not once per shard: a session's shards mostly share
-            // a few reflectors, and all of them its app.
-            let reserved = ro.ledger.of_app(app);
-            let reported = ro.tally.of_app(app);
-            let at_threshold = threshold_load(max_users, threshold);
-            // Places below the threshold not taken by users: what anonymous callers may
-            // hold a share of.
-            let mut free: u64 = 0;
-            let mut last: Option<(&str, Option<&str>)> = None;
-            for sh in shards {
-                let Some(r) = sh.reflector.as_deref() else {
-                    opening = true;
-                    continue;
-                };
-                let url = match last {
-                    Some((name, url)) if name == r => url,
-                    _ => {
-                        let url = routable_url(&view, &ro.live, r, now, grace);
-                        last = Some((r, url));
-                        url
-                    }
-                };
-                let Some(url) = url else {
-                    opening |= view
-                        .reflector(r)
-                        .is_some_and(|o| o.state == ReflectorState::Starting);
-                    continue;
-                };
-                let users = reported
-                    .and_then(|m| m.get(sh.name.as_str()))
-                    .map_or(sh.users, |e| e.0);
-                free += at_threshold.saturating_sub(u64::from(users));
-                let mut load = u64::from(users) + u64::from(reserved.pending(&sh.name, now));
-                if warming && !ro.mine.contains(&(key.clone(), sh.name.clone())) {
-                    load = load.max(threshold_load(max_users, threshold));
-                }
-                candidates.push(Candidate {
-                    index: routable.len(),
-                    number: sh.index,
-                    region: sh.region.clone(),
-                    load,
-                });
-                routable.push((sh, url));
-            }
-            let owned = |(sh, url): (&ShardRecord, &str)| {
-                (sh.name.clone(), url.to_owned(), sh.region.clone())
-            };
-            // A user who already holds a place on a routable shard gets it back.
-            let held = (!req.user_id.is_empty())
-                .then(|| ro.ledger.find_user(&key, &req.user_id, now))
-                .flatten()
-                .filter(|h| h.app == app)
-                .and_then(|h| {
-                    let at = routable.iter().position(|(sh, _)| sh.name == h.shard)?;
-                    Some((owned(routable[at]), h.id, h.token_expires, h.token.clone()))
-                });
-            if let Some((answer, reservation, token_expires, token)) = held {
-                let mut routed = Routed::new(def, answer, reservation, token_expires);
-                routed.user = Some((key.clone(), req.user_id.clone()));
-                routed.token = token;
-                return Ok(Attempt::Routed(Box::new(routed)));
-            }
-            if let Caller::Anonymous(client) = caller {
-                let client = *client;
-                let mine = ro.ledger.anonymous_of(&key, client, now);
-                let cap = self.config.max_per_client;
-                if cap > 0 && mine >= cap {
-                    return Err(RouteError::Exhausted {
-                        message: format!(
-                            "session {:?}: this client already holds {mine} reservations not yet used (limit per client without an API key: {cap}); join with them, or retry when they are released",
-                            req.session
-                        ),
-                        retry_after: self.config.claim_window.min(self.config.token_ttl),
-                    });
-                }
-                // The session may still open a shard: its places count as free too, so
-                // anonymous callers can fill the last shard and open the next one, but
-                // not a second one on their own.
-                let shard_count = u32::try_from(routable.len()).unwrap_or(u32::MAX);
-                if shard_count < spec.max_shards {
-                    free += at_threshold;
-                }
-                let share =
-                    (self.config.anonymous_share.clamp(0.0, 1.0) * free as f64).ceil() as u64;
-                let held_by_anonymous = u64::from(ro.ledger.anonymous_counted(&key, now));
-                if held_by_anonymous >= share && self.config.anonymous_share < 1.0 {
-                    // Past the share: answered without a reserved place, and never with a
-                    // new shard (the reflector's hard cap still guards the shard).
-                    let Some(i) = pick_unreserved(&candidates, &order, max_users, threshold) else {
-                        if opening {
-                            return Ok(Attempt::Wait);
-                        }
-                        return Err(RouteError::Exhausted {
-                            message: format!(
-                                "session {:?}: callers without an API key hold {held_by_anonymous} of its {free} free places (their share) and every shard is full; retry later or call with an API key",
-                                req.session
-                            ),
-                            retry_after: Duration::from_secs(2),
-                        });
-                    };
-                    tracing::debug!(session = %key, %client, held_by_anonymous, free, "anonymous share reached: answered without a reserved place");
-                    let answer = owned(routable[i]);
-                    return Ok(Attempt::Routed(Box::new(self.unreserved(
-                        &mut inner.ledger,
-                        def,
-                        (&key, client),
-                        answer,
-                        now,
-                    ))));
-                }
-            }
-            match pick(&candidates, &order, max_users, threshold) {
-                Some(i) => Some(owned(routable[i])),
-                None if opening => return Ok(Attempt::Wait),
-                None => None,
-            }
-        };
-        let chosen = match chosen {
-            Some(c) => c,
-            None => {
-                let opened = open_shard(inner, &view, def, &key, &req.session, &order, now)?;
-                self.metrics.shard_opened(&opened.region);
-                let placed = opened
-                    .reflector
-                    .as_deref()
-                    .and_then(|r| routable_url(&view, &inner.live, r, now, grace));
-                match placed {
-                    Some(url) => (opened.name.clone(), url.to_owned(), opened.region.clone()),
-                    None => return Ok(Attempt::Wait),
-                }
-            }
-        };
-        let expires = now + self.config.claim_ms();
-        let token_expires = now + self.config.token_ttl.as_millis() as Millis;
-        let user = (!req.user_id.is_empty()).then_some((key.as_str(), req.user_id.as_str()));
-        let claim = Claim {
-            user,
-            anonymous: match caller {
-                Caller::Anonymous(client) => Some((key.as_str(), *client)),
-                _ => None,
-            },
-            token_expires,
-        };
-        let reservation = inner.ledger.reserve_for((app, &chosen.0), claim, expires);
-        self.metrics.reserved(&chosen.2);
-        let mut routed = Routed::new(def, chosen, reservation, token_expires);
-        routed.user = user.map(|(k, u)| (k.to_owned(), u.to_owned()));
-        Ok(Attempt::Routed(Box::new(routed)))
-    }
-
-    /// An answer that reserves no place, noted against its anonymous caller's own limit.
-    fn unreserved(
-        &self,
-        ledger: &mut Ledger,
-        def: &SessionDef,
-        (key, client): (&str, IpAddr),
-        answer: (String, String, String),
-        now: Millis,
-    ) -> Routed {
-        let claim_until = now + self.config.claim_ms();
-        let token_expires = now + self.config.token_ttl.as_millis() as Millis;
-        let id = ledger.note_unreserved(key, client, claim_until);
-        Routed::new(def, answer, id, token_expires)
-    }
-
     /// The shards of a session with their load (ListShards).
     pub fn list_shards(
         &self,
@@ -993,13 +520,12 @@ impl Router {
         }
         let now = self.now();
         let mut inner = lock(&self.inner);
-        inner.expire_reports(now, self.grace());
-        let (view, at) = find_session(&inner.views, namespace, session).ok_or_else(|| {
-            RouteError::NotFound(format!(
-                "no Session in namespace {namespace:?} covers {session:?}"
-            ))
-        })?;
-        let def = &view.snap.sessions[at];
+        inner.fleet.expire_reports(now, self.grace());
+        let (view, at) = inner
+            .fleet
+            .find_session(namespace, session)
+            .ok_or_else(|| RouteError::no_session(namespace, session))?;
+        let def = &view.fleet.sessions[at];
         let app = def.spec.app_id.as_str();
         let key = session_key(namespace, app, session);
         let max = def.spec.max_users_per_shard;
@@ -1010,7 +536,7 @@ impl Router {
                 shard: s.name.clone(),
                 region: s.region.clone(),
                 reflector: s.reflector.clone().unwrap_or_default(),
-                users: inner.tally.users(app, &s.name).unwrap_or(s.users),
+                users: inner.fleet.users(app, &s.name).unwrap_or(s.users),
                 reserved: inner.ledger.pending(app, &s.name, now),
                 max_users: max,
                 threshold_users: threshold_load(max, def.spec.scale_up_threshold) as u32,
@@ -1024,9 +550,9 @@ impl Router {
         let now = self.now();
         let inner = lock(&self.inner);
         let mut out = BTreeMap::new();
-        for view in inner.views.values() {
-            let apps = app_ids(&view.snap.input.sessions);
-            for sh in view.snap.input.shards.iter().chain(inner.opened.iter()) {
+        for view in inner.fleet.published() {
+            let apps = app_ids(&view.fleet.input.sessions);
+            for sh in view.fleet.input.shards.iter().chain(inner.opened.iter()) {
                 if let Some(app) = apps.get(sh.session.as_str()) {
                     let n = inner.ledger.pending(app, &sh.name, now);
                     *out.entry(sh.region.clone()).or_insert(0) += u64::from(n);
@@ -1035,225 +561,4 @@ impl Router {
         }
         out
     }
-}
-
-fn app_ids(sessions: &[SessionInput]) -> HashMap<&str, &str> {
-    sessions
-        .iter()
-        .filter_map(|s| Some((s.key.as_str(), split_session_key(&s.key)?.1)))
-        .collect()
-}
-
-/// Sets every shard's `reserved` from the ledger and, where a reflector reported it, its
-/// `users`: the load the planner compares with the threshold.
-fn fill_load(inner: &Inner, input: &mut PlanInput, now: Millis) {
-    let apps = app_ids(&input.sessions);
-    for sh in &mut input.shards {
-        if let Some(app) = apps.get(sh.session.as_str()) {
-            sh.reserved = inner.ledger.pending(app, &sh.name, now);
-            if let Some(users) = inner.tally.users(app, &sh.name) {
-                sh.users = users;
-            }
-        }
-    }
-}
-
-/// The URL of a reflector that may get new users now.
-fn routable_url<'a>(
-    view: &'a View,
-    live: &'a FastMap<String, Live>,
-    name: &str,
-    now: Millis,
-    grace: Millis,
-) -> Option<&'a str> {
-    let observed = view.reflector(name)?;
-    if observed.state != ReflectorState::Ready {
-        return None;
-    }
-    match live.get(name) {
-        Some(l) if l.draining || l.expired => None,
-        Some(l) if now.saturating_sub(l.seen) > grace => None,
-        // The URL the backend assigned (pool template, launcher), never a reported one.
-        _ => view.snap.urls.get(name).map(String::as_str),
-    }
-}
-
-/// The view holding the Session that covers `name` and its index there: an exact `name`
-/// wins over a `namePattern`.
-fn find_session(
-    views: &BTreeMap<String, Arc<View>>,
-    namespace: &str,
-    name: &str,
-) -> Option<(Arc<View>, usize)> {
-    let mut pattern = None;
-    for v in views.values() {
-        for (i, d) in v.snap.sessions.iter().enumerate() {
-            if d.namespace != namespace {
-                continue;
-            }
-            if d.spec.name.as_deref() == Some(name) {
-                return Some((v.clone(), i));
-            }
-            if pattern.is_none() && d.spec.name.is_none() && d.spec.matches(name) {
-                pattern = Some((v.clone(), i));
-            }
-        }
-    }
-    pattern
-}
-
-/// Opens a shard for `key` now: the planner on the published input of its pool, with the
-/// router's reservations and the session marked waiting.
-fn open_shard(
-    inner: &mut Inner,
-    view: &View,
-    def: &SessionDef,
-    key: &str,
-    name: &str,
-    order: &[String],
-    now: Millis,
-) -> Result<ShardRecord, RouteError> {
-    let snap = &view.snap.input;
-    let mut input = PlanInput {
-        pools: snap
-            .pools
-            .iter()
-            .filter(|p| p.id == def.pool)
-            .cloned()
-            .collect(),
-        sessions: snap
-            .sessions
-            .iter()
-            .filter(|s| s.pool == def.pool)
-            .cloned()
-            .collect(),
-        reflectors: snap
-            .reflectors
-            .iter()
-            .filter(|r| r.pool == def.pool)
-            .cloned()
-            .collect(),
-        shards: snap
-            .shards
-            .iter()
-            .chain(inner.opened.iter())
-            .filter(|s| s.pool == def.pool)
-            .cloned()
-            .collect(),
-        history: snap.history.clone(),
-        now: snap.now,
-    };
-    let spec = &def.spec;
-    let policy = ShardPolicy {
-        regions: order.to_vec(),
-        ..ShardPolicy::from(spec)
-    };
-    match input.sessions.iter_mut().find(|s| s.key == key) {
-        Some(s) => {
-            s.waiting = true;
-            s.policy.regions = order.to_vec();
-        }
-        None => {
-            let s = SessionInput {
-                key: key.to_owned(),
-                name: name.to_owned(),
-                pool: def.pool.clone(),
-                policy,
-                deleted: false,
-                waiting: true,
-            };
-            inner.demanded.insert(
-                key.to_owned(),
-                SessionInput {
-                    waiting: true,
-                    ..s.clone()
-                },
-            );
-            input.sessions.push(s);
-        }
-    }
-    fill_load(inner, &mut input, now);
-    // During the warm-up the planner must see inherited shards as full too.
-    if now < inner.warm_until {
-        let t = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
-        for sh in input.shards.iter_mut().filter(|s| s.session == key) {
-            let load = sh.load();
-            if load < t && !inner.mine.contains(&(sh.session.clone(), sh.name.clone())) {
-                sh.reserved += (t - load) as u32;
-            }
-        }
-    }
-    let plan = plan(&input);
-    let opened = plan.decisions.iter().find_map(|d| match d {
-        Decision::OpenShard { session, shard, .. } if session == key => Some(shard.clone()),
-        _ => None,
-    });
-    let Some(shard) = opened.and_then(|n| {
-        plan.shards
-            .iter()
-            .find(|s| s.session == key && s.name == n)
-            .cloned()
-    }) else {
-        let why = plan
-            .decisions
-            .iter()
-            .find_map(|d| match d {
-                Decision::SessionDegraded {
-                    session, message, ..
-                } if session == key => Some(message.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| {
-                "every shard is at its threshold and no new shard can open".to_owned()
-            });
-        return Err(RouteError::Exhausted {
-            message: format!("session {name:?}: {why}"),
-            retry_after: Duration::from_secs(2),
-        });
-    };
-    tracing::info!(session = %key, shard = %shard.name, region = %shard.region, reflector = ?shard.reflector, "router opened a shard");
-    inner.mine.insert((key.to_owned(), shard.name.clone()));
-    inner.opened.push(shard.clone());
-    Ok(shard)
-}
-
-fn validate(req: &RouteRequest) -> Result<(), RouteError> {
-    let dns_label = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    if req.namespace.is_empty() {
-        return Err(RouteError::invalid("namespace", "required"));
-    }
-    if !dns_label(&req.namespace) {
-        return Err(RouteError::invalid(
-            "namespace",
-            "must be a Kubernetes namespace name",
-        ));
-    }
-    if req.session.is_empty() {
-        return Err(RouteError::invalid("session", "required"));
-    }
-    if req.session.len() > 200
-        || req.session.contains('~')
-        || req.session.contains('/')
-        || req.session.chars().any(char::is_control)
-    {
-        return Err(RouteError::invalid(
-            "session",
-            "at most 200 characters, without '~' (reserved for shard numbers), '/' or control characters",
-        ));
-    }
-    if req.preferred_region.len() > 63 {
-        return Err(RouteError::invalid(
-            "preferred_region",
-            "at most 63 characters",
-        ));
-    }
-    if req.user_id.len() > 256 {
-        return Err(RouteError::invalid("user_id", "at most 256 characters"));
-    }
-    Ok(())
 }

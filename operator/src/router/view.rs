@@ -1,0 +1,595 @@
+//! # The router's view of the fleet
+//!
+//! Owns what the router knows about what exists, and nothing about what it decides:
+//!
+//! - what backends publish after every plan ([`FleetView`]: the plan input, the Session
+//!   objects, the reflectors' URLs), one view per publisher, indexed for a Route
+//!   ([`Published`]: shards by session and by name, reflectors by name);
+//! - what reflectors report on their streams: users per shard, summed over reflectors
+//!   ([`Tally`]), and when each reflector last spoke, so that a silent one's load stops
+//!   counting after the grace period ([`Fleet::expire_reports`]);
+//! - from both, whether a reflector may get new users now ([`Fleet::routable_url`]).
+//!
+//! Reservations, the warm-up and the choice of a shard are the Route policy's
+//! ([`super::route`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+// The Route path does several map lookups per shard of a session; foldhash is several times
+// faster than SipHash on short keys and still seeded per process.
+use foldhash::HashMap as FastMap;
+
+use super::ledger::Millis;
+use crate::crd::SessionSpec;
+use crate::planner::{
+    ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardRecord, split_session_key,
+};
+
+/// A Session object as the router needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionDef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its spec (exact `name` or `namePattern`).
+    pub spec: SessionSpec,
+    /// Id of its pool (`namespace/name`).
+    pub pool: String,
+    /// The pool's public files URL.
+    pub files_url: String,
+}
+
+/// What a backend publishes after each plan: its part of the fleet as the router sees it.
+/// (Not a Croquet snapshot: those are session state the reflectors store.)
+#[derive(Clone, Debug, Default)]
+pub struct FleetView {
+    /// The plan input with the new plan's shards and history (one or more pools).
+    pub input: PlanInput,
+    /// The Session objects of those pools.
+    pub sessions: Vec<SessionDef>,
+    /// Public WebSocket base URL of each reflector that has one.
+    pub urls: HashMap<String, String>,
+}
+
+/// Users per shard: appId → shard name → count.
+pub(super) type ShardUsers = FastMap<String, FastMap<String, u32>>;
+
+/// A published [`FleetView`] with the indexes a Route needs.
+pub(super) struct Published {
+    pub(super) fleet: FleetView,
+    /// Session key → indexes of its shards in `fleet.input.shards`.
+    shards_of: FastMap<String, Vec<usize>>,
+    /// Shard name → indexes of the shards so named (one per app and session at most).
+    named: FastMap<String, Vec<usize>>,
+    /// Reflector name → index in `fleet.input.reflectors`.
+    reflector_at: FastMap<String, usize>,
+}
+
+impl Published {
+    pub(super) fn new(fleet: FleetView) -> Self {
+        let mut shards_of: FastMap<String, Vec<usize>> = FastMap::default();
+        let mut named: FastMap<String, Vec<usize>> = FastMap::default();
+        for (i, sh) in fleet.input.shards.iter().enumerate() {
+            shards_of.entry(sh.session.clone()).or_default().push(i);
+            named.entry(sh.name.clone()).or_default().push(i);
+        }
+        let reflector_at = fleet
+            .input
+            .reflectors
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i))
+            .collect();
+        Self {
+            fleet,
+            shards_of,
+            named,
+            reflector_at,
+        }
+    }
+
+    pub(super) fn reflector(&self, name: &str) -> Option<&ObservedReflector> {
+        self.reflector_at
+            .get(name)
+            .map(|&i| &self.fleet.input.reflectors[i])
+    }
+
+    pub(super) fn session_shards<'a>(
+        &'a self,
+        key: &str,
+    ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
+        self.shards_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.fleet.input.shards[i])
+    }
+
+    pub(super) fn shards_named<'a>(
+        &'a self,
+        name: &str,
+    ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
+        self.named
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.fleet.input.shards[i])
+    }
+}
+
+/// A reflector as its report stream shows it. Its URL is never taken from a report: clients
+/// go to the URL the backend assigned ([`FleetView::urls`]).
+#[derive(Clone, Debug)]
+struct Live {
+    region: String,
+    draining: bool,
+    connected: bool,
+    /// When its last report arrived.
+    seen: Millis,
+    /// No report came within the grace period: `users` no longer count (and are empty), and
+    /// the reflector gets no routes until it reports again.
+    expired: bool,
+    users: ShardUsers,
+}
+
+/// The users every live reflector reports, summed per shard, kept up to date report by
+/// report so a Route reads a shard's count with one lookup instead of visiting every
+/// reflector.
+#[derive(Default)]
+struct Tally {
+    /// appId → shard → (users, how many reflectors report the shard).
+    shards: FastMap<String, FastMap<String, (u32, u32)>>,
+}
+
+impl Tally {
+    fn add(&mut self, users: &ShardUsers) {
+        for (app, shards) in users {
+            let m = self.shards.entry(app.clone()).or_default();
+            for (shard, n) in shards {
+                let e = m.entry(shard.clone()).or_default();
+                e.0 = e.0.saturating_add(*n);
+                e.1 += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, users: &ShardUsers) {
+        for (app, shards) in users {
+            let Some(m) = self.shards.get_mut(app) else {
+                continue;
+            };
+            for (shard, n) in shards {
+                if let Some(e) = m.get_mut(shard) {
+                    e.0 = e.0.saturating_sub(*n);
+                    e.1 = e.1.saturating_sub(1);
+                    if e.1 == 0 {
+                        m.remove(shard);
+                    }
+                }
+            }
+            if m.is_empty() {
+                self.shards.remove(app);
+            }
+        }
+    }
+}
+
+/// One app's reported users per shard, looked up once per Route: a session's shards all
+/// belong to one app.
+#[derive(Clone, Copy)]
+pub(super) struct AppUsers<'a>(Option<&'a FastMap<String, (u32, u32)>>);
+
+impl AppUsers<'_> {
+    /// Users of a shard, if any live reflector reports it.
+    pub(super) fn of(&self, shard: &str) -> Option<u32> {
+        self.0?.get(shard).map(|e| e.0)
+    }
+}
+
+/// Everything published and reported: the router's whole view of the fleet.
+#[derive(Default)]
+pub(super) struct Fleet {
+    /// Published views by publisher key (`local`, or a pool id in a cluster).
+    published: BTreeMap<String, Arc<Published>>,
+    live: FastMap<String, Live>,
+    /// The sum of `live`'s users.
+    tally: Tally,
+    /// Before this time no `live` entry can expire (the earliest `seen + grace`).
+    next_expiry: Millis,
+}
+
+impl Fleet {
+    /// Takes a publisher's view; a later view with the same key replaces it.
+    pub(super) fn publish(&mut self, key: &str, fleet: FleetView) {
+        self.published
+            .insert(key.to_owned(), Arc::new(Published::new(fleet)));
+    }
+
+    pub(super) fn published(&self) -> impl Iterator<Item = &Published> + '_ {
+        self.published.values().map(|p| &**p)
+    }
+
+    /// The view holding the Session that covers `name` and its index there: an exact `name`
+    /// wins over a `namePattern`. The view is shared so a Route can keep it while the fleet
+    /// changes under it.
+    pub(super) fn find_session(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<(Arc<Published>, usize)> {
+        let mut pattern = None;
+        for v in self.published.values() {
+            for (i, d) in v.fleet.sessions.iter().enumerate() {
+                if d.namespace != namespace {
+                    continue;
+                }
+                if d.spec.name.as_deref() == Some(name) {
+                    return Some((v.clone(), i));
+                }
+                if pattern.is_none() && d.spec.name.is_none() && d.spec.matches(name) {
+                    pattern = Some((v.clone(), i));
+                }
+            }
+        }
+        pattern
+    }
+
+    /// Published shards named `name` (of any app and session).
+    pub(super) fn shards_named<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
+        self.published
+            .values()
+            .flat_map(move |v| v.shards_named(name))
+    }
+
+    /// Whether a published pool has region `region`.
+    pub(super) fn knows_region(&self, region: &str) -> bool {
+        self.published.values().any(|v| {
+            v.fleet
+                .input
+                .pools
+                .iter()
+                .any(|p| p.regions.iter().any(|r| r.name == region))
+        })
+    }
+
+    /// Takes one report of `reflector`: its users replace what it reported before.
+    pub(super) fn observe(
+        &mut self,
+        reflector: &str,
+        region: &str,
+        draining: bool,
+        users: ShardUsers,
+        now: Millis,
+        grace: Millis,
+    ) {
+        self.tally.add(&users);
+        let previous = self.live.insert(
+            reflector.to_owned(),
+            Live {
+                region: region.to_owned(),
+                draining,
+                connected: true,
+                seen: now,
+                expired: false,
+                users,
+            },
+        );
+        if let Some(p) = previous {
+            self.tally.remove(&p.users);
+        }
+        self.next_expiry = self.next_expiry.min(now + grace);
+    }
+
+    /// A reflector's stream ended; its load still counts until the grace period is over
+    /// (it may reconnect to this or another replica).
+    pub(super) fn report_lost(&mut self, reflector: &str) {
+        if let Some(l) = self.live.get_mut(reflector) {
+            l.connected = false;
+        }
+    }
+
+    /// Forgets every report (a new leader hears them again within one report interval).
+    pub(super) fn forget_reports(&mut self) {
+        self.live.clear();
+        self.tally = Tally::default();
+        self.next_expiry = 0;
+    }
+
+    /// Drops the load of every reflector with no report within `grace` (a lost or silent
+    /// stream), so a crashed reflector's users stop holding its shards full. Cheap when
+    /// nothing can have expired yet: one comparison.
+    pub(super) fn expire_reports(&mut self, now: Millis, grace: Millis) {
+        if now < self.next_expiry {
+            return;
+        }
+        let Fleet {
+            live,
+            tally,
+            published,
+            ..
+        } = self;
+        let mut next = Millis::MAX;
+        live.retain(|name, l| {
+            if l.expired {
+                // Kept so that it gets no routes; forgotten once no plan knows the name.
+                return published.values().any(|v| v.reflector(name).is_some());
+            }
+            if now.saturating_sub(l.seen) > grace {
+                tally.remove(&l.users);
+                l.users.clear();
+                l.expired = true;
+                tracing::warn!(reflector = %name, connected = l.connected, "no report within the grace period: its load no longer counts and it gets no routes");
+                return true;
+            }
+            next = next.min(l.seen + grace + 1);
+            true
+        });
+        self.next_expiry = next;
+    }
+
+    /// Users of a shard, if any live reflector reports it.
+    pub(super) fn users(&self, app: &str, shard: &str) -> Option<u32> {
+        self.app_users(app).of(shard)
+    }
+
+    pub(super) fn app_users(&self, app: &str) -> AppUsers<'_> {
+        AppUsers(self.tally.shards.get(app))
+    }
+
+    /// The URL of a reflector of `view` that may get new users now: ready in the plan, and
+    /// neither draining nor silent on its stream. A reflector that has not reported yet
+    /// counts as routable: a new reflector's first report may come after its first users.
+    pub(super) fn routable_url<'v>(
+        &self,
+        view: &'v Published,
+        name: &str,
+        now: Millis,
+        grace: Millis,
+    ) -> Option<&'v str> {
+        let observed = view.reflector(name)?;
+        if observed.state != ReflectorState::Ready {
+            return None;
+        }
+        match self.live.get(name) {
+            Some(l) if l.draining || l.expired => None,
+            Some(l) if now.saturating_sub(l.seen) > grace => None,
+            // The URL the backend assigned (pool template, launcher), never a reported one.
+            _ => view.fleet.urls.get(name).map(String::as_str),
+        }
+    }
+
+    /// Reflectors whose report stream is open and not silent, per region (as of the last
+    /// [`Fleet::expire_reports`]).
+    pub(super) fn live_streams(&self) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        for l in self.live.values().filter(|l| l.connected && !l.expired) {
+            *out.entry(l.region.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+/// Session key → appId of each session.
+pub(super) fn app_ids(sessions: &[SessionInput]) -> HashMap<&str, &str> {
+    sessions
+        .iter()
+        .filter_map(|s| Some((s.key.as_str(), split_session_key(&s.key)?.1)))
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(super) mod tests {
+    use super::*;
+    use crate::crd::{Capacity, ShardPhase};
+
+    pub(in crate::router) fn session(name: Option<&str>, pattern: Option<&str>) -> SessionDef {
+        let mut spec: SessionSpec = serde_json::from_value(serde_json::json!({
+            "poolRef": {"name": "pool"}, "appId": "app",
+            "maxUsersPerShard": 10, "scaleUpThreshold": 0.8, "maxShards": 3, "minShards": 0,
+        }))
+        .unwrap();
+        spec.name = name.map(str::to_owned);
+        spec.name_pattern = pattern.map(str::to_owned);
+        SessionDef {
+            namespace: "ns".into(),
+            spec,
+            pool: "ns/pool".into(),
+            files_url: String::new(),
+        }
+    }
+
+    pub(in crate::router) fn shard(session: &str, index: u32, reflector: &str) -> ShardRecord {
+        ShardRecord {
+            session: format!("ns/app/{session}"),
+            name: if index == 0 {
+                session.to_owned()
+            } else {
+                format!("{session}~{index}")
+            },
+            index,
+            pool: "ns/pool".into(),
+            region: "eu".into(),
+            reflector: Some(reflector.to_owned()),
+            committed_users: 0,
+            users: 0,
+            reserved: 0,
+            phase: ShardPhase::Open,
+            empty_since: None,
+        }
+    }
+
+    pub(in crate::router) fn reflector(name: &str, state: ReflectorState) -> ObservedReflector {
+        ObservedReflector {
+            name: name.into(),
+            pool: "ns/pool".into(),
+            region: "eu".into(),
+            image: "img".into(),
+            capacity: Capacity::default(),
+            state,
+        }
+    }
+
+    fn view(sessions: Vec<SessionDef>, shards: Vec<ShardRecord>) -> FleetView {
+        FleetView {
+            input: PlanInput {
+                shards,
+                reflectors: vec![
+                    reflector("r1", ReflectorState::Ready),
+                    reflector("r2", ReflectorState::Starting),
+                ],
+                ..PlanInput::default()
+            },
+            sessions,
+            urls: HashMap::from([
+                ("r1".into(), "ws://r1/".into()),
+                ("r2".into(), "ws://r2/".into()),
+            ]),
+        }
+    }
+
+    fn users(app: &str, shard: &str, n: u32) -> ShardUsers {
+        let mut u = ShardUsers::default();
+        u.entry(app.into()).or_default().insert(shard.into(), n);
+        u
+    }
+
+    #[test]
+    fn published_indexes_shards_by_session_and_name() {
+        let p = Published::new(view(
+            vec![],
+            vec![
+                shard("a", 0, "r1"),
+                shard("b", 0, "r1"),
+                shard("a", 1, "r2"),
+            ],
+        ));
+        let names = |it: &mut dyn Iterator<Item = &ShardRecord>| {
+            it.map(|s| s.name.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&mut p.session_shards("ns/app/a")), ["a", "a~1"]);
+        assert_eq!(names(&mut p.shards_named("b")), ["b"]);
+        assert!(p.session_shards("ns/app/c").next().is_none());
+        assert_eq!(p.reflector("r2").unwrap().state, ReflectorState::Starting);
+        assert!(p.reflector("r3").is_none());
+    }
+
+    #[test]
+    fn an_exact_session_wins_over_a_pattern_in_any_view() {
+        let mut f = Fleet::default();
+        f.publish("p1", view(vec![session(None, Some("room-*"))], vec![]));
+        f.publish("p2", view(vec![session(Some("room-1"), None)], vec![]));
+        let (v, at) = f.find_session("ns", "room-1").unwrap();
+        assert_eq!(v.fleet.sessions[at].spec.name.as_deref(), Some("room-1"));
+        let (v, at) = f.find_session("ns", "room-2").unwrap();
+        assert_eq!(
+            v.fleet.sessions[at].spec.name_pattern.as_deref(),
+            Some("room-*")
+        );
+        assert!(f.find_session("other", "room-1").is_none());
+        assert!(f.find_session("ns", "hall").is_none());
+    }
+
+    #[test]
+    fn reports_sum_per_shard_and_a_new_report_replaces_the_old() {
+        let mut f = Fleet::default();
+        f.observe("r1", "eu", false, users("app", "a", 3), 0, 1000);
+        f.observe("r2", "eu", false, users("app", "a", 4), 0, 1000);
+        assert_eq!(f.users("app", "a"), Some(7));
+        f.observe("r1", "eu", false, users("app", "a", 1), 10, 1000);
+        assert_eq!(f.users("app", "a"), Some(5));
+        f.observe("r2", "eu", false, ShardUsers::default(), 10, 1000);
+        f.observe("r1", "eu", false, ShardUsers::default(), 10, 1000);
+        assert_eq!(
+            f.users("app", "a"),
+            None,
+            "no reflector reports it any more"
+        );
+        assert_eq!(f.live_streams(), BTreeMap::from([("eu".into(), 2)]));
+    }
+
+    #[test]
+    fn a_silent_reflector_loses_its_load_and_routes_after_the_grace_period() {
+        let mut f = Fleet::default();
+        f.publish("local", view(vec![], vec![shard("a", 0, "r1")]));
+        f.observe("r1", "eu", false, users("app", "a", 3), 0, 1000);
+        f.report_lost("r1");
+        f.expire_reports(1000, 1000);
+        let p = f.only_view();
+        assert_eq!(
+            f.users("app", "a"),
+            Some(3),
+            "still within the grace period"
+        );
+        assert_eq!(f.routable_url(&p, "r1", 1000, 1000), Some("ws://r1/"));
+        assert!(f.live_streams().is_empty(), "its stream is closed");
+        f.expire_reports(1001, 1000);
+        assert_eq!(f.users("app", "a"), None);
+        assert_eq!(f.routable_url(&p, "r1", 1001, 1000), None);
+        // Kept (no routes) while a plan knows it; forgotten at the next expiry pass once
+        // none does (passes run only when some live reflector can expire).
+        f.publish("local", FleetView::default());
+        f.observe("r2", "eu", false, ShardUsers::default(), 1002, 1000);
+        f.expire_reports(2003, 1000);
+        assert!(!f.live.contains_key("r1"));
+        // Reporting again makes it routable and counted again.
+        f.observe("r1", "eu", false, users("app", "a", 2), 1003, 1000);
+        assert_eq!(f.users("app", "a"), Some(2));
+    }
+
+    #[test]
+    fn only_ready_reflectors_that_are_not_draining_are_routable() {
+        let mut f = Fleet::default();
+        f.publish("local", view(vec![], vec![]));
+        let p = f.only_view();
+        assert_eq!(
+            f.routable_url(&p, "r1", 0, 1000),
+            Some("ws://r1/"),
+            "not reported yet: routable"
+        );
+        assert_eq!(f.routable_url(&p, "r2", 0, 1000), None, "starting");
+        assert_eq!(f.routable_url(&p, "r3", 0, 1000), None, "unknown");
+        f.observe("r1", "eu", true, ShardUsers::default(), 0, 1000);
+        assert_eq!(f.routable_url(&p, "r1", 0, 1000), None, "draining");
+        f.observe("r1", "eu", false, ShardUsers::default(), 0, 1000);
+        assert_eq!(
+            f.routable_url(&p, "r1", 1001, 1000),
+            None,
+            "silent past the grace period even before expire_reports ran"
+        );
+    }
+
+    #[test]
+    fn forgetting_reports_keeps_what_was_published() {
+        let mut f = Fleet::default();
+        f.publish("local", view(vec![session(Some("a"), None)], vec![]));
+        f.observe("r1", "eu", false, users("app", "a", 3), 0, 1000);
+        f.forget_reports();
+        assert_eq!(f.users("app", "a"), None);
+        assert!(f.live_streams().is_empty());
+        assert!(f.find_session("ns", "a").is_some());
+    }
+
+    impl Fleet {
+        fn only_view(&self) -> Arc<Published> {
+            self.published.values().next().unwrap().clone()
+        }
+    }
+
+    #[test]
+    fn app_ids_come_from_session_keys() {
+        let s = |key: &str| SessionInput {
+            key: key.into(),
+            name: String::new(),
+            pool: String::new(),
+            policy: crate::planner::ShardPolicy::from(&session(Some("a"), None).spec),
+            deleted: false,
+            waiting: false,
+        };
+        let sessions = [s("ns/app/a"), s("bad")];
+        assert_eq!(app_ids(&sessions), HashMap::from([("ns/app/a", "app")]));
+    }
+}
