@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use refleet_api::report_credential::{CredentialError, ReportKey};
-use serde::{Deserialize, Serialize};
+use refleet_reflector::registry::{SessionSummary, SessionsReport};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -32,35 +32,8 @@ pub struct StartRequest {
     pub drain_timeout: Duration,
 }
 
-/// One session a reflector reports on `/sessions`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReportedSession {
-    /// The Croquet session id.
-    pub session_id: String,
-    /// The JOIN's `name`: `<appId>/<session name>`.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The JOIN's appId.
-    #[serde(default)]
-    pub app_id: Option<String>,
-    /// The JOIN's persistentId.
-    #[serde(default)]
-    pub persistent_id: Option<String>,
-    /// Members (connected users plus those within their leave delay).
-    pub users: u32,
-}
-
-impl ReportedSession {
-    /// The shard name: the JOIN name without its `<appId>/` prefix.
-    pub fn shard(&self) -> Option<&str> {
-        let name = self.name.as_deref()?;
-        match self.app_id.as_deref() {
-            Some(app) => refleet_reflector::registry::shard_name(name, app),
-            None => name.split_once('/').map(|(_, shard)| shard),
-        }
-    }
-}
+/// One session a reflector reports on `/sessions`: the reflector's own type.
+pub type ReportedSession = SessionSummary;
 
 /// A reflector as its launcher sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -319,12 +292,6 @@ impl Launcher for ProcessLauncher {
     fn forget(&mut self, name: &str) {
         self.children.remove(name);
     }
-}
-
-/// The body of a reflector's `/sessions`.
-#[derive(Debug, Deserialize)]
-struct SessionsReport {
-    sessions: Vec<ReportedSession>,
 }
 
 /// `GET <url>sessions`, or `None` when the reflector does not answer properly.
