@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use refleet_api::report_credential::{CredentialError, ReportKey};
+use refleet_reflector::launch::{self, LaunchSpec, Setting};
 use refleet_reflector::registry::{SessionSummary, SessionsReport};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -104,8 +105,9 @@ pub struct ProcessSettings {
     pub binary: PathBuf,
     /// Host to listen on; the port is picked by the child (`--listen HOST:0`).
     pub host: String,
-    /// Extra arguments for every child.
-    pub extra_args: Vec<String>,
+    /// What every child is given (report stream, join-token keys, extra arguments); each
+    /// child's own settings are added from its [`StartRequest`].
+    pub launch: LaunchSpec,
     /// Where their stderr goes.
     pub logs: ChildLogs,
     /// Directory for log files (with [`ChildLogs::Files`]).
@@ -181,29 +183,34 @@ impl Launcher for ProcessLauncher {
                 Stdio::from(file)
             }
         };
+        let listen = format!("{}:0", s.host).parse().map_err(|e| {
+            spawn_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("reflector host {:?}: {e}", s.host),
+            ))
+        })?;
+        let spec = LaunchSpec {
+            listen: Some(listen),
+            region: Some(req.region.clone()),
+            reflector_name: Some(req.name.clone()),
+            storage: Some(req.storage.clone()),
+            files_url: Some(req.files_url.clone()),
+            drain_timeout: Some(req.drain_timeout),
+            report_token: credential,
+            ..s.launch.clone()
+        };
         let mut cmd = Command::new(&s.binary);
-        cmd.arg("--listen")
-            .arg(format!("{}:0", s.host))
-            .arg("--region")
-            .arg(&req.region)
-            .arg("--reflector-name")
-            .arg(&req.name)
-            .arg("--storage")
-            .arg(&req.storage)
-            .arg("--files-url")
-            .arg(&req.files_url)
-            .arg("--drain-timeout")
-            .arg(humantime::format_duration(req.drain_timeout).to_string())
-            .args(&s.extra_args)
+        // The credential is not among the arguments (`to_args` leaves it out).
+        cmd.args(spec.to_args())
             // The reflector would prefer a token file over its own credential.
-            .env_remove("REFLEET_REPORT_TOKEN_FILE")
+            .env_remove(Setting::ReportTokenFile.env())
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true);
-        if let Some(c) = credential {
-            cmd.env("REFLEET_REPORT_TOKEN", c);
+        if let Some(c) = &spec.report_token {
+            cmd.env(Setting::ReportToken.env(), c);
         }
         let mut child = cmd.spawn().map_err(spawn_err)?;
         let (tx, rx) = watch::channel(None);
@@ -212,8 +219,8 @@ impl Launcher for ProcessLauncher {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stdout).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(url) = line.strip_prefix("box:") {
-                        let url = url.trim().to_owned();
+                    if let Some(url) = launch::parse_banner(&line) {
+                        let url = url.to_owned();
                         tracing::debug!(reflector = %name, %url, "reflector accepts connections");
                         tx.send_replace(Some(url));
                     }
