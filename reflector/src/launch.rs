@@ -320,8 +320,7 @@ mod tests {
         assert_eq!(config.storage, or(&spec.storage, &defaults.storage));
         assert_eq!(
             Duration::from(config.drain_timeout),
-            spec.drain_timeout
-                .unwrap_or(defaults.drain_timeout.into())
+            spec.drain_timeout.unwrap_or(defaults.drain_timeout.into())
         );
         assert_eq!(config.report_url, spec.report_url);
         assert_eq!(
@@ -397,8 +396,8 @@ mod tests {
     fn unknown_reflector_variables_are_refused_and_others_ignored() {
         assert!(config_from_env([("REFLEET_NO_SUCH_THING", "1")]).is_err());
         assert!(config_from_env([("REFLEET_RATE_LIMIT", "many")]).is_err());
-        let c = config_from_env([("AWS_REGION", "eu-west-1"), ("REFLEET_RATE_LIMIT", "7")])
-            .unwrap();
+        let c =
+            config_from_env([("AWS_REGION", "eu-west-1"), ("REFLEET_RATE_LIMIT", "7")]).unwrap();
         assert_eq!(c.rate_limit, 7);
     }
 

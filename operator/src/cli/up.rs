@@ -17,7 +17,6 @@ use anyhow::Context;
 use crate::local::config::{LocalConfig, LocalSettings};
 use crate::local::fleet::{Fleet, PoolRuntime};
 use crate::local::launcher::{ProcessLauncher, ProcessSettings};
-use refleet_reflector::launch::LaunchSpec;
 use crate::local::server::{Published, Server};
 use crate::local::table;
 use crate::router::metrics::RouterMetrics;
@@ -26,6 +25,7 @@ use crate::router::service::{self, Access, Frontend, always_leading};
 use crate::router::{Router, RouterConfig};
 use refleet_api::report_credential::ReportKey;
 use refleet_api::token::{Signer, Verifier};
+use refleet_reflector::launch::LaunchSpec;
 
 /// Arguments of `refleet up`.
 #[derive(Debug, Clone, clap::Args)]

@@ -426,7 +426,10 @@ mod tests {
                 .map(|e| (e.name.as_str(), e.value.as_deref().unwrap())),
         )
         .unwrap();
-        assert_eq!(config.listen, SocketAddr::from(([0, 0, 0, 0], REFLECTOR_PORT)));
+        assert_eq!(
+            config.listen,
+            SocketAddr::from(([0, 0, 0, 0], REFLECTOR_PORT))
+        );
         assert_eq!(config.region, "eu");
         assert_eq!(config.reflector_name, "arena-eu-0");
         assert_eq!(
@@ -435,7 +438,10 @@ mod tests {
         );
         assert_eq!(config.files_url, Some(pool.spec.files.public_url.clone()));
         assert_eq!(config.storage, "file:///data");
-        assert_eq!(Duration::from(config.drain_timeout), Duration::from_secs(300));
+        assert_eq!(
+            Duration::from(config.drain_timeout),
+            Duration::from_secs(300)
+        );
         assert_eq!(config.report_url, routing.report_url);
         assert!(config.require_join_token);
         assert_eq!(config.token_keys, "k1=AAAA");
