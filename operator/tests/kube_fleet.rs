@@ -28,6 +28,7 @@ use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
 use refleet_operator::cli::routing::RoutingArgs;
 use refleet_operator::controller::observe::{HttpLoad, LoadSource, NoLoad};
 use refleet_operator::crd::{ReflectorPool, Session};
+use refleet_reflector::launch::{self, LaunchSpec, Setting};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -302,16 +303,16 @@ async fn start_reflector(
     env: Vec<(String, String)>,
 ) -> tokio::process::Child {
     let mut child = tokio::process::Command::new(bin)
-        .args([
-            "--listen",
-            &addr.to_string(),
-            "--storage",
-            storage.to_str().unwrap(),
-            "--region",
-            "eu",
-            "--drain-timeout",
-            "1s",
-        ])
+        .args(
+            LaunchSpec {
+                listen: Some(addr),
+                storage: Some(storage.to_str().unwrap().to_owned()),
+                region: Some("eu".into()),
+                drain_timeout: Some(Duration::from_secs(1)),
+                ..LaunchSpec::default()
+            }
+            .to_args(),
+        )
         .envs(env)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
@@ -322,7 +323,7 @@ async fn start_reflector(
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let ready = tokio::time::timeout(Duration::from_secs(20), async {
         while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("box:") {
+            if launch::parse_banner(&line).is_some() {
                 return true;
             }
         }
@@ -364,11 +365,12 @@ async fn kubelet(
                 .flat_map(|s| s.containers[0].env.iter().flatten())
                 .filter(|e| {
                     [
-                        "REFLEET_REPORT_URL",
-                        "REFLEET_REPORT_TOKEN",
-                        "REFLEET_REFLECTOR_NAME",
+                        Setting::ReportUrl,
+                        Setting::ReportToken,
+                        Setting::ReflectorName,
                     ]
-                    .contains(&e.name.as_str())
+                    .iter()
+                    .any(|s| s.env() == e.name)
                 })
                 .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
                 .collect();

@@ -13,6 +13,7 @@ use refleet_operator::local::launcher::{Launcher, ProcessLauncher, ProcessSettin
 use refleet_operator::router::metrics::{REPORT_REFUSALS, RouterMetrics};
 use refleet_operator::router::reports::{self, ReportHub};
 use refleet_operator::router::{Router, RouterConfig};
+use refleet_reflector::launch::LaunchSpec;
 
 fn reflector_binary() -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
@@ -50,7 +51,10 @@ async fn each_child_reports_under_its_own_credential() {
     let mut launcher = ProcessLauncher::new(ProcessSettings {
         binary: reflector_binary(),
         host: "127.0.0.1".into(),
-        extra_args: vec!["--report-url".into(), report_url],
+        launch: LaunchSpec {
+            report_url: Some(report_url),
+            ..LaunchSpec::default()
+        },
         logs: ChildLogs::Files,
         log_dir: dir.join("logs"),
         report_key: Some(key),

@@ -6,6 +6,7 @@
 //!
 //! ## Layout
 //! - [`config`]: command line and environment.
+//! - [`launch`]: how launchers set that command line or environment, and the start-up banner.
 //! - [`server`]: the HTTP/WebSocket front door and the drain.
 //! - [`connection`]: one task per WebSocket (limits, parsing, the writer).
 //! - [`frame`]: client frames in, server frames out.
@@ -35,6 +36,7 @@ pub mod connection;
 pub mod files;
 pub mod files_scope;
 pub mod frame;
+pub mod launch;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;

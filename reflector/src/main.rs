@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
         "refleet-reflector ready"
     );
     // The one line on stdout: what to pass to Session.join({ box }).
-    println!("box: {public}");
+    println!("{}", refleet_reflector::launch::banner(&public));
     let drain = Arc::new(Notify::new());
     if let Some(url) = &config.report_url {
         let token = config

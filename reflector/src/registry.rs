@@ -32,22 +32,55 @@ pub fn shard_name<'a>(name: &'a str, app_id: &str) -> Option<&'a str> {
     name.strip_prefix(app_id)?.strip_prefix('/')
 }
 
+/// The body of `GET /sessions`, as the reflector sends it and its readers (the operator's
+/// controllers and `refleet up`) parse it. Reading is lenient: absent fields take defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionsReport {
+    /// The reflector's region.
+    #[serde(default)]
+    pub region: String,
+    /// Whether it is draining (takes no new sessions).
+    #[serde(default)]
+    pub draining: bool,
+    /// Its sessions in memory, busiest first.
+    #[serde(default)]
+    pub sessions: Vec<SessionSummary>,
+}
+
 /// What `/sessions` reports about one session in memory.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionSummary {
     /// The Croquet session id (last URL path segment).
     pub session_id: String,
     /// The JOIN's `name` (`<appId>/<session name>`), when known.
+    #[serde(default)]
     pub name: Option<String>,
+    /// The JOIN's appId, when known.
+    #[serde(default)]
     pub app_id: Option<String>,
+    /// The JOIN's persistentId, when known.
+    #[serde(default)]
     pub persistent_id: Option<String>,
     /// Members: connected users plus those within their leave delay.
-    pub users: usize,
+    #[serde(default)]
+    pub users: u32,
     /// Addresses of the admitted members connected now: `refleet up` accepts an upload into
     /// this session only from one of them.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<IpAddr>,
+}
+
+impl SessionSummary {
+    /// The shard name: the JOIN name without its `<appId>/` prefix (without a known appId,
+    /// whatever follows the first `/`).
+    pub fn shard(&self) -> Option<&str> {
+        let name = self.name.as_deref()?;
+        match self.app_id.as_deref() {
+            Some(app) => shard_name(name, app),
+            None => name.split_once('/').map(|(_, shard)| shard),
+        }
+    }
 }
 
 /// Activity of one session since the previous load report.
@@ -193,7 +226,7 @@ impl Registry {
                 name: identity.name.clone(),
                 app_id: identity.app_id.clone(),
                 persistent_id: identity.persistent_id.clone(),
-                users,
+                users: u32::try_from(users).unwrap_or(u32::MAX),
                 peers: Vec::new(),
             },
         );
@@ -399,5 +432,46 @@ mod tests {
         // remove_failed leaves a live session alone.
         r.remove_failed("s");
         assert!(r.contains("s"));
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_sessions_report_keeps_its_json_names_and_reads_back() {
+        let report = SessionsReport {
+            region: "eu".into(),
+            draining: false,
+            sessions: vec![SessionSummary {
+                session_id: "s1".into(),
+                name: Some("app/lobby~1".into()),
+                app_id: Some("app".into()),
+                persistent_id: None,
+                users: 3,
+                peers: vec!["127.0.0.1".parse().unwrap()],
+            }],
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "region": "eu", "draining": false,
+                "sessions": [{"sessionId": "s1", "name": "app/lobby~1", "appId": "app",
+                              "persistentId": null, "users": 3, "peers": ["127.0.0.1"]}]
+            })
+        );
+        assert_eq!(
+            serde_json::from_value::<SessionsReport>(json).unwrap(),
+            report
+        );
+        assert_eq!(report.sessions[0].shard(), Some("lobby~1"));
+        // Absent fields take defaults.
+        let sparse: SessionsReport =
+            serde_json::from_str(r#"{"sessions": [{"sessionId": "s2"}]}"#).unwrap();
+        assert_eq!(sparse.sessions[0].users, 0);
+        assert!(!sparse.draining);
     }
 }

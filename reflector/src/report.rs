@@ -144,7 +144,7 @@ impl Reporter {
                     .and_then(|n| shard_name(n, &app))
                     .unwrap_or_default()
                     .to_owned();
-                let users = u32::try_from(s.users).unwrap_or(u32::MAX);
+                let users = s.users;
                 let max_users = if a.max_users > 0 {
                     a.max_users
                 } else {

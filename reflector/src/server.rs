@@ -209,12 +209,13 @@ async fn entry(
         "/sessions" => {
             // Per-session figures for the operator (and debugging); bounded by the sessions
             // in memory, and kept out of Prometheus labels on purpose.
-            let body = serde_json::json!({
-                "region": app.region,
-                "draining": app.registry.is_draining(),
-                "sessions": app.registry.summaries(),
-            });
-            let mut res = (StatusCode::OK, body.to_string()).into_response();
+            let body = crate::registry::SessionsReport {
+                region: app.region.clone(),
+                draining: app.registry.is_draining(),
+                sessions: app.registry.summaries(),
+            };
+            let body = serde_json::to_string(&body).unwrap_or_default();
+            let mut res = (StatusCode::OK, body).into_response();
             res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             res

@@ -65,8 +65,7 @@ fn start_reflector(
         .next()
         .expect("a line")
         .expect("stdout");
-    let base = line
-        .strip_prefix("box: ")
+    let base = refleet_reflector::launch::parse_banner(&line)
         .expect("box line")
         .trim_end_matches('/')
         .to_string();

@@ -15,6 +15,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use refleet_api::report_credential::ReportKey;
 use refleet_api::token::{Signer, Verifier};
+use refleet_reflector::launch::LaunchSpec;
 
 use crate::router::client::TrustedProxies;
 use crate::router::reports::{self, ReportHub};
@@ -319,14 +320,6 @@ fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
-fn env(name: &str, value: String) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
-        value: Some(value),
-        ..Default::default()
-    }
-}
-
 impl Routing {
     /// Sets up keys, the router, and binds both listeners; `namespace` is the operator's.
     pub async fn start(
@@ -370,17 +363,14 @@ impl Routing {
             crate::router::metrics::RouterMetrics::new(registry),
         );
         let leading = Arc::new(AtomicBool::new(false));
-        let mut reflector_env = Vec::new();
-        if let Some(url) = &args.reflector_report_url {
-            reflector_env.push(env("REFLEET_REPORT_URL", url.clone()));
-        }
-        if let Some(s) = &signer {
-            reflector_env.push(env("REFLEET_REQUIRE_JOIN_TOKEN", "true".to_owned()));
-            reflector_env.push(env(
-                "REFLEET_TOKEN_KEYS",
-                Verifier::format_key(s.key_id(), &s.public_key()),
-            ));
-        }
+        let reflector_env = crate::controller::pod::env_vars(&LaunchSpec {
+            report_url: args.reflector_report_url.clone(),
+            require_join_token: signer.is_some(),
+            token_keys: signer
+                .as_ref()
+                .map(|s| Verifier::format_key(s.key_id(), &s.public_key())),
+            ..LaunchSpec::default()
+        });
         let router_listener = tokio::net::TcpListener::bind(args.router_listen)
             .await
             .with_context(|| format!("binding --router-listen {}", args.router_listen))?;

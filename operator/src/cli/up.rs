@@ -25,6 +25,7 @@ use crate::router::service::{self, Access, Frontend, always_leading};
 use crate::router::{Router, RouterConfig};
 use refleet_api::report_credential::ReportKey;
 use refleet_api::token::{Signer, Verifier};
+use refleet_reflector::launch::LaunchSpec;
 
 /// Arguments of `refleet up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -169,15 +170,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     tracing::info!(url = %report_url, "report stream listening (each reflector child has its own credential)");
     // This run's report key stays in memory: each child gets its own credential from it.
     let report_key = ReportKey::new(&rand::random::<[u8; 32]>())?;
-    let mut reflector_args = reflector_args;
-    reflector_args.extend(["--report-url".to_owned(), report_url.clone()]);
-    if let Some(s) = &signer {
-        reflector_args.extend([
-            "--require-join-token".to_owned(),
-            "--token-keys".to_owned(),
-            Verifier::format_key(s.key_id(), &s.public_key()),
-        ]);
-    }
+    let reflector_launch = LaunchSpec {
+        report_url: Some(report_url.clone()),
+        require_join_token: signer.is_some(),
+        token_keys: signer
+            .as_ref()
+            .map(|s| Verifier::format_key(s.key_id(), &s.public_key())),
+        extra_args: reflector_args,
+        ..LaunchSpec::default()
+    };
     let hub = ReportHub::new(router.clone(), Some(report_key.clone()));
     let (stop_reports, reports_stopped) = tokio::sync::oneshot::channel::<()>();
     let reporting = tokio::spawn(reports::serve(report_listener, hub, async {
@@ -224,7 +225,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let launcher = ProcessLauncher::new(ProcessSettings {
         binary,
         host: reflector_host,
-        extra_args: reflector_args,
+        launch: reflector_launch,
         logs: child_logs,
         log_dir: data_dir.join("logs"),
         report_key: Some(report_key),

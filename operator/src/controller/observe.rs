@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
+use refleet_reflector::registry::{SessionsReport, shard_name};
 use serde::Deserialize;
 
 use refleet_api::report_credential::ReportKey;
@@ -32,7 +33,7 @@ pub struct HostedSession {
 
 /// A reflector's report: the sessions it hosts.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(from = "WireLoad")]
+#[serde(from = "SessionsReport")]
 pub struct ReflectorLoad {
     /// Whether the reflector says it is draining.
     pub draining: bool,
@@ -40,49 +41,23 @@ pub struct ReflectorLoad {
     pub sessions: Vec<HostedSession>,
 }
 
-/// `GET /sessions` as the reflector sends it.
-#[derive(Deserialize)]
-struct WireLoad {
-    #[serde(default)]
-    draining: bool,
-    #[serde(default)]
-    sessions: Vec<WireSession>,
-}
-
-/// One entry of `GET /sessions`: `name` is the JOIN's `<appId>/<session name>`; `name` and
-/// `appId` are null for a session whose JOIN did not say them.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireSession {
-    #[serde(default)]
-    app_id: Option<String>,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    users: u32,
-}
-
-impl From<WireLoad> for ReflectorLoad {
-    fn from(wire: WireLoad) -> Self {
-        let sessions = wire
+/// Keeps the sessions whose JOIN named its appId and a shard of it.
+impl From<SessionsReport> for ReflectorLoad {
+    fn from(report: SessionsReport) -> Self {
+        let sessions = report
             .sessions
             .into_iter()
             .filter_map(|s| {
-                let app_id = s.app_id?;
-                let name = s.name?;
-                let shard = name
-                    .strip_prefix(app_id.as_str())
-                    .and_then(|rest| rest.strip_prefix('/'))?
-                    .to_owned();
+                let shard = shard_name(s.name.as_deref()?, s.app_id.as_deref()?)?.to_owned();
                 Some(HostedSession {
-                    app_id,
+                    app_id: s.app_id?,
                     name: shard,
                     users: s.users,
                 })
             })
             .collect();
         Self {
-            draining: wire.draining,
+            draining: report.draining,
             sessions,
         }
     }

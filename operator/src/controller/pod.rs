@@ -5,6 +5,8 @@
 //! same object instead of creating a duplicate.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, Pod,
@@ -14,6 +16,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
+use refleet_reflector::launch::{LaunchSpec, Setting};
 
 use crate::crd::{ReflectorPool, ResolvedRegion};
 
@@ -37,8 +40,6 @@ pub const CONTAINER: &str = "reflector";
 pub const RUN_AS_USER: i64 = 65532;
 /// Extra seconds on top of the drain grace so the reflector can store state and exit.
 pub const TERMINATION_SLACK_SECONDS: i64 = 30;
-/// Env var carrying a reflector's own report-stream credential.
-pub const REPORT_TOKEN_ENV: &str = "REFLEET_REPORT_TOKEN";
 
 /// Name of reflector `index` of `region` in `pool`.
 pub fn pod_name(pool: &str, region: &str, index: u32) -> String {
@@ -87,23 +88,23 @@ pub fn reflector_pod(pool: &ReflectorPool, region: &ResolvedRegion, name: &str) 
         (LABEL_POD.to_owned(), name.to_owned()),
     ]);
     let drain = i64::from(spec.drain_grace_period_seconds);
-    let mut env = vec![
-        env("REFLEET_LISTEN", format!("0.0.0.0:{REFLECTOR_PORT}")),
-        env("REFLEET_REGION", region.name.clone()),
-        env("REFLEET_REFLECTOR_NAME", name.to_owned()),
-        env(
-            "REFLEET_PUBLIC_URL",
-            spec.reflector_url.render(name, &region.name, &namespace),
-        ),
-        env("REFLEET_FILES_URL", spec.files.public_url.clone()),
-        env(
-            "REFLEET_STORAGE",
+    let launch = LaunchSpec {
+        listen: Some(SocketAddr::from(([0, 0, 0, 0], REFLECTOR_PORT))),
+        region: Some(region.name.clone()),
+        reflector_name: Some(name.to_owned()),
+        public_url: Some(spec.reflector_url.render(name, &region.name, &namespace)),
+        files_url: Some(spec.files.public_url.clone()),
+        storage: Some(
             spec.storage
                 .as_ref()
                 .map_or_else(|| "file:///data".to_owned(), |s| s.url.clone()),
         ),
-        env("REFLEET_DRAIN_TIMEOUT", format!("{drain}s")),
-    ];
+        drain_timeout: Some(Duration::from_secs(u64::from(
+            spec.drain_grace_period_seconds,
+        ))),
+        ..LaunchSpec::default()
+    };
+    let mut env = env_vars(&launch);
     // The pool's and region's own entries win over the built-in ones.
     for var in &region.env {
         env.retain(|e| e.name != var.name);
@@ -224,8 +225,13 @@ pub fn set_report_credential(pod: &mut Pod, credential: String) {
         return;
     };
     let env = c.env.get_or_insert_with(Vec::new);
-    env.retain(|e| e.name != REPORT_TOKEN_ENV && e.name != "REFLEET_REPORT_TOKEN_FILE");
-    env.push(self::env(REPORT_TOKEN_ENV, credential));
+    env.retain(|e| {
+        e.name != Setting::ReportToken.env() && e.name != Setting::ReportTokenFile.env()
+    });
+    env.extend(env_vars(&LaunchSpec {
+        report_token: Some(credential),
+        ..LaunchSpec::default()
+    }));
 }
 
 /// The Service in front of one reflector pod (when `reflectorURL.perPodService` is set),
@@ -267,6 +273,15 @@ fn runtime_default_seccomp() -> SeccompProfile {
         type_: "RuntimeDefault".to_owned(),
         ..Default::default()
     }
+}
+
+/// The reflector's environment variables for `launch`.
+pub fn env_vars(launch: &LaunchSpec) -> Vec<EnvVar> {
+    launch
+        .to_env()
+        .into_iter()
+        .map(|(name, value)| env(name, value))
+        .collect()
 }
 
 fn env(name: &str, value: String) -> EnvVar {
@@ -372,7 +387,7 @@ mod tests {
     fn a_pods_report_credential_replaces_any_the_pool_sets() {
         let mut pool = fixtures::pool("games", "arena", &["eu"]);
         pool.spec.defaults.env = Some(vec![
-            env(REPORT_TOKEN_ENV, "someone-else".into()),
+            env(Setting::ReportToken.env(), "someone-else".into()),
             env("REFLEET_REPORT_TOKEN_FILE", "/elsewhere".into()),
         ]);
         let region = pool.spec.resolved_region("eu").unwrap();
@@ -384,7 +399,54 @@ mod tests {
             .filter(|e| e.name.starts_with("REFLEET_REPORT_TOKEN"))
             .map(|e| (e.name.as_str(), e.value.as_deref().unwrap()))
             .collect();
-        assert_eq!(report, [(REPORT_TOKEN_ENV, "arena-eu-0.eu.mac")]);
+        assert_eq!(report, [(Setting::ReportToken.env(), "arena-eu-0.eu.mac")]);
+    }
+
+    /// What the reflector makes of a pod's environment, parsed by its own `Config` (this
+    /// replaces the chart tests' scan of this file for `REFLEET_…` names).
+    #[test]
+    fn the_reflector_reads_the_pods_environment_as_intended() {
+        let mut pool = fixtures::pool("games", "arena", &["eu"]);
+        pool.spec.defaults.env = Some(vec![env("AWS_REGION", "eu-west-1".into())]);
+        let region = pool.spec.resolved_region("eu").unwrap();
+        let mut pod = reflector_pod(&pool, &region, "arena-eu-0");
+        // What the reconcile adds: the routing settings, then the pod's credential.
+        let routing = LaunchSpec {
+            report_url: Some("http://refleet-report.refleet-system.svc:8081".into()),
+            require_join_token: true,
+            token_keys: Some("k1=AAAA".into()),
+            ..LaunchSpec::default()
+        };
+        let c = &mut pod.spec.as_mut().unwrap().containers[0];
+        c.env.as_mut().unwrap().extend(env_vars(&routing));
+        set_report_credential(&mut pod, "arena-eu-0.eu.mac".into());
+        let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+        let config = refleet_reflector::launch::config_from_env(
+            env.iter()
+                .map(|e| (e.name.as_str(), e.value.as_deref().unwrap())),
+        )
+        .unwrap();
+        assert_eq!(
+            config.listen,
+            SocketAddr::from(([0, 0, 0, 0], REFLECTOR_PORT))
+        );
+        assert_eq!(config.region, "eu");
+        assert_eq!(config.reflector_name, "arena-eu-0");
+        assert_eq!(
+            config.public_url.as_deref(),
+            Some("ws://arena-eu-0.eu.games.test/")
+        );
+        assert_eq!(config.files_url, Some(pool.spec.files.public_url.clone()));
+        assert_eq!(config.storage, "file:///data");
+        assert_eq!(
+            Duration::from(config.drain_timeout),
+            Duration::from_secs(300)
+        );
+        assert_eq!(config.report_url, routing.report_url);
+        assert!(config.require_join_token);
+        assert_eq!(config.token_keys, "k1=AAAA");
+        assert_eq!(config.report_token.as_deref(), Some("arena-eu-0.eu.mac"));
+        assert_eq!(config.report_token_file, None);
     }
 
     #[test]

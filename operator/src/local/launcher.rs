@@ -9,7 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use refleet_api::report_credential::{CredentialError, ReportKey};
-use serde::{Deserialize, Serialize};
+use refleet_reflector::launch::{self, LaunchSpec, Setting};
+use refleet_reflector::registry::{SessionSummary, SessionsReport};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -32,39 +33,8 @@ pub struct StartRequest {
     pub drain_timeout: Duration,
 }
 
-/// One session a reflector reports on `/sessions`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReportedSession {
-    /// The Croquet session id.
-    pub session_id: String,
-    /// The JOIN's `name`: `<appId>/<session name>`.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The JOIN's appId.
-    #[serde(default)]
-    pub app_id: Option<String>,
-    /// The JOIN's persistentId.
-    #[serde(default)]
-    pub persistent_id: Option<String>,
-    /// Members (connected users plus those within their leave delay).
-    pub users: u32,
-    /// Addresses of the admitted members connected now (uploads into the session are
-    /// accepted only from these).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub peers: Vec<std::net::IpAddr>,
-}
-
-impl ReportedSession {
-    /// The shard name: the JOIN name without its `<appId>/` prefix.
-    pub fn shard(&self) -> Option<&str> {
-        let name = self.name.as_deref()?;
-        match self.app_id.as_deref() {
-            Some(app) => refleet_reflector::registry::shard_name(name, app),
-            None => name.split_once('/').map(|(_, shard)| shard),
-        }
-    }
-}
+/// One session a reflector reports on `/sessions`: the reflector's own type.
+pub type ReportedSession = SessionSummary;
 
 /// A reflector as its launcher sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,8 +105,9 @@ pub struct ProcessSettings {
     pub binary: PathBuf,
     /// Host to listen on; the port is picked by the child (`--listen HOST:0`).
     pub host: String,
-    /// Extra arguments for every child.
-    pub extra_args: Vec<String>,
+    /// What every child is given (report stream, join-token keys, extra arguments); each
+    /// child's own settings are added from its [`StartRequest`].
+    pub launch: LaunchSpec,
     /// Where their stderr goes.
     pub logs: ChildLogs,
     /// Directory for log files (with [`ChildLogs::Files`]).
@@ -213,29 +184,34 @@ impl Launcher for ProcessLauncher {
                 Stdio::from(file)
             }
         };
+        let listen = format!("{}:0", s.host).parse().map_err(|e| {
+            spawn_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("reflector host {:?}: {e}", s.host),
+            ))
+        })?;
+        let spec = LaunchSpec {
+            listen: Some(listen),
+            region: Some(req.region.clone()),
+            reflector_name: Some(req.name.clone()),
+            storage: Some(req.storage.clone()),
+            files_url: Some(req.files_url.clone()),
+            drain_timeout: Some(req.drain_timeout),
+            report_token: credential,
+            ..s.launch.clone()
+        };
         let mut cmd = Command::new(&s.binary);
-        cmd.arg("--listen")
-            .arg(format!("{}:0", s.host))
-            .arg("--region")
-            .arg(&req.region)
-            .arg("--reflector-name")
-            .arg(&req.name)
-            .arg("--storage")
-            .arg(&req.storage)
-            .arg("--files-url")
-            .arg(&req.files_url)
-            .arg("--drain-timeout")
-            .arg(humantime::format_duration(req.drain_timeout).to_string())
-            .args(&s.extra_args)
+        // The credential is not among the arguments (`to_args` leaves it out).
+        cmd.args(spec.to_args())
             // The reflector would prefer a token file over its own credential.
-            .env_remove("REFLEET_REPORT_TOKEN_FILE")
+            .env_remove(Setting::ReportTokenFile.env())
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true);
-        if let Some(c) = &credential {
-            cmd.env("REFLEET_REPORT_TOKEN", c);
+        if let Some(c) = &spec.report_token {
+            cmd.env(Setting::ReportToken.env(), c);
         }
         let mut child = cmd.spawn().map_err(spawn_err)?;
         let (tx, rx) = watch::channel(None);
@@ -244,8 +220,8 @@ impl Launcher for ProcessLauncher {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stdout).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(url) = line.strip_prefix("box:") {
-                        let url = url.trim().to_owned();
+                    if let Some(url) = launch::parse_banner(&line) {
+                        let url = url.to_owned();
                         tracing::debug!(reflector = %name, %url, "reflector accepts connections");
                         tx.send_replace(Some(url));
                     }
@@ -259,7 +235,7 @@ impl Launcher for ProcessLauncher {
                 child,
                 url: rx,
                 exited: None,
-                credential,
+                credential: spec.report_token.clone(),
             },
         );
         Ok(())
@@ -334,12 +310,6 @@ pub fn sessions_client() -> reqwest::Client {
         .timeout(Duration::from_millis(800))
         .build()
         .unwrap_or_default()
-}
-
-/// The body of a reflector's `/sessions`.
-#[derive(Debug, Deserialize)]
-struct SessionsReport {
-    sessions: Vec<ReportedSession>,
 }
 
 /// `GET <url>sessions`, or `None` when the reflector does not answer properly.
