@@ -98,6 +98,8 @@ e2eTest('graceful restart: sessions survive SIGTERM and a restart on the same st
     h.mark(`first reflector exited after ${drainMs} ms`);
     assert.deepEqual(status, { code: 0, signal: null }, 'the drained reflector exits 0');
     assert.ok(drainMs < 15000, `exit within the drain timeout plus storing time (took ${drainMs} ms)`);
+    // The proxy notes each close as it relays it, which can be a moment after the process exit.
+    await waitFor(() => aConn1.closed && bConn1.closed, { timeout: 3000, what: 'the proxy to see both closes' }).catch(() => {});
     for (const conn of [aConn1, bConn1]) {
         assert.ok(conn.closed, `connection #${conn.conn} was closed`);
         assert.equal(conn.closed.by, 'server', 'the reflector closed the connection');

@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +33,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
 mod support;
-use support::{admin_client, eventually, prepare, start_kube};
+use support::{admin_client, eventually, prepare, reflector_binary, start_kube};
 
 // ---------------------------------------------------------------------------------------
 // In-process operators
@@ -276,22 +275,6 @@ impl Drop for Reflectors {
             let _ = child.start_kill();
         }
     }
-}
-
-fn reflector_binary() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let target =
-        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| repo.join("target"), PathBuf::from);
-    let bin = target.join("debug/refleet-reflector");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "refleet-reflector"])
-            .current_dir(repo)
-            .status()
-            .expect("cargo build -p refleet-reflector");
-        assert!(status.success(), "building refleet-reflector failed");
-    }
-    bin
 }
 
 /// Starts a reflector on `addr` with the report-stream part of its pod's environment

@@ -3,8 +3,6 @@
 //! accepts it as exactly that reflector.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use refleet_api::report_credential::ReportKey;
@@ -15,21 +13,8 @@ use refleet_operator::router::reports::{self, ReportHub};
 use refleet_operator::router::{Router, RouterConfig};
 use refleet_reflector::launch::LaunchSpec;
 
-fn reflector_binary() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let target =
-        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| repo.join("target"), PathBuf::from);
-    let bin = target.join("debug/refleet-reflector");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "refleet-reflector"])
-            .current_dir(repo)
-            .status()
-            .expect("cargo build -p refleet-reflector");
-        assert!(status.success(), "building refleet-reflector failed");
-    }
-    bin
-}
+mod support;
+use support::reflector_binary;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_child_reports_under_its_own_credential() {

@@ -209,56 +209,29 @@ async fn reload_keys(dir: PathBuf, access: Arc<Access>) {
 
 /// Reads or creates the signing key Secret.
 async fn signing_key(client: &Client, namespace: &str, name: &str) -> anyhow::Result<Signer> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    for _ in 0..3 {
-        if let Some(s) = api
-            .get_opt(name)
-            .await
-            .with_context(|| format!("reading Secret {namespace}/{name}"))?
-        {
-            let data = s.data.unwrap_or_default();
-            let kid = data
-                .get("kid")
-                .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
-                .unwrap_or_default();
-            let key = data
-                .get("signing-key")
-                .map(|b| b.0.clone())
-                .unwrap_or_default();
-            let secret: [u8; 32] = key.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!("Secret {namespace}/{name}: signing-key must be 32 raw bytes")
-            })?;
-            anyhow::ensure!(!kid.is_empty(), "Secret {namespace}/{name}: kid is empty");
-            return Ok(Signer::new(kid, &secret));
-        }
+    let fresh = || {
         let secret: [u8; 32] = rand::random();
         let kid = format!("k{:08x}", rand::random::<u32>());
-        let object = Secret {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.to_owned()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/name".to_owned(),
-                    "refleet".to_owned(),
-                )])),
-                ..Default::default()
-            },
-            data: Some(BTreeMap::from([
-                ("kid".to_owned(), ByteString(kid.clone().into_bytes())),
-                ("signing-key".to_owned(), ByteString(secret.to_vec())),
-            ])),
-            ..Default::default()
-        };
-        match api.create(&PostParams::default(), &object).await {
-            Ok(_) => {
-                tracing::info!(secret = %name, %kid, "created the join-token signing key");
-                return Ok(Signer::new(kid, &secret));
-            }
-            // Another replica created it first: read theirs.
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(e).with_context(|| format!("creating Secret {namespace}/{name}")),
-        }
-    }
-    anyhow::bail!("Secret {namespace}/{name} kept changing while being read")
+        BTreeMap::from([
+            ("kid".to_owned(), ByteString(kid.into_bytes())),
+            ("signing-key".to_owned(), ByteString(secret.to_vec())),
+        ])
+    };
+    let data =
+        read_or_create_secret(client, namespace, name, "the join-token signing key", fresh).await?;
+    let kid = data
+        .get("kid")
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+        .unwrap_or_default();
+    let key = data
+        .get("signing-key")
+        .map(|b| b.0.clone())
+        .unwrap_or_default();
+    let secret: [u8; 32] = key.as_slice().try_into().map_err(|_| {
+        anyhow::anyhow!("Secret {namespace}/{name}: signing-key must be 32 raw bytes")
+    })?;
+    anyhow::ensure!(!kid.is_empty(), "Secret {namespace}/{name}: kid is empty");
+    Ok(Signer::new(kid, &secret))
 }
 
 /// Reads or creates the report key Secret (key `token`).
@@ -267,6 +240,27 @@ pub(crate) async fn report_key(
     namespace: &str,
     name: &str,
 ) -> anyhow::Result<ReportKey> {
+    // Text, so that it can be typed or copied like any other Secret value.
+    let fresh = || BTreeMap::from([("token".to_owned(), ByteString(random_hex(32).into_bytes()))]);
+    let data = read_or_create_secret(client, namespace, name, "the report key", fresh).await?;
+    let token = data
+        .get("token")
+        .map(|b| b.0.as_slice())
+        .unwrap_or_default();
+    // A value typed by hand often ends with a newline; it is not part of the key.
+    ReportKey::new(token.trim_ascii())
+        .with_context(|| format!("Secret {namespace}/{name}, key token"))
+}
+
+/// The data of Secret `namespace/name`, created with `fresh()` when it does not exist. Safe
+/// with several replicas starting at once: whoever loses the create reads the winner's.
+async fn read_or_create_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    fresh: impl Fn() -> BTreeMap<String, ByteString>,
+) -> anyhow::Result<BTreeMap<String, ByteString>> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     for _ in 0..3 {
         if let Some(s) = api
@@ -274,18 +268,9 @@ pub(crate) async fn report_key(
             .await
             .with_context(|| format!("reading Secret {namespace}/{name}"))?
         {
-            let data = s.data.unwrap_or_default();
-            let token = data
-                .get("token")
-                .map(|b| b.0.as_slice())
-                .unwrap_or_default();
-            // A value typed by hand often ends with a newline; it is not part of the key.
-            let token = token.trim_ascii();
-            return ReportKey::new(token)
-                .with_context(|| format!("Secret {namespace}/{name}, key token"));
+            return Ok(s.data.unwrap_or_default());
         }
-        // Text, so that it can be typed or copied like any other Secret value.
-        let token = random_hex(32);
+        let data = fresh();
         let object = Secret {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.to_owned()),
@@ -295,16 +280,13 @@ pub(crate) async fn report_key(
                 )])),
                 ..Default::default()
             },
-            data: Some(BTreeMap::from([(
-                "token".to_owned(),
-                ByteString(token.clone().into_bytes()),
-            )])),
+            data: Some(data.clone()),
             ..Default::default()
         };
         match api.create(&PostParams::default(), &object).await {
             Ok(_) => {
-                tracing::info!(secret = %name, "created the report key");
-                return Ok(ReportKey::new(token.as_bytes())?);
+                tracing::info!(secret = %name, "created {what}");
+                return Ok(data);
             }
             // Another replica created it first: read theirs.
             Err(kube::Error::Api(e)) if e.code == 409 => continue,

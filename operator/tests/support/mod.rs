@@ -152,3 +152,20 @@ pub async fn prepare(admin: &Client, ns: &str) {
         .await
         .unwrap();
 }
+
+/// The `refleet-reflector` binary of this build, built first when it is missing.
+pub fn reflector_binary() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| repo.join("target"), PathBuf::from);
+    let bin = target.join("debug/refleet-reflector");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "refleet-reflector"])
+            .current_dir(repo)
+            .status()
+            .expect("cargo build -p refleet-reflector");
+        assert!(status.success(), "building refleet-reflector failed");
+    }
+    bin
+}
