@@ -22,5 +22,6 @@ pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod local;
+pub mod metrics;
 pub mod planner;
 pub mod router;

@@ -18,10 +18,10 @@ use tokio::net::TcpListener;
 
 use crate::cli::routing::{Routing, RoutingArgs};
 use crate::controller::leader::{LeaseSettings, lead};
-use crate::controller::metrics::Metrics;
 use crate::controller::observe::{HttpLoad, LoadSource};
 use crate::controller::reconcile::run_controllers;
 use crate::controller::{Context, FIELD_MANAGER};
+use crate::metrics::Metrics;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -24,12 +24,10 @@
 //! - [`input`]: observed objects → the planner's input.
 //! - [`status`]: plan → statuses and conditions.
 //! - [`reconcile`]: the controllers' reconcile functions and the apply step.
-//! - [`metrics`]: Prometheus metrics.
 //! - [`leader`]: Lease-based leader election.
 
 pub mod input;
 pub mod leader;
-pub mod metrics;
 pub mod observe;
 pub mod pod;
 pub mod reconcile;
@@ -48,8 +46,8 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 
 use self::input::PoolMemory;
-use self::metrics::Metrics;
 use self::observe::LoadSource;
+use crate::metrics::Metrics;
 use crate::planner::Seconds;
 
 /// The field manager of every server-side apply and the reporting controller of Events.

@@ -16,11 +16,11 @@ use serde_json::{Value, json};
 
 use super::Context;
 use super::fixtures;
-use super::metrics::Metrics;
 use super::observe::NoLoad;
 use super::pod::{pod_name, reflector_pod};
 use super::reconcile::sync;
 use crate::crd::{ReflectorPool, Session};
+use crate::metrics::Metrics;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 

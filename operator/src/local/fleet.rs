@@ -15,9 +15,9 @@ use serde::Serialize;
 
 use super::config::{LOCAL_IMAGE, LocalPool, LocalSession};
 use super::launcher::{Launcher, Observed, ReportedSession, StartRequest};
-use crate::controller::metrics::Metrics;
-use crate::controller::reconcile::POOL_CONTROLLER;
 use crate::crd::{Capacity, ShardPhase};
+use crate::metrics::Metrics;
+use crate::metrics::POOL_CONTROLLER;
 use crate::planner::{
     Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
     RegionInput, RegionPlan, ScaleHistory, Seconds, SessionInput, ShardPolicy, ShardRecord, plan,

@@ -24,7 +24,7 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
 
 use super::fleet::Status;
-use crate::controller::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// The job of the operator (`refleet up` itself locally): same name as in a cluster.
 pub const OPERATOR_JOB: &str = "refleet-operator";

@@ -1,7 +1,10 @@
-//! The operator's Prometheus metrics. Labels are bounded by construction: controller and
-//! error labels are `&'static str`, decision kinds a fixed set, and pool / region / session
-//! labels are bounded by the ReflectorPool and Session objects (series of a deleted Session
-//! are removed on the next sync of its pool).
+//! The operator's Prometheus metrics, shared by the kube backend ([`crate::controller`]) and
+//! the local one ([`crate::local`]): both record the same plan, reconcile and gauge series.
+//!
+//! Labels are bounded by construction: controller and error labels are `&'static str`,
+//! decision kinds a fixed set, and pool / region / session labels are bounded by the
+//! ReflectorPool and Session objects (series of a deleted Session are removed on the next sync
+//! of its pool).
 //!
 //! Every label set with a fixed set of values (controller, error kind, decision kind, shard
 //! state, reflector state, resource) exists at 0 from start-up or from the first sync of its
@@ -17,15 +20,19 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::controller::reconcile::{POOL_CONTROLLER, SESSION_CONTROLLER};
 use crate::crd::{Capacity, ReflectorPoolSpec, ShardPhase};
 use crate::planner::{Decision, Plan};
+
+/// Name of the ReflectorPool controller (`controller` label), in the kube and local backends.
+pub const POOL_CONTROLLER: &str = "reflectorpool";
+/// Name of the Session controller (`controller` label).
+pub const SESSION_CONTROLLER: &str = "session";
 
 /// The `controller` label values.
 pub const CONTROLLERS: &[&str] = &[POOL_CONTROLLER, SESSION_CONTROLLER];
 
 /// The `error` label values of `refleet_operator_reconcile_errors_total`, as
-/// [`crate::controller::Error::metric_label`] names them.
+/// the kube backend's `controller::Error::metric_label` names them.
 pub const ERROR_KINDS: &[&str] = &[
     "unauthorized",
     "forbidden",
