@@ -393,6 +393,31 @@ fn operator_modules_depend_only_on_lower_layers() {
     );
 }
 
+/// The operator's pure layers name no kube API machinery: the planner, the router and the
+/// metrics take plain data (the CRDs' value types included) and are tested without a cluster.
+#[test]
+fn planner_router_and_metrics_name_no_kube_types() {
+    let src = repo().join("operator/src");
+    let mut files = Vec::new();
+    for module in ["planner", "router"] {
+        rust_files(&src.join(module), &mut files);
+    }
+    files.push(src.join("metrics.rs"));
+    let mut wrong = Vec::new();
+    for file in files {
+        let code = strip(&std::fs::read_to_string(&file).unwrap());
+        for (n, line) in code.lines().enumerate() {
+            if ["kube::", "k8s_openapi::", "kube_runtime::"]
+                .iter()
+                .any(|path| line.contains(path))
+            {
+                wrong.push(format!("  {}:{}", file.display(), n + 1));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "kube types in a pure layer:\n{}", wrong.join("\n"));
+}
+
 #[test]
 fn the_parser_sees_the_paths_it_is_meant_to() {
     let code = strip(
