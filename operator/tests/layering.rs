@@ -415,7 +415,11 @@ fn planner_router_and_metrics_name_no_kube_types() {
             }
         }
     }
-    assert!(wrong.is_empty(), "kube types in a pure layer:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "kube types in a pure layer:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
