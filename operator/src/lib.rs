@@ -25,3 +25,4 @@ pub mod local;
 pub mod metrics;
 pub mod planner;
 pub mod router;
+pub mod secrets;

@@ -362,7 +362,7 @@ fn no_crate_has_a_cycle_between_its_top_level_modules() {
 const OPERATOR_LAYERS: &[&[&str]] = &[
     &["crd"],
     &["planner", "crdgen"],
-    &["router", "metrics"],
+    &["router", "metrics", "secrets"],
     &["controller", "local"],
     &["cli"],
 ];

@@ -98,7 +98,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
                 .lease_namespace
                 .clone()
                 .unwrap_or_else(|| client.default_namespace().to_owned());
-            Some(crate::cli::routing::report_key(&client, &namespace, name).await?)
+            Some(crate::secrets::report_key(&client, &namespace, name).await?)
         }
         None => None,
     };
