@@ -21,7 +21,7 @@ use crate::controller::leader::{LeaseSettings, lead};
 use crate::controller::observe::{HttpLoad, LoadSource};
 use crate::controller::reconcile::run_controllers;
 use crate::controller::{Context, FIELD_MANAGER};
-use crate::metrics::Metrics;
+use crate::metrics::OperatorMetrics;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -132,7 +132,7 @@ pub async fn serve(
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("refleet-{}", std::process::id()));
     let lease_namespace = lease_namespace.unwrap_or_else(|| client.default_namespace().to_owned());
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(OperatorMetrics::new());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = {

@@ -47,7 +47,7 @@ use kube::runtime::events::{Recorder, Reporter};
 
 use self::input::PoolMemory;
 use self::observe::LoadSource;
-use crate::metrics::Metrics;
+use crate::metrics::OperatorMetrics;
 use crate::planner::Seconds;
 
 /// The field manager of every server-side apply and the reporting controller of Events.
@@ -106,7 +106,7 @@ pub struct Context {
     /// Where reflector load comes from.
     pub load: Arc<dyn LoadSource>,
     /// The operator's metrics.
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<OperatorMetrics>,
     /// How often a pool is re-synced without any change (reflector load is polled).
     pub resync: Duration,
     /// The clock (Unix seconds); tests fix it.
@@ -148,7 +148,7 @@ impl Context {
         client: Client,
         identity: &str,
         load: Arc<dyn LoadSource>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<OperatorMetrics>,
     ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
