@@ -26,11 +26,16 @@ pub enum Refused {
     Draining,
 }
 
-/// The shard (Croquet session name) of a JOIN `name`, which the client forms as
-/// `<appId>/<name>`; `None` when `name` does not start with `<app_id>/`.
-pub fn shard_name<'a>(name: &'a str, app_id: &str) -> Option<&'a str> {
+/// The shard (Croquet session name) a JOIN `name` addresses, which the client forms as
+/// `<appId>/<name>`; `None` when `name` does not start with `<app_id>/`. (Not the operator's
+/// `crd::shard_name`, which builds a shard's name from a session name and an index.)
+pub fn join_shard<'a>(name: &'a str, app_id: &str) -> Option<&'a str> {
     name.strip_prefix(app_id)?.strip_prefix('/')
 }
+
+/// The old name of [`join_shard`], for `session/` until its split (#17) lands; then its two
+/// callers take the new name and this goes.
+pub(crate) use join_shard as shard_name;
 
 /// The body of `GET /sessions`, as the reflector sends it and its readers (the operator's
 /// controllers and `refleet up`) parse it. Reading is lenient: absent fields take defaults.
@@ -77,7 +82,7 @@ impl SessionSummary {
     pub fn shard(&self) -> Option<&str> {
         let name = self.name.as_deref()?;
         match self.app_id.as_deref() {
-            Some(app) => shard_name(name, app),
+            Some(app) => join_shard(name, app),
             None => name.split_once('/').map(|(_, shard)| shard),
         }
     }

@@ -21,7 +21,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::admission::{Admission, ShardSettings};
 use crate::metrics::Metrics;
-use crate::registry::{Registry, shard_name};
+use crate::registry::{Registry, join_shard};
 
 /// Least time between two reports (coalesces bursts of joins).
 const MIN_GAP: Duration = Duration::from_millis(100);
@@ -141,7 +141,7 @@ impl Reporter {
                 let shard = s
                     .name
                     .as_deref()
-                    .and_then(|n| shard_name(n, &app))
+                    .and_then(|n| join_shard(n, &app))
                     .unwrap_or_default()
                     .to_owned();
                 let users = s.users;

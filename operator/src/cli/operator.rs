@@ -18,10 +18,10 @@ use tokio::net::TcpListener;
 
 use crate::cli::routing::{Routing, RoutingArgs};
 use crate::controller::leader::{LeaseSettings, lead};
-use crate::controller::metrics::Metrics;
 use crate::controller::observe::{HttpLoad, LoadSource};
 use crate::controller::reconcile::run_controllers;
 use crate::controller::{Context, FIELD_MANAGER};
+use crate::metrics::OperatorMetrics;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -98,7 +98,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
                 .lease_namespace
                 .clone()
                 .unwrap_or_else(|| client.default_namespace().to_owned());
-            Some(crate::cli::routing::report_key(&client, &namespace, name).await?)
+            Some(crate::secrets::report_key(&client, &namespace, name).await?)
         }
         None => None,
     };
@@ -132,7 +132,7 @@ pub async fn serve(
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("refleet-{}", std::process::id()));
     let lease_namespace = lease_namespace.unwrap_or_else(|| client.default_namespace().to_owned());
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(OperatorMetrics::new());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = {

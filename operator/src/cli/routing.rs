@@ -1,26 +1,26 @@
-//! The routing half of `refleet operator`: flags, the join-token key and report key Secrets,
-//! the router's and the report stream's servers, and the leader label on the operator's own
+//! The routing half of `refleet operator`: flags, the router's and the report stream's
+//! servers (with the keys from [`crate::secrets`]), and the leader label on the operator's own
 //! pod.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{EnvVar, Pod, Secret};
-use kube::api::{Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use refleet_api::report_credential::ReportKey;
-use refleet_api::token::{Signer, Verifier};
+use refleet_api::token::Verifier;
 use refleet_reflector::launch::LaunchSpec;
 
 use crate::router::client::TrustedProxies;
 use crate::router::reports::{self, ReportHub};
 use crate::router::service::{self, Access, Frontend};
 use crate::router::{Router, RouterConfig};
+use crate::secrets;
 
 /// The label the leader puts on its own pod; the router and report Services select it.
 pub const LEADER_LABEL: &str = "refleet.dev/leader";
@@ -207,101 +207,6 @@ async fn reload_keys(dir: PathBuf, access: Arc<Access>) {
     }
 }
 
-/// Reads or creates the signing key Secret.
-async fn signing_key(client: &Client, namespace: &str, name: &str) -> anyhow::Result<Signer> {
-    let fresh = || {
-        let secret: [u8; 32] = rand::random();
-        let kid = format!("k{:08x}", rand::random::<u32>());
-        BTreeMap::from([
-            ("kid".to_owned(), ByteString(kid.into_bytes())),
-            ("signing-key".to_owned(), ByteString(secret.to_vec())),
-        ])
-    };
-    let data =
-        read_or_create_secret(client, namespace, name, "the join-token signing key", fresh).await?;
-    let kid = data
-        .get("kid")
-        .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
-        .unwrap_or_default();
-    let key = data
-        .get("signing-key")
-        .map(|b| b.0.clone())
-        .unwrap_or_default();
-    let secret: [u8; 32] = key.as_slice().try_into().map_err(|_| {
-        anyhow::anyhow!("Secret {namespace}/{name}: signing-key must be 32 raw bytes")
-    })?;
-    anyhow::ensure!(!kid.is_empty(), "Secret {namespace}/{name}: kid is empty");
-    Ok(Signer::new(kid, &secret))
-}
-
-/// Reads or creates the report key Secret (key `token`).
-pub(crate) async fn report_key(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> anyhow::Result<ReportKey> {
-    // Text, so that it can be typed or copied like any other Secret value.
-    let fresh = || BTreeMap::from([("token".to_owned(), ByteString(random_hex(32).into_bytes()))]);
-    let data = read_or_create_secret(client, namespace, name, "the report key", fresh).await?;
-    let token = data
-        .get("token")
-        .map(|b| b.0.as_slice())
-        .unwrap_or_default();
-    // A value typed by hand often ends with a newline; it is not part of the key.
-    ReportKey::new(token.trim_ascii())
-        .with_context(|| format!("Secret {namespace}/{name}, key token"))
-}
-
-/// The data of Secret `namespace/name`, created with `fresh()` when it does not exist. Safe
-/// with several replicas starting at once: whoever loses the create reads the winner's.
-async fn read_or_create_secret(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    what: &str,
-    fresh: impl Fn() -> BTreeMap<String, ByteString>,
-) -> anyhow::Result<BTreeMap<String, ByteString>> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    for _ in 0..3 {
-        if let Some(s) = api
-            .get_opt(name)
-            .await
-            .with_context(|| format!("reading Secret {namespace}/{name}"))?
-        {
-            return Ok(s.data.unwrap_or_default());
-        }
-        let data = fresh();
-        let object = Secret {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.to_owned()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/name".to_owned(),
-                    "refleet".to_owned(),
-                )])),
-                ..Default::default()
-            },
-            data: Some(data.clone()),
-            ..Default::default()
-        };
-        match api.create(&PostParams::default(), &object).await {
-            Ok(_) => {
-                tracing::info!(secret = %name, "created {what}");
-                return Ok(data);
-            }
-            // Another replica created it first: read theirs.
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(e).with_context(|| format!("creating Secret {namespace}/{name}")),
-        }
-    }
-    anyhow::bail!("Secret {namespace}/{name} kept changing while being read")
-}
-
-fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
-}
-
 impl Routing {
     /// Sets up keys, the router, and binds both listeners; `namespace` is the operator's.
     pub async fn start(
@@ -312,11 +217,11 @@ impl Routing {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<Self> {
         let signer = match args.join_tokens {
-            true => Some(signing_key(&client, namespace, &args.token_secret).await?),
+            true => Some(secrets::signing_key(&client, namespace, &args.token_secret).await?),
             false => None,
         };
         let report_key = match &args.report_secret {
-            Some(name) => Some(report_key(&client, namespace, name).await?),
+            Some(name) => Some(secrets::report_key(&client, namespace, name).await?),
             None => {
                 tracing::warn!(
                     "no --report-secret: the report stream accepts reflectors without a credential (each stream is still pinned to one reflector and a known region); for development only"

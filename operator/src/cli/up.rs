@@ -144,7 +144,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // The router: Route on this same port (gRPC, gRPC-Web, JSON /v1/route), the report
     // stream on a loopback port of its own that the reflectors are told about.
     let signer = join_tokens.then(new_signer);
-    let metrics = Arc::new(crate::controller::metrics::Metrics::new());
+    let metrics = Arc::new(crate::metrics::OperatorMetrics::new());
     let router = Router::new(
         RouterConfig {
             token_ttl: Duration::from_secs(token_ttl_seconds.max(1)),

@@ -24,12 +24,10 @@
 //! - [`input`]: observed objects → the planner's input.
 //! - [`status`]: plan → statuses and conditions.
 //! - [`reconcile`]: the controllers' reconcile functions and the apply step.
-//! - [`metrics`]: Prometheus metrics.
 //! - [`leader`]: Lease-based leader election.
 
 pub mod input;
 pub mod leader;
-pub mod metrics;
 pub mod observe;
 pub mod pod;
 pub mod reconcile;
@@ -48,8 +46,8 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 
 use self::input::PoolMemory;
-use self::metrics::Metrics;
 use self::observe::LoadSource;
+use crate::metrics::OperatorMetrics;
 use crate::planner::Seconds;
 
 /// The field manager of every server-side apply and the reporting controller of Events.
@@ -108,7 +106,7 @@ pub struct Context {
     /// Where reflector load comes from.
     pub load: Arc<dyn LoadSource>,
     /// The operator's metrics.
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<OperatorMetrics>,
     /// How often a pool is re-synced without any change (reflector load is polled).
     pub resync: Duration,
     /// The clock (Unix seconds); tests fix it.
@@ -150,7 +148,7 @@ impl Context {
         client: Client,
         identity: &str,
         load: Arc<dyn LoadSource>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<OperatorMetrics>,
     ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use refleet_reflector::registry::{SessionsReport, shard_name};
+use refleet_reflector::registry::{SessionsReport, join_shard};
 use serde::Deserialize;
 
 use refleet_api::report_credential::ReportKey;
@@ -48,7 +48,7 @@ impl From<SessionsReport> for ReflectorLoad {
             .sessions
             .into_iter()
             .filter_map(|s| {
-                let shard = shard_name(s.name.as_deref()?, s.app_id.as_deref()?)?.to_owned();
+                let shard = join_shard(s.name.as_deref()?, s.app_id.as_deref()?)?.to_owned();
                 Some(HostedSession {
                     app_id: s.app_id?,
                     name: shard,

@@ -34,12 +34,8 @@ use super::pod::{
 use super::status::{governs, pool_status, session_problem, session_status};
 use super::{Context, Error, FIELD_MANAGER, Result};
 use crate::crd::{CONDITION_DEGRADED, ReflectorPool, Session};
+use crate::metrics::{POOL_CONTROLLER, SESSION_CONTROLLER};
 use crate::planner::{self, Decision, Plan, ReflectorAction, RemoveReason};
-
-/// Name of the ReflectorPool controller (metric label).
-pub const POOL_CONTROLLER: &str = "reflectorpool";
-/// Name of the Session controller (metric label).
-pub const SESSION_CONTROLLER: &str = "session";
 
 /// Reconciles a ReflectorPool: syncs it.
 #[instrument(skip(pool, ctx), fields(namespace = %pool.namespace().unwrap_or_default(), pool = %pool.name_any()))]

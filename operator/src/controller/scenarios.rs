@@ -16,11 +16,11 @@ use serde_json::{Value, json};
 
 use super::Context;
 use super::fixtures;
-use super::metrics::Metrics;
 use super::observe::NoLoad;
 use super::pod::{pod_name, reflector_pod};
 use super::reconcile::sync;
 use crate::crd::{ReflectorPool, Session};
+use crate::metrics::OperatorMetrics;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -251,7 +251,12 @@ impl ApiServerVerifier {
 fn testcontext() -> (Arc<Context>, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let mut ctx = Context::new(client, "test", Arc::new(NoLoad), Arc::new(Metrics::new()));
+    let mut ctx = Context::new(
+        client,
+        "test",
+        Arc::new(NoLoad),
+        Arc::new(OperatorMetrics::new()),
+    );
     ctx.clock = || NOW;
     (Arc::new(ctx), ApiServerVerifier(handle))
 }

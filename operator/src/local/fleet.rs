@@ -15,9 +15,9 @@ use serde::Serialize;
 
 use super::config::{LOCAL_IMAGE, LocalPool, LocalSession};
 use super::launcher::{Launcher, Observed, ReportedSession, StartRequest};
-use crate::controller::metrics::Metrics;
-use crate::controller::reconcile::POOL_CONTROLLER;
 use crate::crd::{Capacity, ShardPhase};
+use crate::metrics::OperatorMetrics;
+use crate::metrics::POOL_CONTROLLER;
 use crate::planner::{
     Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
     RegionInput, RegionPlan, ScaleHistory, Seconds, SessionInput, ShardPolicy, ShardRecord, plan,
@@ -74,13 +74,13 @@ pub struct Fleet<L> {
     started: BTreeMap<String, u32>,
     decisions: VecDeque<DecisionView>,
     router: Option<Arc<Router>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OperatorMetrics>,
 }
 
 impl<L: Launcher> Fleet<L> {
     /// A fleet with no reflectors yet; the first [`Fleet::tick`] starts them.
     pub fn new(launcher: L, pools: Vec<PoolRuntime>, sessions: Vec<LocalSession>) -> Self {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(OperatorMetrics::new());
         Self {
             launcher,
             pools,
@@ -99,7 +99,7 @@ impl<L: Launcher> Fleet<L> {
 
     /// Records the operator's metrics into `metrics` (what `/metrics` serves): the local
     /// fleet is its one leader, each tick is a reconciliation of every pool.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<OperatorMetrics>) -> Self {
         metrics.set_leader(true);
         for rt in &self.pools {
             metrics.record_pool_limits(&rt.pool.namespace, &rt.pool.name, &rt.pool.spec);
@@ -109,7 +109,7 @@ impl<L: Launcher> Fleet<L> {
     }
 
     /// The metrics this fleet records.
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub fn metrics(&self) -> &Arc<OperatorMetrics> {
         &self.metrics
     }
 

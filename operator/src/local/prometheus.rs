@@ -24,7 +24,7 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
 
 use super::fleet::Status;
-use crate::controller::metrics::Metrics;
+use crate::metrics::OperatorMetrics;
 
 /// The job of the operator (`refleet up` itself locally): same name as in a cluster.
 pub const OPERATOR_JOB: &str = "refleet-operator";
@@ -57,7 +57,7 @@ impl std::fmt::Debug for Exporter {
 
 impl Exporter {
     /// An exporter of the operator's metrics.
-    pub fn new(metrics: &Metrics) -> Self {
+    pub fn new(metrics: &OperatorMetrics) -> Self {
         let exporter = Self::default();
         exporter.register(metrics.registry.clone());
         exporter
@@ -337,7 +337,7 @@ mod tests {
     #[tokio::test]
     async fn refleet_up_serves_the_targets_and_the_metrics() {
         use crate::local::server::{Published, Server};
-        let metrics = Metrics::new();
+        let metrics = OperatorMetrics::new();
         metrics.set_leader(true);
         let shared = Arc::new(RwLock::new(Published {
             status: status(),
@@ -395,7 +395,7 @@ mod tests {
 
     #[test]
     fn the_exporter_merges_families_of_the_same_name() {
-        let metrics = Metrics::new();
+        let metrics = OperatorMetrics::new();
         let exporter = Exporter::new(&metrics);
         let other = Registry::new();
         let info = prometheus::IntGaugeVec::new(

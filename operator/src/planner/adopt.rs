@@ -2,8 +2,8 @@
 //! move: what they commit must be charged to their reflectors before anything new is
 //! placed, or a new shard could take room a live one already holds.
 
-use super::fleet::Placed;
 use super::model::*;
+use super::slots::Placed;
 use super::state::{NO_SESSION, PlanState};
 
 impl PlanState<'_> {
@@ -52,7 +52,7 @@ impl PlanState<'_> {
                 });
             }
             match slot {
-                Some(slot) => self.fleet.commit(slot, shard.committed_users),
+                Some(slot) => self.table.commit(slot, shard.committed_users),
                 None if out.phase == ShardPhase::Closing => {
                     // A closing shard that never got a reflector has nobody on it.
                     self.remove_shard(shard, RemoveReason::ClosedEmpty);
@@ -63,7 +63,7 @@ impl PlanState<'_> {
             self.shards.push(out);
             self.owner.push(sid);
         }
-        self.fleet.index();
+        self.table.index();
     }
 
     fn remove_shard(&mut self, shard: &ShardRecord, reason: RemoveReason) {
@@ -85,21 +85,21 @@ impl PlanState<'_> {
             let Some(session) = input.sessions.get(self.owner[i]) else {
                 continue;
             };
-            let Some(&pool) = self.fleet.pool_ids.get(session.pool.as_str()) else {
+            let Some(&pool) = self.table.pool_ids.get(session.pool.as_str()) else {
                 continue;
             };
-            self.fleet
+            self.table
                 .allowed_regions(pool, &session.policy, &mut self.allowed, &mut self.unknown);
             let claim = session.policy.max_users_per_shard;
             self.shards[i].reflector = None;
             for &r in &self.allowed {
-                if let Some(placed) = self.fleet.place_in(r, claim) {
+                if let Some(placed) = self.table.place_in(r, claim) {
                     let reflector = match placed {
                         Placed::Ready(slot) => self.reflector_name(slot),
                         Placed::Pending => None,
                     };
                     let shard = &mut self.shards[i];
-                    shard.region = self.fleet.regions[r].spec.name.clone();
+                    shard.region = self.table.regions[r].spec.name.clone();
                     shard.committed_users = claim;
                     shard.reflector = reflector;
                     break;
@@ -150,13 +150,13 @@ mod tests {
             ]
         );
         // The kept shard's commitment is charged and the room left indexed.
-        let slot = &state.fleet.slots[0];
+        let slot = &state.table.slots[0];
         assert_eq!(
             (slot.free_users, slot.free_sessions, slot.shards),
             (300, 3, 1)
         );
         assert_eq!(
-            state.fleet.regions[0].ready.iter().collect::<Vec<_>>(),
+            state.table.regions[0].ready.iter().collect::<Vec<_>>(),
             [&(300, 0)]
         );
         // An empty shard starts its idle clock now; a busy one has none.
@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(placed.region, "us");
         assert_eq!(placed.reflector.as_deref(), Some("us-a"));
         assert_eq!(placed.committed_users, 100);
-        assert_eq!(state.fleet.slots[1].free_users, 300);
+        assert_eq!(state.table.slots[1].free_users, 300);
         // Placing is not opening: no decision.
         assert!(state.decisions.is_empty());
     }
@@ -242,6 +242,6 @@ mod tests {
         state.adopt_shards();
         state.place_pending();
         assert_eq!(state.shards[0].reflector, None);
-        assert_eq!(state.fleet.regions[0].to_create, 1);
+        assert_eq!(state.table.regions[0].to_create, 1);
     }
 }

@@ -1,9 +1,9 @@
 //! Draining: a reflector is never removed while it hosts a shard; it drains first (takes no
 //! new shards) and is removed once empty.
 
-use super::fleet::NO_REGION;
 use super::model::*;
 use super::size::history_of;
+use super::slots::NO_REGION;
 use super::state::PlanState;
 
 impl PlanState<'_> {
@@ -14,7 +14,7 @@ impl PlanState<'_> {
     pub(super) fn drain_stale(&mut self) {
         let input = self.input;
         let now = input.now;
-        for s in &self.fleet.slots {
+        for s in &self.table.slots {
             let Some(i) = s.real else { continue };
             let r = &input.reflectors[i];
             if r.state == ReflectorState::Draining {
@@ -31,7 +31,7 @@ impl PlanState<'_> {
                     DrainReason::ImageChanged
                 };
                 let grace = self
-                    .fleet
+                    .table
                     .regions
                     .get(s.region)
                     .map(|region| input.pools[region.pool].drain_grace)
@@ -53,7 +53,7 @@ impl PlanState<'_> {
     pub(super) fn scale_down(&mut self, r: usize) {
         let input = self.input;
         let now = input.now;
-        let region = &self.fleet.regions[r];
+        let region = &self.table.regions[r];
         let pool = &input.pools[region.pool];
         let spec = region.spec;
         let usable = region.usable;

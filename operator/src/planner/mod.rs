@@ -48,7 +48,7 @@
 //! ## Phases
 //!
 //! `plan` runs these phases in this order over one `PlanState` (the input, the capacity
-//! ledger of `fleet.rs`, the plan being built and per-session and per-region working data).
+//! ledger of `slots.rs`, the plan being built and per-session and per-region working data).
 //! Each phase only reads what earlier ones wrote, and decisions are appended as the phases
 //! run, so a plan's decisions read in this order too.
 //!
@@ -79,10 +79,10 @@
 
 mod adopt;
 mod drain;
-mod fleet;
 mod model;
 mod sessions;
 mod size;
+mod slots;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -115,7 +115,7 @@ pub fn plan(input: &PlanInput) -> Plan {
     state.set_shard_phases();
     state.drain_stale();
     state.tally_regions();
-    for r in 0..state.fleet.regions.len() {
+    for r in 0..state.table.regions.len() {
         state.size_region(r);
         state.scale_up(r);
         state.scale_down(r);

@@ -1,4 +1,11 @@
-//! The planner's inputs and outputs: plain data, no kube types, no clocks.
+//! The planner's inputs and outputs: plain data, no kube API types (no `kube` or
+//! `k8s_openapi` paths: `tests/layering.rs` checks), no clocks.
+//!
+//! A few value types of the CRDs' spec and status ([`SessionSpec`], [`Capacity`],
+//! [`PlacementStrategy`], [`Reason`], [`ShardPhase`]) are the planner's words too: they are
+//! plain serde structs and enums defined in [`crate::crd`], the operator's bottom layer, and
+//! re-exported here so the planner's users name one place. The dependency goes one way only:
+//! `crd` names nothing of the planner.
 
 use std::collections::BTreeMap;
 

@@ -3,8 +3,8 @@
 //! opening takes room the next session will not find.
 
 use super::at_threshold;
-use super::fleet::Placed;
 use super::model::*;
+use super::slots::Placed;
 #[cfg(test)]
 use super::state::NO_SESSION;
 use super::state::{BySession, PlanState};
@@ -26,7 +26,7 @@ impl PlanState<'_> {
         if session.deleted {
             return false;
         }
-        let Some(&pool) = self.fleet.pool_ids.get(session.pool.as_str()) else {
+        let Some(&pool) = self.table.pool_ids.get(session.pool.as_str()) else {
             self.decisions.push(Decision::SessionDegraded {
                 session: session.key.clone(),
                 reason: Reason::PoolNotFound,
@@ -34,7 +34,7 @@ impl PlanState<'_> {
             });
             return false;
         };
-        self.fleet
+        self.table
             .allowed_regions(pool, &session.policy, &mut self.allowed, &mut self.unknown);
         if !self.unknown.is_empty() {
             self.decisions.push(Decision::SessionDegraded {
@@ -161,7 +161,7 @@ impl PlanState<'_> {
             Placed::Pending => None,
         };
         let name = shard_name(&session.name, index);
-        let region = self.fleet.regions[r].spec.name.clone();
+        let region = self.table.regions[r].spec.name.clone();
         self.decisions.push(Decision::OpenShard {
             session: session.key.clone(),
             shard: name.clone(),
@@ -192,10 +192,10 @@ impl PlanState<'_> {
     fn place_new(&mut self, claim: u32) -> Option<(usize, Placed, Vec<String>)> {
         let mut tried = Vec::new();
         for &r in &self.allowed {
-            if let Some(p) = self.fleet.place_in(r, claim) {
+            if let Some(p) = self.table.place_in(r, claim) {
                 return Some((r, p, tried));
             }
-            tried.push(self.fleet.regions[r].spec.name.clone());
+            tried.push(self.table.regions[r].spec.name.clone());
         }
         None
     }
@@ -367,7 +367,7 @@ mod tests {
         assert_eq!((opened.index, opened.empty_since), (0, Some(1000)));
         assert_eq!(state.owner, [0, 0]);
         // Its commitment is charged: 400 - 100 - 100.
-        assert_eq!(state.fleet.slots[0].free_users, 200);
+        assert_eq!(state.table.slots[0].free_users, 200);
     }
 
     #[test]
@@ -411,7 +411,7 @@ mod tests {
             )
         };
         assert_eq!(opened, [want("lobby"), want("lobby~1")]);
-        assert_eq!(state.fleet.regions[1].to_create, 1);
+        assert_eq!(state.table.regions[1].to_create, 1);
     }
 
     #[test]
@@ -425,9 +425,9 @@ mod tests {
         );
         let mut state = adopted(&input);
         // Both regions at maxReflectors, and no room left on eu-a.
-        state.fleet.regions[0].usable = 10;
-        state.fleet.regions[1].usable = 10;
-        state.fleet.regions[0].ready.clear();
+        state.table.regions[0].usable = 10;
+        state.table.regions[1].usable = 10;
+        state.table.regions[0].ready.clear();
         assert!(state.session_regions(0));
         state.open_shards(0);
         assert!(state.session_regions(1));

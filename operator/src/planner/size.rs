@@ -2,8 +2,8 @@
 //! have, and the scale-up. It runs after placement because the demand it sizes for is the
 //! placement's result: busy reflectors and the ones the placement asked to create.
 
-use super::fleet::NO_REGION;
 use super::model::*;
+use super::slots::NO_REGION;
 use super::state::{PlanState, RegionTally};
 
 impl PlanState<'_> {
@@ -11,15 +11,15 @@ impl PlanState<'_> {
     /// them, and the empty usable ones a scale-down could drain.
     pub(super) fn tally_regions(&mut self) {
         let input = self.input;
-        self.tallies = vec![RegionTally::default(); self.fleet.regions.len()];
-        for s in &self.fleet.slots {
+        self.tallies = vec![RegionTally::default(); self.table.regions.len()];
+        for s in &self.table.slots {
             if s.region == NO_REGION {
                 continue;
             }
             let cap = s
                 .real
                 .map(|i| input.reflectors[i].capacity)
-                .unwrap_or(self.fleet.regions[s.region].spec.capacity);
+                .unwrap_or(self.table.regions[s.region].spec.capacity);
             let t = &mut self.tallies[s.region];
             t.committed_shards += u64::from(s.shards);
             t.committed_users += (i64::from(cap.users) - s.free_users).max(0) as u64;
@@ -46,7 +46,7 @@ impl PlanState<'_> {
     /// shards, and the warm buffer, within `[minReflectors, maxReflectors]`. Also gives the
     /// region its history entry, scaled or not, so every region is in the next input.
     pub(super) fn size_region(&mut self, r: usize) {
-        let region = &self.fleet.regions[r];
+        let region = &self.table.regions[r];
         let spec = region.spec;
         history_of(&mut self.history, &self.input.pools[region.pool], spec);
         let wanted = self.tallies[r].busy + region.to_create + spec.warm_buffer;
@@ -61,7 +61,7 @@ impl PlanState<'_> {
     /// `minReflectors` are urgent and never held.
     pub(super) fn scale_up(&mut self, r: usize) {
         let now = self.input.now;
-        let region = &self.fleet.regions[r];
+        let region = &self.table.regions[r];
         let pool = &self.input.pools[region.pool];
         let spec = region.spec;
         let desired = self.tallies[r].desired;
@@ -176,7 +176,7 @@ mod tests {
         let mut state = PlanState::new(&input);
         state.tally_regions();
         state.tallies[0].busy = 9;
-        state.fleet.regions[0].to_create = 1;
+        state.table.regions[0].to_create = 1;
         for r in 0..2 {
             state.size_region(r);
         }
@@ -243,7 +243,7 @@ mod tests {
         assert_eq!(state.tallies[0].create, 0);
 
         state.decisions.clear();
-        state.fleet.regions[0].to_create = 1;
+        state.table.regions[0].to_create = 1;
         state.scale_up(0);
         assert!(matches!(
             state.decisions[..],

@@ -4,8 +4,8 @@
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::fleet::Fleet;
 use super::model::*;
+use super::slots::SlotTable;
 
 /// In [`PlanState::owner`]: the shard's session is gone from the input.
 pub(super) const NO_SESSION: usize = usize::MAX;
@@ -15,7 +15,7 @@ pub(super) const NO_SESSION: usize = usize::MAX;
 pub(super) struct PlanState<'a> {
     pub(super) input: &'a PlanInput,
     /// Capacity left on every reflector, observed or to create, and placement by region.
-    pub(super) fleet: Fleet<'a>,
+    pub(super) table: SlotTable<'a>,
     /// Session key → index in `input.sessions`.
     pub(super) session_ids: HashMap<&'a str, usize>,
     /// Reflector name → index in `input.reflectors`, which is also its slot in the ledger.
@@ -37,7 +37,7 @@ pub(super) struct PlanState<'a> {
 
     /// What to do with each observed reflector, in input order.
     pub(super) actions: Vec<ReflectorAction>,
-    /// Per region (index in `fleet.regions`): counts and sizing.
+    /// Per region (index in `table.regions`): counts and sizing.
     pub(super) tallies: Vec<RegionTally>,
     /// The scaling history, updated by the regions that scale.
     pub(super) history: ScaleHistory,
@@ -120,7 +120,7 @@ impl<'a> PlanState<'a> {
         let capacity = input.shards.len() + input.sessions.len();
         Self {
             input,
-            fleet: Fleet::new(input),
+            table: SlotTable::new(input),
             session_ids,
             reflector_ids,
             shards: Vec::with_capacity(capacity),
@@ -138,7 +138,7 @@ impl<'a> PlanState<'a> {
 
     /// The name of the observed reflector in `slot`; `None` for one the plan creates.
     pub(super) fn reflector_name(&self, slot: usize) -> Option<String> {
-        self.fleet.slots[slot]
+        self.table.slots[slot]
             .real
             .map(|i| self.input.reflectors[i].name.clone())
     }
@@ -147,7 +147,7 @@ impl<'a> PlanState<'a> {
     pub(super) fn finish(self) -> Plan {
         let input = self.input;
         let regions = self
-            .fleet
+            .table
             .regions
             .iter()
             .zip(self.tallies)
@@ -233,7 +233,7 @@ pub(super) mod fixture {
 mod tests {
     use super::fixture::*;
     use super::*;
-    use crate::planner::fleet::NO_REGION;
+    use crate::planner::slots::NO_REGION;
 
     #[test]
     fn new_indexes_reflectors_by_region_and_only_current_ones_are_usable() {
@@ -253,7 +253,7 @@ mod tests {
             vec![],
         );
         let state = PlanState::new(&input);
-        let slots = &state.fleet.slots;
+        let slots = &state.table.slots;
         assert_eq!(
             slots
                 .iter()
@@ -267,7 +267,7 @@ mod tests {
                 (NO_REGION, false)
             ]
         );
-        assert_eq!(state.fleet.regions[0].usable, 1);
+        assert_eq!(state.table.regions[0].usable, 1);
         assert_eq!(state.reflector_ids["us-a"], 3);
         assert_eq!(state.session_ids["lobby"], 0);
         assert_eq!(state.actions, [ReflectorAction::Keep; 5]);

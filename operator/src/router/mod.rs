@@ -67,7 +67,7 @@ use self::ledger::{Ledger, Millis};
 use self::metrics::RouterMetrics;
 use self::pick::threshold_load;
 use self::route::{Attempt, Routed, fill_load, validate};
-use self::view::{Fleet, ShardUsers, app_ids};
+use self::view::{FleetState, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
 use crate::planner::{PlanInput, SessionInput, ShardRecord, session_key, split_session_key};
 
@@ -186,7 +186,7 @@ impl RouteError {
 #[derive(Default)]
 struct Inner {
     /// What backends published and reflectors reported.
-    fleet: Fleet,
+    fleet: FleetState,
     /// Shards this router opened that no published view holds yet.
     opened: Vec<ShardRecord>,
     /// Shards this router opened (exempt from the warm-up rule).

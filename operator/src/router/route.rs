@@ -25,7 +25,7 @@ use refleet_api::routing::RouteRequest;
 
 use super::ledger::{Claim, Ledger, Millis};
 use super::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load};
-use super::view::{Fleet, Published, SessionDef, app_ids};
+use super::view::{FleetState, Published, SessionDef, app_ids};
 use super::{Caller, Inner, RouteError, Router, lock};
 use crate::crd::{SessionSpec, ShardPhase};
 use crate::planner::{
@@ -187,7 +187,7 @@ impl<'a> Shards<'a> {
     fn of_session(
         view: &'a Published,
         opened: &'a [ShardRecord],
-        fleet: &Fleet,
+        fleet: &FleetState,
         ledger: &Ledger,
         target: &Target<'_>,
         warm_up_exempt: Option<&FastSet<(String, String)>>,
@@ -512,7 +512,7 @@ impl Router {
 
 /// Sets every shard's `reserved` from the ledger and, where a reflector reported it, its
 /// `users`: the load the planner compares with the threshold.
-pub(super) fn fill_load(fleet: &Fleet, ledger: &Ledger, input: &mut PlanInput, now: Millis) {
+pub(super) fn fill_load(fleet: &FleetState, ledger: &Ledger, input: &mut PlanInput, now: Millis) {
     let apps = app_ids(&input.sessions);
     for sh in &mut input.shards {
         if let Some(app) = apps.get(sh.session.as_str()) {
@@ -823,7 +823,7 @@ mod tests {
         ]);
         let def = &view.fleet.sessions[0];
         let target = Target::new(&view, def, &req("", "")).unwrap();
-        let mut fleet = Fleet::default();
+        let mut fleet = FleetState::default();
         let mut users = ShardUsers::default();
         users.entry("app".into()).or_default().insert("a".into(), 5);
         fleet.observe("r1", "eu", false, users, 0, 1000);
@@ -860,7 +860,7 @@ mod tests {
         let view = published(vec![shard("a", 0, "r1"), shard("a", 1, "r2")]);
         let def = &view.fleet.sessions[0];
         let target = Target::new(&view, def, &req("", "u1")).unwrap();
-        let fleet = Fleet::default();
+        let fleet = FleetState::default();
         let mut ledger = Ledger::new(1);
         let id = ledger.reserve(("app", "a"), Some((KEY, "u1")), 100);
         ledger.reserve(("app", "a~1"), Some((KEY, "u2")), 100);
@@ -896,7 +896,7 @@ mod tests {
         let shards = Shards::of_session(
             &view,
             &[],
-            &Fleet::default(),
+            &FleetState::default(),
             &ledger,
             &target,
             None,

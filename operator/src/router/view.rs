@@ -7,8 +7,8 @@
 //!   ([`Published`]: shards by session and by name, reflectors by name);
 //! - what reflectors report on their streams: users per shard, summed over reflectors
 //!   ([`Tally`]), and when each reflector last spoke, so that a silent one's load stops
-//!   counting after the grace period ([`Fleet::expire_reports`]);
-//! - from both, whether a reflector may get new users now ([`Fleet::routable_url`]).
+//!   counting after the grace period ([`FleetState::expire_reports`]);
+//! - from both, whether a reflector may get new users now ([`FleetState::routable_url`]).
 //!
 //! Reservations, the warm-up and the choice of a shard are the Route policy's
 //! ([`super::route`]).
@@ -188,7 +188,7 @@ impl AppUsers<'_> {
 
 /// Everything published and reported: the router's whole view of the fleet.
 #[derive(Default)]
-pub(super) struct Fleet {
+pub(super) struct FleetState {
     /// Published views by publisher key (`local`, or a pool id in a cluster).
     published: BTreeMap<String, Arc<Published>>,
     live: FastMap<String, Live>,
@@ -198,7 +198,7 @@ pub(super) struct Fleet {
     next_expiry: Millis,
 }
 
-impl Fleet {
+impl FleetState {
     /// Takes a publisher's view; a later view with the same key replaces it.
     pub(super) fn publish(&mut self, key: &str, fleet: FleetView) {
         self.published
@@ -305,7 +305,7 @@ impl Fleet {
         if now < self.next_expiry {
             return;
         }
-        let Fleet {
+        let FleetState {
             live,
             tally,
             published,
@@ -362,7 +362,7 @@ impl Fleet {
     }
 
     /// Reflectors whose report stream is open and not silent, per region (as of the last
-    /// [`Fleet::expire_reports`]).
+    /// [`FleetState::expire_reports`]).
     pub(super) fn live_streams(&self) -> BTreeMap<String, u32> {
         let mut out = BTreeMap::new();
         for l in self.live.values().filter(|l| l.connected && !l.expired) {
@@ -479,7 +479,7 @@ pub(super) mod tests {
 
     #[test]
     fn an_exact_session_wins_over_a_pattern_in_any_view() {
-        let mut f = Fleet::default();
+        let mut f = FleetState::default();
         f.publish("p1", view(vec![session(None, Some("room-*"))], vec![]));
         f.publish("p2", view(vec![session(Some("room-1"), None)], vec![]));
         let (v, at) = f.find_session("ns", "room-1").unwrap();
@@ -495,7 +495,7 @@ pub(super) mod tests {
 
     #[test]
     fn reports_sum_per_shard_and_a_new_report_replaces_the_old() {
-        let mut f = Fleet::default();
+        let mut f = FleetState::default();
         f.observe("r1", "eu", false, users("app", "a", 3), 0, 1000);
         f.observe("r2", "eu", false, users("app", "a", 4), 0, 1000);
         assert_eq!(f.users("app", "a"), Some(7));
@@ -513,7 +513,7 @@ pub(super) mod tests {
 
     #[test]
     fn a_silent_reflector_loses_its_load_and_routes_after_the_grace_period() {
-        let mut f = Fleet::default();
+        let mut f = FleetState::default();
         f.publish("local", view(vec![], vec![shard("a", 0, "r1")]));
         f.observe("r1", "eu", false, users("app", "a", 3), 0, 1000);
         f.report_lost("r1");
@@ -542,7 +542,7 @@ pub(super) mod tests {
 
     #[test]
     fn only_ready_reflectors_that_are_not_draining_are_routable() {
-        let mut f = Fleet::default();
+        let mut f = FleetState::default();
         f.publish("local", view(vec![], vec![]));
         let p = f.only_view();
         assert_eq!(
@@ -564,7 +564,7 @@ pub(super) mod tests {
 
     #[test]
     fn forgetting_reports_keeps_what_was_published() {
-        let mut f = Fleet::default();
+        let mut f = FleetState::default();
         f.publish("local", view(vec![session(Some("a"), None)], vec![]));
         f.observe("r1", "eu", false, users("app", "a", 3), 0, 1000);
         f.forget_reports();
@@ -573,7 +573,7 @@ pub(super) mod tests {
         assert!(f.find_session("ns", "a").is_some());
     }
 
-    impl Fleet {
+    impl FleetState {
         fn only_view(&self) -> Arc<Published> {
             self.published.values().next().unwrap().clone()
         }

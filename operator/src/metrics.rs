@@ -1,7 +1,10 @@
-//! The operator's Prometheus metrics. Labels are bounded by construction: controller and
-//! error labels are `&'static str`, decision kinds a fixed set, and pool / region / session
-//! labels are bounded by the ReflectorPool and Session objects (series of a deleted Session
-//! are removed on the next sync of its pool).
+//! The operator's Prometheus metrics, shared by the kube backend ([`crate::controller`]) and
+//! the local one ([`crate::local`]): both record the same plan, reconcile and gauge series.
+//!
+//! Labels are bounded by construction: controller and error labels are `&'static str`,
+//! decision kinds a fixed set, and pool / region / session labels are bounded by the
+//! ReflectorPool and Session objects (series of a deleted Session are removed on the next sync
+//! of its pool).
 //!
 //! Every label set with a fixed set of values (controller, error kind, decision kind, shard
 //! state, reflector state, resource) exists at 0 from start-up or from the first sync of its
@@ -17,15 +20,19 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::controller::reconcile::{POOL_CONTROLLER, SESSION_CONTROLLER};
 use crate::crd::{Capacity, ReflectorPoolSpec, ShardPhase};
 use crate::planner::{Decision, Plan};
+
+/// Name of the ReflectorPool controller (`controller` label), in the kube and local backends.
+pub const POOL_CONTROLLER: &str = "reflectorpool";
+/// Name of the Session controller (`controller` label).
+pub const SESSION_CONTROLLER: &str = "session";
 
 /// The `controller` label values.
 pub const CONTROLLERS: &[&str] = &[POOL_CONTROLLER, SESSION_CONTROLLER];
 
 /// The `error` label values of `refleet_operator_reconcile_errors_total`, as
-/// [`crate::controller::Error::metric_label`] names them.
+/// the kube backend's `controller::Error::metric_label` names them.
 pub const ERROR_KINDS: &[&str] = &[
     "unauthorized",
     "forbidden",
@@ -61,7 +68,7 @@ pub const REFLECTOR_STATES: &[&str] = &["starting", "ready", "draining"];
 pub const RESOURCES: &[&str] = &["sessions", "users"];
 
 /// Every metric of the operator, registered in its own [`Registry`].
-pub struct Metrics {
+pub struct OperatorMetrics {
     /// The registry `/metrics` renders.
     pub registry: Registry,
     reconciles: IntCounterVec,
@@ -80,17 +87,17 @@ pub struct Metrics {
     /// Per pool: the (namespace, session) label pairs set by its last sync.
     session_series: Mutex<HashMap<String, BTreeSet<(String, String)>>>,
     /// Per (namespace, pool, region): the capacity of one reflector, from
-    /// [`Metrics::record_pool_limits`].
+    /// [`OperatorMetrics::record_pool_limits`].
     per_reflector: Mutex<HashMap<(String, String, String), Capacity>>,
 }
 
-impl std::fmt::Debug for Metrics {
+impl std::fmt::Debug for OperatorMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").finish_non_exhaustive()
+        f.debug_struct("OperatorMetrics").finish_non_exhaustive()
     }
 }
 
-impl Default for Metrics {
+impl Default for OperatorMetrics {
     fn default() -> Self {
         Self::new()
     }
@@ -102,7 +109,7 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
     m
 }
 
-impl Metrics {
+impl OperatorMetrics {
     /// Creates and registers every metric.
     #[allow(clippy::expect_used)]
     pub fn new() -> Self {
@@ -261,7 +268,7 @@ impl Metrics {
 
     /// Records the limits of a pool's regions: one reflector's capacity and the capacity at
     /// `maxReflectors` (`refleet_operator_region_capacity_limit`). Call it before
-    /// [`Metrics::record_plan`] so the ready capacity (`refleet_operator_region_capacity`)
+    /// [`OperatorMetrics::record_plan`] so the ready capacity (`refleet_operator_region_capacity`)
     /// can be derived from the plan.
     pub fn record_pool_limits(&self, namespace: &str, pool: &str, spec: &ReflectorPoolSpec) {
         let mut per = lock(&self.per_reflector);
@@ -441,7 +448,7 @@ mod tests {
 
     #[test]
     fn bounded_label_sets_exist_at_zero_from_the_start() {
-        let text = Metrics::new().render();
+        let text = OperatorMetrics::new().render();
         for series in [
             r#"refleet_operator_reconciles_total{controller="reflectorpool"}"#,
             r#"refleet_operator_reconciles_total{controller="session"}"#,
@@ -457,7 +464,7 @@ mod tests {
 
     #[test]
     fn a_plan_records_only_its_own_pool_with_capacity_and_over_cap_shards() {
-        let m = Metrics::new();
+        let m = OperatorMetrics::new();
         let spec: ReflectorPoolSpec = serde_json::from_value(serde_json::json!({
             "defaults": { "image": "i", "capacity": { "sessions": 5, "users": 50 }, "maxReflectors": 4 },
             "regions": [{ "name": "eu" }, { "name": "us", "maxReflectors": 2 }],
@@ -533,7 +540,7 @@ mod tests {
 
     #[test]
     fn losing_the_lead_drops_pool_and_session_gauges() {
-        let m = Metrics::new();
+        let m = OperatorMetrics::new();
         m.set_leader(true);
         m.record_plan(
             "ns",

@@ -13,7 +13,7 @@ pub(super) const NO_REGION: usize = usize::MAX;
 
 /// A reflector slot: an observed reflector or one the plan creates.
 pub(super) struct Slot {
-    /// Index in `Fleet::regions`, or [`NO_REGION`].
+    /// Index in `SlotTable::regions`, or [`NO_REGION`].
     pub(super) region: usize,
     /// Index into `input.reflectors`, `None` for a reflector to create.
     pub(super) real: Option<usize>,
@@ -37,7 +37,9 @@ pub(super) struct Region<'a> {
     pub(super) to_create: u32,
 }
 
-pub(super) struct Fleet<'a> {
+/// The slot table the planner places shards into: its own view of capacity, not the local
+/// backend's process fleet (`local::fleet::Fleet`) nor the router's (`router::view::FleetState`).
+pub(super) struct SlotTable<'a> {
     pub(super) input: &'a PlanInput,
     pub(super) slots: Vec<Slot>,
     pub(super) regions: Vec<Region<'a>>,
@@ -52,7 +54,7 @@ pub(super) enum Placed {
     Pending,
 }
 
-impl<'a> Fleet<'a> {
+impl<'a> SlotTable<'a> {
     pub(super) fn new(input: &'a PlanInput) -> Self {
         let mut pool_ids = HashMap::default();
         let mut region_ids = HashMap::default();
@@ -96,7 +98,7 @@ impl<'a> Fleet<'a> {
                 }
             })
             .collect();
-        Fleet {
+        SlotTable {
             input,
             slots,
             regions,
