@@ -14,7 +14,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +22,8 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::clock::Clock;
+pub use super::retained::seq_after;
+use super::retained::{Kind, Retained};
 use crate::close;
 use crate::files_scope;
 use crate::frame::{self, ClientMsg, Join, Text, json_string};
@@ -111,20 +112,6 @@ struct Member {
     state: State,
 }
 
-/// One reflected message: the RECV frame as sent, and where its `[time, seq, …]` array is.
-#[derive(Debug, Clone)]
-struct Reflected {
-    frame: Text,
-    args: Range<usize>,
-    seq: u32,
-}
-
-impl Reflected {
-    fn args_text(&self) -> &str {
-        self.frame.as_str().get(self.args.clone()).unwrap_or("[]")
-    }
-}
-
 #[derive(Debug)]
 struct Tally {
     send_time: f64,
@@ -170,18 +157,6 @@ pub struct Identity {
     pub code_hash: Option<String>,
 }
 
-/// "b comes after a" for wrapping 32-bit sequence numbers (as upstream defines it).
-pub fn seq_after(a: u32, b: u32) -> bool {
-    let d = b.wrapping_sub(a);
-    d > 0 && d < 0x0800_0000
-}
-
-/// The sequence number of a stored `[time, seq, …]` message.
-fn message_seq(raw: &str) -> Option<u32> {
-    let elems: Vec<&RawValue> = serde_json::from_str(raw).ok()?;
-    serde_json::from_str(elems.get(1)?.get()).ok()
-}
-
 fn random_timeline() -> String {
     const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rng();
@@ -211,18 +186,6 @@ fn millis(v: f64, max: Duration) -> Duration {
     }
 }
 
-/// What a reflected message is, for the retention limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// A client's SEND or a TUTTI's first message: within the limits, or dropped.
-    Client,
-    /// A tally result: may pass the limits by a small headroom, so that the snapshot vote
-    /// that empties a full buffer still completes.
-    Tally,
-    /// A `users` message: always, or joining clients would never finish joining.
-    Users,
-}
-
 /// The state of one session.
 #[derive(Debug)]
 pub struct Core {
@@ -237,8 +200,7 @@ pub struct Core {
     tove: Option<String>,
     identity: Identity,
     leave_delay: Duration,
-    messages: VecDeque<Reflected>,
-    snapshot: Option<SnapshotRef>,
+    retained: Retained,
     persisted_url: Option<String>,
     members: Vec<Member>,
     pending_joined: Vec<Arc<str>>,
@@ -248,8 +210,6 @@ pub struct Core {
     completed: VecDeque<(String, f64)>,
     /// Debounced SEND keys: when each was last reflected and its window.
     debounce: HashMap<String, (Instant, Duration)>,
-    /// Bytes of `messages` (their `[time, seq, …]` text).
-    retained_bytes: usize,
     next_tick: Instant,
     empty_since: Option<Instant>,
     initialised: bool,
@@ -275,8 +235,7 @@ impl Core {
             tove: None,
             identity: Identity::default(),
             leave_delay: Duration::ZERO,
-            messages: VecDeque::new(),
-            snapshot: None,
+            retained: Retained::default(),
             persisted_url: None,
             members: Vec::new(),
             pending_joined: Vec::new(),
@@ -285,7 +244,6 @@ impl Core {
             tallies: HashMap::new(),
             completed: VecDeque::new(),
             debounce: HashMap::new(),
-            retained_bytes: 0,
             next_tick: now + settings.default_tick,
             empty_since: Some(now),
             initialised: false,
@@ -400,26 +358,12 @@ impl Core {
             code_hash: stored.code_hash,
         };
         self.leave_delay = Duration::from_millis(stored.leave_delay_ms).min(MAX_LEAVE_DELAY);
-        self.snapshot = stored.snapshot;
         self.persisted_url = stored.persisted_url;
-        self.messages = stored
-            .messages
-            .iter()
-            .map(|raw| {
-                let mut frame = self.recv_prefix.clone();
-                let start = frame.len();
-                frame.push_str(raw.get());
-                let end = frame.len();
-                frame.push('}');
-                let seq = message_seq(raw.get()).unwrap_or(0);
-                Reflected {
-                    frame: Text::from(frame),
-                    args: start..end,
-                    seq,
-                }
-            })
-            .collect();
-        self.retained_bytes = self.messages.iter().map(|m| m.args.len()).sum();
+        self.retained = Retained::restore(
+            &self.recv_prefix,
+            stored.messages.iter().map(|m| &**m),
+            stored.snapshot,
+        );
         self.completed = stored.completed_tallies.into_iter().collect();
         let grace = self.settings.rejoin_grace.max(self.leave_delay);
         for user in stored.users {
@@ -472,12 +416,12 @@ impl Core {
             developer_id: self.identity.developer_id.clone(),
             code_hash: self.identity.code_hash.clone(),
             leave_delay_ms: self.leave_delay.as_millis() as u64,
-            snapshot: self.snapshot.clone(),
+            snapshot: self.retained.snapshot().cloned(),
             persisted_url: self.persisted_url.clone(),
             messages: self
-                .messages
-                .iter()
-                .filter_map(|m| RawValue::from_string(m.args_text().to_string()).ok())
+                .retained
+                .args()
+                .filter_map(|m| RawValue::from_string(m.to_string()).ok())
                 .collect(),
             completed_tallies: self.completed.iter().cloned().collect(),
             users,
@@ -489,7 +433,7 @@ impl Core {
 
     /// Whether storing this session is worth it (it has anything a client could resume).
     pub fn has_state(&self) -> bool {
-        !self.messages.is_empty() || self.snapshot.is_some() || self.seq != INITIAL_SEQ
+        !self.retained.is_empty() || self.retained.snapshot().is_some() || self.seq != INITIAL_SEQ
     }
 
     // === clients ===
@@ -701,7 +645,7 @@ impl Core {
         if self.dropped_sends % 100 != 1 {
             return;
         }
-        tracing::warn!(session = %self.id, retained = self.messages.len(), "message buffer full: SEND dropped until a snapshot arrives");
+        tracing::warn!(session = %self.id, retained = self.retained.len(), "message buffer full: SEND dropped until a snapshot arrives");
         let info = format!(
             "{{\"id\":{},\"action\":\"INFO\",\"args\":{{\"code\":\"SNAPSHOT_NEEDED\",\"msg\":\"too many messages since the last snapshot; messages are being dropped\",\"options\":{{\"level\":\"error\",\"only\":\"once\"}}}}}}",
             self.id_json
@@ -725,19 +669,12 @@ impl Core {
     /// Stamps and fans out one message whose array starts with `rest` after time and seq.
     /// Returns false when the message buffer is full (meta messages always pass).
     fn reflect(&mut self, rest: &str, now: Instant, kind: Kind) -> bool {
-        let (max_messages, max_bytes) =
-            (self.settings.max_messages, self.settings.max_retained_bytes);
-        let (limit_messages, limit_bytes) = match kind {
-            Kind::Client => (max_messages, max_bytes),
-            Kind::Tally => (
-                max_messages.saturating_add(max_messages / 64 + 1),
-                max_bytes.saturating_add(max_bytes / 64),
-            ),
-            Kind::Users => (usize::MAX, usize::MAX),
-        };
-        if self.messages.len() >= limit_messages
-            || self.retained_bytes.saturating_add(rest.len()) > limit_bytes
-        {
+        if !self.retained.admits(
+            kind,
+            rest.len(),
+            self.settings.max_messages,
+            self.settings.max_retained_bytes,
+        ) {
             return false;
         }
         let time = self.clock.read(now);
@@ -756,15 +693,10 @@ impl Core {
         frame.push('}');
         let text = Text::from(frame);
         self.fan_out(&text, false);
-        self.retained_bytes += end - start;
-        self.messages.push_back(Reflected {
-            frame: text,
-            args: start..end,
-            seq: self.seq,
-        });
+        self.retained.push(text, start..end, self.seq);
         self.stats.reflected += 1;
         self.next_tick = now + self.tick;
-        let retained = self.messages.len();
+        let retained = self.retained.len();
         if retained >= self.settings.requ_messages
             && (retained - self.settings.requ_messages).is_multiple_of(1000)
         {
@@ -841,9 +773,9 @@ impl Core {
 
     fn sync_frame(&mut self, now: Instant) -> String {
         let time = self.clock.read(now);
-        let body: usize = self.messages.iter().map(|m| m.args.len() + 1).sum();
+        let body = self.retained.bytes() + self.retained.len();
         let mut s = String::with_capacity(body + 512);
-        let url = match (&self.snapshot, &self.persisted_url) {
+        let url = match (self.retained.snapshot(), &self.persisted_url) {
             (Some(snap), _) => snap.url.as_str(),
             (None, Some(p)) => p.as_str(),
             (None, None) => "",
@@ -854,11 +786,11 @@ impl Core {
             self.id_json,
             json_string(url)
         );
-        for (i, m) in self.messages.iter().enumerate() {
+        for (i, m) in self.retained.args().enumerate() {
             if i > 0 {
                 s.push(',');
             }
-            s.push_str(m.args_text());
+            s.push_str(m);
         }
         let _ = write!(s, "],\"time\":{time},\"seq\":{}", self.seq);
         if let Some(tove) = &self.tove {
@@ -870,7 +802,7 @@ impl Core {
             json_string(&self.settings.reflector_name),
             json_string(&self.timeline)
         );
-        if let Some(snap) = &self.snapshot {
+        if let Some(snap) = self.retained.snapshot() {
             s.push_str(",\"snapshotTime\":");
             js_number(&mut s, snap.time);
             let _ = write!(s, ",\"snapshotSeq\":{}", snap.seq);
@@ -1059,28 +991,21 @@ impl Core {
     }
 
     fn snap(&mut self, s: frame::Snap) {
-        let newer = self.snapshot.as_ref().is_none_or(|cur| s.time > cur.time);
-        if s.dissident || !newer {
+        if s.dissident || !self.retained.is_newer(s.time) {
             tracing::debug!(session = %self.id, time = s.time, seq = s.seq, "snapshot ignored");
             self.metrics.snapshot(false);
             return;
         }
-        let keep_from = self
-            .messages
-            .iter()
-            .position(|m| seq_after(s.seq, m.seq))
-            .unwrap_or(self.messages.len());
-        let trimmed: usize = self.messages.drain(..keep_from).map(|m| m.args.len()).sum();
-        self.retained_bytes -= trimmed;
-        tracing::info!(session = %self.id, time = s.time, seq = s.seq, retained = self.messages.len(), "snapshot accepted");
-        self.metrics.snapshot(true);
+        let (time, seq) = (s.time, s.seq);
         self.effects
             .push(Effect::PruneSnapshots { url: s.url.clone() });
-        self.snapshot = Some(SnapshotRef {
+        self.retained.set_snapshot(SnapshotRef {
             url: s.url,
             time: s.time,
             seq: s.seq,
         });
+        tracing::info!(session = %self.id, time, seq, retained = self.retained.len(), "snapshot accepted");
+        self.metrics.snapshot(true);
         self.dropped_sends = 0;
     }
 
@@ -1439,11 +1364,11 @@ mod tests {
             send(&mut c, 1, &payload, None, now);
         }
         assert_eq!(
-            c.messages.len(),
+            c.retained.len(),
             3,
             "three 300-byte messages fit in 1000 bytes"
         );
-        assert!(c.retained_bytes <= 1000);
+        assert!(c.retained.bytes() <= 1000);
         let last = c.seq;
         c.snap(frame::Snap {
             time: 1.0,
@@ -1451,9 +1376,9 @@ mod tests {
             url: "u".into(),
             dissident: false,
         });
-        assert_eq!((c.messages.len(), c.retained_bytes), (0, 0));
+        assert_eq!((c.retained.len(), c.retained.bytes()), (0, 0));
         send(&mut c, 1, &payload, None, now);
-        assert_eq!(c.messages.len(), 1);
+        assert_eq!(c.retained.len(), 1);
     }
 
     #[test]
@@ -1479,19 +1404,11 @@ mod tests {
                 now,
             );
         }
-        assert!(c.messages.len() <= 20, "{}", c.messages.len());
+        assert!(c.retained.len() <= 20, "{}", c.retained.len());
         assert!(c.tallies.len() <= MAX_OPEN_TALLIES);
         // Their results (b never votes) come after the tally window, with little headroom.
         c.on_timers(now + TALLY_INTERVAL);
-        assert!(c.messages.len() <= 21, "{}", c.messages.len());
-    }
-
-    #[test]
-    fn seq_after_is_wrap_aware() {
-        assert!(seq_after(u32::MAX, 0));
-        assert!(seq_after(5, 6));
-        assert!(!seq_after(6, 6));
-        assert!(!seq_after(6, 5));
+        assert!(c.retained.len() <= 21, "{}", c.retained.len());
     }
 
     #[test]

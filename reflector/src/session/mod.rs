@@ -13,6 +13,7 @@
 pub mod clock;
 pub mod core;
 mod gate;
+mod retained;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
