@@ -12,7 +12,7 @@
 //!   resumed from storage: former members start as Ghosts, claimed by their user's next JOIN
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +24,8 @@ use tokio::time::Instant;
 use super::clock::Clock;
 pub use super::retained::seq_after;
 use super::retained::{Kind, Retained};
+pub use super::tallies::{MAX_OPEN_TALLIES, TALLY_INTERVAL};
+use super::tallies::{Refused, Tallies};
 use crate::close;
 use crate::files_scope;
 use crate::frame::{self, ClientMsg, Join, Text, json_string};
@@ -38,12 +40,6 @@ pub type ConnId = u64;
 pub const INITIAL_SEQ: u32 = 0xFFFF_FFF0;
 /// How long user joins and leaves are gathered into one `users` message.
 pub const USERS_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a TUTTI tally waits for every client's vote.
-pub const TALLY_INTERVAL: Duration = Duration::from_millis(1000);
-/// Completed tallies older than this (teatime) are forgotten.
-const TALLY_HISTORY_MS: f64 = 60_000.0;
-/// At most this many completed tallies are remembered.
-const MAX_COMPLETED_TALLIES: usize = 20;
 /// Server frames longer than this are split into `_CHUNK` frames.
 pub const CHUNK_SIZE: usize = 1_000_000;
 /// The longest leave delay a client may ask for.
@@ -56,8 +52,6 @@ pub const MAX_DEBOUNCE_KEY: usize = 128;
 /// Debounce keys remembered per session; past it, expired ones are pruned and new keys go
 /// undebounced.
 pub const MAX_DEBOUNCE_KEYS: usize = 64;
-/// Tallies open at once per session; TUTTIs for further keys are ignored.
-pub const MAX_OPEN_TALLIES: usize = 64;
 
 /// Settings every session of a reflector shares.
 #[derive(Debug, Clone)]
@@ -112,16 +106,6 @@ struct Member {
     state: State,
 }
 
-#[derive(Debug)]
-struct Tally {
-    send_time: f64,
-    expecting: usize,
-    votes: Vec<(String, u32)>,
-    wants_vote: bool,
-    target: String,
-    due: Instant,
-}
-
 /// What [`Core::flush_stats`] counted since the previous flush (for the load report).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Flushed {
@@ -166,7 +150,7 @@ fn random_timeline() -> String {
 }
 
 /// Formats a JSON number the way JavaScript prints it for the values clients send.
-fn js_number(out: &mut String, v: f64) {
+pub(super) fn js_number(out: &mut String, v: f64) {
     if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 {
         let _ = write!(out, "{}", v as i64);
     } else if v.is_finite() {
@@ -206,8 +190,7 @@ pub struct Core {
     pending_joined: Vec<Arc<str>>,
     pending_left: Vec<Arc<str>>,
     users_due: Option<Instant>,
-    tallies: HashMap<String, Tally>,
-    completed: VecDeque<(String, f64)>,
+    tallies: Tallies,
     /// Debounced SEND keys: when each was last reflected and its window.
     debounce: HashMap<String, (Instant, Duration)>,
     next_tick: Instant,
@@ -241,8 +224,7 @@ impl Core {
             pending_joined: Vec::new(),
             pending_left: Vec::new(),
             users_due: None,
-            tallies: HashMap::new(),
-            completed: VecDeque::new(),
+            tallies: Tallies::default(),
             debounce: HashMap::new(),
             next_tick: now + settings.default_tick,
             empty_since: Some(now),
@@ -364,7 +346,7 @@ impl Core {
             stored.messages.iter().map(|m| &**m),
             stored.snapshot,
         );
-        self.completed = stored.completed_tallies.into_iter().collect();
+        self.tallies = Tallies::restore(stored.completed_tallies);
         let grace = self.settings.rejoin_grace.max(self.leave_delay);
         for user in stored.users {
             self.members.push(Member {
@@ -423,7 +405,7 @@ impl Core {
                 .args()
                 .filter_map(|m| RawValue::from_string(m.to_string()).ok())
                 .collect(),
-            completed_tallies: self.completed.iter().cloned().collect(),
+            completed_tallies: self.tallies.completed().cloned().collect(),
             users,
             stored_at_ms: wall_ms,
             binding: None,
@@ -883,17 +865,18 @@ impl Core {
     // === tallies ===
 
     fn tutti(&mut self, conn: ConnId, t: frame::Tutti, now: Instant) {
-        if !self.tallies.contains_key(&t.key) {
+        if !self.tallies.is_open(&t.key) {
             let time = self.clock.read(now) as f64;
-            if self.completed.iter().any(|(k, _)| *k == t.key)
-                || t.send_time < time - TALLY_HISTORY_MS
-            {
-                tracing::debug!(session = %self.id, key = %t.key, "late or repeated TUTTI ignored");
-                return;
-            }
-            if self.tallies.len() >= MAX_OPEN_TALLIES {
-                tracing::debug!(session = %self.id, key = %t.key, "too many open tallies: TUTTI ignored");
-                return;
+            match self.tallies.may_open(&t.key, t.send_time, time) {
+                Ok(()) => {}
+                Err(Refused::LateOrRepeated) => {
+                    tracing::debug!(session = %self.id, key = %t.key, "late or repeated TUTTI ignored");
+                    return;
+                }
+                Err(Refused::TooMany) => {
+                    tracing::debug!(session = %self.id, key = %t.key, "too many open tallies: TUTTI ignored");
+                    return;
+                }
             }
             // The first message is a client's message like a SEND's: within the limits.
             if let Some(first) = &t.first_msg
@@ -907,61 +890,27 @@ impl Core {
                 .iter()
                 .filter(|m| m.state == State::Active)
                 .count();
-            self.tallies.insert(
+            self.tallies.open(
                 t.key.clone(),
-                Tally {
-                    send_time: t.send_time,
-                    expecting,
-                    votes: Vec::new(),
-                    wants_vote: t.wants_vote,
-                    target: t.tally_target.clone(),
-                    due: now + TALLY_INTERVAL,
-                },
+                t.send_time,
+                expecting,
+                t.wants_vote,
+                t.tally_target,
+                now,
             );
         }
-        let Some(tally) = self.tallies.get_mut(&t.key) else {
-            return;
-        };
-        match tally.votes.iter_mut().find(|(p, _)| *p == t.payload) {
-            Some((_, n)) => *n += 1,
-            None => tally.votes.push((t.payload, 1)),
-        }
-        tally.wants_vote = t.wants_vote;
-        tally.expecting = tally.expecting.saturating_sub(1);
-        if tally.expecting == 0 {
+        if self.tallies.vote(&t.key, t.payload, t.wants_vote) {
             self.complete_tally(&t.key, now);
         }
     }
 
     fn complete_tally(&mut self, key: &str, now: Instant) {
-        let Some(tally) = self.tallies.remove(key) else {
+        let time = self.clock.read(now) as f64;
+        let Some(tally) = self.tallies.close(key, time) else {
             return;
         };
-        if tally.wants_vote || tally.votes.len() > 1 {
-            let mut payload = String::from("{\"what\":\"tally\",\"sendTime\":");
-            js_number(&mut payload, tally.send_time);
-            payload.push_str(",\"tally\":{");
-            for (i, (vote, n)) in tally.votes.iter().enumerate() {
-                if i > 0 {
-                    payload.push(',');
-                }
-                let _ = write!(payload, "{}:{n}", json_string(vote));
-            }
-            let _ = write!(
-                payload,
-                "}},\"tallyTarget\":{},\"tuttiKey\":{},\"missingClients\":{}}}",
-                tally.target,
-                json_string(key),
-                tally.expecting
-            );
+        if let Some(payload) = tally.result(key) {
             self.reflect(&frame::with_size(&payload), now, Kind::Tally);
-        }
-        let time = self.clock.read(now) as f64;
-        self.completed.push_back((key.to_string(), tally.send_time));
-        self.completed
-            .retain(|(_, t)| *t >= time - TALLY_HISTORY_MS);
-        while self.completed.len() > MAX_COMPLETED_TALLIES {
-            self.completed.pop_front();
         }
     }
 
@@ -1052,8 +1001,8 @@ impl Core {
         if let Some(t) = self.users_due {
             consider(t);
         }
-        for t in self.tallies.values() {
-            consider(t.due);
+        if let Some(t) = self.tallies.next_due() {
+            consider(t);
         }
         for m in &self.members {
             if let State::Leaving(t) | State::Ghost(t) = m.state {
@@ -1084,13 +1033,7 @@ impl Core {
                 _ => i += 1,
             }
         }
-        let due: Vec<String> = self
-            .tallies
-            .iter()
-            .filter(|(_, t)| t.due <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
+        for key in self.tallies.due(now) {
             self.complete_tally(&key, now);
         }
         if self.users_due.is_some_and(|t| t <= now) {
@@ -1114,8 +1057,7 @@ impl Core {
     /// stamped and kept (they will be in the SYNC the clients get when they return).
     pub fn begin_drain(&mut self, now: Instant) {
         self.flush_users(now);
-        let keys: Vec<String> = self.tallies.keys().cloned().collect();
-        for key in keys {
+        for key in self.tallies.keys() {
             self.complete_tally(&key, now);
         }
         self.draining = true;
@@ -1131,8 +1073,7 @@ impl Core {
 
     /// Completes whatever is still open before the state is stored.
     pub fn settle(&mut self, now: Instant) {
-        let keys: Vec<String> = self.tallies.keys().cloned().collect();
-        for key in keys {
+        for key in self.tallies.keys() {
             self.complete_tally(&key, now);
         }
     }
@@ -1405,7 +1346,7 @@ mod tests {
             );
         }
         assert!(c.retained.len() <= 20, "{}", c.retained.len());
-        assert!(c.tallies.len() <= MAX_OPEN_TALLIES);
+        assert!(c.tallies.open_count() <= MAX_OPEN_TALLIES);
         // Their results (b never votes) come after the tally window, with little headroom.
         c.on_timers(now + TALLY_INTERVAL);
         assert!(c.retained.len() <= 21, "{}", c.retained.len());

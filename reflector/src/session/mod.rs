@@ -14,6 +14,7 @@ pub mod clock;
 pub mod core;
 mod gate;
 mod retained;
+mod tallies;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
