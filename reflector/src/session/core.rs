@@ -22,6 +22,8 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::clock::Clock;
+pub use super::members::USERS_INTERVAL;
+use super::members::{Disconnected, Members, State};
 pub use super::retained::seq_after;
 use super::retained::{Kind, Retained};
 pub use super::tallies::{MAX_OPEN_TALLIES, TALLY_INTERVAL};
@@ -38,8 +40,6 @@ pub type ConnId = u64;
 
 /// First sequence number of a new session: the counter wraps after 16 messages on purpose.
 pub const INITIAL_SEQ: u32 = 0xFFFF_FFF0;
-/// How long user joins and leaves are gathered into one `users` message.
-pub const USERS_INTERVAL: Duration = Duration::from_millis(200);
 /// Server frames longer than this are split into `_CHUNK` frames.
 pub const CHUNK_SIZE: usize = 1_000_000;
 /// The longest leave delay a client may ask for.
@@ -82,28 +82,6 @@ pub enum Effect {
     },
     /// A snapshot was accepted: older snapshots next to it may be pruned.
     PruneSnapshots { url: String },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Joined, SYNC not sent yet.
-    Waiting,
-    /// Receives RECVs and TICKs.
-    Active,
-    /// Socket closed; still a member until the deadline (leaveDelay).
-    Leaving(Instant),
-    /// Member restored from stored state; still a member until its user rejoins or the deadline.
-    Ghost(Instant),
-    /// Closed by a drain; kept as a member in the stored state.
-    Closing,
-}
-
-#[derive(Debug)]
-struct Member {
-    conn: Option<ConnId>,
-    out: Option<Outbox>,
-    user: Option<Arc<str>>,
-    state: State,
 }
 
 /// What [`Core::flush_stats`] counted since the previous flush (for the load report).
@@ -186,10 +164,7 @@ pub struct Core {
     leave_delay: Duration,
     retained: Retained,
     persisted_url: Option<String>,
-    members: Vec<Member>,
-    pending_joined: Vec<Arc<str>>,
-    pending_left: Vec<Arc<str>>,
-    users_due: Option<Instant>,
+    members: Members,
     tallies: Tallies,
     /// Debounced SEND keys: when each was last reflected and its window.
     debounce: HashMap<String, (Instant, Duration)>,
@@ -220,10 +195,7 @@ impl Core {
             leave_delay: Duration::ZERO,
             retained: Retained::default(),
             persisted_url: None,
-            members: Vec::new(),
-            pending_joined: Vec::new(),
-            pending_left: Vec::new(),
-            users_due: None,
+            members: Members::default(),
             tallies: Tallies::default(),
             debounce: HashMap::new(),
             next_tick: now + settings.default_tick,
@@ -289,26 +261,18 @@ impl Core {
 
     /// Whether any member has an open connection.
     pub fn has_connections(&self) -> bool {
-        self.members.iter().any(|m| m.conn.is_some())
+        self.members.has_connections()
     }
 
     /// Whether this user record (a view) was admitted to the session before and has not
     /// left: a reconnect or a rejoin after a resume.
     pub fn is_member(&self, user: Option<&str>) -> bool {
-        user.is_some_and(|u| {
-            self.members.iter().any(|m| {
-                m.user.as_deref() == Some(u)
-                    && matches!(m.state, State::Active | State::Leaving(_) | State::Ghost(_))
-            })
-        })
+        user.is_some_and(|u| self.members.admitted(u).is_some())
     }
 
     /// Members counted in `users` (everything but connections still waiting for SYNC).
     pub fn member_count(&self) -> usize {
-        self.members
-            .iter()
-            .filter(|m| m.state != State::Waiting)
-            .count()
+        self.members.count()
     }
 
     /// Whether the session was closed for a drain.
@@ -349,12 +313,7 @@ impl Core {
         self.tallies = Tallies::restore(stored.completed_tallies);
         let grace = self.settings.rejoin_grace.max(self.leave_delay);
         for user in stored.users {
-            self.members.push(Member {
-                conn: None,
-                out: None,
-                user: Some(Arc::from(user.get())),
-                state: State::Ghost(now + grace),
-            });
+            self.members.add_ghost(Arc::from(user.get()), now + grace);
             self.stats.users_delta += 1;
         }
         self.empty_since = if self.members.is_empty() {
@@ -368,20 +327,7 @@ impl Core {
     /// Everything needed to resume this session elsewhere or later.
     pub fn to_stored(&mut self, now: Instant, wall_ms: u64) -> StoredSession {
         let time = self.clock.read(now);
-        let mut users: Vec<Box<RawValue>> = Vec::new();
-        let mut seen: Vec<&str> = Vec::new();
-        for m in &self.members {
-            if m.state == State::Waiting {
-                continue;
-            }
-            if let Some(u) = &m.user
-                && !seen.contains(&u.as_ref())
-                && let Ok(raw) = RawValue::from_string(u.to_string())
-            {
-                seen.push(u);
-                users.push(raw);
-            }
-        }
+        let users = self.members.stored_users();
         StoredSession {
             format: STORED_SESSION_FORMAT,
             session_id: self.id.to_string(),
@@ -436,54 +382,28 @@ impl Core {
             self.leave_delay = millis(ld, MAX_LEAVE_DELAY);
         }
         let user: Option<Arc<str>> = join.user.map(Arc::from);
-        let existing = user.as_ref().and_then(|u| {
-            self.members.iter().position(|m| {
-                m.user.as_ref() == Some(u)
-                    && matches!(m.state, State::Active | State::Leaving(_) | State::Ghost(_))
-            })
-        });
+        let existing = user.as_deref().and_then(|u| self.members.admitted(u));
         let sync = self.sync_frame(now);
         let index = match existing {
             Some(i) => {
-                // The same view is back (a reconnect): it takes over its membership, so the
-                // model sees neither a leave nor a join.
-                let m = &mut self.members[i];
-                if let Some(old) = m.out.take()
-                    && !old.same(&out)
-                {
-                    old.close(close::RECONNECT.with_reason("replaced by a newer connection"));
-                }
-                m.conn = Some(conn);
-                m.out = Some(out);
-                m.state = State::Waiting;
+                self.members.reconnect(i, conn, out);
                 tracing::debug!(session = %self.id, conn, "member rejoined");
                 i
             }
-            None => {
-                self.members.push(Member {
-                    conn: Some(conn),
-                    out: Some(out),
-                    user: user.clone(),
-                    state: State::Waiting,
-                });
-                self.members.len() - 1
-            }
+            None => self.members.add(conn, out, user.clone()),
         };
         self.empty_since = None;
         let delivered = self.send_chunked(index, &sync);
-        let m = &mut self.members[index];
-        m.state = State::Active;
+        self.members.activate(index);
         if existing.is_none() {
             self.stats.users_delta += 1;
             if let Some(u) = user {
-                self.queue_joined(u, now);
+                self.members.queue_joined(u, now);
             }
+        } else {
+            self.members.wake_users(now);
         }
         self.stats.joins += 1;
-        if existing.is_some() && !(self.pending_joined.is_empty() && self.pending_left.is_empty()) {
-            // News held while nobody was active (see flush_users) goes out now.
-            self.users_due.get_or_insert(now + USERS_INTERVAL);
-        }
         if !delivered {
             tracing::warn!(session = %self.id, conn, "SYNC did not fit the send queue");
         }
@@ -491,25 +411,14 @@ impl Core {
 
     /// A connection ended (the client closed it, it dropped, or the reflector closed it).
     pub fn closed(&mut self, conn: ConnId, now: Instant) {
-        let Some(i) = self.members.iter().position(|m| m.conn == Some(conn)) else {
+        let Some(i) = self.members.by_conn(conn) else {
             return;
         };
-        let m = &mut self.members[i];
-        m.conn = None;
-        m.out = None;
-        match m.state {
-            State::Waiting => {
-                self.members.swap_remove(i);
-            }
-            State::Active if !self.draining => {
-                if self.leave_delay.is_zero() {
-                    self.remove_member(i, now);
-                } else {
-                    m.state = State::Leaving(now + self.leave_delay);
-                }
-            }
-            State::Active => m.state = State::Closing,
-            State::Leaving(_) | State::Ghost(_) | State::Closing => {}
+        let gone = self
+            .members
+            .disconnect(i, self.leave_delay, self.draining, now);
+        if gone == Disconnected::LeavesNow {
+            self.remove_member(i, now);
         }
         if self.members.is_empty() {
             self.empty_since = Some(now);
@@ -517,12 +426,9 @@ impl Core {
     }
 
     fn remove_member(&mut self, i: usize, now: Instant) {
-        let m = self.members.swap_remove(i);
+        self.members.remove(i, now);
         self.stats.users_delta -= 1;
         self.stats.leaves += 1;
-        if let Some(u) = m.user {
-            self.queue_left(u, now);
-        }
         if self.members.is_empty() {
             self.empty_since = Some(now);
         }
@@ -633,9 +539,7 @@ impl Core {
             self.id_json
         );
         let requ = self.requ_frame();
-        if let Some(m) = self.members.iter().find(|m| m.conn == Some(conn))
-            && let Some(out) = &m.out
-        {
+        if let Some(out) = self.members.outbox_of(conn) {
             let _ = out.try_send(requ);
             let _ = out.try_send(Text::from(info));
         }
@@ -691,7 +595,7 @@ impl Core {
     /// Sends one frame to every active member; with `tick`, only to those with nothing queued.
     fn fan_out(&mut self, text: &Text, tick: bool) {
         let len = text.len() as u64;
-        for m in &mut self.members {
+        for m in self.members.iter_mut() {
             if m.state != State::Active {
                 continue;
             }
@@ -721,7 +625,7 @@ impl Core {
 
     /// Sends a possibly long frame to one member, in `_CHUNK` pieces when needed.
     fn send_chunked(&mut self, index: usize, text: &str) -> bool {
-        let Some(out) = self.members[index].out.clone() else {
+        let Some(out) = self.members.get(index).out.clone() else {
             return false;
         };
         let mut pieces: Vec<String> = Vec::new();
@@ -744,7 +648,7 @@ impl Core {
             let len = p.len() as u64;
             if out.try_send(Text::from(p)).is_err() {
                 out.close_now(close::UNRESPONSIVE);
-                self.members[index].out = None;
+                self.members.get_mut(index).out = None;
                 return false;
             }
             self.stats.deliveries += 1;
@@ -797,69 +701,10 @@ impl Core {
 
     // === users ===
 
-    fn queue_joined(&mut self, user: Arc<str>, now: Instant) {
-        if let Some(i) = self.pending_left.iter().position(|u| *u == user) {
-            self.pending_left.remove(i);
-        } else {
-            self.pending_joined.push(user);
-        }
-        self.users_due.get_or_insert(now + USERS_INTERVAL);
-    }
-
-    fn queue_left(&mut self, user: Arc<str>, now: Instant) {
-        if let Some(i) = self.pending_joined.iter().position(|u| *u == user) {
-            self.pending_joined.remove(i);
-        } else {
-            self.pending_left.push(user);
-        }
-        self.users_due.get_or_insert(now + USERS_INTERVAL);
-    }
-
     fn flush_users(&mut self, now: Instant) {
-        self.users_due = None;
-        if self.pending_joined.is_empty() && self.pending_left.is_empty() {
-            return;
+        if let Some(payload) = self.members.take_users() {
+            self.reflect(&frame::with_size(&payload), now, Kind::Users);
         }
-        let active = self
-            .members
-            .iter()
-            .filter(|m| m.state == State::Active && m.user.is_some())
-            .count();
-        if active == 0 {
-            // Nobody to tell now. Members within their leave delay may come back (a view
-            // whose first connection dropped right after its JOIN): keep the news for them,
-            // sent when one is active again. With no member left at all, there is no one.
-            if self
-                .members
-                .iter()
-                .all(|m| m.user.is_none() || m.state == State::Waiting)
-            {
-                self.pending_joined.clear();
-                self.pending_left.clear();
-            }
-            return;
-        }
-        let total = self.member_count();
-        let mut payload = format!("{{\"what\":\"users\",\"active\":{active},\"total\":{total}");
-        for (key, list) in [
-            ("joined", &self.pending_joined),
-            ("left", &self.pending_left),
-        ] {
-            if !list.is_empty() {
-                let _ = write!(payload, ",\"{key}\":[");
-                for (i, u) in list.iter().enumerate() {
-                    if i > 0 {
-                        payload.push(',');
-                    }
-                    payload.push_str(u);
-                }
-                payload.push(']');
-            }
-        }
-        payload.push('}');
-        self.pending_joined.clear();
-        self.pending_left.clear();
-        self.reflect(&frame::with_size(&payload), now, Kind::Users);
     }
 
     // === tallies ===
@@ -885,11 +730,7 @@ impl Core {
                 self.refuse_send(conn);
                 return;
             }
-            let expecting = self
-                .members
-                .iter()
-                .filter(|m| m.state == State::Active)
-                .count();
+            let expecting = self.members.active_count();
             self.tallies.open(
                 t.key.clone(),
                 t.send_time,
@@ -925,10 +766,7 @@ impl Core {
         url: &str,
         scope: Result<(), files_scope::OutOfScope>,
     ) -> bool {
-        let member = self
-            .members
-            .iter()
-            .any(|m| m.conn == Some(conn) && m.state == State::Active);
+        let member = self.members.is_active_conn(conn);
         let reason = match (member, scope) {
             (true, Ok(())) => return true,
             (false, _) => "not_member",
@@ -963,12 +801,7 @@ impl Core {
             self.identity.app_id.clone(),
             self.identity.persistent_id.clone(),
         ) else {
-            if let Some(out) = self
-                .members
-                .iter()
-                .find(|m| m.conn == Some(conn))
-                .and_then(|m| m.out.as_ref())
-            {
+            if let Some(out) = self.members.outbox_of(conn) {
                 out.close(close::BAD_APP_ID);
             }
             return;
@@ -995,19 +828,17 @@ impl Core {
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
-        if self.members.iter().any(|m| m.state == State::Active) {
+        if self.members.any_active() {
             consider(self.next_tick);
         }
-        if let Some(t) = self.users_due {
+        if let Some(t) = self.members.users_due() {
             consider(t);
         }
         if let Some(t) = self.tallies.next_due() {
             consider(t);
         }
-        for m in &self.members {
-            if let State::Leaving(t) | State::Ghost(t) = m.state {
-                consider(t);
-            }
+        if let Some(t) = self.members.next_expiry() {
+            consider(t);
         }
         if let Some(t) = self.end_due() {
             consider(t);
@@ -1026,21 +857,19 @@ impl Core {
 
     /// Runs every timer that is due: leaves, users batches, tallies, ticks.
     pub fn on_timers(&mut self, now: Instant) {
-        let mut i = 0;
-        while i < self.members.len() {
-            match self.members[i].state {
-                State::Leaving(t) | State::Ghost(t) if t <= now => self.remove_member(i, now),
-                _ => i += 1,
-            }
+        let mut from = 0;
+        while let Some(i) = self.members.next_expired(from, now) {
+            self.remove_member(i, now);
+            from = i;
         }
         for key in self.tallies.due(now) {
             self.complete_tally(&key, now);
         }
-        if self.users_due.is_some_and(|t| t <= now) {
+        if self.members.users_due().is_some_and(|t| t <= now) {
             self.flush_users(now);
         }
         if self.next_tick <= now {
-            if self.members.iter().any(|m| m.state == State::Active) {
+            if self.members.any_active() {
                 let time = self.clock.read(now);
                 let tick = Text::from(format!(
                     "{{\"id\":{},\"action\":\"TICK\",\"args\":{time}}}",
@@ -1061,14 +890,7 @@ impl Core {
             self.complete_tally(&key, now);
         }
         self.draining = true;
-        for m in &mut self.members {
-            if let Some(out) = m.out.take() {
-                out.close(close::RECONNECT.with_reason("reflector draining, reconnect"));
-            }
-            if m.state == State::Active {
-                m.state = State::Closing;
-            }
-        }
+        self.members.close_for_drain();
     }
 
     /// Completes whatever is still open before the state is stored.

@@ -13,6 +13,7 @@
 pub mod clock;
 pub mod core;
 mod gate;
+mod members;
 mod retained;
 mod tallies;
 
