@@ -21,6 +21,7 @@ use rand::Rng;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
+pub use super::chunk::CHUNK_SIZE;
 use super::clock::Clock;
 pub use super::members::USERS_INTERVAL;
 use super::members::{Disconnected, Members, State};
@@ -40,8 +41,6 @@ pub type ConnId = u64;
 
 /// First sequence number of a new session: the counter wraps after 16 messages on purpose.
 pub const INITIAL_SEQ: u32 = 0xFFFF_FFF0;
-/// Server frames longer than this are split into `_CHUNK` frames.
-pub const CHUNK_SIZE: usize = 1_000_000;
 /// The longest leave delay a client may ask for.
 const MAX_LEAVE_DELAY: Duration = Duration::from_secs(60);
 /// The longest debounce window a SEND's tags may ask for.
@@ -628,23 +627,7 @@ impl Core {
         let Some(out) = self.members.get(index).out.clone() else {
             return false;
         };
-        let mut pieces: Vec<String> = Vec::new();
-        if text.len() <= CHUNK_SIZE {
-            pieces.push(text.to_string());
-        } else {
-            let mut start = 0;
-            while start < text.len() {
-                let mut end = (start + CHUNK_SIZE).min(text.len());
-                while !text.is_char_boundary(end) {
-                    end -= 1;
-                }
-                let first = if start == 0 { '1' } else { '0' };
-                let last = if end == text.len() { '1' } else { '0' };
-                pieces.push(format!("_CHUNK{first}{last}{}", &text[start..end]));
-                start = end;
-            }
-        }
-        for p in pieces {
+        for p in super::chunk::pieces(text, CHUNK_SIZE) {
             let len = p.len() as u64;
             if out.try_send(Text::from(p)).is_err() {
                 out.close_now(close::UNRESPONSIVE);

@@ -10,6 +10,7 @@
 //! stored (so the next JOIN resumes it) and removed. A drain closes the clients with 4003,
 //! keeps reading what they had already sent until they are gone, stores, and removes.
 
+mod chunk;
 pub mod clock;
 pub mod core;
 mod gate;
