@@ -1,18 +1,26 @@
-//! The protocol state of one session: ordering, fan-out, users, tallies, snapshots.
+//! The protocol state of one session: ordering and fan-out, driving the parts that keep
+//! the rest.
 //!
-//! `Core` owns everything about a session and is driven by its task with one call per client
-//! message, connection change or timer. It does no I/O: frames go into the members'
-//! [`Outbox`]es without waiting, and storage work comes out as [`Effect`]s the task carries
-//! out. That keeps the whole protocol testable with plain function calls.
+//! `Core` is driven by its session task with one call per client message, connection change
+//! or timer. It does no I/O: frames go into the members' [`Outbox`]es without waiting, and
+//! storage work comes out as [`Effect`]s the task carries out. That keeps the whole protocol
+//! testable with plain function calls.
 //!
-//! ```text
-//!   JOIN ──► member (Waiting) ──SYNC──► Active ──socket closed──► Leaving ──leaveDelay──► gone
-//!                                          ▲                          │ same user JOINs again
-//!                                          └──────────────────────────┘ (no join/leave seen)
-//!   resumed from storage: former members start as Ghosts, claimed by their user's next JOIN
-//! ```
+//! `Core` itself owns what orders a session: its clock, sequence numbers, timeline, ticks,
+//! the stamping of every reflected message and its fan-out, SNAP and SAVE checks, drain and
+//! the persistence identity. Each of the other parts has one job, and tests of its own:
+//!
+//! - [`super::members`]: who is in the session (Waiting, Active, Leaving, Ghost, Closing)
+//!   and the `users` news about them;
+//! - [`super::retained`]: the messages a joining client gets, their bytes, and the snapshot
+//!   they follow;
+//! - [`super::tallies`]: open TUTTI tallies and the recently completed ones;
+//! - [`super::debounce`]: debounced SEND keys;
+//! - [`super::chunk`]: `_CHUNK` splitting of long frames.
+//!
+//! The parts hold plain values inline in `Core` (no boxes, no locks), so reflecting a message
+//! costs what it did when they were `Core`'s own fields.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +31,8 @@ use tokio::time::Instant;
 
 pub use super::chunk::CHUNK_SIZE;
 use super::clock::Clock;
+use super::debounce::{Debounce, MAX_DEBOUNCE};
+pub use super::debounce::{MAX_DEBOUNCE_KEY, MAX_DEBOUNCE_KEYS};
 pub use super::members::USERS_INTERVAL;
 use super::members::{Disconnected, Members, State};
 pub use super::retained::seq_after;
@@ -43,14 +53,6 @@ pub type ConnId = u64;
 pub const INITIAL_SEQ: u32 = 0xFFFF_FFF0;
 /// The longest leave delay a client may ask for.
 const MAX_LEAVE_DELAY: Duration = Duration::from_secs(60);
-/// The longest debounce window a SEND's tags may ask for.
-const MAX_DEBOUNCE: Duration = Duration::from_secs(3600);
-/// Longest `msgID` a debounce is kept for; longer ones are reflected without debouncing (the
-/// client's only one is `pollForSnapshot`).
-pub const MAX_DEBOUNCE_KEY: usize = 128;
-/// Debounce keys remembered per session; past it, expired ones are pruned and new keys go
-/// undebounced.
-pub const MAX_DEBOUNCE_KEYS: usize = 64;
 
 /// Settings every session of a reflector shares.
 #[derive(Debug, Clone)]
@@ -165,8 +167,7 @@ pub struct Core {
     persisted_url: Option<String>,
     members: Members,
     tallies: Tallies,
-    /// Debounced SEND keys: when each was last reflected and its window.
-    debounce: HashMap<String, (Instant, Duration)>,
+    debounce: Debounce,
     next_tick: Instant,
     empty_since: Option<Instant>,
     initialised: bool,
@@ -196,7 +197,7 @@ impl Core {
             persisted_url: None,
             members: Members::default(),
             tallies: Tallies::default(),
-            debounce: HashMap::new(),
+            debounce: Debounce::default(),
             next_tick: now + settings.default_tick,
             empty_since: Some(now),
             initialised: false,
@@ -441,8 +442,7 @@ impl Core {
                     .and_then(|t| Some((t.msg_id?, millis(t.debounce?, MAX_DEBOUNCE))))
                     .filter(|(id, _)| id.len() <= MAX_DEBOUNCE_KEY);
                 if let Some((id, _)) = &debounce
-                    && let Some((last, window)) = self.debounce.get(id)
-                    && now.saturating_duration_since(*last) < *window
+                    && self.debounce.holds(id, now)
                 {
                     tracing::debug!(session = %self.id, msg_id = %id, "debounced SEND dropped");
                     return;
@@ -452,7 +452,7 @@ impl Core {
                     return;
                 }
                 if let Some((id, window)) = debounce {
-                    self.remember_debounce(id, window, now);
+                    self.debounce.remember(id, window, now);
                 }
             }
             ClientMsg::Tutti(t) => self.tutti(conn, *t, now),
@@ -513,18 +513,6 @@ impl Core {
         {
             self.clock.set_scale(s, now);
         }
-    }
-
-    /// Remembers a reflected debounced SEND's key, within [`MAX_DEBOUNCE_KEYS`].
-    fn remember_debounce(&mut self, id: String, window: Duration, now: Instant) {
-        if self.debounce.len() >= MAX_DEBOUNCE_KEYS && !self.debounce.contains_key(&id) {
-            self.debounce
-                .retain(|_, (last, w)| now.saturating_duration_since(*last) < *w);
-            if self.debounce.len() >= MAX_DEBOUNCE_KEYS {
-                return;
-            }
-        }
-        self.debounce.insert(id, (now, window));
     }
 
     fn refuse_send(&mut self, conn: ConnId) {
@@ -1079,7 +1067,7 @@ mod tests {
         c.join(1, out, user("a"), now);
         let long = "k".repeat(MAX_DEBOUNCE_KEY + 1);
         send(&mut c, 1, "p", Some((5000.0, &long)), now);
-        assert!(c.debounce.is_empty(), "an oversized key is not remembered");
+        assert_eq!(c.debounce.len(), 0, "an oversized key is not remembered");
         for i in 0..300 {
             send(&mut c, 1, "p", Some((5000.0, &format!("key{i}"))), now);
         }
@@ -1087,7 +1075,7 @@ mod tests {
         // Once their windows passed, old keys make room for new ones.
         let later = now + Duration::from_secs(6);
         send(&mut c, 1, "p", Some((5000.0, "fresh")), later);
-        assert!(c.debounce.contains_key("fresh"));
+        assert!(c.debounce.contains("fresh"));
         assert_eq!(c.debounce.len(), 1);
 
         // A SEND dropped for a full buffer leaves no key behind.
@@ -1096,7 +1084,7 @@ mod tests {
         full.join(1, out, user("a"), now);
         send(&mut full, 1, "fills", None, now);
         send(&mut full, 1, "dropped", Some((5000.0, "k")), now);
-        assert!(full.debounce.is_empty());
+        assert_eq!(full.debounce.len(), 0);
     }
 
     #[test]

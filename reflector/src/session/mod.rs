@@ -13,6 +13,7 @@
 mod chunk;
 pub mod clock;
 pub mod core;
+mod debounce;
 mod gate;
 mod members;
 mod retained;
