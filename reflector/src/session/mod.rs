@@ -10,9 +10,14 @@
 //! stored (so the next JOIN resumes it) and removed. A drain closes the clients with 4003,
 //! keeps reading what they had already sent until they are gone, stores, and removes.
 
+mod chunk;
 pub mod clock;
 pub mod core;
+mod debounce;
 mod gate;
+mod members;
+mod retained;
+mod tallies;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
