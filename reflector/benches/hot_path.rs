@@ -92,7 +92,9 @@ fn reflect(c: &mut Criterion) {
                         ClientMsg::Snap(Snap {
                             time: count as f64,
                             seq: core.seq(),
-                            url: "u".into(),
+                            // In the session's own folder, or the SNAP is refused and
+                            // nothing is trimmed.
+                            url: format!("http://bench/files/snapshots/bench-session/{count}"),
                             dissident: false,
                         }),
                         now,
