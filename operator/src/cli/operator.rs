@@ -103,7 +103,14 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         None => None,
     };
     let load = HttpLoad::new().with_key(key);
-    serve(client, args, listener, Arc::new(load), shutdown_signal()).await
+    serve(
+        client,
+        args,
+        listener,
+        Arc::new(load),
+        refleet_reflector::shutdown::signal(),
+    )
+    .await
 }
 
 /// Runs the operator with `client`, serving `/metrics` and `/healthz` on `listener`, until
@@ -233,29 +240,6 @@ pub async fn serve(
     let _ = rx.wait_for(|s| *s).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
     result.context("leader election")
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 fn init_tracing(format: LogFormat) {
