@@ -15,6 +15,8 @@
 //! - [`router`]: routes clients to shards and takes the reflectors' load reports.
 //! - [`metrics`]: the operator's Prometheus metrics, recorded by both backends.
 //! - [`secrets`]: the operator's own Secrets (join-token signing key, report key).
+//! - [`fleet`]: what both backends share between observing and acting: one [`fleet::Observed`]
+//!   and the planner's input built from it (no kube types).
 //! - [`controller`]: the kube backend (controllers, leader election).
 //! - [`local`]: the local backend behind `refleet up`.
 //! - [`cli`]: the long-running subcommands of the `refleet` binary.
@@ -28,8 +30,9 @@
 //! 2. `planner`, `crdgen` (pure: no kube API types in the planner, no I/O);
 //! 3. `router`, `metrics`, `secrets` (services the backends share; `router` and `metrics`
 //!    name no kube types);
-//! 4. `controller`, `local` (the two backends: neither names the other);
-//! 5. `cli` (the binary's subcommands).
+//! 4. `fleet` (what the two backends share: observed state to planner input; no kube types);
+//! 5. `controller`, `local` (the two backends: neither names the other);
+//! 6. `cli` (the binary's subcommands).
 //!
 //! Something two modules of one layer both need moves down a layer. So there is no cycle
 //! between top-level modules; the same holds in every crate of the workspace (but for the
@@ -41,6 +44,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod fleet;
 pub mod local;
 pub mod metrics;
 pub mod planner;

@@ -363,6 +363,7 @@ const OPERATOR_LAYERS: &[&[&str]] = &[
     &["crd"],
     &["planner", "crdgen"],
     &["router", "metrics", "secrets"],
+    &["fleet"],
     &["controller", "local"],
     &["cli"],
 ];
@@ -377,6 +378,14 @@ fn operator_modules_depend_only_on_lower_layers() {
             .unwrap_or_else(|| panic!("operator module `{m}` has no layer in OPERATOR_LAYERS"))
     };
     let mut wrong = Vec::new();
+    for layer in OPERATOR_LAYERS {
+        for m in *layer {
+            assert!(
+                graph.contains_key(*m),
+                "OPERATOR_LAYERS names `{m}`, which is no module"
+            );
+        }
+    }
     for (from, deps) in &graph {
         for (to, at) in deps {
             if layer_of(to) >= layer_of(from) {
@@ -393,13 +402,14 @@ fn operator_modules_depend_only_on_lower_layers() {
     );
 }
 
-/// The operator's pure layers name no kube API machinery: the planner, the router and the
-/// metrics take plain data (the CRDs' value types included) and are tested without a cluster.
+/// The operator's pure layers name no kube API machinery: the planner, the router, the
+/// metrics and the backends' shared `fleet` layer take plain data (the CRDs' value types
+/// included) and are tested without a cluster.
 #[test]
-fn planner_router_and_metrics_name_no_kube_types() {
+fn planner_router_metrics_and_fleet_name_no_kube_types() {
     let src = repo().join("operator/src");
     let mut files = Vec::new();
-    for module in ["planner", "router"] {
+    for module in ["planner", "router", "fleet"] {
         rust_files(&src.join(module), &mut files);
     }
     files.push(src.join("metrics.rs"));

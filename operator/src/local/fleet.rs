@@ -7,20 +7,21 @@
 //! (SIGTERM) those the planner drains, forgets those that exited. The plan's shards and
 //! scaling history are kept for the next tick, exactly as the kube controllers keep them.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::config::{LOCAL_IMAGE, LocalPool, LocalSession};
+use super::config::{LocalPool, LocalSession};
 use super::launcher::{Launcher, Observed, ReportedSession, StartRequest};
-use crate::crd::{Capacity, ShardPhase};
+use crate::crd::ShardPhase;
+use crate::fleet;
 use crate::metrics::OperatorMetrics;
 use crate::metrics::POOL_CONTROLLER;
 use crate::planner::{
-    Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
-    RegionInput, RegionPlan, ScaleHistory, Seconds, SessionInput, ShardPolicy, ShardRecord, plan,
+    Decision, PlanInput, ReflectorAction, ReflectorState, RegionPlan, ScaleHistory, Seconds,
+    ShardRecord, plan,
 };
 use crate::router::{FleetView, Router, SessionDef};
 
@@ -46,20 +47,10 @@ struct Reflector {
     pool: String,
     region: String,
     image: String,
-    capacity: Capacity,
     state: ReflectorState,
     url: Option<String>,
     sessions: Vec<ReportedSession>,
     drain_deadline: Option<Seconds>,
-}
-
-/// A concrete session: which Session object it belongs to and its name.
-#[derive(Clone, Debug)]
-struct ConcreteSession {
-    /// Index into `sessions`.
-    spec: usize,
-    /// The Croquet session name.
-    name: String,
 }
 
 /// The local fleet: config, reflectors, the planner's carried state.
@@ -205,7 +196,7 @@ impl<L: Launcher> Fleet<L> {
                 let Some(c) = concrete.get(&sh.session) else {
                     continue;
                 };
-                let s = &self.sessions[c.spec];
+                let s = &self.sessions[c.session];
                 if let Some((shards, users)) =
                     per_session.get_mut(&(s.namespace.clone(), s.name.clone()))
                 {
@@ -314,9 +305,9 @@ impl<L: Launcher> Fleet<L> {
         let Some(rt) = self.pools.iter().find(|p| p.pool.id() == pool) else {
             return;
         };
-        let Some(spec) = rt.pool.spec.resolved_region(region) else {
+        if rt.pool.spec.resolved_region(region).is_none() {
             return;
-        };
+        }
         let n = self.started.entry(region.to_owned()).or_insert(0);
         *n += 1;
         let name = format!("{region}-{n}");
@@ -335,7 +326,6 @@ impl<L: Launcher> Fleet<L> {
                         pool: pool.to_owned(),
                         region: region.to_owned(),
                         image: image.to_owned(),
-                        capacity: spec.capacity,
                         state: ReflectorState::Starting,
                         url: None,
                         sessions: Vec::new(),
@@ -347,130 +337,63 @@ impl<L: Launcher> Fleet<L> {
         }
     }
 
-    /// Every concrete session: exact names, and names of pattern Sessions seen live on a
-    /// reflector or holding a shard.
-    fn concrete_sessions(&self) -> BTreeMap<String, ConcreteSession> {
-        let mut out = BTreeMap::new();
-        for (i, s) in self.sessions.iter().enumerate() {
-            let mut names: Vec<String> = Vec::new();
-            if let Some(name) = &s.spec.name {
-                names.push(name.clone());
-            } else {
-                for r in self.reflectors.values() {
-                    for rs in &r.sessions {
-                        if rs.app_id.as_deref() == Some(s.spec.app_id.as_str())
-                            && rs.users > 0
-                            && let Some(shard) = rs.shard()
-                            && s.spec.matches(shard)
-                        {
-                            names.push(shard.to_owned());
-                        }
-                    }
-                }
-                let prefix = format!("{}/{}/", s.namespace, s.spec.app_id);
-                for sh in &self.shards {
-                    if let Some(name) = sh.session.strip_prefix(&prefix)
-                        && s.spec.matches(name)
-                    {
-                        names.push(name.to_owned());
-                    }
-                }
-            }
-            for name in names {
-                out.entry(session_key(s, &name))
-                    .or_insert(ConcreteSession { spec: i, name });
-            }
+    /// The fleet as the shared [`fleet::Observed`]: the config's pools and Sessions, the
+    /// reflectors with the sessions they last reported.
+    fn observed(&self) -> fleet::Observed {
+        fleet::Observed {
+            pools: self
+                .pools
+                .iter()
+                .map(|rt| fleet::ObservedPool {
+                    namespace: rt.pool.namespace.clone(),
+                    name: rt.pool.name.clone(),
+                    spec: rt.pool.spec.clone(),
+                })
+                .collect(),
+            sessions: self
+                .sessions
+                .iter()
+                .map(|s| fleet::ObservedSession {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    spec: s.spec.clone(),
+                    deleted: false,
+                })
+                .collect(),
+            reflectors: self
+                .reflectors
+                .iter()
+                .map(|(name, r)| fleet::ObservedHost {
+                    name: name.clone(),
+                    pool: r.pool.clone(),
+                    region: Some(r.region.clone()),
+                    image: r.image.clone(),
+                    state: Some(r.state),
+                    url: r.url.clone(),
+                    hosted: Some(
+                        r.sessions
+                            .iter()
+                            .filter_map(|rs| {
+                                Some(fleet::HostedShard {
+                                    app_id: rs.app_id.clone()?,
+                                    name: rs.shard()?.to_owned(),
+                                    users: rs.users,
+                                })
+                            })
+                            .collect(),
+                    ),
+                })
+                .collect(),
         }
-        out
+    }
+
+    /// Every concrete session (see [`fleet::concrete_sessions`]).
+    fn concrete_sessions(&self) -> BTreeMap<String, fleet::Concrete> {
+        fleet::concrete_sessions(&self.observed(), &self.shards)
     }
 
     fn plan_input(&self, now: Seconds) -> PlanInput {
-        let pools = self
-            .pools
-            .iter()
-            .map(|rt| PoolInput {
-                id: rt.pool.id(),
-                placement: rt.pool.spec.placement,
-                regions: rt
-                    .pool
-                    .spec
-                    .resolved_regions()
-                    .into_iter()
-                    .map(|r| RegionInput {
-                        name: r.name,
-                        image: r.image.unwrap_or_else(|| LOCAL_IMAGE.to_owned()),
-                        capacity: r.capacity,
-                        min_reflectors: r.min_reflectors,
-                        max_reflectors: r.max_reflectors,
-                        warm_buffer: r.warm_buffer,
-                    })
-                    .collect(),
-                cooldown: Seconds::from(rt.pool.spec.scale_down_cooldown_seconds),
-                drain_grace: Seconds::from(rt.pool.spec.drain_grace_period_seconds),
-            })
-            .collect();
-        let concrete = self.concrete_sessions();
-        let sessions = concrete
-            .iter()
-            .map(|(key, c)| {
-                let s = &self.sessions[c.spec];
-                SessionInput {
-                    key: key.clone(),
-                    name: c.name.clone(),
-                    pool: format!("{}/{}", s.namespace, s.spec.pool_ref.name),
-                    policy: ShardPolicy::from(&s.spec),
-                    deleted: false,
-                    waiting: false,
-                }
-            })
-            .collect();
-        // Load per (appId, shard name), over every reflector: a client that joined a shard
-        // at the wrong reflector still counts for that shard.
-        let mut load: HashMap<(&str, &str), u32> = HashMap::new();
-        for r in self.reflectors.values() {
-            for rs in &r.sessions {
-                if let (Some(app), Some(shard)) = (rs.app_id.as_deref(), rs.shard()) {
-                    *load.entry((app, shard)).or_default() += rs.users;
-                }
-            }
-        }
-        let shards = self
-            .shards
-            .iter()
-            .map(|sh| {
-                let mut sh = sh.clone();
-                sh.users = concrete
-                    .get(&sh.session)
-                    .and_then(|c| {
-                        let app = self.sessions[c.spec].spec.app_id.as_str();
-                        load.get(&(app, sh.name.as_str()))
-                    })
-                    .copied()
-                    .unwrap_or(0);
-                sh.reserved = 0;
-                sh
-            })
-            .collect();
-        let reflectors = self
-            .reflectors
-            .iter()
-            .map(|(name, r)| ObservedReflector {
-                name: name.clone(),
-                pool: r.pool.clone(),
-                region: r.region.clone(),
-                image: r.image.clone(),
-                capacity: r.capacity,
-                state: r.state,
-            })
-            .collect();
-        PlanInput {
-            pools,
-            sessions,
-            reflectors,
-            shards,
-            history: self.history.clone(),
-            now,
-        }
+        fleet::plan_input(&self.observed(), &self.shards, &self.history, now)
     }
 
     /// What the router needs after a plan: the input with the new shards and history, the
@@ -563,7 +486,7 @@ impl<L: Launcher> Fleet<L> {
                 let (namespace, session, app_id) = concrete
                     .get(&sh.session)
                     .map(|c| {
-                        let s = &self.sessions[c.spec];
+                        let s = &self.sessions[c.session];
                         (s.namespace.clone(), s.name.clone(), s.spec.app_id.clone())
                     })
                     .unwrap_or_default();
@@ -598,10 +521,6 @@ impl<L: Launcher> Fleet<L> {
             decisions: self.decisions.iter().cloned().collect(),
         }
     }
-}
-
-fn session_key(s: &LocalSession, name: &str) -> String {
-    format!("{}/{}/{}", s.namespace, s.spec.app_id, name)
 }
 
 fn state_name(s: ReflectorState) -> &'static str {

@@ -1,0 +1,304 @@
+//! What both backends share between observing their world and acting on a plan (no kube
+//! types): the kube controllers and `refleet up` each translate what they see into one
+//! [`Observed`] (pools, Sessions, reflectors and the shards they host), and the planner's
+//! [`PlanInput`] is assembled from it here, once.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::crd::{ReflectorPoolSpec, SessionSpec, ShardPhase, parse_shard_name};
+use crate::planner::{
+    ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput, ScaleHistory, Seconds,
+    SessionInput, ShardPolicy, ShardRecord, session_key,
+};
+
+#[cfg(test)]
+mod tests;
+
+/// One backend's view of its fleet at one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// The pools (the kube backend plans one pool per call).
+    pub pools: Vec<ObservedPool>,
+    /// The Session objects referring to them.
+    pub sessions: Vec<ObservedSession>,
+    /// The reflectors, with what each hosts.
+    pub reflectors: Vec<ObservedHost>,
+}
+
+/// A pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedPool {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Its spec.
+    pub spec: ReflectorPoolSpec,
+}
+
+impl ObservedPool {
+    /// Planner id of the pool (`namespace/name`).
+    pub fn id(&self) -> String {
+        pool_id(&self.namespace, &self.name)
+    }
+}
+
+/// A Session object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedSession {
+    /// Namespace.
+    pub namespace: String,
+    /// Name of the object.
+    pub name: String,
+    /// Its spec.
+    pub spec: SessionSpec,
+    /// It is being deleted.
+    pub deleted: bool,
+}
+
+impl ObservedSession {
+    /// Planner id of the pool it refers to.
+    pub fn pool(&self) -> String {
+        pool_id(&self.namespace, &self.spec.pool_ref.name)
+    }
+}
+
+/// A reflector (a pod, or a process of `refleet up`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedHost {
+    /// Its name.
+    pub name: String,
+    /// Planner id of its pool.
+    pub pool: String,
+    /// Its region, when known.
+    pub region: Option<String>,
+    /// Its image.
+    pub image: String,
+    /// Its state (`None`: finished, not a reflector the planner counts).
+    pub state: Option<ReflectorState>,
+    /// The box URL clients join, once known.
+    pub url: Option<String>,
+    /// The shards it hosts (`None`: it did not report this time).
+    pub hosted: Option<Vec<HostedShard>>,
+}
+
+/// One shard a reflector hosts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostedShard {
+    /// Croquet appId.
+    pub app_id: String,
+    /// Shard name (the JOIN's name without its `<appId>/` prefix).
+    pub name: String,
+    /// Connected users.
+    pub users: u32,
+}
+
+/// Planner id of pool `name` in `namespace`.
+pub fn pool_id(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// One concrete session: the index of its Session object in [`Observed::sessions`] and its
+/// Croquet session name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Concrete {
+    /// Index into [`Observed::sessions`].
+    pub session: usize,
+    /// The Croquet session name.
+    pub name: String,
+}
+
+/// Every concrete session by planner key: the exact names, and for a `namePattern` the
+/// matching names that hold a shard in `shards` or that a reflector hosts with users. A key
+/// two Session objects both govern goes to the first.
+pub fn concrete_sessions(
+    observed: &Observed,
+    shards: &[ShardRecord],
+) -> BTreeMap<String, Concrete> {
+    let mut out = BTreeMap::new();
+    for (i, s) in observed.sessions.iter().enumerate() {
+        let spec = &s.spec;
+        let mut names: Vec<String> = Vec::new();
+        if let Some(name) = &spec.name {
+            names.push(name.clone());
+        } else {
+            let prefix = format!("{}/{}/", s.namespace, spec.app_id);
+            names.extend(
+                shards
+                    .iter()
+                    .filter_map(|sh| sh.session.strip_prefix(&prefix))
+                    .filter(|n| spec.matches(n))
+                    .map(str::to_owned),
+            );
+            for hosted in observed
+                .reflectors
+                .iter()
+                .flat_map(|r| r.hosted.iter().flatten())
+            {
+                if hosted.app_id != spec.app_id || hosted.users == 0 {
+                    continue;
+                }
+                if let Some((base, _)) = parse_shard_name(&hosted.name)
+                    && spec.matches(base)
+                {
+                    names.push(base.to_owned());
+                }
+            }
+        }
+        for name in names {
+            out.entry(session_key(&s.namespace, &spec.app_id, &name))
+                .or_insert(Concrete { session: i, name });
+        }
+    }
+    out
+}
+
+/// Builds the planner's input from what a backend observed, the shards the previous plan
+/// left (`shards`, with any the backend recovered) and its scaling history.
+///
+/// - A region without an image plans with an empty one.
+/// - A shard a reflector hosts with users, of a known session, that `shards` does not know
+///   (after a restart) is adopted as open on that reflector.
+/// - A placed shard whose reflector reported takes its users from that report (0 when absent
+///   from it); one whose reflector did not report keeps the users it had.
+pub fn plan_input(
+    observed: &Observed,
+    shards: &[ShardRecord],
+    history: &ScaleHistory,
+    now: Seconds,
+) -> PlanInput {
+    let pools = observed
+        .pools
+        .iter()
+        .map(|p| PoolInput {
+            id: p.id(),
+            placement: p.spec.placement,
+            regions: p
+                .spec
+                .resolved_regions()
+                .into_iter()
+                .map(|r| RegionInput {
+                    image: r.image.clone().unwrap_or_default(),
+                    capacity: r.capacity,
+                    min_reflectors: r.min_reflectors,
+                    max_reflectors: r.max_reflectors,
+                    warm_buffer: r.warm_buffer,
+                    name: r.name,
+                })
+                .collect(),
+            cooldown: Seconds::from(p.spec.scale_down_cooldown_seconds),
+            drain_grace: Seconds::from(p.spec.drain_grace_period_seconds),
+        })
+        .collect();
+
+    let concrete = concrete_sessions(observed, shards);
+    let sessions = concrete
+        .iter()
+        .map(|(key, c)| {
+            let s = &observed.sessions[c.session];
+            SessionInput {
+                key: key.clone(),
+                name: c.name.clone(),
+                pool: s.pool(),
+                policy: ShardPolicy::from(&s.spec),
+                deleted: s.deleted,
+                waiting: false,
+            }
+        })
+        .collect();
+    let app_of = |key: &str| {
+        concrete
+            .get(key)
+            .map(|c| &observed.sessions[c.session].spec)
+    };
+
+    let reflectors = observed
+        .reflectors
+        .iter()
+        .filter_map(|r| {
+            let state = r.state?;
+            let region = r.region.clone()?;
+            let capacity = observed
+                .pools
+                .iter()
+                .find(|p| p.id() == r.pool)
+                .and_then(|p| p.spec.resolved_region(&region))
+                .map(|reg| reg.capacity)
+                .unwrap_or_default();
+            Some(ObservedReflector {
+                name: r.name.clone(),
+                pool: r.pool.clone(),
+                region,
+                image: r.image.clone(),
+                capacity,
+                state,
+            })
+        })
+        .collect();
+
+    let mut shards = shards.to_vec();
+    // Shards a reflector hosts with users but the plan does not know (after a restart).
+    for r in &observed.reflectors {
+        for hosted in r.hosted.iter().flatten() {
+            let Some((base, index)) = parse_shard_name(&hosted.name) else {
+                continue;
+            };
+            let Some((key, c)) = observed
+                .sessions
+                .iter()
+                .filter(|s| s.spec.app_id == hosted.app_id)
+                .map(|s| session_key(&s.namespace, &hosted.app_id, base))
+                .find_map(|key| concrete.get(&key).map(|c| (key, c)))
+            else {
+                continue;
+            };
+            if hosted.users == 0
+                || shards
+                    .iter()
+                    .any(|s| s.session == key && s.name == hosted.name)
+            {
+                continue;
+            }
+            let session = &observed.sessions[c.session];
+            shards.push(ShardRecord {
+                session: key,
+                name: hosted.name.clone(),
+                index,
+                pool: session.pool(),
+                region: r.region.clone().unwrap_or_default(),
+                reflector: Some(r.name.clone()),
+                committed_users: session.spec.max_users_per_shard,
+                users: hosted.users,
+                reserved: 0,
+                phase: ShardPhase::Open,
+                empty_since: None,
+            });
+        }
+    }
+    // Fresh load for every placed shard whose reflector reported.
+    let reports: HashMap<&str, &Vec<HostedShard>> = observed
+        .reflectors
+        .iter()
+        .filter_map(|r| Some((r.name.as_str(), r.hosted.as_ref()?)))
+        .collect();
+    for shard in &mut shards {
+        let (Some(reflector), Some(spec)) = (&shard.reflector, app_of(&shard.session)) else {
+            continue;
+        };
+        if let Some(hosted) = reports.get(reflector.as_str()) {
+            shard.users = hosted
+                .iter()
+                .find(|h| h.app_id == spec.app_id && h.name == shard.name)
+                .map_or(0, |h| h.users);
+        }
+    }
+
+    PlanInput {
+        pools,
+        sessions,
+        reflectors,
+        shards,
+        history: history.clone(),
+        now,
+    }
+}

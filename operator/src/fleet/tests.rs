@@ -1,0 +1,187 @@
+//! `plan_input` and `concrete_sessions`, straight from an [`Observed`].
+
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+fn pool(image: Option<&str>) -> ObservedPool {
+    let mut defaults = serde_json::json!({});
+    if let Some(image) = image {
+        defaults = serde_json::json!({ "image": image });
+    }
+    ObservedPool {
+        namespace: "ns".into(),
+        name: "pool".into(),
+        spec: serde_json::from_value(serde_json::json!({
+            "defaults": defaults,
+            "regions": [{ "name": "eu" }],
+            "files": { "publicURL": "https://files.test/" },
+            "reflectorURL": { "template": "ws://{pod}.test/" }
+        }))
+        .unwrap(),
+    }
+}
+
+fn session(name: &str, spec: serde_json::Value) -> ObservedSession {
+    let mut spec = spec;
+    spec["poolRef"] = serde_json::json!({ "name": "pool" });
+    spec["appId"] = serde_json::json!("app");
+    ObservedSession {
+        namespace: "ns".into(),
+        name: name.into(),
+        spec: serde_json::from_value(spec).unwrap(),
+        deleted: false,
+    }
+}
+
+fn host(name: &str, hosted: Option<Vec<(&str, u32)>>) -> ObservedHost {
+    ObservedHost {
+        name: name.into(),
+        pool: "ns/pool".into(),
+        region: Some("eu".into()),
+        image: "img:1".into(),
+        state: Some(ReflectorState::Ready),
+        url: Some(format!("http://{name}/")),
+        hosted: hosted.map(|h| {
+            h.into_iter()
+                .map(|(n, users)| HostedShard {
+                    app_id: "app".into(),
+                    name: n.into(),
+                    users,
+                })
+                .collect()
+        }),
+    }
+}
+
+fn shard(session: &str, name: &str, reflector: &str, users: u32) -> ShardRecord {
+    ShardRecord {
+        session: session.into(),
+        name: name.into(),
+        index: parse_shard_name(name).unwrap().1,
+        pool: "ns/pool".into(),
+        region: "eu".into(),
+        reflector: Some(reflector.into()),
+        committed_users: 50,
+        users,
+        reserved: 0,
+        phase: ShardPhase::Open,
+        empty_since: None,
+    }
+}
+
+fn observed(sessions: Vec<ObservedSession>, reflectors: Vec<ObservedHost>) -> Observed {
+    Observed {
+        pools: vec![pool(Some("img:1"))],
+        sessions,
+        reflectors,
+    }
+}
+
+#[test]
+fn pools_regions_and_reflectors_come_from_the_specs() {
+    let obs = Observed {
+        pools: vec![pool(None)],
+        sessions: vec![],
+        reflectors: vec![
+            host("r1", None),
+            ObservedHost {
+                state: None,
+                ..host("gone", None)
+            },
+            ObservedHost {
+                region: None,
+                ..host("unlabelled", None)
+            },
+        ],
+    };
+    let input = plan_input(&obs, &[], &ScaleHistory::new(), 7);
+    assert_eq!(input.now, 7);
+    assert_eq!(input.pools.len(), 1);
+    assert_eq!(input.pools[0].id, "ns/pool");
+    // No image anywhere: the region plans with an empty one (as the kube backend always did).
+    assert_eq!(input.pools[0].regions[0].image, "");
+    let names: Vec<&str> = input.reflectors.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["r1"]);
+    let capacity = obs.pools[0].spec.resolved_region("eu").unwrap().capacity;
+    assert_eq!(input.reflectors[0].capacity, capacity);
+}
+
+#[test]
+fn exact_and_pattern_sessions_become_concrete_sessions() {
+    let obs = observed(
+        vec![
+            session("lobby", serde_json::json!({ "name": "lobby" })),
+            session("rooms", serde_json::json!({ "namePattern": "room-*" })),
+            ObservedSession {
+                deleted: true,
+                ..session("old", serde_json::json!({ "name": "old" }))
+            },
+        ],
+        // room-a hosted with users, room-b hosted empty (not discovered), other not matching.
+        vec![host(
+            "r1",
+            Some(vec![("room-a", 3), ("room-b", 0), ("other", 2)]),
+        )],
+    );
+    let carried = [shard("ns/app/room-c", "room-c", "r1", 0)];
+    let input = plan_input(&obs, &carried, &ScaleHistory::new(), 0);
+    let keys: Vec<(&str, &str, bool)> = input
+        .sessions
+        .iter()
+        .map(|s| (s.key.as_str(), s.name.as_str(), s.deleted))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("ns/app/lobby", "lobby", false),
+            ("ns/app/old", "old", true),
+            ("ns/app/room-a", "room-a", false),
+            ("ns/app/room-c", "room-c", false),
+        ]
+    );
+    assert!(input.sessions.iter().all(|s| s.pool == "ns/pool"));
+}
+
+#[test]
+fn load_comes_from_the_reporting_reflector_and_unknown_hosted_shards_are_adopted() {
+    let obs = observed(
+        vec![session("lobby", serde_json::json!({ "name": "lobby" }))],
+        vec![
+            // r1 reports lobby with 4 users and shard 1 the plan does not know.
+            host("r1", Some(vec![("lobby", 4), ("lobby~1", 2)])),
+            // r2 did not report: its shard keeps the users it had.
+            host("r2", None),
+        ],
+    );
+    let carried = [
+        shard("ns/app/lobby", "lobby", "r1", 9),
+        shard("ns/app/lobby", "lobby~2", "r2", 5),
+    ];
+    let input = plan_input(&obs, &carried, &ScaleHistory::new(), 0);
+    let users: Vec<(&str, Option<&str>, u32)> = input
+        .shards
+        .iter()
+        .map(|s| (s.name.as_str(), s.reflector.as_deref(), s.users))
+        .collect();
+    assert_eq!(
+        users,
+        [
+            ("lobby", Some("r1"), 4),
+            ("lobby~2", Some("r2"), 5),
+            ("lobby~1", Some("r1"), 2),
+        ]
+    );
+    let adopted = &input.shards[2];
+    assert_eq!(adopted.phase, ShardPhase::Open);
+    assert_eq!(adopted.region, "eu");
+    assert_eq!(adopted.session, "ns/app/lobby");
+}
+
+#[test]
+fn hosted_shards_of_unknown_sessions_are_not_adopted() {
+    let obs = observed(vec![], vec![host("r1", Some(vec![("lobby", 4)]))]);
+    let input = plan_input(&obs, &[], &ScaleHistory::new(), 0);
+    assert!(input.sessions.is_empty());
+    assert!(input.shards.is_empty());
+}
