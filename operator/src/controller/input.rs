@@ -29,6 +29,15 @@ pub struct PoolMemory {
 
 pub use crate::fleet::pool_id;
 
+/// The public WebSocket base URL a reflector pod was given (`REFLEET_PUBLIC_URL`).
+fn pod_public_url(pod: &Pod) -> Option<String> {
+    let env = pod.spec.as_ref()?.containers.first()?.env.as_ref()?;
+    env.iter()
+        .find(|e| e.name == "REFLEET_PUBLIC_URL")?
+        .value
+        .clone()
+}
+
 /// What the kube backend observed for one pool, as the shared [`fleet::Observed`].
 pub fn observed(
     namespace: &str,
@@ -45,6 +54,7 @@ pub fn observed(
                 namespace: namespace.to_owned(),
                 name: pool_name.to_owned(),
                 spec: p.spec.clone(),
+                files_url: p.spec.files.public_url.clone(),
             })
             .into_iter()
             .collect(),
@@ -66,7 +76,7 @@ pub fn observed(
                     region: pod_region(p).map(str::to_owned),
                     image: pod_image(p),
                     state: pod_state(p),
-                    url: None,
+                    url: pod_public_url(p),
                     hosted: loads.get(&name).map(|l| {
                         l.sessions
                             .iter()
@@ -99,6 +109,18 @@ pub fn build_input(
     now: Seconds,
 ) -> PlanInput {
     let observed = observed(namespace, pool_name, pool, sessions, pods, loads);
+    input_for(&observed, namespace, pool_name, sessions, memory, now)
+}
+
+/// The planner's input from what [`observed`] returned for pool `pool_name` in `namespace`.
+pub fn input_for(
+    observed: &fleet::Observed,
+    namespace: &str,
+    pool_name: &str,
+    sessions: &[Session],
+    memory: &PoolMemory,
+    now: Seconds,
+) -> PlanInput {
     let mut shards = memory.shards.clone();
     if !memory.initialised {
         shards.extend(recover_from_status(
@@ -107,7 +129,7 @@ pub fn build_input(
             sessions,
         ));
     }
-    fleet::plan_input(&observed, &shards, &memory.history, now)
+    fleet::plan_input(observed, &shards, &memory.history, now)
 }
 
 /// Shards recorded in exact-name Sessions' status (placed ones; pending ones are reopened).

@@ -3,7 +3,8 @@
 //! ```text
 //! reconcile(pool | session) ─> sync(namespace, pool):
 //!     observe  GET pool, LIST sessions, LIST pods (pool label), GET /sessions per reflector
-//!     plan     planner::plan(build_input(..))                         (pure)
+//!     plan     planner::plan(fleet::plan_input(observed(..)))          (pure)
+//!              router: publish fleet::fleet_view(..)
 //!     apply    drain: PATCH pod (label draining) + DELETE pod (grace) ; remove: DELETE pod
 //!              create: PATCH pod (server-side apply) [+ PATCH Service]
 //!              PATCH status (server-side apply) of the pool and of every changed Session
@@ -25,7 +26,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
-use super::input::{PoolMemory, build_input, pool_id};
+use super::input::{PoolMemory, input_for, observed, pool_id};
 use super::observe::read_loads;
 use super::pod::{
     ANNOTATION_DRAIN_DEADLINE, LABEL_STATE, STATE_DRAINING, TERMINATION_SLACK_SECONDS, pod_name,
@@ -34,6 +35,7 @@ use super::pod::{
 use super::status::{governs, pool_status, session_problem, session_status};
 use super::{Context, Error, FIELD_MANAGER, Result};
 use crate::crd::{CONDITION_DEGRADED, ReflectorPool, Session};
+use crate::fleet;
 use crate::metrics::{POOL_CONTROLLER, SESSION_CONTROLLER};
 use crate::planner::{self, Decision, Plan, ReflectorAction, RemoveReason};
 
@@ -112,32 +114,21 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
     let now = (ctx.clock)();
 
     // Plan.
-    let mut input = build_input(
+    let observed = observed(
         namespace,
         pool_name,
         pool.as_ref(),
         &sessions,
         &pods,
         &loads,
-        &memory,
-        now,
     );
+    let mut input = input_for(&observed, namespace, pool_name, &sessions, &memory, now);
     if let Some(router) = &ctx.router {
         router.prepare(&mut input);
     }
     let plan = planner::plan(&input);
     if let Some(router) = &ctx.router {
-        router.publish(
-            &id,
-            router_fleet_view(
-                namespace,
-                pool.as_ref(),
-                &sessions,
-                &pods,
-                input.clone(),
-                &plan,
-            ),
-        );
+        router.publish(&id, fleet::fleet_view(&observed, input.clone(), &plan));
     }
 
     // Apply.
@@ -483,49 +474,6 @@ async fn publish_decisions(
         if let Some(r) = regarding {
             publish(ctx, &r, type_, reason, reason, note).await;
         }
-    }
-}
-
-/// What the router needs from one pool's plan: the input with the plan's shards, the
-/// Session objects, and the reflectors' public URLs (from their pods; reports refine them).
-fn router_fleet_view(
-    namespace: &str,
-    pool: Option<&ReflectorPool>,
-    sessions: &[Session],
-    pods: &[Pod],
-    mut input: planner::PlanInput,
-    plan: &Plan,
-) -> crate::router::FleetView {
-    input.shards.clone_from(&plan.shards);
-    input.history.clone_from(&plan.history);
-    let files_url = pool
-        .map(|p| p.spec.files.public_url.clone())
-        .unwrap_or_default();
-    let sessions = sessions
-        .iter()
-        .map(|s| crate::router::SessionDef {
-            namespace: namespace.to_owned(),
-            spec: s.spec.clone(),
-            pool: pool_id(namespace, &s.spec.pool_ref.name),
-            files_url: files_url.clone(),
-        })
-        .collect();
-    let urls = pods
-        .iter()
-        .filter_map(|p| {
-            let env = p.spec.as_ref()?.containers.first()?.env.as_ref()?;
-            let url = env
-                .iter()
-                .find(|e| e.name == "REFLEET_PUBLIC_URL")?
-                .value
-                .clone()?;
-            Some((p.name_any(), url))
-        })
-        .collect();
-    crate::router::FleetView {
-        input,
-        sessions,
-        urls,
     }
 }
 

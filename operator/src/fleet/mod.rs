@@ -7,9 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::crd::{ReflectorPoolSpec, SessionSpec, ShardPhase, parse_shard_name};
 use crate::planner::{
-    ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput, ScaleHistory, Seconds,
-    SessionInput, ShardPolicy, ShardRecord, session_key,
+    ObservedReflector, Plan, PlanInput, PoolInput, ReflectorState, RegionInput, ScaleHistory,
+    Seconds, SessionInput, ShardPolicy, ShardRecord, session_key,
 };
+use crate::router::{FleetView, SessionDef};
 
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,8 @@ pub struct ObservedPool {
     pub name: String,
     /// Its spec.
     pub spec: ReflectorPoolSpec,
+    /// The files base URL its Sessions' clients use.
+    pub files_url: String,
 }
 
 impl ObservedPool {
@@ -300,5 +303,42 @@ pub fn plan_input(
         shards,
         history: history.clone(),
         now,
+    }
+}
+
+/// What a backend publishes to the router after a plan: the plan's `input` with the plan's
+/// shards and history, every Session object with its pool's files URL, and the URL of each
+/// reflector that has one.
+pub fn fleet_view(observed: &Observed, mut input: PlanInput, plan: &Plan) -> FleetView {
+    input.shards.clone_from(&plan.shards);
+    input.history.clone_from(&plan.history);
+    let sessions = observed
+        .sessions
+        .iter()
+        .map(|s| {
+            let pool = s.pool();
+            let files_url = observed
+                .pools
+                .iter()
+                .find(|p| p.id() == pool)
+                .map(|p| p.files_url.clone())
+                .unwrap_or_default();
+            SessionDef {
+                namespace: s.namespace.clone(),
+                spec: s.spec.clone(),
+                pool,
+                files_url,
+            }
+        })
+        .collect();
+    let urls = observed
+        .reflectors
+        .iter()
+        .filter_map(|r| Some((r.name.clone(), r.url.clone()?)))
+        .collect();
+    FleetView {
+        input,
+        sessions,
+        urls,
     }
 }

@@ -19,6 +19,7 @@ fn pool(image: Option<&str>) -> ObservedPool {
             "reflectorURL": { "template": "ws://{pod}.test/" }
         }))
         .unwrap(),
+        files_url: String::new(),
     }
 }
 
@@ -184,4 +185,50 @@ fn hosted_shards_of_unknown_sessions_are_not_adopted() {
     let input = plan_input(&obs, &[], &ScaleHistory::new(), 0);
     assert!(input.sessions.is_empty());
     assert!(input.shards.is_empty());
+}
+
+#[test]
+fn the_router_view_carries_the_plan_sessions_with_files_urls_and_reflector_urls() {
+    let mut obs = observed(
+        vec![
+            session("lobby", serde_json::json!({ "name": "lobby" })),
+            ObservedSession {
+                spec: SessionSpec {
+                    pool_ref: crate::crd::PoolRef {
+                        name: "missing".into(),
+                    },
+                    ..session("elsewhere", serde_json::json!({ "name": "x" })).spec
+                },
+                ..session("elsewhere", serde_json::json!({ "name": "x" }))
+            },
+        ],
+        vec![
+            host("r1", Some(vec![])),
+            ObservedHost {
+                url: None,
+                ..host("r2", Some(vec![]))
+            },
+        ],
+    );
+    obs.pools[0].files_url = "https://files.test/".into();
+    let input = plan_input(&obs, &[], &ScaleHistory::new(), 0);
+    let plan = crate::planner::plan(&input);
+    assert!(
+        !plan.shards.is_empty(),
+        "the exact-name session opens shard 0"
+    );
+    let view = fleet_view(&obs, input, &plan);
+    assert_eq!(view.input.shards, plan.shards);
+    assert_eq!(view.input.history, plan.history);
+    let defs: Vec<(&str, &str)> = view
+        .sessions
+        .iter()
+        .map(|s| (s.pool.as_str(), s.files_url.as_str()))
+        .collect();
+    assert_eq!(
+        defs,
+        [("ns/pool", "https://files.test/"), ("ns/missing", "")]
+    );
+    assert_eq!(view.urls.len(), 1);
+    assert_eq!(view.urls["r1"], "http://r1/");
 }

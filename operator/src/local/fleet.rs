@@ -20,10 +20,9 @@ use crate::fleet;
 use crate::metrics::OperatorMetrics;
 use crate::metrics::POOL_CONTROLLER;
 use crate::planner::{
-    Decision, PlanInput, ReflectorAction, ReflectorState, RegionPlan, ScaleHistory, Seconds,
-    ShardRecord, plan,
+    Decision, ReflectorAction, ReflectorState, RegionPlan, ScaleHistory, Seconds, ShardRecord, plan,
 };
-use crate::router::{FleetView, Router, SessionDef};
+use crate::router::Router;
 
 /// How many recent decisions the status keeps.
 const RECENT_DECISIONS: usize = 50;
@@ -126,7 +125,8 @@ impl<L: Launcher> Fleet<L> {
         let metrics = self.metrics.clone();
         let _timer = metrics.reconcile_started(POOL_CONTROLLER);
         self.observe(now).await;
-        let mut input = self.plan_input(now);
+        let observed = self.observed();
+        let mut input = fleet::plan_input(&observed, &self.shards, &self.history, now);
         if let Some(router) = &self.router {
             router.prepare(&mut input);
         }
@@ -165,15 +165,15 @@ impl<L: Launcher> Fleet<L> {
                 decision: format!("{d:?}"),
             });
         }
-        self.shards = plan.shards;
-        self.history = plan.history;
-        self.regions = plan.regions;
         if let Some(router) = &self.router {
-            router.publish("local", self.fleet_view(input));
+            router.publish("local", fleet::fleet_view(&observed, input, &plan));
             router
                 .metrics
                 .set_reservations(&router.reservations_by_region());
         }
+        self.shards = plan.shards;
+        self.history = plan.history;
+        self.regions = plan.regions;
         plan.decisions
     }
 
@@ -348,6 +348,7 @@ impl<L: Launcher> Fleet<L> {
                     namespace: rt.pool.namespace.clone(),
                     name: rt.pool.name.clone(),
                     spec: rt.pool.spec.clone(),
+                    files_url: rt.files_url.clone(),
                 })
                 .collect(),
             sessions: self
@@ -390,46 +391,6 @@ impl<L: Launcher> Fleet<L> {
     /// Every concrete session (see [`fleet::concrete_sessions`]).
     fn concrete_sessions(&self) -> BTreeMap<String, fleet::Concrete> {
         fleet::concrete_sessions(&self.observed(), &self.shards)
-    }
-
-    fn plan_input(&self, now: Seconds) -> PlanInput {
-        fleet::plan_input(&self.observed(), &self.shards, &self.history, now)
-    }
-
-    /// What the router needs after a plan: the input with the new shards and history, the
-    /// Session objects and the reflectors' URLs.
-    fn fleet_view(&self, mut input: PlanInput) -> FleetView {
-        input.shards.clone_from(&self.shards);
-        input.history.clone_from(&self.history);
-        let sessions = self
-            .sessions
-            .iter()
-            .map(|s| {
-                let pool = format!("{}/{}", s.namespace, s.spec.pool_ref.name);
-                let files_url = self
-                    .pools
-                    .iter()
-                    .find(|p| p.pool.id() == pool)
-                    .map(|p| p.files_url.clone())
-                    .unwrap_or_default();
-                SessionDef {
-                    namespace: s.namespace.clone(),
-                    spec: s.spec.clone(),
-                    pool,
-                    files_url,
-                }
-            })
-            .collect();
-        let urls = self
-            .reflectors
-            .iter()
-            .filter_map(|(name, r)| Some((name.clone(), r.url.clone()?)))
-            .collect();
-        FleetView {
-            input,
-            sessions,
-            urls,
-        }
     }
 
     /// Sessions with connected users, for the files endpoint's upload check.
