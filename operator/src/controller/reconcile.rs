@@ -37,7 +37,7 @@ use super::{Context, Error, FIELD_MANAGER, Result};
 use crate::crd::{CONDITION_DEGRADED, ReflectorPool, Session};
 use crate::fleet;
 use crate::metrics::{POOL_CONTROLLER, SESSION_CONTROLLER};
-use crate::planner::{self, Decision, Plan, ReflectorAction, RemoveReason};
+use crate::planner::{self, Plan, ReflectorAction};
 
 /// Reconciles a ReflectorPool: syncs it.
 #[instrument(skip(pool, ctx), fields(namespace = %pool.namespace().unwrap_or_default(), pool = %pool.name_any()))]
@@ -379,100 +379,20 @@ async fn publish_decisions(
             .map(|s| s.object_ref(&()))
     };
     let pool_ref = pool.map(|p| p.object_ref(&()));
-    for d in &plan.decisions {
-        let (regarding, type_, reason, note) = match d {
-            Decision::OpenShard {
-                session,
-                shard,
-                region,
-                reflector,
-                fell_back_from,
-                ..
-            } => {
-                if !fell_back_from.is_empty()
-                    && let Some(r) = session_ref(session)
-                {
-                    let note = format!(
-                        "regions {} are full; shard {shard} opens in {region}",
-                        fell_back_from.join(", ")
-                    );
-                    publish(
-                        ctx,
-                        &r,
-                        EventType::Warning,
-                        "RegionFull",
-                        "PlaceShard",
-                        note,
-                    )
-                    .await;
-                }
-                let note = match reflector {
-                    Some(pod) => format!("shard {shard} opened in region {region} on {pod}"),
-                    None => {
-                        format!("shard {shard} opened in region {region}; waiting for a reflector")
-                    }
-                };
-                (session_ref(session), EventType::Normal, "ShardOpened", note)
-            }
-            Decision::CloseShard {
-                session,
-                shard,
-                reason,
-            } => (
-                session_ref(session),
-                EventType::Normal,
-                "ShardClosing",
-                format!("shard {shard} takes no new users ({reason:?})"),
-            ),
-            Decision::RemoveShard {
-                session,
-                shard,
-                reason,
-            } => match reason {
-                RemoveReason::ClosedEmpty => (
-                    session_ref(session),
-                    EventType::Normal,
-                    "ShardClosed",
-                    format!("shard {shard} closed"),
-                ),
-                RemoveReason::ReflectorGone => (
-                    session_ref(session),
-                    EventType::Warning,
-                    "ShardLost",
-                    format!("the reflector of shard {shard} is gone"),
-                ),
-            },
-            Decision::ScaleUp {
-                region,
-                from,
-                to,
-                reason,
-                ..
-            } => (
-                pool_ref.clone(),
-                EventType::Normal,
-                "ScalingUp",
-                format!("region {region}: {from} -> {to} reflectors ({reason:?})"),
-            ),
-            Decision::DrainReflector {
-                reflector, reason, ..
-            } => (
-                pool_ref.clone(),
-                EventType::Normal,
-                "ReflectorDraining",
-                format!("reflector {reflector} drains ({reason:?})"),
-            ),
-            Decision::RemoveReflector { reflector } => (
-                pool_ref.clone(),
-                EventType::Normal,
-                "ReflectorRemoved",
-                format!("reflector {reflector} removed"),
-            ),
-            // Held steps repeat every sync; degraded sessions get an Event on transition.
-            Decision::ScaleHeld { .. } | Decision::SessionDegraded { .. } => continue,
+    for summary in plan.decisions.iter().flat_map(fleet::summarize) {
+        if !summary.event {
+            continue;
+        }
+        let regarding = match &summary.about {
+            fleet::About::Session(key) => session_ref(key),
+            fleet::About::Pool(_) | fleet::About::Reflector(_) => pool_ref.clone(),
+        };
+        let type_ = match summary.level {
+            fleet::Level::Warning => EventType::Warning,
+            fleet::Level::Normal | fleet::Level::Routine => EventType::Normal,
         };
         if let Some(r) = regarding {
-            publish(ctx, &r, type_, reason, reason, note).await;
+            publish(ctx, &r, type_, summary.reason, summary.action, summary.note).await;
         }
     }
 }

@@ -12,8 +12,11 @@ use crate::planner::{
 };
 use crate::router::{FleetView, SessionDef};
 
+mod decisions;
 #[cfg(test)]
 mod tests;
+
+pub use decisions::{About, Level, Summary, summarize};
 
 /// One backend's view of its fleet at one instant.
 #[derive(Clone, Debug, Default, PartialEq)]

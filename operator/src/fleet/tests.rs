@@ -232,3 +232,80 @@ fn the_router_view_carries_the_plan_sessions_with_files_urls_and_reflector_urls(
     assert_eq!(view.urls.len(), 1);
     assert_eq!(view.urls["r1"], "http://r1/");
 }
+
+mod summaries {
+    use crate::crd::Reason;
+    use crate::fleet::{About, Level, summarize};
+    use crate::planner::{Decision, OpenReason, RemoveReason, ScaleDirection};
+
+    #[test]
+    fn a_shard_opened_outside_its_preferred_regions_gives_a_warning_then_the_opening() {
+        let s = summarize(&Decision::OpenShard {
+            session: "ns/app/lobby".into(),
+            shard: "lobby~1".into(),
+            region: "us".into(),
+            reflector: None,
+            reason: OpenReason::AllShardsAtThreshold,
+            fell_back_from: vec!["eu".into()],
+        });
+        let got: Vec<(&str, &str, Level, &str)> = s
+            .iter()
+            .map(|s| (s.reason, s.action, s.level, s.note.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "RegionFull",
+                    "PlaceShard",
+                    Level::Warning,
+                    "regions eu are full; shard lobby~1 opens in us"
+                ),
+                (
+                    "ShardOpened",
+                    "ShardOpened",
+                    Level::Normal,
+                    "shard lobby~1 opened in region us; waiting for a reflector"
+                ),
+            ]
+        );
+        assert!(
+            s.iter()
+                .all(|s| s.event && s.about == About::Session("ns/app/lobby".into()))
+        );
+    }
+
+    #[test]
+    fn lost_shards_warn_held_scaling_is_routine_and_degraded_sessions_post_no_event_per_plan() {
+        let lost = summarize(&Decision::RemoveShard {
+            session: "k".into(),
+            shard: "s".into(),
+            reason: RemoveReason::ReflectorGone,
+        });
+        assert_eq!(
+            (lost[0].reason, lost[0].level),
+            ("ShardLost", Level::Warning)
+        );
+        let held = summarize(&Decision::ScaleHeld {
+            pool: "ns/pool".into(),
+            region: "eu".into(),
+            direction: ScaleDirection::Down,
+            until: 30,
+        });
+        assert_eq!(held[0].about, About::Pool("ns/pool".into()));
+        assert_eq!(held[0].level, Level::Routine);
+        assert!(!held[0].event);
+        let removed = summarize(&Decision::RemoveReflector {
+            reflector: "eu-1".into(),
+        });
+        assert_eq!(removed[0].about, About::Reflector("eu-1".into()));
+        assert_eq!(removed[0].note, "reflector eu-1 removed");
+        let degraded = summarize(&Decision::SessionDegraded {
+            session: "k".into(),
+            reason: Reason::PoolNotFound,
+            message: "no pool".into(),
+        });
+        assert_eq!(degraded[0].reason, Reason::PoolNotFound.as_str());
+        assert!(!degraded[0].event);
+    }
+}

@@ -493,54 +493,17 @@ fn state_name(s: ReflectorState) -> &'static str {
 }
 
 fn log_decision(d: &Decision) {
-    match d {
-        Decision::OpenShard {
-            session,
-            shard,
-            region,
-            reflector,
-            reason,
-            ..
-        } => {
-            tracing::info!(%session, %shard, %region, reflector = reflector.as_deref().unwrap_or("pending"), ?reason, "shard opened")
+    for s in fleet::summarize(d) {
+        let about = match &s.about {
+            fleet::About::Session(key) => format!("session {key}"),
+            fleet::About::Pool(id) => format!("pool {id}"),
+            fleet::About::Reflector(name) => format!("reflector {name}"),
+        };
+        match s.level {
+            fleet::Level::Routine => tracing::debug!(%about, reason = s.reason, "{}", s.note),
+            fleet::Level::Normal => tracing::info!(%about, reason = s.reason, "{}", s.note),
+            fleet::Level::Warning => tracing::warn!(%about, reason = s.reason, "{}", s.note),
         }
-        Decision::CloseShard {
-            session,
-            shard,
-            reason,
-        } => tracing::info!(%session, %shard, ?reason, "shard closing"),
-        Decision::RemoveShard {
-            session,
-            shard,
-            reason,
-        } => tracing::info!(%session, %shard, ?reason, "shard removed"),
-        Decision::ScaleUp {
-            pool,
-            region,
-            from,
-            to,
-            reason,
-            urgent,
-        } => tracing::info!(%pool, %region, from, to, ?reason, urgent, "region scaling up"),
-        Decision::ScaleHeld {
-            pool,
-            region,
-            direction,
-            until,
-        } => tracing::debug!(%pool, %region, ?direction, until, "scaling held by the cool-down"),
-        Decision::DrainReflector {
-            reflector,
-            reason,
-            deadline,
-        } => tracing::info!(%reflector, ?reason, deadline, "reflector draining"),
-        Decision::RemoveReflector { reflector } => {
-            tracing::info!(%reflector, "reflector removed once its process exits")
-        }
-        Decision::SessionDegraded {
-            session,
-            reason,
-            message,
-        } => tracing::warn!(%session, %reason, %message, "session degraded"),
     }
 }
 
