@@ -148,15 +148,8 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
         }
     }
     let sessions_api: Api<Session> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut gauges = Vec::new();
     for session in &sessions {
         let status = session_status(session, pool.as_ref(), &plan, now);
-        gauges.push((
-            namespace.to_owned(),
-            session.name_any(),
-            status.shard_count,
-            status.users,
-        ));
         let was_degraded = session
             .status
             .iter()
@@ -192,7 +185,8 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
     if pool.is_some() {
         ctx.metrics.record_plan(namespace, pool_name, &plan);
     }
-    ctx.metrics.record_sessions(&id, &gauges);
+    ctx.metrics
+        .record_sessions(&id, &fleet::session_gauges(&observed, &id, &plan.shards));
 
     *memory = PoolMemory {
         shards: plan.shards.clone(),

@@ -17,13 +17,7 @@ use crate::planner::{Decision, Plan, Seconds};
 
 /// Whether planner session `key` is one of the concrete sessions of `session`.
 pub fn governs(session: &Session, key: &str) -> bool {
-    let ns = session.namespace().unwrap_or_default();
-    let spec = &session.spec;
-    if let Some(name) = &spec.name {
-        return key == session_key(&ns, &spec.app_id, name);
-    }
-    let prefix = session_key(&ns, &spec.app_id, "");
-    key.strip_prefix(&prefix).is_some_and(|n| spec.matches(n))
+    crate::fleet::governs(&session.namespace().unwrap_or_default(), &session.spec, key)
 }
 
 /// The first problem with `session` that only the operator can see: its pool is missing,

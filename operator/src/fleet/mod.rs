@@ -67,6 +67,46 @@ impl ObservedSession {
     pub fn pool(&self) -> String {
         pool_id(&self.namespace, &self.spec.pool_ref.name)
     }
+
+    /// Whether planner session `key` is one of its concrete sessions.
+    pub fn governs(&self, key: &str) -> bool {
+        governs(&self.namespace, &self.spec, key)
+    }
+}
+
+/// Whether planner session `key` is one of the concrete sessions of the Session object with
+/// `spec` in `namespace`: its exact name, or a name its pattern matches.
+pub fn governs(namespace: &str, spec: &SessionSpec, key: &str) -> bool {
+    if let Some(name) = &spec.name {
+        return key == session_key(namespace, &spec.app_id, name);
+    }
+    let prefix = session_key(namespace, &spec.app_id, "");
+    key.strip_prefix(&prefix).is_some_and(|n| spec.matches(n))
+}
+
+/// The per-Session gauges of the Session objects of pool `pool` after a plan that left
+/// `shards`: `(namespace, name, open shards, users)`, where open shards are those not
+/// closing and users count over all of its shards (what `Session.status` says too).
+pub fn session_gauges(
+    observed: &Observed,
+    pool: &str,
+    shards: &[ShardRecord],
+) -> Vec<(String, String, u32, u64)> {
+    observed
+        .sessions
+        .iter()
+        .filter(|s| s.pool() == pool)
+        .map(|s| {
+            let mine = shards.iter().filter(|sh| s.governs(&sh.session));
+            let (open, users) = mine.fold((0u32, 0u64), |(open, users), sh| {
+                (
+                    open + u32::from(sh.phase != ShardPhase::Closing),
+                    users + u64::from(sh.users),
+                )
+            });
+            (s.namespace.clone(), s.name.clone(), open, users)
+        })
+        .collect()
 }
 
 /// A reflector (a pod, or a process of `refleet up`).

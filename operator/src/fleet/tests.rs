@@ -309,3 +309,36 @@ mod summaries {
         assert!(!degraded[0].event);
     }
 }
+
+#[test]
+fn session_gauges_count_open_shards_and_all_users_per_session_object_of_the_pool() {
+    let mut other_pool = session("other", serde_json::json!({ "name": "other" }));
+    other_pool.spec.pool_ref.name = "elsewhere".into();
+    let obs = observed(
+        vec![
+            session("lobby", serde_json::json!({ "name": "lobby" })),
+            session("rooms", serde_json::json!({ "namePattern": "room-*" })),
+            session("idle", serde_json::json!({ "name": "idle" })),
+            other_pool,
+        ],
+        vec![],
+    );
+    let mut closing = shard("ns/app/lobby", "lobby~1", "r1", 2);
+    closing.phase = ShardPhase::Closing;
+    let shards = [
+        shard("ns/app/lobby", "lobby", "r1", 5),
+        closing,
+        shard("ns/app/room-a", "room-a", "r1", 1),
+        shard("ns/app/room-b", "room-b", "r1", 3),
+        shard("ns/app/other", "other", "r1", 9),
+    ];
+    let gauges = session_gauges(&obs, "ns/pool", &shards);
+    let got: Vec<(&str, u32, u64)> = gauges
+        .iter()
+        .map(|(ns, name, open, users)| {
+            assert_eq!(ns, "ns");
+            (name.as_str(), *open, *users)
+        })
+        .collect();
+    assert_eq!(got, [("lobby", 1, 7), ("rooms", 2, 4), ("idle", 0, 0)]);
+}

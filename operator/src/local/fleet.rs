@@ -131,7 +131,7 @@ impl<L: Launcher> Fleet<L> {
             router.prepare(&mut input);
         }
         let plan = plan(&input);
-        self.record_metrics(&plan);
+        self.record_metrics(&observed, &plan);
         for rp in &plan.reflectors {
             let Some(r) = self.reflectors.get_mut(&rp.name) else {
                 continue;
@@ -178,39 +178,13 @@ impl<L: Launcher> Fleet<L> {
     }
 
     /// Records one plan in the operator's metrics, pool by pool, as the pool controller does.
-    fn record_metrics(&self, plan: &crate::planner::Plan) {
-        let concrete = self.concrete_sessions();
+    fn record_metrics(&self, observed: &fleet::Observed, plan: &crate::planner::Plan) {
         for rt in &self.pools {
-            let (namespace, name) = (&rt.pool.namespace, &rt.pool.name);
-            self.metrics.record_plan(namespace, name, plan);
-            // Per Session object of this pool: open (not closing) shards and their users.
-            let mut per_session: BTreeMap<(String, String), (u32, u64)> = BTreeMap::new();
-            for s in self
-                .sessions
-                .iter()
-                .filter(|s| s.namespace == *namespace && s.spec.pool_ref.name == *name)
-            {
-                per_session.insert((s.namespace.clone(), s.name.clone()), (0, 0));
-            }
-            for sh in &plan.shards {
-                let Some(c) = concrete.get(&sh.session) else {
-                    continue;
-                };
-                let s = &self.sessions[c.session];
-                if let Some((shards, users)) =
-                    per_session.get_mut(&(s.namespace.clone(), s.name.clone()))
-                {
-                    if sh.phase != ShardPhase::Closing {
-                        *shards += 1;
-                    }
-                    *users += u64::from(sh.users);
-                }
-            }
-            let gauges: Vec<(String, String, u32, u64)> = per_session
-                .into_iter()
-                .map(|((ns, session), (shards, users))| (ns, session, shards, users))
-                .collect();
-            self.metrics.record_sessions(&rt.pool.id(), &gauges);
+            let id = rt.pool.id();
+            self.metrics
+                .record_plan(&rt.pool.namespace, &rt.pool.name, plan);
+            self.metrics
+                .record_sessions(&id, &fleet::session_gauges(observed, &id, &plan.shards));
         }
     }
 
