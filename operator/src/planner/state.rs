@@ -186,25 +186,9 @@ impl<'a> PlanState<'a> {
 /// sessions, 400 users, 1 to 10 reflectors), time 1000.
 #[cfg(test)]
 pub(super) mod fixture {
-    use super::super::tests::{pool, region};
-    pub(in super::super) use super::super::tests::{reflector, session};
+    pub(in super::super) use super::super::tests::{input, reflector, session};
     use super::*;
     use crate::crd::shard_name;
-
-    pub(in super::super) fn input(
-        reflectors: Vec<ObservedReflector>,
-        sessions: Vec<SessionInput>,
-        shards: Vec<ShardRecord>,
-    ) -> PlanInput {
-        PlanInput {
-            pools: vec![pool(vec![region("eu"), region("us")])],
-            sessions,
-            reflectors,
-            shards,
-            history: ScaleHistory::new(),
-            now: 1000,
-        }
-    }
 
     /// Shard `index` of `session` in `eu`, committing 100 users.
     pub(in super::super) fn shard(

@@ -70,7 +70,7 @@ fn shard(session: &str, index: u32, reflector: &str, users: u32) -> ShardRecord 
     }
 }
 
-fn input(
+pub(super) fn input(
     reflectors: Vec<ObservedReflector>,
     sessions: Vec<SessionInput>,
     shards: Vec<ShardRecord>,
