@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { e2eTest } from './lib/harness.mjs';
 import { startFleet } from './lib/fleet.mjs';
-import { routedParticipant, reflectorCounter } from './lib/routed.mjs';
+import { routedParticipant, reflectorCounter, splitToken } from './lib/routed.mjs';
 import { sleep, waitFor } from './lib/util.mjs';
 import { route } from '../clients/js/index.js';
 
@@ -51,13 +51,6 @@ spec:
 `;
 
 const REASONS = ['missing_token', 'invalid_token', 'expired_token', 'wrong_shard', 'shard_full'];
-
-/** The token segment of a routed reflector URL, and the URL without it. */
-function splitToken(reflectorUrl) {
-    const m = /^(.*\/)([^/]+)\/$/.exec(reflectorUrl);
-    assert.ok(m && m[2].includes('.'), `a token segment in ${reflectorUrl}`);
-    return { base: m[1], token: m[2] };
-}
 
 /** The token with one character of its claims part changed (still well-formed base64url). */
 function tamper(token) {

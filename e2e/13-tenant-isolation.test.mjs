@@ -12,7 +12,7 @@ import path from 'node:path';
 import { createRequire } from 'node:module';
 import { e2eTest } from './lib/harness.mjs';
 import { startFleet } from './lib/fleet.mjs';
-import { routedParticipant, reflectorCounter } from './lib/routed.mjs';
+import { routedParticipant, reflectorCounter, splitToken } from './lib/routed.mjs';
 import { sleep, waitFor, withTimeout } from './lib/util.mjs';
 
 const require = createRequire(import.meta.url);
@@ -80,13 +80,6 @@ function routeFrom(endpoint, session, from) {
         });
         req.on('error', reject);
     });
-}
-
-/** The token segment of a routed reflector URL, and the URL without it. */
-function splitToken(reflectorUrl) {
-    const m = /^(.*\/)([^/]+)\/$/.exec(reflectorUrl);
-    assert.ok(m && m[2].includes('.'), `a token segment in ${reflectorUrl}`);
-    return { base: m[1], token: m[2] };
 }
 
 /**

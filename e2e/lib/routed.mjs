@@ -1,5 +1,6 @@
 // Driving real clients that join through Refleet's router (fixtures/routed-participant.cjs), and
 // watching reflectors while they do.
+import assert from 'node:assert/strict';
 import path from 'node:path';
 import { FixtureProcess } from './child.mjs';
 import { E2E_DIR, sleep, withTimeout } from './util.mjs';
@@ -179,4 +180,11 @@ export function watchShardUsers(reflectorUrls, { interval = 25 } = {}) {
             return { peaks: new Map(peaks), polls, errors };
         },
     };
+}
+
+/** The token segment of a routed reflector URL, and the URL without it. */
+export function splitToken(reflectorUrl) {
+    const m = /^(.*\/)([^/]+)\/$/.exec(reflectorUrl);
+    assert.ok(m && m[2].includes('.'), `a token segment in ${reflectorUrl}`);
+    return { base: m[1], token: m[2] };
 }
