@@ -328,7 +328,7 @@ fn render(graph: &Graph) -> String {
 /// cycle check until they are gone, and each must still exist (so the list only shrinks).
 ///
 /// The reflector's `session` sits above `registry` and `files_scope` (it holds a `Registry`,
-/// uses `registry::shard_name` and `files_scope` checks); `registry` names the session handle
+/// uses `registry::join_shard` and `files_scope` checks); `registry` names the session handle
 /// and commands, and `files_scope` names `session::core::Identity`. Breaking them means moving
 /// `ConnId`/`Identity` and the handle types out of `session/`, which is being split (#17).
 const KNOWN_BACK_EDGES: &[(&str, &str, &str)] = &[

@@ -33,10 +33,6 @@ pub fn join_shard<'a>(name: &'a str, app_id: &str) -> Option<&'a str> {
     name.strip_prefix(app_id)?.strip_prefix('/')
 }
 
-/// The old name of [`join_shard`], for `session/` until its split (#17) lands; then its two
-/// callers take the new name and this goes.
-pub(crate) use join_shard as shard_name;
-
 /// The body of `GET /sessions`, as the reflector sends it and its readers (the operator's
 /// controllers and `refleet up`) parse it. Reading is lenient: absent fields take defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

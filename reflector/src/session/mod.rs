@@ -32,7 +32,7 @@ use crate::close;
 use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::registry::{Registry, shard_name};
+use crate::registry::{Registry, join_shard};
 use crate::storage::Storage;
 
 /// How long a storage look-up at JOIN may take: the client gives up after 5 s without SYNC.
@@ -535,6 +535,6 @@ pub(crate) fn shard_of(join: &Join) -> &str {
     let name = join.name.as_deref().unwrap_or("");
     join.app_id
         .as_deref()
-        .and_then(|app| shard_name(name, app))
+        .and_then(|app| join_shard(name, app))
         .unwrap_or(name)
 }
