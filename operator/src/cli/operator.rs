@@ -90,19 +90,9 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
-    // Reflectors answer /sessions (their load) only with their own report credential, minted
-    // from the report key (read, or created, here first; the router reads the same Secret).
-    let key = match &args.routing.report_secret {
-        Some(name) => {
-            let namespace = args
-                .lease_namespace
-                .clone()
-                .unwrap_or_else(|| client.default_namespace().to_owned());
-            Some(crate::secrets::report_key(&client, &namespace, name).await?)
-        }
-        None => None,
-    };
-    let load = HttpLoad::new().with_key(key);
+    // The controllers present each pod's report credential when they read its load; the key
+    // comes from the router (Routing::start reads or creates its Secret).
+    let load = HttpLoad::new();
     serve(
         client,
         args,

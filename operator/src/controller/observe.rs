@@ -66,10 +66,12 @@ impl From<SessionsReport> for ReflectorLoad {
 /// Where the controllers get each reflector's load from.
 pub trait LoadSource: Send + Sync + 'static {
     /// The load of reflector `pod`, or `None` when it could not be read now (the controller
-    /// then keeps the figures it had).
+    /// then keeps the figures it had). `credential`: the pod's own report credential, which a
+    /// reflector asks for before it lists its sessions to anyone but loopback clients.
     fn load<'a>(
         &'a self,
         pod: &'a Pod,
+        credential: Option<&'a str>,
     ) -> Pin<Box<dyn Future<Output = Option<ReflectorLoad>> + Send + 'a>>;
 }
 
@@ -78,9 +80,6 @@ pub trait LoadSource: Send + Sync + 'static {
 pub struct HttpLoad {
     client: reqwest::Client,
     port: u16,
-    /// Mints each pod's report credential, which its `/sessions` asks for from any
-    /// non-loopback client.
-    key: Option<ReportKey>,
 }
 
 impl HttpLoad {
@@ -98,15 +97,7 @@ impl HttpLoad {
                 .build()
                 .unwrap_or_default(),
             port,
-            key: None,
         }
-    }
-
-    /// Presents each pod's own report credential (minted from the report key): reflectors
-    /// answer `/sessions` to other addresses than loopback only with it.
-    pub fn with_key(mut self, key: Option<ReportKey>) -> Self {
-        self.key = key;
-        self
     }
 }
 
@@ -120,16 +111,14 @@ impl LoadSource for HttpLoad {
     fn load<'a>(
         &'a self,
         pod: &'a Pod,
+        credential: Option<&'a str>,
     ) -> Pin<Box<dyn Future<Output = Option<ReflectorLoad>> + Send + 'a>> {
         Box::pin(async move {
             let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
             let url = format!("http://{ip}:{}/sessions", self.port);
             let mut req = self.client.get(&url);
-            if let Some(key) = &self.key
-                && let Some(region) = pod.labels().get(LABEL_REGION)
-                && let Ok(credential) = key.credential(&pod.name_any(), region)
-            {
-                req = req.bearer_auth(credential);
+            if let Some(c) = credential {
+                req = req.bearer_auth(c);
             }
             let res = req.send().await;
             match res {
@@ -155,6 +144,7 @@ impl LoadSource for NoLoad {
     fn load<'a>(
         &'a self,
         _pod: &'a Pod,
+        _credential: Option<&'a str>,
     ) -> Pin<Box<dyn Future<Output = Option<ReflectorLoad>> + Send + 'a>> {
         Box::pin(async { None })
     }
@@ -202,8 +192,13 @@ pub fn pod_image(pod: &Pod) -> String {
 /// Loads by reflector pod name, for the pods whose load could be read.
 pub type LoadByPod = HashMap<String, ReflectorLoad>;
 
-/// Reads the load of every ready or draining pod, concurrently.
-pub async fn read_loads(source: &dyn LoadSource, pods: &[Pod]) -> LoadByPod {
+/// Reads the load of every ready or draining pod, concurrently, presenting each pod's own
+/// report credential minted from `key` (the same credential its pod spec carries).
+pub async fn read_loads(
+    source: &dyn LoadSource,
+    pods: &[Pod],
+    key: Option<&ReportKey>,
+) -> LoadByPod {
     let reads = pods
         .iter()
         .filter(|p| {
@@ -212,7 +207,13 @@ pub async fn read_loads(source: &dyn LoadSource, pods: &[Pod]) -> LoadByPod {
                 Some(ReflectorState::Ready | ReflectorState::Draining)
             )
         })
-        .map(|p| async move { (p.name_any(), source.load(p).await) });
+        .map(|p| async move {
+            let credential = key.and_then(|k| {
+                let region = p.labels().get(LABEL_REGION)?;
+                k.credential(&p.name_any(), region).ok()
+            });
+            (p.name_any(), source.load(p, credential.as_deref()).await)
+        });
     futures_util::future::join_all(reads)
         .await
         .into_iter()
@@ -250,6 +251,46 @@ mod tests {
                     name: "lobby~1".into(),
                     users: 1
                 },
+            ]
+        );
+    }
+
+    /// Remembers the credential each load read presented.
+    #[derive(Default)]
+    struct Recording(std::sync::Mutex<Vec<(String, Option<String>)>>);
+
+    impl LoadSource for Recording {
+        fn load<'a>(
+            &'a self,
+            pod: &'a Pod,
+            credential: Option<&'a str>,
+        ) -> Pin<Box<dyn Future<Output = Option<ReflectorLoad>> + Send + 'a>> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((pod.name_any(), credential.map(str::to_owned)));
+            Box::pin(async { None })
+        }
+    }
+
+    #[tokio::test]
+    async fn each_pods_load_is_read_with_its_own_report_credential() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "arena-eu-0", "labels": {LABEL_REGION: "eu"}},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let key = ReportKey::new(&[7; 32]).unwrap();
+        let source = Recording::default();
+        read_loads(&source, std::slice::from_ref(&pod), Some(&key)).await;
+        read_loads(&source, std::slice::from_ref(&pod), None).await;
+        let want = key.credential("arena-eu-0", "eu").unwrap();
+        assert_eq!(
+            *source.0.lock().unwrap(),
+            vec![
+                ("arena-eu-0".to_owned(), Some(want)),
+                ("arena-eu-0".to_owned(), None)
             ]
         );
     }

@@ -110,7 +110,7 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
         }
         None => Vec::new(),
     };
-    let loads = read_loads(&*ctx.load, &pods).await;
+    let loads = read_loads(&*ctx.load, &pods, ctx.report_key.as_ref()).await;
     let now = (ctx.clock)();
 
     // Plan.
