@@ -828,15 +828,23 @@ async fn an_unused_reservation_is_released_after_the_claim_window_and_keyed_call
         .unwrap();
 }
 
+/// A per-client quota of 2 calls, refilled once a minute.
+fn two_a_minute() -> governor::Quota {
+    governor::Quota::with_period(Duration::from_secs(60))
+        .unwrap()
+        .allow_burst(std::num::NonZeroU32::new(2).unwrap())
+}
+
 #[tokio::test]
 async fn unknown_api_keys_count_against_their_address_not_a_bucket_of_their_own() {
     let (r, _) = router(RouterConfig::default());
     r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
     let keys = HashMap::from([("key-app".to_owned(), "app".to_owned())]);
-    // 1 call per second, bursts of 2.
+    // Bursts of 2, refilled once a minute: the third call is over the limit however slowly
+    // the calls arrive.
     let keyed = serve(Frontend {
         router: r.clone(),
-        access: Arc::new(Access::new(keys, &[], 1)),
+        access: Arc::new(Access::new(keys, &[], 1).limiting(two_a_minute())),
         leading: service::always_leading(),
     })
     .await;
@@ -863,7 +871,7 @@ async fn unknown_api_keys_count_against_their_address_not_a_bucket_of_their_own(
     // Keys off: a presented key means nothing, the address is the client.
     let open = serve(Frontend {
         router: r.clone(),
-        access: Arc::new(Access::new(HashMap::new(), &[], 1)),
+        access: Arc::new(Access::new(HashMap::new(), &[], 1).limiting(two_a_minute())),
         leading: service::always_leading(),
     })
     .await;
@@ -881,7 +889,11 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
     let proxies = TrustedProxies::new(vec![client::parse_proxy("127.0.0.1").unwrap()]);
     let base = serve(Frontend {
         router: r.clone(),
-        access: Arc::new(Access::new(HashMap::new(), &[], 1).trusting(proxies)),
+        access: Arc::new(
+            Access::new(HashMap::new(), &[], 1)
+                .limiting(two_a_minute())
+                .trusting(proxies),
+        ),
         leading: service::always_leading(),
     })
     .await;

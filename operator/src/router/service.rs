@@ -108,6 +108,13 @@ impl Access {
         self
     }
 
+    /// Replaces the per-client quota (tests use one slow enough that no refill can land
+    /// between their calls, however loaded the machine).
+    pub fn limiting(mut self, quota: Quota) -> Self {
+        self.limiter = RateLimiter::keyed(quota);
+        self
+    }
+
     /// Prunes idle rate-limit buckets this often (tests use a short period).
     pub fn pruning_every(mut self, every: Duration) -> Self {
         self.prune_every = every;
