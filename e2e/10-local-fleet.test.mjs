@@ -48,9 +48,9 @@ e2eTest('refleet up opens a second shard on a second reflector past the threshol
 
     const [shard0] = await waitFor(async () => {
         const shards = await fleet.shards('lobby');
-        return shards.length === 1 && shards[0].phase === 'Open' && shards[0].url && shards;
+        return shards.length === 1 && shards[0].state === 'Open' && shards[0].url && shards;
     }, { timeout: 20000, what: 'shard 0 open on a ready reflector' });
-    assert.equal(shard0.name, 'lobby');
+    assert.equal(shard0.shard, 'lobby');
     assert.equal(shard0.region, 'local-a');
     assert.equal(reflectorsOf(await fleet.status()).length, 1, 'one reflector before any load');
     h.mark(`shard 0 on ${shard0.reflector} at ${shard0.url}`);
@@ -66,11 +66,11 @@ e2eTest('refleet up opens a second shard on a second reflector past the threshol
 
     const shards = await waitFor(async () => {
         const list = await fleet.shards('lobby');
-        const s1 = list.find(s => s.name === 'lobby~1');
+        const s1 = list.find(s => s.shard === 'lobby~1');
         return s1 && s1.url && list;
     }, { timeout: 20000, what: 'shard lobby~1 placed on a ready reflector' });
-    const s1 = shards.find(s => s.name === 'lobby~1');
-    assert.equal(shards.find(s => s.name === 'lobby').users, 3, 'shard 0 counts its 3 users');
+    const s1 = shards.find(s => s.shard === 'lobby~1');
+    assert.equal(shards.find(s => s.shard === 'lobby').users, 3, 'shard 0 counts its 3 users');
     assert.notEqual(s1.reflector, shard0.reflector, 'the second shard needs a second reflector');
     assert.notEqual(s1.url, shard0.url);
     const ready = reflectorsOf(await fleet.status()).filter(r => r.state === 'Ready');
@@ -82,7 +82,7 @@ e2eTest('refleet up opens a second shard on a second reflector past the threshol
     await d[0].waitJoined(30000);
     assert.equal(d[0].route.name, 'lobby~1', 'd is routed to the new shard');
     assert.ok(d[0].route.reflector.startsWith(s1.url), 'd joins the new shard on the second reflector');
-    await waitFor(async () => (await fleet.shards('lobby')).find(s => s.name === 'lobby~1')?.users === 1,
+    await waitFor(async () => (await fleet.shards('lobby')).find(s => s.shard === 'lobby~1')?.users === 1,
         { timeout: 10000, what: 'lobby~1 to report 1 user' });
     h.mark('client d on lobby~1');
 

@@ -52,7 +52,7 @@ e2eTest(`${CLIENTS} routed clients fill shards to the threshold, never over the 
     const fleet = await startFleet(h, CONFIG);
     await waitFor(async () => {
         const shards = await fleet.shards('crowd');
-        return shards.length === 1 && shards[0].phase === 'Open' && shards[0].url;
+        return shards.length === 1 && shards[0].state === 'Open' && shards[0].url;
     }, { timeout: 20000, what: 'shard 0 of crowd open on a ready reflector' });
     h.mark(`refleet up at ${fleet.url}, shard 0 open`);
 

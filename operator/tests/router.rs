@@ -305,6 +305,45 @@ async fn every_transport_shares_one_path_and_every_error_code() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.shards[0].reserved, 8);
+    assert_eq!(
+        listed.shards[0].url, "ws://eu.test/",
+        "the box URL, no token"
+    );
+    // ListShards is scoped like Route: no key, or another app's key, reads nothing.
+    let list = |key: Option<&str>| {
+        let mut req = tonic::Request::new(ListShardsRequest {
+            namespace: "default".into(),
+            session: "lobby".into(),
+        });
+        if let Some(k) = key {
+            req.metadata_mut().insert("x-api-key", k.parse().unwrap());
+        }
+        let mut grpc = grpc.clone();
+        async move { grpc.list_shards(req).await.map(|_| ()).unwrap_err().code() }
+    };
+    assert_eq!(list(None).await, tonic::Code::Unauthenticated);
+    assert_eq!(list(Some("key-x")).await, tonic::Code::PermissionDenied);
+
+    // JSON ListShards: the one shape of `GET /v1/shards` in both backends.
+    let shards: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/v1/shards?namespace=default&session=lobby"))
+        .header("x-api-key", "key-app")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shards["session"], "lobby");
+    let s = &shards["shards"][0];
+    assert_eq!(
+        s,
+        &serde_json::json!({
+            "shard": "lobby", "state": "Open", "region": "eu", "reflector": "r-eu",
+            "url": "ws://eu.test/", "filesUrl": listed.shards[0].files_url,
+            "users": 0, "reserved": 8, "maxUsers": 10, "thresholdUsers": 8,
+        })
+    );
 
     // JSON: same answers, no-store, CORS for the allowed origin only, 429 with Retry-After.
     let http = reqwest::Client::new();

@@ -1,7 +1,7 @@
 //! `refleet up`: a whole fleet on one machine.
 //!
-//! Reads the config (or the embedded default), serves `/files/`, `/v1/status`,
-//! `/v1/shards` and the router (Route over gRPC, gRPC-Web and JSON `/v1/route`; the
+//! Reads the config (or the embedded default), serves `/files/`, `/v1/status` and the router
+//! (Route and ListShards over gRPC, gRPC-Web and JSON `/v1/route`, `/v1/shards`; the
 //! reflectors' report stream on a loopback port of its own), and runs the local backend's observe → plan → act loop until Ctrl-C or
 //! SIGTERM, which drains every reflector, waits for them to exit and returns.
 
@@ -203,9 +203,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         crate::local::prometheus::Exporter::new(&metrics),
         bound,
     ));
-    let app = server
-        .router()
-        .merge(service::app_with(frontend, false).await);
+    let app = server.router().merge(service::app(frontend).await);
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(async move {
         axum::serve(

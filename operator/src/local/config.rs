@@ -49,7 +49,7 @@ pub enum ConfigError {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalSettings {
-    /// Address of refleet up's own HTTP server (`/files/`, `/v1/status`, `/v1/shards`).
+    /// Address of refleet up's own HTTP server (`/files/`, `/v1/status`, and the router: gRPC, `/v1/route`, `/v1/shards`).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Storage (unless the pool sets `storage.url`) and reflector logs live here.

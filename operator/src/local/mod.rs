@@ -8,7 +8,7 @@
 //!        │               plan    (the same pure planner as in a cluster)
 //!        │               act     (start / SIGTERM-drain / forget reflectors)
 //!        ▼
-//!   [Server]  /files/ (shared storage)   /v1/status   /v1/shards
+//!   [Server]  /files/ (shared storage)   /v1/status   + the router's /v1/route, /v1/shards
 //! ```
 //!
 //! Regions are simulated: each is a label (`--region`) on `refleet-reflector` children that

@@ -1,5 +1,7 @@
 //! refleet up's own HTTP server: the pool's `/files/` (from the shared storage, so files
-//! URLs outlive any one reflector), `GET /v1/status`, `GET /v1/shards` and `/healthz`.
+//! URLs outlive any one reflector), `GET /v1/status` and `/healthz`. `refleet up` merges the
+//! router's app into it, which adds `GET /v1/route` and `GET /v1/shards` (the same JSON as in a
+//! cluster).
 //!
 //! Downloads are open (contents are end-to-end encrypted). An upload is accepted only under
 //! the path of a session that has an admitted member connected from the uploader's address
@@ -114,14 +116,13 @@ impl Server {
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/v1/status", get(status))
-            .route("/v1/shards", get(shards))
             .route("/files/{*path}", axum::routing::any(files))
             .route("/metrics", get(metrics))
             .route(prom::TARGETS_PATH, get(prometheus_targets))
             .route(
                 "/",
                 get(|| async {
-                    "refleet up: GET /v1/status, GET /v1/shards?namespace=&session=, /files/\n"
+                    "refleet up: GET /v1/status, GET /v1/route, GET /v1/shards?namespace=&session=, /files/\n"
                 }),
             )
             .with_state(self)
@@ -229,38 +230,6 @@ fn json(value: &impl serde::Serialize) -> Response {
 
 async fn status(State(server): State<Server>) -> Response {
     server.read(|p| json(&p.status))
-}
-
-/// Query of `GET /v1/shards`.
-#[derive(Debug, Deserialize)]
-struct ShardsQuery {
-    /// Namespace of the Session (default `default`).
-    namespace: Option<String>,
-    /// Name of the Session object.
-    session: Option<String>,
-}
-
-async fn shards(State(server): State<Server>, Query(q): Query<ShardsQuery>) -> Response {
-    let Some(session) = q.session else {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "the session query parameter is required",
-        );
-    };
-    let namespace = q.namespace.unwrap_or_else(|| "default".to_owned());
-    let shards: Vec<_> = server.read(|p| {
-        p.status
-            .shards
-            .iter()
-            .filter(|s| s.session == session && s.namespace == namespace)
-            .cloned()
-            .collect()
-    });
-    json(&serde_json::json!({
-        "namespace": namespace,
-        "session": session,
-        "shards": shards,
-    }))
 }
 
 fn plain(status: StatusCode, text: &str) -> Response {

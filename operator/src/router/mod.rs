@@ -506,11 +506,22 @@ impl Router {
         }
     }
 
-    /// The shards of a session with their load (ListShards).
+    /// The shards of a session with their load (ListShards), for an in-process caller.
     pub fn list_shards(
         &self,
         namespace: &str,
         session: &str,
+    ) -> Result<Vec<ShardInfo>, RouteError> {
+        self.list_shards_as(namespace, session, |_| Ok(()))
+    }
+
+    /// [`Router::list_shards`] for a caller that `authorize` (given the Session's appId) must
+    /// let read that app's shards, as Route does: one app's API key does not list another's.
+    pub fn list_shards_as(
+        &self,
+        namespace: &str,
+        session: &str,
+        authorize: impl FnOnce(&str) -> Result<(), RouteError>,
     ) -> Result<Vec<ShardInfo>, RouteError> {
         if namespace.is_empty() {
             return Err(RouteError::invalid("namespace", "required"));
@@ -527,6 +538,7 @@ impl Router {
             .ok_or_else(|| RouteError::no_session(namespace, session))?;
         let def = &view.fleet.sessions[at];
         let app = def.spec.app_id.as_str();
+        authorize(app)?;
         let key = session_key(namespace, app, session);
         let max = def.spec.max_users_per_shard;
         Ok(view
@@ -541,6 +553,13 @@ impl Router {
                 max_users: max,
                 threshold_users: threshold_load(max, def.spec.scale_up_threshold) as u32,
                 state: format!("{:?}", s.phase),
+                url: s
+                    .reflector
+                    .as_ref()
+                    .and_then(|r| view.fleet.urls.get(r))
+                    .cloned()
+                    .unwrap_or_default(),
+                files_url: def.files_url.clone(),
             })
             .collect())
     }

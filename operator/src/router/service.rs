@@ -333,10 +333,11 @@ impl Frontend {
         if !self.leading.load(Ordering::Relaxed) {
             return Err(RouteError::Unavailable("not the leader".into()));
         }
-        self.access.admit(headers, peer)?;
-        Ok(ListShardsResponse {
-            shards: self.router.list_shards(ns, session)?,
-        })
+        let (key, _) = self.access.admit(headers, peer)?;
+        let shards = self.router.list_shards_as(ns, session, |app| {
+            self.access.authorize(key.as_deref(), app)
+        })?;
+        Ok(ListShardsResponse { shards })
     }
 }
 
@@ -506,24 +507,38 @@ async fn json_shards(
     Query(q): Query<ShardsQuery>,
 ) -> Response {
     match f.list(&headers, Some(peer.ip()), &q.namespace, &q.session) {
-        Ok(r) => json_response(
-            StatusCode::OK,
-            serde_json::json!({"shards": r.shards.iter().map(|s| serde_json::json!({
-                "shard": s.shard, "region": s.region, "reflector": s.reflector, "users": s.users,
-                "reserved": s.reserved, "maxUsers": s.max_users, "thresholdUsers": s.threshold_users, "state": s.state,
-            })).collect::<Vec<_>>()}),
-        ),
+        Ok(r) => json_response(StatusCode::OK, shards_json(&q.namespace, &q.session, &r)),
         Err(e) => json_error(&e),
     }
 }
 
-/// The router's HTTP app: gRPC + gRPC-Web + health + reflection + JSON, with CORS.
-pub async fn app(frontend: Frontend) -> axum::Router {
-    app_with(frontend, true).await
+/// The JSON of `GET /v1/shards`: ListShards' answer with its fields in camelCase, under the
+/// namespace and session asked for. The one shape both backends serve (e2e and the README
+/// read it).
+pub fn shards_json(namespace: &str, session: &str, r: &ListShardsResponse) -> serde_json::Value {
+    let shards: Vec<_> = r
+        .shards
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "shard": s.shard,
+                "state": s.state,
+                "region": s.region,
+                "reflector": s.reflector,
+                "url": s.url,
+                "filesUrl": s.files_url,
+                "users": s.users,
+                "reserved": s.reserved,
+                "maxUsers": s.max_users,
+                "thresholdUsers": s.threshold_users,
+            })
+        })
+        .collect();
+    serde_json::json!({"namespace": namespace, "session": session, "shards": shards})
 }
 
-/// [`app`], optionally without `GET /v1/shards` (`refleet up` has its own).
-pub async fn app_with(frontend: Frontend, json_shards_route: bool) -> axum::Router {
+/// The router's HTTP app: gRPC + gRPC-Web + health + reflection + JSON, with CORS.
+pub async fn app(frontend: Frontend) -> axum::Router {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<RoutingServer<Frontend>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -560,11 +575,10 @@ pub async fn app_with(frontend: Frontend, json_shards_route: bool) -> axum::Rout
         .add_service(health_svc)
         .add_service(reflection)
         .into_axum_router();
-    let mut json = axum::Router::new().route("/v1/route", get(json_route));
-    if json_shards_route {
-        json = json.route("/v1/shards", get(json_shards));
-    }
-    let json = json.with_state(frontend);
+    let json = axum::Router::new()
+        .route("/v1/route", get(json_route))
+        .route("/v1/shards", get(json_shards))
+        .with_state(frontend);
     // gRPC-Web only in front of the gRPC routes: it refuses plain HTTP/1 requests.
     json.merge(grpc.layer(tonic_web::GrpcWebLayer::new()))
         .layer(cors)
