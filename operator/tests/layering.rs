@@ -324,29 +324,10 @@ fn render(graph: &Graph) -> String {
         .join("\n")
 }
 
-/// Back-edges that close cycles already in the code, as `(crate, from, to)`: left out of the
-/// cycle check until they are gone, and each must still exist (so the list only shrinks).
-///
-/// The reflector's `session` sits above `registry` and `files_scope` (it holds a `Registry`,
-/// uses `registry::join_shard` and `files_scope` checks); `registry` names the session handle
-/// and commands, and `files_scope` names `session::core::Identity`. Breaking them means moving
-/// `ConnId`/`Identity` and the handle types out of `session/`, which is being split (#17).
-const KNOWN_BACK_EDGES: &[(&str, &str, &str)] = &[
-    ("reflector", "registry", "session"),
-    ("reflector", "files_scope", "session"),
-];
-
 #[test]
 fn no_crate_has_a_cycle_between_its_top_level_modules() {
     for krate in ["api", "reflector", "operator", "bench", "bench-route"] {
-        let mut graph = module_graph(krate);
-        for (_, from, to) in KNOWN_BACK_EDGES.iter().filter(|(k, ..)| *k == krate) {
-            let removed = graph.get_mut(*from).and_then(|deps| deps.remove(*to));
-            assert!(
-                removed.is_some(),
-                "{krate}: the known back-edge {from} -> {to} is gone: drop it from KNOWN_BACK_EDGES"
-            );
-        }
+        let graph = module_graph(krate);
         if let Some(cycle) = find_cycle(&graph) {
             panic!(
                 "{krate}: cycle between top-level modules: {}\nthe graph:\n{}",

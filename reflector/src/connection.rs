@@ -27,8 +27,8 @@ use crate::config::Limits;
 use crate::frame::{self, ClientMsg, Text};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Batch, Inbox, Outbox};
-use crate::registry::{Refused, Registry};
 use crate::session::core::ConnId;
+use crate::session::registry::{Refused, Registry};
 use crate::session::{Command, SessionHandle};
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);

@@ -24,7 +24,6 @@ use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::storage::{OnExisting, PutOutcome, STAGE_PART_BYTES, Staged, Storage, StorageError};
 use crate::upload_slots::{Busy, UploadSlots};
 
@@ -99,24 +98,6 @@ pub trait UploadGate: Send + Sync + std::fmt::Debug + 'static {
     /// Whether `upload` from `peer` belongs to a session that has an admitted member
     /// connected from `peer` right now.
     fn allows<'a>(&'a self, upload: &'a Upload<'a>, peer: IpAddr) -> BoxFuture<'a, bool>;
-}
-
-impl UploadGate for Registry {
-    fn allows<'a>(&'a self, upload: &'a Upload<'a>, peer: IpAddr) -> BoxFuture<'a, bool> {
-        let allowed = match upload {
-            Upload::Snapshot {
-                app_id,
-                persistent_id,
-                session_id,
-            } => self.has_live(app_id, persistent_id, Some(session_id), peer),
-            Upload::Persisted {
-                app_id,
-                persistent_id,
-            } => self.has_live(app_id, persistent_id, None, peer),
-            Upload::KeylessSnapshot { session_id } => self.is_live(session_id, peer),
-        };
-        Box::pin(std::future::ready(allowed))
-    }
 }
 
 /// Limits on uploads.

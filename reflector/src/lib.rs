@@ -11,10 +11,10 @@
 //! - [`connection`]: one task per WebSocket (limits, parsing, the writer).
 //! - [`frame`]: client frames in, server frames out.
 //! - [`outbox`]: the bounded send queue between a session and a connection.
-//! - [`registry`]: the table of sessions, touched only at JOIN.
-//! - [`session`]: one task per session; [`session::core`] holds the protocol itself.
+//! - [`session`]: one task per session; [`session::core`] holds the protocol itself,
+//!   [`session::registry`] the table of sessions (touched only at JOIN) and
+//!   [`session::files_scope`] which snapshot and persisted-data URLs a session may record.
 //! - [`files`]: the files endpoint for snapshots and persisted data.
-//! - [`files_scope`]: which snapshot and persisted-data URLs a session may record.
 //! - [`upload_slots`]: the cap on concurrent uploads, per peer address and in total.
 //! - [`storage`]: the object store behind files, persisted-data records and session state.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
@@ -34,12 +34,10 @@ pub mod close;
 pub mod config;
 pub mod connection;
 pub mod files;
-pub mod files_scope;
 pub mod frame;
 pub mod launch;
 pub mod metrics;
 pub mod outbox;
-pub mod registry;
 pub mod report;
 pub mod server;
 pub mod session;

@@ -21,7 +21,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::admission::{Admission, ShardSettings};
 use crate::metrics::Metrics;
-use crate::registry::{Registry, join_shard};
+use crate::session::registry::{Registry, join_shard};
 
 /// Least time between two reports (coalesces bursts of joins).
 const MIN_GAP: Duration = Duration::from_millis(100);

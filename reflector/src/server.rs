@@ -21,9 +21,9 @@ use crate::config::{Config, Limits};
 use crate::connection;
 use crate::files::{Files, UploadLimits};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::session::Context;
 use crate::session::core::Settings;
+use crate::session::registry::Registry;
 use crate::storage::{Storage, StorageError};
 
 /// Per-connection WebSocket read buffer, allocated up front for every connection; small, so
@@ -209,7 +209,7 @@ async fn entry(
         "/sessions" => {
             // Per-session figures for the operator (and debugging); bounded by the sessions
             // in memory, and kept out of Prometheus labels on purpose.
-            let body = crate::registry::SessionsReport {
+            let body = crate::session::registry::SessionsReport {
                 region: app.region.clone(),
                 draining: app.registry.is_draining(),
                 sessions: app.registry.summaries(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use refleet_reflector::registry::{SessionsReport, join_shard};
+use refleet_reflector::session::registry::{SessionsReport, join_shard};
 use serde::Deserialize;
 
 use refleet_api::report_credential::ReportKey;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use refleet_api::report_credential::{CredentialError, ReportKey};
 use refleet_reflector::launch::{self, LaunchSpec, Setting};
-use refleet_reflector::registry::{SessionSummary, SessionsReport};
+use refleet_reflector::session::registry::{SessionSummary, SessionsReport};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};

@@ -14,8 +14,10 @@ mod chunk;
 pub mod clock;
 pub mod core;
 mod debounce;
+pub mod files_scope;
 mod gate;
 mod members;
+pub mod registry;
 mod retained;
 mod tallies;
 
@@ -32,8 +34,8 @@ use crate::close;
 use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::registry::{Registry, join_shard};
 use crate::storage::Storage;
+use registry::{Registry, join_shard};
 
 /// How long a storage look-up at JOIN may take: the client gives up after 5 s without SYNC.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);

@@ -18,7 +18,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub struct TestReflector {
     pub addr: SocketAddr,
     pub storage: String,
-    registry: std::sync::Arc<refleet_reflector::registry::Registry>,
+    registry: std::sync::Arc<refleet_reflector::session::registry::Registry>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -72,7 +72,7 @@ pub async fn start_on(listen: &str, storage: &str, extra: &[&str]) -> TestReflec
 }
 
 impl TestReflector {
-    pub fn registry(&self) -> &refleet_reflector::registry::Registry {
+    pub fn registry(&self) -> &refleet_reflector::session::registry::Registry {
         &self.registry
     }
 

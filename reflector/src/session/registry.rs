@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use crate::session::core::{ConnId, Identity};
-use crate::session::{self, Command, Context, SessionHandle};
+use super::core::{ConnId, Identity};
+use super::{Command, Context, SessionHandle};
 
 /// Commands queued per session before senders wait (back-pressure onto the sockets).
 const SESSION_QUEUE: usize = 4096;
@@ -170,7 +170,7 @@ impl Registry {
         let handle = SessionHandle { tx };
         sessions.insert(id.clone(), handle.clone());
         self.tracker
-            .spawn(session::run(id, rx, self.ctx.clone(), self.clone()));
+            .spawn(super::run(id, rx, self.ctx.clone(), self.clone()));
         Ok(handle)
     }
 
@@ -299,7 +299,7 @@ impl Registry {
     }
 
     /// Records traffic and leaves of a session (for the load report).
-    pub(crate) fn record_traffic(&self, id: &Arc<str>, f: crate::session::core::Flushed) {
+    pub(crate) fn record_traffic(&self, id: &Arc<str>, f: super::core::Flushed) {
         let mut all = lock(&self.activity);
         let a = all.entry(id.clone()).or_default();
         a.reflected += f.reflected;
@@ -394,6 +394,29 @@ impl Registry {
     }
 }
 
+/// A reflector lets an upload in when one of its own sessions owns the path.
+impl crate::files::UploadGate for Registry {
+    fn allows<'a>(
+        &'a self,
+        upload: &'a crate::files::Upload<'a>,
+        peer: IpAddr,
+    ) -> futures_util::future::BoxFuture<'a, bool> {
+        let allowed = match upload {
+            crate::files::Upload::Snapshot {
+                app_id,
+                persistent_id,
+                session_id,
+            } => self.has_live(app_id, persistent_id, Some(session_id), peer),
+            crate::files::Upload::Persisted {
+                app_id,
+                persistent_id,
+            } => self.has_live(app_id, persistent_id, None, peer),
+            crate::files::Upload::KeylessSnapshot { session_id } => self.is_live(session_id, peer),
+        };
+        Box::pin(std::future::ready(allowed))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -401,7 +424,7 @@ mod tests {
     use std::time::Duration;
 
     fn registry() -> Arc<Registry> {
-        let settings = crate::session::core::Settings {
+        let settings = super::core::Settings {
             reflector_name: "t".into(),
             default_tick: Duration::from_millis(200),
             empty_session_ttl: Duration::from_secs(10),

@@ -14,8 +14,8 @@
 //! persisted  <files>/apps/<appId>/<persistentId>/save/<dataHash>
 //! ```
 
+use super::core::Identity;
 use crate::files::valid_segments;
-use crate::session::core::Identity;
 
 /// Why a SNAP or SAVE URL was not accepted (metric label values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
