@@ -424,7 +424,7 @@ mod tests {
     use std::time::Duration;
 
     fn registry() -> Arc<Registry> {
-        let settings = super::core::Settings {
+        let settings = super::super::core::Settings {
             reflector_name: "t".into(),
             default_tick: Duration::from_millis(200),
             empty_session_ttl: Duration::from_secs(10),
