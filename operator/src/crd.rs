@@ -44,12 +44,14 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use refleet_core::planner::{Capacity, PlacementStrategy, Reason, ShardPhase};
+use refleet_core::planner::{Seconds, ShardPolicy};
+use refleet_core::shard::SHARD_SEPARATOR;
+
 /// The API group of every Refleet resource.
 pub const GROUP: &str = "refleet.dev";
 /// The API version of the resources in this module.
 pub const VERSION: &str = "v1alpha1";
-/// The character that separates a session's name from its shard number (`room~2`).
-pub const SHARD_SEPARATOR: char = '~';
 
 // === ReflectorPool ===
 
@@ -229,41 +231,6 @@ pub struct RegionSpec {
     /// Settings of this region that differ from `spec.defaults`.
     #[serde(flatten)]
     pub overrides: ReflectorSettings,
-}
-
-/// What one reflector can carry.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Capacity {
-    /// Most shards (Croquet sessions) one reflector hosts at once.
-    #[schemars(range(min = 1, max = 1000000))]
-    pub sessions: u32,
-
-    /// Most users one reflector is committed to. Each shard placed on a reflector commits
-    /// its session's `maxUsersPerShard` (the hard cap the reflector enforces), so a reflector
-    /// can never be overfilled however its shards grow.
-    #[schemars(range(min = 1, max = 10000000))]
-    pub users: u32,
-}
-
-impl Default for Capacity {
-    fn default() -> Self {
-        Self {
-            sessions: 100,
-            users: 1000,
-        }
-    }
-}
-
-/// How new shards are spread over a region's reflectors.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
-pub enum PlacementStrategy {
-    /// Fill the fullest reflector that still has room (best fit). Fewer pods; empty
-    /// reflectors drain away.
-    #[default]
-    Pack,
-    /// Put each new shard on the emptiest reflector. More pods; fewer shards share a fault.
-    Spread,
 }
 
 /// Object storage behind the pool's files endpoint.
@@ -590,19 +557,6 @@ pub struct ShardStatus {
     pub state: ShardPhase,
 }
 
-/// Lifecycle of a shard.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
-pub enum ShardPhase {
-    /// Waiting for a reflector with room (its region is scaling up).
-    Pending,
-    /// Placed and taking new users (below the threshold).
-    Open,
-    /// Placed, at or above the threshold: takes returning users only.
-    Full,
-    /// Idle or its Session was deleted: takes no new users, removed once empty.
-    Closing,
-}
-
 /// A busy session of a pattern Session.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -623,44 +577,6 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_PROGRESSING: &str = "Progressing";
 /// Condition type: something only the operator can detect is wrong; see the reason.
 pub const CONDITION_DEGRADED: &str = "Degraded";
-
-/// Reasons on `Ready`/`Progressing`/`Degraded` conditions (CamelCase, as Kubernetes expects;
-/// also used as Event reasons and as a bounded metric label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Reason {
-    /// Everything is in place.
-    AsExpected,
-    /// Reflectors are starting or shards are waiting for one.
-    ScalingUp,
-    /// The Session's `poolRef` names no ReflectorPool in its namespace.
-    PoolNotFound,
-    /// The Session lists a region its pool does not have.
-    UnknownRegion,
-    /// No allowed region has room and every one is at `maxReflectors`.
-    CapacityExhausted,
-    /// The session reached `maxShards` and every shard is above its threshold.
-    MaxShardsReached,
-}
-
-impl Reason {
-    /// The reason as written into conditions and Events.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::AsExpected => "AsExpected",
-            Reason::ScalingUp => "ScalingUp",
-            Reason::PoolNotFound => "PoolNotFound",
-            Reason::UnknownRegion => "UnknownRegion",
-            Reason::CapacityExhausted => "CapacityExhausted",
-            Reason::MaxShardsReached => "MaxShardsReached",
-        }
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 // === Defaults and resolution ===
 
@@ -783,26 +699,17 @@ impl ReflectorUrlSpec {
     }
 }
 
-/// Name of shard `index` of session `name`: the plain name for shard 0, `<name>~N` after.
-pub fn shard_name(name: &str, index: u32) -> String {
-    if index == 0 {
-        name.to_owned()
-    } else {
-        format!("{name}{SHARD_SEPARATOR}{index}")
-    }
-}
-
-/// Splits a shard name into its session name and shard index (`room~2` → `("room", 2)`).
-/// Returns `None` for a name whose suffix after `~` is not a shard number above 0.
-pub fn parse_shard_name(shard: &str) -> Option<(&str, u32)> {
-    match shard.rsplit_once(SHARD_SEPARATOR) {
-        None => Some((shard, 0)),
-        Some((name, n)) => match n.parse::<u32>() {
-            Ok(i) if i > 0 && !n.starts_with('0') && !name.contains(SHARD_SEPARATOR) => {
-                Some((name, i))
-            }
-            _ => None,
-        },
+impl From<&SessionSpec> for ShardPolicy {
+    /// A Session's policy as its spec states it.
+    fn from(spec: &SessionSpec) -> Self {
+        Self {
+            max_users_per_shard: spec.max_users_per_shard,
+            scale_up_threshold: spec.scale_up_threshold,
+            min_shards: spec.min_shards,
+            max_shards: spec.max_shards,
+            regions: spec.regions.clone(),
+            close_idle_after: Seconds::from(spec.close_idle_shards_after_seconds),
+        }
     }
 }
 
@@ -861,18 +768,6 @@ pub fn all_crds() -> Vec<(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn shard_zero_keeps_the_plain_name_and_later_shards_get_a_tilde_suffix() {
-        assert_eq!(shard_name("lobby", 0), "lobby");
-        assert_eq!(shard_name("lobby", 3), "lobby~3");
-        assert_eq!(parse_shard_name("lobby"), Some(("lobby", 0)));
-        assert_eq!(parse_shard_name("lobby~3"), Some(("lobby", 3)));
-        assert_eq!(parse_shard_name("lobby~0"), None);
-        assert_eq!(parse_shard_name("lobby~03"), None);
-        assert_eq!(parse_shard_name("lobby~x"), None);
-        assert_eq!(parse_shard_name("a~b~2"), None);
-    }
 
     #[test]
     fn name_pattern_matches_with_wildcards_and_never_matches_shard_names() {

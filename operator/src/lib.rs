@@ -8,9 +8,6 @@
 //!
 //! - [`crd`]: the `ReflectorPool` and `Session` custom resources (`refleet.dev/v1alpha1`),
 //!   from which the YAML in `crds/` is generated.
-//! - [`planner`]: all placement and scaling policy, as a pure function from specs, observed
-//!   reflectors, observed load and the time to the desired state, with a reason for every
-//!   decision.
 //! - [`crdgen`]: renders the CRDs as YAML for `refleet crds`.
 //! - [`router`]: routes clients to shards and takes the reflectors' load reports.
 //! - [`metrics`]: the operator's Prometheus metrics, recorded by both backends.
@@ -26,8 +23,9 @@
 //! The top-level modules form layers, and a module depends (`use crate::x`, `crate::x::..`)
 //! only on modules in the layers below its own, never on one beside or above it:
 //!
-//! 1. `crd` (bottom: the CRDs; the planner shares a few of their plain value types);
-//! 2. `planner`, `crdgen` (pure: no kube API types in the planner, no I/O);
+//! 1. `crd` (bottom: the CRDs, which take a few plain value types from the planner in
+//!    `refleet-core`);
+//! 2. `crdgen` (pure);
 //! 3. `router`, `metrics`, `secrets` (services the backends share; `router` and `metrics`
 //!    name no kube types);
 //! 4. `fleet` (what the two backends share: observed state to planner input; no kube types);
@@ -35,10 +33,12 @@
 //! 6. `cli` (the binary's subcommands).
 //!
 //! Something two modules of one layer both need moves down a layer. So there is no cycle
-//! between top-level modules; the same holds in every crate of the workspace (but for the
-//! reflector's `KNOWN_BACK_EDGES`, listed in the test until they are gone).
+//! between top-level modules; the same holds in every crate of the workspace.
 //! `operator/tests/layering.rs` reads the module graph from the source and fails naming the
-//! offending edge or cycle.
+//! offending edge or cycle, and checks the crate graph (see `refleet-core`'s docs): the
+//! planner and shard naming live in `refleet-core`, storage and the files endpoint in
+//! `refleet-files`, the reflector's command line and `/sessions` report in `refleet-api`; this
+//! crate does not depend on `refleet-reflector`.
 
 pub mod cli;
 pub mod controller;
@@ -47,6 +47,5 @@ pub mod crdgen;
 pub mod fleet;
 pub mod local;
 pub mod metrics;
-pub mod planner;
 pub mod router;
 pub mod secrets;

@@ -21,7 +21,7 @@ use prometheus::{
 };
 
 use crate::crd::{Capacity, ReflectorPoolSpec, ShardPhase};
-use crate::planner::{Decision, Plan};
+use refleet_core::planner::{Decision, Plan};
 
 /// Name of the ReflectorPool controller (`controller` label), in the kube and local backends.
 pub const POOL_CONTROLLER: &str = "reflectorpool";
@@ -423,7 +423,7 @@ pub fn decision_kind(d: &Decision) -> &'static str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::planner::{RegionPlan, ShardRecord};
+    use refleet_core::planner::{RegionPlan, ShardRecord};
 
     fn value(text: &str, series: &str) -> Option<f64> {
         text.lines()

@@ -5,13 +5,13 @@
 
 use std::collections::BTreeMap;
 
+use refleet_core::planner::Decision;
 use refleet_operator::crd::ShardPhase;
 use refleet_operator::local::config::LocalConfig;
 use refleet_operator::local::fleet::{Fleet, PoolRuntime, Status};
 use refleet_operator::local::launcher::{
     LaunchError, Launcher, Observed, ReportedSession, StartRequest,
 };
-use refleet_operator::planner::Decision;
 
 /// Reflectors that exist only in memory; the test decides when they are ready, what load
 /// they report and when they exit.

@@ -14,10 +14,8 @@ use refleet_api::report_credential::ReportKey;
 use refleet_api::routing::routing_client::RoutingClient;
 use refleet_api::routing::{ListShardsRequest, RouteRequest, RouteResponse};
 use refleet_api::token::{Signer, Verifier};
+use refleet_core::planner::{ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput};
 use refleet_operator::crd::{Capacity, PlacementStrategy, SessionSpec};
-use refleet_operator::planner::{
-    ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput,
-};
 use refleet_operator::router::client::{self, TrustedProxies};
 use refleet_operator::router::metrics::RouterMetrics;
 use refleet_operator::router::reports::{self, ReportHub};

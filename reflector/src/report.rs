@@ -21,7 +21,9 @@ use tonic::metadata::MetadataValue;
 
 use crate::admission::{Admission, ShardSettings};
 use crate::metrics::Metrics;
-use crate::session::registry::{Registry, join_shard};
+use refleet_core::shard::join_shard;
+
+use crate::session::registry::Registry;
 
 /// Least time between two reports (coalesces bursts of joins).
 const MIN_GAP: Duration = Duration::from_millis(100);

@@ -9,12 +9,14 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use super::observe::{LoadByPod, pod_image, pod_region, pod_state};
-use crate::crd::{ReflectorPool, Session, ShardPhase, parse_shard_name};
+use refleet_core::shard::parse_shard_name;
+
+use crate::crd::{ReflectorPool, Session, ShardPhase};
 use crate::fleet;
-use crate::planner::{PlanInput, ScaleHistory, Seconds, ShardRecord};
+use refleet_core::planner::{PlanInput, ScaleHistory, Seconds, ShardRecord};
 // Defined with the planner's SessionInput, whose key they build, so the router can use them
 // without depending on the controller.
-pub use crate::planner::{session_key, split_session_key};
+pub use refleet_core::planner::{session_key, split_session_key};
 
 /// What the controller remembers about one pool between plans.
 #[derive(Clone, Debug, Default, PartialEq)]

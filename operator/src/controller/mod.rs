@@ -10,7 +10,7 @@
 //! reconcile runs the same [`reconcile::sync`] for the pool concerned, under a per-pool
 //! lock: **observe** (the pool, the Sessions that refer to it, its pods, and the load each
 //! ready reflector reports through a [`observe::LoadSource`]), **plan** with the pure
-//! [`crate::planner::plan`], **apply** (create pods with server-side apply, mark and delete
+//! [`refleet_core::planner::plan`], **apply** (create pods with server-side apply, mark and delete
 //! draining pods with the drain grace, write statuses with server-side apply on the status
 //! subresource, publish Events for decisions). The planner's memory between runs (shards
 //! and scaling history) is kept per pool; after a restart or a leadership change it is
@@ -48,7 +48,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use self::input::PoolMemory;
 use self::observe::LoadSource;
 use crate::metrics::OperatorMetrics;
-use crate::planner::Seconds;
+use refleet_core::planner::Seconds;
 
 /// The field manager of every server-side apply and the reporting controller of Events.
 pub const FIELD_MANAGER: &str = "refleet-operator";

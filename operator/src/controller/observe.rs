@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use refleet_reflector::session::registry::{SessionsReport, join_shard};
+use refleet_core::shard::join_shard;
+use refleet_reflector::session::registry::SessionsReport;
 use serde::Deserialize;
 
 use refleet_api::report_credential::ReportKey;
 
 use super::pod::{LABEL_REGION, LABEL_STATE, REFLECTOR_PORT, STATE_DRAINING};
-use crate::planner::ReflectorState;
+use refleet_core::planner::ReflectorState;
 
 /// One Croquet session a reflector hosts.
 #[derive(Clone, Debug, PartialEq, Eq)]

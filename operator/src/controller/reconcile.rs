@@ -37,7 +37,7 @@ use super::{Context, Error, FIELD_MANAGER, Result};
 use crate::crd::{CONDITION_DEGRADED, ReflectorPool, Session};
 use crate::fleet;
 use crate::metrics::{POOL_CONTROLLER, SESSION_CONTROLLER};
-use crate::planner::{self, Plan, ReflectorAction};
+use refleet_core::planner::{self, Plan, ReflectorAction};
 
 /// Reconciles a ReflectorPool: syncs it.
 #[instrument(skip(pool, ctx), fields(namespace = %pool.namespace().unwrap_or_default(), pool = %pool.name_any()))]

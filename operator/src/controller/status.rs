@@ -13,7 +13,7 @@ use crate::crd::{
     PoolSummary, Reason, ReflectorPool, ReflectorPoolStatus, RegionStatus, Session, SessionStatus,
     ShardPhase, ShardStatus,
 };
-use crate::planner::{Decision, Plan, Seconds};
+use refleet_core::planner::{Decision, Plan, Seconds};
 
 /// Whether planner session `key` is one of the concrete sessions of `session`.
 pub fn governs(session: &Session, key: &str) -> bool {

@@ -1,7 +1,7 @@
 //! Planner decisions as text: what `refleet up` logs and what the kube backend posts as
 //! Events, written once.
 
-use crate::planner::{Decision, RemoveReason};
+use refleet_core::planner::{Decision, RemoveReason};
 
 /// What a decision is about.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,12 +5,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::crd::{ReflectorPoolSpec, SessionSpec, ShardPhase, parse_shard_name};
-use crate::planner::{
+use refleet_core::shard::parse_shard_name;
+
+use crate::crd::{ReflectorPoolSpec, SessionSpec, ShardPhase};
+use crate::router::{FleetView, SessionDef};
+use refleet_core::planner::{
     ObservedReflector, Plan, PlanInput, PoolInput, ReflectorState, RegionInput, ScaleHistory,
     Seconds, SessionInput, ShardPolicy, ShardRecord, session_key,
 };
-use crate::router::{FleetView, SessionDef};
 
 mod decisions;
 #[cfg(test)]

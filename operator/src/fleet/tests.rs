@@ -212,7 +212,7 @@ fn the_router_view_carries_the_plan_sessions_with_files_urls_and_reflector_urls(
     );
     obs.pools[0].files_url = "https://files.test/".into();
     let input = plan_input(&obs, &[], &ScaleHistory::new(), 0);
-    let plan = crate::planner::plan(&input);
+    let plan = refleet_core::planner::plan(&input);
     assert!(
         !plan.shards.is_empty(),
         "the exact-name session opens shard 0"
@@ -236,7 +236,7 @@ fn the_router_view_carries_the_plan_sessions_with_files_urls_and_reflector_urls(
 mod summaries {
     use crate::crd::Reason;
     use crate::fleet::{About, Level, summarize};
-    use crate::planner::{Decision, OpenReason, RemoveReason, ScaleDirection};
+    use refleet_core::planner::{Decision, OpenReason, RemoveReason, ScaleDirection};
 
     #[test]
     fn a_shard_opened_outside_its_preferred_regions_gives_a_warning_then_the_opening() {

@@ -19,10 +19,10 @@ use crate::crd::ShardPhase;
 use crate::fleet;
 use crate::metrics::OperatorMetrics;
 use crate::metrics::POOL_CONTROLLER;
-use crate::planner::{
+use crate::router::Router;
+use refleet_core::planner::{
     Decision, ReflectorAction, ReflectorState, RegionPlan, ScaleHistory, Seconds, ShardRecord, plan,
 };
-use crate::router::Router;
 
 /// How many recent decisions the status keeps.
 const RECENT_DECISIONS: usize = 50;
@@ -178,7 +178,7 @@ impl<L: Launcher> Fleet<L> {
     }
 
     /// Records one plan in the operator's metrics, pool by pool, as the pool controller does.
-    fn record_metrics(&self, observed: &fleet::Observed, plan: &crate::planner::Plan) {
+    fn record_metrics(&self, observed: &fleet::Observed, plan: &refleet_core::planner::Plan) {
         for rt in &self.pools {
             let id = rt.pool.id();
             self.metrics

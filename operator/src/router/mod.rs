@@ -69,7 +69,7 @@ use self::pick::threshold_load;
 use self::route::{Attempt, Routed, fill_load, validate};
 use self::view::{FleetState, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
-use crate::planner::{PlanInput, SessionInput, ShardRecord, session_key, split_session_key};
+use refleet_core::planner::{PlanInput, SessionInput, ShardRecord, session_key, split_session_key};
 
 /// Router settings.
 #[derive(Clone, Debug)]

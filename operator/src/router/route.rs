@@ -28,7 +28,7 @@ use super::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load
 use super::view::{FleetState, Published, SessionDef, app_ids};
 use super::{Caller, Inner, RouteError, Router, lock};
 use crate::crd::{SessionSpec, ShardPhase};
-use crate::planner::{
+use refleet_core::planner::{
     Decision, Plan, PlanInput, PoolInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord,
     plan, session_key,
 };
@@ -712,9 +712,9 @@ mod tests {
 
     use super::*;
     use crate::crd::{Capacity, PlacementStrategy};
-    use crate::planner::{ObservedReflector, RegionInput};
     use crate::router::view::tests::{reflector, session, shard};
     use crate::router::view::{FleetView, ShardUsers};
+    use refleet_core::planner::{ObservedReflector, RegionInput};
 
     const KEY: &str = "ns/app/a";
 

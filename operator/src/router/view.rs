@@ -22,7 +22,7 @@ use foldhash::HashMap as FastMap;
 
 use super::ledger::Millis;
 use crate::crd::SessionSpec;
-use crate::planner::{
+use refleet_core::planner::{
     ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardRecord, split_session_key,
 };
 
@@ -585,7 +585,7 @@ pub(super) mod tests {
             key: key.into(),
             name: String::new(),
             pool: String::new(),
-            policy: crate::planner::ShardPolicy::from(&session(Some("a"), None).spec),
+            policy: refleet_core::planner::ShardPolicy::from(&session(Some("a"), None).spec),
             deleted: false,
             waiting: false,
         };

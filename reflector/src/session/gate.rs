@@ -103,7 +103,7 @@ impl Gate {
         self.binding = stored.binding.clone().or_else(|| {
             let app_id = stored.app_id.clone()?;
             let name = stored.name.as_deref()?;
-            let shard = super::registry::join_shard(name, &app_id).unwrap_or(name);
+            let shard = refleet_core::shard::join_shard(name, &app_id).unwrap_or(name);
             Some(Binding {
                 shard: shard.to_owned(),
                 app_id,

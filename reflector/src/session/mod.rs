@@ -35,7 +35,8 @@ use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::storage::Storage;
-use registry::{Registry, join_shard};
+use refleet_core::shard::join_shard;
+use registry::Registry;
 
 /// How long a storage look-up at JOIN may take: the client gives up after 5 s without SYNC.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);

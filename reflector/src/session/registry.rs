@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
+use refleet_core::shard::join_shard;
+
 use super::core::{ConnId, Identity};
 use super::{Command, Context, SessionHandle};
 
@@ -24,13 +26,6 @@ const SESSION_QUEUE: usize = 4096;
 pub enum Refused {
     /// The reflector is draining and takes no new sessions.
     Draining,
-}
-
-/// The shard (Croquet session name) a JOIN `name` addresses, which the client forms as
-/// `<appId>/<name>`; `None` when `name` does not start with `<app_id>/`. (Not the operator's
-/// `crd::shard_name`, which builds a shard's name from a session name and an index.)
-pub fn join_shard<'a>(name: &'a str, app_id: &str) -> Option<&'a str> {
-    name.strip_prefix(app_id)?.strip_prefix('/')
 }
 
 /// The body of `GET /sessions`, as the reflector sends it and its readers (the operator's

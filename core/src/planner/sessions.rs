@@ -8,7 +8,7 @@ use super::slots::Placed;
 #[cfg(test)]
 use super::state::NO_SESSION;
 use super::state::{BySession, PlanState};
-use crate::crd::shard_name;
+use crate::shard::shard_name;
 
 impl PlanState<'_> {
     /// The adopted shards of each session, so that the per-session phases do not scan every

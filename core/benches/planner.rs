@@ -7,11 +7,11 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use refleet_operator::crd::shard_name;
-use refleet_operator::planner::{
+use refleet_core::planner::{
     Capacity, ObservedReflector, PlacementStrategy, PlanInput, PoolInput, ReflectorState,
     RegionInput, ScaleHistory, SessionInput, ShardPhase, ShardPolicy, ShardRecord, plan,
 };
+use refleet_core::shard::shard_name;
 
 const REGIONS: usize = 10;
 const REFLECTORS_PER_REGION: usize = 1_000;

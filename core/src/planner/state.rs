@@ -188,7 +188,7 @@ impl<'a> PlanState<'a> {
 pub(super) mod fixture {
     pub(in super::super) use super::super::tests::{input, reflector, session};
     use super::*;
-    use crate::crd::shard_name;
+    use crate::shard::shard_name;
 
     /// Shard `index` of `session` in `eu`, committing 100 users.
     pub(in super::super) fn shard(

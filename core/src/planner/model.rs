@@ -1,16 +1,16 @@
 //! The planner's inputs and outputs: plain data, no kube API types (no `kube` or
 //! `k8s_openapi` paths: `tests/layering.rs` checks), no clocks.
 //!
-//! A few value types of the CRDs' spec and status ([`SessionSpec`], [`Capacity`],
-//! [`PlacementStrategy`], [`Reason`], [`ShardPhase`]) are the planner's words too: they are
-//! plain serde structs and enums defined in [`crate::crd`], the operator's bottom layer, and
-//! re-exported here so the planner's users name one place. The dependency goes one way only:
-//! `crd` names nothing of the planner.
+//! A few value types ([`Capacity`], [`PlacementStrategy`], [`Reason`], [`ShardPhase`]) are
+//! words of the CRDs too: they are defined here, with the serde and JSON-schema derives the
+//! CRDs need (their doc comments are the CRD field descriptions), and the operator's `crd`
+//! module re-exports them. The dependency goes one way only: this crate names nothing of the
+//! operator.
 
 use std::collections::BTreeMap;
 
-use crate::crd::SessionSpec;
-pub use crate::crd::{Capacity, PlacementStrategy, Reason, ShardPhase};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// A point in time or a duration, in whole seconds. The caller picks the epoch (the operator
 /// uses Unix time); the planner only compares and subtracts.
@@ -93,20 +93,6 @@ impl Default for ShardPolicy {
             max_shards: 10,
             regions: Vec::new(),
             close_idle_after: 60,
-        }
-    }
-}
-
-impl From<&SessionSpec> for ShardPolicy {
-    /// A Session's policy as its spec states it.
-    fn from(spec: &SessionSpec) -> Self {
-        Self {
-            max_users_per_shard: spec.max_users_per_shard,
-            scale_up_threshold: spec.scale_up_threshold,
-            min_shards: spec.min_shards,
-            max_shards: spec.max_shards,
-            regions: spec.regions.clone(),
-            close_idle_after: Seconds::from(spec.close_idle_shards_after_seconds),
         }
     }
 }
@@ -431,4 +417,90 @@ pub enum Decision {
         /// A sentence for the condition message and the Event.
         message: String,
     },
+}
+
+/// What one reflector can carry.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    /// Most shards (Croquet sessions) one reflector hosts at once.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub sessions: u32,
+
+    /// Most users one reflector is committed to. Each shard placed on a reflector commits
+    /// its session's `maxUsersPerShard` (the hard cap the reflector enforces), so a reflector
+    /// can never be overfilled however its shards grow.
+    #[schemars(range(min = 1, max = 10000000))]
+    pub users: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            sessions: 100,
+            users: 1000,
+        }
+    }
+}
+
+/// How new shards are spread over a region's reflectors.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum PlacementStrategy {
+    /// Fill the fullest reflector that still has room (best fit). Fewer pods; empty
+    /// reflectors drain away.
+    #[default]
+    Pack,
+    /// Put each new shard on the emptiest reflector. More pods; fewer shards share a fault.
+    Spread,
+}
+
+/// Lifecycle of a shard.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ShardPhase {
+    /// Waiting for a reflector with room (its region is scaling up).
+    Pending,
+    /// Placed and taking new users (below the threshold).
+    Open,
+    /// Placed, at or above the threshold: takes returning users only.
+    Full,
+    /// Idle or its Session was deleted: takes no new users, removed once empty.
+    Closing,
+}
+
+/// Reasons on `Ready`/`Progressing`/`Degraded` conditions (CamelCase, as Kubernetes expects;
+/// also used as Event reasons and as a bounded metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Everything is in place.
+    AsExpected,
+    /// Reflectors are starting or shards are waiting for one.
+    ScalingUp,
+    /// The Session's `poolRef` names no ReflectorPool in its namespace.
+    PoolNotFound,
+    /// The Session lists a region its pool does not have.
+    UnknownRegion,
+    /// No allowed region has room and every one is at `maxReflectors`.
+    CapacityExhausted,
+    /// The session reached `maxShards` and every shard is above its threshold.
+    MaxShardsReached,
+}
+
+impl Reason {
+    /// The reason as written into conditions and Events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::AsExpected => "AsExpected",
+            Reason::ScalingUp => "ScalingUp",
+            Reason::PoolNotFound => "PoolNotFound",
+            Reason::UnknownRegion => "UnknownRegion",
+            Reason::CapacityExhausted => "CapacityExhausted",
+            Reason::MaxShardsReached => "MaxShardsReached",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }

@@ -93,7 +93,7 @@ use state::PlanState;
 
 // The table tests name shards with it (they see this module's names).
 #[cfg(test)]
-use crate::crd::shard_name;
+use crate::shard::shard_name;
 
 /// Whether a shard with this load has reached its session's threshold.
 fn at_threshold(load: u64, policy: &ShardPolicy) -> bool {
