@@ -347,11 +347,11 @@ async fn write_loop(
             Batch::Frames => {}
             Batch::Close(c) => {
                 send_close(&mut sink, &c, metrics, CLOSE_WAIT).await;
-                break;
+                return;
             }
             Batch::Urgent(c) => {
                 send_close(&mut sink, &c, metrics, URGENT_CLOSE_WAIT).await;
-                break;
+                return;
             }
         }
         let written = tokio::select! {
@@ -359,13 +359,29 @@ async fn write_loop(
             c = watch.urgent_close() => {
                 // The client stopped reading; don't wait long for a socket that may never drain.
                 send_close(&mut sink, &c, metrics, URGENT_CLOSE_WAIT).await;
-                break;
+                return;
             }
             ok = write_batch(&mut sink, &mut inbox, &mut batch) => ok,
         };
         if !written {
+            // Writing fails once the client's close arrived: its answer is still owed.
             break;
         }
+    }
+    answer_close(&mut sink).await;
+}
+
+/// Ends a connection the reflector did not close itself: the reader saw the client's close
+/// frame (or the end of the stream) and every sender is gone. The WebSocket layer queued the
+/// answer to a client's close when it read it, but only a write sends it, so without this
+/// the client sees its connection drop (1006) instead of the close handshake it started
+/// (RFC 6455 §5.5.1). On a connection that is already gone this fails at once.
+async fn answer_close(sink: &mut SplitSink<WebSocket, Message>) {
+    if Box::pin(tokio::time::timeout(URGENT_CLOSE_WAIT, sink.close()))
+        .await
+        .is_err()
+    {
+        tracing::debug!("client did not take the answer to its close in time");
     }
 }
 

@@ -1,0 +1,62 @@
+//! The WebSocket layer itself: the close handshake, per-connection byte bounds and the tick
+//! clamp, seen from a client on a real socket.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use futures_util::StreamExt;
+use support::{Client, start_with, temp_storage};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Sends a close frame and returns the close frame the reflector answers with (`None` when
+/// the connection ended without one, which the client reports as 1006).
+async fn close_and_read_answer(c: &mut Client) -> Option<CloseFrame> {
+    c.ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("close sent");
+    loop {
+        let item = tokio::time::timeout(support::STEP, c.ws.next())
+            .await
+            .expect("the reflector answers or ends the connection in time");
+        match item {
+            // Frames the reflector queued before it saw the close may still arrive.
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(frame))) => return frame,
+            Some(Ok(other)) => panic!("unexpected {other:?}"),
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_clients_close_is_answered_with_a_close_frame() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &[]).await;
+    // A joined client leaving, as `Session.leave()` does.
+    let mut a = Client::connect(&r, "bye").await;
+    a.join("a").await;
+    let answer = close_and_read_answer(&mut a).await;
+    assert_eq!(
+        answer.map(|f| u16::from(f.code)),
+        Some(1000),
+        "the reflector echoes the client's close code"
+    );
+    // The answer comes before the end of the connection.
+    let end = tokio::time::timeout(support::STEP, a.ws.next())
+        .await
+        .expect("ended in time");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_)))),
+        "nothing after the close"
+    );
+    // A connection that never joined gets the same answer.
+    let mut b = Client::connect(&r, "bye").await;
+    let answer = close_and_read_answer(&mut b).await;
+    assert_eq!(answer.map(|f| u16::from(f.code)), Some(1000));
+    r.drain_and_stop().await;
+}
