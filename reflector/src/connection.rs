@@ -160,12 +160,8 @@ impl Reader {
                         Ok(Message::Ping(_) | Message::Pong(_)) => {}
                         Ok(Message::Close(_)) => break,
                         Err(e) => {
-                            let too_big = e
-                                .into_inner()
-                                .downcast::<tungstenite::Error>()
-                                .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
-                            if too_big {
-                                self.refuse(close::TOO_BIG, "frame over the size limit");
+                            if let Some((close, why)) = read_error_close(e) {
+                                self.refuse(close, why);
                                 // The stream cannot be read past this error; give the writer a
                                 // moment to send the close frame.
                                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -369,6 +365,25 @@ async fn write_loop(
         }
     }
     answer_close(&mut sink).await;
+}
+
+/// The close owed to a client whose frame the WebSocket layer could not read, and why; `None`
+/// when the connection itself failed (reset, I/O error), so no close frame can be sent.
+fn read_error_close(e: axum::Error) -> Option<(Close, &'static str)> {
+    let e = e.into_inner().downcast::<tungstenite::Error>().ok()?;
+    match *e {
+        tungstenite::Error::Capacity(_) => Some((close::TOO_BIG, "frame over the size limit")),
+        // The socket is intact after these, so the client can be told what was wrong
+        // (RFC 6455 §7.4.1) instead of seeing its connection drop.
+        tungstenite::Error::Utf8(_) => Some((close::INVALID_PAYLOAD, "text frame not UTF-8")),
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => None,
+        tungstenite::Error::Protocol(_) => {
+            Some((close::PROTOCOL_ERROR, "WebSocket protocol violation"))
+        }
+        _ => None,
+    }
 }
 
 /// Ends a connection the reflector did not close itself: the reader saw the client's close

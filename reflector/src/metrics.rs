@@ -17,6 +17,8 @@ pub const ACTIONS: &[&str] = &[
 /// Close reasons (see [`crate::close::Close::label`]).
 pub const CLOSE_LABELS: &[&str] = &[
     "normal",
+    "protocol_error",
+    "invalid_payload",
     "too_big",
     "unknown_session",
     "unresponsive",

@@ -197,3 +197,31 @@ async fn a_silent_connection_is_closed_with_4121() {
     assert_eq!(a.expect_close().await, 4121);
     r.drain_and_stop().await;
 }
+
+#[tokio::test]
+async fn a_text_frame_with_invalid_utf8_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &[]).await;
+    let mut by = bystander(&r, "utf8").await;
+    let mut a = joined_attacker(&r, "utf8").await;
+    // A text frame whose payload is not UTF-8 (a lone continuation byte, then 0xFF).
+    let payload: &[u8] = b"{\"action\":\"SEND\",\"args\":[0,0,\"\x80\xff\"]}";
+    a.ws.send(Message::Frame(Frame::message(
+        payload.to_vec(),
+        OpCode::Data(Data::Text),
+        true,
+    )))
+    .await
+    .unwrap();
+    match a.next().await {
+        Event::Closed(code, reason) => {
+            assert_eq!(code, 1007, "invalid frame payload data ({reason})");
+            assert!(!reason.is_empty(), "the close says why");
+        }
+        Event::Frame(f) => panic!("unexpected frame {f}"),
+    }
+    check(&mut by, "utf8").await;
+    r.drain_and_stop().await;
+}
