@@ -225,3 +225,41 @@ async fn a_text_frame_with_invalid_utf8_closes_with_1007() {
     check(&mut by, "utf8").await;
     r.drain_and_stop().await;
 }
+
+#[tokio::test]
+async fn a_join_user_is_a_string_an_array_or_an_object() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &[]).await;
+    let mut by = bystander(&r, "user").await;
+    // What the client sends (protocol §4.1): the viewId, `[viewId]` with `location`, or
+    // `{id, data}` with `viewData`.
+    for (i, user) in [json!("u1"), json!(["u2"]), json!({"id": "u3", "data": "x"})]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = Client::connect(&r, "user").await;
+        let mut args = Client::join_args("x");
+        args["user"] = user;
+        c.join_with(args).await;
+        check(&mut by, &format!("user-ok{i}")).await;
+    }
+    for (i, user) in [json!(42), json!(true), json!(1.5)].into_iter().enumerate() {
+        let mut a = Client::connect(&r, "user").await;
+        let mut args = Client::join_args("x");
+        args["user"] = user.clone();
+        a.send_json(json!({"id": "user", "action": "JOIN", "args": args}))
+            .await;
+        match a.next().await {
+            Event::Closed(code, reason) => {
+                assert_eq!(code, 4102, "user {user}: {reason}");
+                assert!(
+                    reason.contains("user"),
+                    "the reason names the field: {reason}"
+                );
+            }
+            Event::Frame(f) => panic!("user {user} accepted: {f}"),
+        }
+        check(&mut by, &format!("user-bad{i}")).await;
+    }
+    r.drain_and_stop().await;
+}
