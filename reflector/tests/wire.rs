@@ -60,3 +60,43 @@ async fn a_clients_close_is_answered_with_a_close_frame() {
     assert_eq!(answer.map(|f| u16::from(f.code)), Some(1000));
     r.drain_and_stop().await;
 }
+
+/// TICKs received within `window` (other frames are skipped).
+async fn count_ticks(c: &mut Client, window: std::time::Duration) -> u32 {
+    let end = tokio::time::Instant::now() + window;
+    let mut ticks = 0;
+    while let Ok(item) = tokio::time::timeout_at(end, c.ws.next()).await {
+        match item {
+            Some(Ok(Message::Text(t))) if t.contains("\"action\":\"TICK\"") => ticks += 1,
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("connection ended while counting ticks: {other:?}"),
+        }
+    }
+    ticks
+}
+
+#[tokio::test]
+async fn a_one_millisecond_tick_request_is_clamped() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &[]).await;
+    // In the JOIN that creates the session.
+    let mut a = Client::connect(&r, "fast-ticks").await;
+    let mut args = Client::join_args("a");
+    args["ticks"] = serde_json::json!({"tick": 1, "delay": 0});
+    a.join_with(args).await;
+    let ticks = count_ticks(&mut a, std::time::Duration::from_secs(1)).await;
+    // The clamp allows 1000/16 ≈ 62 a second; unclamped it was hundreds.
+    assert!(
+        (5..=100).contains(&ticks),
+        "ticks in one second with tick 1 requested: {ticks}"
+    );
+    // And in a TICKS message to a running session.
+    a.send_json(serde_json::json!({"id": "fast-ticks", "action": "TICKS", "args": {"tick": 0.5}}))
+        .await;
+    let ticks = count_ticks(&mut a, std::time::Duration::from_secs(1)).await;
+    assert!(
+        (5..=100).contains(&ticks),
+        "ticks in one second after TICKS 0.5: {ticks}"
+    );
+    r.drain_and_stop().await;
+}
