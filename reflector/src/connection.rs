@@ -66,7 +66,13 @@ pub fn serve(
     metrics.connections_total.inc();
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     registry.connection_opened(conn, peer.ip());
-    let (out, inbox) = outbox::pair(limits.send_queue);
+    let (out, inbox) = outbox::bounded(
+        outbox::Bounds {
+            frames: limits.send_queue,
+            bytes: limits.max_queued_bytes,
+        },
+        Some(metrics.send_queue_peak.clone()),
+    );
     let writer = tokio::spawn(write_loop(sink, inbox, registry.clone()));
     let reader = Reader {
         conn,
@@ -407,8 +413,10 @@ async fn write_batch(
     batch: &mut VecDeque<Text>,
 ) -> bool {
     let mut yielded = batch.len() >= WRITE_BATCH;
+    let mut bytes = 0;
     loop {
         while let Some(text) = batch.pop_front() {
+            bytes += text.len();
             if sink.feed(Message::Text(text)).await.is_err() {
                 return false;
             }
@@ -424,7 +432,10 @@ async fn write_batch(
             break;
         }
     }
-    sink.flush().await.is_ok()
+    let flushed = sink.flush().await.is_ok();
+    // Only now: until the socket took them, these bytes are held for this client.
+    inbox.written(bytes);
+    flushed
 }
 
 /// Sends a close frame, waiting at most `wait` (boxed: it happens once per connection).

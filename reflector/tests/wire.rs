@@ -100,3 +100,78 @@ async fn a_one_millisecond_tick_request_is_clamped() {
     );
     r.drain_and_stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_reader_is_cut_once_its_queue_holds_too_many_bytes() {
+    const BOUND: f64 = (4 << 20) as f64;
+    let (_d, dir) = temp_storage();
+    let r = start_with(
+        &dir,
+        &[
+            "--max-frame-bytes",
+            "2097152",
+            "--max-queued-bytes",
+            "4194304",
+        ],
+    )
+    .await;
+    let mut fast = Client::connect(&r, "bytes").await;
+    fast.join("fast").await;
+    let mut slow = Client::connect(&r, "bytes").await;
+    slow.join("slow").await;
+    // From here on the slow client reads nothing. Megabyte messages fill its socket buffers
+    // (a few MiB on loopback), then its queue: far fewer frames than --send-queue allows.
+    let mega = "x".repeat(1 << 20);
+    let slow_cut = |text: &str| {
+        support::metric(text, "refleet_reflector_slow_client_disconnects_total") >= 1.0
+    };
+    let mut sent = 0;
+    let mut cut_at = None;
+    // Until the slow reader is cut, and a few messages more.
+    while cut_at.is_none_or(|at| sent < at + 3) {
+        assert!(
+            sent < 100,
+            "the slow reader is still connected after {sent} MiB were sent to it"
+        );
+        let tag = format!("{sent}:");
+        fast.send_msg(&format!("{tag}{mega}")).await;
+        sent += 1;
+        // The sender is unaffected: it gets every message, in order.
+        assert!(
+            fast.next_client_recv().await[2]
+                .as_str()
+                .unwrap()
+                .starts_with(&tag),
+            "in order"
+        );
+        if cut_at.is_none() && slow_cut(&r.metrics().await) {
+            cut_at = Some(sent);
+        }
+    }
+    let text = r.metrics().await;
+    let peak = support::metric(&text, "refleet_reflector_send_queue_peak_bytes");
+    assert!(
+        ((1 << 20) as f64..=BOUND).contains(&peak),
+        "the largest backlog of one connection stayed within the bound: {peak}"
+    );
+    // The others see it leave.
+    while fast.next_users().await["left"] != serde_json::json!(["slow"]) {}
+    // The slow client finds what its socket still held, then 4001, or the end of the
+    // connection if the close frame could not get past its full socket.
+    let code = loop {
+        let item = tokio::time::timeout(std::time::Duration::from_secs(20), slow.ws.next())
+            .await
+            .expect("the slow client's connection ends");
+        match item {
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(f))) => break f.map_or(1005, |f| u16::from(f.code)),
+            Some(Ok(other)) => panic!("unexpected {other:?}"),
+            Some(Err(_)) | None => break 1006,
+        }
+    };
+    assert!(
+        code == 4001 || code == 1006,
+        "slow client closed with {code}"
+    );
+    r.drain_and_stop().await;
+}

@@ -619,14 +619,16 @@ impl Core {
         }
     }
 
-    /// Sends a possibly long frame to one member, in `_CHUNK` pieces when needed.
+    /// Sends a SYNC to one member, in `_CHUNK` pieces when needed. Only the frame bound of its
+    /// queue applies: the byte bound would make a session with more retained bytes than that
+    /// impossible to join, and a SYNC is bounded by `--max-retained-bytes` instead.
     fn send_chunked(&mut self, index: usize, text: &str) -> bool {
         let Some(out) = self.members.get(index).out.clone() else {
             return false;
         };
         for p in super::chunk::pieces(text, CHUNK_SIZE) {
             let len = p.len() as u64;
-            if out.try_send(Text::from(p)).is_err() {
+            if out.try_send_sync(Text::from(p)).is_err() {
                 out.close_now(close::UNRESPONSIVE);
                 self.members.get_mut(index).out = None;
                 return false;
