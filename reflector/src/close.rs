@@ -47,6 +47,8 @@ impl Close {
     pub fn label(&self) -> &'static str {
         match self.code {
             1000 => "normal",
+            1002 => "protocol_error",
+            1007 => "invalid_payload",
             1009 => "too_big",
             4000 => "unknown_session",
             4001 => "unresponsive",
@@ -91,6 +93,10 @@ pub const INTERNAL: Close = Close::fixed(4109, "unknown error");
 pub const NEVER_JOINED: Close = Close::fixed(4121, "client never joined");
 /// A frame larger than `--max-frame-bytes` (standard WebSocket "message too big").
 pub const TOO_BIG: Close = Close::fixed(1009, "message too big");
+/// A text frame that is not UTF-8 (standard WebSocket "invalid frame payload data").
+pub const INVALID_PAYLOAD: Close = Close::fixed(1007, "text frame is not valid UTF-8");
+/// A frame that breaks the WebSocket framing rules (standard WebSocket "protocol error").
+pub const PROTOCOL_ERROR: Close = Close::fixed(1002, "WebSocket protocol error");
 
 #[cfg(test)]
 mod tests {
@@ -98,8 +104,17 @@ mod tests {
 
     #[test]
     fn reconnect_codes_are_below_4100_and_fatal_ones_above() {
-        for c in [UNKNOWN_SESSION, UNRESPONSIVE, INACTIVE, RECONNECT, TOO_BIG] {
+        for c in [
+            UNKNOWN_SESSION,
+            UNRESPONSIVE,
+            INACTIVE,
+            RECONNECT,
+            TOO_BIG,
+            INVALID_PAYLOAD,
+            PROTOCOL_ERROR,
+        ] {
             assert!(c.client_reconnects(), "{c:?}");
+            assert_ne!(c.label(), "other");
         }
         for c in [
             OUTDATED_PROTOCOL,

@@ -97,6 +97,13 @@ pub struct Config {
     #[arg(long, env = "REFLEET_SEND_QUEUE", default_value_t = 4096)]
     pub send_queue: usize,
 
+    /// Bytes queued per connection and not yet written to its socket before the client counts
+    /// as too slow and is disconnected with 4001, like --send-queue. A SYNC does not count (it
+    /// is bounded by --max-retained-bytes). Raised to --max-frame-bytes + 64 KiB if lower, so
+    /// that one largest message always fits.
+    #[arg(long, env = "REFLEET_MAX_QUEUED_BYTES", default_value_t = 8 << 20)]
+    pub max_queued_bytes: usize,
+
     /// Most simultaneous WebSocket connections; further upgrades get HTTP 503.
     #[arg(long, env = "REFLEET_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -204,6 +211,7 @@ pub struct Limits {
     pub rate_limit: u32,
     pub rate_burst: u32,
     pub send_queue: usize,
+    pub max_queued_bytes: usize,
     pub max_connections: usize,
     pub empty_session_ttl: Duration,
     pub drain_timeout: Duration,
@@ -234,6 +242,7 @@ impl From<&Config> for Limits {
             rate_limit,
             rate_burst,
             send_queue,
+            max_queued_bytes,
             max_connections,
             empty_session_ttl,
             drain_timeout,
@@ -269,6 +278,8 @@ impl From<&Config> for Limits {
             rate_limit: (*rate_limit).max(1),
             rate_burst: (*rate_burst).max(1),
             send_queue: (*send_queue).max(16),
+            // A RECV is the client's frame plus a short envelope: the largest must fit.
+            max_queued_bytes: (*max_queued_bytes).max(max_frame_bytes.saturating_add(64 << 10)),
             max_connections: *max_connections,
             empty_session_ttl: (*empty_session_ttl).into(),
             drain_timeout: (*drain_timeout).into(),
@@ -343,6 +354,13 @@ mod tests {
         let l = Limits::from(&c);
         assert_eq!(l.empty_session_ttl, Duration::from_secs(10));
         assert_eq!(l.default_tick, Duration::from_millis(200));
+        assert_eq!(l.max_queued_bytes, 8 << 20);
+        let small = Config::parse_from(["refleet-reflector", "--max-queued-bytes", "1"]);
+        assert_eq!(
+            Limits::from(&small).max_queued_bytes,
+            (1 << 20) + (64 << 10),
+            "one largest message always fits"
+        );
     }
 
     #[test]

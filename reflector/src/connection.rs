@@ -66,7 +66,13 @@ pub fn serve(
     metrics.connections_total.inc();
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     registry.connection_opened(conn, peer.ip());
-    let (out, inbox) = outbox::pair(limits.send_queue);
+    let (out, inbox) = outbox::bounded(
+        outbox::Bounds {
+            frames: limits.send_queue,
+            bytes: limits.max_queued_bytes,
+        },
+        Some(metrics.send_queue_peak.clone()),
+    );
     let writer = tokio::spawn(write_loop(sink, inbox, registry.clone()));
     let reader = Reader {
         conn,
@@ -160,12 +166,8 @@ impl Reader {
                         Ok(Message::Ping(_) | Message::Pong(_)) => {}
                         Ok(Message::Close(_)) => break,
                         Err(e) => {
-                            let too_big = e
-                                .into_inner()
-                                .downcast::<tungstenite::Error>()
-                                .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
-                            if too_big {
-                                self.refuse(close::TOO_BIG, "frame over the size limit");
+                            if let Some((close, why)) = read_error_close(e) {
+                                self.refuse(close, why);
                                 // The stream cannot be read past this error; give the writer a
                                 // moment to send the close frame.
                                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -347,11 +349,11 @@ async fn write_loop(
             Batch::Frames => {}
             Batch::Close(c) => {
                 send_close(&mut sink, &c, metrics, CLOSE_WAIT).await;
-                break;
+                return;
             }
             Batch::Urgent(c) => {
                 send_close(&mut sink, &c, metrics, URGENT_CLOSE_WAIT).await;
-                break;
+                return;
             }
         }
         let written = tokio::select! {
@@ -359,13 +361,48 @@ async fn write_loop(
             c = watch.urgent_close() => {
                 // The client stopped reading; don't wait long for a socket that may never drain.
                 send_close(&mut sink, &c, metrics, URGENT_CLOSE_WAIT).await;
-                break;
+                return;
             }
             ok = write_batch(&mut sink, &mut inbox, &mut batch) => ok,
         };
         if !written {
+            // Writing fails once the client's close arrived: its answer is still owed.
             break;
         }
+    }
+    answer_close(&mut sink).await;
+}
+
+/// The close owed to a client whose frame the WebSocket layer could not read, and why; `None`
+/// when the connection itself failed (reset, I/O error), so no close frame can be sent.
+fn read_error_close(e: axum::Error) -> Option<(Close, &'static str)> {
+    let e = e.into_inner().downcast::<tungstenite::Error>().ok()?;
+    match *e {
+        tungstenite::Error::Capacity(_) => Some((close::TOO_BIG, "frame over the size limit")),
+        // The socket is intact after these, so the client can be told what was wrong
+        // (RFC 6455 §7.4.1) instead of seeing its connection drop.
+        tungstenite::Error::Utf8(_) => Some((close::INVALID_PAYLOAD, "text frame not UTF-8")),
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => None,
+        tungstenite::Error::Protocol(_) => {
+            Some((close::PROTOCOL_ERROR, "WebSocket protocol violation"))
+        }
+        _ => None,
+    }
+}
+
+/// Ends a connection the reflector did not close itself: the reader saw the client's close
+/// frame (or the end of the stream) and every sender is gone. The WebSocket layer queued the
+/// answer to a client's close when it read it, but only a write sends it, so without this
+/// the client sees its connection drop (1006) instead of the close handshake it started
+/// (RFC 6455 §5.5.1). On a connection that is already gone this fails at once.
+async fn answer_close(sink: &mut SplitSink<WebSocket, Message>) {
+    if Box::pin(tokio::time::timeout(URGENT_CLOSE_WAIT, sink.close()))
+        .await
+        .is_err()
+    {
+        tracing::debug!("client did not take the answer to its close in time");
     }
 }
 
@@ -376,8 +413,10 @@ async fn write_batch(
     batch: &mut VecDeque<Text>,
 ) -> bool {
     let mut yielded = batch.len() >= WRITE_BATCH;
+    let mut bytes = 0;
     loop {
         while let Some(text) = batch.pop_front() {
+            bytes += text.len();
             if sink.feed(Message::Text(text)).await.is_err() {
                 return false;
             }
@@ -393,7 +432,10 @@ async fn write_batch(
             break;
         }
     }
-    sink.flush().await.is_ok()
+    let flushed = sink.flush().await.is_ok();
+    // Only now: until the socket took them, these bytes are held for this client.
+    inbox.written(bytes);
+    flushed
 }
 
 /// Sends a close frame, waiting at most `wait` (boxed: it happens once per connection).

@@ -346,9 +346,15 @@ fn parse_join(args: Option<&RawValue>) -> Result<Join, FrameError> {
         Some(v @ Value::String(_)) => Some(v.to_string()),
         Some(_) => return Err(bad("JOIN", "tove must be a string")),
     };
+    // The client sends its viewId, `[viewId]` (with `location`) or `{id, data}` (with
+    // `viewData`); the record is echoed to every member in `users`, so anything else is refused
+    // like a wrongly typed `ticks` rather than passed on to the other clients.
     let user = match o.get("user") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.to_string()),
+        Some(v @ (Value::String(_) | Value::Array(_) | Value::Object(_))) => Some(v.to_string()),
+        Some(_) => {
+            return Err(bad("JOIN", "user must be a string, an array or an object"));
+        }
     };
     Ok(Join {
         name: string(&o, "name", "JOIN")?,
@@ -480,6 +486,11 @@ mod tests {
             4102
         );
         assert_eq!(code(r#"{"action":"TUTTI","args":[1,0,5]}"#), 4102);
+        for user in ["42", "true", "false", "1.5"] {
+            let join =
+                format!(r#"{{"action":"JOIN","args":{{"version":1,"apiKey":"k","user":{user}}}}}"#);
+            assert_eq!(code(&join), 4102, "user {user}");
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::outbox::QueuePeak;
+
 /// The client actions counted separately in `refleet_reflector_messages_received_total`.
 pub const ACTIONS: &[&str] = &[
     "JOIN", "SEND", "TUTTI", "SNAP", "SAVE", "TICKS", "PING", "PULSE", "LOG", "unknown",
@@ -17,6 +19,8 @@ pub const ACTIONS: &[&str] = &[
 /// Close reasons (see [`crate::close::Close::label`]).
 pub const CLOSE_LABELS: &[&str] = &[
     "normal",
+    "protocol_error",
+    "invalid_payload",
     "too_big",
     "unknown_session",
     "unresponsive",
@@ -66,6 +70,10 @@ pub struct Metrics {
     pub send_queue_drops_total: IntCounter,
     /// Clients disconnected because they did not keep up.
     pub slow_client_disconnects_total: IntCounter,
+    /// The largest backlog in bytes of one connection, kept by the send queues themselves.
+    pub send_queue_peak: QueuePeak,
+    /// `send_queue_peak`, exported when the metrics are rendered.
+    send_queue_peak_bytes: IntGauge,
     closes: IntCounterVec,
     snapshots: IntCounterVec,
     persistence: IntCounterVec,
@@ -322,6 +330,13 @@ impl Metrics {
                 &[REFUSAL_REASONS],
                 &["reason"],
             ),
+            send_queue_peak: QueuePeak::default(),
+            send_queue_peak_bytes: gauge(
+                r,
+                "refleet_reflector_send_queue_peak_bytes",
+                "Largest number of bytes one connection had queued and not yet written since \
+                 start, not counting a SYNC (bounded by --max-queued-bytes).",
+            ),
             report_stream_connected: gauge(
                 r,
                 "refleet_reflector_report_stream_connected",
@@ -418,6 +433,9 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
+        let peak = self.send_queue_peak.get();
+        self.send_queue_peak_bytes
+            .set(i64::try_from(peak).unwrap_or(i64::MAX));
         let families = self.registry.gather();
         if TextEncoder::new().encode(&families, &mut buf).is_err() {
             return String::new();

@@ -2,7 +2,11 @@
 //!
 //! The session puts frames in with `try_send` and never waits: a full queue means the client
 //! is not reading fast enough, and it is cut off (close 4001) instead of stalling everyone
-//! else. A close the connection or session asks for normally travels through the queue, after
+//! else. The queue is bounded twice: in frames, and in bytes not yet written to the socket
+//! (frames the writer took count until its batch is flushed), because a few thousand frames
+//! of up to a megabyte each would let one slow reader pin gigabytes. A SYNC is exempt from
+//! the byte bound (it is bounded by the session's retained bytes, and a late joiner must be
+//! able to receive it), but whatever is queued behind it is not. A close the connection or session asks for normally travels through the queue, after
 //! the frames already in it; a close for a client whose queue is full goes around the queue
 //! and interrupts a write that is blocked on the socket.
 //!
@@ -13,7 +17,7 @@
 //! block of 32 slots and a cache-padded channel up front).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -33,6 +37,11 @@ pub enum Out {
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Text>,
+    /// Bytes of the frames queued or taken by the writer and not yet written.
+    bytes: usize,
+    /// Bytes of SYNC frames among `bytes` not yet written (exempt from the byte bound). The
+    /// SYNC is queued first, so the first bytes written are taken to be its bytes.
+    sync_bytes: usize,
     /// A close to send once the frames before it are written.
     close: Option<Close>,
     /// A close that jumps the queue (the client stopped reading).
@@ -43,6 +52,10 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     capacity: usize,
+    /// Most bytes (not counting a SYNC) queued and not yet written.
+    max_bytes: usize,
+    /// The largest backlog in bytes of any connection so far (see [`QueuePeak`]).
+    peak: Option<QueuePeak>,
     /// Live [`Outbox`] handles; the writer ends when the last one is gone.
     senders: AtomicUsize,
     closing: AtomicBool,
@@ -60,6 +73,38 @@ impl Shared {
         // Nothing panics while holding this lock; keep going with the data if it ever did.
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The largest number of bytes (not counting a SYNC) any one connection had queued and not
+/// yet written, shared by all connections of a process and exported as a metric.
+///
+/// Raising it is a load of a shared value on every queued frame and a write only when a
+/// connection's backlog passes every earlier one, which is rare once the process warmed up,
+/// so the fan-out never contends on it.
+#[derive(Debug, Clone, Default)]
+pub struct QueuePeak(Arc<AtomicU64>);
+
+impl QueuePeak {
+    /// The peak so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn raise(&self, held: usize) {
+        let held = held as u64;
+        if held > self.0.load(Ordering::Relaxed) {
+            self.0.fetch_max(held, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How much one connection's queue may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Frames queued and not yet taken by the writer.
+    pub frames: usize,
+    /// Bytes queued or being written, not counting a SYNC.
+    pub bytes: usize,
 }
 
 /// Why a frame could not be queued.
@@ -117,11 +162,24 @@ impl ClosingSignal {
     }
 }
 
-/// A new queue holding at most `capacity` frames.
+/// A new queue holding at most `capacity` frames, without a byte bound.
 pub fn pair(capacity: usize) -> (Outbox, Inbox) {
+    bounded(
+        Bounds {
+            frames: capacity,
+            bytes: usize::MAX,
+        },
+        None,
+    )
+}
+
+/// A new queue within `bounds`, recording its largest backlog in `peak`.
+pub fn bounded(bounds: Bounds, peak: Option<QueuePeak>) -> (Outbox, Inbox) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
-        capacity: capacity.max(1),
+        capacity: bounds.frames.max(1),
+        max_bytes: bounds.bytes.max(1),
+        peak,
         senders: AtomicUsize::new(1),
         closing: AtomicBool::new(false),
         items: Notify::new(),
@@ -156,13 +214,33 @@ impl Drop for Outbox {
 impl Outbox {
     /// Queues a frame without waiting.
     pub fn try_send(&self, frame: Text) -> Result<(), SendError> {
+        self.push(frame, false)
+    }
+
+    /// Queues a piece of a SYNC without waiting: only the frame bound applies to it.
+    pub fn try_send_sync(&self, frame: Text) -> Result<(), SendError> {
+        self.push(frame, true)
+    }
+
+    fn push(&self, frame: Text, sync: bool) -> Result<(), SendError> {
         if self.shared.closing.load(Ordering::Relaxed) {
             return Err(SendError::Gone);
         }
+        let len = frame.len();
         let mut q = self.shared.lock();
         if q.frames.len() >= self.shared.capacity {
             return Err(SendError::Full);
         }
+        // Bytes held for this client besides its SYNC, this frame included.
+        let held = q.bytes.saturating_sub(q.sync_bytes) + len;
+        if sync {
+            q.sync_bytes += len;
+        } else if held > self.shared.max_bytes {
+            return Err(SendError::Full);
+        } else if let Some(peak) = &self.shared.peak {
+            peak.raise(held);
+        }
+        q.bytes += len;
         let was_empty = q.frames.is_empty();
         q.frames.push_back(frame);
         drop(q);
@@ -237,6 +315,14 @@ pub enum Batch {
     Urgent(Close),
 }
 
+/// Drops what is still queued for a client that is being cut off.
+fn discard(q: &mut Queue) {
+    let dropped: usize = q.frames.drain(..).map(|t| t.len()).sum();
+    q.bytes = q.bytes.saturating_sub(dropped);
+    q.sync_bytes = q.sync_bytes.min(q.bytes);
+    q.close = None;
+}
+
 fn take_frames(q: &mut Queue, into: &mut VecDeque<Text>) -> bool {
     if q.frames.is_empty() {
         return false;
@@ -261,8 +347,7 @@ impl Inbox {
             {
                 let mut q = self.shared.lock();
                 if let Some(c) = q.urgent.take() {
-                    q.frames.clear();
-                    q.close = None;
+                    discard(&mut q);
                     return Some(Batch::Urgent(c));
                 }
                 if take_frames(&mut q, into) {
@@ -277,6 +362,13 @@ impl Inbox {
             }
             notified.await;
         }
+    }
+
+    /// The writer wrote `n` bytes of the frames it took: they no longer count against the bound.
+    pub fn written(&mut self, n: usize) {
+        let mut q = self.shared.lock();
+        q.bytes = q.bytes.saturating_sub(n);
+        q.sync_bytes = q.sync_bytes.saturating_sub(n);
     }
 
     /// Moves whatever frames are queued now to the back of `into`; false if there were none.
@@ -308,8 +400,7 @@ impl Inbox {
     pub fn try_recv(&mut self) -> Option<Out> {
         let mut q = self.shared.lock();
         if let Some(c) = q.urgent.take() {
-            q.frames.clear();
-            q.close = None;
+            discard(&mut q);
             return Some(Out::Close(c));
         }
         match q.frames.pop_front() {
@@ -346,6 +437,35 @@ mod tests {
         assert!(!out.is_idle());
         out.close(close::UNRESPONSIVE);
         assert!(matches!(inbox.recv().await, Some(Out::Close(c)) if c.code == 4001));
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_counts_frames_until_they_are_written_and_spares_the_sync() {
+        let peak = QueuePeak::default();
+        let (out, mut inbox) = bounded(
+            Bounds {
+                frames: 100,
+                bytes: 10,
+            },
+            Some(peak.clone()),
+        );
+        // A SYNC larger than the bound still goes in, and does not count against it.
+        out.try_send_sync(Text::from("s".repeat(25))).expect("sync");
+        out.try_send(Text::from("123456")).expect("queued");
+        out.try_send(Text::from("1234"))
+            .expect("queued: exactly at the bound");
+        assert_eq!(out.try_send(Text::from("x")), Err(SendError::Full));
+        assert_eq!(peak.get(), 10);
+        // Taken by the writer but not yet written: still counted.
+        let mut got = VecDeque::new();
+        assert_eq!(inbox.recv_batch(&mut got).await, Some(Batch::Frames));
+        assert_eq!(out.try_send(Text::from("x")), Err(SendError::Full));
+        // Written: room again; the SYNC's bytes were the first written.
+        let n = got.iter().map(|t| t.len()).sum();
+        inbox.written(n);
+        out.try_send(Text::from("0123456789")).expect("queued");
+        assert_eq!(out.try_send(Text::from("x")), Err(SendError::Full));
+        assert_eq!(peak.get(), 10, "never above the bound");
     }
 
     #[tokio::test]

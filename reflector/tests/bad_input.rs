@@ -197,3 +197,69 @@ async fn a_silent_connection_is_closed_with_4121() {
     assert_eq!(a.expect_close().await, 4121);
     r.drain_and_stop().await;
 }
+
+#[tokio::test]
+async fn a_text_frame_with_invalid_utf8_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &[]).await;
+    let mut by = bystander(&r, "utf8").await;
+    let mut a = joined_attacker(&r, "utf8").await;
+    // A text frame whose payload is not UTF-8 (a lone continuation byte, then 0xFF).
+    let payload: &[u8] = b"{\"action\":\"SEND\",\"args\":[0,0,\"\x80\xff\"]}";
+    a.ws.send(Message::Frame(Frame::message(
+        payload.to_vec(),
+        OpCode::Data(Data::Text),
+        true,
+    )))
+    .await
+    .unwrap();
+    match a.next().await {
+        Event::Closed(code, reason) => {
+            assert_eq!(code, 1007, "invalid frame payload data ({reason})");
+            assert!(!reason.is_empty(), "the close says why");
+        }
+        Event::Frame(f) => panic!("unexpected frame {f}"),
+    }
+    check(&mut by, "utf8").await;
+    r.drain_and_stop().await;
+}
+
+#[tokio::test]
+async fn a_join_user_is_a_string_an_array_or_an_object() {
+    let (_d, dir) = temp_storage();
+    let r = start_with(&dir, &[]).await;
+    let mut by = bystander(&r, "user").await;
+    // What the client sends (protocol §4.1): the viewId, `[viewId]` with `location`, or
+    // `{id, data}` with `viewData`.
+    for (i, user) in [json!("u1"), json!(["u2"]), json!({"id": "u3", "data": "x"})]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = Client::connect(&r, "user").await;
+        let mut args = Client::join_args("x");
+        args["user"] = user;
+        c.join_with(args).await;
+        check(&mut by, &format!("user-ok{i}")).await;
+    }
+    for (i, user) in [json!(42), json!(true), json!(1.5)].into_iter().enumerate() {
+        let mut a = Client::connect(&r, "user").await;
+        let mut args = Client::join_args("x");
+        args["user"] = user.clone();
+        a.send_json(json!({"id": "user", "action": "JOIN", "args": args}))
+            .await;
+        match a.next().await {
+            Event::Closed(code, reason) => {
+                assert_eq!(code, 4102, "user {user}: {reason}");
+                assert!(
+                    reason.contains("user"),
+                    "the reason names the field: {reason}"
+                );
+            }
+            Event::Frame(f) => panic!("user {user} accepted: {f}"),
+        }
+        check(&mut by, &format!("user-bad{i}")).await;
+    }
+    r.drain_and_stop().await;
+}

@@ -53,6 +53,14 @@ pub type ConnId = u64;
 pub const INITIAL_SEQ: u32 = 0xFFFF_FFF0;
 /// The longest leave delay a client may ask for.
 const MAX_LEAVE_DELAY: Duration = Duration::from_secs(60);
+/// The shortest tick interval a client may ask for: the client itself clamps its ticks per
+/// second to 60 (1000/60 ≈ 16.7 ms), and a shorter interval only multiplies the TICKs the
+/// session sends every member (a 1 ms request made about 475 a second).
+pub const MIN_TICK: Duration = Duration::from_millis(16);
+/// The longest tick interval a client may ask for: the client's own floor of 1/30 ticks per
+/// second. Longer silences would also run into the client's 45 s PULSE and 50 s
+/// "reflector has gone away" timers.
+pub const MAX_TICK: Duration = Duration::from_secs(30);
 
 /// Settings every session of a reflector shares.
 #[derive(Debug, Clone)]
@@ -292,7 +300,8 @@ impl Core {
         self.seq = stored.seq;
         self.timeline = stored.timeline;
         if stored.tick_ms > 0 {
-            self.tick = Duration::from_millis(stored.tick_ms);
+            // Sessions stored before the clamp may carry any interval.
+            self.tick = Duration::from_millis(stored.tick_ms).clamp(MIN_TICK, MAX_TICK);
         }
         self.delay_ms = stored.delay_ms;
         self.tove = stored.tove;
@@ -499,7 +508,7 @@ impl Core {
         if let Some(t) = tick
             && t > 0.0
         {
-            self.tick = millis(t, Duration::from_secs(60)).max(Duration::from_millis(1));
+            self.tick = millis(t, MAX_TICK).max(MIN_TICK);
             self.next_tick = now + self.tick;
         }
         if let Some(d) = delay
@@ -610,14 +619,16 @@ impl Core {
         }
     }
 
-    /// Sends a possibly long frame to one member, in `_CHUNK` pieces when needed.
+    /// Sends a SYNC to one member, in `_CHUNK` pieces when needed. Only the frame bound of its
+    /// queue applies: the byte bound would make a session with more retained bytes than that
+    /// impossible to join, and a SYNC is bounded by `--max-retained-bytes` instead.
     fn send_chunked(&mut self, index: usize, text: &str) -> bool {
         let Some(out) = self.members.get(index).out.clone() else {
             return false;
         };
         for p in super::chunk::pieces(text, CHUNK_SIZE) {
             let len = p.len() as u64;
-            if out.try_send(Text::from(p)).is_err() {
+            if out.try_send_sync(Text::from(p)).is_err() {
                 out.close_now(close::UNRESPONSIVE);
                 self.members.get_mut(index).out = None;
                 return false;
@@ -1056,7 +1067,41 @@ mod tests {
         let (out, _inbox) = outbox::pair(64);
         c.join(1, out, j, now);
         assert_eq!(c.leave_delay, MAX_LEAVE_DELAY);
-        assert_eq!(c.tick, Duration::from_secs(60));
+        assert_eq!(c.tick, MAX_TICK);
+    }
+
+    #[test]
+    fn tick_requests_are_clamped_to_the_documented_range() {
+        let now = Instant::now();
+        for (asked, tick) in [
+            (1.0, MIN_TICK),
+            (0.001, MIN_TICK),
+            (17.5, Duration::from_micros(17_500)),
+            (50.0, Duration::from_millis(50)),
+            (30_000.0, MAX_TICK),
+            (60_000.0, MAX_TICK),
+        ] {
+            let mut c = core();
+            let mut j = user("v");
+            j.tick_ms = Some(asked);
+            let (out, _inbox) = outbox::pair(64);
+            c.join(1, out, j, now);
+            assert_eq!(c.tick, tick, "JOIN tick {asked}");
+            c.message(
+                1,
+                ClientMsg::Ticks(frame::Ticks {
+                    tick_ms: Some(asked),
+                    ..frame::Ticks::default()
+                }),
+                now,
+            );
+            assert_eq!(c.tick, tick, "TICKS tick {asked}");
+        }
+        let mut c = core();
+        let mut s = stored(&[], &[]);
+        s.tick_ms = 1;
+        c.restore(s, Instant::now());
+        assert_eq!(c.tick, MIN_TICK, "a stored 1 ms tick");
     }
 
     #[test]
