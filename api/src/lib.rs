@@ -4,11 +4,16 @@
 //! - [`report`]: `refleet.report.v1`, the stream each reflector keeps open to the operator.
 //! - [`token`]: signed join tokens, issued by the router and checked by reflectors.
 //! - [`report_credential`]: each reflector's own credential for its report stream.
+//! - [`reflector`]: the reflector's command line, start-up banner and `/sessions` report, which
+//!   launchers write and read.
+//! - [`shutdown`]: the stop signal every Refleet binary waits for.
 //!
 //! The `.proto` files under `proto/` are the reference; this crate is generated from them
 //! by `build.rs` (protox + tonic-prost-build, no `protoc` needed).
 
+pub mod reflector;
 pub mod report_credential;
+pub mod shutdown;
 pub mod token;
 
 /// `refleet.routing.v1`: generated messages, client and server.

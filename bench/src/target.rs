@@ -75,7 +75,7 @@ impl Target {
         let mut lines = BufReader::new(stdout).lines();
         let found = tokio::time::timeout(START_TIMEOUT, async {
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(url) = refleet_reflector::launch::parse_banner(&line) {
+                if let Some(url) = refleet_api::reflector::launch::parse_banner(&line) {
                     return Some(url.to_string());
                 }
             }

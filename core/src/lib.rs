@@ -10,18 +10,21 @@
 //! ## Crate layering
 //!
 //! ```text
-//!   refleet-core   refleet-api          (no Refleet dependency)
-//!        ▲    ▲    ▲      ▲
-//!        │  refleet-files  │          (storage and the files endpoint)
-//!        │    ▲   ▲        │
-//!   refleet-reflector   refleet-operator (`refleet`: controllers, router, local backend, CLI)
+//!   refleet-route-bench ─► refleet-bench            (load generators)
+//!   refleet-reflector   refleet-operator            (the two binaries; neither names the other)
+//!        │    │    │      │    │    │
+//!        │    │    └──────┼────┼──► refleet-files   (storage, the /files/ endpoint)
+//!        │    └───────────┼────┴──► refleet-api     (protos, tokens, the reflector's command
+//!        │                │         │                line and /sessions report, shutdown)
+//!        └────────────────┴─────────┴──► refleet-core (naming, the planner)
 //! ```
 //!
-//! A crate names only crates below it, and the two binaries never name each other: the
-//! operator starts reflectors through the command line `refleet-api` describes. Inside a
-//! crate, no two top-level modules depend on each other (directly or through others).
-//! `operator/tests/layering.rs` checks both (the crate graph from `cargo metadata`, the module
-//! graph from the sources).
+//! A crate names only crates in layers below its own (bottom first: core, api, files, the
+//! binaries, the load generators). The operator starts reflectors through the command line
+//! `refleet-api` describes, so it never depends on `refleet-reflector`. Inside a crate, no two
+//! top-level modules depend on each other, directly or through others.
+//! `operator/tests/layering.rs` checks all three (the crate graph from `cargo metadata`, the
+//! module graphs from the sources).
 
 pub mod planner;
 pub mod shard;

@@ -432,3 +432,94 @@ fn the_parser_sees_the_paths_it_is_meant_to() {
     seen.sort();
     assert_eq!(seen, ["a", "b", "c", "h", "l"]);
 }
+
+/// The workspace's crates, bottom first, as `refleet-core`'s docs draw them: a crate may
+/// depend (normal or build dependencies) only on crates of lower layers. The benches sit on
+/// top and may use anything below.
+const CRATE_LAYERS: &[&[&str]] = &[
+    &["refleet-core"],
+    &["refleet-api"],
+    &["refleet-files"],
+    &["refleet-reflector", "refleet-operator"],
+    &["refleet-bench"],
+    &["refleet-route-bench"],
+];
+
+/// The crate graph from `cargo metadata`: each workspace crate and the workspace crates its
+/// normal and build dependencies name.
+fn crate_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(repo())
+        .output()
+        .expect("cargo metadata");
+    assert!(out.status.success(), "cargo metadata failed");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let packages = meta["packages"].as_array().unwrap();
+    let names: BTreeSet<String> = packages
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect();
+    packages
+        .iter()
+        .map(|p| {
+            let deps = p["dependencies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["kind"].as_str() != Some("dev"))
+                .map(|d| d["name"].as_str().unwrap().to_owned())
+                .filter(|d| names.contains(d))
+                .collect();
+            (p["name"].as_str().unwrap().to_owned(), deps)
+        })
+        .collect()
+}
+
+#[test]
+fn the_crate_graph_keeps_its_layers() {
+    let graph = crate_graph();
+    let layer_of = |c: &str| {
+        CRATE_LAYERS
+            .iter()
+            .position(|layer| layer.contains(&c))
+            .unwrap_or_else(|| panic!("workspace crate `{c}` has no layer in CRATE_LAYERS"))
+    };
+    let mut wrong = Vec::new();
+    for (krate, deps) in &graph {
+        for dep in deps {
+            if layer_of(dep) >= layer_of(krate) {
+                wrong.push(format!("  {krate} -> {dep}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "crates that depend on their own or a higher layer (bottom first: {CRATE_LAYERS:?}):\n{}\nthe graph: {graph:?}",
+        wrong.join("\n")
+    );
+    // The pure core names no kube, no runtime and no I/O crate at all.
+    let core = std::fs::read_to_string(repo().join("core/Cargo.toml")).unwrap();
+    for banned in [
+        "kube",
+        "k8s-openapi",
+        "tokio",
+        "object_store",
+        "axum",
+        "tonic",
+    ] {
+        assert!(
+            !core
+                .lines()
+                .any(|l| l.starts_with(&format!("{banned} "))
+                    || l.starts_with(&format!("{banned}."))),
+            "refleet-core depends on {banned}"
+        );
+    }
+}

@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
+use refleet_api::reflector::launch::LaunchSpec;
 use refleet_api::report_credential::ReportKey;
 use refleet_operator::local::config::ChildLogs;
 use refleet_operator::local::launcher::{Launcher, ProcessLauncher, ProcessSettings, StartRequest};
 use refleet_operator::router::metrics::{REPORT_REFUSALS, RouterMetrics};
 use refleet_operator::router::reports::{self, ReportHub};
 use refleet_operator::router::{Router, RouterConfig};
-use refleet_reflector::launch::LaunchSpec;
 
 mod support;
 use support::reflector_binary;

@@ -23,13 +23,13 @@ use tokio::time::Instant;
 
 use crate::admission::{Presented, Requested};
 use crate::close::{self, Close};
-use crate::config::Limits;
 use crate::frame::{self, ClientMsg, Text};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Batch, Inbox, Outbox};
 use crate::session::core::ConnId;
 use crate::session::registry::{Refused, Registry};
 use crate::session::{Command, SessionHandle};
+use refleet_api::reflector::config::Limits;
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 

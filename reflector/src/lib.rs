@@ -5,8 +5,8 @@
 //! fans them out, and keeps snapshots, persisted data and session state in durable storage.
 //!
 //! ## Layout
-//! - [`config`]: command line and environment.
-//! - [`launch`]: how launchers set that command line or environment, and the start-up banner.
+//! - [`config`]: command line and environment (defined in `refleet-api`, with how launchers
+//!   write it and the start-up banner, so launchers need not depend on this crate).
 //! - [`server`]: the HTTP/WebSocket front door and the drain.
 //! - [`connection`]: one task per WebSocket (limits, parsing, the writer).
 //! - [`frame`]: client frames in, server frames out.
@@ -14,9 +14,8 @@
 //! - [`session`]: one task per session; [`session::core`] holds the protocol itself,
 //!   [`session::registry`] the table of sessions (touched only at JOIN) and
 //!   [`session::files_scope`] which snapshot and persisted-data URLs a session may record.
-//! - [`files`]: the files endpoint for snapshots and persisted data.
-//! - [`upload_slots`]: the cap on concurrent uploads, per peer address and in total.
-//! - [`storage`]: the object store behind files, persisted-data records and session state.
+//! - storage and the `/files/` endpoint come from `refleet-files` (shared with `refleet up`),
+//!   shard naming from `refleet-core`; [`session::stored`] is the stored form of a session.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`close`]: every close code the reflector sends.
 //! - [`admission`]: join tokens and shard caps, checked at a view's first JOIN.
@@ -31,19 +30,13 @@
 
 pub mod admission;
 pub mod close;
-pub mod config;
 pub mod connection;
-pub mod files;
 pub mod frame;
-pub mod launch;
 pub mod metrics;
 pub mod outbox;
 pub mod report;
 pub mod server;
 pub mod session;
-pub mod shutdown;
-pub mod storage;
-pub mod upload_slots;
 
-pub use config::Config;
+pub use refleet_api::reflector::config::{self, Config};
 pub use server::Reflector;

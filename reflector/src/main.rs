@@ -2,11 +2,12 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use refleet_reflector::config::LogFormat;
+use refleet_api::reflector::config::LogFormat;
 use std::sync::Arc;
 
+use refleet_api::shutdown;
 use refleet_reflector::report::{self, Reporter};
-use refleet_reflector::{Config, Reflector, shutdown};
+use refleet_reflector::{Config, Reflector};
 use tokio::sync::Notify;
 use tracing_subscriber::EnvFilter;
 
@@ -42,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
         "refleet-reflector ready"
     );
     // The one line on stdout: what to pass to Session.join({ box }).
-    println!("{}", refleet_reflector::launch::banner(&public));
+    println!("{}", refleet_api::reflector::launch::banner(&public));
     let drain = Arc::new(Notify::new());
     if let Some(url) = &config.report_url {
         let token = config

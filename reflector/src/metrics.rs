@@ -9,6 +9,8 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use refleet_files::metrics::{FilesMetrics, counter_vec, gauge};
+
 use crate::outbox::QueuePeak;
 
 /// The client actions counted separately in `refleet_reflector_messages_received_total`.
@@ -78,11 +80,9 @@ pub struct Metrics {
     snapshots: IntCounterVec,
     persistence: IntCounterVec,
     session_state: IntCounterVec,
-    files_requests: IntCounterVec,
-    files_bytes: IntCounterVec,
     stored_url_refusals: IntCounterVec,
-    /// Uploads being read now.
-    pub uploads_in_progress: IntGauge,
+    /// The files endpoint's metrics (requests, bytes, uploads in progress).
+    pub files: FilesMetrics,
     /// 1 while the reflector is draining.
     pub draining: IntGauge,
     /// Sessions by lifecycle outcome.
@@ -118,45 +118,6 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     registry
         .register(Box::new(c.clone()))
         .expect("unique metric name");
-    c
-}
-
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric definition");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("unique metric name");
-    g
-}
-
-fn counter_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&[&str]],
-    names: &[&str],
-) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), names).expect("valid metric definition");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("unique metric name");
-    // Create every combination so each series exists (at 0) before its first event.
-    let mut combos: Vec<Vec<&str>> = vec![vec![]];
-    for values in labels {
-        combos = combos
-            .into_iter()
-            .flat_map(|prefix| {
-                values.iter().map(move |v| {
-                    let mut next = prefix.clone();
-                    next.push(v);
-                    next
-                })
-            })
-            .collect();
-    }
-    for combo in combos {
-        c.with_label_values(&combo);
-    }
     c
 }
 
@@ -275,11 +236,6 @@ impl Metrics {
                 &[&["save", "lookup_hit", "lookup_miss", "error", "skipped"]],
                 &["op"],
             ),
-            uploads_in_progress: gauge(
-                r,
-                "refleet_reflector_uploads_in_progress",
-                "Uploads to the files endpoint being read now (capped by --max-uploads).",
-            ),
             stored_url_refusals: counter_vec(
                 r,
                 "refleet_reflector_stored_url_refusals_total",
@@ -293,23 +249,6 @@ impl Metrics {
                 "Stored session state (for resume after a restart), by operation and result.",
                 &[&["store", "resume"], &["ok", "error"]],
                 &["op", "result"],
-            ),
-            files_requests: counter_vec(
-                r,
-                "refleet_reflector_files_requests_total",
-                "Requests to the files endpoint, by method and status class.",
-                &[
-                    &["GET", "HEAD", "PUT", "OPTIONS", "other"],
-                    &["2xx", "3xx", "4xx", "5xx"],
-                ],
-                &["method", "status"],
-            ),
-            files_bytes: counter_vec(
-                r,
-                "refleet_reflector_files_bytes_total",
-                "Bytes moved by the files endpoint (in: uploads, out: downloads).",
-                &[&["in", "out"]],
-                &["direction"],
             ),
             draining: gauge(
                 r,
@@ -342,6 +281,7 @@ impl Metrics {
                 "refleet_reflector_report_stream_connected",
                 "1 while the load-report stream to the operator is open, else 0.",
             ),
+            files: FilesMetrics::register(r),
             registry,
         }
     }
@@ -392,30 +332,6 @@ impl Metrics {
         self.session_state
             .with_label_values(&[op, if ok { "ok" } else { "error" }])
             .inc();
-    }
-
-    /// Counts a files request.
-    pub fn files_request(&self, method: &str, status: u16) {
-        let method = match method {
-            "GET" | "HEAD" | "PUT" | "OPTIONS" => method,
-            _ => "other",
-        };
-        let class = match status {
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.files_requests
-            .with_label_values(&[method, class])
-            .inc();
-    }
-
-    /// Counts bytes through the files endpoint.
-    pub fn files_bytes(&self, upload: bool, n: u64) {
-        self.files_bytes
-            .with_label_values(&[if upload { "in" } else { "out" }])
-            .inc_by(n);
     }
 
     /// Counts a session leaving memory.

@@ -17,14 +17,14 @@ use tokio::time::Instant;
 use refleet_api::token::{KeyListError, Verifier};
 
 use crate::admission::Admission;
-use crate::config::{Config, Limits};
 use crate::connection;
-use crate::files::{Files, UploadLimits};
 use crate::metrics::Metrics;
 use crate::session::Context;
 use crate::session::core::Settings;
 use crate::session::registry::Registry;
-use crate::storage::{Storage, StorageError};
+use refleet_api::reflector::config::{Config, Limits};
+use refleet_files::endpoint::{Files, UploadLimits};
+use refleet_files::storage::{Storage, StorageError};
 
 /// Per-connection WebSocket read buffer, allocated up front for every connection; small, so
 /// that idle connections stay cheap. Client frames are small (a SEND with a 64-byte payload is
@@ -101,7 +101,7 @@ impl Reflector {
         let files = Files::new(
             storage,
             registry.clone(),
-            metrics.clone(),
+            metrics.files.clone(),
             UploadLimits {
                 max_bytes: limits.max_upload_bytes,
                 idle_timeout: limits.upload_idle_timeout,

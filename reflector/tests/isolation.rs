@@ -204,7 +204,7 @@ async fn a_user_record_is_no_pass() {
 async fn nothing_is_looked_up_or_created_before_admission() {
     let (signer, _dir, r) = with_tokens(&[]).await;
     // Persisted data an attacker would like a victim's fresh session to start from.
-    let storage = refleet_reflector::storage::Storage::open(&r.storage).unwrap();
+    let storage = refleet_files::storage::Storage::open(&r.storage).unwrap();
     storage
         .save_persisted(
             "unknown_dev_id",

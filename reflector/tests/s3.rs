@@ -65,7 +65,7 @@ fn start_reflector(
         .next()
         .expect("a line")
         .expect("stdout");
-    let base = refleet_reflector::launch::parse_banner(&line)
+    let base = refleet_api::reflector::launch::parse_banner(&line)
         .expect("box line")
         .trim_end_matches('/')
         .to_string();

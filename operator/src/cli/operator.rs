@@ -98,7 +98,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         args,
         listener,
         Arc::new(load),
-        refleet_reflector::shutdown::signal(),
+        refleet_api::shutdown::signal(),
     )
     .await
 }

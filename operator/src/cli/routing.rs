@@ -12,9 +12,9 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
+use refleet_api::reflector::launch::LaunchSpec;
 use refleet_api::report_credential::ReportKey;
 use refleet_api::token::Verifier;
-use refleet_reflector::launch::LaunchSpec;
 
 use crate::router::client::TrustedProxies;
 use crate::router::reports::{self, ReportHub};

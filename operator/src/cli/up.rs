@@ -23,9 +23,9 @@ use crate::router::metrics::RouterMetrics;
 use crate::router::reports::{self, ReportHub};
 use crate::router::service::{self, Access, Frontend, always_leading};
 use crate::router::{Router, RouterConfig};
+use refleet_api::reflector::launch::LaunchSpec;
 use refleet_api::report_credential::ReportKey;
 use refleet_api::token::{Signer, Verifier};
-use refleet_reflector::launch::LaunchSpec;
 
 /// Arguments of `refleet up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -130,7 +130,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let storage_location = runtimes
         .first()
         .map_or_else(|| default_storage.clone(), |p| p.storage.clone());
-    let storage = refleet_reflector::storage::Storage::open(&storage_location)
+    let storage = refleet_files::storage::Storage::open(&storage_location)
         .with_context(|| format!("opening storage {storage_location}"))?;
     let shutdown_timeout = Duration::from_secs(
         runtimes
@@ -235,7 +235,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_millis(report_interval_millis.max(50)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stop = refleet_reflector::shutdown::signal();
+    let stop = refleet_api::shutdown::signal();
     tokio::pin!(stop);
     let mut last_table = String::new();
     loop {

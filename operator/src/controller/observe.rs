@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
+use refleet_api::reflector::sessions::SessionsReport;
 use refleet_core::shard::join_shard;
-use refleet_reflector::session::registry::SessionsReport;
 use serde::Deserialize;
 
 use refleet_api::report_credential::ReportKey;

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use refleet_reflector::launch::{LaunchSpec, Setting};
+use refleet_api::reflector::launch::{LaunchSpec, Setting};
 
 use crate::crd::{ReflectorPool, ResolvedRegion};
 
@@ -421,7 +421,7 @@ mod tests {
         c.env.as_mut().unwrap().extend(env_vars(&routing));
         set_report_credential(&mut pod, "arena-eu-0.eu.mac".into());
         let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
-        let config = refleet_reflector::launch::config_from_env(
+        let config = refleet_api::reflector::launch::config_from_env(
             env.iter()
                 .map(|e| (e.name.as_str(), e.value.as_deref().unwrap())),
         )

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use refleet_api::reflector::launch::{self, LaunchSpec, Setting};
+use refleet_api::reflector::sessions::{SessionSummary, SessionsReport};
 use refleet_api::report_credential::{CredentialError, ReportKey};
-use refleet_reflector::launch::{self, LaunchSpec, Setting};
-use refleet_reflector::session::registry::{SessionSummary, SessionsReport};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};

@@ -343,7 +343,7 @@ mod tests {
             status: status(),
             live: vec![],
         }));
-        let storage = refleet_reflector::storage::Storage::open("memory://").unwrap();
+        let storage = refleet_files::storage::Storage::open("memory://").unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let bound = listener.local_addr().unwrap();
         let base = format!("http://{bound}");

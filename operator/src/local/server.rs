@@ -20,9 +20,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::future::BoxFuture;
-use refleet_reflector::config::Limits;
-use refleet_reflector::files::{Files, Upload, UploadGate, UploadLimits};
-use refleet_reflector::storage::Storage;
+use refleet_api::reflector::config::Limits;
+use refleet_files::endpoint::{Files, Upload, UploadGate, UploadLimits};
+use refleet_files::storage::Storage;
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -94,7 +94,7 @@ impl Server {
         let files = Files::new(
             storage,
             Arc::new(gate),
-            refleet_reflector::metrics::Metrics::new("local"),
+            refleet_files::metrics::FilesMetrics::unexported(),
             UploadLimits {
                 max_bytes: max_upload_bytes,
                 idle_timeout: defaults.upload_idle_timeout,

@@ -38,13 +38,13 @@ pub use super::members::USERS_INTERVAL;
 use super::members::{Disconnected, Members, State};
 pub use super::retained::seq_after;
 use super::retained::{Kind, Retained};
+use super::stored::{STORED_SESSION_FORMAT, SnapshotRef, StoredSession};
 pub use super::tallies::{MAX_OPEN_TALLIES, TALLY_INTERVAL};
 use super::tallies::{Refused, Tallies};
 use crate::close;
 use crate::frame::{self, ClientMsg, Join, Text, json_string};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SendError};
-use crate::storage::{STORED_SESSION_FORMAT, SnapshotRef, StoredSession};
 
 /// Identifies one WebSocket connection.
 pub type ConnId = u64;

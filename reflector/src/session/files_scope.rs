@@ -15,7 +15,7 @@
 //! ```
 
 use super::core::Identity;
-use crate::files::valid_segments;
+use refleet_files::endpoint::valid_segments;
 
 /// Why a SNAP or SAVE URL was not accepted (metric label values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

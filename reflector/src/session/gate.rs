@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 
+use super::stored::StoredSession;
 use crate::admission::{Admission, Admitted, Binding, Presented, Proof, Requested};
-use crate::storage::StoredSession;
 
 /// Admitted views remembered beyond the current members before the rest are forgotten
 /// (a view that left long ago must show a fresh token).

@@ -19,6 +19,7 @@ mod gate;
 mod members;
 pub mod registry;
 mod retained;
+pub mod stored;
 mod tallies;
 
 use std::sync::Arc;
@@ -34,8 +35,8 @@ use crate::close;
 use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::storage::Storage;
 use refleet_core::shard::join_shard;
+use refleet_files::storage::Storage;
 use registry::Registry;
 
 /// How long a storage look-up at JOIN may take: the client gives up after 5 s without SYNC.
@@ -354,7 +355,7 @@ async fn on_join(
 enum Resume {
     /// The stored session belongs to another identity.
     Refused(Refusal),
-    Storage(crate::storage::StorageError),
+    Storage(refleet_files::storage::StorageError),
 }
 
 /// Before the first JOIN is decided: continues the session's stored state when there is
@@ -368,7 +369,11 @@ async fn resume(
     let id = core.id().clone();
     let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
         .await
-        .map_err(|_| Resume::Storage(crate::storage::StorageError::Timeout(LOOKUP_TIMEOUT)))?;
+        .map_err(|_| {
+            Resume::Storage(refleet_files::storage::StorageError::Timeout(
+                LOOKUP_TIMEOUT,
+            ))
+        })?;
     match stored {
         Ok(Some(state)) => {
             let mut restored = Gate::default();
@@ -387,7 +392,7 @@ async fn resume(
             Ok(())
         }
         Ok(None) => Ok(()),
-        Err(crate::storage::StorageError::Corrupt { key, source }) => {
+        Err(refleet_files::storage::StorageError::Corrupt { key, source }) => {
             // A record we cannot read would block the session forever; start fresh instead.
             tracing::error!(session = %id, key, error = %source, "stored session unreadable, starting fresh");
             ctx.metrics.session_state("resume", false);
@@ -407,7 +412,7 @@ async fn look_up_persisted(
     join: &Join,
     ctx: &Context,
     persists: bool,
-) -> Result<(), crate::storage::StorageError> {
+) -> Result<(), refleet_files::storage::StorageError> {
     let id = core.id().clone();
     let identity = Core::identity_from(join);
     if !persists {
@@ -418,7 +423,7 @@ async fn look_up_persisted(
         let dev = identity.developer_id.as_deref().unwrap_or("unknown_dev_id");
         let found = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_persisted(dev, app, pid))
             .await
-            .map_err(|_| crate::storage::StorageError::Timeout(LOOKUP_TIMEOUT))?;
+            .map_err(|_| refleet_files::storage::StorageError::Timeout(LOOKUP_TIMEOUT))?;
         match found {
             Ok(Some(url)) => {
                 tracing::info!(session = %id, app, persistent_id = %pid, "persisted data found");
@@ -439,7 +444,7 @@ async fn store(core: &mut Core, gate: &Gate, ctx: &Context) {
     let mut state = core.to_stored(Instant::now(), wall_ms());
     gate.fill(&mut state);
     let (messages, seq) = (state.messages.len(), state.seq);
-    match ctx.storage.store_session(&state).await {
+    match ctx.storage.store_session(&state.session_id, &state).await {
         Ok(()) => {
             ctx.metrics.session_state("store", true);
             tracing::info!(session = %core.id(), seq, messages, "session state stored");
@@ -517,7 +522,7 @@ async fn apply(ctx: &Context, effect: Effect) {
                 return;
             };
             let segments: Vec<&str> = key.split('/').collect();
-            if crate::files::valid_segments(&segments).is_err() {
+            if refleet_files::endpoint::valid_segments(&segments).is_err() {
                 return;
             }
             match ctx

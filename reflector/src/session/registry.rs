@@ -13,8 +13,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use refleet_core::shard::join_shard;
-
 use super::core::{ConnId, Identity};
 use super::{Command, Context, SessionHandle};
 
@@ -28,56 +26,7 @@ pub enum Refused {
     Draining,
 }
 
-/// The body of `GET /sessions`, as the reflector sends it and its readers (the operator's
-/// controllers and `refleet up`) parse it. Reading is lenient: absent fields take defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SessionsReport {
-    /// The reflector's region.
-    #[serde(default)]
-    pub region: String,
-    /// Whether it is draining (takes no new sessions).
-    #[serde(default)]
-    pub draining: bool,
-    /// Its sessions in memory, busiest first.
-    #[serde(default)]
-    pub sessions: Vec<SessionSummary>,
-}
-
-/// What `/sessions` reports about one session in memory.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionSummary {
-    /// The Croquet session id (last URL path segment).
-    pub session_id: String,
-    /// The JOIN's `name` (`<appId>/<session name>`), when known.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The JOIN's appId, when known.
-    #[serde(default)]
-    pub app_id: Option<String>,
-    /// The JOIN's persistentId, when known.
-    #[serde(default)]
-    pub persistent_id: Option<String>,
-    /// Members: connected users plus those within their leave delay.
-    #[serde(default)]
-    pub users: u32,
-    /// Addresses of the admitted members connected now: `refleet up` accepts an upload into
-    /// this session only from one of them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub peers: Vec<IpAddr>,
-}
-
-impl SessionSummary {
-    /// The shard name: the JOIN name without its `<appId>/` prefix (without a known appId,
-    /// whatever follows the first `/`).
-    pub fn shard(&self) -> Option<&str> {
-        let name = self.name.as_deref()?;
-        match self.app_id.as_deref() {
-            Some(app) => join_shard(name, app),
-            None => name.split_once('/').map(|(_, shard)| shard),
-        }
-    }
-}
+pub use refleet_api::reflector::sessions::{SessionSummary, SessionsReport};
 
 /// Activity of one session since the previous load report.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -390,23 +339,25 @@ impl Registry {
 }
 
 /// A reflector lets an upload in when one of its own sessions owns the path.
-impl crate::files::UploadGate for Registry {
+impl refleet_files::endpoint::UploadGate for Registry {
     fn allows<'a>(
         &'a self,
-        upload: &'a crate::files::Upload<'a>,
+        upload: &'a refleet_files::endpoint::Upload<'a>,
         peer: IpAddr,
     ) -> futures_util::future::BoxFuture<'a, bool> {
         let allowed = match upload {
-            crate::files::Upload::Snapshot {
+            refleet_files::endpoint::Upload::Snapshot {
                 app_id,
                 persistent_id,
                 session_id,
             } => self.has_live(app_id, persistent_id, Some(session_id), peer),
-            crate::files::Upload::Persisted {
+            refleet_files::endpoint::Upload::Persisted {
                 app_id,
                 persistent_id,
             } => self.has_live(app_id, persistent_id, None, peer),
-            crate::files::Upload::KeylessSnapshot { session_id } => self.is_live(session_id, peer),
+            refleet_files::endpoint::Upload::KeylessSnapshot { session_id } => {
+                self.is_live(session_id, peer)
+            }
         };
         Box::pin(std::future::ready(allowed))
     }
@@ -430,7 +381,7 @@ mod tests {
             files_base: "http://f".into(),
         };
         Registry::new(Arc::new(Context {
-            storage: crate::storage::Storage::open("memory://").unwrap(),
+            storage: refleet_files::storage::Storage::open("memory://").unwrap(),
             metrics: crate::metrics::Metrics::new("t"),
             settings: Arc::new(settings),
             files_base: "http://f".into(),

@@ -10,8 +10,8 @@ use std::ops::Range;
 
 use serde_json::value::RawValue;
 
+use super::stored::SnapshotRef;
 use crate::frame::Text;
-use crate::storage::SnapshotRef;
 
 /// "b comes after a" for wrapping 32-bit sequence numbers (as upstream defines it).
 pub fn seq_after(a: u32, b: u32) -> bool {

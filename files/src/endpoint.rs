@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 
-use crate::metrics::Metrics;
+use crate::metrics::FilesMetrics;
 use crate::storage::{OnExisting, PutOutcome, STAGE_PART_BYTES, Staged, Storage, StorageError};
 use crate::upload_slots::{Busy, UploadSlots};
 
@@ -119,7 +119,7 @@ pub struct Files {
     storage: Storage,
     /// Who may upload.
     gate: Arc<dyn UploadGate>,
-    metrics: Metrics,
+    metrics: FilesMetrics,
     limits: UploadLimits,
     slots: Arc<UploadSlots>,
 }
@@ -163,7 +163,7 @@ impl Files {
     pub fn new(
         storage: Storage,
         gate: Arc<dyn UploadGate>,
-        metrics: Metrics,
+        metrics: FilesMetrics,
         limits: UploadLimits,
     ) -> Self {
         let slots = UploadSlots::new(
@@ -190,8 +190,7 @@ impl Files {
         peer: IpAddr,
     ) -> Response {
         let res = self.route(method, path, headers, body, peer).await;
-        self.metrics
-            .files_request(method.as_str(), res.status().as_u16());
+        self.metrics.request(method.as_str(), res.status().as_u16());
         if res.status().is_client_error() || res.status().is_server_error() {
             tracing::info!(method = %method, path, %peer, status = res.status().as_u16(), "files request refused");
         } else {
@@ -246,7 +245,7 @@ impl Files {
         } else {
             match self.storage.get_file(segments).await {
                 Ok(Some((size, got))) => {
-                    self.metrics.files_bytes(false, size);
+                    self.metrics.bytes(false, size);
                     (
                         size,
                         Body::from_stream(got.into_stream().map_err(std::io::Error::other)),
@@ -343,7 +342,7 @@ impl Files {
         };
         match outcome {
             Ok(PutOutcome::Created) => {
-                self.metrics.files_bytes(true, size);
+                self.metrics.bytes(true, size);
                 plain(StatusCode::CREATED, "stored")
             }
             Ok(PutOutcome::Unchanged) => plain(StatusCode::OK, "already stored"),

@@ -7,7 +7,7 @@
 //! files/<path>                                   bytes clients PUT and GET through /files/
 //! uploads/<random>                               large uploads while they stream in
 //! persisted/<developerId>/<appId>/<persistentId>.json   {"url": …} of the last SAVE
-//! sessions/<sessionId>.json                      a stored session (see StoredSession)
+//! sessions/<sessionId>.json                      a stored session (the reflector's format)
 //! ```
 //! Every key part goes through `object_store`'s path encoding, so no client-supplied id can
 //! escape its prefix.
@@ -21,8 +21,8 @@ use object_store::memory::InMemory;
 use object_store::path::{Path, PathPart};
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use thiserror::Error;
 
 /// A storage failure.
@@ -101,59 +101,6 @@ impl Staged {
         }
     }
 }
-
-/// The snapshot a session last accepted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotRef {
-    pub url: String,
-    pub time: f64,
-    pub seq: u32,
-}
-
-/// Everything needed to resume a session on the same timeline: the format the drain writes
-/// and the gateway's session move will hand over.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredSession {
-    /// Format version of this record.
-    pub format: u32,
-    pub session_id: String,
-    pub timeline: String,
-    /// Teatime when the session was stored (ms).
-    pub time: u64,
-    /// Sequence number of the last reflected message.
-    pub seq: u32,
-    pub tick_ms: u64,
-    pub delay_ms: u64,
-    pub scale: f64,
-    /// The first JOIN's `tove`, as JSON text.
-    pub tove: Option<String>,
-    pub name: Option<String>,
-    pub app_id: Option<String>,
-    pub persistent_id: Option<String>,
-    pub developer_id: Option<String>,
-    pub code_hash: Option<String>,
-    pub leave_delay_ms: u64,
-    pub snapshot: Option<SnapshotRef>,
-    pub persisted_url: Option<String>,
-    /// Every reflected message since the snapshot, each `[time, seq, payload, …]` exactly as sent.
-    pub messages: Vec<Box<RawValue>>,
-    /// TUTTI keys already tallied, with their send times.
-    pub completed_tallies: Vec<(String, f64)>,
-    /// User records of the members at the time of storing; they may rejoin seamlessly.
-    pub users: Vec<Box<RawValue>>,
-    /// Wall-clock time of storing (ms since the Unix epoch).
-    pub stored_at_ms: u64,
-    /// The identity the session was admitted under; it keeps it wherever it resumes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub binding: Option<crate::admission::Binding>,
-    /// Admitted views (user record JSON text) with a hex fingerprint of the token each was
-    /// admitted with: what a returning view must present again.
-    #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
-    pub views: std::collections::HashMap<String, String>,
-}
-
-/// The current stored-session format.
-pub const STORED_SESSION_FORMAT: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
 struct PersistedRecord {
@@ -500,11 +447,12 @@ impl Storage {
         ])
     }
 
-    /// The stored state of a session, if one was stored.
-    pub async fn load_session(
+    /// The stored state of session `session_id`, if one was stored. The record's format is
+    /// the caller's (the reflector's `StoredSession`); this only keeps it under its key.
+    pub async fn load_session<T: DeserializeOwned>(
         &self,
         session_id: &str,
-    ) -> Result<Option<StoredSession>, StorageError> {
+    ) -> Result<Option<T>, StorageError> {
         let path = Self::session_path(session_id);
         let bytes = match self.store.get(&path).await {
             Ok(r) => r.bytes().await?,
@@ -519,17 +467,18 @@ impl Storage {
             })
     }
 
-    /// Stores a session's state so that a later JOIN resumes it.
-    pub async fn store_session(&self, state: &StoredSession) -> Result<(), StorageError> {
+    /// Stores the state of session `session_id`, so that a later JOIN resumes it.
+    pub async fn store_session<T: Serialize>(
+        &self,
+        session_id: &str,
+        state: &T,
+    ) -> Result<(), StorageError> {
         let body = serde_json::to_vec(state).map_err(|source| StorageError::Corrupt {
-            key: state.session_id.clone(),
+            key: session_id.to_owned(),
             source,
         })?;
         self.store
-            .put(
-                &Self::session_path(&state.session_id),
-                PutPayload::from(body),
-            )
+            .put(&Self::session_path(session_id), PutPayload::from(body))
             .await?;
         Ok(())
     }
@@ -720,38 +669,21 @@ mod tests {
                 .expect("load"),
             None
         );
-        let state = StoredSession {
-            format: STORED_SESSION_FORMAT,
-            session_id: "a/../b".into(),
-            timeline: "t".into(),
-            time: 5,
-            seq: 3,
-            tick_ms: 50,
-            delay_ms: 0,
-            scale: 1.0,
-            tove: Some("\"x\"".into()),
-            name: None,
-            app_id: None,
-            persistent_id: None,
-            developer_id: None,
-            code_hash: None,
-            leave_delay_ms: 0,
-            snapshot: None,
-            persisted_url: None,
-            messages: vec![RawValue::from_string("[1,2,\"p\",0]".into()).expect("raw")],
-            completed_tallies: vec![],
-            users: vec![],
-            stored_at_ms: 0,
-            binding: None,
-            views: Default::default(),
-        };
-        s.store_session(&state).await.expect("store");
-        let back = s
+        let state = serde_json::json!({"sessionId": "a/../b", "messages": [[1, 2, "p", 0]]});
+        s.store_session("a/../b", &state).await.expect("store");
+        let back: serde_json::Value = s
             .load_session("a/../b")
             .await
             .expect("load")
             .expect("present");
-        assert_eq!(back.messages[0].get(), "[1,2,\"p\",0]");
+        assert_eq!(back, state);
+        assert!(
+            s.load_session::<serde_json::Value>("a")
+                .await
+                .expect("load")
+                .is_none(),
+            "the hostile id stayed one key"
+        );
     }
 
     #[test]

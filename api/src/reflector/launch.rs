@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Arg, CommandFactory as _, Parser as _};
 
-use crate::Config;
+use super::config::Config;
 
 /// What starts the reflector's one stdout line: `box: <public base URL>`, what to pass to
 /// `Session.join({ box })`. Launchers wait for it to know the reflector accepts connections.
