@@ -24,7 +24,13 @@ pub fn parse_shard_name(shard: &str) -> Option<(&str, u32)> {
     match shard.rsplit_once(SHARD_SEPARATOR) {
         None => Some((shard, 0)),
         Some((name, n)) => match n.parse::<u32>() {
-            Ok(i) if i > 0 && !n.starts_with('0') && !name.contains(SHARD_SEPARATOR) => {
+            // Digits only: `u32::from_str` also takes a sign (`room~+2`).
+            Ok(i)
+                if i > 0
+                    && !n.starts_with('0')
+                    && n.bytes().all(|b| b.is_ascii_digit())
+                    && !name.contains(SHARD_SEPARATOR) =>
+            {
                 Some((name, i))
             }
             _ => None,
@@ -53,6 +59,8 @@ mod tests {
         assert_eq!(parse_shard_name("lobby~03"), None);
         assert_eq!(parse_shard_name("lobby~x"), None);
         assert_eq!(parse_shard_name("a~b~2"), None);
+        // Found by the `shard_names` fuzz target: a sign is not part of a shard number.
+        assert_eq!(parse_shard_name("lobby~+3"), None);
     }
 
     #[test]

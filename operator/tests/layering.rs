@@ -441,7 +441,7 @@ const CRATE_LAYERS: &[&[&str]] = &[
     &["refleet-api"],
     &["refleet-files"],
     &["refleet-reflector", "refleet-operator"],
-    &["refleet-bench"],
+    &["refleet-bench", "refleet-fuzz"],
     &["refleet-route-bench"],
 ];
 

@@ -720,6 +720,34 @@ async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
     assert_eq!(total("lobby", users), 5);
 }
 
+#[tokio::test]
+async fn a_report_naming_one_shard_twice_saturates_its_users_instead_of_overflowing() {
+    // Found by the `reports` fuzz target (fuzz/tests/reports.rs): the per-report sum of a
+    // shard listed twice overflowed u32 (a panic in a debug build, a tiny count in release).
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", fleet_view(vec![session("lobby", 10, 10)], 3));
+    let routed = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    let half = ShardLoad {
+        shard: routed.shard.clone(),
+        app_id: "app".into(),
+        users: u32::MAX / 2 + 1,
+        ..ShardLoad::default()
+    };
+    r.observe_report(&ReflectorReport {
+        reflector: "r-eu".into(),
+        region: "eu".into(),
+        shards: vec![half.clone(), half],
+        ..ReflectorReport::default()
+    });
+    let users: Vec<u32> = r
+        .list_shards("default", "lobby")
+        .unwrap()
+        .iter()
+        .map(|s| s.users)
+        .collect();
+    assert_eq!(users, vec![u32::MAX]);
+}
+
 /// `GET /v1/route` from a client bound to `from` (any 127.x address is loopback).
 async fn json_route_from(
     base: &str,

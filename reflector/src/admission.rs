@@ -52,9 +52,10 @@ impl Proof {
         })
     }
 
-    /// Parses [`Proof::to_hex`]'s output.
+    /// Parses [`Proof::to_hex`]'s output: 32 hex digits, nothing else (`from_str_radix`
+    /// alone would also take a sign, `+f`, for a digit).
     pub fn from_hex(hex: &str) -> Option<Self> {
-        if hex.len() != 32 || !hex.is_ascii() {
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut out = [0u8; 16];
@@ -407,6 +408,9 @@ mod tests {
         assert_eq!(Proof::from_hex(&p1.to_hex()), Some(p1));
         assert_eq!(Proof::from_hex("zz"), None);
         assert_eq!(Proof::from_hex(&"é".repeat(16)), None);
+        // Found by the `join` fuzz target: a sign passed for a digit.
+        assert_eq!(Proof::from_hex("f57acac41e+3392aef60f8e5d3bfd52f"), None);
+        assert_eq!(Proof::from_hex(&"+f".repeat(16)), None);
     }
 
     #[test]

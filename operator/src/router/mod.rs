@@ -354,11 +354,13 @@ impl Router {
                 s.joins,
                 now,
             );
-            *users
+            // Saturating, as the tally over reflectors is: a report may name a shard twice.
+            let n = users
                 .entry(s.app_id.clone())
                 .or_default()
                 .entry(s.shard.clone())
-                .or_insert(0) += s.users;
+                .or_insert(0);
+            *n = n.saturating_add(s.users);
         }
         inner.fleet.observe(
             &report.reflector,

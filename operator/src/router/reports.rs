@@ -90,8 +90,9 @@ impl ReportHub {
 }
 
 /// Checks one report against the stream's identity (binding an unauthenticated stream to
-/// its first report); `Err` carries the refusal reason and status.
-fn admit(
+/// its first report); `Err` carries the refusal reason and status. Public for the fuzz
+/// target (`fuzz/tests/reports.rs`), which feeds it decoded reports as a stream would.
+pub fn admit(
     router: &Router,
     bound: &mut Option<ReflectorIdentity>,
     report: &ReflectorReport,

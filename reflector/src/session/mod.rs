@@ -539,7 +539,7 @@ async fn apply(ctx: &Context, effect: Effect) {
 }
 
 /// The shard name a JOIN asks for: its `name` is `<appId>/<shard>`.
-pub(crate) fn shard_of(join: &Join) -> &str {
+pub fn shard_of(join: &Join) -> &str {
     let name = join.name.as_deref().unwrap_or("");
     join.app_id
         .as_deref()
