@@ -1259,3 +1259,78 @@ async fn an_unauthenticated_stream_is_pinned_to_its_first_reflector_and_a_known_
     assert_eq!(r.metrics.report_refusals("other_reflector"), 1);
     assert_eq!(r.live_streams().get("us"), None);
 }
+
+#[tokio::test]
+async fn a_report_stream_cut_and_restored_counts_its_load_once() {
+    let grace = Duration::from_millis(600);
+    let (r, _) = router(RouterConfig {
+        report_grace: grace,
+        ..RouterConfig::default()
+    });
+    let mut fleet = fleet_view(vec![session("lobby", 500, 1)], 5);
+    fleet.input.pools[0].regions.truncate(1);
+    fleet.input.reflectors.truncate(1);
+    r.publish("local", fleet);
+    let key = ReportKey::new(&[7; 32]).unwrap();
+    let url = report_hub(&r, Some(key.clone())).await;
+    let eu = key.credential("r-eu", "eu").unwrap();
+    // The first Route opens shard `lobby` on `r-eu`.
+    let routed = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(routed.shard, "lobby");
+    // Reports every 100 ms on `s`, as a reflector does, from sequence `from` on.
+    let keep_reporting = |s: &Stream, from: u64, users: u32| {
+        let tx = s.tx.clone();
+        tokio::spawn(async move {
+            for seq in from.. {
+                if tx
+                    .send(lobby_report("r-eu", "eu", seq, users))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    // Holds for three grace periods that the load is exactly `users`, never doubled or lost.
+    let holds = |users: u32| {
+        let r = r.clone();
+        async move {
+            let end = tokio::time::Instant::now() + grace * 3;
+            while tokio::time::Instant::now() < end {
+                assert_eq!(lobby_users(&r), users, "the reflector's load counts once");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    let first = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 40))
+        .await
+        .unwrap();
+    let reporting = keep_reporting(&first, 2, 40);
+    until("40 users", || lobby_users(&r) == 40).await;
+
+    // The connection is cut and the reflector reconnects at once, within the grace period.
+    reporting.abort();
+    drop(first);
+    let second = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 100, 40))
+        .await
+        .unwrap();
+    let reporting = keep_reporting(&second, 101, 40);
+    holds(40).await;
+    assert_eq!(r.live_streams().values().sum::<u32>(), 1, "one live stream");
+
+    // A reflector that reconnects before the operator has seen its old stream end (both open
+    // at once, the old one ending later) is still counted once, and stays counted.
+    let third = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 500, 41))
+        .await
+        .unwrap();
+    let reporting_third = keep_reporting(&third, 501, 41);
+    reporting.abort();
+    until("41 users", || lobby_users(&r) == 41).await;
+    drop(second);
+    holds(41).await;
+    assert_eq!(r.live_streams().values().sum::<u32>(), 1, "one live stream");
+    reporting_third.abort();
+}
