@@ -945,9 +945,7 @@ impl<'a> Conn<'a> {
             while !(self.synced && self.joined) {
                 match ws.next().await {
                     Some(Ok(Message::Text(t))) => {
-                        if let Err(e) = self.text(t.as_str(), &mut ws).await {
-                            return Err(e);
-                        }
+                        self.text(t.as_str(), &mut ws).await?;
                     }
                     Some(Ok(Message::Close(f))) => {
                         return Err(format!("closed {}", f.map_or(1005, |f| u16::from(f.code))));
