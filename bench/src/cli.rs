@@ -73,6 +73,11 @@ pub enum Mode {
     SlowConsumer(SlowArgs),
     /// A short, small run that exits non-zero on any loss, duplication or reorder.
     Smoke(SmokeArgs),
+    /// A compressed day: connections churning (joins, polite leaves, abrupt disconnects, slow
+    /// readers, SNAP, SAVE) while the reflector's RSS and descriptors are sampled; then a
+    /// SIGTERM drain, a restart on the same storage and a resume check of every session.
+    /// Needs `--spawn`.
+    Soak(SoakArgs),
 }
 
 /// The shape of the load.
@@ -186,6 +191,68 @@ pub struct SmokeArgs {
     /// How long clients send.
     #[arg(long, env = "REFLEET_BENCH_DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+}
+
+/// Soak settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SoakArgs {
+    /// Connections kept open at once (each slot reconnects when its connection ends).
+    #[arg(long, env = "REFLEET_BENCH_CONNECTIONS", default_value_t = 2000)]
+    pub connections: usize,
+    /// Sessions (slot i joins session i % sessions).
+    #[arg(long, env = "REFLEET_BENCH_SESSIONS", default_value_t = 200)]
+    pub sessions: usize,
+    /// How long connections churn.
+    #[arg(long, env = "REFLEET_BENCH_DURATION", default_value = "12m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Samples before this are not used for the growth slopes.
+    #[arg(long, env = "REFLEET_BENCH_WARMUP", default_value = "3m", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Shortest life of a connection.
+    #[arg(long, env = "REFLEET_BENCH_LIFE_MIN", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub life_min: Duration,
+    /// Longest life of a connection.
+    #[arg(long, env = "REFLEET_BENCH_LIFE_MAX", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub life_max: Duration,
+    /// SENDs per second of each well-behaved connection.
+    #[arg(long, env = "REFLEET_BENCH_RATE", default_value_t = 0.5)]
+    pub rate: f64,
+    /// Percentage of connections that drop TCP without a close frame at the end of their life.
+    #[arg(long, env = "REFLEET_BENCH_ABRUPT_PCT", default_value_t = 5.0)]
+    pub abrupt_pct: f64,
+    /// Slots whose connections stop reading (and keep sending) until the reflector cuts them.
+    #[arg(long, env = "REFLEET_BENCH_SLOW_READERS", default_value_t = 4)]
+    pub slow_readers: usize,
+    /// SENDs per second of a slow reader while it does not read.
+    #[arg(long, env = "REFLEET_BENCH_SLOW_RATE", default_value_t = 100.0)]
+    pub slow_rate: f64,
+    /// Longest stall of a slow reader.
+    #[arg(long, env = "REFLEET_BENCH_SLOW_STALL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub slow_stall: Duration,
+    /// Each connection announces a snapshot (SNAP) every this many RECVs, and on REQU.
+    #[arg(long, env = "REFLEET_BENCH_SNAP_EVERY", default_value_t = 100)]
+    pub snap_every: u64,
+    /// Percentage of connections that send a SAVE after joining.
+    #[arg(long, env = "REFLEET_BENCH_SAVE_PCT", default_value_t = 10.0)]
+    pub save_pct: f64,
+    /// Tick interval asked for at JOIN, ms.
+    #[arg(long, env = "REFLEET_BENCH_TICK_MS", default_value_t = 1000)]
+    pub tick_ms: u32,
+    /// RSS and descriptor sampling period.
+    #[arg(long, env = "REFLEET_BENCH_SAMPLE_EVERY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sample_every: Duration,
+    /// The reflector's --drain-timeout.
+    #[arg(long, env = "REFLEET_BENCH_DRAIN", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Seed of the churn (which connections are abrupt, lives, SAVEs).
+    #[arg(long, env = "REFLEET_BENCH_SEED", default_value_t = 15)]
+    pub seed: u64,
+    /// RSS growth allowed over the post-warm-up window (least-squares line), % of its mean.
+    #[arg(long, env = "REFLEET_BENCH_MAX_RSS_GROWTH_PCT", default_value_t = 5.0)]
+    pub max_rss_growth_pct: f64,
+    /// Descriptor growth allowed over the post-warm-up window, % of its mean.
+    #[arg(long, env = "REFLEET_BENCH_MAX_FD_GROWTH_PCT", default_value_t = 2.0)]
+    pub max_fd_growth_pct: f64,
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! - [`load`]: one load run (sessions × clients × rate) and its report.
 //! - [`idle`]: idle connections in steps: RSS per connection, tick lateness.
 //! - [`modes`]: fixed, ramp, idle, slow-consumer and smoke on top of those.
+//! - [`soak`]: a compressed day of churn, then drain, restart and resume.
 //! - [`procstat`]: CPU seconds and RSS of a process from `/proc`.
 //! - [`target`]: the reflector under test, spawned or external.
 
@@ -22,5 +23,6 @@ pub mod idle;
 pub mod load;
 pub mod modes;
 pub mod procstat;
+pub mod soak;
 pub mod target;
 pub mod wire;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::cli::{Args, IdleArgs, LoadArgs, Mode, RampArgs, SlowArgs, SmokeArgs, TargetArgs};
+use crate::cli::{
+    Args, IdleArgs, LoadArgs, Mode, RampArgs, SlowArgs, SmokeArgs, SoakArgs, TargetArgs,
+};
 use crate::idle::{self, IdleReport, IdleSpec};
 use crate::load::{self, Endpoint, LoadReport, LoadSpec};
 use crate::target::Target;
@@ -192,6 +194,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         reflector_pid,
         read_buffer,
     } = target;
+    if let Mode::Soak(s) = mode {
+        let Some(bin) = spawn else {
+            anyhow::bail!("the soak needs --spawn PATH (it stops and restarts the reflector)");
+        };
+        let report = crate::soak::run(&bin, &reflector_args, soak_spec(&s, read_buffer)).await?;
+        println!("{report}");
+        if let Some(path) = json {
+            let text = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(if report.passed() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let mut target = match (spawn, url) {
         (Some(bin), _) => Target::spawn(&bin, &reflector_args).await?,
         (None, Some(url)) => Target::external(&url, reflector_pid)?,
@@ -228,6 +246,7 @@ pub async fn run_mode(ep: &Endpoint, mode: Mode, read_buffer: usize) -> anyhow::
             report: idle::run(ep, &tag, &idle_spec(&i, read_buffer)).await?,
         },
         Mode::SlowConsumer(s) => slow_consumer(ep, &tag, &s, read_buffer).await?,
+        Mode::Soak(_) => anyhow::bail!("the soak runs through `run` with --spawn"),
     })
 }
 
@@ -246,6 +265,31 @@ pub fn smoke_spec(duration: Duration, read_buffer: usize) -> LoadSpec {
         snapshot_every: 20,
         stall: false,
         read_buffer,
+    }
+}
+
+fn soak_spec(s: &SoakArgs, read_buffer: usize) -> crate::soak::SoakSpec {
+    crate::soak::SoakSpec {
+        connections: s.connections.max(1),
+        sessions: s.sessions.max(1),
+        duration: s.duration,
+        warmup: s.warmup,
+        life_min: s.life_min,
+        life_max: s.life_max,
+        rate: s.rate,
+        abrupt_pct: s.abrupt_pct,
+        slow_readers: s.slow_readers,
+        slow_rate: s.slow_rate,
+        slow_stall: s.slow_stall,
+        snap_every: s.snap_every,
+        save_pct: s.save_pct,
+        tick_ms: s.tick_ms,
+        sample_every: s.sample_every,
+        drain_timeout: s.drain_timeout,
+        seed: s.seed,
+        read_buffer,
+        max_rss_growth_pct: s.max_rss_growth_pct,
+        max_fd_growth_pct: s.max_fd_growth_pct,
     }
 }
 
