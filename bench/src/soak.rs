@@ -22,15 +22,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -388,38 +387,8 @@ async fn start_reflector(
         .append(true)
         .open(log)
         .context("opening the reflector log")?;
-    let mut child = Command::new(binary)
-        .arg("--listen")
-        .arg(listen)
-        .arg("--storage")
-        .arg(storage)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {binary}"))?;
+    let (child, box_url) = crate::target::start(binary, listen, storage, log, extra).await?;
     let pid = child.id().context("reflector pid")?;
-    let stdout = child.stdout.take().context("reflector stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(url) = refleet_api::reflector::launch::parse_banner(&line) {
-                return Some(url.to_string());
-            }
-        }
-        None
-    })
-    .await;
-    let Ok(Some(mut box_url)) = found else {
-        let _ = child.start_kill();
-        bail!("{binary} printed no box URL within 30 s");
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    if !box_url.ends_with('/') {
-        box_url.push('/');
-    }
     Ok(Reflector {
         child,
         pid,
@@ -941,22 +910,10 @@ impl<'a> Conn<'a> {
             return "failed JOIN send".into();
         }
         // Wait for SYNC and our own view in `users`.
-        let joined = tokio::time::timeout(Duration::from_secs(30), async {
-            while !(self.synced && self.joined) {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        self.text(t.as_str(), &mut ws).await?;
-                    }
-                    Some(Ok(Message::Close(f))) => {
-                        return Err(format!("closed {}", f.map_or(1005, |f| u16::from(f.code))));
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(format!("read: {}", short(&e.to_string()))),
-                    None => return Err("dropped".into()),
-                }
-            }
-            Ok(())
-        })
+        let joined = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.read_while(&mut ws, |c| !(c.synced && c.joined)),
+        )
         .await;
         match joined {
             Ok(Ok(())) => {}
@@ -1097,20 +1054,10 @@ impl<'a> Conn<'a> {
             return "dropped without a close frame".into();
         }
         // Wait until our own messages came back, then close politely.
-        let waited = tokio::time::timeout(Duration::from_secs(10), async {
-            while self.echoed < self.sent {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => self.text(t.as_str(), ws).await?,
-                    Some(Ok(Message::Close(f))) => {
-                        return Err(format!("closed {}", f.map_or(1005, |f| u16::from(f.code))));
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(format!("read: {}", short(&e.to_string()))),
-                    None => return Err("dropped".into()),
-                }
-            }
-            Ok(())
-        })
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.read_while(ws, |c| c.echoed < c.sent),
+        )
         .await;
         match waited {
             Ok(Ok(())) => {}
@@ -1195,6 +1142,23 @@ impl<'a> Conn<'a> {
             Some(_) => format!("{end} (writes failed)"),
             None => end,
         }
+    }
+
+    /// Reads and handles frames while `more` holds; a close, a read error or the end of the
+    /// stream ends it with the reason.
+    async fn read_while(&mut self, ws: &mut Ws, more: fn(&Self) -> bool) -> Result<(), String> {
+        while more(self) {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => self.text(t.as_str(), ws).await?,
+                Some(Ok(Message::Close(f))) => {
+                    return Err(format!("closed {}", f.map_or(1005, |f| u16::from(f.code))));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("read: {}", short(&e.to_string()))),
+                None => return Err("dropped".into()),
+            }
+        }
+        Ok(())
     }
 
     /// Handles one text frame: checks and bookkeeping.

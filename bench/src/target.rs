@@ -58,39 +58,11 @@ impl Target {
         std::fs::create_dir_all(&scratch).context("creating the reflector's scratch directory")?;
         let log = std::fs::File::create(scratch.join("reflector.log"))
             .context("creating the reflector log file")?;
-        let mut child = Command::new(binary)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--storage")
-            .arg(scratch.join("storage"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {binary}"))?;
+        let listen = "127.0.0.1:0";
+        let (child, box_url) = start(binary, listen, &scratch.join("storage"), log, extra)
+            .await
+            .with_context(|| format!("see {}", scratch.join("reflector.log").display()))?;
         let pid = child.id();
-        let stdout = child.stdout.take().context("reflector stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let found = tokio::time::timeout(START_TIMEOUT, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(url) = refleet_api::reflector::launch::parse_banner(&line) {
-                    return Some(url.to_string());
-                }
-            }
-            None
-        })
-        .await;
-        let Ok(Some(box_url)) = found else {
-            let _ = child.start_kill();
-            bail!(
-                "{binary} did not print its box URL within {START_TIMEOUT:?}; see {}",
-                scratch.join("reflector.log").display()
-            );
-        };
-        // Keep draining stdout so the reflector never blocks on it.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let mut t = Target::external(&box_url, pid)?;
         t.child = Some(child);
         t.scratch = Some(scratch);
@@ -112,6 +84,50 @@ impl Target {
             let _ = std::fs::remove_dir_all(dir.join("storage"));
         }
     }
+}
+
+/// Starts `binary --listen <listen> --storage <storage> <extra...>` with stderr to `log`, waits
+/// up to [`START_TIMEOUT`] for the `box:` line it prints and returns the child with its box URL
+/// (ending in `/`). Its stdout keeps being drained so it never blocks on a full pipe.
+pub(crate) async fn start(
+    binary: &str,
+    listen: &str,
+    storage: &std::path::Path,
+    log: std::fs::File,
+    extra: &[String],
+) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(binary)
+        .arg("--listen")
+        .arg(listen)
+        .arg("--storage")
+        .arg(storage)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {binary}"))?;
+    let stdout = child.stdout.take().context("reflector stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let found = tokio::time::timeout(START_TIMEOUT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = refleet_api::reflector::launch::parse_banner(&line) {
+                return Some(url.to_string());
+            }
+        }
+        None
+    })
+    .await;
+    let Ok(Some(mut box_url)) = found else {
+        let _ = child.start_kill();
+        bail!("{binary} did not print its box URL within {START_TIMEOUT:?}");
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    if !box_url.ends_with('/') {
+        box_url.push('/');
+    }
+    Ok((child, box_url))
 }
 
 /// A fresh scratch directory path for a spawned server: `$TMPDIR/<prefix>-<pid>-<unix ms>`.
