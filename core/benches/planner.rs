@@ -79,6 +79,8 @@ fn fleet() -> PlanInput {
             reserved: 0,
             phase: ShardPhase::Open,
             empty_since: (users == 0).then_some(0),
+            moving_to: None,
+            moved_at: None,
         });
     }
     PlanInput {
@@ -88,12 +90,14 @@ fn fleet() -> PlanInput {
             regions,
             cooldown: 300,
             drain_grace: 300,
+            moves: Default::default(),
         }],
         sessions,
         reflectors,
         shards,
         history: ScaleHistory::new(),
         now: 30,
+        move_requests: Vec::new(),
     }
 }
 

@@ -74,6 +74,8 @@ fn shard(session: &str, index: u32, reflector: &str, region: &str) -> ShardRecor
         reserved: 0,
         phase: ShardPhase::Open,
         empty_since: None,
+        moving_to: None,
+        moved_at: None,
     }
 }
 
@@ -114,6 +116,7 @@ fn router() -> Arc<Router> {
                     regions: vec![region("eu"), region("us")],
                     cooldown: 60,
                     drain_grace: 30,
+                    moves: Default::default(),
                 }],
                 reflectors: vec![reflector("r-eu", "eu"), reflector("r-us", "us")],
                 shards: vec![

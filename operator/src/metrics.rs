@@ -56,10 +56,14 @@ pub const DECISION_KINDS: &[&str] = &[
     "drain_reflector",
     "remove_reflector",
     "session_degraded",
+    "move_shard",
+    "move_aborted",
+    "move_held",
+    "reassign_shard",
 ];
 
 /// The `state` label values of `refleet_operator_shards`.
-pub const SHARD_STATES: &[&str] = &["Pending", "Open", "Full", "Closing"];
+pub const SHARD_STATES: &[&str] = &["Pending", "Open", "Full", "Closing", "Moving"];
 
 /// The `state` label values of `refleet_operator_reflectors`.
 pub const REFLECTOR_STATES: &[&str] = &["starting", "ready", "draining"];
@@ -402,6 +406,7 @@ fn shard_state(phase: ShardPhase) -> &'static str {
         ShardPhase::Open => "Open",
         ShardPhase::Full => "Full",
         ShardPhase::Closing => "Closing",
+        ShardPhase::Moving => "Moving",
     }
 }
 
@@ -416,6 +421,10 @@ pub fn decision_kind(d: &Decision) -> &'static str {
         Decision::DrainReflector { .. } => "drain_reflector",
         Decision::RemoveReflector { .. } => "remove_reflector",
         Decision::SessionDegraded { .. } => "session_degraded",
+        Decision::MoveShard { .. } => "move_shard",
+        Decision::MoveAborted { .. } => "move_aborted",
+        Decision::MoveHeld { .. } => "move_held",
+        Decision::ReassignShard { .. } => "reassign_shard",
     }
 }
 
@@ -443,6 +452,8 @@ mod tests {
             reserved: 0,
             phase,
             empty_since: None,
+            moving_to: None,
+            moved_at: None,
         }
     }
 

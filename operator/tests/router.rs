@@ -70,6 +70,7 @@ fn fleet_view(sessions: Vec<SessionDef>, shards: u32) -> FleetView {
                 regions: vec![region("eu"), region("us")],
                 cooldown: 60,
                 drain_grace: 30,
+                moves: Default::default(),
             }],
             reflectors: vec![reflector("r-eu", "eu"), reflector("r-us", "us")],
             ..PlanInput::default()

@@ -27,21 +27,61 @@ impl PlanState<'_> {
                 self.remove_shard(shard, RemoveReason::ClosedEmpty);
                 continue;
             }
+            let mut out = shard.clone();
+            out.empty_since = if empty {
+                Some(shard.empty_since.unwrap_or(now))
+            } else {
+                None
+            };
+            // A move whose target is gone is given up: the shard stays on its source.
+            let target = match &shard.moving_to {
+                Some(to) => match self.reflector_ids.get(to.as_str()) {
+                    Some(&t) => Some(t),
+                    None => {
+                        out.moving_to = None;
+                        self.decisions.push(Decision::MoveAborted {
+                            session: shard.session.clone(),
+                            shard: shard.name.clone(),
+                            to: to.clone(),
+                        });
+                        None
+                    }
+                },
+                None => None,
+            };
             let slot = match &shard.reflector {
                 Some(name) => match self.reflector_ids.get(name.as_str()) {
                     Some(&slot) => Some(slot),
+                    // The source vanished mid-move: the target takes the shard over and
+                    // resumes it from what the source last stored.
+                    None if target.is_some() => {
+                        out.reflector = out.moving_to.take();
+                        out.moved_at = Some(now);
+                        self.decisions.push(Decision::ReassignShard {
+                            session: shard.session.clone(),
+                            shard: shard.name.clone(),
+                            from: name.clone(),
+                        });
+                        target
+                    }
+                    None if self.moves_enabled(&shard.pool)
+                        && shard.phase != ShardPhase::Closing =>
+                    {
+                        self.decisions.push(Decision::ReassignShard {
+                            session: shard.session.clone(),
+                            shard: shard.name.clone(),
+                            from: name.clone(),
+                        });
+                        out.reflector = None;
+                        self.own_region_first.insert(self.shards.len());
+                        None
+                    }
                     None => {
                         self.remove_shard(shard, RemoveReason::ReflectorGone);
                         continue;
                     }
                 },
                 None => None,
-            };
-            let mut out = shard.clone();
-            out.empty_since = if empty {
-                Some(shard.empty_since.unwrap_or(now))
-            } else {
-                None
             };
             if session.is_none() && out.phase != ShardPhase::Closing {
                 out.phase = ShardPhase::Closing;
@@ -52,7 +92,13 @@ impl PlanState<'_> {
                 });
             }
             match slot {
-                Some(slot) => self.table.commit(slot, shard.committed_users),
+                Some(slot) => {
+                    self.table.commit(slot, shard.committed_users);
+                    // A moving shard holds room on its target too, until the swap.
+                    if let Some(t) = target.filter(|&t| t != slot) {
+                        self.table.commit(t, shard.committed_users);
+                    }
+                }
                 None if out.phase == ShardPhase::Closing => {
                     // A closing shard that never got a reflector has nobody on it.
                     self.remove_shard(shard, RemoveReason::ClosedEmpty);
@@ -64,6 +110,14 @@ impl PlanState<'_> {
             self.owner.push(sid);
         }
         self.table.index();
+    }
+
+    /// Whether pool `id` moves shards (unknown pools do not).
+    pub(super) fn moves_enabled(&self, id: &str) -> bool {
+        self.table
+            .pool_ids
+            .get(id)
+            .is_some_and(|&p| self.input.pools[p].moves.enabled)
     }
 
     fn remove_shard(&mut self, shard: &ShardRecord, reason: RemoveReason) {
@@ -92,6 +146,16 @@ impl PlanState<'_> {
                 .allowed_regions(pool, &session.policy, &mut self.allowed, &mut self.unknown);
             let claim = session.policy.max_users_per_shard;
             self.shards[i].reflector = None;
+            // A reassigned shard resumes in its own region when it may and can: its clients
+            // reconnect to that region's gateway.
+            if self.own_region_first.contains(&i)
+                && let Some(own) = self
+                    .table
+                    .region_index(&session.pool, &self.shards[i].region)
+                && let Some(at) = self.allowed.iter().position(|&r| r == own)
+            {
+                self.allowed[..=at].rotate_right(1);
+            }
             for &r in &self.allowed {
                 if let Some(placed) = self.table.place_in(r, claim) {
                     let reflector = match placed {

@@ -21,7 +21,8 @@
 //!   reflector enforces) and one session slot on its reflector. New placements never exceed
 //!   a reflector's capacity, so no reflector can be overfilled however its shards grow.
 //! - **Packing** (default): a new shard goes to the fullest ready reflector with room (best
-//!   fit); **spreading** picks the emptiest. Existing shards never move.
+//!   fit); **spreading** picks the emptiest. Existing shards stay where they are unless the
+//!   pool's moves are on (below).
 //! - **Opening.** A session gets a new shard when it has fewer than `minShards`, or when no
 //!   shard is below its threshold (`users + reserved >= threshold × maxUsersPerShard` on all
 //!   of them), up to `maxShards`. Its lowest free shard number is used. A session with
@@ -38,6 +39,19 @@
 //! - **Draining.** Reflectors are never removed while they host a shard: they drain first
 //!   (no new shards) and are removed when empty. Reflectors of an old image drain at once,
 //!   new ones take the new shards: a rolling update over live sessions.
+//! - **Moves** (only for a pool whose [`MovePolicy`] is on; they need the regional gateway,
+//!   through which clients reconnect to wherever the shard went). A shard moves to another
+//!   ready reflector of its region: when an operator asks ([`MoveRequest`]), when its
+//!   reflector drains (instead of waiting for its users to leave; if no reflector has room,
+//!   the room is held on a new one and the move starts once it is ready), and to rebalance a
+//!   reflector whose connected users pass `rebalance_above` of its capacity (largest shards
+//!   first, each to the least loaded reflector that stays at or below `rebalance_target`,
+//!   none moved again within the cool-down). At most `max_concurrent` moves per pool are in
+//!   flight. A moving shard is `Moving` (not routable) and holds room on both reflectors
+//!   until the controllers swap it to its target; a move whose target vanishes is given up,
+//!   and a shard whose source vanishes mid-move lands on its target. With moves on, the
+//!   shards of a reflector that disappears are placed again (in their own region first)
+//!   instead of being dropped, and resume there from storage.
 //! - **Sizing.** A region wants `busy + pending + warmBuffer` reflectors, within
 //!   `[minReflectors, maxReflectors]`; surplus empty reflectors drain.
 //! - **No flapping.** A region scales down only a cool-down after its last scale-up, and up
@@ -55,8 +69,9 @@
 //! 1. **Index** (`PlanState::new`, `state.rs`): the observed reflectors into the ledger by
 //!    region, sessions and reflectors by name.
 //! 2. **Adopt** (`adopt_shards`, `adopt.rs`): the previous plan's shards stay where they
-//!    are and their commitment is charged; lost ones drop, a deleted session's close. First,
-//!    because existing shards never move: nothing new may take the room they hold.
+//!    are and their commitment is charged (a moving one's on its target too); lost ones drop
+//!    (or wait to be placed again, with moves on), a deleted session's close. First, because
+//!    nothing new may take the room existing shards hold.
 //! 3. **Place pending** (`place_pending`): shards still without a reflector get one, before
 //!    any session opens a shard, because the opening rule already counts them as live.
 //! 4. **Per session**, in input order (`sessions.rs`), over its shards grouped once
@@ -70,16 +85,21 @@
 //!    draining reflectors go. It needs only the adopted shards (nothing new lands on a
 //!    reflector that takes no shards) and runs here so that the decisions about shards come
 //!    before those about reflectors.
-//! 7. **Size**, per region (`size.rs`): count its reflectors (`tally_regions`), the size it
+//! 7. **Moves** (`plan_moves`, `moves.rs`): requested moves, then the shards of draining
+//!    reflectors, then rebalancing, within each pool's cap. After draining, because a
+//!    reflector drained by this plan sends its shards away in this plan too; before sizing,
+//!    because the room a move holds (on a reflector to create, when none has room) is demand.
+//! 8. **Size**, per region (`size.rs`): count its reflectors (`tally_regions`), the size it
 //!    wants (`size_region`: busy + to create + warm buffer), then **scale up** (`scale_up`)
 //!    or **down** (`scale_down` in `drain.rs`, which picks the empty reflectors to drain),
 //!    each held by the cool-down. Last, because the demand it sizes for is what placement
 //!    made of the fleet.
-//! 8. **Emit** (`PlanState::finish`): the [`Plan`].
+//! 9. **Emit** (`PlanState::finish`): the [`Plan`].
 
 mod adopt;
 mod drain;
 mod model;
+mod moves;
 mod sessions;
 mod size;
 mod slots;
@@ -114,6 +134,7 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
     state.set_shard_phases();
     state.drain_stale();
+    state.plan_moves();
     state.tally_regions();
     for r in 0..state.table.regions.len() {
         state.size_region(r);

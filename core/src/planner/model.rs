@@ -31,8 +31,21 @@ pub struct PlanInput {
     pub shards: Vec<ShardRecord>,
     /// When each region last scaled, from the previous plan.
     pub history: ScaleHistory,
+    /// Moves an operator asked for by hand (maintenance), handled before automatic ones.
+    pub move_requests: Vec<MoveRequest>,
     /// The current time.
     pub now: Seconds,
+}
+
+/// An operator's request to move one shard off its reflector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveRequest {
+    /// Key of the shard's session.
+    pub session: String,
+    /// Shard name.
+    pub shard: String,
+    /// The reflector to move it to; `None` lets the planner pick one in the shard's region.
+    pub to: Option<String>,
 }
 
 /// A ReflectorPool as the planner needs it.
@@ -48,6 +61,43 @@ pub struct PoolInput {
     pub cooldown: Seconds,
     /// `drainGracePeriodSeconds`: how long a draining reflector keeps serving.
     pub drain_grace: Seconds,
+    /// Whether and how shards move between the pool's reflectors.
+    pub moves: MovePolicy,
+}
+
+/// How a pool's shards move between its reflectors. A move hands a live shard from one
+/// reflector to another in the same region: the source stores the shard and closes its
+/// clients, which reconnect through the region's gateway to the target, where the shard
+/// resumes. Moves need that stable address, so they are off unless the pool turns them on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MovePolicy {
+    /// Moves are on: draining reflectors hand their shards over instead of waiting for
+    /// them to empty, shards of a lost reflector are reassigned in their region, and a
+    /// reflector over `rebalance_above` sheds shards to others.
+    pub enabled: bool,
+    /// Most moves in flight in the pool at once (requested moves count too).
+    pub max_concurrent: u32,
+    /// A ready reflector whose connected users exceed this fraction of its user capacity
+    /// sheds shards. Values above 1 turn rebalancing off.
+    pub rebalance_above: f64,
+    /// A rebalancing move only goes to a reflector that stays at or below this fraction of
+    /// its user capacity with the shard. Kept well below `rebalance_above` (hysteresis), so
+    /// a moved shard never makes its target the next one to shed.
+    pub rebalance_target: f64,
+    /// A shard that moved is not moved again to rebalance for this long.
+    pub cooldown: Seconds,
+}
+
+impl Default for MovePolicy {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_concurrent: 4,
+            rebalance_above: 0.9,
+            rebalance_target: 0.7,
+            cooldown: 300,
+        }
+    }
 }
 
 /// One region of a pool, after overrides.
@@ -179,12 +229,25 @@ pub struct ShardRecord {
     pub phase: ShardPhase,
     /// Since when it has had no users and no reservations.
     pub empty_since: Option<Seconds>,
+    /// While it moves: the reflector it is being handed to. It keeps `reflector` (the
+    /// source) until the controllers see the target host it, then they swap the two.
+    pub moving_to: Option<String>,
+    /// When it last moved (for the rebalancing cool-down).
+    pub moved_at: Option<Seconds>,
 }
 
 impl ShardRecord {
     /// Users plus reservations: what the threshold is compared with.
     pub fn load(&self) -> u64 {
         u64::from(self.users) + u64::from(self.reserved)
+    }
+
+    /// The reflectors it holds room on: its host and, while it moves, its target.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.reflector
+            .iter()
+            .chain(&self.moving_to)
+            .map(String::as_str)
     }
 
     /// Whether the router may send new users here.
@@ -320,6 +383,31 @@ pub enum ScaleUpReason {
     WarmBuffer,
 }
 
+/// Why a shard moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MoveReason {
+    /// Its reflector drains (scale-down, image roll-over, region removed): the shard goes to
+    /// a reflector that stays instead of waiting for its users to leave.
+    ReflectorDraining,
+    /// Its reflector is over the pool's `rebalance_above` while another has room.
+    Rebalance,
+    /// An operator asked for it.
+    Requested,
+}
+
+/// Why a requested move did not start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MoveHeldReason {
+    /// The pool's moves are off.
+    MovesDisabled,
+    /// No such shard, or it is pending, closing or already moving.
+    NotMovable,
+    /// No ready reflector in the shard's region has room (or the named one has none).
+    NoRoom,
+    /// The pool has `max_concurrent` moves in flight; it is tried again next time.
+    TooManyMoves,
+}
+
 /// Why a reflector drains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DrainReason {
@@ -367,6 +455,48 @@ pub enum Decision {
         shard: String,
         /// Why.
         reason: RemoveReason,
+    },
+    /// A shard starts moving to another reflector of its region (phase `Moving`).
+    MoveShard {
+        /// Session key.
+        session: String,
+        /// Shard name.
+        shard: String,
+        /// The reflector it leaves.
+        from: String,
+        /// The reflector it goes to.
+        to: String,
+        /// Why.
+        reason: MoveReason,
+    },
+    /// A move in flight is given up because its target reflector is gone; the shard stays
+    /// where it is.
+    MoveAborted {
+        /// Session key.
+        session: String,
+        /// Shard name.
+        shard: String,
+        /// The target that disappeared.
+        to: String,
+    },
+    /// A requested move did not start.
+    MoveHeld {
+        /// Session key.
+        session: String,
+        /// Shard name.
+        shard: String,
+        /// Why.
+        reason: MoveHeldReason,
+    },
+    /// The reflector of a shard disappeared (crash, node loss) and the pool's moves are on:
+    /// the shard is placed again, in its region first, and resumes there from storage.
+    ReassignShard {
+        /// Session key.
+        session: String,
+        /// Shard name.
+        shard: String,
+        /// The reflector that is gone.
+        from: String,
     },
     /// A region gets more reflectors.
     ScaleUp {
@@ -465,6 +595,9 @@ pub enum ShardPhase {
     Full,
     /// Idle or its Session was deleted: takes no new users, removed once empty.
     Closing,
+    /// Being handed to another reflector of its region: takes no new users; its clients
+    /// reconnect through the region's gateway and resume on the new reflector.
+    Moving,
 }
 
 /// Reasons on `Ready`/`Progressing`/`Degraded` conditions (CamelCase, as Kubernetes expects;

@@ -73,7 +73,11 @@ impl PlanState<'_> {
             .count();
         for &i in mine.iter() {
             let shard = &mut shards[i];
-            if shard.phase == ShardPhase::Closing || live <= policy.min_shards as usize {
+            // A moving shard finishes its move first: closing it would strand the hand-off.
+            if shard.phase == ShardPhase::Closing
+                || shard.moving_to.is_some()
+                || live <= policy.min_shards as usize
+            {
                 continue;
             }
             let is_below = !at_threshold(shard.load(), policy);
@@ -182,6 +186,8 @@ impl PlanState<'_> {
             reserved: 0,
             phase: ShardPhase::Open,
             empty_since: Some(self.input.now),
+            moving_to: None,
+            moved_at: None,
         });
         self.owner.push(s);
     }
@@ -211,6 +217,7 @@ impl PlanState<'_> {
             let policy = self.input.sessions.get(s).map(|s| &s.policy);
             shard.phase = match (&shard.reflector, policy) {
                 (None, _) => ShardPhase::Pending,
+                (Some(_), _) if shard.moving_to.is_some() => ShardPhase::Moving,
                 (Some(_), Some(p)) if at_threshold(shard.load(), p) => ShardPhase::Full,
                 (Some(_), _) => ShardPhase::Open,
             };

@@ -171,28 +171,62 @@ impl<'a> SlotTable<'a> {
             region.waiting.insert((i64::from(spec.capacity.users), s));
             (s, false)
         };
-        let key = (self.slots[slot].free_users, slot);
-        let region = &mut self.regions[r];
-        if ready {
-            region.ready.remove(&key);
-        } else {
-            region.waiting.remove(&key);
-        }
-        self.commit(slot, claim);
-        let s = &self.slots[slot];
-        if s.free_sessions > 0 && s.free_users > 0 {
-            let region = &mut self.regions[r];
-            if ready {
-                region.ready.insert((s.free_users, slot));
-            } else {
-                region.waiting.insert((s.free_users, slot));
-            }
-        }
+        self.take(slot, claim);
         Some(if ready {
             Placed::Ready(slot)
         } else {
             Placed::Pending
         })
+    }
+
+    /// Commits `claim` users on `slot`, keeping its region's placement index in step (the
+    /// caller has checked the room).
+    pub(super) fn take(&mut self, slot: usize, claim: u32) {
+        let s = &self.slots[slot];
+        let (r, ready, key) = (s.region, s.ready, (s.free_users, slot));
+        let region = &mut self.regions[r];
+        let set = if ready {
+            &mut region.ready
+        } else {
+            &mut region.waiting
+        };
+        set.remove(&key);
+        self.commit(slot, claim);
+        let s = &self.slots[slot];
+        if s.free_sessions > 0 && s.free_users > 0 {
+            let region = &mut self.regions[r];
+            let set = if ready {
+                &mut region.ready
+            } else {
+                &mut region.waiting
+            };
+            set.insert((s.free_users, slot));
+        }
+    }
+
+    /// Whether ready, usable `slot` can take one more shard committing `claim` users.
+    pub(super) fn has_room(&self, slot: usize, claim: u32) -> bool {
+        let s = &self.slots[slot];
+        s.usable && s.ready && s.free_sessions > 0 && s.free_users >= i64::from(claim)
+    }
+
+    /// The ready slots of region `r` that could take a shard committing `claim` users, in
+    /// the pool's placement order (packing: fullest first; spreading: emptiest first).
+    pub(super) fn ready_candidates(&self, r: usize, claim: u32) -> Vec<usize> {
+        let strategy = self.input.pools[self.regions[r].pool].placement;
+        let fits = self.regions[r]
+            .ready
+            .range((i64::from(claim), 0)..)
+            .map(|&(_, i)| i);
+        match strategy {
+            PlacementStrategy::Pack => fits.collect(),
+            PlacementStrategy::Spread => fits.rev().collect(),
+        }
+    }
+
+    /// Index of region `name` of pool `pool`.
+    pub(super) fn region_index(&self, pool: &str, name: &str) -> Option<usize> {
+        self.region_ids.get(&(pool, name)).copied()
     }
 
     /// Fills `known` with the regions a session may use, in order, and `unknown` with the

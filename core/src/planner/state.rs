@@ -27,6 +27,8 @@ pub(super) struct PlanState<'a> {
     pub(super) owner: Vec<usize>,
     /// Carried shards without a reflector, by index in `shards`.
     pub(super) pending: Vec<usize>,
+    /// Pending shards whose reflector vanished: placed in their own region first.
+    pub(super) own_region_first: rustc_hash::FxHashSet<usize>,
     /// The carried shards of each session.
     pub(super) by_session: BySession,
     /// The regions the current session may use, in its order (reused across sessions: the
@@ -126,6 +128,7 @@ impl<'a> PlanState<'a> {
             shards: Vec::with_capacity(capacity),
             owner: Vec::with_capacity(capacity),
             pending: Vec::new(),
+            own_region_first: Default::default(),
             by_session: BySession::default(),
             allowed: Vec::new(),
             unknown: Vec::new(),
@@ -209,6 +212,8 @@ pub(super) mod fixture {
             reserved: 0,
             phase: ShardPhase::Open,
             empty_since: None,
+            moving_to: None,
+            moved_at: None,
         }
     }
 }

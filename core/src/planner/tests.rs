@@ -29,6 +29,7 @@ pub(super) fn pool(regions: Vec<RegionInput>) -> PoolInput {
         regions,
         cooldown: 300,
         drain_grace: 60,
+        moves: Default::default(),
     }
 }
 
@@ -67,6 +68,8 @@ fn shard(session: &str, index: u32, reflector: &str, users: u32) -> ShardRecord 
         reserved: 0,
         phase: ShardPhase::Open,
         empty_since: None,
+        moving_to: None,
+        moved_at: None,
     }
 }
 
@@ -82,11 +85,13 @@ pub(super) fn input(
         shards,
         history: ScaleHistory::new(),
         now: 1000,
+        move_requests: Vec::new(),
     }
 }
 
-/// Applies a plan as a controller would: shards and history carry over, drained reflectors
-/// drain, removed ones go, new ones start Ready (named `<region>-<n>`), and time moves on.
+/// Applies a plan as a controller would: shards and history carry over (moves complete),
+/// drained reflectors drain, removed ones go, new ones start Ready (named `<region>-<n>`),
+/// and time moves on.
 pub(super) fn apply(input: &PlanInput, plan: &Plan, dt: Seconds, serial: &mut u32) -> PlanInput {
     let mut reflectors: Vec<ObservedReflector> = input
         .reflectors
@@ -120,13 +125,22 @@ pub(super) fn apply(input: &PlanInput, plan: &Plan, dt: Seconds, serial: &mut u3
             });
         }
     }
+    // A move completes by the next plan: the target hosts the shard.
+    let mut shards = plan.shards.clone();
+    for shard in &mut shards {
+        if let Some(to) = shard.moving_to.take() {
+            shard.reflector = Some(to);
+            shard.moved_at = Some(input.now);
+        }
+    }
     PlanInput {
         pools: input.pools.clone(),
         sessions: input.sessions.clone(),
         reflectors,
-        shards: plan.shards.clone(),
+        shards,
         history: plan.history.clone(),
         now: input.now + dt,
+        move_requests: Vec::new(),
     }
 }
 

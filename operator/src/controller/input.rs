@@ -160,6 +160,8 @@ fn recover_from_status(namespace: &str, pool: &str, sessions: &[Session]) -> Vec
                 reserved: 0,
                 phase: s.state,
                 empty_since: None,
+                moving_to: None,
+                moved_at: None,
             });
         }
     }

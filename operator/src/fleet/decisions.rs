@@ -116,6 +116,48 @@ pub fn summarize(decision: &Decision) -> Vec<Summary> {
                 format!("the reflector of shard {shard} is gone"),
             ),
         }],
+        Decision::MoveShard {
+            session: key,
+            shard,
+            from,
+            to,
+            reason,
+        } => vec![one(
+            session(key),
+            Level::Normal,
+            "ShardMoving",
+            format!("shard {shard} moves from {from} to {to} ({reason:?})"),
+        )],
+        Decision::MoveAborted {
+            session: key,
+            shard,
+            to,
+        } => vec![one(
+            session(key),
+            Level::Warning,
+            "MoveAborted",
+            format!("the move of shard {shard} is given up: its target {to} is gone"),
+        )],
+        Decision::MoveHeld {
+            session: key,
+            shard,
+            reason,
+        } => vec![one(
+            session(key),
+            Level::Warning,
+            "MoveHeld",
+            format!("the requested move of shard {shard} did not start ({reason:?})"),
+        )],
+        Decision::ReassignShard {
+            session: key,
+            shard,
+            from,
+        } => vec![one(
+            session(key),
+            Level::Warning,
+            "ShardReassigned",
+            format!("reflector {from} of shard {shard} is gone; the shard is placed again"),
+        )],
         Decision::ScaleUp {
             pool,
             region,

@@ -236,6 +236,7 @@ pub fn plan_input(
                 .collect(),
             cooldown: Seconds::from(p.spec.scale_down_cooldown_seconds),
             drain_grace: Seconds::from(p.spec.drain_grace_period_seconds),
+            moves: Default::default(),
         })
         .collect();
 
@@ -320,6 +321,8 @@ pub fn plan_input(
                 reserved: 0,
                 phase: ShardPhase::Open,
                 empty_since: None,
+                moving_to: None,
+                moved_at: None,
             });
         }
     }
@@ -348,6 +351,7 @@ pub fn plan_input(
         shards,
         history: history.clone(),
         now,
+        move_requests: Vec::new(),
     }
 }
 

@@ -68,6 +68,8 @@ fn shard(session: &str, name: &str, reflector: &str, users: u32) -> ShardRecord 
         reserved: 0,
         phase: ShardPhase::Open,
         empty_since: None,
+        moving_to: None,
+        moved_at: None,
     }
 }
 

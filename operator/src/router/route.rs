@@ -585,6 +585,7 @@ fn pool_input(published: &PlanInput, opened: &[ShardRecord], pool: &str) -> Plan
             .collect(),
         history: published.history.clone(),
         now: published.now,
+        move_requests: Vec::new(),
     }
 }
 
@@ -742,6 +743,7 @@ mod tests {
                 .collect(),
             cooldown: 60,
             drain_grace: 30,
+            moves: Default::default(),
         }
     }
 

@@ -419,6 +419,8 @@ pub(super) mod tests {
             reserved: 0,
             phase: ShardPhase::Open,
             empty_since: None,
+            moving_to: None,
+            moved_at: None,
         }
     }
 

@@ -41,8 +41,9 @@ fn pool_strategy() -> impl Strategy<Value = PoolInput> {
         prop::collection::vec(region_strategy("r"), 1..4),
         any::<bool>(),
         0u64..400,
+        (any::<bool>(), 1u32..4),
     )
-        .prop_map(|(mut regions, spread, cooldown)| {
+        .prop_map(|(mut regions, spread, cooldown, (moves, max_moves))| {
             for (i, r) in regions.iter_mut().enumerate() {
                 r.name = format!("r{i}");
             }
@@ -56,6 +57,11 @@ fn pool_strategy() -> impl Strategy<Value = PoolInput> {
                 regions,
                 cooldown,
                 drain_grace: 30,
+                moves: MovePolicy {
+                    enabled: moves,
+                    max_concurrent: max_moves,
+                    ..MovePolicy::default()
+                },
             }
         })
 }
@@ -156,18 +162,15 @@ fn check(input: &PlanInput, plan: &Plan) -> Result<(), TestCaseError> {
         .collect();
 
     // One placement per shard; no shard on a removed or unknown reflector.
+    // A moving shard holds room on its source and its target, so both count.
     let mut seen = HashSet::new();
     let mut load: HashMap<&str, (u64, u64)> = HashMap::new();
     for s in &plan.shards {
         prop_assert!(seen.insert((&s.session, s.index)), "shard {} twice", s.name);
-        if let Some(r) = &s.reflector {
-            prop_assert!(!removed.contains(r.as_str()), "{} on removed {r}", s.name);
-            prop_assert!(
-                observed.contains_key(r.as_str()),
-                "{} on unknown {r}",
-                s.name
-            );
-            let l = load.entry(r.as_str()).or_default();
+        for r in s.hosts() {
+            prop_assert!(!removed.contains(r), "{} on removed {r}", s.name);
+            prop_assert!(observed.contains_key(r), "{} on unknown {r}", s.name);
+            let l = load.entry(r).or_default();
             l.0 += 1;
             l.1 += u64::from(s.committed_users);
         }
@@ -226,6 +229,31 @@ fn check(input: &PlanInput, plan: &Plan) -> Result<(), TestCaseError> {
             prop_assert_eq!(r.state, ReflectorState::Ready);
             prop_assert_eq!(Some(&r.image), *image);
         }
+    }
+    // Moves: only when the pool moves shards, within its cap, to a ready reflector of the
+    // current image in the source's region, and a moving shard takes no new users.
+    let policy = &input.pools[0].moves;
+    let moving: Vec<&ShardRecord> = plan
+        .shards
+        .iter()
+        .filter(|s| s.moving_to.is_some())
+        .collect();
+    prop_assert!(policy.enabled || moving.is_empty());
+    prop_assert!(
+        moving.len() <= policy.max_concurrent as usize,
+        "{} moving",
+        moving.len()
+    );
+    for s in moving {
+        prop_assert_eq!(s.phase, ShardPhase::Moving);
+        prop_assert!(!s.routable());
+        let (from, to) = (
+            observed[s.reflector.as_deref().unwrap_or_default()],
+            observed[s.moving_to.as_deref().unwrap_or_default()],
+        );
+        prop_assert_ne!(&from.name, &to.name);
+        prop_assert_eq!(&from.region, &to.region);
+        prop_assert_eq!(to.state, ReflectorState::Ready);
     }
     // Only drained reflectors are removed.
     for (r, p) in input.reflectors.iter().zip(&plan.reflectors) {
