@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message as _;
-use refleet_api::report::{Capacity as ReportCapacity, ReflectorReport, ShardLoad};
+use refleet_api::report::{Capacity as ReportCapacity, HandOffResult, ReflectorReport, ShardLoad};
 use refleet_api::report_credential::ReflectorIdentity;
 use refleet_core::planner::{
     ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput, ShardRecord, session_key,
@@ -176,6 +176,20 @@ fn report(u: &mut Unstructured<'_>, seq: &mut u64) -> R<ReflectorReport> {
         sequence: *seq,
         version: word(u, &["0.1.0", ""])?,
         pool: word(u, &[POOL, ""])?,
+        hand_offs: (0..u.int_in_range(0..=2usize)?)
+            .map(|_| hand_off(u))
+            .collect::<R<_>>()?,
+    })
+}
+
+/// An outcome of a hand-off the router may or may not have asked for, of any shard.
+fn hand_off(u: &mut Unstructured<'_>) -> R<HandOffResult> {
+    Ok(HandOffResult {
+        move_id: u.int_in_range(0..=3u64)?,
+        app_id: word(u, APPS)?,
+        shard: word(u, SHARDS)?,
+        stored: u.arbitrary()?,
+        error: word(u, &["", "disk full"])?,
     })
 }
 

@@ -297,6 +297,14 @@ impl Reader {
             self.refuse(r.close, &r.detail);
             return;
         }
+        if self.registry.is_fenced(req.app_id, req.shard) {
+            self.registry.context().metrics.join_refusals("shard_moved");
+            self.refuse(
+                close::RECONNECT.with_reason("session moved to another reflector, reconnect"),
+                "shard handed off: JOIN refused",
+            );
+            return;
+        }
         let mut join = join;
         // A session that is just ending closes its queue; the next look-up starts a fresh one.
         for _ in 0..3 {

@@ -65,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
             admission: reflector.admission().clone(),
             metrics: reflector.metrics().clone(),
             drain: drain.clone(),
+            hand_offs: Default::default(),
         };
         tokio::spawn(reporter.run());
     }

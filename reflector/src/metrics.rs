@@ -87,6 +87,7 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// Sessions by lifecycle outcome.
     session_ends: IntCounterVec,
+    hand_offs: IntCounterVec,
     /// JOINs refused by the admission policy, by reason.
     join_refusals: IntCounterVec,
     /// 1 while the load-report stream is open.
@@ -111,6 +112,7 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "wrong_session",
     "view_taken",
     "shard_full",
+    "shard_moved",
 ];
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -262,6 +264,15 @@ impl Metrics {
                 &[&["empty", "drained"]],
                 &["cause"],
             ),
+            hand_offs: counter_vec(
+                r,
+                "refleet_reflector_hand_offs_total",
+                "Shards handed over to another reflector at the operator's request (a move), by \
+                 outcome: stored (its sessions were stored and their clients sent on), failed \
+                 (storing failed; the shard stays here).",
+                &[&["stored", "failed"]],
+                &["outcome"],
+            ),
             join_refusals: counter_vec(
                 r,
                 "refleet_reflector_join_refusals_total",
@@ -338,6 +349,13 @@ impl Metrics {
     pub fn session_end(&self, drained: bool) {
         self.session_ends
             .with_label_values(&[if drained { "drained" } else { "empty" }])
+            .inc();
+    }
+
+    /// Counts a finished hand-off.
+    pub fn hand_off(&self, stored: bool) {
+        self.hand_offs
+            .with_label_values(&[if stored { "stored" } else { "failed" }])
             .inc();
     }
 

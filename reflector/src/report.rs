@@ -4,15 +4,21 @@
 //! One gRPC stream (`refleet.report.v1.Reports/Report`) per process, kept open with
 //! reconnects and back-off: about once a second, and at once when a session's membership
 //! changes, it sends identity, state, capacity and per-shard load; the operator answers
-//! with drain requests, shard settings and token keys. A reconnect reaches whichever
+//! with drain requests, shard settings, token keys and hand-offs. A reconnect reaches whichever
 //! operator replica leads by then (the Service selects the leader).
+//!
+//! **Hand-offs** (a planned move of a shard to another reflector) run in a task of their own
+//! ([`Registry::hand_off`]); their outcomes ride on every report for [`RESULT_TTL`], so an
+//! outcome survives a lost report or a reconnect to another operator replica, which matches
+//! them by move id. Asking again for a move id already known does nothing.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use refleet_api::report::{
-    self, Instruction, ReflectorReport, ReflectorState, ShardLoad, instruction::Kind,
-    reports_client::ReportsClient,
+    self, HandOff, HandOffResult, Instruction, ReflectorReport, ReflectorState, ShardLoad,
+    instruction::Kind, reports_client::ReportsClient,
 };
 use refleet_api::token::Verifier;
 use tokio::sync::{Notify, mpsc};
@@ -30,6 +36,8 @@ const MIN_GAP: Duration = Duration::from_millis(100);
 /// Back-off bounds between reconnect attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long an ended hand-off's outcome is repeated in the reports.
+pub const RESULT_TTL: Duration = Duration::from_secs(60);
 
 /// Who this reflector is, for its reports.
 #[derive(Debug, Clone)]
@@ -55,6 +63,61 @@ pub struct Reporter {
     pub metrics: Metrics,
     /// Notified when the operator asks this reflector to drain.
     pub drain: Arc<Notify>,
+    /// The hand-offs asked for, running or ended.
+    pub hand_offs: Arc<HandOffs>,
+}
+
+/// The hand-offs this reflector was asked for, by move id.
+#[derive(Debug, Default)]
+pub struct HandOffs {
+    moves: Mutex<HashMap<u64, HandOffState>>,
+}
+
+#[derive(Debug)]
+enum HandOffState {
+    Running,
+    Ended { result: HandOffResult, at: Instant },
+}
+
+impl HandOffs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HandOffState>> {
+        self.moves.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new hand-off; false when this move id is already running or ended.
+    pub fn begin(&self, move_id: u64) -> bool {
+        let mut moves = self.lock();
+        if moves.contains_key(&move_id) {
+            return false;
+        }
+        moves.insert(move_id, HandOffState::Running);
+        true
+    }
+
+    /// Records how a hand-off ended.
+    pub fn finish(&self, result: HandOffResult) {
+        let at = Instant::now();
+        self.lock()
+            .insert(result.move_id, HandOffState::Ended { result, at });
+    }
+
+    /// The outcomes that ended within [`RESULT_TTL`] (older ones are forgotten).
+    pub fn results(&self) -> Vec<HandOffResult> {
+        let mut moves = self.lock();
+        moves.retain(|_, s| match s {
+            HandOffState::Running => true,
+            HandOffState::Ended { at, .. } => at.elapsed() < RESULT_TTL,
+        });
+        let mut out: Vec<HandOffResult> = moves
+            .values()
+            .filter_map(|s| match s {
+                HandOffState::Ended { result, .. } => Some(result.clone()),
+                HandOffState::Running => None,
+            })
+            .collect();
+        out.sort_by_key(|r| r.move_id);
+        out
+    }
 }
 
 impl Reporter {
@@ -184,6 +247,7 @@ impl Reporter {
             sequence,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pool: id.pool.clone(),
+            hand_offs: self.hand_offs.results(),
         }
     }
 
@@ -213,7 +277,47 @@ impl Reporter {
                 tracing::info!(keys = k.keys.len(), "token keys updated by the operator");
                 self.admission.set_keys(v);
             }
+            Some(Kind::HandOff(h)) => self.hand_off(h),
             None => tracing::debug!("empty instruction ignored"),
         }
+    }
+
+    /// Starts a hand-off in a task of its own; its outcome goes out with the next reports.
+    fn hand_off(&self, h: HandOff) {
+        if h.app_id.is_empty() || h.shard.is_empty() {
+            tracing::warn!(
+                move_id = h.move_id,
+                "hand-off without appId or shard ignored"
+            );
+            return;
+        }
+        if !self.hand_offs.begin(h.move_id) {
+            tracing::debug!(move_id = h.move_id, "hand-off already known");
+            return;
+        }
+        tracing::info!(app = %h.app_id, shard = %h.shard, move_id = h.move_id, "handing the shard off");
+        let (registry, hand_offs) = (self.registry.clone(), self.hand_offs.clone());
+        tokio::spawn(async move {
+            let outcome = registry.hand_off(&h.app_id, &h.shard).await;
+            let (stored, error) = match outcome {
+                Ok(sessions) => {
+                    tracing::info!(app = %h.app_id, shard = %h.shard, move_id = h.move_id, sessions, "shard handed off");
+                    (true, String::new())
+                }
+                Err(e) => {
+                    tracing::warn!(app = %h.app_id, shard = %h.shard, move_id = h.move_id, error = %e, "hand-off failed; the shard stays here");
+                    (false, e)
+                }
+            };
+            hand_offs.finish(HandOffResult {
+                move_id: h.move_id,
+                app_id: h.app_id,
+                shard: h.shard,
+                stored,
+                error,
+            });
+            // The operator is waiting for this: report now, not at the next interval.
+            registry.poke();
+        });
     }
 }

@@ -867,12 +867,33 @@ impl Core {
     /// each client gets 4003 after what is queued for it. Messages still arriving are
     /// stamped and kept (they will be in the SYNC the clients get when they return).
     pub fn begin_drain(&mut self, now: Instant) {
+        self.close_all(now, "reflector draining, reconnect");
+    }
+
+    /// Closes every client for a hand-off of the session to another reflector: as a drain,
+    /// with a reason that says so.
+    pub fn begin_hand_off(&mut self, now: Instant) {
+        self.close_all(now, "session moving to another reflector, reconnect");
+    }
+
+    fn close_all(&mut self, now: Instant, reason: &'static str) {
         self.flush_users(now);
         for key in self.tallies.keys() {
             self.complete_tally(&key, now);
         }
         self.draining = true;
-        self.members.close_for_drain();
+        self.members.close_for_drain(reason);
+    }
+
+    /// The hand-off failed (its state could not be stored): the session carries on here,
+    /// and the clients closed for it rejoin as members within the rejoin grace.
+    pub fn abort_hand_off(&mut self, now: Instant) {
+        self.draining = false;
+        let grace = self.settings.rejoin_grace.max(self.leave_delay);
+        self.members.reopen_closing(now + grace);
+        if self.members.is_empty() {
+            self.empty_since = Some(now);
+        }
     }
 
     /// Completes whatever is still open before the state is stored.

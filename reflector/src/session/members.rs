@@ -242,14 +242,25 @@ impl Members {
             .min()
     }
 
-    /// Closes every connection for a drain; active members stay as Closing.
-    pub fn close_for_drain(&mut self) {
+    /// Closes every connection for a drain or a hand-off with `reason`; active members stay
+    /// as Closing, so the stored state still names them and their rejoin is seamless.
+    pub fn close_for_drain(&mut self, reason: &'static str) {
         for m in &mut self.list {
             if let Some(out) = m.out.take() {
-                out.close(close::RECONNECT.with_reason("reflector draining, reconnect"));
+                out.close(close::RECONNECT.with_reason(reason));
             }
             if m.state == State::Active {
                 m.state = State::Closing;
+            }
+        }
+    }
+
+    /// A hand-off was called off (the state could not be stored): the members closed for it
+    /// may claim their places again until `until`, as after a resume from storage.
+    pub fn reopen_closing(&mut self, until: Instant) {
+        for m in &mut self.list {
+            if m.state == State::Closing {
+                m.state = State::Ghost(until);
             }
         }
     }
@@ -505,7 +516,7 @@ mod tests {
         assert_eq!(m.by_conn(7), Some(i));
         assert_eq!(m.active_count(), 1);
         assert!(users(&mut m).is_none(), "a claimed ghost is no news");
-        m.close_for_drain();
+        m.close_for_drain("reflector draining, reconnect");
         assert_eq!(m.get(i).state, State::Closing);
         assert!(m.outbox_of(7).is_none());
         assert!(matches!(inbox.try_recv(), Some(outbox::Out::Close(_))));

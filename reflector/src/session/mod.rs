@@ -8,7 +8,10 @@
 //! Lifecycle: created by the first JOIN (looking up stored state, then persisted data);
 //! kept while it has members and for `--empty-session-ttl` after the last one left; then
 //! stored (so the next JOIN resumes it) and removed. A drain closes the clients with 4003,
-//! keeps reading what they had already sent until they are gone, stores, and removes.
+//! keeps reading what they had already sent until they are gone, stores, and removes. A
+//! hand-off (a planned move of its shard to another reflector) does the same for one
+//! session, except that when storing fails the session carries on here and the clients it
+//! closed may rejoin it.
 
 mod chunk;
 pub mod clock;
@@ -66,6 +69,12 @@ pub enum Command {
     /// The reflector began draining: a session without connected clients is stored and
     /// ended now instead of after its TTL, so the drain does not wait for it.
     EndIfIdle,
+    /// Hand the session over to another reflector (a planned move): close the clients with
+    /// 4003 as a drain does, store, and end; `done` gets the outcome. When storing fails the
+    /// session carries on here and its clients may rejoin it.
+    HandOff {
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Where a session task sends its commands.
@@ -123,6 +132,8 @@ pub(crate) async fn run(
     let mut gate = Gate::default();
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
+    // Hand-offs waiting for this session's store.
+    let mut handing_off: Vec<tokio::sync::oneshot::Sender<Result<(), String>>> = Vec::new();
     // Grows up to BATCH under load; small for the many quiet sessions.
     let mut buf: Vec<Command> = Vec::with_capacity(8);
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
@@ -154,6 +165,14 @@ pub(crate) async fn run(
                         Command::Drain => {
                             if !core.is_draining() {
                                 core.begin_drain(Instant::now());
+                                drain_deadline = Some(Instant::now() + CLOSE_WAIT);
+                            }
+                        }
+                        Command::HandOff { done } => {
+                            handing_off.push(done);
+                            if !core.is_draining() {
+                                tracing::info!(session = %id, "handing the session off");
+                                core.begin_hand_off(Instant::now());
                                 drain_deadline = Some(Instant::now() + CLOSE_WAIT);
                             }
                         }
@@ -191,8 +210,29 @@ pub(crate) async fn run(
                 || (end_when_idle && !core.has_connections()));
         if drain_done || idle_done {
             core.settle(now);
-            if gate.resumed && core.has_state() {
-                store(&mut core, &gate, &ctx).await;
+            let stored = if gate.resumed && core.has_state() {
+                store(&mut core, &gate, &ctx).await
+            } else {
+                Ok(())
+            };
+            if !handing_off.is_empty() {
+                match stored {
+                    // A reflector drain also needs the store; only a hand-off may give up.
+                    Err(e) if !registry.is_draining() => {
+                        tracing::warn!(session = %id, error = %e, "hand-off called off: the session stays here");
+                        core.abort_hand_off(now);
+                        drain_deadline = None;
+                        for done in handing_off.drain(..) {
+                            let _ = done.send(Err(e.clone()));
+                        }
+                        continue;
+                    }
+                    _ => {
+                        for done in handing_off.drain(..) {
+                            let _ = done.send(Ok(()));
+                        }
+                    }
+                }
             }
             if registry.remove_if_quiet(&id, &mut guard.rx) {
                 break drain_done;
@@ -202,8 +242,15 @@ pub(crate) async fn run(
     // Anything that reached the queue after the session was removed: ask to come back, the
     // next JOIN finds the state just stored.
     while let Ok(cmd) = guard.rx.try_recv() {
-        if let Command::Join { out, .. } = cmd {
-            out.close(close::RECONNECT.with_reason("session restarting, reconnect"));
+        match cmd {
+            Command::Join { out, .. } => {
+                out.close(close::RECONNECT.with_reason("session restarting, reconnect"));
+            }
+            // It was stored just now, on its way out.
+            Command::HandOff { done } => {
+                let _ = done.send(Ok(()));
+            }
+            _ => {}
         }
     }
     registry.set_live(&id, None);
@@ -440,7 +487,8 @@ async fn look_up_persisted(
     Ok(())
 }
 
-async fn store(core: &mut Core, gate: &Gate, ctx: &Context) {
+/// Stores the session's state; the error text when that failed.
+async fn store(core: &mut Core, gate: &Gate, ctx: &Context) -> Result<(), String> {
     let mut state = core.to_stored(Instant::now(), wall_ms());
     gate.fill(&mut state);
     let (messages, seq) = (state.messages.len(), state.seq);
@@ -448,10 +496,12 @@ async fn store(core: &mut Core, gate: &Gate, ctx: &Context) {
         Ok(()) => {
             ctx.metrics.session_state("store", true);
             tracing::info!(session = %core.id(), seq, messages, "session state stored");
+            Ok(())
         }
         Err(e) => {
             ctx.metrics.session_state("store", false);
             tracing::error!(session = %core.id(), error = %e, "storing session state failed");
+            Err(e.to_string())
         }
     }
 }

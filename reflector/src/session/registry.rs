@@ -9,8 +9,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::core::{ConnId, Identity};
@@ -18,6 +20,12 @@ use super::{Command, Context, SessionHandle};
 
 /// Commands queued per session before senders wait (back-pressure onto the sockets).
 const SESSION_QUEUE: usize = 4096;
+/// How long a handed-off shard's JOINs are refused here. Its clients reconnect through the
+/// gateway, which points at the new host once the router has the outcome (a report or two);
+/// past this a JOIN that still arrives here starts the session afresh from storage.
+const FENCE_TTL: Duration = Duration::from_secs(60);
+/// How long a hand-off may take: the clients' close (up to the drain's wait) plus the store.
+const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why a JOIN cannot get a session here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +72,9 @@ pub struct Registry {
     /// The connections each session admitted, with their peer addresses.
     attached: Mutex<HashMap<Arc<str>, Vec<Attached>>>,
     draining: AtomicBool,
+    /// Shards handed off (or being handed off) to another reflector, by (appId, shard), and
+    /// until when their JOINs are refused here.
+    fenced: Mutex<HashMap<(String, String), Instant>>,
     tracker: TaskTracker,
     ctx: Arc<Context>,
 }
@@ -86,6 +97,7 @@ impl Registry {
             conn_peers: Mutex::default(),
             attached: Mutex::default(),
             draining: AtomicBool::new(false),
+            fenced: Mutex::default(),
             tracker: TaskTracker::new(),
             ctx,
         })
@@ -256,6 +268,11 @@ impl Registry {
         std::mem::take(&mut *lock(&self.activity))
     }
 
+    /// Wakes the load report (something it carries changed outside any session).
+    pub fn poke(&self) {
+        self.changed.notify_one();
+    }
+
     /// Resolves when a session's membership changed since the last wake-up.
     pub async fn changed(&self) {
         self.changed.notified().await;
@@ -328,6 +345,69 @@ impl Registry {
         let handles: Vec<SessionHandle> = lock(&self.sessions).values().cloned().collect();
         for h in handles {
             let _ = h.tx.send(command()).await;
+        }
+    }
+
+    /// Whether JOINs of this shard are refused here because it was handed off.
+    pub fn is_fenced(&self, app_id: &str, shard: &str) -> bool {
+        let mut fenced = lock(&self.fenced);
+        let now = Instant::now();
+        fenced.retain(|_, until| *until > now);
+        fenced.contains_key(&(app_id.to_owned(), shard.to_owned()))
+    }
+
+    /// Hands every session of shard `shard` of app `app_id` over to another reflector: its
+    /// JOINs are refused here from now on (4003, so clients retry), each session closes its
+    /// clients with 4003, stores its state and ends. `Ok(n)`: the `n` sessions were stored
+    /// (none may have been live). `Err`: a session could not be stored; those that could were
+    /// ended, the others carry on here and the shard takes JOINs again.
+    pub async fn hand_off(&self, app_id: &str, shard: &str) -> Result<usize, String> {
+        let key = (app_id.to_owned(), shard.to_owned());
+        lock(&self.fenced).insert(key.clone(), Instant::now() + FENCE_TTL);
+        let of_shard: Vec<Arc<str>> = lock(&self.summaries)
+            .iter()
+            .filter(|(_, s)| {
+                s.app_id.as_deref() == Some(app_id)
+                    && s.name
+                        .as_deref()
+                        .and_then(|n| refleet_core::shard::join_shard(n, app_id))
+                        == Some(shard)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let handles: Vec<SessionHandle> = {
+            let sessions = lock(&self.sessions);
+            of_shard
+                .iter()
+                .filter_map(|id| sessions.get(id).cloned())
+                .collect()
+        };
+        let mut waiting = Vec::with_capacity(handles.len());
+        for h in handles {
+            let (done, outcome) = oneshot::channel();
+            // A closed queue: the session just ended, and ending stores it.
+            if h.tx.send(Command::HandOff { done }).await.is_ok() {
+                waiting.push(outcome);
+            }
+        }
+        let count = waiting.len();
+        let outcomes =
+            tokio::time::timeout(HAND_OFF_TIMEOUT, futures_util::future::join_all(waiting)).await;
+        let failure = match outcomes {
+            Err(_) => Some(format!("not stored within {HAND_OFF_TIMEOUT:?}")),
+            Ok(all) => all.into_iter().find_map(|o| match o {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some("the session task failed before storing".to_owned()),
+            }),
+        };
+        self.ctx.metrics.hand_off(failure.is_none());
+        match failure {
+            Some(e) => {
+                lock(&self.fenced).remove(&key);
+                Err(e)
+            }
+            None => Ok(count),
         }
     }
 
