@@ -9,12 +9,16 @@ use std::time::Duration;
 
 use prost::Message as _;
 use refleet_api::report::reports_client::ReportsClient;
-use refleet_api::report::{Capacity as ReportCapacity, Instruction, ReflectorReport, ShardLoad};
+use refleet_api::report::{
+    Capacity as ReportCapacity, HandOffResult, Instruction, ReflectorReport, ShardLoad,
+};
 use refleet_api::report_credential::ReportKey;
 use refleet_api::routing::routing_client::RoutingClient;
 use refleet_api::routing::{ListShardsRequest, RouteRequest, RouteResponse};
 use refleet_api::token::{Signer, Verifier};
-use refleet_core::planner::{ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput};
+use refleet_core::planner::{
+    ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput, ShardPhase, ShardRecord,
+};
 use refleet_operator::crd::{Capacity, PlacementStrategy, SessionSpec};
 use refleet_operator::router::client::{self, TrustedProxies};
 use refleet_operator::router::metrics::RouterMetrics;
@@ -1334,4 +1338,174 @@ async fn a_report_stream_cut_and_restored_counts_its_load_once() {
     holds(41).await;
     assert_eq!(r.live_streams().values().sum::<u32>(), 1, "one live stream");
     reporting_third.abort();
+}
+
+// === Moves: the router carries out the planner's moves over the report streams (#12) ===
+
+/// A view with `lobby` placed on `r-eu`, moving to `r-eu-2` (both ready in region eu).
+fn moving_view() -> FleetView {
+    let mut fleet = fleet_view(vec![session("lobby", 100, 1)], 5);
+    fleet.input.pools[0].regions.truncate(1);
+    fleet.input.pools[0].regions[0].max_reflectors = 2;
+    fleet.input.reflectors.truncate(1);
+    let mut second = fleet.input.reflectors[0].clone();
+    second.name = "r-eu-2".into();
+    fleet.input.reflectors.push(second);
+    fleet.urls.insert("r-eu-2".into(), "ws://eu2.test/".into());
+    fleet.input.shards = vec![ShardRecord {
+        session: "default/app/lobby".into(),
+        name: "lobby".into(),
+        index: 0,
+        pool: POOL.into(),
+        region: "eu".into(),
+        reflector: Some("r-eu".into()),
+        committed_users: 100,
+        users: 0,
+        reserved: 0,
+        phase: ShardPhase::Moving,
+        empty_since: None,
+        moving_to: Some("r-eu-2".into()),
+        moved_at: None,
+    }];
+    fleet.input.now = 1_000;
+    fleet
+}
+
+impl Stream {
+    /// The next HandOff instruction on this stream (other instructions are skipped).
+    async fn hand_off(&mut self) -> refleet_api::report::HandOff {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let i = self.inbound.message().await.unwrap().expect("stream open");
+                if let Some(refleet_api::report::instruction::Kind::HandOff(h)) = i.kind {
+                    return h;
+                }
+            }
+        })
+        .await
+        .expect("a hand-off is asked for")
+    }
+}
+
+fn lobby_shard(r: &Router) -> refleet_api::routing::ShardInfo {
+    r.list_shards("default", "lobby").unwrap().remove(0)
+}
+
+#[tokio::test]
+async fn a_move_is_asked_of_its_source_and_lands_on_the_target_at_once() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", moving_view());
+    let url = report_hub(&r, None).await;
+    assert_eq!(lobby_shard(&r).state, "Moving");
+    // The source reports first: the target is not reporting yet, so nothing is asked.
+    let mut source = open(&url, None, lobby_report("r-eu", "eu", 1, 7))
+        .await
+        .unwrap();
+    until("the move is tracked", || {
+        r.move_of("default/app/lobby", "lobby").is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        r.move_of("default/app/lobby", "lobby")
+            .unwrap()
+            .asked
+            .is_none(),
+        "not asked before the target reports"
+    );
+    let mut idle = lobby_report("r-eu-2", "eu", 1, 0);
+    idle.shards.clear();
+    let target = open(&url, None, idle).await.unwrap();
+    let h = source.hand_off().await;
+    assert_eq!((h.app_id.as_str(), h.shard.as_str()), ("app", "lobby"));
+    // Only the source's word lands the move: the target claiming it does nothing.
+    let mut claim = lobby_report("r-eu-2", "eu", 2, 0);
+    claim.shards.clear();
+    claim.hand_offs = vec![HandOffResult {
+        move_id: h.move_id,
+        app_id: "app".into(),
+        shard: "lobby".into(),
+        stored: true,
+        error: String::new(),
+    }];
+    target.tx.send(claim).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(lobby_shard(&r).reflector, "r-eu");
+    // The source stored it: the published view points at the target at once.
+    let mut done = lobby_report("r-eu", "eu", 2, 0);
+    done.shards.clear();
+    done.hand_offs = vec![HandOffResult {
+        move_id: h.move_id,
+        app_id: "app".into(),
+        shard: "lobby".into(),
+        stored: true,
+        error: String::new(),
+    }];
+    source.tx.send(done).await.unwrap();
+    until("the shard is on r-eu-2", || {
+        lobby_shard(&r).reflector == "r-eu-2"
+    })
+    .await;
+    let s = lobby_shard(&r);
+    assert_eq!(
+        (s.state.as_str(), s.url.as_str()),
+        ("Open", "ws://eu2.test/")
+    );
+    assert_eq!(r.metrics.moves_ended("landed"), 1);
+    let routed = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert!(routed.reflector_url.starts_with("ws://eu2.test/"));
+    // The next plan's input carries it, and a view computed before the outcome cannot undo it.
+    let mut input = moving_view().input;
+    r.prepare(&mut input);
+    let sh = &input.shards[0];
+    assert_eq!(sh.reflector.as_deref(), Some("r-eu-2"));
+    assert_eq!((sh.moving_to.as_ref(), sh.moved_at), (None, Some(1_000)));
+    r.publish("local", moving_view());
+    assert_eq!(lobby_shard(&r).reflector, "r-eu-2");
+    // Once a view shows the landed state the move is forgotten; no second hand-off.
+    let mut landed = moving_view();
+    landed.input.shards = input.shards.clone();
+    r.publish("local", landed);
+    assert!(r.move_of("default/app/lobby", "lobby").is_none());
+    assert_eq!(r.metrics.moves_ended("aborted"), 0);
+    drop(target);
+}
+
+#[tokio::test]
+async fn a_move_the_source_cannot_store_leaves_the_shard_open_on_the_source() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", moving_view());
+    let url = report_hub(&r, None).await;
+    let mut idle = lobby_report("r-eu-2", "eu", 1, 0);
+    idle.shards.clear();
+    let _target = open(&url, None, idle).await.unwrap();
+    until("the target reports", || {
+        r.live_streams().get("eu") == Some(&1)
+    })
+    .await;
+    let mut source = open(&url, None, lobby_report("r-eu", "eu", 1, 7))
+        .await
+        .unwrap();
+    let h = source.hand_off().await;
+    let mut failed = lobby_report("r-eu", "eu", 2, 7);
+    failed.hand_offs = vec![HandOffResult {
+        move_id: h.move_id,
+        app_id: "app".into(),
+        shard: "lobby".into(),
+        stored: false,
+        error: "storage unavailable".into(),
+    }];
+    source.tx.send(failed).await.unwrap();
+    until("the shard is open again", || {
+        lobby_shard(&r).state == "Open"
+    })
+    .await;
+    assert_eq!(lobby_shard(&r).reflector, "r-eu");
+    assert_eq!(r.metrics.moves_ended("failed"), 1);
+    let mut input = moving_view().input;
+    r.prepare(&mut input);
+    let sh = &input.shards[0];
+    assert_eq!(sh.reflector.as_deref(), Some("r-eu"));
+    assert_eq!(sh.moving_to, None);
+    assert_eq!(sh.moved_at, Some(1_000), "the cool-down starts");
 }

@@ -50,6 +50,8 @@ pub struct RouterMetrics {
     /// Report streams that ended.
     pub stream_disconnects: IntCounter,
     report_refusals: IntCounterVec,
+    moves: IntCounterVec,
+    moves_in_flight: prometheus::IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -143,7 +145,49 @@ impl RouterMetrics {
                 }
                 c
             },
+            moves: {
+                let c = register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "refleet_router_moves_total",
+                            "Shard moves that ended, by outcome: landed (on its target), failed (the \
+                             source could not store it; it stays), timed_out (no outcome in time; it \
+                             stays), aborted (the planner called it off).",
+                        ),
+                        &["outcome"],
+                    )
+                    .expect("valid metric"),
+                );
+                for o in super::moves::MOVE_OUTCOMES {
+                    c.with_label_values(&[o]);
+                }
+                c
+            },
+            moves_in_flight: register(
+                registry,
+                prometheus::IntGauge::new(
+                    "refleet_router_moves_in_flight",
+                    "Shard moves asked for or waiting for their target, with no outcome yet.",
+                )
+                .expect("valid metric"),
+            ),
         }
+    }
+
+    pub(crate) fn move_ended(&self, outcome: &'static str) {
+        debug_assert!(super::moves::MOVE_OUTCOMES.contains(&outcome), "{outcome}");
+        self.moves.with_label_values(&[outcome]).inc();
+    }
+
+    /// Moves that ended with `outcome` so far.
+    pub fn moves_ended(&self, outcome: &str) -> u64 {
+        self.moves.with_label_values(&[outcome]).get()
+    }
+
+    pub(crate) fn set_moves_in_flight(&self, n: usize) {
+        self.moves_in_flight
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts one refused report stream; `reason` is one of [`REPORT_REFUSALS`].

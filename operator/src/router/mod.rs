@@ -9,7 +9,10 @@
 //!                └── reserve (ledger) + sign a join token ──► answer
 //!  backend loop (local fleet / controllers): prepare(input) → plan → publish(fleet view)
 //!  report stream: observe_report(..) → users per shard, reservations that turned into users
-//!                 (a reflector's load counts until `report_grace` after its last report)
+//!                 (a reflector's load counts until `report_grace` after its last report),
+//!                 hand-off outcomes of moves
+//!  moves: a published plan's moving shard ──► HandOff on its source's stream ──► outcome
+//!         ──► the published view points at the target at once; the next prepare carries it
 //! ```
 //!
 //! The router owns no reflectors: a backend (the local fleet, or the kube controllers)
@@ -38,26 +41,30 @@
 //! is `view` (published [`FleetView`]s with their indexes, reported load and its expiry);
 //! what it decides is `route` (the Route policy: shard load, held places, anonymous
 //! limits, opening a shard, reserving), on [`pick`] (the pure choice among shards) and
-//! [`ledger`] (reservations). [`service`] and [`reports`] are the gRPC/JSON front ends,
-//! [`client`] tells callers apart, [`metrics`] counts.
+//! [`ledger`] (reservations). [`moves`] carries out the planner's moves. [`service`] and
+//! [`reports`] are the gRPC/JSON front ends, [`client`] tells callers apart, [`metrics`]
+//! counts.
 
 pub mod client;
 pub mod ledger;
 pub mod metrics;
+pub mod moves;
 pub mod pick;
 pub mod reports;
 mod route;
 pub mod service;
 mod view;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use foldhash::HashSet as FastSet;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use refleet_api::report::{ReflectorReport, ReflectorState as ReportedState};
+use refleet_api::report::{
+    Instruction, ReflectorReport, ReflectorState as ReportedState, instruction::Kind,
+};
 use refleet_api::routing::{RouteRequest, RouteResponse, ShardInfo};
 use refleet_api::token::{JoinClaims, Signer};
 use tokio::sync::{Notify, watch};
@@ -65,11 +72,14 @@ use tokio::time::Instant;
 
 use self::ledger::{Ledger, Millis};
 use self::metrics::RouterMetrics;
+use self::moves::{Ended, MoveBook, Outcome};
 use self::pick::threshold_load;
 use self::route::{Attempt, Routed, fill_load, validate};
 use self::view::{FleetState, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
-use refleet_core::planner::{PlanInput, SessionInput, ShardRecord, session_key, split_session_key};
+use refleet_core::planner::{
+    PlanInput, SessionInput, ShardPhase, ShardRecord, session_key, split_session_key,
+};
 
 /// Router settings.
 #[derive(Clone, Debug)]
@@ -196,7 +206,12 @@ struct Inner {
     ledger: Ledger,
     /// End of the post-failover warm-up (see the module docs).
     warm_until: Millis,
+    /// Moves in flight and recently ended.
+    moves: MoveBook,
 }
+
+/// Where the report stream of one reflector takes instructions.
+type InstructionSender = tokio::sync::mpsc::Sender<Result<Instruction, tonic::Status>>;
 
 /// The router. Cheap to share (`Arc`).
 pub struct Router {
@@ -208,6 +223,8 @@ pub struct Router {
     started_unix_ms: u64,
     changed: watch::Sender<u64>,
     wake: Notify,
+    /// The open report streams by reflector, each with the id of its stream.
+    streams: Mutex<std::collections::HashMap<String, (u64, InstructionSender)>>,
     /// Routing metrics.
     pub metrics: RouterMetrics,
 }
@@ -236,6 +253,7 @@ impl Router {
         let router = Arc::new(Self {
             inner: Mutex::new(Inner {
                 ledger: Ledger::new(rand::random::<u64>() >> 1),
+                moves: MoveBook::starting_at(rand::random::<u64>() >> 1),
                 ..Inner::default()
             }),
             config,
@@ -244,6 +262,7 @@ impl Router {
             started_unix_ms: unix_ms(),
             changed: watch::channel(0).0,
             wake: Notify::new(),
+            streams: Mutex::default(),
             metrics,
         });
         if router.config.warm_up {
@@ -316,13 +335,25 @@ impl Router {
                 input.shards.push(sh.clone());
             }
         }
+        for e in inner.moves.expire(now) {
+            self.settle_move(&mut inner, e);
+        }
+        inner.moves.apply(&mut input.shards, input.now);
         fill_load(&inner.fleet, &inner.ledger, input, now);
     }
 
     /// Takes a backend's view after a plan. `key` names the publisher (`local`, or a pool
     /// id); a later view with the same key replaces it.
-    pub fn publish(&self, key: &str, fleet: FleetView) {
+    pub fn publish(&self, key: &str, mut fleet: FleetView) {
+        let now = self.now();
         let mut inner = lock(&self.inner);
+        let pools: Vec<&str> = fleet.input.pools.iter().map(|p| p.id.as_str()).collect();
+        for off in inner.moves.track(&pools, &fleet.input.shards, now) {
+            tracing::info!(session = %off.session, shard = %off.shard, from = %off.from, to = %off.to, "move called off by the planner");
+            self.metrics.move_ended("aborted");
+        }
+        inner.moves.apply(&mut fleet.input.shards, fleet.input.now);
+        self.metrics.set_moves_in_flight(inner.moves.in_flight());
         let Inner {
             opened, demanded, ..
         } = &mut *inner;
@@ -336,6 +367,7 @@ impl Router {
         demanded.retain(|k, _| !fleet.input.shards.iter().any(|s| &s.session == k));
         inner.fleet.publish(key, fleet);
         drop(inner);
+        self.drive_moves();
         self.changed.send_modify(|g| *g += 1);
     }
 
@@ -370,8 +402,111 @@ impl Router {
             now,
             grace,
         );
+        let mut ended: Vec<Ended> = report
+            .hand_offs
+            .iter()
+            .filter_map(|r| inner.moves.observe(&report.reflector, r))
+            .collect();
+        ended.extend(inner.moves.expire(now));
+        for e in ended {
+            self.settle_move(inner, e);
+        }
+        let unanswered = inner.moves.has_unanswered();
         drop(guard);
+        if unanswered {
+            self.drive_moves();
+        }
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    // === moves ===
+
+    /// Shows a move that ended in the published view at once: a landed shard on its target,
+    /// a failed one open again on its source.
+    fn settle_move(&self, inner: &mut Inner, e: Ended) {
+        let landed = e.outcome == Outcome::Landed;
+        inner.fleet.rewrite_shard(&e.session, &e.shard, |sh| {
+            if sh.moving_to.as_deref() != Some(e.to.as_str()) {
+                return;
+            }
+            if landed {
+                sh.reflector = Some(e.to.clone());
+            }
+            sh.moving_to = None;
+            if sh.phase == ShardPhase::Moving {
+                sh.phase = ShardPhase::Open;
+            }
+        });
+        match &e.outcome {
+            Outcome::Landed => {
+                tracing::info!(session = %e.session, shard = %e.shard, from = %e.from, to = %e.to, "move landed");
+            }
+            Outcome::Failed(why) => {
+                tracing::warn!(session = %e.session, shard = %e.shard, from = %e.from, to = %e.to, error = %why, "move failed: the shard stays on its reflector");
+            }
+            Outcome::TimedOut => {
+                tracing::warn!(session = %e.session, shard = %e.shard, from = %e.from, to = %e.to, "move timed out: the shard stays where the plan has it");
+            }
+        }
+        self.metrics.move_ended(e.outcome.label());
+        self.metrics.set_moves_in_flight(inner.moves.in_flight());
+    }
+
+    fn streams(&self) -> MutexGuard<'_, HashMap<String, (u64, InstructionSender)>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Asks the sources of the moves that are due to hand their shards off.
+    fn drive_moves(&self) {
+        let streams: HashSet<String> = self.streams().keys().cloned().collect();
+        let now = self.now();
+        let due = {
+            let mut guard = lock(&self.inner);
+            let Inner { moves, fleet, .. } = &mut *guard;
+            moves.due(
+                now,
+                |to| fleet.can_take_move(to),
+                |from| streams.contains(from),
+            )
+        };
+        if due.is_empty() {
+            return;
+        }
+        let streams = self.streams();
+        for (source, hand_off) in due {
+            let Some((_, tx)) = streams.get(&source) else {
+                continue;
+            };
+            tracing::info!(reflector = %source, app = %hand_off.app_id, shard = %hand_off.shard, move_id = hand_off.move_id, "asking for a hand-off");
+            // A full queue: the stream is stuck; the move is asked again later.
+            let _ = tx.try_send(Ok(Instruction {
+                kind: Some(Kind::HandOff(hand_off)),
+            }));
+        }
+    }
+
+    /// A report stream now speaks for `reflector`: instructions for it go to `tx`. Returns
+    /// the id to [`Router::detach_stream`] it with.
+    pub fn attach_stream(&self, reflector: &str, tx: InstructionSender) -> u64 {
+        let id = rand::random::<u64>();
+        self.streams().insert(reflector.to_owned(), (id, tx));
+        self.drive_moves();
+        id
+    }
+
+    /// The report stream `id` of `reflector` ended (a newer stream of it stays).
+    pub fn detach_stream(&self, reflector: &str, id: u64) {
+        let mut streams = self.streams();
+        if streams.get(reflector).is_some_and(|(i, _)| *i == id) {
+            streams.remove(reflector);
+        }
+    }
+
+    /// The move of shard `shard` of session `session` the router knows, if any.
+    pub fn move_of(&self, session: &str, shard: &str) -> Option<moves::Move> {
+        lock(&self.inner).moves.get(session, shard).cloned()
     }
 
     /// A reflector's report stream ended: once the grace period after its last report has

@@ -1,7 +1,8 @@
 //! The report stream's server side: every reflector keeps one stream open; each report
 //! updates the router (users per shard, reservations that became users), and the stream
 //! carries the token keys back, then each reported shard's settings (hard cap, persistence)
-//! from its Session, again whenever they change.
+//! from its Session, again whenever they change, and the hand-offs of moves
+//! ([`super::moves`]).
 //!
 //! **Identity.** A stream speaks for one reflector only. With a report key (the normal
 //! case) the reflector proves which one with the credential the operator minted for it
@@ -178,6 +179,8 @@ impl Reports for ReportHub {
         tokio::spawn(async move {
             let mut bound = identity;
             let mut name: Option<String> = None;
+            // This stream's registration for instructions (hand-offs), once it has a name.
+            let mut attached: Option<u64> = None;
             let mut last_seq = 0u64;
             // Settings sent on this stream, per shard: sent again only when they change.
             let mut sent: HashMap<(String, String), (u32, bool)> = HashMap::new();
@@ -211,6 +214,9 @@ impl Reports for ReportHub {
                         last_seq = report.sequence;
                         name = Some(report.reflector.clone());
                         router.observe_report(&report);
+                        if attached.is_none() {
+                            attached = Some(router.attach_stream(&report.reflector, tx.clone()));
+                        }
                         router.metrics.set_streams(&router.live_streams());
                         for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
                             let Some(settings) = router.shard_settings(&s.app_id, &s.shard) else {
@@ -249,6 +255,9 @@ impl Reports for ReportHub {
                 }
             }
             if let Some(n) = name {
+                if let Some(id) = attached {
+                    router.detach_stream(&n, id);
+                }
                 tracing::warn!(reflector = %n, "report stream lost");
                 router.report_lost(&n);
                 router.metrics.stream_disconnects.inc();

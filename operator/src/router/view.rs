@@ -244,6 +244,48 @@ impl FleetState {
             .flat_map(move |v| v.shards_named(name))
     }
 
+    /// Rewrites the published record of shard `shard` of session `session` with `f` (a
+    /// move that ended shows in the view at once); false when no view has it.
+    pub(super) fn rewrite_shard(
+        &mut self,
+        session: &str,
+        shard: &str,
+        f: impl FnOnce(&mut ShardRecord),
+    ) -> bool {
+        for view in self.published.values_mut() {
+            let Some(i) = view
+                .named
+                .get(shard)
+                .into_iter()
+                .flatten()
+                .copied()
+                .find(|&i| view.fleet.input.shards[i].session == session)
+            else {
+                continue;
+            };
+            // Views are shared with Routes in progress: rewrite a copy (moves are rare).
+            let mut fleet = view.fleet.clone();
+            f(&mut fleet.input.shards[i]);
+            *view = Arc::new(Published::new(fleet));
+            return true;
+        }
+        false
+    }
+
+    /// Whether reflector `name` may take a shard moved to it now: ready in a published plan,
+    /// and reporting (its stream open, not silent, not draining).
+    pub(super) fn can_take_move(&self, name: &str) -> bool {
+        let planned = self.published.values().any(|v| {
+            v.reflector(name)
+                .is_some_and(|r| r.state == ReflectorState::Ready)
+        });
+        planned
+            && self
+                .live
+                .get(name)
+                .is_some_and(|l| l.connected && !l.expired && !l.draining)
+    }
+
     /// Whether a published pool has region `region`.
     pub(super) fn knows_region(&self, region: &str) -> bool {
         self.published.values().any(|v| {
