@@ -155,6 +155,90 @@ pub struct ReflectorPoolSpec {
     #[serde(default = "default_scale_down_cooldown_seconds")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_cooldown_seconds: u32,
+
+    /// Live moves of shards between the pool's reflectors (off by default). A moved shard's
+    /// clients reconnect to the same URL, so moves need the regional gateway in front of the
+    /// reflectors.
+    #[serde(default)]
+    pub moves: MovesSpec,
+}
+
+/// How a pool moves live shards between its reflectors: the source stores the shard and
+/// sends its clients on (WebSocket close 4003), they reconnect through the region's gateway
+/// and the target resumes the shard on the same timeline with every message.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new(
+    "self.rebalanceTargetPercent < self.rebalanceAbovePercent"
+).message("rebalanceTargetPercent must be below rebalanceAbovePercent (the gap is the hysteresis)"))]
+#[serde(rename_all = "camelCase")]
+pub struct MovesSpec {
+    /// Turn moves on: a draining reflector (scale-down, image roll-over) hands its shards to
+    /// ready reflectors of its region instead of waiting for them to empty, the shards of a
+    /// lost reflector are placed again in their region, a reflector over
+    /// `rebalanceAbovePercent` sheds shards, and shards can be moved by hand (the
+    /// `refleet.dev/move-shard` annotation on the Session). Default false.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Most moves in flight in the pool at once; the rest wait for the next plan. Default 4.
+    #[serde(default = "default_max_concurrent_moves")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_concurrent: u32,
+
+    /// A reflector whose connected users exceed this percentage of its user capacity sheds
+    /// shards to less loaded reflectors of its region, largest first. Above 100 turns
+    /// rebalancing off while keeping drain moves. Default 90.
+    #[serde(default = "default_rebalance_above_percent")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub rebalance_above_percent: u32,
+
+    /// A rebalancing move only goes to a reflector that stays at or below this percentage of
+    /// its user capacity with the shard. Must be below `rebalanceAbovePercent`. Default 70.
+    #[serde(default = "default_rebalance_target_percent")]
+    #[schemars(range(min = 0, max = 999))]
+    pub rebalance_target_percent: u32,
+
+    /// A shard that moved is not moved again to rebalance for this many seconds. Default 300.
+    #[serde(default = "default_move_cooldown_seconds")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub cooldown_seconds: u32,
+}
+
+impl Default for MovesSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_concurrent: default_max_concurrent_moves(),
+            rebalance_above_percent: default_rebalance_above_percent(),
+            rebalance_target_percent: default_rebalance_target_percent(),
+            cooldown_seconds: default_move_cooldown_seconds(),
+        }
+    }
+}
+
+impl From<&MovesSpec> for refleet_core::planner::MovePolicy {
+    fn from(m: &MovesSpec) -> Self {
+        Self {
+            enabled: m.enabled,
+            max_concurrent: m.max_concurrent,
+            rebalance_above: f64::from(m.rebalance_above_percent) / 100.0,
+            rebalance_target: f64::from(m.rebalance_target_percent) / 100.0,
+            cooldown: u64::from(m.cooldown_seconds),
+        }
+    }
+}
+
+fn default_max_concurrent_moves() -> u32 {
+    4
+}
+fn default_rebalance_above_percent() -> u32 {
+    90
+}
+fn default_rebalance_target_percent() -> u32 {
+    70
+}
+fn default_move_cooldown_seconds() -> u32 {
+    300
 }
 
 /// Reflector settings: pool-wide in `spec.defaults`, or a region's overrides. Every field is
@@ -538,6 +622,12 @@ pub struct SessionStatus {
     /// For a pattern: the sessions with the most users (at most 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub busiest: Vec<BusySession>,
+
+    /// The value of the `refleet.dev/move-shard` annotation the operator last acted on: a
+    /// move is asked for once per value (append ` #<anything>` to ask for the same move
+    /// again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_move_request: Option<String>,
 }
 
 /// One shard of a Session.
@@ -555,6 +645,9 @@ pub struct ShardStatus {
     pub users: u32,
     /// Lifecycle state.
     pub state: ShardPhase,
+    /// While the shard moves (state `Moving`): the reflector it is being handed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<String>,
 }
 
 /// A busy session of a pattern Session.

@@ -1509,3 +1509,53 @@ async fn a_move_the_source_cannot_store_leaves_the_shard_open_on_the_source() {
     assert_eq!(sh.moving_to, None);
     assert_eq!(sh.moved_at, Some(1_000), "the cool-down starts");
 }
+
+#[tokio::test]
+async fn a_move_asked_for_by_hand_is_checked_and_offered_to_the_next_plans() {
+    let (r, _) = router(RouterConfig::default());
+    let mut view = moving_view();
+    view.input.shards[0].moving_to = None;
+    view.input.shards[0].phase = ShardPhase::Open;
+    r.publish("local", view.clone());
+    let err = r
+        .request_move("default", "lobby", "lobby", None)
+        .unwrap_err();
+    assert_eq!(err.code(), "INVALID_ARGUMENT", "moves are off: {err}");
+    view.input.pools[0].moves.enabled = true;
+    r.publish("local", view.clone());
+    assert_eq!(
+        r.request_move("default", "nope", "lobby", None)
+            .unwrap_err()
+            .code(),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        r.request_move("default", "lobby", "lobby~3", None)
+            .unwrap_err()
+            .code(),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        r.request_move("default", "lobby", "lobby", Some("r-us".into()))
+            .unwrap_err()
+            .code(),
+        "INVALID_ARGUMENT",
+        "a reflector of another region"
+    );
+    let key = r
+        .request_move("default", "lobby", "lobby", Some("r-eu-2".into()))
+        .unwrap();
+    assert_eq!(key, "default/app/lobby");
+    let mut input = view.input.clone();
+    r.prepare(&mut input);
+    assert_eq!(input.move_requests.len(), 1);
+    assert_eq!(input.move_requests[0].to.as_deref(), Some("r-eu-2"));
+    // Offered again until a plan starts the move.
+    let mut again = view.input.clone();
+    r.prepare(&mut again);
+    assert_eq!(again.move_requests.len(), 1);
+    r.publish("local", moving_view());
+    let mut after = view.input.clone();
+    r.prepare(&mut after);
+    assert!(after.move_requests.is_empty(), "taken by a plan");
+}

@@ -203,7 +203,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         crate::local::prometheus::Exporter::new(&metrics),
         bound,
     ));
-    let app = server.router().merge(service::app(frontend).await);
+    let app = server
+        .router()
+        .merge(crate::local::server::moves_app(router.clone()))
+        .merge(service::app(frontend).await);
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(async move {
         axum::serve(

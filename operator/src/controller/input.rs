@@ -13,7 +13,7 @@ use refleet_core::shard::parse_shard_name;
 
 use crate::crd::{ReflectorPool, Session, ShardPhase};
 use crate::fleet;
-use refleet_core::planner::{PlanInput, ScaleHistory, Seconds, ShardRecord};
+use refleet_core::planner::{MoveRequest, PlanInput, ScaleHistory, Seconds, ShardRecord};
 // Defined with the planner's SessionInput, whose key they build, so the router can use them
 // without depending on the controller.
 pub use refleet_core::planner::{session_key, split_session_key};
@@ -160,10 +160,133 @@ fn recover_from_status(namespace: &str, pool: &str, sessions: &[Session]) -> Vec
                 reserved: 0,
                 phase: s.state,
                 empty_since: None,
-                moving_to: None,
+                // A move in flight when the previous leader stopped: this leader asks the
+                // source again (a source that already handed off answers at once).
+                moving_to: s
+                    .moving_to
+                    .clone()
+                    .filter(|_| s.state == ShardPhase::Moving),
                 moved_at: None,
             });
         }
     }
     out
+}
+
+/// The Session annotation that asks for a move by hand: `<shard>` (the planner picks a
+/// reflector of its region) or `<shard>=<reflector>`, optionally followed by ` #<note>`. Each
+/// value is acted on once (see `status.handledMoveRequest`).
+pub const ANNOTATION_MOVE_SHARD: &str = "refleet.dev/move-shard";
+
+/// The annotation value of `session` not yet acted on, if any.
+pub fn pending_move_annotation(session: &Session) -> Option<&str> {
+    let value = session.annotations().get(ANNOTATION_MOVE_SHARD)?;
+    let handled = session
+        .status
+        .as_ref()
+        .and_then(|s| s.handled_move_request.as_deref());
+    (handled != Some(value.as_str())).then_some(value.as_str())
+}
+
+/// A move asked for by annotation `value` on `session` in `namespace`; `Err` says why the
+/// value is not one (for an Event).
+pub fn parse_move_annotation(
+    namespace: &str,
+    session: &Session,
+    value: &str,
+) -> Result<MoveRequest, String> {
+    let request = value.split(" #").next().unwrap_or_default().trim();
+    let (shard, to) = match request.split_once('=') {
+        Some((shard, to)) => (shard.trim(), Some(to.trim())),
+        None => (request, None),
+    };
+    let Some((base, _)) = parse_shard_name(shard) else {
+        return Err(format!(
+            "{ANNOTATION_MOVE_SHARD}: {shard:?} is not a shard name (<session> or <session>~N)"
+        ));
+    };
+    if to.is_some_and(str::is_empty) {
+        return Err(format!(
+            "{ANNOTATION_MOVE_SHARD}: no reflector after '=' (use <shard> to let the planner pick)"
+        ));
+    }
+    let key = session_key(namespace, &session.spec.app_id, base);
+    if !fleet::governs(namespace, &session.spec, &key) {
+        return Err(format!(
+            "{ANNOTATION_MOVE_SHARD}: shard {shard:?} is not a shard of this Session"
+        ));
+    }
+    Ok(MoveRequest {
+        session: key,
+        shard: shard.to_owned(),
+        to: to.map(str::to_owned),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod move_annotation_tests {
+    use super::*;
+    use crate::crd::SessionSpec;
+
+    fn session(name: Option<&str>, pattern: Option<&str>, annotation: Option<&str>) -> Session {
+        let mut spec: SessionSpec = serde_json::from_value(serde_json::json!({
+            "poolRef": {"name": "pool"}, "appId": "app",
+        }))
+        .unwrap();
+        spec.name = name.map(str::to_owned);
+        spec.name_pattern = pattern.map(str::to_owned);
+        let mut s = Session::new("s", spec);
+        if let Some(a) = annotation {
+            s.metadata.annotations =
+                Some([(ANNOTATION_MOVE_SHARD.to_owned(), a.to_owned())].into());
+        }
+        s
+    }
+
+    #[test]
+    fn a_move_annotation_names_a_shard_of_the_session_and_optionally_a_target() {
+        let s = session(Some("lobby"), None, None);
+        let r = parse_move_annotation("ns", &s, "lobby~2=r-eu-1 #maintenance").unwrap();
+        assert_eq!(
+            (r.session.as_str(), r.shard.as_str(), r.to.as_deref()),
+            ("ns/app/lobby", "lobby~2", Some("r-eu-1"))
+        );
+        let r = parse_move_annotation("ns", &s, "lobby").unwrap();
+        assert_eq!(r.to, None);
+        assert!(
+            parse_move_annotation("ns", &s, "other").is_err(),
+            "another session's shard"
+        );
+        assert!(
+            parse_move_annotation("ns", &s, "lobby~x").is_err(),
+            "not a shard name"
+        );
+        assert!(
+            parse_move_annotation("ns", &s, "lobby=").is_err(),
+            "empty target"
+        );
+        // A pattern Session covers the shards of the sessions its pattern matches.
+        let p = session(None, Some("room-*"), None);
+        assert!(parse_move_annotation("ns", &p, "room-7~1").is_ok());
+        assert!(parse_move_annotation("ns", &p, "lobby").is_err());
+    }
+
+    #[test]
+    fn each_annotation_value_is_acted_on_once() {
+        let mut s = session(Some("lobby"), None, Some("lobby"));
+        assert_eq!(pending_move_annotation(&s), Some("lobby"));
+        s.status = Some(crate::crd::SessionStatus {
+            handled_move_request: Some("lobby".into()),
+            ..Default::default()
+        });
+        assert_eq!(pending_move_annotation(&s), None);
+        s.metadata.annotations =
+            Some([(ANNOTATION_MOVE_SHARD.to_owned(), "lobby #2".to_owned())].into());
+        assert_eq!(pending_move_annotation(&s), Some("lobby #2"));
+        assert_eq!(
+            pending_move_annotation(&session(Some("lobby"), None, None)),
+            None
+        );
+    }
 }

@@ -26,7 +26,9 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
-use super::input::{PoolMemory, input_for, observed, pool_id};
+use super::input::{
+    PoolMemory, input_for, observed, parse_move_annotation, pending_move_annotation, pool_id,
+};
 use super::observe::read_loads;
 use super::pod::{
     ANNOTATION_DRAIN_DEADLINE, LABEL_STATE, STATE_DRAINING, TERMINATION_SLACK_SECONDS, pod_name,
@@ -125,6 +127,29 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
     let mut input = input_for(&observed, namespace, pool_name, &sessions, &memory, now);
     if let Some(router) = &ctx.router {
         router.prepare(&mut input);
+    }
+    for session in &sessions {
+        let Some(value) = pending_move_annotation(session) else {
+            continue;
+        };
+        match parse_move_annotation(namespace, session, value) {
+            Ok(request) => {
+                info!(session = %session.name_any(), shard = %request.shard, to = ?request.to, "move asked for by annotation");
+                input.move_requests.push(request);
+            }
+            Err(message) => {
+                warn!(session = %session.name_any(), %message, "move annotation ignored");
+                publish(
+                    ctx,
+                    &session.object_ref(&()),
+                    EventType::Warning,
+                    "BadMoveRequest",
+                    "Move",
+                    message,
+                )
+                .await;
+            }
+        }
     }
     let plan = planner::plan(&input);
     if let Some(router) = &ctx.router {

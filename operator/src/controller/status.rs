@@ -190,6 +190,11 @@ pub fn session_status(
         display_name: spec.name.clone().or_else(|| spec.name_pattern.clone()),
         shard_count: u32::try_from(open).unwrap_or(u32::MAX),
         users,
+        // Whatever the annotation says now was offered to this plan.
+        handled_move_request: session
+            .annotations()
+            .get(super::input::ANNOTATION_MOVE_SHARD)
+            .cloned(),
         ..Default::default()
     };
     if spec.name.is_some() {
@@ -201,6 +206,7 @@ pub fn session_status(
                 reflector: s.reflector.clone().unwrap_or_default(),
                 users: s.users,
                 state: s.phase,
+                moving_to: s.moving_to.clone(),
             })
             .collect();
         status.shards.sort_by(|a, b| a.name.cmp(&b.name));

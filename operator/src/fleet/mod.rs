@@ -236,7 +236,7 @@ pub fn plan_input(
                 .collect(),
             cooldown: Seconds::from(p.spec.scale_down_cooldown_seconds),
             drain_grace: Seconds::from(p.spec.drain_grace_period_seconds),
-            moves: Default::default(),
+            moves: (&p.spec.moves).into(),
         })
         .collect();
 

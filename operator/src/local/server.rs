@@ -1,5 +1,6 @@
 //! refleet up's own HTTP server: the pool's `/files/` (from the shared storage, so files
-//! URLs outlive any one reflector), `GET /v1/status` and `/healthz`. `refleet up` merges the
+//! URLs outlive any one reflector), `GET /v1/status`, `/healthz`, and `POST /v1/moves` (a
+//! move by hand, from this machine only; [`moves_app`]). `refleet up` merges the
 //! router's app into it, which adds `GET /v1/route` and `GET /v1/shards` (the same JSON as in a
 //! cluster).
 //!
@@ -58,6 +59,67 @@ pub struct Server {
     pub files: Files,
     /// `/metrics` and `/v1/prometheus/targets` (404 while `None`).
     pub prometheus: Option<Endpoint>,
+}
+
+/// A move asked for by hand: `POST /v1/moves` with this JSON body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoveBody {
+    /// The Session's namespace (default `default`).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The Session's name (an exact-name Session, or a name a pattern Session covers).
+    pub session: String,
+    /// The shard to move (`lobby`, `lobby~1`, …).
+    pub shard: String,
+    /// The reflector to move it to; absent: the planner picks one in the shard's region.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+/// `POST /v1/moves`: asks the planner to move a shard (maintenance). Accepted only from
+/// loopback addresses: a move sends a shard's clients to another reflector, which is the
+/// operator's call, never a client's. 202 with the session key once queued; 400 when the
+/// pool has moves off or the target does not fit; 404 for an unknown session or shard; 403
+/// from another machine.
+pub fn moves_app(router: Arc<crate::router::Router>) -> Router {
+    Router::new()
+        .route("/v1/moves", axum::routing::post(move_shard))
+        .with_state(router)
+}
+
+async fn move_shard(
+    State(router): State<Arc<crate::router::Router>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    body: Result<axum::Json<MoveBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !peer.ip().is_loopback() {
+        return plain(
+            StatusCode::FORBIDDEN,
+            "moves are accepted from this machine only\n",
+        );
+    }
+    let axum::Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+    };
+    use crate::router::RouteError;
+    match router.request_move(&b.namespace, &b.session, &b.shard, b.to.clone()) {
+        Ok(key) => {
+            tracing::info!(session = %key, shard = %b.shard, to = ?b.to, "move asked for by hand");
+            (
+                StatusCode::ACCEPTED,
+                json(&serde_json::json!({"session": key, "shard": b.shard, "to": b.to})),
+            )
+                .into_response()
+        }
+        Err(e @ RouteError::NotFound(_)) => plain(StatusCode::NOT_FOUND, &format!("{e}\n")),
+        Err(e) => plain(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+    }
 }
 
 /// The shortest time between two fresh `/sessions` polls for uploads not seen in the
@@ -122,7 +184,7 @@ impl Server {
             .route(
                 "/",
                 get(|| async {
-                    "refleet up: GET /v1/status, GET /v1/route, GET /v1/shards?namespace=&session=, /files/\n"
+                    "refleet up: GET /v1/status, GET /v1/route, GET /v1/shards?namespace=&session=, POST /v1/moves, /files/\n"
                 }),
             )
             .with_state(self)

@@ -78,7 +78,7 @@ use self::route::{Attempt, Routed, fill_load, validate};
 use self::view::{FleetState, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
 use refleet_core::planner::{
-    PlanInput, SessionInput, ShardPhase, ShardRecord, session_key, split_session_key,
+    MoveRequest, PlanInput, SessionInput, ShardPhase, ShardRecord, session_key, split_session_key,
 };
 
 /// Router settings.
@@ -208,7 +208,13 @@ struct Inner {
     warm_until: Millis,
     /// Moves in flight and recently ended.
     moves: MoveBook,
+    /// Moves asked for by hand, with when; offered to every plan until one starts the move
+    /// or [`MOVE_REQUEST_TTL`] passes.
+    move_requests: Vec<(MoveRequest, Millis)>,
 }
+
+/// How long a move asked for by hand waits for a plan to start it.
+const MOVE_REQUEST_TTL: Millis = 60_000;
 
 /// Where the report stream of one reflector takes instructions.
 type InstructionSender = tokio::sync::mpsc::Sender<Result<Instruction, tonic::Status>>;
@@ -339,6 +345,18 @@ impl Router {
             self.settle_move(&mut inner, e);
         }
         inner.moves.apply(&mut input.shards, input.now);
+        inner
+            .move_requests
+            .retain(|(_, at)| now < at + MOVE_REQUEST_TTL);
+        for (req, _) in &inner.move_requests {
+            let planned = input
+                .shards
+                .iter()
+                .any(|s| s.session == req.session && s.name == req.shard);
+            if planned && !input.move_requests.contains(req) {
+                input.move_requests.push(req.clone());
+            }
+        }
         fill_load(&inner.fleet, &inner.ledger, input, now);
     }
 
@@ -353,6 +371,14 @@ impl Router {
             self.metrics.move_ended("aborted");
         }
         inner.moves.apply(&mut fleet.input.shards, fleet.input.now);
+        // A request is done once a plan started its move.
+        inner.move_requests.retain(|(req, _)| {
+            !fleet
+                .input
+                .shards
+                .iter()
+                .any(|s| s.session == req.session && s.name == req.shard && s.moving_to.is_some())
+        });
         self.metrics.set_moves_in_flight(inner.moves.in_flight());
         let Inner {
             opened, demanded, ..
@@ -502,6 +528,71 @@ impl Router {
         if streams.get(reflector).is_some_and(|(i, _)| *i == id) {
             streams.remove(reflector);
         }
+    }
+
+    /// Asks for a move by hand (maintenance): shard `shard` of Session `name` in `namespace`
+    /// to reflector `to` (`None`: the planner picks one in its region). The next plans take
+    /// it, within the pool's move policy; the answer names the shard's session key.
+    pub fn request_move(
+        &self,
+        namespace: &str,
+        name: &str,
+        shard: &str,
+        to: Option<String>,
+    ) -> Result<String, RouteError> {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        let (view, at) = inner
+            .fleet
+            .find_session(namespace, name)
+            .ok_or_else(|| RouteError::no_session(namespace, name))?;
+        let def = &view.fleet.sessions[at];
+        let key = session_key(namespace, &def.spec.app_id, name);
+        let Some(sh) = view.session_shards(&key).find(|s| s.name == shard) else {
+            return Err(RouteError::NotFound(format!(
+                "session {namespace}/{name} has no shard {shard:?}"
+            )));
+        };
+        let pool_moves = view
+            .fleet
+            .input
+            .pools
+            .iter()
+            .find(|p| p.id == sh.pool)
+            .is_some_and(|p| p.moves.enabled);
+        if !pool_moves {
+            return Err(RouteError::invalid(
+                "shard",
+                format!("pool {} has moves off (spec.moves.enabled)", sh.pool),
+            ));
+        }
+        if let Some(to) = &to {
+            let fits = view
+                .reflector(to)
+                .is_some_and(|r| r.region == sh.region && r.pool == sh.pool);
+            if !fits {
+                return Err(RouteError::invalid(
+                    "to",
+                    format!(
+                        "{to:?} is not a reflector of region {} of the shard's pool",
+                        sh.region
+                    ),
+                ));
+            }
+        }
+        let req = MoveRequest {
+            session: key.clone(),
+            shard: shard.to_owned(),
+            to,
+        };
+        inner
+            .move_requests
+            .retain(|(r, _)| !(r.session == req.session && r.shard == req.shard));
+        inner.move_requests.push((req, now));
+        drop(inner);
+        // The backend plans again now rather than at its next round.
+        self.wake.notify_one();
+        Ok(key)
     }
 
     /// The move of shard `shard` of session `session` the router knows, if any.
