@@ -47,6 +47,25 @@ pub enum StorageError {
     /// A write-once object exists with different bytes.
     #[error("{0} already exists with other content")]
     Conflict(String),
+    /// Another host took the session over (a newer claim than the writer's): the writer's
+    /// copy is stale and must not be stored.
+    #[error("session {session} belongs to {owner} since epoch {epoch}; this host's copy is stale")]
+    Fenced {
+        session: String,
+        owner: String,
+        epoch: u64,
+    },
+}
+
+/// Which host runs a session now: written when a host starts (or resumes) a session, read
+/// before every store, so a host that lost the session (it was partitioned or presumed dead
+/// while another resumed it) stops instead of overwriting the newer host's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionOwner {
+    /// Grows by one with every claim.
+    pub epoch: u64,
+    /// The claiming host's instance id.
+    pub host: String,
 }
 
 /// What a files PUT did.
@@ -447,6 +466,76 @@ impl Storage {
         ])
     }
 
+    fn owner_path(session_id: &str) -> Path {
+        Path::from_iter([
+            PathPart::from("sessions"),
+            part(&format!("{session_id}.owner.json")),
+        ])
+    }
+
+    /// Who runs session `session_id` now, if anyone claimed it.
+    pub async fn session_owner(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<SessionOwner>, StorageError> {
+        let path = Self::owner_path(session_id);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StorageError::Corrupt {
+                key: path.to_string(),
+                source,
+            })
+    }
+
+    /// Claims session `session_id` for `host`: its epoch becomes one more than the last
+    /// claim's. Returns the new epoch, which the host presents to [`Storage::store_owned`].
+    pub async fn claim_session(&self, session_id: &str, host: &str) -> Result<u64, StorageError> {
+        // An unreadable claim is replaced: it would otherwise block the session for good.
+        let previous = match self.session_owner(session_id).await {
+            Ok(o) => o.map_or(0, |o| o.epoch),
+            Err(StorageError::Corrupt { .. }) => 0,
+            Err(e) => return Err(e),
+        };
+        let owner = SessionOwner {
+            epoch: previous + 1,
+            host: host.to_owned(),
+        };
+        let body = serde_json::to_vec(&owner).map_err(|source| StorageError::Corrupt {
+            key: session_id.to_owned(),
+            source,
+        })?;
+        self.store
+            .put(&Self::owner_path(session_id), PutPayload::from(body))
+            .await?;
+        Ok(owner.epoch)
+    }
+
+    /// Stores the state of session `session_id` for `host`, which claimed it at `epoch`;
+    /// [`StorageError::Fenced`] (and nothing written) when another host claimed it since.
+    pub async fn store_owned<T: Serialize>(
+        &self,
+        session_id: &str,
+        state: &T,
+        host: &str,
+        epoch: u64,
+    ) -> Result<(), StorageError> {
+        if let Some(owner) = self.session_owner(session_id).await?
+            && (owner.epoch > epoch || (owner.epoch == epoch && owner.host != host))
+        {
+            return Err(StorageError::Fenced {
+                session: session_id.to_owned(),
+                owner: owner.host,
+                epoch: owner.epoch,
+            });
+        }
+        self.store_session(session_id, state).await
+    }
+
     /// The stored state of session `session_id`, if one was stored. The record's format is
     /// the caller's (the reflector's `StoredSession`); this only keeps it under its key.
     pub async fn load_session<T: DeserializeOwned>(
@@ -506,6 +595,38 @@ mod tests {
 
     fn mem() -> Storage {
         Storage::open("memory://").expect("memory store")
+    }
+
+    #[tokio::test]
+    async fn a_newer_claim_fences_the_older_host_and_only_it() {
+        let s = mem();
+        // No claim yet: anyone may store.
+        s.store_owned("sid", &1u32, "a", 0)
+            .await
+            .expect("unclaimed");
+        let a = s.claim_session("sid", "a").await.expect("claim a");
+        assert_eq!(a, 1);
+        s.store_owned("sid", &2u32, "a", a)
+            .await
+            .expect("a owns it");
+        // b resumes it: a is fenced from then on, and its write is not made.
+        let b = s.claim_session("sid", "b").await.expect("claim b");
+        assert_eq!(b, 2);
+        let fenced = s.store_owned("sid", &3u32, "a", a).await;
+        assert!(
+            matches!(&fenced, Err(StorageError::Fenced { owner, epoch: 2, .. }) if owner == "b"),
+            "{fenced:?}"
+        );
+        assert_eq!(s.load_session::<u32>("sid").await.expect("load"), Some(2));
+        // Same epoch, another host (two claims raced): only the recorded host may store.
+        let fenced = s.store_owned("sid", &4u32, "c", b).await;
+        assert!(matches!(fenced, Err(StorageError::Fenced { .. })));
+        s.store_owned("sid", &5u32, "b", b)
+            .await
+            .expect("b owns it");
+        assert_eq!(s.load_session::<u32>("sid").await.expect("load"), Some(5));
+        // Sessions are claimed one by one.
+        assert_eq!(s.claim_session("other", "a").await.expect("claim"), 1);
     }
 
     #[tokio::test]

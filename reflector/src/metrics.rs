@@ -88,6 +88,7 @@ pub struct Metrics {
     /// Sessions by lifecycle outcome.
     session_ends: IntCounterVec,
     hand_offs: IntCounterVec,
+    checkpoints: IntCounterVec,
     /// JOINs refused by the admission policy, by reason.
     join_refusals: IntCounterVec,
     /// 1 while the load-report stream is open.
@@ -273,6 +274,16 @@ impl Metrics {
                 &[&["stored", "failed"]],
                 &["outcome"],
             ),
+            checkpoints: counter_vec(
+                r,
+                "refleet_reflector_checkpoints_total",
+                "Checkpoints of running sessions (--checkpoint-interval), by outcome: stored, \
+                 failed (retried next interval), fenced (another reflector took the session \
+                 over; this one closed it), resumed (a session resumed from a checkpoint, on a \
+                 fresh timeline).",
+                &[&["stored", "failed", "fenced", "resumed"]],
+                &["outcome"],
+            ),
             join_refusals: counter_vec(
                 r,
                 "refleet_reflector_join_refusals_total",
@@ -350,6 +361,11 @@ impl Metrics {
         self.session_ends
             .with_label_values(&[if drained { "drained" } else { "empty" }])
             .inc();
+    }
+
+    /// Counts a checkpoint event (see `refleet_reflector_checkpoints_total`).
+    pub fn checkpoint(&self, outcome: &'static str) {
+        self.checkpoints.with_label_values(&[outcome]).inc();
     }
 
     /// Counts a finished hand-off.

@@ -96,6 +96,8 @@ impl Reflector {
             files_base: config.files_base(bound),
             snapshot_retention: limits.snapshot_retention,
             admission,
+            host: format!("{}-{:08x}", config.reflector_name, rand::random::<u32>()),
+            checkpoint_interval: Some(limits.checkpoint_interval).filter(|d| !d.is_zero()),
         });
         let registry = Registry::new(ctx);
         let files = Files::new(

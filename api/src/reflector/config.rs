@@ -118,6 +118,13 @@ pub struct Config {
     #[arg(long, env = "REFLEET_DRAIN_TIMEOUT", default_value = "30s")]
     pub drain_timeout: humantime::Duration,
 
+    /// How often each live session's state is stored while it runs (only when it changed),
+    /// so a crash of this reflector loses at most this much: another reflector resumes the
+    /// session from its last checkpoint, on a fresh timeline (see docs/continuity.md). 0
+    /// turns checkpoints off (state is then stored only when a session ends or moves).
+    #[arg(long, env = "REFLEET_CHECKPOINT_INTERVAL", default_value = "1s")]
+    pub checkpoint_interval: humantime::Duration,
+
     /// How long users of a resumed session are kept as members while they reconnect; users
     /// not back by then are announced as having left.
     #[arg(long, env = "REFLEET_REJOIN_GRACE", default_value = "10s")]
@@ -215,6 +222,7 @@ pub struct Limits {
     pub max_connections: usize,
     pub empty_session_ttl: Duration,
     pub drain_timeout: Duration,
+    pub checkpoint_interval: Duration,
     pub rejoin_grace: Duration,
     pub join_timeout: Duration,
     pub idle_timeout: Duration,
@@ -246,6 +254,7 @@ impl From<&Config> for Limits {
             max_connections,
             empty_session_ttl,
             drain_timeout,
+            checkpoint_interval,
             rejoin_grace,
             join_timeout,
             idle_timeout,
@@ -283,6 +292,7 @@ impl From<&Config> for Limits {
             max_connections: *max_connections,
             empty_session_ttl: (*empty_session_ttl).into(),
             drain_timeout: (*drain_timeout).into(),
+            checkpoint_interval: (*checkpoint_interval).into(),
             rejoin_grace: (*rejoin_grace).into(),
             join_timeout: (*join_timeout).into(),
             idle_timeout: (*idle_timeout).into(),

@@ -365,7 +365,15 @@ impl Core {
             stored_at_ms: wall_ms,
             binding: None,
             views: Default::default(),
+            clean: true,
         }
+    }
+
+    /// Leaves the stored timeline for a new one: after a resume from a checkpoint, clients
+    /// may have seen messages the checkpoint lacks, and a new timeline makes every client
+    /// rebuild from the same state instead of some continuing a history that forked.
+    pub fn fresh_timeline(&mut self) {
+        self.timeline = random_timeline();
     }
 
     /// Whether storing this session is worth it (it has anything a client could resume).
@@ -1014,6 +1022,7 @@ mod tests {
             stored_at_ms: 0,
             binding: None,
             views: Default::default(),
+            clean: true,
         }
     }
 

@@ -27,6 +27,8 @@ pub(crate) struct Gate {
     /// The session is set up: resumed, or persisted data looked up for its first admitted
     /// JOIN.
     pub loaded: bool,
+    /// This host's claim on the session in storage (0: not claimed); its stores present it.
+    pub epoch: u64,
 }
 
 impl Gate {

@@ -12,6 +12,14 @@
 //! hand-off (a planned move of its shard to another reflector) does the same for one
 //! session, except that when storing fails the session carries on here and the clients it
 //! closed may rejoin it.
+//!
+//! **Crashes and fencing.** While it runs, a session's state is also stored every
+//! `--checkpoint-interval` when it changed (a checkpoint, marked not clean), so a crash
+//! loses at most that much; a session resumed from a checkpoint starts a fresh timeline
+//! (clients may have seen messages the checkpoint lacks, and must not continue a forked
+//! history). The first JOIN claims the session in storage; every store presents that claim,
+//! and a host whose claim was superseded (another reflector resumed the session while this
+//! one was cut off) is fenced: it closes the session's clients and ends without storing.
 
 mod chunk;
 pub mod clock;
@@ -95,6 +103,11 @@ pub struct Context {
     pub snapshot_retention: usize,
     /// Join tokens and hard caps.
     pub admission: Arc<Admission>,
+    /// This process's instance id: whose claim on a session is whose (see
+    /// [`refleet_files::storage::SessionOwner`]).
+    pub host: String,
+    /// How often a live session's state is checkpointed (`None`: never).
+    pub checkpoint_interval: Option<Duration>,
 }
 
 fn wall_ms() -> u64 {
@@ -132,6 +145,12 @@ pub(crate) async fn run(
     let mut gate = Gate::default();
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
+    // Checkpoints: the one being stored, when the next is due, and what the last one had.
+    let mut checkpoint: Option<tokio::sync::oneshot::Receiver<Result<(), String>>> = None;
+    let mut next_checkpoint: Option<Instant> = None;
+    let mut checkpointed = (core.seq(), 0usize);
+    // Another host took the session over: end without storing.
+    let mut fenced = false;
     // Hand-offs waiting for this session's store.
     let mut handing_off: Vec<tokio::sync::oneshot::Sender<Result<(), String>>> = Vec::new();
     // Grows up to BATCH under load; small for the many quiet sessions.
@@ -139,7 +158,7 @@ pub(crate) async fn run(
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);
     let drained = loop {
-        let deadline = [core.next_deadline(), drain_deadline]
+        let deadline = [core.next_deadline(), drain_deadline, next_checkpoint]
             .into_iter()
             .flatten()
             .min();
@@ -180,6 +199,20 @@ pub(crate) async fn run(
                 }
             }
             () = &mut sleep => core.on_timers(Instant::now()),
+            done = async { checkpoint.as_mut().expect("guarded").await }, if checkpoint.is_some() => {
+                checkpoint = None;
+                if let Ok(Err(e)) = done
+                    && e.starts_with(FENCED)
+                {
+                    tracing::warn!(session = %id, error = %e, "another reflector took this session over: closing its clients here");
+                    ctx.metrics.checkpoint("fenced");
+                    fenced = true;
+                    if !core.is_draining() {
+                        core.begin_hand_off(Instant::now());
+                        drain_deadline = Some(Instant::now());
+                    }
+                }
+            }
         }
         for effect in core.take_effects() {
             if matches!(effect, Effect::SavePersisted { .. }) && !persists(&ctx, &gate) {
@@ -203,6 +236,21 @@ pub(crate) async fn run(
             registry.set_users(&id, core.identity(), users);
         }
         let now = Instant::now();
+        if let Some(every) = ctx.checkpoint_interval
+            && gate.resumed
+            && !core.is_draining()
+            && !fenced
+        {
+            let due = *next_checkpoint.get_or_insert(now + every);
+            let state = (core.seq(), core.member_count());
+            if due <= now && checkpoint.is_none() {
+                next_checkpoint = Some(now + every);
+                if state != checkpointed && core.has_state() {
+                    checkpointed = state;
+                    checkpoint = Some(start_checkpoint(&mut core, &gate, &ctx, now));
+                }
+            }
+        }
         let drain_done = core.is_draining()
             && (!core.has_connections() || drain_deadline.is_some_and(|d| d <= now));
         let idle_done = !core.is_draining()
@@ -210,15 +258,22 @@ pub(crate) async fn run(
                 || (end_when_idle && !core.has_connections()));
         if drain_done || idle_done {
             core.settle(now);
-            let stored = if gate.resumed && core.has_state() {
+            // The end store must land after any checkpoint, never under it.
+            if let Some(pending) = checkpoint.take() {
+                let _ = pending.await;
+            }
+            let stored = if fenced {
+                Err(format!("{FENCED}: another reflector runs this session"))
+            } else if gate.resumed && core.has_state() {
                 store(&mut core, &gate, &ctx).await
             } else {
                 Ok(())
             };
             if !handing_off.is_empty() {
                 match stored {
-                    // A reflector drain also needs the store; only a hand-off may give up.
-                    Err(e) if !registry.is_draining() => {
+                    // A reflector drain also needs the store; only a hand-off may give up
+                    // (not when fenced: the session is the other host's now).
+                    Err(e) if !registry.is_draining() && !fenced => {
                         tracing::warn!(session = %id, error = %e, "hand-off called off: the session stays here");
                         core.abort_hand_off(now);
                         drain_deadline = None;
@@ -414,13 +469,20 @@ async fn resume(
     req: Requested<'_>,
 ) -> Result<(), Resume> {
     let id = core.id().clone();
+    let timed_out = |_| {
+        Resume::Storage(refleet_files::storage::StorageError::Timeout(
+            LOOKUP_TIMEOUT,
+        ))
+    };
     let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
         .await
-        .map_err(|_| {
-            Resume::Storage(refleet_files::storage::StorageError::Timeout(
-                LOOKUP_TIMEOUT,
-            ))
-        })?;
+        .map_err(timed_out)?;
+    // Claimed before anything is served: from now on a host that ran it before is fenced.
+    let epoch = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.claim_session(&id, &ctx.host))
+        .await
+        .map_err(timed_out)?
+        .map_err(Resume::Storage)?;
+    gate.epoch = epoch;
     match stored {
         Ok(Some(state)) => {
             let mut restored = Gate::default();
@@ -430,12 +492,19 @@ async fn resume(
             {
                 return Err(Resume::Refused(admission::wrong_session(b, req)));
             }
-            tracing::info!(session = %id, timeline = %state.timeline, messages = state.messages.len(), "session resumed from storage");
+            tracing::info!(session = %id, timeline = %state.timeline, messages = state.messages.len(), clean = state.clean, epoch, "session resumed from storage");
             ctx.metrics.session_state("resume", true);
             *gate = restored;
+            gate.epoch = epoch;
             // A resumed session has its persisted data (or snapshot) already.
             gate.loaded = true;
+            let clean = state.clean;
             core.restore(state, Instant::now());
+            if !clean {
+                core.fresh_timeline();
+                ctx.metrics.checkpoint("resumed");
+                tracing::warn!(session = %id, timeline = %core.timeline(), "resumed from a checkpoint (its reflector did not end it): clients rebuild on a fresh timeline");
+            }
             Ok(())
         }
         Ok(None) => Ok(()),
@@ -487,16 +556,64 @@ async fn look_up_persisted(
     Ok(())
 }
 
+/// The start of the error text of a store refused because another host claimed the session.
+const FENCED: &str = "fenced";
+
+/// Stores a checkpoint of the running session off its task; the receiver gets the outcome.
+fn start_checkpoint(
+    core: &mut Core,
+    gate: &Gate,
+    ctx: &Arc<Context>,
+    now: Instant,
+) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+    let mut state = core.to_stored(now, wall_ms());
+    gate.fill(&mut state);
+    state.clean = false;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (ctx, epoch) = (ctx.clone(), gate.epoch);
+    tokio::spawn(async move {
+        let outcome = ctx
+            .storage
+            .store_owned(&state.session_id, &state, &ctx.host, epoch)
+            .await;
+        let outcome = match outcome {
+            Ok(()) => {
+                ctx.metrics.checkpoint("stored");
+                Ok(())
+            }
+            Err(e @ refleet_files::storage::StorageError::Fenced { .. }) => {
+                Err(format!("{FENCED}: {e}"))
+            }
+            Err(e) => {
+                ctx.metrics.checkpoint("failed");
+                tracing::warn!(session = %state.session_id, error = %e, "checkpoint failed; the next one retries");
+                Err(e.to_string())
+            }
+        };
+        let _ = tx.send(outcome);
+    });
+    rx
+}
+
 /// Stores the session's state; the error text when that failed.
 async fn store(core: &mut Core, gate: &Gate, ctx: &Context) -> Result<(), String> {
     let mut state = core.to_stored(Instant::now(), wall_ms());
     gate.fill(&mut state);
     let (messages, seq) = (state.messages.len(), state.seq);
-    match ctx.storage.store_session(&state.session_id, &state).await {
+    match ctx
+        .storage
+        .store_owned(&state.session_id, &state, &ctx.host, gate.epoch)
+        .await
+    {
         Ok(()) => {
             ctx.metrics.session_state("store", true);
             tracing::info!(session = %core.id(), seq, messages, "session state stored");
             Ok(())
+        }
+        Err(e @ refleet_files::storage::StorageError::Fenced { .. }) => {
+            ctx.metrics.session_state("store", false);
+            tracing::warn!(session = %core.id(), error = %e, "not stored: another reflector runs this session now");
+            Err(format!("{FENCED}: {e}"))
         }
         Err(e) => {
             ctx.metrics.session_state("store", false);

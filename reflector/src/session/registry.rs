@@ -467,6 +467,8 @@ mod tests {
             files_base: "http://f".into(),
             snapshot_retention: 1,
             admission: crate::admission::Admission::new(false, Default::default()),
+            host: "test".into(),
+            checkpoint_interval: None,
         }))
     }
 

@@ -53,6 +53,16 @@ pub struct StoredSession {
     /// admitted with: what a returning view must present again.
     #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
     pub views: std::collections::HashMap<String, String>,
+    /// Stored when the session ended, moved or drained (its clients were closed first, so
+    /// none saw more than this). False for a checkpoint of a running session: a crash may
+    /// have lost messages some clients saw, so the session resumes on a fresh timeline.
+    #[serde(default = "stored_clean")]
+    pub clean: bool,
+}
+
+/// Records written before checkpoints existed were all stored at the session's end.
+fn stored_clean() -> bool {
+    true
 }
 
 /// The current stored-session format.
