@@ -80,6 +80,7 @@ fn fleet_view(sessions: Vec<SessionDef>, shards: u32) -> FleetView {
             ("r-eu".into(), "ws://eu.test/".into()),
             ("r-us".into(), "ws://us.test/".into()),
         ]),
+        gateways: HashMap::new(),
     }
 }
 

@@ -389,5 +389,6 @@ pub fn fleet_view(observed: &Observed, mut input: PlanInput, plan: &Plan) -> Fle
         input,
         sessions,
         urls,
+        gateways: HashMap::new(),
     }
 }

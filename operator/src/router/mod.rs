@@ -45,6 +45,7 @@ pub mod client;
 pub mod ledger;
 pub mod metrics;
 pub mod pick;
+pub mod placement;
 pub mod reports;
 mod route;
 pub mod service;
@@ -66,6 +67,7 @@ use tokio::time::Instant;
 use self::ledger::{Ledger, Millis};
 use self::metrics::RouterMetrics;
 use self::pick::threshold_load;
+pub use self::placement::{Placement, PlacementError};
 use self::route::{Attempt, Routed, fill_load, validate};
 use self::view::{FleetState, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
@@ -207,6 +209,8 @@ pub struct Router {
     /// Wall-clock Unix ms at `started`, to turn ledger times into token expiries.
     started_unix_ms: u64,
     changed: watch::Sender<u64>,
+    /// Ticks when a shard's placement may have changed ([`placement`]).
+    placement: watch::Sender<u64>,
     wake: Notify,
     /// Routing metrics.
     pub metrics: RouterMetrics,
@@ -243,6 +247,7 @@ impl Router {
             started: Instant::now(),
             started_unix_ms: unix_ms(),
             changed: watch::channel(0).0,
+            placement: watch::channel(0).0,
             wake: Notify::new(),
             metrics,
         });
@@ -299,7 +304,7 @@ impl Router {
         let now = self.now();
         let mut inner = lock(&self.inner);
         inner.ledger.expire(now);
-        inner.fleet.expire_reports(now, self.grace());
+        self.expire_reports(&mut inner.fleet, now);
         let pools: HashSet<&str> = input.pools.iter().map(|p| p.id.as_str()).collect();
         for d in inner.demanded.values() {
             if pools.contains(d.pool.as_str()) && !input.sessions.iter().any(|s| s.key == d.key) {
@@ -337,6 +342,7 @@ impl Router {
         inner.fleet.publish(key, fleet);
         drop(inner);
         self.changed.send_modify(|g| *g += 1);
+        self.bump_placement();
     }
 
     /// Takes one load report of a reflector. The report stream has already checked that it
@@ -362,7 +368,7 @@ impl Router {
                 .or_insert(0);
             *n = n.saturating_add(s.users);
         }
-        inner.fleet.observe(
+        let revived = inner.fleet.observe(
             &report.reflector,
             &report.region,
             report.state == ReportedState::Draining as i32,
@@ -372,6 +378,9 @@ impl Router {
         );
         drop(guard);
         self.changed.send_modify(|g| *g += 1);
+        if revived {
+            self.bump_placement();
+        }
     }
 
     /// A reflector's report stream ended: once the grace period after its last report has
@@ -383,6 +392,13 @@ impl Router {
     /// Whether a published pool has region `region`.
     pub fn knows_region(&self, region: &str) -> bool {
         lock(&self.inner).fleet.knows_region(region)
+    }
+
+    /// Drops the load of silent reflectors; their shards' placement changes.
+    fn expire_reports(&self, fleet: &mut FleetState, now: Millis) {
+        if fleet.expire_reports(now, self.grace()) {
+            self.bump_placement();
+        }
     }
 
     fn grace(&self) -> Millis {
@@ -409,7 +425,7 @@ impl Router {
     pub fn live_streams(&self) -> BTreeMap<String, u32> {
         let now = self.now();
         let mut inner = lock(&self.inner);
-        inner.fleet.expire_reports(now, self.grace());
+        self.expire_reports(&mut inner.fleet, now);
         inner.fleet.live_streams()
     }
 
@@ -533,7 +549,7 @@ impl Router {
         }
         let now = self.now();
         let mut inner = lock(&self.inner);
-        inner.fleet.expire_reports(now, self.grace());
+        self.expire_reports(&mut inner.fleet, now);
         let (view, at) = inner
             .fleet
             .find_session(namespace, session)
