@@ -1336,3 +1336,22 @@ async fn a_report_stream_cut_and_restored_counts_its_load_once() {
     assert_eq!(r.live_streams().values().sum::<u32>(), 1, "one live stream");
     reporting_third.abort();
 }
+
+#[tokio::test]
+async fn with_a_gateway_route_answers_the_region_s_gateway_and_the_placement_its_reflector() {
+    let (r, _) = router(RouterConfig::default());
+    let mut view = fleet_view(vec![session("lobby", 10, 10)], 3);
+    view.gateways = HashMap::from([("eu".into(), "wss://eu.gateway.test/".into())]);
+    r.publish("local", view);
+    let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        a.reflector_url,
+        format!("wss://eu.gateway.test/{}/", a.join_token)
+    );
+    // The gateway finds the host through the placement: the reflector's own URL.
+    let p = r.placement("app", &a.shard).unwrap();
+    assert_eq!(
+        (p.reflector.as_str(), p.url.as_str()),
+        ("r-eu", "ws://eu.test/")
+    );
+}

@@ -32,6 +32,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -130,6 +131,20 @@ pub struct Gateway {
     table: Arc<dyn Placements>,
     metrics: RegionMetrics,
     slots: Arc<Semaphore>,
+    /// Accepted connections not yet closed (the accept loop holds one slot ahead).
+    open: Arc<AtomicUsize>,
+}
+
+/// One accepted connection: its slot under the cap, and its place in the open count.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Gateway {
@@ -163,6 +178,7 @@ impl Gateway {
         Arc::new(Self {
             metrics: metrics.region(&config.region),
             slots: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            open: Arc::new(AtomicUsize::new(0)),
             config,
             table,
         })
@@ -180,7 +196,7 @@ impl Gateway {
 
     /// Connections open now (spliced or still in their request).
     pub fn open_connections(&self) -> usize {
-        self.config.max_connections.max(1) - self.slots.available_permits()
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Serves `listener` until `shutdown` completes; spliced connections go on until either
@@ -199,7 +215,7 @@ impl Gateway {
             let slot = tokio::select! {
                 () = &mut shutdown => return,
                 slot = self.slots.clone().acquire_owned() => match slot {
-                    Ok(s) => Arc::new(s),
+                    Ok(s) => s,
                     Err(_) => return,
                 },
             };
@@ -215,6 +231,11 @@ impl Gateway {
                     }
                 },
             };
+            self.open.fetch_add(1, Ordering::Relaxed);
+            let slot = Arc::new(Slot {
+                _permit: slot,
+                open: self.open.clone(),
+            });
             if let Err(error) = tcp.set_nodelay(true) {
                 tracing::debug!(%error, "TCP_NODELAY not set");
             }
@@ -241,7 +262,7 @@ impl Gateway {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+        slot: Arc<Slot>,
     ) -> Response<Body> {
         let path = req.uri().path();
         if path == "/healthz" {

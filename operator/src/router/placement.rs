@@ -67,28 +67,29 @@ impl Router {
         let now = self.now();
         let grace = self.grace();
         let inner = lock(&self.inner);
-        let mut found = None;
-        for view in inner.fleet.published() {
-            for sh in view.shards_named(shard) {
-                if app_of(sh) == Some(app_id) {
-                    found = Some((view, sh));
-                }
-            }
-        }
-        let Some((view, sh)) = found else {
-            // Opened by this router between two plans: it exists but has no host yet that
-            // a published view can vouch for.
-            return if inner
-                .opened
-                .iter()
-                .any(|s| s.name == shard && app_of(s) == Some(app_id))
-            {
-                Err(PlacementError::NotReady)
-            } else {
-                Err(PlacementError::Unknown)
-            };
-        };
+        let published = inner.fleet.published().find_map(|view| {
+            view.shards_named(shard)
+                .find(|sh| app_of(sh) == Some(app_id))
+                .map(|sh| (Some(view), sh))
+        });
+        // A shard this router opened between two plans is hosted on a reflector some
+        // published view knows (the Route that opened it answered only once it was ready).
+        let (view, sh) = published
+            .or_else(|| {
+                inner
+                    .opened
+                    .iter()
+                    .find(|s| s.name == shard && app_of(s) == Some(app_id))
+                    .map(|sh| {
+                        let view = sh.reflector.as_deref().and_then(|r| {
+                            inner.fleet.published().find(|v| v.reflector(r).is_some())
+                        });
+                        (view, sh)
+                    })
+            })
+            .ok_or(PlacementError::Unknown)?;
         resolve(sh, |r| {
+            let view = view?;
             let observed = view.reflector(r)?;
             // Draining reflectors still host their live shards (they refuse only new
             // sessions themselves), so their returning clients must reach them.
