@@ -27,6 +27,8 @@ spec:
     maxReflectors: 3
     warmBuffer: 0
   regions: [{name: local-a}]
+  # Clients join through the region's gateway (Route answers its URL).
+  gateway: {enabled: true}
   drainGracePeriodSeconds: 5
   scaleDownCooldownSeconds: 4
 ---
@@ -54,13 +56,14 @@ e2eTest('refleet up opens a second shard on a second reflector past the threshol
     assert.equal(shard0.region, 'local-a');
     assert.equal(reflectorsOf(await fleet.status()).length, 1, 'one reflector before any load');
     h.mark(`shard 0 on ${shard0.reflector} at ${shard0.url}`);
+    const gateway = (await fleet.status()).gateways.find(g => g.region === 'local-a').url;
 
     // Three users reach the threshold (0.75 × 4).
     const crowd = ['a', 'b', 'c'].map(tag => routedParticipant(h, { tag, route: fleet.url, session: 'lobby' }));
     await Promise.all(crowd.map(p => p.waitJoined(30000)));
     for (const p of crowd) {
         assert.equal(p.route.name, 'lobby', `${p.tag} is routed to shard 0`);
-        assert.ok(p.route.reflector.startsWith(shard0.url), `${p.tag} joins shard 0's reflector`);
+        assert.ok(p.route.reflector.startsWith(gateway), `${p.tag} joins through the region's gateway`);
     }
     h.mark('3 clients routed to and joined shard 0');
 
@@ -81,9 +84,9 @@ e2eTest('refleet up opens a second shard on a second reflector past the threshol
     const d = [routedParticipant(h, { tag: 'd', route: fleet.url, session: 'lobby' })];
     await d[0].waitJoined(30000);
     assert.equal(d[0].route.name, 'lobby~1', 'd is routed to the new shard');
-    assert.ok(d[0].route.reflector.startsWith(s1.url), 'd joins the new shard on the second reflector');
+    assert.ok(d[0].route.reflector.startsWith(gateway), 'd joins through the same gateway address');
     await waitFor(async () => (await fleet.shards('lobby')).find(s => s.shard === 'lobby~1')?.users === 1,
-        { timeout: 10000, what: 'lobby~1 to report 1 user' });
+        { timeout: 10000, what: 'lobby~1 (on the second reflector) to report 1 user' });
     h.mark('client d on lobby~1');
 
     await Promise.all([...crowd, ...d].map(p => p.exit()));

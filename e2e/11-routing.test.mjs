@@ -31,6 +31,8 @@ spec:
     maxReflectors: 2
     warmBuffer: 0
   regions: [{name: local-a}]
+  # Clients join through the region's gateway (Route answers its URL).
+  gateway: {enabled: true}
 ---
 apiVersion: refleet.dev/v1alpha1
 kind: Session

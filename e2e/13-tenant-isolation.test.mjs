@@ -43,6 +43,8 @@ spec:
     maxReflectors: 1
     warmBuffer: 0
   regions: [{name: local-a}]
+  # Clients join through the region's gateway (Route answers its URL).
+  gateway: {enabled: true}
 ---
 apiVersion: refleet.dev/v1alpha1
 kind: Session
@@ -165,8 +167,12 @@ e2eTest('an attacker app on the same fleet cannot join, impersonate, overwrite, 
     await v2.waitForCount(3, 15000);
     const victimSid = s1.sessionId;
     const victimView = s1.viewId;
-    const { base } = splitToken(v1.route.reflector);
-    h.mark(`victim joined: session ${victimSid}, view ${victimView}, reflector ${base}`);
+    // Clients join through the region's gateway; the attacks below that need the reflector
+    // itself (no token at all, its /sessions and /metrics) go to its own address.
+    const gateway = splitToken(v1.route.reflector).base;
+    const base = (await fleet.shards('lobby'))[0].url;
+    assert.ok(base && base !== gateway, `lobby's reflector has its own address (${base})`);
+    h.mark(`victim joined: session ${victimSid}, view ${victimView}, gateway ${gateway}, reflector ${base}`);
     // The victim's persisted data, uploaded from its clients' address (as its client would).
     const files = v1.route.files;
     const entry = await waitFor(async () => {
@@ -268,7 +274,7 @@ e2eTest('an attacker app on the same fleet cannot join, impersonate, overwrite, 
         const r = await routeFrom(endpoint, 'lobby', `127.0.1.${i + 1}`);
         assert.equal(r.status, 200, JSON.stringify(r.body));
         assert.ok(!r.body.reflectorUrl.includes('attacker'), `Route sent a client to ${r.body.reflectorUrl}`);
-        assert.equal(splitToken(r.body.reflectorUrl).base, base);
+        assert.equal(splitToken(r.body.reflectorUrl).base, gateway);
     }
     await impostor.kill();
     h.mark('11/12: the impostor reflector was refused; routes go to the real reflector');

@@ -131,6 +131,7 @@ fn router() -> Arc<Router> {
                 ("r-eu".into(), "ws://eu.test/".into()),
                 ("r-us".into(), "ws://us.test/".into()),
             ]),
+            gateways: HashMap::new(),
         },
     );
     r

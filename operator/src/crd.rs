@@ -107,6 +107,9 @@ pub const VERSION: &str = "v1alpha1";
 #[x_kube(validation = Rule::new(
     "has(self.defaults.image) || self.regions.all(r, has(r.image))"
 ).message("every region needs a reflector image: set spec.defaults.image or regions[].image"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.moves) || !self.moves.enabled || (has(self.gateway) && self.gateway.enabled)"
+).message("moves need the gateway: a moved shard's clients reconnect to the same URL (set spec.gateway.enabled)"))]
 #[serde(rename_all = "camelCase")]
 pub struct ReflectorPoolSpec {
     /// Pool-wide reflector settings. Every region uses these unless it overrides a field in
@@ -141,6 +144,13 @@ pub struct ReflectorPoolSpec {
     /// router and connect to it directly.
     #[serde(rename = "reflectorURL")]
     pub reflector_url: ReflectorUrlSpec,
+
+    /// The pool's regional gateways: one stable WebSocket address per region that checks
+    /// the join token and splices each connection to the reflector hosting its shard now.
+    /// With it on, Route answers the gateway's URL and reflectors need no public address.
+    /// Off by default (clients connect to each reflector's `reflectorURL`).
+    #[serde(default, skip_serializing_if = "GatewaySpec::is_off")]
+    pub gateway: GatewaySpec,
 
     /// Seconds a draining reflector keeps serving its live shards before it stores their
     /// state and exits. Reflector pods get a termination grace period at least this long.
@@ -352,6 +362,64 @@ pub struct FilesSpec {
     #[serde(rename = "publicURL")]
     #[schemars(length(min = 1))]
     pub public_url: String,
+}
+
+/// The pool's regional gateways (`spec.gateway`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("!self.enabled || has(self.publicURL)")
+    .message("gateway.publicURL is required when the gateway is enabled"))]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Run a gateway per region and have Route answer its URL instead of reflector URLs.
+    /// Needs join tokens (the gateway reads the shard from the token). Default false.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Gateway pods per region when no autoscaler manages them. Default 2.
+    #[serde(default = "default_gateway_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: u32,
+
+    /// Public base URL of a region's gateway, with placeholders `{region}` and
+    /// `{namespace}`, e.g. `wss://{region}.gateway.example.com/`. Route answers it followed
+    /// by the join token and `/`. Required when enabled (`refleet up` serves each region
+    /// on a loopback port of its own and ignores it).
+    #[serde(default, rename = "publicURL", skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.contains('{region}')")
+        .message("gateway.publicURL must contain {region}: every region needs its own gateway address"))]
+    pub public_url: Option<String>,
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            replicas: default_gateway_replicas(),
+            public_url: None,
+        }
+    }
+}
+
+fn default_gateway_replicas() -> u32 {
+    2
+}
+
+impl GatewaySpec {
+    fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The public URL of `region`'s gateway in `namespace`, when the gateway is on.
+    pub fn url(&self, region: &str, namespace: &str) -> Option<String> {
+        let template = self.public_url.as_deref().filter(|_| self.enabled)?;
+        let mut url = template
+            .replace("{region}", region)
+            .replace("{namespace}", namespace);
+        if !url.ends_with('/') {
+            url.push('/');
+        }
+        Some(url)
+    }
 }
 
 /// How a reflector's public WebSocket URL is formed.

@@ -14,6 +14,8 @@
 //! - [`secrets`]: the operator's own Secrets (join-token signing key, report key).
 //! - [`fleet`]: what both backends share between observing and acting: one [`fleet::Observed`]
 //!   and the planner's input built from it (no kube types).
+//! - [`gateway`]: the regional WebSocket gateway (`refleet gateway`, and one per region in
+//!   `refleet up`): checks the join token, finds the shard's host, splices the bytes.
 //! - [`controller`]: the kube backend (controllers, leader election).
 //! - [`local`]: the local backend behind `refleet up`.
 //! - [`cli`]: the long-running subcommands of the `refleet` binary.
@@ -28,7 +30,8 @@
 //! 2. `crdgen` (pure);
 //! 3. `router`, `metrics`, `secrets` (services the backends share; `router` and `metrics`
 //!    name no kube types);
-//! 4. `fleet` (what the two backends share: observed state to planner input; no kube types);
+//! 4. `fleet` (what the two backends share: observed state to planner input; no kube types),
+//!    `gateway` (the proxy, on the router's placements);
 //! 5. `controller`, `local` (the two backends: neither names the other);
 //! 6. `cli` (the binary's subcommands).
 //!
@@ -45,6 +48,7 @@ pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod fleet;
+pub mod gateway;
 pub mod local;
 pub mod metrics;
 pub mod router;

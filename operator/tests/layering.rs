@@ -351,7 +351,7 @@ const OPERATOR_LAYERS: &[&[&str]] = &[
     &["crd"],
     &["crdgen"],
     &["router", "metrics", "secrets"],
-    &["fleet"],
+    &["fleet", "gateway"],
     &["controller", "local"],
     &["cli"],
 ];

@@ -84,6 +84,7 @@ fn fleet_view(sessions: Vec<SessionDef>, shards: u32) -> FleetView {
             ("r-eu".into(), "ws://eu.test/".into()),
             ("r-us".into(), "ws://us.test/".into()),
         ]),
+        gateways: HashMap::new(),
     }
 }
 
@@ -1397,6 +1398,11 @@ async fn a_move_is_asked_of_its_source_and_lands_on_the_target_at_once() {
     r.publish("local", moving_view());
     let url = report_hub(&r, None).await;
     assert_eq!(lobby_shard(&r).state, "Moving");
+    assert_eq!(
+        r.placement("app", "lobby"),
+        Err(refleet_operator::router::PlacementError::Moving),
+        "gateways hold new connections (503) while it moves"
+    );
     // The source reports first: the target is not reporting yet, so nothing is asked.
     let mut source = open(&url, None, lobby_report("r-eu", "eu", 1, 7))
         .await
@@ -1446,6 +1452,8 @@ async fn a_move_is_asked_of_its_source_and_lands_on_the_target_at_once() {
         lobby_shard(&r).reflector == "r-eu-2"
     })
     .await;
+    // The gateways' placement follows at once.
+    assert_eq!(r.placement("app", "lobby").unwrap().reflector, "r-eu-2");
     let s = lobby_shard(&r);
     assert_eq!(
         (s.state.as_str(), s.url.as_str()),
@@ -1558,4 +1566,23 @@ async fn a_move_asked_for_by_hand_is_checked_and_offered_to_the_next_plans() {
     let mut after = view.input.clone();
     r.prepare(&mut after);
     assert!(after.move_requests.is_empty(), "taken by a plan");
+}
+
+#[tokio::test]
+async fn with_a_gateway_route_answers_the_region_s_gateway_and_the_placement_its_reflector() {
+    let (r, _) = router(RouterConfig::default());
+    let mut view = fleet_view(vec![session("lobby", 10, 10)], 3);
+    view.gateways = HashMap::from([("eu".into(), "wss://eu.gateway.test/".into())]);
+    r.publish("local", view);
+    let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        a.reflector_url,
+        format!("wss://eu.gateway.test/{}/", a.join_token)
+    );
+    // The gateway finds the host through the placement: the reflector's own URL.
+    let p = r.placement("app", &a.shard).unwrap();
+    assert_eq!(
+        (p.reflector.as_str(), p.url.as_str()),
+        ("r-eu", "ws://eu.test/")
+    );
 }

@@ -5,7 +5,7 @@
 //! reflectors' report stream on a loopback port of its own), and runs the local backend's observe → plan → act loop until Ctrl-C or
 //! SIGTERM, which drains every reflector, waits for them to exit and returns.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::gateway::metrics::GatewayMetrics;
+use crate::gateway::{Gateway, GatewayConfig, Placements, RouterTable};
 use crate::local::config::{LocalConfig, LocalSettings};
 use crate::local::fleet::{Fleet, PoolRuntime};
 use crate::local::launcher::{ProcessLauncher, ProcessSettings, sessions_client};
@@ -218,9 +220,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         })
         .await
     });
+    let (stop_gateways, gateways_stopped) = tokio::sync::watch::channel(false);
+    let gateways = start_gateways(
+        &runtimes,
+        &router,
+        bound.ip(),
+        &GatewayMetrics::new(&metrics.registry),
+        &gateways_stopped,
+    )
+    .await?;
     println!("refleet: {base}");
     println!("status:  {base}v1/status");
     println!("route:   {base}v1/route?namespace=default&session=<name>");
+    for (region, url) in &gateways {
+        println!("gateway: {region} {url}");
+    }
     tracing::info!(listen = %bound, storage = %storage_location, reflector = %binary.display(), data_dir = %data_dir.display(), "refleet up started");
 
     let launcher = ProcessLauncher::new(ProcessSettings {
@@ -234,7 +248,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     });
     let mut fleet = Fleet::new(launcher, runtimes, sessions)
         .with_metrics(metrics)
-        .with_router(router.clone());
+        .with_router(router.clone())
+        .with_gateways(gateways);
     let started = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_millis(report_interval_millis.max(50)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,12 +283,71 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     tracing::info!(timeout = ?shutdown_timeout, "stopping: draining every reflector");
     fleet.shutdown(shutdown_timeout).await;
+    let _ = stop_gateways.send(true);
     let _ = stop_server.send(());
     let _ = serving.await;
     let _ = stop_reports.send(());
     let _ = reporting.await;
     print_flush("refleet up stopped\n");
     Ok(())
+}
+
+/// Starts a gateway for every region of every pool with `gateway.enabled`, each on a
+/// port of its own on `ip`, answering from the router itself; returns region → URL.
+/// Without join tokens there are none: the gateway reads the shard from the token.
+async fn start_gateways(
+    runtimes: &[PoolRuntime],
+    router: &Arc<Router>,
+    ip: std::net::IpAddr,
+    metrics: &GatewayMetrics,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut urls = BTreeMap::new();
+    let wanted: Vec<&PoolRuntime> = runtimes
+        .iter()
+        .filter(|rt| rt.pool.spec.gateway.enabled)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(urls);
+    }
+    if router.signer().is_none() {
+        tracing::warn!(
+            "gateway.enabled is ignored with joinTokens: false (the gateway reads the shard from the token); clients join reflectors directly"
+        );
+        return Ok(urls);
+    }
+    metrics.watch_connected.set(1);
+    let table: Arc<dyn Placements> = Arc::new(RouterTable::new(router.clone()));
+    for rt in wanted {
+        for region in &rt.pool.spec.regions {
+            if urls.contains_key(&region.name) {
+                continue;
+            }
+            let listener = tokio::net::TcpListener::bind((ip, 0))
+                .await
+                .with_context(|| format!("binding the gateway port of region {}", region.name))?;
+            let addr = listener
+                .local_addr()
+                .context("reading the gateway address")?;
+            let gateway = Gateway::new(
+                GatewayConfig {
+                    region: region.name.clone(),
+                    files_url: Some(rt.files_url.clone()),
+                    ..GatewayConfig::default()
+                },
+                table.clone(),
+                metrics,
+            );
+            let mut stop = stopped.clone();
+            tokio::spawn(gateway.serve(listener, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }));
+            let url = format!("http://{addr}/");
+            tracing::info!(region = %region.name, %url, "gateway listening");
+            urls.insert(region.name.clone(), url);
+        }
+    }
+    Ok(urls)
 }
 
 fn print_flush(text: &str) {

@@ -40,6 +40,18 @@ fn pod_public_url(pod: &Pod) -> Option<String> {
         .clone()
 }
 
+/// The in-cluster address of a reflector pod (its IP and port), once it has an IP: what the
+/// gateway connects to when the pool's gateway is on (clients never see it).
+fn pod_internal_url(pod: &Pod) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_owned()
+    };
+    Some(format!("http://{host}:{}/", super::pod::REFLECTOR_PORT))
+}
+
 /// What the kube backend observed for one pool, as the shared [`fleet::Observed`].
 pub fn observed(
     namespace: &str,
@@ -50,6 +62,9 @@ pub fn observed(
     loads: &LoadByPod,
 ) -> fleet::Observed {
     let id = pool_id(namespace, pool_name);
+    // With the gateway on, Route answers the gateway's URL and the gateway reaches each
+    // reflector at its pod address; without it, clients get the public URL.
+    let gateway = pool.is_some_and(|p| p.spec.gateway.enabled);
     fleet::Observed {
         pools: pool
             .map(|p| fleet::ObservedPool {
@@ -78,7 +93,11 @@ pub fn observed(
                     region: pod_region(p).map(str::to_owned),
                     image: pod_image(p),
                     state: pod_state(p),
-                    url: pod_public_url(p),
+                    url: if gateway {
+                        pod_internal_url(p)
+                    } else {
+                        pod_public_url(p)
+                    },
                     hosted: loads.get(&name).map(|l| {
                         l.sessions
                             .iter()

@@ -389,5 +389,19 @@ pub fn fleet_view(observed: &Observed, mut input: PlanInput, plan: &Plan) -> Fle
         input,
         sessions,
         urls,
+        gateways: gateway_urls(&observed.pools),
     }
+}
+
+/// Region → public URL of its gateway, for every pool whose gateway is on.
+pub fn gateway_urls(pools: &[ObservedPool]) -> HashMap<String, String> {
+    pools
+        .iter()
+        .flat_map(|p| {
+            p.spec
+                .regions
+                .iter()
+                .filter_map(|r| Some((r.name.clone(), p.spec.gateway.url(&r.name, &p.namespace)?)))
+        })
+        .collect()
 }

@@ -379,6 +379,12 @@ fn fill_local_pool_defaults(spec: &mut Value) {
         .or_insert_with(|| serde_json::json!({ "publicURL": "http://refleet-up.local/files" }));
     obj.entry("reflectorURL")
         .or_insert_with(|| serde_json::json!({ "template": "http://{pod}/" }));
+    // refleet up serves each region's gateway on a loopback port of its own.
+    if let Some(gateway) = obj.get_mut("gateway").and_then(Value::as_object_mut) {
+        gateway
+            .entry("publicURL")
+            .or_insert_with(|| Value::String("http://refleet-up.local/{region}/".into()));
+    }
     let defaults = obj
         .entry("defaults")
         .or_insert_with(|| Value::Object(Default::default()));

@@ -65,6 +65,8 @@ pub struct Fleet<L> {
     decisions: VecDeque<DecisionView>,
     router: Option<Arc<Router>>,
     metrics: Arc<OperatorMetrics>,
+    /// Region → the URL of its gateway, for pools whose gateway is on.
+    gateways: BTreeMap<String, String>,
 }
 
 impl<L: Launcher> Fleet<L> {
@@ -83,6 +85,7 @@ impl<L: Launcher> Fleet<L> {
             decisions: VecDeque::new(),
             router: None,
             metrics: metrics.clone(),
+            gateways: BTreeMap::new(),
         }
         .with_metrics(metrics)
     }
@@ -112,6 +115,13 @@ impl<L: Launcher> Fleet<L> {
                 .flat_map(|p| p.pool.spec.regions.iter().map(|r| r.name.as_str())),
         );
         self.router = Some(router);
+        self
+    }
+
+    /// Has Route answer `gateways` (region → the URL of its gateway) instead of reflector
+    /// URLs, and shows them in the status.
+    pub fn with_gateways(mut self, gateways: BTreeMap<String, String>) -> Self {
+        self.gateways = gateways;
         self
     }
 
@@ -166,7 +176,9 @@ impl<L: Launcher> Fleet<L> {
             });
         }
         if let Some(router) = &self.router {
-            router.publish("local", fleet::fleet_view(&observed, input, &plan));
+            let mut view = fleet::fleet_view(&observed, input, &plan);
+            view.gateways = self.gateways.clone().into_iter().collect();
+            router.publish("local", view);
             router
                 .metrics
                 .set_reservations(&router.reservations_by_region());
@@ -451,6 +463,14 @@ impl<L: Launcher> Fleet<L> {
             .collect();
         Status {
             files_url: self.pools.first().map(|p| p.files_url.clone()),
+            gateways: self
+                .gateways
+                .iter()
+                .map(|(region, url)| GatewayView {
+                    region: region.clone(),
+                    url: url.clone(),
+                })
+                .collect(),
             regions,
             shards,
             decisions: self.decisions.iter().cloned().collect(),
@@ -489,12 +509,24 @@ fn log_decision(d: &Decision) {
 pub struct Status {
     /// The files base URL of the (first) pool.
     pub files_url: Option<String>,
+    /// Each region's gateway (pools with `gateway.enabled`): the URL clients join.
+    pub gateways: Vec<GatewayView>,
     /// Every region of every pool, with its reflectors.
     pub regions: Vec<RegionView>,
     /// Every shard with its placement.
     pub shards: Vec<ShardView>,
     /// The most recent planner decisions, oldest first.
     pub decisions: Vec<DecisionView>,
+}
+
+/// One region's gateway.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayView {
+    /// Region name.
+    pub region: String,
+    /// Its base URL (`http://127.0.0.1:PORT/`); Route answers it followed by the token.
+    pub url: String,
 }
 
 /// One region.

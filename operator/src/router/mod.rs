@@ -50,6 +50,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod moves;
 pub mod pick;
+pub mod placement;
 pub mod reports;
 mod route;
 pub mod service;
@@ -74,6 +75,7 @@ use self::ledger::{Ledger, Millis};
 use self::metrics::RouterMetrics;
 use self::moves::{Ended, MoveBook, Outcome};
 use self::pick::threshold_load;
+pub use self::placement::{Placement, PlacementError};
 use self::route::{Attempt, Routed, fill_load, validate};
 use self::view::{FleetState, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
@@ -228,6 +230,8 @@ pub struct Router {
     /// Wall-clock Unix ms at `started`, to turn ledger times into token expiries.
     started_unix_ms: u64,
     changed: watch::Sender<u64>,
+    /// Ticks when a shard's placement may have changed ([`placement`]).
+    placement: watch::Sender<u64>,
     wake: Notify,
     /// The open report streams by reflector, each with the id of its stream.
     streams: Mutex<std::collections::HashMap<String, (u64, InstructionSender)>>,
@@ -267,6 +271,7 @@ impl Router {
             started: Instant::now(),
             started_unix_ms: unix_ms(),
             changed: watch::channel(0).0,
+            placement: watch::channel(0).0,
             wake: Notify::new(),
             streams: Mutex::default(),
             metrics,
@@ -324,7 +329,7 @@ impl Router {
         let now = self.now();
         let mut inner = lock(&self.inner);
         inner.ledger.expire(now);
-        inner.fleet.expire_reports(now, self.grace());
+        self.expire_reports(&mut inner.fleet, now);
         let pools: HashSet<&str> = input.pools.iter().map(|p| p.id.as_str()).collect();
         for d in inner.demanded.values() {
             if pools.contains(d.pool.as_str()) && !input.sessions.iter().any(|s| s.key == d.key) {
@@ -395,6 +400,7 @@ impl Router {
         drop(inner);
         self.drive_moves();
         self.changed.send_modify(|g| *g += 1);
+        self.bump_placement();
     }
 
     /// Takes one load report of a reflector. The report stream has already checked that it
@@ -420,7 +426,7 @@ impl Router {
                 .or_insert(0);
             *n = n.saturating_add(s.users);
         }
-        inner.fleet.observe(
+        let revived = inner.fleet.observe(
             &report.reflector,
             &report.region,
             report.state == ReportedState::Draining as i32,
@@ -443,6 +449,9 @@ impl Router {
             self.drive_moves();
         }
         self.changed.send_modify(|g| *g += 1);
+        if revived {
+            self.bump_placement();
+        }
     }
 
     // === moves ===
@@ -476,6 +485,8 @@ impl Router {
         }
         self.metrics.move_ended(e.outcome.label());
         self.metrics.set_moves_in_flight(inner.moves.in_flight());
+        // Gateways answer the shard's new host (or its source again) from now on.
+        self.bump_placement();
     }
 
     fn streams(&self) -> MutexGuard<'_, HashMap<String, (u64, InstructionSender)>> {
@@ -611,6 +622,13 @@ impl Router {
         lock(&self.inner).fleet.knows_region(region)
     }
 
+    /// Drops the load of silent reflectors; their shards' placement changes.
+    fn expire_reports(&self, fleet: &mut FleetState, now: Millis) {
+        if fleet.expire_reports(now, self.grace()) {
+            self.bump_placement();
+        }
+    }
+
     fn grace(&self) -> Millis {
         self.config.report_grace.as_millis() as Millis
     }
@@ -635,7 +653,7 @@ impl Router {
     pub fn live_streams(&self) -> BTreeMap<String, u32> {
         let now = self.now();
         let mut inner = lock(&self.inner);
-        inner.fleet.expire_reports(now, self.grace());
+        self.expire_reports(&mut inner.fleet, now);
         inner.fleet.live_streams()
     }
 
@@ -759,7 +777,7 @@ impl Router {
         }
         let now = self.now();
         let mut inner = lock(&self.inner);
-        inner.fleet.expire_reports(now, self.grace());
+        self.expire_reports(&mut inner.fleet, now);
         let (view, at) = inner
             .fleet
             .find_session(namespace, session)

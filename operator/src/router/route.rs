@@ -175,6 +175,9 @@ struct Shards<'a> {
     /// Places below the threshold not taken by users: what anonymous callers may hold a
     /// share of.
     free: u64,
+    /// The public gateway URL per region where the pool has one: answered instead of the
+    /// reflector's own URL.
+    gateways: &'a std::collections::HashMap<String, String>,
 }
 
 impl<'a> Shards<'a> {
@@ -202,6 +205,7 @@ impl<'a> Shards<'a> {
             routable: Vec::with_capacity(shards.len()),
             opening: false,
             free: 0,
+            gateways: &view.fleet.gateways,
         };
         // Looked up once per Route, not once per shard: a session's shards mostly share
         // a few reflectors, and all of them its app.
@@ -249,6 +253,7 @@ impl<'a> Shards<'a> {
 
     fn answer(&self, i: usize) -> Answer {
         let (sh, url) = self.routable[i];
+        let url = self.gateways.get(&sh.region).map_or(url, String::as_str);
         (sh.name.clone(), url.to_owned(), sh.region.clone())
     }
 }
@@ -341,7 +346,7 @@ impl Router {
         let now = self.now();
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        inner.fleet.expire_reports(now, self.grace());
+        self.expire_reports(&mut inner.fleet, now);
         let (view, at) = inner
             .fleet
             .find_session(&req.namespace, &req.session)
@@ -462,6 +467,12 @@ impl Router {
             .reflector
             .as_deref()
             .and_then(|r| inner.fleet.routable_url(view, r, now, self.grace()));
+        let url = url.map(|url| {
+            view.fleet
+                .gateways
+                .get(&opened.region)
+                .map_or(url, String::as_str)
+        });
         Ok(url.map(|url| (opened.name.clone(), url.to_owned(), opened.region.clone())))
     }
 
@@ -768,6 +779,7 @@ mod tests {
             },
             sessions: vec![session(Some("a"), None)],
             urls: HashMap::from([("r1".into(), "ws://r1/".into())]),
+            gateways: HashMap::new(),
         })
     }
 

@@ -49,6 +49,9 @@ pub struct FleetView {
     pub sessions: Vec<SessionDef>,
     /// Public WebSocket base URL of each reflector that has one.
     pub urls: HashMap<String, String>,
+    /// Public base URL of each region's gateway, for pools whose gateway is on: Route
+    /// answers it instead of the reflector's URL (the gateway finds the host per connection).
+    pub gateways: HashMap<String, String>,
 }
 
 /// Users per shard: appId → shard name → count.
@@ -297,7 +300,8 @@ impl FleetState {
         })
     }
 
-    /// Takes one report of `reflector`: its users replace what it reported before.
+    /// Takes one report of `reflector`: its users replace what it reported before. True
+    /// when the reflector was unknown or expired before: its shards' placement changed.
     pub(super) fn observe(
         &mut self,
         reflector: &str,
@@ -306,7 +310,7 @@ impl FleetState {
         users: ShardUsers,
         now: Millis,
         grace: Millis,
-    ) {
+    ) -> bool {
         self.tally.add(&users);
         let previous = self.live.insert(
             reflector.to_owned(),
@@ -319,10 +323,14 @@ impl FleetState {
                 users,
             },
         );
+        let revived = previous
+            .as_ref()
+            .is_none_or(|p| p.expired || now.saturating_sub(p.seen) > grace);
         if let Some(p) = previous {
             self.tally.remove(&p.users);
         }
         self.next_expiry = self.next_expiry.min(now + grace);
+        revived
     }
 
     /// A reflector's stream ended; its load still counts until the grace period is over
@@ -342,11 +350,12 @@ impl FleetState {
 
     /// Drops the load of every reflector with no report within `grace` (a lost or silent
     /// stream), so a crashed reflector's users stop holding its shards full. Cheap when
-    /// nothing can have expired yet: one comparison.
-    pub(super) fn expire_reports(&mut self, now: Millis, grace: Millis) {
+    /// nothing can have expired yet: one comparison. True when a reflector expired now.
+    pub(super) fn expire_reports(&mut self, now: Millis, grace: Millis) -> bool {
         if now < self.next_expiry {
-            return;
+            return false;
         }
+        let mut expired_now = false;
         let FleetState {
             live,
             tally,
@@ -363,6 +372,7 @@ impl FleetState {
                 tally.remove(&l.users);
                 l.users.clear();
                 l.expired = true;
+                expired_now = true;
                 tracing::warn!(reflector = %name, connected = l.connected, "no report within the grace period: its load no longer counts and it gets no routes");
                 return true;
             }
@@ -370,6 +380,15 @@ impl FleetState {
             true
         });
         self.next_expiry = next;
+        expired_now
+    }
+
+    /// Whether `reflector` went silent on its report stream: no report within `grace`
+    /// (expired, or past it before the next expiry pass). Never reported: not silent.
+    pub(super) fn silent(&self, reflector: &str, now: Millis, grace: Millis) -> bool {
+        self.live
+            .get(reflector)
+            .is_some_and(|l| l.expired || now.saturating_sub(l.seen) > grace)
     }
 
     /// Users of a shard, if any live reflector reports it.
@@ -492,6 +511,7 @@ pub(super) mod tests {
                 ("r1".into(), "ws://r1/".into()),
                 ("r2".into(), "ws://r2/".into()),
             ]),
+            gateways: HashMap::new(),
         }
     }
 
