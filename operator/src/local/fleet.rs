@@ -407,6 +407,7 @@ impl<L: Launcher> Fleet<L> {
                     .map(|(name, r)| ReflectorView {
                         name: name.clone(),
                         state: state_name(r.state),
+                        pid: self.launcher.pid(name),
                         url: r.url.clone(),
                         files_url: rt.files_url.clone(),
                         users: r.sessions.iter().map(|s| s.users).sum(),
@@ -551,6 +552,9 @@ pub struct ReflectorView {
     pub name: String,
     /// `Starting`, `Ready` or `Draining`.
     pub state: &'static str,
+    /// Its process id, while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     /// The box URL clients join (`http://127.0.0.1:PORT/`), once ready.
     pub url: Option<String>,
     /// The pool's files base URL.

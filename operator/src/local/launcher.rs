@@ -94,6 +94,11 @@ pub trait Launcher: Send {
     fn observe(&mut self) -> impl Future<Output = BTreeMap<String, Observed>> + Send;
     /// Forgets an exited reflector.
     fn forget(&mut self, name: &str);
+    /// Its operating-system process id, when it is a running process (shown in the status,
+    /// so a person or a test can signal it).
+    fn pid(&self, _name: &str) -> Option<u32> {
+        None
+    }
 }
 
 // === impl ProcessLauncher ===
@@ -156,6 +161,10 @@ impl ProcessLauncher {
 }
 
 impl Launcher for ProcessLauncher {
+    fn pid(&self, name: &str) -> Option<u32> {
+        self.children.get(name).and_then(|c| c.child.id())
+    }
+
     fn start(&mut self, req: StartRequest) -> Result<(), LaunchError> {
         let s = &self.settings;
         let spawn_err = |source| LaunchError::Spawn {

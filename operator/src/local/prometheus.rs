@@ -247,6 +247,7 @@ mod tests {
     fn reflector(name: &str, state: &'static str, url: Option<&str>) -> ReflectorView {
         ReflectorView {
             name: name.into(),
+            pid: None,
             state,
             url: url.map(Into::into),
             files_url: "http://127.0.0.1:7080/files".into(),

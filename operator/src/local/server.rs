@@ -459,6 +459,7 @@ mod tests {
         for i in 0..3 {
             reflectors.push(ReflectorView {
                 name: format!("r{i}"),
+                pid: None,
                 state: "Ready",
                 url: Some(counting_reflector(hits.clone()).await),
                 files_url: String::new(),
