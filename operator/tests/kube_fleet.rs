@@ -6,7 +6,11 @@
 //!   own loopback address), the operator reads their load with `HttpLoad`, and real
 //!   protocol-level clients joining shard 0 past the Session's threshold make the operator
 //!   record the users and open shard `<name>~1`; each reflector opens its report stream with
-//!   the credential the operator put in its pod, and none is refused.
+//!   the credential the operator put in its pod, and none is refused;
+//! - on the same rig with moves on, a `refleet.dev/move-shard` annotation moves a live shard:
+//!   the Session's status shows it `Moving` (with `movingTo`) and then on the other
+//!   reflector, a `ShardMoving` Event is recorded, the source closes its clients with 4003,
+//!   and when the target's pod disappears the shard is placed again (`ShardReassigned`).
 //!
 //! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
 
@@ -27,7 +31,7 @@ use refleet_api::reflector::launch::{self, LaunchSpec, Setting};
 use refleet_operator::cli::operator::{LogFormat, OperatorArgs, serve};
 use refleet_operator::cli::routing::RoutingArgs;
 use refleet_operator::controller::observe::{HttpLoad, LoadSource, NoLoad};
-use refleet_operator::crd::{ReflectorPool, Session};
+use refleet_operator::crd::{ReflectorPool, Session, ShardPhase};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -321,13 +325,15 @@ async fn start_reflector(
 
 /// Stands in for the kubelet: every reflector pod of `ns` gets a reflector process on its
 /// own loopback address `127.0.0.(10+i)` and `port`, then a Running/Ready status with that
-/// podIP. Returns each pod's address as it goes.
+/// podIP. Returns each pod's address as it goes. Each pod stores under its own folder of
+/// `storage`, unless `shared` (a pool's object store, which moves need).
 async fn kubelet(
     pods: Api<Pod>,
     reflectors: Arc<Reflectors>,
     addrs: Arc<Mutex<HashMap<String, SocketAddr>>>,
     port: u16,
     storage: PathBuf,
+    shared: bool,
 ) {
     let bin = reflector_binary();
     loop {
@@ -357,7 +363,12 @@ async fn kubelet(
                 })
                 .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
                 .collect();
-            let child = start_reflector(&bin, addr, &storage.join(&name), env).await;
+            let dir = if shared {
+                storage.clone()
+            } else {
+                storage.join(&name)
+            };
+            let child = start_reflector(&bin, addr, &dir, env).await;
             reflectors.children.lock().unwrap().push(child);
             let status = json!({"status": {
                 "phase": "Running", "podIP": ip.to_string(),
@@ -440,6 +451,7 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
         addrs.clone(),
         port,
         storage.clone(),
+        false,
     ));
 
     // Reflectors report to this operator, each with the credential in its pod.
@@ -565,4 +577,232 @@ fn tempfile_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("refleet-kube-fleet-{}-data", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Whether `ws` is closed by the server with `code` within `timeout`.
+async fn closed_with(mut ws: Ws, code: u16, timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Close(Some(f))) => return u16::from(f.code) == code,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
+}
+
+async fn events_with_reason(admin: &Client, ns: &str, reason: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .map(|e| e.note.unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_replaced() {
+    let Some((_kube, kubeconfig)) = start_kube("moves", 3) else {
+        return;
+    };
+    let started = Instant::now();
+    refleet_operator::controller::install_crypto_provider();
+    let admin = admin_client(&kubeconfig).await;
+    let ns = "refleet-moves";
+    prepare(&admin, ns).await;
+    let port = std::net::TcpListener::bind("127.0.0.10:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let storage = tempfile_dir().join("moves");
+    std::fs::create_dir_all(&storage).unwrap();
+    let reflectors = Arc::new(Reflectors::default());
+    let addrs = Arc::new(Mutex::new(HashMap::new()));
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let kubelet = tokio::spawn(kubelet(
+        pods.clone(),
+        reflectors.clone(),
+        addrs.clone(),
+        port,
+        storage.clone(),
+        true,
+    ));
+    let report_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let routing = RoutingArgs {
+        report_listen: SocketAddr::from(([127, 0, 0, 1], report_port)),
+        reflector_report_url: Some(format!("http://127.0.0.1:{report_port}")),
+        report_secret: Some("refleet-report-key".to_owned()),
+        ..RoutingArgs::loopback()
+    };
+    let op = Operator::start(
+        admin.clone(),
+        ns,
+        "it-moves",
+        Duration::from_secs(6),
+        Arc::new(HttpLoad::with_port(port)),
+        routing,
+    )
+    .await;
+
+    // Two reflectors kept ready, the gateway and moves on.
+    let mut arena = pool("arena");
+    arena.spec.defaults.min_reflectors = Some(2);
+    arena.spec.defaults.max_reflectors = Some(3);
+    arena.spec.gateway.enabled = true;
+    arena.spec.gateway.public_url = Some("wss://gw-{region}.test/".into());
+    arena.spec.moves.enabled = true;
+    let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
+    pools.create(&PostParams::default(), &arena).await.unwrap();
+    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
+    let session: Session = serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "lobby"},
+        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
+                 "maxUsersPerShard": 10, "minShards": 1, "maxShards": 1}
+    }))
+    .unwrap();
+    sessions
+        .create(&PostParams::default(), &session)
+        .await
+        .unwrap();
+    let source = eventually("shard 0 placed", Duration::from_secs(30), || {
+        let sessions = sessions.clone();
+        async move {
+            let st = sessions.get("lobby").await.ok()?.status?;
+            let shard = st.shards.iter().find(|s| s.name == "lobby")?;
+            (!shard.reflector.is_empty()).then(|| shard.reflector.clone())
+        }
+    })
+    .await;
+    eventually("two reflectors reporting", Duration::from_secs(30), || {
+        let op = &op;
+        async move {
+            let text = op.metrics_text().await?;
+            text.lines()
+                .any(|l| l == "refleet_report_streams{region=\"eu\"} 2")
+                .then_some(())
+        }
+    })
+    .await;
+    let addr = addrs.lock().unwrap()[&source];
+    let mut clients = Vec::new();
+    for u in 0..2 {
+        clients.push(join(addr, "lobby-0", "app", "lobby", &format!("user-{u}")).await);
+    }
+
+    // Asked by hand: the status shows the shard Moving, then on the other reflector.
+    sessions
+        .patch(
+            "lobby",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"refleet.dev/move-shard": "lobby"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let closes: Vec<_> = clients
+        .into_iter()
+        .map(|ws| tokio::spawn(closed_with(ws, 4003, Duration::from_secs(30))))
+        .collect();
+    let saw_moving: Arc<Mutex<Option<String>>> = Arc::default();
+    let target = eventually(
+        "the shard to land elsewhere",
+        Duration::from_secs(40),
+        || {
+            let sessions = sessions.clone();
+            let source = source.clone();
+            let saw_moving = saw_moving.clone();
+            async move {
+                let st = sessions.get("lobby").await.ok()?.status?;
+                let shard = st.shards.iter().find(|s| s.name == "lobby")?;
+                if shard.state == ShardPhase::Moving {
+                    *saw_moving.lock().unwrap() = shard.moving_to.clone();
+                }
+                (shard.reflector != source && shard.state != ShardPhase::Moving)
+                    .then(|| (shard.reflector.clone(), st.handled_move_request.clone()))
+            }
+        },
+    )
+    .await;
+    let (target, handled) = target;
+    let saw_moving = saw_moving.lock().unwrap().clone();
+    assert_eq!(
+        saw_moving.as_deref(),
+        Some(target.as_str()),
+        "status showed Moving with movingTo"
+    );
+    assert_eq!(
+        handled.as_deref(),
+        Some("lobby"),
+        "the annotation is acted on once"
+    );
+    for c in closes {
+        assert!(c.await.unwrap(), "the source closed its clients with 4003");
+    }
+    let moving = eventually("a ShardMoving Event", Duration::from_secs(20), || {
+        let admin = admin.clone();
+        async move {
+            let notes = events_with_reason(&admin, ns, "ShardMoving").await;
+            (!notes.is_empty()).then_some(notes)
+        }
+    })
+    .await;
+    assert!(
+        moving[0].contains(&format!("from {source} to {target}")),
+        "{moving:?}"
+    );
+    let text = op.metrics_text().await.unwrap();
+    assert!(
+        text.contains("refleet_router_moves_total{outcome=\"landed\"} 1"),
+        "{text}"
+    );
+
+    // The target's pod disappears (node loss): the shard is placed again in its region.
+    pods.delete(&target, &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let again = eventually("the shard placed again", Duration::from_secs(40), || {
+        let sessions = sessions.clone();
+        let target = target.clone();
+        async move {
+            let st = sessions.get("lobby").await.ok()?.status?;
+            let shard = st.shards.iter().find(|s| s.name == "lobby")?;
+            (!shard.reflector.is_empty() && shard.reflector != target)
+                .then(|| shard.reflector.clone())
+        }
+    })
+    .await;
+    let reassigned = eventually("a ShardReassigned Event", Duration::from_secs(20), || {
+        let admin = admin.clone();
+        async move {
+            let notes = events_with_reason(&admin, ns, "ShardReassigned").await;
+            (!notes.is_empty()).then_some(notes)
+        }
+    })
+    .await;
+    assert!(reassigned[0].contains(&target), "{reassigned:?}");
+    eprintln!(
+        "moves test: placed again on {again}; took {:?}",
+        started.elapsed()
+    );
+    op.stop().await;
+    kubelet.abort();
+    drop(reflectors);
+    let _ = std::fs::remove_dir_all(&storage);
 }
