@@ -46,6 +46,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod pick;
 pub mod placement;
+pub mod placement_watch;
 pub mod reports;
 mod route;
 pub mod service;
