@@ -37,6 +37,8 @@ pub struct PlacementWatch {
     router: Arc<Router>,
     key: Option<Arc<ReportKey>>,
     leading: Option<Arc<AtomicBool>>,
+    /// Turns true when the server shuts down: every stream ends.
+    stopped: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl PlacementWatch {
@@ -51,7 +53,14 @@ impl PlacementWatch {
             router,
             key,
             leading,
+            stopped: None,
         }
+    }
+
+    /// Ends every stream (UNAVAILABLE, so gateways reconnect) once `stopped` turns true.
+    pub fn until(mut self, stopped: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopped = Some(stopped);
+        self
     }
 
     /// The tonic service.
@@ -150,7 +159,17 @@ impl Placements for PlacementWatch {
         tracing::info!(%region, ?peer, "placement watch open");
         let (tx, rx) = mpsc::channel::<Result<PlacementTable, Status>>(2);
         let watch = self.clone();
+        let mut stopped = self.stopped.clone();
         tokio::spawn(async move {
+            let stopping = async {
+                match &mut stopped {
+                    Some(rx) => {
+                        let _ = rx.wait_for(|s| *s).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(stopping);
             let mut changed = watch.router.placement_changed();
             let mut last: Option<PlacementTable> = None;
             loop {
@@ -169,6 +188,10 @@ impl Placements for PlacementWatch {
                     last = Some(next);
                 }
                 tokio::select! {
+                    () = &mut stopping => {
+                        let _ = tx.send(Err(Status::unavailable("the router is stopping; reconnect"))).await;
+                        break;
+                    }
                     () = tx.closed() => break,
                     _ = changed.changed() => {}
                     () = tokio::time::sleep(RECHECK) => {}
