@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 
-const PROTOS: [&str; 3] = [
+const PROTOS: [&str; 4] = [
     "refleet/routing/v1/routing.proto",
     "refleet/report/v1/report.proto",
+    "refleet/placement/v1/placement.proto",
     "refleet/token/v1/token.proto",
 ];
 

@@ -28,6 +28,12 @@ pub mod report {
     tonic::include_proto!("refleet.report.v1");
 }
 
+/// `refleet.placement.v1`: the placement watch (router → gateways).
+#[allow(clippy::all, missing_docs, rust_2018_idioms)]
+pub mod placement {
+    tonic::include_proto!("refleet.placement.v1");
+}
+
 /// `refleet.token.v1`: the join-token claims message.
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]
 pub mod token_proto {

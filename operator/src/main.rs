@@ -31,6 +31,10 @@ enum Command {
     /// Run a whole fleet on this machine: the planner, simulated regions on loopback and
     /// `refleet-reflector` child processes.
     Up(refleet_operator::cli::up::UpArgs),
+    /// Run one region's gateway: a stable WebSocket address that checks the join token and
+    /// splices each connection to the reflector hosting its shard (placements from the
+    /// router leader's watch stream).
+    Gateway(refleet_operator::cli::gateway::GatewayArgs),
     /// Print every CRD as one multi-document YAML stream, or write one file per CRD and/or
     /// the Markdown field reference.
     Crds {
@@ -51,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
     match command {
         Command::Operator(args) => refleet_operator::cli::operator::run(*args).await?,
         Command::Up(args) => refleet_operator::cli::up::run(args).await?,
+        Command::Gateway(args) => refleet_operator::cli::gateway::run(args).await?,
         Command::Crds {
             write: None,
             reference: None,

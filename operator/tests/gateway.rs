@@ -469,3 +469,128 @@ async fn after_a_placement_flip_the_next_connection_reaches_the_other_reflector(
     );
     drop((first, second));
 }
+
+/// Waits (bounded) until `f` holds.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_table_follows_the_leader_s_watch_and_keeps_its_last_table_between_leaders() {
+    use refleet_api::report_credential::ReportKey;
+    use refleet_operator::gateway::Placements as _;
+    use refleet_operator::gateway::watched::{WatchTarget, WatchedTable, follow};
+    use refleet_operator::router::placement_watch::GATEWAY_IDENTITY;
+    use refleet_operator::router::reports::{self, ReportHub};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let signer = Signer::new("k1", &[7; 32]);
+    let router = Router::new(
+        RouterConfig::default(),
+        Some(signer.clone()),
+        RouterMetrics::new(&prometheus::Registry::new()),
+    );
+    let reflector = |name: &str| ObservedReflector {
+        name: name.into(),
+        pool: "ns/pool".into(),
+        region: "local-a".into(),
+        image: "img".into(),
+        capacity: Capacity::default(),
+        state: ReflectorState::Ready,
+    };
+    let publish = |on: &str| {
+        router.publish(
+            "local",
+            FleetView {
+                input: PlanInput {
+                    reflectors: vec![reflector("r1"), reflector("r2")],
+                    shards: vec![shard("lobby", Some(on), ShardPhase::Open)],
+                    ..PlanInput::default()
+                },
+                urls: HashMap::from([
+                    ("r1".into(), "http://r1.test/".into()),
+                    ("r2".into(), "http://r2.test/".into()),
+                ]),
+                ..FleetView::default()
+            },
+        )
+    };
+    publish("r1");
+    let key = ReportKey::new(&[3; 32]).unwrap();
+    let leading = Arc::new(AtomicBool::new(true));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(reports::serve(
+        listener,
+        ReportHub::new(router.clone(), Some(key.clone())).only_when(leading.clone()),
+        std::future::pending(),
+    ));
+    let follower = |credential: String| {
+        let table = Arc::new(WatchedTable::default());
+        let metrics = GatewayMetrics::new(&prometheus::Registry::new());
+        tokio::spawn(follow(
+            WatchTarget {
+                endpoint: endpoint.clone(),
+                credential: Some(credential),
+                region: "local-a".into(),
+            },
+            table.clone(),
+            metrics.clone(),
+            std::future::pending(),
+        ));
+        (table, metrics)
+    };
+    let (table, metrics) = follower(key.credential(GATEWAY_IDENTITY, "local-a").unwrap());
+    // A reflector's credential is no gateway credential; nor is another key's.
+    let (as_reflector, _) = follower(key.credential("r1", "local-a").unwrap());
+    let (forged, _) = follower(
+        ReportKey::new(&[4; 32])
+            .unwrap()
+            .credential(GATEWAY_IDENTITY, "local-a")
+            .unwrap(),
+    );
+
+    until("the first table", || {
+        table
+            .placement(APP, "lobby")
+            .is_ok_and(|p| p.reflector == "r1")
+    })
+    .await;
+    assert!(table.verifier().is_some(), "the token keys came with it");
+    assert_eq!(metrics.watch_connected.get(), 1);
+    assert_eq!(metrics.placements.get(), 1);
+
+    // Leadership lost: the stream ends, the last table keeps answering.
+    leading.store(false, Ordering::Relaxed);
+    publish("r2");
+    until("the stream to end", || metrics.watch_connected.get() == 0).await;
+    assert_eq!(table.placement(APP, "lobby").unwrap().reflector, "r1");
+
+    // Leader again (or a new one): the gateway reconnects and resyncs the whole table.
+    leading.store(true, Ordering::Relaxed);
+    until("the resync after reconnecting", || {
+        table
+            .placement(APP, "lobby")
+            .is_ok_and(|p| p.reflector == "r2")
+    })
+    .await;
+    // A change on the open stream arrives without reconnecting.
+    publish("r1");
+    until("the flip back", || {
+        table
+            .placement(APP, "lobby")
+            .is_ok_and(|p| p.reflector == "r1")
+    })
+    .await;
+    assert!(as_reflector.verifier().is_none() && forged.verifier().is_none());
+    assert_eq!(
+        as_reflector.placement(APP, "lobby"),
+        Err(refleet_operator::router::PlacementError::Unknown)
+    );
+}

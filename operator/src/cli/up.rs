@@ -22,6 +22,7 @@ use crate::local::launcher::{ProcessLauncher, ProcessSettings, sessions_client};
 use crate::local::server::{Published, Server};
 use crate::local::table;
 use crate::router::metrics::RouterMetrics;
+use crate::router::placement_watch::GATEWAY_IDENTITY;
 use crate::router::reports::{self, ReportHub};
 use crate::router::service::{self, Access, Frontend, always_leading};
 use crate::router::{Router, RouterConfig};
@@ -181,6 +182,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         extra_args: reflector_args,
         ..LaunchSpec::default()
     };
+    // A credential for `refleet gateway` processes run beside this fleet (its placement
+    // watch shares the report port and key); readable by this user only.
+    write_private(
+        &data_dir.join("gateway.credential"),
+        &report_key.credential(GATEWAY_IDENTITY, "local")?,
+    )?;
     let hub = ReportHub::new(router.clone(), Some(report_key.clone()));
     let (stop_reports, reports_stopped) = tokio::sync::oneshot::channel::<()>();
     let reporting = tokio::spawn(reports::serve(report_listener, hub, async {
@@ -350,6 +357,19 @@ async fn start_gateways(
     Ok(urls)
 }
 
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 fn print_flush(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes());
@@ -369,7 +389,8 @@ fn default_reflector_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("refleet-reflector"))
 }
 
-fn init_tracing(json: bool) {
+/// Text or JSON log lines on stderr, filtered by `RUST_LOG` (default `info`).
+pub(crate) fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

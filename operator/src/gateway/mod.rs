@@ -26,6 +26,7 @@
 //! within it.
 
 pub mod metrics;
+pub mod watched;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod moves;
 pub mod pick;
 pub mod placement;
+pub mod placement_watch;
 pub mod reports;
 mod route;
 pub mod service;

@@ -268,15 +268,30 @@ impl Reports for ReportHub {
     }
 }
 
-/// Serves the report stream on `listener` until `shutdown`.
+/// Serves the report stream, and beside it the gateways' placement watch (same key, same
+/// leader check: [`super::placement_watch`]), on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: ReportHub,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    // Placement watches never end on their own (unlike report streams, whose reflectors
+    // drain away): they are ended when the server shuts down, or it would wait for them.
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
+    let watch = super::placement_watch::PlacementWatch::new(
+        hub.router.clone(),
+        hub.key.clone(),
+        hub.leading.clone(),
+    )
+    .until(stopped);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(hub.service())
+        .add_service(watch.service())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
