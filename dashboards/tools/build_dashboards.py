@@ -53,7 +53,7 @@ def query_var(name, label, query, include_all=True, multi=True):
         .query({"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"})
         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(dm.VariableSort.ALPHABETICAL_ASC)
-        .hide(dm.VariableHide.DONT_HIDE)
+        .hide(dm.VariableHide.DONT_HIDE).regex("")
         .include_all(include_all)
         .multi(multi)
         .options([])
@@ -213,7 +213,8 @@ def fleet_overview():
     b = Board(
         "refleet-fleet-overview",
         "Refleet / Fleet overview",
-        "Users, sessions, shards and reflectors of the whole fleet, per region and state, and how busy it is.",
+        "Users, sessions, shards and reflectors of the whole fleet, per region and state, how busy it is, "
+        "live shard moves and the regional gateways.",
         [NAMESPACE(), REGION()],
         ["overview"],
     )
@@ -261,7 +262,31 @@ def fleet_overview():
     b.ts("Reconcile duration p90", "90th percentile of one reconciliation's duration by controller.",
          [(f"histogram_quantile(0.9, sum by (le, controller) (rate(refleet_operator_reconcile_duration_seconds_bucket{{{OP}}}[{RI}])))",
            "{{controller}}")], unit="s")
+    b.ts("Moves", "Live shard moves finished per interval by outcome (landed, failed, timed_out, aborted), "
+         "and moves in flight.",
+         [(f"sum by (outcome) (increase(refleet_router_moves_total[{RI}]))", "{{outcome}}"),
+          ("sum(refleet_router_moves_in_flight)", "in flight")], w=24)
+    gateway_row(b)
     return b
+
+
+def gateway_row(b):
+    """The regional WebSocket gateways: clients connect to one, and it proxies each connection
+    to the reflector holding the client's shard. No job matcher: the gateway's scrape job is
+    not settled yet, and its series carry their own region."""
+    g = 'region=~"$region"'
+    b.row("Gateway")
+    b.ts("Gateway connections", "Client connections the gateways proxy to a reflector, by region.",
+         [(f"sum by (region) (refleet_gateway_connections{{{g}}})", "{{region}}")], stack=True)
+    b.ts("Gateway upgrades by outcome",
+         "WebSocket upgrades per second: proxied, refused (bad_token, not_found, not_ready, moving, "
+         "bad_request) or failed (upstream_error).",
+         [(f"sum by (outcome) (rate(refleet_gateway_upgrades_total{{{g}}}[{RI}]))", "{{outcome}}")], unit="ops")
+    b.ts("Gateway traffic", "Bytes per second the gateways forward to reflectors and to clients.",
+         [(f"sum by (direction) (rate(refleet_gateway_bytes_total{{{g}}}[{RI}]))", "{{direction}}")], unit="Bps")
+    b.ts("Gateway upstream connect time", "Time to open the connection to the reflector: p50 and p99 by region.",
+         [(f"histogram_quantile({q}, sum by (le, region) (rate(refleet_gateway_upstream_connect_seconds_bucket{{{g}}}[{RI}])))",
+           f"p{int(q * 100)} {{{{region}}}}") for q in (0.5, 0.99)], unit="s")
 
 
 def region_capacity():
