@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Writes Refleet's Grafana dashboards (dashboards/*.json) from the definitions below.
+"""Writes Refleet's Grafana dashboards (dashboards/*.json) with Grafana's Foundation SDK.
 
     python3 dashboards/tools/build_dashboards.py            # (re)write dashboards/*.json
     python3 dashboards/tools/build_dashboards.py --check    # exit 1 if a file differs
+
+Needs the SDK version pinned in dashboards/tools/requirements.txt; `./scripts/test prometheus`
+installs it into ${REFLEET_CACHE:-~/.cache/refleet}/dashboards-venv, so the quickest way to run
+this script is ~/.cache/refleet/dashboards-venv/bin/python dashboards/tools/build_dashboards.py.
 
 The JSON files are committed (Grafana, the Helm chart's ConfigMaps and `kubectl` read them
 as they are); this script keeps the five consistent: every panel and query uses the
@@ -15,206 +19,203 @@ import json
 import sys
 from pathlib import Path
 
+try:
+    from grafana_foundation_sdk.builders import bargauge, common, prometheus, stat, table, timeseries
+    from grafana_foundation_sdk.builders import dashboard as gd
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common as cm
+    from grafana_foundation_sdk.models import dashboard as dm
+    from grafana_foundation_sdk.models import prometheus as pm
+except ImportError:
+    sys.exit("build_dashboards.py needs grafana-foundation-sdk as pinned in dashboards/tools/requirements.txt:\n"
+             "  python3 -m venv ~/.cache/refleet/dashboards-venv\n"
+             "  ~/.cache/refleet/dashboards-venv/bin/pip install -r dashboards/tools/requirements.txt\n"
+             "  ~/.cache/refleet/dashboards-venv/bin/python dashboards/tools/build_dashboards.py")
+
 OUT = Path(__file__).resolve().parent.parent
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 OP = 'job="refleet-operator"'
 RF = 'job="refleet-reflector"'
 RI = "$__rate_interval"
 
 
 def datasource_var():
-    return {
-        "name": "datasource",
-        "label": "Data source",
-        "type": "datasource",
-        "query": "prometheus",
-        "current": {},
-        "hide": 0,
-        "refresh": 1,
-        "regex": "",
-        "options": [],
-    }
+    return gd.DatasourceVariable("datasource").label("Data source").type("prometheus").hide(dm.VariableHide.DONT_HIDE).regex("")
 
 
 def query_var(name, label, query, include_all=True, multi=True):
-    var = {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DS,
-        "definition": query,
-        "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-        "refresh": 2,
-        "sort": 1,
-        "current": {},
-        "hide": 0,
-        "includeAll": include_all,
-        "multi": multi,
-        "options": [],
-        "regex": "",
-    }
+    var = (
+        gd.QueryVariable(name)
+        .label(label)
+        .datasource(DS)
+        # The object form is what Grafana's Prometheus variable editor saves (a bare string is
+        # migrated to it on load).
+        .query({"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"})
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .hide(dm.VariableHide.DONT_HIDE).regex("")
+        .include_all(include_all)
+        .multi(multi)
+        .options([])
+        .regex("")
+    )
     if include_all:
-        var["allValue"] = ".*"
+        # Without it "All" becomes a list of every value in the regex, which can outgrow a URL.
+        var.all_value(".*")
     return var
 
 
-NAMESPACE = query_var(
+NAMESPACE = lambda: query_var(  # noqa: E731 (a fresh builder per dashboard)
     "namespace", "Namespace", "label_values(refleet_operator_reflectors, namespace)"
 )
-REGION = query_var(
+REGION = lambda: query_var(  # noqa: E731
     "region",
     "Region",
     'label_values(refleet_operator_reflectors{namespace=~"$namespace"}, region)',
 )
-SESSION = query_var(
+SESSION = lambda: query_var(  # noqa: E731
     "session",
     "Session",
     'label_values(refleet_operator_session_users{namespace=~"$namespace"}, session)',
     include_all=False,
     multi=False,
 )
-POD = query_var(
+POD = lambda: query_var(  # noqa: E731
     "pod",
     "Reflector",
     'label_values(up{job="refleet-reflector", namespace=~"$namespace", region=~"$region"}, pod)',
 )
-ROUTER_REGION = query_var(
+ROUTER_REGION = lambda: query_var(  # noqa: E731
     "region", "Region", "label_values(refleet_operator_reflectors, region)"
 )
 
 
+def query(expr, legend, ref_id, instant, table_format=False):
+    q = prometheus.Dataquery().ref_id(ref_id).datasource(DS).expr(expr).legend_format(legend)
+    q = q.instant() if instant else q.range()
+    if table_format:
+        q.format(pm.PromQueryFormat.TABLE)
+    return q
+
+
+def thresholds(steps):
+    """steps: (value, colour) pairs, the first with value None (the base colour)."""
+    return (
+        gd.ThresholdsConfig()
+        .mode(dm.ThresholdsMode.ABSOLUTE)
+        .steps([dm.Threshold(value=v, color=c) for v, c in steps])
+    )
+
+
+def last_value():
+    return common.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False)
+
+
 class Board:
-    """Lays panels out left to right in rows of 24 grid units."""
+    """One dashboard: the SDK's builder lays panels out left to right in rows of 24 grid units;
+    this numbers them (ids stay stable as long as the order does) and holds the shapes that
+    repeat: time series, stat, table, bar gauge."""
 
     def __init__(self, uid, title, description, variables, tags):
-        self.uid, self.title, self.description = uid, title, description
-        self.variables, self.tags = variables, tags
-        self.panels, self.x, self.y, self.row_h = [], 0, 0, 0
+        self.next_id = 1
+        self.board = (
+            gd.Dashboard(title)
+            .uid(uid)
+            .description(description)
+            .tags(["refleet"] + tags)
+            .editable()
+            .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+            .version(1)
+            .refresh("30s")
+            .time("now-1h", "now")
+            .timepicker(gd.TimePicker())
+            .timezone("")
+            .annotations([])
+            # Every Refleet dashboard in one drop-down, keeping the variables and the time range.
+            .link(
+                gd.DashboardLink("Refleet")
+                .type(dm.DashboardLinkType.DASHBOARDS)
+                .tags(["refleet"])
+                .as_dropdown(True)
+                .include_vars(True)
+                .keep_time(True)
+            )
+            .variables([datasource_var()] + variables)
+        )
 
-    def _place(self, w, h):
-        if self.x + w > 24:
-            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
-        pos = {"h": h, "w": w, "x": self.x, "y": self.y}
-        self.x += w
-        self.row_h = max(self.row_h, h)
-        return pos
+    def _id(self):
+        self.next_id += 1
+        return self.next_id - 1
+
+    def _add(self, panel, title, description, unit, w, h):
+        self.board.with_panel(
+            panel.id(self._id()).title(title).description(description).datasource(DS)
+            .unit(unit).span(w).height(h).overrides([])
+        )
 
     def row(self, title):
-        if self.x:
-            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
-        self.panels.append(
-            {
-                "id": len(self.panels) + 1,
-                "type": "row",
-                "title": title,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
-                "panels": [],
-            }
-        )
-        self.y += 1
-
-    def panel(self, kind, title, description, targets, unit="short", w=12, h=8, **extra):
-        refs = "ABCDEFGH"
-        panel = {
-            "id": len(self.panels) + 1,
-            "type": kind,
-            "title": title,
-            "description": description,
-            "datasource": DS,
-            "gridPos": self._place(w, h),
-            "targets": [
-                {
-                    "refId": refs[i],
-                    "datasource": DS,
-                    "expr": expr,
-                    "legendFormat": legend,
-                    "range": kind == "timeseries",
-                    "instant": kind != "timeseries",
-                }
-                for i, (expr, legend) in enumerate(targets)
-            ],
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        }
-        if kind == "timeseries":
-            panel["options"] = {
-                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                "tooltip": {"mode": "multi", "sort": "desc"},
-            }
-        elif kind == "stat":
-            panel["options"] = {
-                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                "colorMode": "value",
-                "graphMode": "area",
-            }
-        elif kind == "table":
-            panel["options"] = {"showHeader": True}
-            panel["transformations"] = [{"id": "merge", "options": {}}]
-            for target in panel["targets"]:
-                target["format"] = "table"
-        panel.update(extra)
-        self.panels.append(panel)
+        self.board.with_row(gd.Row(title).id(self._id()).collapsed(False))
 
     def ts(self, title, description, targets, unit="short", w=12, h=8, stack=False):
-        extra = {}
+        panel = (
+            timeseries.Panel()
+            .targets([query(e, legend, "ABCDEFGH"[i], instant=False) for i, (e, legend) in enumerate(targets)])
+            .legend(common.VizLegendOptions().display_mode(cm.LegendDisplayMode.LIST)
+                    .placement(cm.LegendPlacement.BOTTOM).show_legend(True))
+            .tooltip(common.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.DESCENDING))
+        )
         if stack:
-            extra["fieldConfig"] = {
-                "defaults": {"unit": unit, "custom": {"stacking": {"mode": "normal"}, "fillOpacity": 30}},
-                "overrides": [],
-            }
-        self.panel("timeseries", title, description, targets, unit, w, h, **extra)
+            panel.stacking(common.StackingConfig().mode(cm.StackingMode.NORMAL)).fill_opacity(30)
+        self._add(panel, title, description, unit, w, h)
 
-    def stat(self, title, description, expr, unit="short", w=4, h=4, thresholds=None):
-        extra = {}
-        if thresholds:
-            extra["fieldConfig"] = {
-                "defaults": {
-                    "unit": unit,
-                    "thresholds": {
-                        "mode": "absolute",
-                        "steps": [{"color": c, "value": v} for v, c in thresholds],
-                    },
-                },
-                "overrides": [],
-            }
-        self.panel("stat", title, description, [(expr, "")], unit, w, h, **extra)
+    def stat(self, title, description, expr, unit="short", w=4, h=4, steps=None):
+        panel = (
+            stat.Panel()
+            .with_target(query(expr, "", "A", instant=True))
+            .reduce_options(last_value())
+            .color_mode(cm.BigValueColorMode.VALUE)
+            .graph_mode(cm.BigValueGraphMode.AREA)
+            # Grafana's own defaults, written out: the SDK would otherwise emit nulls for them.
+            .justify_mode(cm.BigValueJustifyMode.AUTO)
+            .text_mode(cm.BigValueTextMode.AUTO)
+            .orientation(cm.VizOrientation.AUTO)
+            .percent_change_color_mode(cm.PercentChangeColorMode.STANDARD)
+        )
+        if steps:
+            panel.thresholds(thresholds(steps))
+        self._add(panel, title, description, unit, w, h)
+
+    def table(self, title, description, expr, w=24, h=8):
+        panel = (
+            table.Panel()
+            .with_target(query(expr, "", "A", instant=True, table_format=True))
+            .show_header(True)
+            # One row per series, its labels as columns.
+            .with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
+        )
+        self._add(panel, title, description, "short", w, h)
+
+    def bargauge(self, title, description, expr, legend, unit, w=12, h=8):
+        panel = (
+            bargauge.Panel()
+            .with_target(query(expr, legend, "A", instant=True))
+            .orientation(cm.VizOrientation.HORIZONTAL)
+            .display_mode(cm.BarGaugeDisplayMode.GRADIENT)
+            .reduce_options(last_value())
+        )
+        self._add(panel, title, description, unit, w, h)
 
     def json(self):
-        return {
-            "uid": self.uid,
-            "title": self.title,
-            "description": self.description,
-            "tags": ["refleet"] + self.tags,
-            "editable": True,
-            "graphTooltip": 1,
-            "schemaVersion": 39,
-            "version": 1,
-            "refresh": "30s",
-            "time": {"from": "now-1h", "to": "now"},
-            "timepicker": {},
-            "timezone": "",
-            "annotations": {"list": []},
-            "links": [
-                {
-                    "type": "dashboards",
-                    "tags": ["refleet"],
-                    "asDropdown": True,
-                    "title": "Refleet",
-                    "includeVars": True,
-                    "keepTime": True,
-                }
-            ],
-            "templating": {"list": [datasource_var()] + self.variables},
-            "panels": self.panels,
-        }
+        return self.board.build()
 
 
 def fleet_overview():
     b = Board(
         "refleet-fleet-overview",
         "Refleet / Fleet overview",
-        "Users, sessions, shards and reflectors of the whole fleet, per region and state, and how busy it is.",
-        [NAMESPACE, REGION],
+        "Users, sessions, shards and reflectors of the whole fleet, per region and state, how busy it is, "
+        "live shard moves and the regional gateways.",
+        [NAMESPACE(), REGION()],
         ["overview"],
     )
     sel = f'{RF}, namespace=~"$namespace", region=~"$region"'
@@ -226,11 +227,11 @@ def fleet_overview():
            'sum(refleet_operator_shards{namespace=~"$namespace", state=~"Open|Full"})')
     b.stat("Pending shards", "Shards waiting for a reflector with room.",
            'sum(refleet_operator_shards{namespace=~"$namespace", state="Pending"})',
-           thresholds=[(None, "green"), (1, "orange")])
+           steps=[(None, "green"), (1, "orange")])
     b.stat("Ready reflectors", "Reflectors accepting shards.",
            'sum(refleet_operator_reflectors{namespace=~"$namespace", region=~"$region", state="ready"})')
     b.stat("Leader", "Operator instances holding the leader Lease: exactly 1 is healthy.",
-           f"sum(refleet_operator_leader{{{OP}}})", thresholds=[(None, "red"), (1, "green"), (2, "red")])
+           f"sum(refleet_operator_leader{{{OP}}})", steps=[(None, "red"), (1, "green"), (2, "red")])
     b.row("Load")
     b.ts("Users by region", "Clients that are members of a session, as the reflectors count them.",
          [(f"sum by (region) (refleet_reflector_users{{{sel}}})", "{{region}}")], stack=True)
@@ -261,7 +262,31 @@ def fleet_overview():
     b.ts("Reconcile duration p90", "90th percentile of one reconciliation's duration by controller.",
          [(f"histogram_quantile(0.9, sum by (le, controller) (rate(refleet_operator_reconcile_duration_seconds_bucket{{{OP}}}[{RI}])))",
            "{{controller}}")], unit="s")
+    b.ts("Moves", "Live shard moves finished per interval by outcome (landed, failed, timed_out, aborted), "
+         "and moves in flight.",
+         [(f"sum by (outcome) (increase(refleet_router_moves_total[{RI}]))", "{{outcome}}"),
+          ("sum(refleet_router_moves_in_flight)", "in flight")], w=24)
+    gateway_row(b)
     return b
+
+
+def gateway_row(b):
+    """The regional WebSocket gateways: clients connect to one, and it proxies each connection
+    to the reflector holding the client's shard. No job matcher: the gateway's scrape job is
+    not settled yet, and its series carry their own region."""
+    g = 'region=~"$region"'
+    b.row("Gateway")
+    b.ts("Gateway connections", "Client connections the gateways proxy to a reflector, by region.",
+         [(f"sum by (region) (refleet_gateway_connections{{{g}}})", "{{region}}")], stack=True)
+    b.ts("Gateway upgrades by outcome",
+         "WebSocket upgrades per second: proxied, refused (bad_token, not_found, not_ready, moving, "
+         "bad_request) or failed (upstream_error).",
+         [(f"sum by (outcome) (rate(refleet_gateway_upgrades_total{{{g}}}[{RI}]))", "{{outcome}}")], unit="ops")
+    b.ts("Gateway traffic", "Bytes per second the gateways forward to reflectors and to clients.",
+         [(f"sum by (direction) (rate(refleet_gateway_bytes_total{{{g}}}[{RI}]))", "{{direction}}")], unit="Bps")
+    b.ts("Gateway upstream connect time", "Time to open the connection to the reflector: p50 and p99 by region.",
+         [(f"histogram_quantile({q}, sum by (le, region) (rate(refleet_gateway_upstream_connect_seconds_bucket{{{g}}}[{RI}])))",
+           f"p{int(q * 100)} {{{{region}}}}") for q in (0.5, 0.99)], unit="s")
 
 
 def region_capacity():
@@ -269,7 +294,7 @@ def region_capacity():
         "refleet-region-capacity",
         "Refleet / Region capacity",
         "Committed shards and users against what the ready reflectors carry and what maxReflectors allows, headroom and scale events.",
-        [NAMESPACE, REGION],
+        [NAMESPACE(), REGION()],
         ["capacity"],
     )
     sel = 'namespace=~"$namespace", region=~"$region"'
@@ -280,12 +305,10 @@ def region_capacity():
              [(f'sum by (region) (refleet_operator_region_used{{{sel}, resource="{resource}"}})', "committed {{region}}"),
               (f'sum by (region) (refleet_operator_region_capacity{{{sel}, resource="{resource}"}})', "ready capacity {{region}}"),
               (f'sum by (region) (refleet_operator_region_capacity_limit{{{sel}, resource="{resource}"}})', "limit {{region}}")])
-    b.panel("bargauge", "Used share of the limit",
-            "Committed over the capacity at maxReflectors, by region and resource; the RefleetRegionNearFull alert fires above 85 %.",
-            [(f"max by (region, resource) (refleet_operator_region_used{{{sel}}} / refleet_operator_region_capacity_limit{{{sel}}})",
-              "{{region}} {{resource}}")], unit="percentunit", w=12, h=8,
-            options={"orientation": "horizontal", "displayMode": "gradient",
-                     "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}})
+    b.bargauge("Used share of the limit",
+               "Committed over the capacity at maxReflectors, by region and resource; the RefleetRegionNearFull alert fires above 85 %.",
+               f"max by (region, resource) (refleet_operator_region_used{{{sel}}} / refleet_operator_region_capacity_limit{{{sel}}})",
+               "{{region}} {{resource}}", unit="percentunit")
     b.ts("Headroom", "What the region can still take: up to maxReflectors, and on the reflectors ready now.",
          [(f'sum by (region) (refleet_operator_region_capacity_limit{{{sel}, resource="users"}} - refleet_operator_region_used{{{sel}, resource="users"}})',
            "users to limit {{region}}"),
@@ -312,7 +335,7 @@ def session_drilldown():
         "refleet-session",
         "Refleet / Session",
         "One Session: its shards, users per shard and join rate, from the operator's per-Session metrics.",
-        [NAMESPACE, SESSION],
+        [NAMESPACE(), SESSION()],
         ["session"],
     )
     s = 'namespace=~"$namespace", session="$session"'
@@ -333,9 +356,8 @@ def session_drilldown():
          [(f"sum(deriv(refleet_operator_session_users{{{s}}}[5m])) * 60", "net joins per minute")], unit="short")
     b.ts("Shard changes (all Sessions)", "Shards the planner opened and closed, fleet-wide, per interval.",
          [(f'sum by (kind) (increase(refleet_operator_planner_decisions_total{{{OP}, kind=~"open_shard|close_shard"}}[{RI}]))', "{{kind}}")])
-    b.panel("table", "Busiest Sessions of the namespace", "The 20 Sessions with the most users.",
-            [('topk(20, sum by (namespace, session) (refleet_operator_session_users{namespace=~"$namespace"}))', "")],
-            w=24, h=8)
+    b.table("Busiest Sessions of the namespace", "The 20 Sessions with the most users.",
+            'topk(20, sum by (namespace, session) (refleet_operator_session_users{namespace=~"$namespace"}))')
     return b
 
 
@@ -344,14 +366,14 @@ def routing():
         "refleet-routing",
         "Refleet / Routing",
         "The router on the leading operator: Route requests, latency, errors by code, reservations, shard opens and report streams.",
-        [ROUTER_REGION],
+        [ROUTER_REGION()],
         ["routing"],
     )
     req = f"refleet_router_requests_total{{{OP}}}"
     b.stat("Route requests/s", "Route requests over every transport.", f"sum(rate({req}[{RI}]))", unit="reqps", w=6)
     b.stat("Errors", "Share of Route requests not answered OK.",
            f'sum(rate(refleet_router_requests_total{{{OP}, code!="OK"}}[{RI}])) / clamp_min(sum(rate({req}[{RI}])), 1e-9)',
-           unit="percentunit", w=6, thresholds=[(None, "green"), (0.05, "red")])
+           unit="percentunit", w=6, steps=[(None, "green"), (0.05, "red")])
     b.stat("p99 latency", "99th percentile of Route request duration.",
            f"histogram_quantile(0.99, sum by (le) (rate(refleet_router_request_duration_seconds_bucket{{{OP}}}[{RI}])))",
            unit="s", w=6)
@@ -389,7 +411,7 @@ def reflector_internals():
         "refleet-reflector",
         "Refleet / Reflector internals",
         "Per-reflector send queues, slow clients, snapshots, persistence and stored session state.",
-        [NAMESPACE, REGION, POD],
+        [NAMESPACE(), REGION(), POD()],
         ["reflector"],
     )
     sel = f'{RF}, namespace=~"$namespace", region=~"$region", pod=~"$pod"'
@@ -428,8 +450,8 @@ def reflector_internals():
             "refleet_reflector_report_stream_connected", unit="short", rate=False)
     per_pod("Join refusals", "JOINs refused by reason.", "refleet_reflector_join_refusals_total",
             by="reason", legend="{{reason}}")
-    b.panel("table", "Versions", "Reflector builds by pod.",
-            [(f'max by (pod, region, version) (refleet_build_info{{{sel}, component="reflector"}})', "")], w=24, h=6)
+    b.table("Versions", "Reflector builds by pod.",
+            f'max by (pod, region, version) (refleet_build_info{{{sel}, component="reflector"}})', h=6)
     return b
 
 
@@ -442,11 +464,15 @@ BOARDS = {
 }
 
 
+def render(board):
+    return json.dumps(board.json(), cls=JSONEncoder, indent=2) + "\n"
+
+
 def main():
     check = "--check" in sys.argv[1:]
     stale = []
     for name, build in BOARDS.items():
-        text = json.dumps(build().json(), indent=2) + "\n"
+        text = render(build())
         path = OUT / name
         if check:
             if not path.exists() or path.read_text() != text:
@@ -454,8 +480,8 @@ def main():
         else:
             path.write_text(text)
     if stale:
-        print("dashboards out of date (run python3 dashboards/tools/build_dashboards.py): " + ", ".join(stale),
-              file=sys.stderr)
+        print("dashboards out of date (run dashboards/tools/build_dashboards.py with the SDK of "
+              "dashboards/tools/requirements.txt): " + ", ".join(stale), file=sys.stderr)
         sys.exit(1)
     if not check:
         print(f"wrote {len(BOARDS)} dashboards to {OUT}")

@@ -38,7 +38,11 @@ func TestRepositoryPassesStatic(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if problems := static(root, dashboards, alerts); len(problems) > 0 {
+	pending, err := loadPending(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if problems := static(root, dashboards, alerts, pending); len(problems) > 0 {
 		t.Fatalf("problems:\n%s", strings.Join(problems, "\n"))
 	}
 	if len(dashboards) != 5 || len(alerts) < 9 {
@@ -97,7 +101,7 @@ func TestStaticFindsProblems(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	problems := static(root, dashboards, alerts)
+	problems := static(root, dashboards, alerts, map[string]bool{})
 	for _, want := range []string{
 		"no `datasource` template variable",
 		`datasource uid "P1809F7CD0C75ACF3" is hard-coded`,
@@ -205,7 +209,7 @@ func TestLiveReportsMissingSelectorsAndFailingExpressions(t *testing.T) {
 		t.Fatal(err)
 	}
 	report := filepath.Join(root, "report.json")
-	problems := live(fake.URL, dashboards, alerts, report, false)
+	problems := live(fake.URL, dashboards, alerts, map[string]bool{}, report, false)
 	for _, want := range []string{
 		`no series for {__name__="absent_metric"} (used by d.json / "missing" / A)`,
 		`no series for {__name__="also_missing"} (used by r.rules.yaml / alert Broken)`,
@@ -230,5 +234,106 @@ func TestLiveReportsMissingSelectorsAndFailingExpressions(t *testing.T) {
 	// rule (present, also_missing): 6, of which 4 distinct.
 	if r.Selectors != 6 || r.DistinctSelector != 4 || r.Expressions != 3 || len(r.Missing) != 2 {
 		t.Errorf("report %+v", r)
+	}
+}
+
+const pendingDashboard = `{
+  "uid": "p", "title": "P",
+  "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+  "panels": [
+    {"id": 1, "type": "timeseries", "title": "future", "datasource": {"type": "prometheus", "uid": "${datasource}"},
+     "targets": [{"refId": "A", "expr": "sum(rate(future_total[5m])) + sum(present)"}]},
+    {"id": 2, "type": "timeseries", "title": "arrived", "datasource": {"type": "prometheus", "uid": "${datasource}"},
+     "targets": [{"refId": "A", "expr": "sum(arrived)"}]}
+  ]
+}`
+
+// Metrics in dashboards/pending-metrics.txt: skipped while they have no series, a problem
+// once they have some, never skipped for a rule; static rejects unused names, names used by
+// rules and lines that are not metric names.
+func TestPendingMetrics(t *testing.T) {
+	root := t.TempDir()
+	write(t, filepath.Join(root, "dashboards", "p.json"), pendingDashboard)
+	write(t, filepath.Join(root, "dashboards", "rules", "r.rules.yaml"), `groups:
+  - name: g
+    rules:
+      - alert: UsesFuture
+        expr: future_total > 0
+`)
+	write(t, filepath.Join(root, "dashboards", "pending-metrics.txt"),
+		"# not yet exported\nfuture_total  # the gateway\narrived\n\nunused_metric\n")
+	write(t, filepath.Join(root, "docs", "observability.md"), "# Doc\n")
+	dashboards, alerts, err := load(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pending, err := loadPending(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pending) != 3 || !pending["future_total"] || !pending["arrived"] || !pending["unused_metric"] {
+		t.Fatalf("pending %v", pending)
+	}
+	problems := static(root, dashboards, alerts, pending)
+	for _, want := range []string{
+		"no dashboard queries unused_metric",
+		"alert UsesFuture uses future_total",
+	} {
+		if !contains(problems, want) {
+			t.Errorf("static: no problem containing %q in:\n%s", want, strings.Join(problems, "\n"))
+		}
+	}
+	if contains(problems, "no dashboard queries future_total") || contains(problems, "no dashboard queries arrived") {
+		t.Errorf("static: queried names reported unused:\n%s", strings.Join(problems, "\n"))
+	}
+
+	fake := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ok := func(data any) { _ = json.NewEncoder(w).Encode(map[string]any{"status": "success", "data": data}) }
+		switch r.URL.Path {
+		case "/api/v1/series":
+			m := r.URL.Query().Get("match[]")
+			if m == `{__name__="present"}` || m == `{__name__="arrived"}` {
+				ok([]map[string]string{{"__name__": "x"}})
+			} else {
+				ok([]map[string]string{})
+			}
+		case "/api/v1/query":
+			ok(map[string]any{"resultType": "vector", "result": []any{}})
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer fake.Close()
+	report := filepath.Join(root, "report.json")
+	problems = live(fake.URL, dashboards, alerts, pending, report, false)
+	for _, want := range []string{
+		"arrived has series now",
+		`no series for {__name__="future_total"} (used by p.json / "future" / A; r.rules.yaml / alert UsesFuture)`,
+	} {
+		if !contains(problems, want) {
+			t.Errorf("live: no problem containing %q in:\n%s", want, strings.Join(problems, "\n"))
+		}
+	}
+	if len(problems) != 2 {
+		t.Errorf("live: want 2 problems, got:\n%s", strings.Join(problems, "\n"))
+	}
+
+	// Without the rule, the dashboard's use of future_total is skipped, not missing.
+	problems = live(fake.URL, dashboards, nil, map[string]bool{"future_total": true}, report, false)
+	if len(problems) != 0 {
+		t.Errorf("live without the rule: %s", strings.Join(problems, "\n"))
+	}
+	var r Report
+	b, _ := os.ReadFile(report)
+	if err := json.Unmarshal(b, &r); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Pending) != 1 || len(r.Missing) != 0 {
+		t.Errorf("report %+v", r)
+	}
+
+	write(t, filepath.Join(root, "dashboards", "pending-metrics.txt"), "not a name\n")
+	if _, err := loadPending(root); err == nil || !strings.Contains(err.Error(), "pending-metrics.txt:1") {
+		t.Errorf("a bad line gave %v", err)
 	}
 }
