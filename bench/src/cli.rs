@@ -78,6 +78,40 @@ pub enum Mode {
     /// SIGTERM drain, a restart on the same storage and a resume check of every session.
     /// Needs `--spawn`.
     Soak(SoakArgs),
+    /// Live shard moves under load, against a running `refleet up` with the gateway and
+    /// moves on: clients route and join through the gateway and send; after `--move-after`
+    /// every shard is asked to move; reports each client's gap and any loss, duplicate,
+    /// reorder or reboot. Needs `--fleet`, not `--spawn`/`--url`.
+    Move(MoveArgs),
+}
+
+/// Move settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MoveArgs {
+    /// refleet up's URL (the `refleet:` line it prints), e.g. http://127.0.0.1:7080/.
+    #[arg(long, env = "REFLEET_BENCH_FLEET")]
+    pub fleet: String,
+    /// Namespace of the Sessions.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Session names, comma-separated; each has one shard that moves.
+    #[arg(long, value_delimiter = ',', default_value = "lobby")]
+    pub sessions: Vec<String>,
+    /// Clients per session.
+    #[arg(long, default_value_t = 100)]
+    pub clients: usize,
+    /// SENDs per second per client.
+    #[arg(long, default_value_t = 2.0)]
+    pub rate: f64,
+    /// How long clients send.
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// When, after sending starts, the moves are asked for.
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    pub move_after: Duration,
+    /// How long to wait for the last deliveries after sending stops.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
 }
 
 /// The shape of the load.

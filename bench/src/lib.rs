@@ -22,6 +22,7 @@ pub mod client;
 pub mod idle;
 pub mod load;
 pub mod modes;
+pub mod moves;
 pub mod procstat;
 pub mod soak;
 pub mod target;

@@ -194,6 +194,33 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         reflector_pid,
         read_buffer,
     } = target;
+    if let Mode::Move(m) = &mode {
+        let report = crate::moves::run(&crate::moves::MoveSpec {
+            fleet: if m.fleet.ends_with('/') {
+                m.fleet.clone()
+            } else {
+                format!("{}/", m.fleet)
+            },
+            namespace: m.namespace.clone(),
+            sessions: m.sessions.clone(),
+            clients: m.clients,
+            rate: m.rate,
+            duration: m.duration,
+            move_after: m.move_after,
+            drain: m.drain,
+        })
+        .await?;
+        println!("{report}");
+        if let Some(path) = json {
+            let text = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(if report.passed() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     if let Mode::Soak(s) = mode {
         let Some(bin) = spawn else {
             anyhow::bail!("the soak needs --spawn PATH (it stops and restarts the reflector)");
@@ -247,6 +274,7 @@ pub async fn run_mode(ep: &Endpoint, mode: Mode, read_buffer: usize) -> anyhow::
         },
         Mode::SlowConsumer(s) => slow_consumer(ep, &tag, &s, read_buffer).await?,
         Mode::Soak(_) => anyhow::bail!("the soak runs through `run` with --spawn"),
+        Mode::Move(_) => anyhow::bail!("move mode runs through `run` with --fleet"),
     })
 }
 
