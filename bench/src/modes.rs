@@ -177,7 +177,7 @@ fn spec(l: &LoadArgs, read_buffer: usize) -> LoadSpec {
 }
 
 /// A tag that makes this process's session ids unique.
-fn run_tag() -> String {
+pub(crate) fn run_tag() -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());

@@ -91,7 +91,10 @@ impl std::fmt::Display for MoveReport {
             self.gap_p50_ms, self.gap_p99_ms, self.gap_max_ms
         )?;
         if let Some(ms) = self.all_rejoined_ms {
-            writeln!(f, "  first move asked → every moved client receiving again: {ms:.0} ms")?;
+            writeln!(
+                f,
+                "  first move asked → every moved client receiving again: {ms:.0} ms"
+            )?;
         }
         write!(
             f,
@@ -129,6 +132,8 @@ struct Seen {
 /// Runs the mode.
 pub async fn run(spec: &MoveSpec) -> anyhow::Result<MoveReport> {
     let http = reqwest::Client::new();
+    // Session ids and users of this run only: a view id is bound to the token it joined with.
+    let tag = crate::modes::run_tag();
     let (phase_tx, phase) = watch::channel(false);
     let base = Instant::now();
     let mut tasks = Vec::new();
@@ -137,7 +142,7 @@ pub async fn run(spec: &MoveSpec) -> anyhow::Result<MoveReport> {
         for c in 0..spec.clients {
             let index = u32::try_from(s * spec.clients + c)?;
             let url = format!(
-                "{}v1/route?namespace={}&session={}&userId=bench-{index}",
+                "{}v1/route?namespace={}&session={}&userId={tag}-{index}",
                 spec.fleet, spec.namespace, session
             );
             let routed: Routed = http
@@ -150,11 +155,14 @@ pub async fn run(spec: &MoveSpec) -> anyhow::Result<MoveReport> {
                 .json()
                 .await?;
             shards.insert(session.clone(), routed.shard.clone());
-            let ws_url = format!("{}bench-{session}", routed.reflector_url);
+            // Route answers the box URL (http…); the client opens a WebSocket there.
+            let box_url = routed.reflector_url.replacen("http", "ws", 1);
+            let ws_url = format!("{box_url}{tag}-{session}");
             let spec = spec.clone();
             let phase = phase.clone();
+            let tag = tag.clone();
             tasks.push(tokio::spawn(async move {
-                client(index, ws_url, routed, spec, phase, base).await
+                client(index, &tag, ws_url, routed, spec, phase, base).await
             }));
         }
     }
@@ -251,9 +259,8 @@ fn report(
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connects and JOINs as `user`; the socket and the SYNC's seq, timeline and messages.
 async fn join(
@@ -262,7 +269,7 @@ async fn join(
     routed: &Routed,
     user: &str,
     refused: &mut u64,
-) -> anyhow::Result<(Ws, u32, String, Vec<(u32, String)>)> {
+) -> anyhow::Result<(Ws, Synced)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match tokio_tungstenite::connect_async(url).await {
@@ -280,8 +287,7 @@ async fn join(
                 while let Some(msg) = ws.next().await {
                     let Message::Text(t) = msg? else { continue };
                     if matches!(wire::parse(&t), Ok(Frame::Sync)) {
-                        let (seq, timeline, messages) = sync_parts(&t)?;
-                        return Ok((ws, seq, timeline, messages));
+                        return Ok((ws, sync_parts(&t)?));
                     }
                 }
                 *refused += 1;
@@ -293,8 +299,16 @@ async fn join(
     }
 }
 
+/// What a rejoin needs of a SYNC.
+struct Synced {
+    seq: u32,
+    timeline: String,
+    /// The messages it carries: seq and payload text.
+    messages: Vec<(u32, String)>,
+}
+
 /// A SYNC's seq, timeline, and the bench payloads of its messages with their seqs.
-fn sync_parts(text: &str) -> anyhow::Result<(u32, String, Vec<(u32, String)>)> {
+fn sync_parts(text: &str) -> anyhow::Result<Synced> {
     let v: serde_json::Value = serde_json::from_str(text)?;
     let args = &v["args"];
     let seq = u32::try_from(args["seq"].as_u64().unwrap_or(0))?;
@@ -310,11 +324,16 @@ fn sync_parts(text: &str) -> anyhow::Result<(u32, String, Vec<(u32, String)>)> {
                 .collect()
         })
         .unwrap_or_default();
-    Ok((seq, timeline, messages))
+    Ok(Synced {
+        seq,
+        timeline,
+        messages,
+    })
 }
 
 async fn client(
     index: u32,
+    tag: &str,
     url: String,
     routed: Routed,
     spec: MoveSpec,
@@ -322,14 +341,17 @@ async fn client(
     base: Instant,
 ) -> anyhow::Result<(u32, usize, Seen)> {
     let session_index = index as usize / spec.clients.max(1);
-    let session = format!("bench-{}", spec.sessions[session_index]);
-    let user = format!("bench-{index}");
+    let session = format!("{tag}-{}", spec.sessions[session_index]);
+    let user = format!("{tag}-{index}");
     let mut seen = Seen::default();
     let mut refused = 0;
-    let (mut ws, mut last_seq, timeline, _) = join(&url, &session, &routed, &user, &mut refused).await?;
+    let (mut ws, first) = join(&url, &session, &routed, &user, &mut refused).await?;
+    let (mut last_seq, timeline) = (first.seq, first.timeline);
     let session_json = serde_json::to_string(&session)?;
     let gap = Duration::from_secs_f64(1.0 / spec.rate.max(0.001));
-    let mut next_send = tokio::time::Instant::now();
+    // Spread over one interval, so the session's messages are even in time and a gap is
+    // measured to within a few ms, not to the send interval.
+    let mut next_send = tokio::time::Instant::now() + gap.mul_f64(f64::from(index % 1000) / 1000.0);
     let mut last_arrival = Instant::now();
     let mut counter = 0u64;
     let mut started = false;
@@ -363,20 +385,31 @@ async fn client(
                 };
                 if closed {
                     let before = last_arrival;
-                    let (again, seq, tl, messages) = join(&url, &session, &routed, &user, &mut refused).await?;
-                    ws = again;
-                    if tl != timeline {
+                    // Our side of the close first: the source waits for its clients to go
+                    // before it stores, as real clients do at once.
+                    // Our reply to the server's close goes out now (tungstenite queued it when
+                    // it read the close): the source waits for its clients to go before it
+                    // stores, and real clients answer at once.
+                    let _ = ws.flush().await;
+                    let (again, synced) = join(&url, &session, &routed, &user, &mut refused).await?;
+                    let mut old = std::mem::replace(&mut ws, again);
+                    // Finishes the old socket's close in the background; the new one carries on.
+                    tokio::spawn(async move {
+                        let _ = old.close(None).await;
+                        while old.next().await.is_some() {}
+                    });
+                    if synced.timeline != timeline {
                         seen.rebooted += 1;
                     }
                     seen.gaps.push((before, None));
-                    for (s, text) in messages {
-                        if wire::seq_after(s, last_seq)
+                    for (s, text) in synced.messages {
+                        if wire::seq_after(last_seq, s)
                             && let Some(stamp) = wire::read_payload(&text)
                         {
                             record(&mut seen, stamp, &mut last_arrival);
                         }
                     }
-                    last_seq = seq;
+                    last_seq = synced.seq;
                 }
             }
             () = tokio::time::sleep_until(wake) => {

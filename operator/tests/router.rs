@@ -1424,6 +1424,27 @@ async fn a_move_is_asked_of_its_source_and_lands_on_the_target_at_once() {
     let target = open(&url, None, idle).await.unwrap();
     let h = source.hand_off().await;
     assert_eq!((h.app_id.as_str(), h.shard.as_str()), ("app", "lobby"));
+    // The target is told to take the shard (it may have handed it off itself earlier).
+    let mut target = target;
+    let accepted = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let i = target
+                .inbound
+                .message()
+                .await
+                .unwrap()
+                .expect("stream open");
+            if let Some(refleet_api::report::instruction::Kind::Accept(a)) = i.kind {
+                return a;
+            }
+        }
+    })
+    .await
+    .expect("an Accept on the target's stream");
+    assert_eq!(
+        (accepted.app_id.as_str(), accepted.shard.as_str()),
+        ("app", "lobby")
+    );
     // Only the source's word lands the move: the target claiming it does nothing.
     let mut claim = lobby_report("r-eu-2", "eu", 2, 0);
     claim.shards.clear();

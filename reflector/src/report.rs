@@ -278,6 +278,11 @@ impl Reporter {
                 self.admission.set_keys(v);
             }
             Some(Kind::HandOff(h)) => self.hand_off(h),
+            Some(Kind::Accept(a)) => {
+                if self.registry.unfence(&a.app_id, &a.shard) {
+                    tracing::info!(app = %a.app_id, shard = %a.shard, "shard moves back here: its JOINs are taken again");
+                }
+            }
             None => tracing::debug!("empty instruction ignored"),
         }
     }

@@ -155,3 +155,26 @@ async fn when_storing_fails_the_shard_stays_and_its_clients_rejoin_it() {
     drop(again);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test]
+async fn a_shard_moved_back_is_taken_again_once_accepted() {
+    let (_d, dir) = temp_storage();
+    let host = start_with(&dir, &[]).await;
+    let mut a = Client::connect(&host, "back").await;
+    let first = a.join("a").await;
+    a.send_msg("one").await;
+    a.next_client_recv().await;
+    let (handed, _) = tokio::join!(host.registry().hand_off(APP, SHARD), a.expect_close());
+    assert_eq!(handed, Ok(1));
+    // Moved back here: the router tells this reflector to take the shard again.
+    assert!(host.registry().unfence(APP, SHARD));
+    assert!(!host.registry().unfence(APP, SHARD), "once");
+    let mut again = Client::connect(&host, "back").await;
+    let sync = again.join("a").await;
+    assert_eq!(
+        sync["timeline"], first["timeline"],
+        "resumed from the hand-off's store"
+    );
+    assert_eq!(payloads(&sync), vec!["one".to_owned()]);
+    host.drain_and_stop().await;
+}

@@ -513,11 +513,26 @@ impl Router {
             return;
         }
         let streams = self.streams();
-        for (source, hand_off) in due {
+        for moves::Due {
+            source,
+            target,
+            hand_off,
+        } in due
+        {
             let Some((_, tx)) = streams.get(&source) else {
                 continue;
             };
-            tracing::info!(reflector = %source, app = %hand_off.app_id, shard = %hand_off.shard, move_id = hand_off.move_id, "asking for a hand-off");
+            // The target first: it may have handed this shard off itself not long ago and
+            // still refuse its JOINs.
+            if let Some((_, target_tx)) = streams.get(&target) {
+                let _ = target_tx.try_send(Ok(Instruction {
+                    kind: Some(Kind::Accept(refleet_api::report::Accept {
+                        app_id: hand_off.app_id.clone(),
+                        shard: hand_off.shard.clone(),
+                    })),
+                }));
+            }
+            tracing::info!(reflector = %source, target = %target, app = %hand_off.app_id, shard = %hand_off.shard, move_id = hand_off.move_id, "asking for a hand-off");
             // A full queue: the stream is stuck; the move is asked again later.
             let _ = tx.try_send(Ok(Instruction {
                 kind: Some(Kind::HandOff(hand_off)),

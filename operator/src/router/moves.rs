@@ -91,6 +91,16 @@ pub struct Ended {
     pub outcome: Outcome,
 }
 
+/// A hand-off to ask for now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Due {
+    /// The reflector asked to hand the shard off.
+    pub source: String,
+    /// The reflector that will host it (told to take its JOINs).
+    pub target: String,
+    pub hand_off: HandOff,
+}
+
 /// The moves in flight and recently ended, by (session key, shard).
 #[derive(Debug, Default)]
 pub struct MoveBook {
@@ -201,14 +211,15 @@ impl MoveBook {
         called_off
     }
 
-    /// The hand-offs to ask for now, with the source to ask: moves without an outcome whose
-    /// target is `ready` and whose source `has_stream`, not asked within [`ASK_AGAIN`].
+    /// The hand-offs to ask for now, with the source to ask and the target (told to accept
+    /// the shard): moves without an outcome whose target is `ready` and whose source
+    /// `has_stream`, not asked within [`ASK_AGAIN`].
     pub fn due(
         &mut self,
         now: Millis,
         ready: impl Fn(&str) -> bool,
         has_stream: impl Fn(&str) -> bool,
-    ) -> Vec<(String, HandOff)> {
+    ) -> Vec<Due> {
         let mut out = Vec::new();
         for m in self.moves.values_mut() {
             if m.outcome.is_some()
@@ -220,14 +231,15 @@ impl MoveBook {
             }
             m.asked = Some(now);
             m.first_asked.get_or_insert(now);
-            out.push((
-                m.from.clone(),
-                HandOff {
+            out.push(Due {
+                source: m.from.clone(),
+                target: m.to.clone(),
+                hand_off: HandOff {
                     app_id: m.app.clone(),
                     shard: m.shard.clone(),
                     move_id: m.id,
                 },
-            ));
+            });
         }
         out
     }
@@ -335,11 +347,13 @@ mod tests {
         );
         let asked = book.due(10, |_| true, |_| true);
         assert_eq!(asked.len(), 1);
-        let (source, h) = &asked[0];
-        assert_eq!(
-            (source.as_str(), h.app_id.as_str(), h.shard.as_str()),
-            ("a", "app", "lobby")
-        );
+        let Due {
+            source,
+            target,
+            hand_off: h,
+        } = &asked[0];
+        assert_eq!((source.as_str(), target.as_str()), ("a", "b"));
+        assert_eq!((h.app_id.as_str(), h.shard.as_str()), ("app", "lobby"));
         assert!(book.due(20, |_| true, |_| true).is_empty(), "asked once");
         assert_eq!(
             book.due(10 + ASK_AGAIN, |_| true, |_| true).len(),
@@ -355,7 +369,7 @@ mod tests {
     fn only_the_source_can_land_a_move_and_the_outcome_is_applied() {
         let mut book = MoveBook::default();
         book.track(POOLS, &[moving("a", "b")], 0);
-        let id = book.due(0, |_| true, |_| true)[0].1.move_id;
+        let id = book.due(0, |_| true, |_| true)[0].hand_off.move_id;
         assert_eq!(book.observe("b", &result(id, true)), None, "not the source");
         assert_eq!(
             book.observe("a", &result(id + 1, true)),
@@ -390,7 +404,7 @@ mod tests {
     fn a_failed_move_leaves_the_shard_on_its_source() {
         let mut book = MoveBook::default();
         book.track(POOLS, &[moving("a", "b")], 0);
-        let id = book.due(0, |_| true, |_| true)[0].1.move_id;
+        let id = book.due(0, |_| true, |_| true)[0].hand_off.move_id;
         let ended = book.observe("a", &result(id, false)).unwrap();
         assert_eq!(ended.outcome, Outcome::Failed("disk full".into()));
         let mut shards = vec![moving("a", "b")];
@@ -430,7 +444,7 @@ mod tests {
         assert!(book.track(&["ns/other"], &[], 30).is_empty());
         assert_eq!(book.in_flight(), 1);
         // A view computed before the outcome does not undo it: apply rewrites it again.
-        let id = book.due(40, |_| true, |_| true)[0].1.move_id;
+        let id = book.due(40, |_| true, |_| true)[0].hand_off.move_id;
         book.observe("a", &result(id, true));
         let mut stale = vec![moving("a", "b")];
         book.apply(&mut stale, 50);

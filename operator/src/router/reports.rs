@@ -213,10 +213,12 @@ impl Reports for ReportHub {
                         }
                         last_seq = report.sequence;
                         name = Some(report.reflector.clone());
-                        router.observe_report(&report);
+                        // Attached before its first report counts: moves driven by that
+                        // report can reach this stream (a target is told to accept).
                         if attached.is_none() {
                             attached = Some(router.attach_stream(&report.reflector, tx.clone()));
                         }
+                        router.observe_report(&report);
                         router.metrics.set_streams(&router.live_streams());
                         for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
                             let Some(settings) = router.shard_settings(&s.app_id, &s.shard) else {

@@ -282,11 +282,9 @@ pub(crate) async fn run(
                         }
                         continue;
                     }
-                    _ => {
-                        for done in handing_off.drain(..) {
-                            let _ = done.send(Ok(()));
-                        }
-                    }
+                    // Answered once the session is out of the registry (below): a JOIN
+                    // that comes after the answer must not find this ending session.
+                    _ => {}
                 }
             }
             if registry.remove_if_quiet(&id, &mut guard.rx) {
@@ -294,6 +292,9 @@ pub(crate) async fn run(
             }
         }
     };
+    for done in handing_off.drain(..) {
+        let _ = done.send(Ok(()));
+    }
     // Anything that reached the queue after the session was removed: ask to come back, the
     // next JOIN finds the state just stored.
     while let Ok(cmd) = guard.rx.try_recv() {

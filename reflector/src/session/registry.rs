@@ -356,6 +356,14 @@ impl Registry {
         fenced.contains_key(&(app_id.to_owned(), shard.to_owned()))
     }
 
+    /// Takes the shard's JOINs again (this reflector is a move's target); true when it was
+    /// refused here after an earlier hand-off.
+    pub fn unfence(&self, app_id: &str, shard: &str) -> bool {
+        lock(&self.fenced)
+            .remove(&(app_id.to_owned(), shard.to_owned()))
+            .is_some()
+    }
+
     /// Hands every session of shard `shard` of app `app_id` over to another reflector: its
     /// JOINs are refused here from now on (4003, so clients retry), each session closes its
     /// clients with 4003, stores its state and ends. `Ok(n)`: the `n` sessions were stored
