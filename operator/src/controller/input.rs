@@ -292,6 +292,32 @@ mod move_annotation_tests {
     }
 
     #[test]
+    fn a_new_leader_recovers_a_move_in_flight_from_the_status() {
+        let mut s = session(Some("lobby"), None, None);
+        let shard = |name: &str, state, moving_to: Option<&str>| crate::crd::ShardStatus {
+            name: name.into(),
+            region: "eu".into(),
+            reflector: "r-1".into(),
+            users: 3,
+            state,
+            moving_to: moving_to.map(str::to_owned),
+        };
+        s.status = Some(crate::crd::SessionStatus {
+            shards: vec![
+                shard("lobby", ShardPhase::Moving, Some("r-2")),
+                // A stale movingTo on a shard that is not Moving is not a move.
+                shard("lobby~1", ShardPhase::Open, Some("r-2")),
+            ],
+            ..Default::default()
+        });
+        let shards = recover_from_status("ns", "ns/pool", &[s]);
+        assert_eq!(shards.len(), 2);
+        assert_eq!(shards[0].moving_to.as_deref(), Some("r-2"));
+        assert_eq!(shards[0].reflector.as_deref(), Some("r-1"));
+        assert_eq!(shards[1].moving_to, None);
+    }
+
+    #[test]
     fn each_annotation_value_is_acted_on_once() {
         let mut s = session(Some("lobby"), None, Some("lobby"));
         assert_eq!(pending_move_annotation(&s), Some("lobby"));
