@@ -34,6 +34,15 @@ const STALL_DRAIN: Duration = Duration::from_secs(5);
 /// Most messages sent in one batch.
 const MAX_BATCH: u64 = 512;
 
+/// A name unique to this run, for session ids and users: a reflector keeps what earlier
+/// runs left (a view id stays bound to the token it first joined with).
+pub fn run_tag() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("bench-{}-{ms}", std::process::id())
+}
+
 /// A new latency histogram (µs, 3 significant figures).
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant histogram bounds are valid")

@@ -176,14 +176,6 @@ fn spec(l: &LoadArgs, read_buffer: usize) -> LoadSpec {
     }
 }
 
-/// A tag that makes this process's session ids unique.
-pub(crate) fn run_tag() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    format!("bench-{}-{ms}", std::process::id())
-}
-
 /// Runs the mode the arguments ask for; prints the summary and writes the JSON.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let Args { target, json, mode } = args;
@@ -260,7 +252,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// Runs one mode against an endpoint.
 pub async fn run_mode(ep: &Endpoint, mode: Mode, read_buffer: usize) -> anyhow::Result<Report> {
-    let tag = run_tag();
+    let tag = crate::client::run_tag();
     Ok(match mode {
         Mode::Fixed(l) => Report::Fixed {
             run: load::run(ep, &tag, &spec(&l, read_buffer)).await?,

@@ -133,7 +133,7 @@ struct Seen {
 pub async fn run(spec: &MoveSpec) -> anyhow::Result<MoveReport> {
     let http = reqwest::Client::new();
     // Session ids and users of this run only: a view id is bound to the token it joined with.
-    let tag = crate::modes::run_tag();
+    let tag = crate::client::run_tag();
     let (phase_tx, phase) = watch::channel(false);
     let base = Instant::now();
     let mut tasks = Vec::new();
