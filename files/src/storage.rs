@@ -421,18 +421,10 @@ impl Storage {
         app: &str,
         persistent: &str,
     ) -> Result<Option<String>, StorageError> {
-        let path = Self::persisted_path(developer, app, persistent);
-        let bytes = match self.store.get(&path).await {
-            Ok(r) => r.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let rec: PersistedRecord =
-            serde_json::from_slice(&bytes).map_err(|source| StorageError::Corrupt {
-                key: path.to_string(),
-                source,
-            })?;
-        Ok(Some(rec.url))
+        let rec: Option<PersistedRecord> = self
+            .get_json(&Self::persisted_path(developer, app, persistent))
+            .await?;
+        Ok(rec.map(|r| r.url))
     }
 
     /// Records the URL of the newest persisted data for this key.
@@ -478,8 +470,12 @@ impl Storage {
         &self,
         session_id: &str,
     ) -> Result<Option<SessionOwner>, StorageError> {
-        let path = Self::owner_path(session_id);
-        let bytes = match self.store.get(&path).await {
+        self.get_json(&Self::owner_path(session_id)).await
+    }
+
+    /// A JSON record, if there is one.
+    async fn get_json<T: DeserializeOwned>(&self, path: &Path) -> Result<Option<T>, StorageError> {
+        let bytes = match self.store.get(path).await {
             Ok(r) => r.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -542,18 +538,7 @@ impl Storage {
         &self,
         session_id: &str,
     ) -> Result<Option<T>, StorageError> {
-        let path = Self::session_path(session_id);
-        let bytes = match self.store.get(&path).await {
-            Ok(r) => r.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| StorageError::Corrupt {
-                key: path.to_string(),
-                source,
-            })
+        self.get_json(&Self::session_path(session_id)).await
     }
 
     /// Stores the state of session `session_id`, so that a later JOIN resumes it.
