@@ -4,6 +4,11 @@
 #
 #   docker build -t registry.example.com/refleet:0.1.0 .
 #
+# Without Docker, scripts/build-image makes the same image (same files under /usr/local/bin,
+# same user, working directory, environment, ports and entrypoint; `./scripts/test image`
+# compares the two) from target/release on a scratch base, with only the libraries the
+# binaries link instead of distroless's. The release profile strips the binaries (Cargo.toml).
+#
 # The default entrypoint runs a reflector (the pods the operator creates set no command);
 # the Helm chart runs the operator with `command: [/usr/local/bin/refleet, operator]`.
 # Nothing here needs root or a writable root filesystem: reflectors write only to their
