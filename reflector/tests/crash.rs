@@ -7,58 +7,18 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
-use support::{Client, TestReflectorAddr, start_with, temp_storage};
-
-/// A reflector in a child process, killed with SIGKILL when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_process(storage: &str, extra: &[&str]) -> (Process, TestReflectorAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_refleet-reflector"))
-        .args(["--listen", "127.0.0.1:0", "--storage", storage])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start refleet-reflector");
-    let stdout = child.stdout.take().unwrap();
-    let line = BufReader::new(stdout)
-        .lines()
-        .next()
-        .expect("a line")
-        .expect("stdout");
-    let base = refleet_api::reflector::launch::parse_banner(&line)
-        .expect("banner")
-        .trim_end_matches('/')
-        .to_string();
-    let addr = base.strip_prefix("http://").unwrap().parse().unwrap();
-    (Process(child), TestReflectorAddr(addr))
-}
-
-fn payloads(sync: &Value) -> Vec<String> {
-    sync["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m[2].as_str().map(String::from))
-        .collect()
-}
+use support::{Client, payloads, start_with, temp_storage};
 
 #[tokio::test]
 async fn after_kill_9_another_reflector_resumes_from_the_last_checkpoint_on_a_fresh_timeline() {
     let (_d, dir) = temp_storage();
-    let (process, addr) = start_process(&dir, &["--checkpoint-interval", "100ms"]);
+    let (process, addr) = support::start_process(
+        &["--storage", &dir, "--checkpoint-interval", "100ms"],
+        &[],
+        std::process::Stdio::null(),
+    );
     let mut a = Client::connect(&addr, "crashing").await;
     let first = a.join("a").await;
     for i in 0..10 {

@@ -9,20 +9,11 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Client, start_on, start_with, temp_storage};
+use support::{Client, payloads, start_on, start_with, temp_storage};
 
 const APP: &str = "io.refleet.test";
 /// The shard `Client::join_args` names ("io.refleet.test/room").
 const SHARD: &str = "room";
-
-fn payloads(sync: &Value) -> Vec<String> {
-    sync["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m[2].as_str().map(String::from))
-        .collect()
-}
 
 #[tokio::test]
 async fn a_handed_off_shard_resumes_on_another_reflector_with_every_message() {

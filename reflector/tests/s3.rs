@@ -8,22 +8,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
-use support::Client;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{Client, Killed};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -38,39 +28,26 @@ fn start_reflector(
     endpoint: &str,
     extra: &[&str],
 ) -> (Killed, support::TestReflectorAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_refleet-reflector"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--storage",
-            bucket_url,
-            "--empty-session-ttl",
-            "1s",
-            "--drain-timeout",
-            "1s",
-        ])
-        .args(extra)
-        .env("AWS_ENDPOINT", endpoint)
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start refleet-reflector");
-    let stdout = child.stdout.take().unwrap();
-    let line = BufReader::new(stdout)
-        .lines()
-        .next()
-        .expect("a line")
-        .expect("stdout");
-    let base = refleet_api::reflector::launch::parse_banner(&line)
-        .expect("box line")
-        .trim_end_matches('/')
-        .to_string();
-    let addr = base.strip_prefix("http://").unwrap().parse().unwrap();
-    (Killed(child), support::TestReflectorAddr(addr))
+    let mut args = vec![
+        "--storage",
+        bucket_url,
+        "--empty-session-ttl",
+        "1s",
+        "--drain-timeout",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    support::start_process(
+        &args,
+        &[
+            ("AWS_ENDPOINT", endpoint),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+        Stdio::inherit(),
+    )
 }
 
 #[tokio::test]

@@ -356,3 +356,53 @@ impl Target for TestReflectorAddr {
         self.0
     }
 }
+
+/// A child process, killed and reaped when dropped (a test's reflector or helper server).
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the `refleet-reflector` binary in its own process on 127.0.0.1:0 with `args` and
+/// `envs` (its stderr to `stderr`); returns it and the address its start-up banner names.
+pub fn start_process(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> (Killed, TestReflectorAddr) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_refleet-reflector"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start refleet-reflector");
+    let stdout = child.stdout.take().unwrap();
+    let line = std::io::BufReader::new(stdout)
+        .lines()
+        .next()
+        .expect("a line")
+        .expect("stdout");
+    let base = refleet_api::reflector::launch::parse_banner(&line)
+        .expect("banner")
+        .trim_end_matches('/')
+        .to_string();
+    let addr = base.strip_prefix("http://").unwrap().parse().unwrap();
+    (Killed(child), TestReflectorAddr(addr))
+}
+
+/// The payload strings of a SYNC's messages, in order.
+pub fn payloads(sync: &Value) -> Vec<String> {
+    sync["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m[2].as_str().map(String::from))
+        .collect()
+}
