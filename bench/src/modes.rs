@@ -202,32 +202,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             drain: m.drain,
         })
         .await?;
-        println!("{report}");
-        if let Some(path) = json {
-            let text = serde_json::to_string_pretty(&report)?;
-            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        }
-        return Ok(if report.passed() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
+        return finish(&report, report.passed(), json.as_deref());
     }
     if let Mode::Soak(s) = mode {
         let Some(bin) = spawn else {
             anyhow::bail!("the soak needs --spawn PATH (it stops and restarts the reflector)");
         };
         let report = crate::soak::run(&bin, &reflector_args, soak_spec(&s, read_buffer)).await?;
-        println!("{report}");
-        if let Some(path) = json {
-            let text = serde_json::to_string_pretty(&report)?;
-            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        }
-        return Ok(if report.passed() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
+        return finish(&report, report.passed(), json.as_deref());
     }
     let mut target = match (spawn, url) {
         (Some(bin), _) => Target::spawn(&bin, &reflector_args).await?,
@@ -238,12 +220,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let result = run_mode(&ep, mode, read_buffer).await;
     target.stop().await;
     let report = result?;
+    finish(&report, report.passed(), json.as_deref())
+}
+
+/// Prints a run's summary, writes its full report to `json` when given, and turns its
+/// verdict into the exit status.
+fn finish(
+    report: &(impl std::fmt::Display + serde::Serialize),
+    passed: bool,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     println!("{report}");
     if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        let text = serde_json::to_string_pretty(report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(if report.passed() {
+    Ok(if passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

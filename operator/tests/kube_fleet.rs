@@ -383,6 +383,79 @@ async fn kubelet(
     }
 }
 
+/// A namespace with a kubelet stand-in running real reflector processes and an in-process
+/// operator whose router takes their report streams (each with its pod's credential).
+struct Rig {
+    op: Operator,
+    kubelet: tokio::task::JoinHandle<()>,
+    reflectors: Arc<Reflectors>,
+    /// Each started pod's address.
+    addrs: Arc<Mutex<HashMap<String, SocketAddr>>>,
+    storage: PathBuf,
+}
+
+impl Rig {
+    /// Starts both in `ns`; reflectors store under `storage` (one folder for all: `shared`).
+    async fn start(
+        admin: &Client,
+        ns: &str,
+        identity: &str,
+        storage: PathBuf,
+        shared: bool,
+    ) -> Self {
+        // One port for every reflector (each on its own address), free on this machine now.
+        let port = std::net::TcpListener::bind("127.0.0.10:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let reflectors = Arc::new(Reflectors::default());
+        let addrs = Arc::new(Mutex::new(HashMap::new()));
+        let kubelet = tokio::spawn(kubelet(
+            Api::namespaced(admin.clone(), ns),
+            reflectors.clone(),
+            addrs.clone(),
+            port,
+            storage.clone(),
+            shared,
+        ));
+        let report_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let routing = RoutingArgs {
+            report_listen: SocketAddr::from(([127, 0, 0, 1], report_port)),
+            reflector_report_url: Some(format!("http://127.0.0.1:{report_port}")),
+            report_secret: Some("refleet-report-key".to_owned()),
+            ..RoutingArgs::loopback()
+        };
+        let op = Operator::start(
+            admin.clone(),
+            ns,
+            identity,
+            Duration::from_secs(6),
+            Arc::new(HttpLoad::with_port(port)),
+            routing,
+        )
+        .await;
+        Self {
+            op,
+            kubelet,
+            reflectors,
+            addrs,
+            storage,
+        }
+    }
+
+    async fn stop(self) {
+        self.op.stop().await;
+        self.kubelet.abort();
+        drop(self.reflectors);
+        let _ = std::fs::remove_dir_all(&self.storage);
+    }
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -435,46 +508,9 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
     let ns = "refleet-fleet";
     prepare(&admin, ns).await;
 
-    // One port for every reflector (each on its own address), free on this machine now.
-    let port = std::net::TcpListener::bind("127.0.0.10:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let storage = tempfile_dir();
-    let reflectors = Arc::new(Reflectors::default());
-    let addrs = Arc::new(Mutex::new(HashMap::new()));
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
-    let kubelet = tokio::spawn(kubelet(
-        pods.clone(),
-        reflectors.clone(),
-        addrs.clone(),
-        port,
-        storage.clone(),
-        false,
-    ));
-
     // Reflectors report to this operator, each with the credential in its pod.
-    let report_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let routing = RoutingArgs {
-        report_listen: SocketAddr::from(([127, 0, 0, 1], report_port)),
-        reflector_report_url: Some(format!("http://127.0.0.1:{report_port}")),
-        report_secret: Some("refleet-report-key".to_owned()),
-        ..RoutingArgs::loopback()
-    };
-    let op = Operator::start(
-        admin.clone(),
-        ns,
-        "it-fleet",
-        Duration::from_secs(6),
-        Arc::new(HttpLoad::with_port(port)),
-        routing,
-    )
-    .await;
+    let rig = Rig::start(&admin, ns, "it-fleet", tempfile_dir(), false).await;
+    let (op, addrs) = (&rig.op, rig.addrs.clone());
 
     let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
     pools
@@ -566,10 +602,7 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
     for c in clients {
         c.abort();
     }
-    op.stop().await;
-    kubelet.abort();
-    drop(reflectors);
-    let _ = std::fs::remove_dir_all(&storage);
+    rig.stop().await;
     eprintln!("fleet test took {:?}", started.elapsed());
 }
 
@@ -620,44 +653,11 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
     let admin = admin_client(&kubeconfig).await;
     let ns = "refleet-moves";
     prepare(&admin, ns).await;
-    let port = std::net::TcpListener::bind("127.0.0.10:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let storage = tempfile_dir().join("moves");
     std::fs::create_dir_all(&storage).unwrap();
-    let reflectors = Arc::new(Reflectors::default());
-    let addrs = Arc::new(Mutex::new(HashMap::new()));
+    let rig = Rig::start(&admin, ns, "it-moves", storage, true).await;
+    let (op, addrs) = (&rig.op, rig.addrs.clone());
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
-    let kubelet = tokio::spawn(kubelet(
-        pods.clone(),
-        reflectors.clone(),
-        addrs.clone(),
-        port,
-        storage.clone(),
-        true,
-    ));
-    let report_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let routing = RoutingArgs {
-        report_listen: SocketAddr::from(([127, 0, 0, 1], report_port)),
-        reflector_report_url: Some(format!("http://127.0.0.1:{report_port}")),
-        report_secret: Some("refleet-report-key".to_owned()),
-        ..RoutingArgs::loopback()
-    };
-    let op = Operator::start(
-        admin.clone(),
-        ns,
-        "it-moves",
-        Duration::from_secs(6),
-        Arc::new(HttpLoad::with_port(port)),
-        routing,
-    )
-    .await;
 
     // Two reflectors kept ready, the gateway and moves on.
     let mut arena = pool("arena");
@@ -801,8 +801,5 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
         "moves test: placed again on {again}; took {:?}",
         started.elapsed()
     );
-    op.stop().await;
-    kubelet.abort();
-    drop(reflectors);
-    let _ = std::fs::remove_dir_all(&storage);
+    rig.stop().await;
 }
