@@ -14,6 +14,8 @@ use prometheus::Encoder as _;
 use crate::gateway::metrics::GatewayMetrics;
 use crate::gateway::watched::{WatchTarget, WatchedTable, follow};
 use crate::gateway::{Gateway, GatewayConfig, Placements};
+use crate::router::placement_watch::GATEWAY_IDENTITY;
+use refleet_api::report_credential::ReportKey;
 
 /// Arguments of `refleet gateway`.
 #[derive(Debug, Clone, clap::Args)]
@@ -28,7 +30,7 @@ pub struct GatewayArgs {
     #[arg(long, env = "REFLEET_GATEWAY_REGION")]
     pub region: String,
 
-    /// The router's report/placement endpoint, e.g. `http://refleet-reports:7071` (the
+    /// The router's report/placement endpoint, e.g. `http://<release>-report.<namespace>.svc:8081` (the
     /// Service selecting the leader), or the report URL `refleet up` logs.
     #[arg(long, env = "REFLEET_GATEWAY_ROUTER")]
     pub router: String,
@@ -43,6 +45,12 @@ pub struct GatewayArgs {
     /// `gateway.credential` that `refleet up` writes into its data directory).
     #[arg(long, env = "REFLEET_GATEWAY_CREDENTIAL_FILE", value_name = "FILE")]
     pub credential_file: Option<PathBuf>,
+
+    /// A file holding the operator's report key (the `token` of its report-key Secret):
+    /// the gateway mints its own credential from it. Simpler to deploy than a minted
+    /// credential, but whoever reads a gateway pod's files could then mint credentials.
+    #[arg(long, env = "REFLEET_GATEWAY_REPORT_KEY_FILE", value_name = "FILE", conflicts_with_all = ["credential", "credential_file"])]
+    pub report_key_file: Option<PathBuf>,
 
     /// The pool's files base URL (`http://…/files`): `/files/…` is forwarded there.
     /// Without it `/files/` answers 404.
@@ -98,15 +106,27 @@ pub struct GatewayArgs {
 /// Runs the gateway until Ctrl-C or SIGTERM.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     super::up::init_tracing(args.log_json);
-    let credential = match (&args.credential, &args.credential_file) {
-        (Some(c), _) => Some(c.trim().to_owned()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        (None, None) => None,
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let credential = match (
+        &args.credential,
+        &args.credential_file,
+        &args.report_key_file,
+    ) {
+        (Some(c), _, _) => Some(c.trim().to_owned()),
+        (None, Some(path), _) => Some(read(path)?.trim().to_owned()),
+        (None, None, Some(path)) => {
+            let key = ReportKey::new(read(path)?.trim().as_bytes())
+                .with_context(|| format!("the report key in {}", path.display()))?;
+            Some(key.credential(GATEWAY_IDENTITY, &args.region)?)
+        }
+        (None, None, None) => {
+            tracing::warn!(
+                "no gateway credential: the placement watch is refused unless the router runs without a report key"
+            );
+            None
+        }
     };
     let registry = prometheus::Registry::new();
     let metrics = GatewayMetrics::new(&registry);
