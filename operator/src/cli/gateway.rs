@@ -13,9 +13,10 @@ use prometheus::Encoder as _;
 
 use crate::gateway::metrics::GatewayMetrics;
 use crate::gateway::watched::{WatchTarget, WatchedTable, follow};
-use crate::gateway::{Gateway, GatewayConfig, Placements};
+use crate::gateway::{Gateway, GatewayConfig, Placements, StaticTable};
 use crate::router::placement_watch::GATEWAY_IDENTITY;
 use refleet_api::report_credential::ReportKey;
+use refleet_api::token::Verifier;
 
 /// Arguments of `refleet gateway`.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,8 +33,28 @@ pub struct GatewayArgs {
 
     /// The router's report/placement endpoint, e.g. `http://<release>-report.<namespace>.svc:8081` (the
     /// Service selecting the leader), or the report URL `refleet up` logs.
-    #[arg(long, env = "REFLEET_GATEWAY_ROUTER")]
-    pub router: String,
+    #[arg(
+        long,
+        env = "REFLEET_GATEWAY_ROUTER",
+        required_unless_present = "static_reflector"
+    )]
+    pub router: Option<String>,
+
+    /// Instead of following a router: send every shard to this one reflector (its base URL,
+    /// `http://127.0.0.1:7070/`), checking tokens with `--token-keys`. For benchmarks and a
+    /// single reflector behind a gateway.
+    #[arg(
+        long,
+        env = "REFLEET_GATEWAY_STATIC_REFLECTOR",
+        conflicts_with = "router",
+        requires = "token_keys"
+    )]
+    pub static_reflector: Option<String>,
+
+    /// With `--static-reflector`: the token public keys, `kid=base64url-key,…` (as the
+    /// reflector's `--token-keys`).
+    #[arg(long, env = "REFLEET_GATEWAY_TOKEN_KEYS")]
+    pub token_keys: Option<String>,
 
     /// The gateway credential (`gateway.<region>.<mac>`, minted from the operator's report
     /// key). Prefer the environment variable or `--credential-file` to keep it off the
@@ -130,7 +151,17 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     };
     let registry = prometheus::Registry::new();
     let metrics = GatewayMetrics::new(&registry);
-    let table = Arc::new(WatchedTable::default());
+    let watched = Arc::new(WatchedTable::default());
+    let table: Arc<dyn Placements> = match &args.static_reflector {
+        Some(url) => Arc::new(StaticTable::new(
+            url.clone(),
+            Verifier::parse_list(args.token_keys.as_deref().unwrap_or_default())?,
+        )),
+        None => watched.clone(),
+    };
+    if args.static_reflector.is_some() {
+        metrics.watch_connected.set(1);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
@@ -159,16 +190,18 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let watching = tokio::spawn(follow(
-        WatchTarget {
-            endpoint: args.router.clone(),
-            credential,
-            region: args.region.clone(),
-        },
-        table.clone(),
-        metrics.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    let watching = args.router.clone().map(|endpoint| {
+        tokio::spawn(follow(
+            WatchTarget {
+                endpoint,
+                credential,
+                region: args.region.clone(),
+            },
+            watched.clone(),
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
     let http = {
         let table = table.clone();
         let app = axum::Router::new()
@@ -214,12 +247,14 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let serving = tokio::spawn(gateway.serve(listener, stopped(stop_rx.clone())));
     println!("gateway: http://{bound}/");
     println!("metrics: http://{metrics_bound}/metrics");
-    tracing::info!(listen = %bound, region = %args.region, router = %args.router, "gateway started");
+    tracing::info!(listen = %bound, region = %args.region, router = ?args.router, static_reflector = ?args.static_reflector, "gateway started");
     refleet_api::shutdown::signal().await;
     tracing::info!("gateway stopping");
     let _ = stop_tx.send(true);
     let _ = serving.await;
-    let _ = watching.await;
+    if let Some(w) = watching {
+        let _ = w.await;
+    }
     let _ = http.await;
     Ok(())
 }
