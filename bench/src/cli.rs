@@ -52,13 +52,36 @@ pub struct TargetArgs {
     /// Pid of the reflector given with `--url`, to read its CPU time and RSS from /proc.
     #[arg(long, env = "REFLEET_BENCH_REFLECTOR_PID", global = true)]
     pub reflector_pid: Option<u32>,
+    /// Where clients connect: `direct` (the reflector itself), `gateway` (through a
+    /// `refleet gateway` the bench starts in front of the spawned reflector, every shard
+    /// placed on it), or `both` (the same mode twice against the same reflector, direct then
+    /// through the gateway, and the gateway/direct ratios). In gateway runs the CPU and RSS
+    /// figures are the gateway process's. `gateway` and `both` need `--spawn`.
+    #[arg(long, env = "REFLEET_BENCH_FRONT", global = true, value_enum, default_value_t = Front::Direct)]
+    pub front: Front,
+    /// The `refleet` binary that runs the gateway for `--front gateway|both`. Default:
+    /// `refleet` next to the `--spawn` binary.
+    #[arg(long, env = "REFLEET_BENCH_GATEWAY_BIN", global = true)]
+    pub gateway_bin: Option<String>,
     /// WebSocket read buffer per client connection, bytes.
     #[arg(long, env = "REFLEET_BENCH_READ_BUFFER", global = true, default_value_t = 16 * 1024)]
     pub read_buffer: usize,
 }
 
+/// Where the bench's clients connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Front {
+    /// The reflector itself.
+    Direct,
+    /// A `refleet gateway` in front of it.
+    Gateway,
+    /// Direct, then through the gateway, and the ratios.
+    Both,
+}
+
 /// What to measure.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Mode {
     /// A constant load: every client sends `--rate` messages per second.
     Fixed(LoadArgs),

@@ -8,11 +8,11 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::cli::{
-    Args, IdleArgs, LoadArgs, Mode, RampArgs, SlowArgs, SmokeArgs, SoakArgs, TargetArgs,
+    Args, Front, IdleArgs, LoadArgs, Mode, RampArgs, SlowArgs, SmokeArgs, SoakArgs, TargetArgs,
 };
 use crate::idle::{self, IdleReport, IdleSpec};
 use crate::load::{self, Endpoint, LoadReport, LoadSpec};
-use crate::target::Target;
+use crate::target::{Gateway, Target};
 
 /// One ramp step.
 #[derive(Debug, Clone, Serialize)]
@@ -185,6 +185,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         reflector_args,
         reflector_pid,
         read_buffer,
+        front,
+        gateway_bin,
     } = target;
     if let Mode::Move(m) = &mode {
         let report = crate::moves::run(&crate::moves::MoveSpec {
@@ -211,16 +213,49 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let report = crate::soak::run(&bin, &reflector_args, soak_spec(&s, read_buffer)).await?;
         return finish(&report, report.passed(), json.as_deref());
     }
+    let refleet = match (front, &spawn) {
+        (Front::Direct, _) => None,
+        (_, None) => anyhow::bail!(
+            "--front gateway|both needs --spawn (the gateway is put in front of the spawned reflector)"
+        ),
+        (_, Some(bin)) => Some(gateway_bin.clone().unwrap_or_else(|| {
+            std::path::Path::new(bin)
+                .with_file_name("refleet")
+                .display()
+                .to_string()
+        })),
+    };
     let mut target = match (spawn, url) {
         (Some(bin), _) => Target::spawn(&bin, &reflector_args).await?,
         (None, Some(url)) => Target::external(&url, reflector_pid)?,
         (None, None) => anyhow::bail!("give --spawn PATH or --url URL"),
     };
-    let ep = Endpoint::resolve(&target.ws_base, target.proc()).await?;
-    let result = run_mode(&ep, mode, read_buffer).await;
+    let result = run_fronts(&target, refleet.as_deref(), front, mode, read_buffer).await;
     target.stop().await;
-    let report = result?;
-    finish(&report, report.passed(), json.as_deref())
+    let (reports, ratios) = result?;
+    let passed = reports.iter().all(|(_, r)| r.passed());
+    if let [(_, report)] = reports.as_slice() {
+        return finish(report, passed, json.as_deref());
+    }
+    for (front, report) in &reports {
+        println!("== front: {front:?} ==\n{report}");
+    }
+    let both = serde_json::json!({
+        "fronts": reports.iter().map(|(f, r)| serde_json::json!({"front": f, "report": r})).collect::<Vec<_>>(),
+        "ratios": ratios,
+    });
+    if let Some(r) = &ratios {
+        println!("{r}");
+    }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&both)?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Prints a run's summary, writes its full report to `json` when given, and turns its
@@ -240,6 +275,109 @@ fn finish(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Runs `mode` through each front in turn (direct first) against the same reflector.
+async fn run_fronts(
+    target: &Target,
+    refleet: Option<&str>,
+    front: Front,
+    mode: Mode,
+    read_buffer: usize,
+) -> anyhow::Result<(Vec<(Front, Report)>, Option<Ratios>)> {
+    let mut reports = Vec::new();
+    if matches!(front, Front::Direct | Front::Both) {
+        let ep = Endpoint::resolve(&target.ws_base, target.proc()).await?;
+        reports.push((
+            Front::Direct,
+            run_mode(&ep, mode.clone(), read_buffer).await?,
+        ));
+    }
+    if let (Some(refleet), Front::Gateway | Front::Both) = (refleet, front) {
+        let log_path = target.scratch.as_ref().map_or_else(
+            || std::env::temp_dir().join("refleet-bench-gateway.log"),
+            |d| d.join("gateway.log"),
+        );
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut gateway = Gateway::spawn(refleet, &target.box_url(), log).await?;
+        let result = async {
+            let ep = Endpoint::resolve(&gateway.ws_base, gateway.proc()).await?;
+            run_mode(&ep, mode, read_buffer).await
+        }
+        .await;
+        gateway.stop().await;
+        reports.push((Front::Gateway, result?));
+    }
+    let ratios = match reports.as_slice() {
+        [(_, direct), (_, gateway)] => Ratios::of(direct, gateway),
+        _ => None,
+    };
+    Ok((reports, ratios))
+}
+
+/// Gateway against direct, measured in one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// Delivered messages/s through the gateway ÷ direct (a ramp: the best passing steps).
+    pub throughput: Option<f64>,
+    /// p50 latency through the gateway minus direct, ms.
+    pub added_p50_ms: Option<f64>,
+    /// p99 latency through the gateway and direct, ms.
+    pub p99_ms: Option<(f64, f64)>,
+    /// Gateway RSS per idle proxied connection at the last step, KiB (an idle run).
+    pub gateway_rss_per_conn_kib: Option<f64>,
+}
+
+impl Ratios {
+    fn of(direct: &Report, gateway: &Report) -> Option<Self> {
+        let runs = |r: &Report| match r {
+            Report::Fixed { run } | Report::Smoke { run } => Some(run.clone()),
+            Report::Ramp { best, .. } => best.clone(),
+            _ => None,
+        };
+        let ms = |us: u64| us as f64 / 1000.0;
+        match (direct, gateway) {
+            (_, Report::Idle { report }) => Some(Self {
+                throughput: None,
+                added_p50_ms: None,
+                p99_ms: None,
+                gateway_rss_per_conn_kib: report.steps.last().and_then(|s| s.rss_per_conn_kib),
+            }),
+            _ => {
+                let (d, g) = (runs(direct)?, runs(gateway)?);
+                Some(Self {
+                    throughput: (d.delivered_per_s > 0.0)
+                        .then(|| g.delivered_per_s / d.delivered_per_s),
+                    added_p50_ms: Some(ms(g.latency.p50_us) - ms(d.latency.p50_us)),
+                    p99_ms: Some((ms(g.latency.p99_us), ms(d.latency.p99_us))),
+                    gateway_rss_per_conn_kib: None,
+                })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Ratios {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "== gateway vs direct (same run) ==")?;
+        if let Some(t) = self.throughput {
+            writeln!(
+                f,
+                "throughput ratio (delivered/s, gateway ÷ direct): {t:.3}"
+            )?;
+        }
+        if let Some(p) = self.added_p50_ms {
+            writeln!(f, "added p50 latency: {p:+.3} ms")?;
+        }
+        if let Some((g, d)) = self.p99_ms {
+            writeln!(f, "p99: {g:.3} ms through the gateway, {d:.3} ms direct")?;
+        }
+        if let Some(k) = self.gateway_rss_per_conn_kib {
+            writeln!(f, "gateway RSS per idle proxied connection: {k:.1} KiB")?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs one mode against an endpoint.

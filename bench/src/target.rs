@@ -74,6 +74,17 @@ impl Target {
         self.pid.map(Proc::Pid)
     }
 
+    /// The reflector's base URL (`http://HOST:PORT/`), what a gateway connects to.
+    pub fn box_url(&self) -> String {
+        let host = self
+            .ws_base
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        format!("http://{host}/")
+    }
+
     /// Stops a spawned reflector and removes its storage (its log is kept).
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -154,4 +165,99 @@ mod tests {
         assert_eq!(t.ws_base, "ws://127.0.0.1:9/reflector/");
         assert!(Target::external("ftp://x", None).is_err());
     }
+}
+
+/// A `refleet gateway` in front of a spawned reflector (`--front gateway|both`), every
+/// shard placed on that reflector, with a join token the bench's clients carry.
+#[derive(Debug)]
+pub struct Gateway {
+    /// WebSocket base URL with the token segment, ending in `/`; the session id is appended.
+    pub ws_base: String,
+    /// The gateway process.
+    pub pid: Option<u32>,
+    child: Child,
+}
+
+impl Gateway {
+    /// Starts `refleet gateway --static-reflector <reflector>` on 127.0.0.1 and waits for
+    /// the `gateway:` line it prints.
+    pub async fn spawn(
+        refleet: &str,
+        reflector_box: &str,
+        log: std::fs::File,
+    ) -> anyhow::Result<Self> {
+        let signer = refleet_api::token::Signer::new("bench", &rand_seed());
+        let keys = refleet_api::token::Verifier::format_key(signer.key_id(), &signer.public_key());
+        // The reflector does not require tokens in the bench; the gateway checks this one's
+        // signature on every upgrade, as it would any client's.
+        let token = signer.sign(refleet_api::token::JoinClaims {
+            app_id: "io.refleet.bench".into(),
+            shard: "room".into(),
+            expires_at: i64::MAX / 2,
+            ..Default::default()
+        });
+        let mut child = Command::new(refleet)
+            .args(["gateway", "--region", "bench", "--listen", "127.0.0.1:0"])
+            .args([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--max-connections",
+                "1000000",
+            ])
+            .arg("--static-reflector")
+            .arg(reflector_box)
+            .arg("--token-keys")
+            .arg(keys)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {refleet} gateway"))?;
+        let stdout = child.stdout.take().context("gateway stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let found = tokio::time::timeout(START_TIMEOUT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.strip_prefix("gateway: ") {
+                    return Some(url.trim().to_string());
+                }
+            }
+            None
+        })
+        .await;
+        let Ok(Some(url)) = found else {
+            let _ = child.start_kill();
+            bail!("{refleet} gateway did not print its URL within {START_TIMEOUT:?}");
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let base = url.trim_end_matches('/').replacen("http://", "ws://", 1);
+        Ok(Self {
+            ws_base: format!("{base}/{token}/"),
+            pid: child.id(),
+            child,
+        })
+    }
+
+    /// The process to sample.
+    pub fn proc(&self) -> Option<Proc> {
+        self.pid.map(Proc::Pid)
+    }
+
+    /// Stops the gateway.
+    pub async fn stop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// A signing seed that differs per run (no `rand` dependency for one key).
+fn rand_seed() -> [u8; 32] {
+    use std::hash::{BuildHasher as _, RandomState};
+    let mut seed = [0u8; 32];
+    for (i, chunk) in seed.chunks_mut(8).enumerate() {
+        let v = RandomState::new().hash_one((i, std::time::SystemTime::now()));
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    seed
 }

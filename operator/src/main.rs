@@ -34,7 +34,7 @@ enum Command {
     /// Run one region's gateway: a stable WebSocket address that checks the join token and
     /// splices each connection to the reflector hosting its shard (placements from the
     /// router leader's watch stream).
-    Gateway(refleet_operator::cli::gateway::GatewayArgs),
+    Gateway(Box<refleet_operator::cli::gateway::GatewayArgs>),
     /// Print every CRD as one multi-document YAML stream, or write one file per CRD and/or
     /// the Markdown field reference.
     Crds {
@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     match command {
         Command::Operator(args) => refleet_operator::cli::operator::run(*args).await?,
         Command::Up(args) => refleet_operator::cli::up::run(args).await?,
-        Command::Gateway(args) => refleet_operator::cli::gateway::run(args).await?,
+        Command::Gateway(args) => refleet_operator::cli::gateway::run(*args).await?,
         Command::Crds {
             write: None,
             reference: None,

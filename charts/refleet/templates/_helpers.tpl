@@ -91,6 +91,12 @@ a message that names the value to change.
 {{- if and .Values.router.gateway.enabled (empty .Values.router.gateway.parentRefs) -}}
 {{- fail "router.gateway.enabled=true needs router.gateway.parentRefs (the Gateway the routes attach to)" -}}
 {{- end -}}
+{{- if and .Values.gateways.enabled (empty .Values.gateways.regions) -}}
+{{- fail "gateways.enabled=true needs gateways.regions: the regions to run a gateway in, as [{name: eu-west}]" -}}
+{{- end -}}
+{{- if and .Values.gateways.enabled (not .Values.joinTokens.enabled) -}}
+{{- fail "gateways.enabled=true needs joinTokens.enabled=true: a gateway reads the shard from the join token" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* DNS names of the router's certificate: the explicit list, else the Ingress host. */}}
@@ -100,4 +106,12 @@ a message that names the value to change.
 {{- $names = list .Values.router.ingress.host -}}
 {{- end -}}
 {{- toYaml $names -}}
+{{- end -}}
+
+{{/* What selects one region's gateway pods (dict: root, region). */}}
+{{- define "refleet.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: refleet
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: gateway
+refleet.dev/region: {{ .region | quote }}
 {{- end -}}

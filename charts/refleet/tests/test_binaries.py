@@ -79,7 +79,7 @@ def help_flags(argv: list[str]) -> dict[str, dict[str, str | None]]:
 
 def deployment_env(values=None) -> dict[str, dict]:
     objects, _ = render(values or {})
-    [container] = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    [container] = one(objects, "Deployment", "rf-operator")["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e for e in container["env"]}
 
 
@@ -102,6 +102,19 @@ def test_operator_accepts_every_flag_and_variable_the_chart_sets():
     assert not (missing or wrong_env or unaccepted), (
         f"`refleet operator --help` lacks flags {missing}; env mismatches {wrong_env}; "
         f"the chart sets variables the operator does not read: {unaccepted}")
+
+
+def test_gateway_accepts_every_variable_the_chart_sets():
+    flags = help_flags([str(BIN), "gateway"])
+    accepted = {v["env"] for v in flags.values()}
+    objects, _ = render({"gateways": {"enabled": True, "regions": [{"name": "eu"}],
+                                      "filesURL": "http://files.games.svc:7070/files"}})
+    [container] = one(objects, "Deployment", "rf-gateway-eu")["spec"]["template"]["spec"]["containers"]
+    chart_vars = {e["name"] for e in container["env"] if e["name"].startswith("REFLEET_")}
+    assert chart_vars <= accepted, f"`refleet gateway --help` lacks {sorted(chart_vars - accepted)}"
+    # The chart's ports are the gateway's listen defaults.
+    assert flags["--listen"]["default"] == "0.0.0.0:8080"
+    assert flags["--metrics-listen"]["default"] == "0.0.0.0:9090"
 
 
 def test_operator_listen_defaults_are_the_chart_ports():
@@ -184,7 +197,7 @@ def test_dockerfile_builds_both_binaries_into_a_non_root_distroless_image():
 
 def test_chart_runs_the_image_the_dockerfile_builds():
     objects, _ = render({})
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = one(objects, "Deployment", "rf-operator")["spec"]["template"]["spec"]
     [c] = pod["containers"]
     assert c["command"][0] == "/usr/local/bin/refleet" and c["command"][1:] == ["operator"]
     assert pod["securityContext"]["runAsUser"] == 65532 and pod["securityContext"]["runAsGroup"] == 65532

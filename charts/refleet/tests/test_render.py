@@ -67,11 +67,19 @@ TOGGLES: dict[str, dict] = {
                                 "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}]},
                    "imagePullSecrets": [{"name": "registry"}], "image": {"tag": "v9"}},
     "pdb-off": {"operator": {"replicas": 1, "podDisruptionBudget": {"enabled": False}}},
+    "gateways": {"gateways": {"enabled": True, "regions": [
+        {"name": "eu-west", "nodeSelector": {"topology.kubernetes.io/region": "eu-west-1"}},
+        {"name": "us-east", "filesURL": "http://arena-files.games.svc:7070/files"}],
+        "filesURL": "http://files.games.svc:7070/files", "serviceType": "LoadBalancer",
+        "serviceAnnotations": {"example.com/lb": "external"},
+        "autoscaling": {"enabled": True, "maxReplicas": 6, "targetConnectionsPerPod": 3000}}},
 }
 TOGGLES["everything"] = {}
 for _name, _values in TOGGLES.items():
     if _name not in ("everything", "crds-off", "api-keys-existing", "api-keys-off", "external-service-account", "pdb-off",
-                     "reflector-tls-existing", "gateway-tls-cert-manager", "ingress-tls-existing"):
+                     "reflector-tls-existing", "gateway-tls-cert-manager", "ingress-tls-existing",
+                     # Gateways need join tokens (a template check); each is rendered alone too.
+                     "join-tokens-off"):
         TOGGLES["everything"] = chartlib.deep_merge(TOGGLES["everything"], _values)
 
 API_VERSIONS = {
@@ -85,6 +93,7 @@ API_VERSIONS = {
     "Certificate": "cert-manager.io/v1",
     "ServiceMonitor": "monitoring.coreos.com/v1", "PodMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1",
+    "HorizontalPodAutoscaler": "autoscaling/v2",
 }
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -286,7 +295,7 @@ def test_operator_deployment(rendered):
     for tsc in ps.get("topologySpreadConstraints", []):
         assert tsc["labelSelector"]["matchLabels"] == selector
     # The PodDisruptionBudget selects the same pods.
-    pdbs = by_kind(objects, "PodDisruptionBudget")
+    pdbs = [p for p in by_kind(objects, "PodDisruptionBudget") if p["metadata"]["name"] == f"{RELEASE}-operator"]
     if values["operator"]["podDisruptionBudget"]["enabled"]:
         assert pdbs[0]["spec"]["selector"]["matchLabels"] == selector
         assert pdbs[0]["spec"]["maxUnavailable"] == values["operator"]["podDisruptionBudget"]["maxUnavailable"]
@@ -299,7 +308,8 @@ def test_services_select_the_operator_and_name_its_ports(rendered):
     dep = operator_deployment(objects)
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     ports = {p["name"]: p["containerPort"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
-    services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}
+    services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")
+                if s["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"}
     assert set(services) == {f"{RELEASE}-router", f"{RELEASE}-report", f"{RELEASE}-metrics"}
     for svc_name, svc in services.items():
         role = svc_name.removeprefix(f"{RELEASE}-")
@@ -313,6 +323,54 @@ def test_services_select_the_operator_and_name_its_ports(rendered):
             assert port["appProtocol"] == "kubernetes.io/h2c"
         assert selector.items() <= pod_labels.items() and selector
     assert services[f"{RELEASE}-router"]["spec"]["type"] == values["router"]["service"]["type"]
+
+
+def test_regional_gateways(rendered):
+    name, values, objects, _ = rendered
+    g = values["gateways"]
+    deployments = [d for d in by_kind(objects, "Deployment")
+                   if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    if not g["enabled"]:
+        assert deployments == []
+        return
+    assert {d["metadata"]["name"] for d in deployments} == {f"{RELEASE}-gateway-{r['name']}" for r in g["regions"]}
+    for region in g["regions"]:
+        gw = f"{RELEASE}-gateway-{region['name']}"
+        dep = one(objects, "Deployment", gw)
+        selector = dep["spec"]["selector"]["matchLabels"]
+        assert selector["refleet.dev/region"] == region["name"]
+        pod = dep["spec"]["template"]
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        assert ("replicas" in dep["spec"]) != g["autoscaling"]["enabled"]
+        [c] = pod["spec"]["containers"]
+        assert c["command"] == ["/usr/local/bin/refleet", "gateway"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["REFLEET_GATEWAY_REGION"] == region["name"]
+        assert env["REFLEET_GATEWAY_ROUTER"] == f"http://{RELEASE}-report.{NAMESPACE}.svc:8081"
+        assert env["REFLEET_GATEWAY_FILES_URL"] == region.get("filesURL", g["filesURL"])
+        assert env["REFLEET_GATEWAY_MAX_HEADER_BYTES"] == str(g["maxHeaderBytes"])
+        # The report key comes from the mounted Secret, never from the environment.
+        [mount] = c["volumeMounts"]
+        assert env["REFLEET_GATEWAY_REPORT_KEY_FILE"] == f"{mount['mountPath']}/token" and mount["readOnly"]
+        [vol] = pod["spec"]["volumes"]
+        assert vol["secret"]["secretName"] == (values["report"]["existingSecret"] or f"{RELEASE}-report-key")
+        assert c["securityContext"]["readOnlyRootFilesystem"] and not c["securityContext"]["allowPrivilegeEscalation"]
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] and not pod["spec"]["automountServiceAccountToken"]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert pod["spec"].get("nodeSelector") == region.get("nodeSelector")
+        svc = one(objects, "Service", gw)
+        assert svc["spec"]["selector"] == selector and svc["spec"]["type"] == g["serviceType"]
+        assert {(p["name"], p["port"]) for p in svc["spec"]["ports"]} == {("http", 8080), ("metrics", 9090)}
+        assert one(objects, "PodDisruptionBudget", gw)["spec"]["selector"]["matchLabels"] == selector
+        hpas = [h for h in by_kind(objects, "HorizontalPodAutoscaler") if h["metadata"]["name"] == gw]
+        if g["autoscaling"]["enabled"]:
+            [hpa] = hpas
+            assert hpa["spec"]["scaleTargetRef"]["name"] == gw
+            [metric] = hpa["spec"]["metrics"]
+            assert metric["pods"]["metric"]["name"] == "refleet_gateway_connections"
+            assert metric["pods"]["target"]["averageValue"] == str(g["autoscaling"]["targetConnectionsPerPod"])
+        else:
+            assert hpas == []
 
 
 def test_ingress_and_gateway_routes_reach_the_router(rendered):
@@ -520,6 +578,9 @@ SCHEMA_REJECTS = [
     ({"dashboards": {"labelValue": 1}}, "/dashboards/labelValue"),
     ({"joinTokens": {"ttl": "forever"}}, "/joinTokens/ttl"),
     ({"unknownTopLevel": True}, "additional properties 'unknownTopLevel' not allowed"),
+    ({"gateways": {"regions": [{"name": "EU"}]}}, "/gateways/regions/0/name"),
+    ({"gateways": {"maxHeaderBytes": 100}}, "/gateways/maxHeaderBytes"),
+    ({"gateways": {"filesURL": "https://files.example.com/files"}}, "/gateways/filesURL"),
 ]
 TEMPLATE_REJECTS = [
     ({"rbac": {"namespaced": True}}, "rbac.namespaced=true needs operator.watchNamespaces"),
@@ -532,6 +593,9 @@ TEMPLATE_REJECTS = [
     ({"reflectorTLS": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "le"}}}},
      "reflectorTLS.certManager.enabled=true needs reflectorTLS.certManager.dnsNames"),
     ({"router": {"gateway": {"enabled": True}}}, "router.gateway.enabled=true needs router.gateway.parentRefs"),
+    ({"gateways": {"enabled": True}}, "gateways.enabled=true needs gateways.regions"),
+    ({"gateways": {"enabled": True, "regions": [{"name": "eu"}]}, "joinTokens": {"enabled": False}},
+     "gateways.enabled=true needs joinTokens.enabled=true"),
 ]
 
 

@@ -13,7 +13,10 @@ use prometheus::Encoder as _;
 
 use crate::gateway::metrics::GatewayMetrics;
 use crate::gateway::watched::{WatchTarget, WatchedTable, follow};
-use crate::gateway::{Gateway, GatewayConfig, Placements};
+use crate::gateway::{Gateway, GatewayConfig, Placements, StaticTable};
+use crate::router::placement_watch::GATEWAY_IDENTITY;
+use refleet_api::report_credential::ReportKey;
+use refleet_api::token::Verifier;
 
 /// Arguments of `refleet gateway`.
 #[derive(Debug, Clone, clap::Args)]
@@ -28,10 +31,30 @@ pub struct GatewayArgs {
     #[arg(long, env = "REFLEET_GATEWAY_REGION")]
     pub region: String,
 
-    /// The router's report/placement endpoint, e.g. `http://refleet-reports:7071` (the
+    /// The router's report/placement endpoint, e.g. `http://<release>-report.<namespace>.svc:8081` (the
     /// Service selecting the leader), or the report URL `refleet up` logs.
-    #[arg(long, env = "REFLEET_GATEWAY_ROUTER")]
-    pub router: String,
+    #[arg(
+        long,
+        env = "REFLEET_GATEWAY_ROUTER",
+        required_unless_present = "static_reflector"
+    )]
+    pub router: Option<String>,
+
+    /// Instead of following a router: send every shard to this one reflector (its base URL,
+    /// `http://127.0.0.1:7070/`), checking tokens with `--token-keys`. For benchmarks and a
+    /// single reflector behind a gateway.
+    #[arg(
+        long,
+        env = "REFLEET_GATEWAY_STATIC_REFLECTOR",
+        conflicts_with = "router",
+        requires = "token_keys"
+    )]
+    pub static_reflector: Option<String>,
+
+    /// With `--static-reflector`: the token public keys, `kid=base64url-key,…` (as the
+    /// reflector's `--token-keys`).
+    #[arg(long, env = "REFLEET_GATEWAY_TOKEN_KEYS")]
+    pub token_keys: Option<String>,
 
     /// The gateway credential (`gateway.<region>.<mac>`, minted from the operator's report
     /// key). Prefer the environment variable or `--credential-file` to keep it off the
@@ -43,6 +66,12 @@ pub struct GatewayArgs {
     /// `gateway.credential` that `refleet up` writes into its data directory).
     #[arg(long, env = "REFLEET_GATEWAY_CREDENTIAL_FILE", value_name = "FILE")]
     pub credential_file: Option<PathBuf>,
+
+    /// A file holding the operator's report key (the `token` of its report-key Secret):
+    /// the gateway mints its own credential from it. Simpler to deploy than a minted
+    /// credential, but whoever reads a gateway pod's files could then mint credentials.
+    #[arg(long, env = "REFLEET_GATEWAY_REPORT_KEY_FILE", value_name = "FILE", conflicts_with_all = ["credential", "credential_file"])]
+    pub report_key_file: Option<PathBuf>,
 
     /// The pool's files base URL (`http://…/files`): `/files/…` is forwarded there.
     /// Without it `/files/` answers 404.
@@ -98,19 +127,41 @@ pub struct GatewayArgs {
 /// Runs the gateway until Ctrl-C or SIGTERM.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     super::up::init_tracing(args.log_json);
-    let credential = match (&args.credential, &args.credential_file) {
-        (Some(c), _) => Some(c.trim().to_owned()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        (None, None) => None,
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let credential = match (
+        &args.credential,
+        &args.credential_file,
+        &args.report_key_file,
+    ) {
+        (Some(c), _, _) => Some(c.trim().to_owned()),
+        (None, Some(path), _) => Some(read(path)?.trim().to_owned()),
+        (None, None, Some(path)) => {
+            let key = ReportKey::new(read(path)?.trim().as_bytes())
+                .with_context(|| format!("the report key in {}", path.display()))?;
+            Some(key.credential(GATEWAY_IDENTITY, &args.region)?)
+        }
+        (None, None, None) => {
+            tracing::warn!(
+                "no gateway credential: the placement watch is refused unless the router runs without a report key"
+            );
+            None
+        }
     };
     let registry = prometheus::Registry::new();
     let metrics = GatewayMetrics::new(&registry);
-    let table = Arc::new(WatchedTable::default());
+    let watched = Arc::new(WatchedTable::default());
+    let table: Arc<dyn Placements> = match &args.static_reflector {
+        Some(url) => Arc::new(StaticTable::new(
+            url.clone(),
+            Verifier::parse_list(args.token_keys.as_deref().unwrap_or_default())?,
+        )),
+        None => watched.clone(),
+    };
+    if args.static_reflector.is_some() {
+        metrics.watch_connected.set(1);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
@@ -139,16 +190,18 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let watching = tokio::spawn(follow(
-        WatchTarget {
-            endpoint: args.router.clone(),
-            credential,
-            region: args.region.clone(),
-        },
-        table.clone(),
-        metrics.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    let watching = args.router.clone().map(|endpoint| {
+        tokio::spawn(follow(
+            WatchTarget {
+                endpoint,
+                credential,
+                region: args.region.clone(),
+            },
+            watched.clone(),
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
     let http = {
         let table = table.clone();
         let app = axum::Router::new()
@@ -194,12 +247,14 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let serving = tokio::spawn(gateway.serve(listener, stopped(stop_rx.clone())));
     println!("gateway: http://{bound}/");
     println!("metrics: http://{metrics_bound}/metrics");
-    tracing::info!(listen = %bound, region = %args.region, router = %args.router, "gateway started");
+    tracing::info!(listen = %bound, region = %args.region, router = ?args.router, static_reflector = ?args.static_reflector, "gateway started");
     refleet_api::shutdown::signal().await;
     tracing::info!("gateway stopping");
     let _ = stop_tx.send(true);
     let _ = serving.await;
-    let _ = watching.await;
+    if let Some(w) = watching {
+        let _ = w.await;
+    }
     let _ = http.await;
     Ok(())
 }

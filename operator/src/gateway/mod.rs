@@ -86,6 +86,38 @@ impl Placements for RouterTable {
     }
 }
 
+/// One reflector for every shard (`refleet gateway --static-reflector`): benchmarks, or a
+/// single reflector behind a gateway. Unknown shards do not exist for it.
+#[derive(Debug)]
+pub struct StaticTable {
+    url: String,
+    verifier: Arc<Verifier>,
+}
+
+impl StaticTable {
+    /// Every shard on the reflector at `url`, tokens checked with `verifier`.
+    pub fn new(url: String, verifier: Verifier) -> Self {
+        Self {
+            url,
+            verifier: Arc::new(verifier),
+        }
+    }
+}
+
+impl Placements for StaticTable {
+    fn placement(&self, _app_id: &str, _shard: &str) -> Resolved {
+        Ok(crate::router::Placement {
+            reflector: "static".into(),
+            url: self.url.clone(),
+            region: String::new(),
+        })
+    }
+
+    fn verifier(&self) -> Option<Arc<Verifier>> {
+        Some(self.verifier.clone())
+    }
+}
+
 /// Gateway settings.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
