@@ -2,7 +2,9 @@
 //!
 //! Reads the config (or the embedded default), serves `/files/`, `/v1/status` and the router
 //! (Route and ListShards over gRPC, gRPC-Web and JSON `/v1/route`, `/v1/shards`; the
-//! reflectors' report stream on a loopback port of its own), and runs the local backend's observe → plan → act loop until Ctrl-C or
+//! reflectors' report stream and the gateways' placement watch on a loopback port of its own;
+//! one gateway per region of a pool with `gateway.enabled`, each on a port of its own), and
+//! runs the local backend's observe → plan → act loop until Ctrl-C or
 //! SIGTERM, which drains every reflector, waits for them to exit and returns.
 
 use std::collections::{BTreeMap, HashMap};
