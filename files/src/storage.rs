@@ -520,6 +520,21 @@ impl Storage {
         host: &str,
         epoch: u64,
     ) -> Result<(), StorageError> {
+        let body = serde_json::to_vec(state).map_err(|source| StorageError::Corrupt {
+            key: session_id.to_owned(),
+            source,
+        })?;
+        self.store_owned_json(session_id, body, host, epoch).await
+    }
+
+    /// [`Storage::store_owned`] of a record already serialized (`body`, JSON).
+    pub async fn store_owned_json(
+        &self,
+        session_id: &str,
+        body: Vec<u8>,
+        host: &str,
+        epoch: u64,
+    ) -> Result<(), StorageError> {
         if let Some(owner) = self.session_owner(session_id).await?
             && (owner.epoch > epoch || (owner.epoch == epoch && owner.host != host))
         {
@@ -529,7 +544,10 @@ impl Storage {
                 epoch: owner.epoch,
             });
         }
-        self.store_session(session_id, state).await
+        self.store
+            .put(&Self::session_path(session_id), PutPayload::from(body))
+            .await?;
+        Ok(())
     }
 
     /// The stored state of session `session_id`, if one was stored. The record's format is

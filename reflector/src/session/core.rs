@@ -136,6 +136,12 @@ fn random_timeline() -> String {
         .collect()
 }
 
+/// Retained messages as a stored record holds them.
+pub(crate) fn stored_messages<'a>(args: impl Iterator<Item = &'a str>) -> Vec<Box<RawValue>> {
+    args.filter_map(|m| RawValue::from_string(m.to_owned()).ok())
+        .collect()
+}
+
 /// Formats a JSON number the way JavaScript prints it for the values clients send.
 pub(super) fn js_number(out: &mut String, v: f64) {
     if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 {
@@ -335,6 +341,24 @@ impl Core {
 
     /// Everything needed to resume this session elsewhere or later.
     pub fn to_stored(&mut self, now: Instant, wall_ms: u64) -> StoredSession {
+        let mut stored = self.stored_without_messages(now, wall_ms);
+        stored.messages = stored_messages(self.retained.args());
+        stored
+    }
+
+    /// A checkpoint: the state as [`Core::to_stored`] has it, with the messages still shared
+    /// (they become the record's off the session's task, with [`stored_messages`]).
+    pub(crate) fn checkpoint(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+    ) -> (StoredSession, Vec<super::retained::ArgsRef>) {
+        let mut stored = self.stored_without_messages(now, wall_ms);
+        stored.clean = false;
+        (stored, self.retained.shared_args())
+    }
+
+    fn stored_without_messages(&mut self, now: Instant, wall_ms: u64) -> StoredSession {
         let time = self.clock.read(now);
         let users = self.members.stored_users();
         StoredSession {
@@ -355,11 +379,7 @@ impl Core {
             leave_delay_ms: self.leave_delay.as_millis() as u64,
             snapshot: self.retained.snapshot().cloned(),
             persisted_url: self.persisted_url.clone(),
-            messages: self
-                .retained
-                .args()
-                .filter_map(|m| RawValue::from_string(m.to_string()).ok())
-                .collect(),
+            messages: Vec::new(),
             completed_tallies: self.tallies.completed().cloned().collect(),
             users,
             stored_at_ms: wall_ms,

@@ -567,16 +567,23 @@ fn start_checkpoint(
     ctx: &Arc<Context>,
     now: Instant,
 ) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
-    let mut state = core.to_stored(now, wall_ms());
+    // Only reference counts here: the messages are copied into the record off this task.
+    let (mut state, shared) = core.checkpoint(now, wall_ms());
     gate.fill(&mut state);
-    state.clean = false;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (ctx, epoch) = (ctx.clone(), gate.epoch);
     tokio::spawn(async move {
-        let outcome = ctx
-            .storage
-            .store_owned(&state.session_id, &state, &ctx.host, epoch)
-            .await;
+        let outcome = match state.to_json_with(shared.iter().map(|m| m.as_str())) {
+            Ok(body) => {
+                ctx.storage
+                    .store_owned_json(&state.session_id, body, &ctx.host, epoch)
+                    .await
+            }
+            Err(source) => Err(refleet_files::storage::StorageError::Corrupt {
+                key: state.session_id.clone(),
+                source,
+            }),
+        };
         let outcome = match outcome {
             Ok(()) => {
                 ctx.metrics.checkpoint("stored");

@@ -51,6 +51,20 @@ impl Reflected {
     }
 }
 
+/// A retained message's `[time, seq, …]` text, shared with the frame it came in (a clone
+/// costs a reference count, so a checkpoint takes them without copying on the session's task).
+#[derive(Debug, Clone)]
+pub(crate) struct ArgsRef {
+    frame: Text,
+    args: Range<usize>,
+}
+
+impl ArgsRef {
+    pub fn as_str(&self) -> &str {
+        self.frame.as_str().get(self.args.clone()).unwrap_or("[]")
+    }
+}
+
 /// Retained messages since the latest snapshot, and that snapshot.
 #[derive(Debug, Default)]
 pub(crate) struct Retained {
@@ -127,6 +141,17 @@ impl Retained {
     /// The retained `[time, seq, …]` arrays, oldest first.
     pub fn args(&self) -> impl Iterator<Item = &str> {
         self.messages.iter().map(Reflected::args_text)
+    }
+
+    /// Every retained message, shared (see [`ArgsRef`]).
+    pub fn shared_args(&self) -> Vec<ArgsRef> {
+        self.messages
+            .iter()
+            .map(|m| ArgsRef {
+                frame: m.frame.clone(),
+                args: m.args.clone(),
+            })
+            .collect()
     }
 
     /// Whether a snapshot taken at `time` is newer than the one held.

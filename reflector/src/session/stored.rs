@@ -38,8 +38,6 @@ pub struct StoredSession {
     pub leave_delay_ms: u64,
     pub snapshot: Option<SnapshotRef>,
     pub persisted_url: Option<String>,
-    /// Every reflected message since the snapshot, each `[time, seq, payload, …]` exactly as sent.
-    pub messages: Vec<Box<RawValue>>,
     /// TUTTI keys already tallied, with their send times.
     pub completed_tallies: Vec<(String, f64)>,
     /// User records of the members at the time of storing; they may rejoin seamlessly.
@@ -58,6 +56,38 @@ pub struct StoredSession {
     /// have lost messages some clients saw, so the session resumes on a fresh timeline.
     #[serde(default = "stored_clean")]
     pub clean: bool,
+    /// Every reflected message since the snapshot, each `[time, seq, payload, …]` exactly as
+    /// sent. Last, so that [`StoredSession::to_json_with`] can append them as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<Box<RawValue>>,
+}
+
+impl StoredSession {
+    /// The record as JSON, its messages taken from `messages` (each a `[time, seq, …]` text
+    /// the reflector itself produced) and appended without parsing them again: a checkpoint
+    /// of a busy session writes megabytes each interval, and re-validating every message it
+    /// sent was most of that cost. `self.messages` must be empty.
+    pub fn to_json_with<'a>(
+        &self,
+        messages: impl ExactSizeIterator<Item = &'a str>,
+    ) -> Result<Vec<u8>, serde_json::Error> {
+        debug_assert!(self.messages.is_empty());
+        let mut out = serde_json::to_vec(self)?;
+        if messages.len() == 0 {
+            return Ok(out);
+        }
+        // The serialized object ends with its closing brace; the messages go before it.
+        out.pop();
+        out.extend_from_slice(b",\"messages\":[");
+        for (i, m) in messages.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(m.as_bytes());
+        }
+        out.extend_from_slice(b"]}");
+        Ok(out)
+    }
 }
 
 /// Records written before checkpoints existed were all stored at the session's end.
@@ -67,3 +97,39 @@ fn stored_clean() -> bool {
 
 /// The current stored-session format.
 pub const STORED_SESSION_FORMAT: u32 = 1;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn record() -> StoredSession {
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "session_id": "s", "timeline": "t", "time": 5, "seq": 2,
+            "tick_ms": 50, "delay_ms": 0, "scale": 1.0, "tove": null, "name": "app/room",
+            "app_id": "app", "persistent_id": "p", "developer_id": null, "code_hash": null,
+            "leave_delay_ms": 0, "snapshot": null, "persisted_url": null,
+            "completed_tallies": [], "users": ["\"a\""], "stored_at_ms": 1, "clean": false
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn messages_appended_as_text_read_back_as_the_same_record() {
+        let r = record();
+        let messages = [r#"[1,1,"x",0]"#, r#"[2,2,{"k":"v \" ,]"},0]"#];
+        let body = r.to_json_with(messages.iter().copied()).unwrap();
+        let back: StoredSession = serde_json::from_slice(&body).unwrap();
+        let got: Vec<&str> = back.messages.iter().map(|m| m.get()).collect();
+        assert_eq!(got, messages);
+        assert_eq!(
+            (back.seq, back.timeline.as_str(), back.clean),
+            (2, "t", false)
+        );
+        // None: the same as serde's own output.
+        let empty = r.to_json_with(std::iter::empty()).unwrap();
+        assert_eq!(empty, serde_json::to_vec(&r).unwrap());
+        let back: StoredSession = serde_json::from_slice(&empty).unwrap();
+        assert!(back.messages.is_empty());
+    }
+}
