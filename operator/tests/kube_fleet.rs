@@ -525,21 +525,8 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
                  "maxUsersPerShard": 4, "scaleUpThreshold": 0.75}
     }))
     .unwrap();
-    sessions
-        .create(&PostParams::default(), &session)
-        .await
-        .unwrap();
-
     // Shard 0 is placed on a running reflector.
-    let reflector = eventually("shard 0 placed", Duration::from_secs(30), || {
-        let sessions = sessions.clone();
-        async move {
-            let st = sessions.get("lobby").await.ok()?.status?;
-            let shard = st.shards.iter().find(|s| s.name == "lobby")?;
-            (!shard.reflector.is_empty()).then(|| shard.reflector.clone())
-        }
-    })
-    .await;
+    let reflector = create_and_place(&sessions, &session).await;
     let addr = eventually("the reflector's address", Duration::from_secs(20), || {
         let addrs = addrs.clone();
         let reflector = reflector.clone();
@@ -612,6 +599,24 @@ fn tempfile_dir() -> PathBuf {
     dir
 }
 
+/// Creates Session `session` (named `lobby`) and waits for its shard 0 to be placed; the
+/// reflector's name.
+async fn create_and_place(sessions: &Api<Session>, session: &Session) -> String {
+    sessions
+        .create(&PostParams::default(), session)
+        .await
+        .unwrap();
+    eventually("shard 0 placed", Duration::from_secs(30), || {
+        let sessions = sessions.clone();
+        async move {
+            let st = sessions.get("lobby").await.ok()?.status?;
+            let shard = st.shards.iter().find(|s| s.name == "lobby")?;
+            (!shard.reflector.is_empty()).then(|| shard.reflector.clone())
+        }
+    })
+    .await
+}
+
 /// Whether `ws` is closed by the server with `code` within `timeout`.
 async fn closed_with(mut ws: Ws, code: u16, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, async {
@@ -676,19 +681,7 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
                  "maxUsersPerShard": 10, "minShards": 1, "maxShards": 1}
     }))
     .unwrap();
-    sessions
-        .create(&PostParams::default(), &session)
-        .await
-        .unwrap();
-    let source = eventually("shard 0 placed", Duration::from_secs(30), || {
-        let sessions = sessions.clone();
-        async move {
-            let st = sessions.get("lobby").await.ok()?.status?;
-            let shard = st.shards.iter().find(|s| s.name == "lobby")?;
-            (!shard.reflector.is_empty()).then(|| shard.reflector.clone())
-        }
-    })
-    .await;
+    let source = create_and_place(&sessions, &session).await;
     eventually("two reflectors reporting", Duration::from_secs(30), || {
         let op = &op;
         async move {
