@@ -10,7 +10,11 @@
 //! - on the same rig with moves on, a `refleet.dev/move-shard` annotation moves a live shard:
 //!   the Session's status shows it `Moving` (with `movingTo`) and then on the other
 //!   reflector, a `ShardMoving` Event is recorded, the source closes its clients with 4003,
-//!   and when the target's pod disappears the shard is placed again (`ShardReassigned`).
+//!   and when the target's pod disappears the shard is placed again (`ShardReassigned`);
+//! - with pods bound to a stand-in node (so a deleted pod terminates as under a kubelet:
+//!   SIGTERM, removed once its process exits), an image roll-over moves the old reflector's
+//!   live shard to the new one (`ShardMoving … ReflectorDraining`, 4003) without waiting out
+//!   its 30 s drain.
 //!
 //! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
 
@@ -266,18 +270,72 @@ async fn leader_hands_over_to_the_standby_which_then_reconciles() {
 // ---------------------------------------------------------------------------------------
 // Kubelet stand-in with real reflector processes
 
-/// The reflector processes this test started; all killed on drop.
+/// The reflector processes this test started, by pod; all killed on drop.
 #[derive(Default)]
 struct Reflectors {
-    children: Mutex<Vec<tokio::process::Child>>,
+    children: Mutex<HashMap<String, tokio::process::Child>>,
 }
 
 impl Drop for Reflectors {
     fn drop(&mut self) {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
-        for child in children.iter_mut() {
+        for child in children.values_mut() {
             let _ = child.start_kill();
         }
+    }
+}
+
+/// How the kubelet stand-in ends pods.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Termination {
+    /// Pods stay unbound, so a deleted pod is gone at once (its process keeps running).
+    Immediate,
+    /// Pods are bound to a node, so a deleted pod terminates as under a kubelet: SIGTERM to
+    /// its reflector (which drains within `drain`), removed once the process has exited.
+    Graceful { drain: Duration },
+}
+
+/// Binds `name` to the stand-in node: deleting it then waits for the "kubelet".
+async fn bind(pods: &Api<Pod>, name: &str) {
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": "standin"}
+    });
+    pods.create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
+        .await
+        .unwrap();
+}
+
+/// A deleted, bound pod: SIGTERM its reflector once, and remove the pod when it has exited.
+async fn terminate(
+    pods: &Api<Pod>,
+    reflectors: &Reflectors,
+    name: &str,
+    signalled: &mut Vec<String>,
+) {
+    let exited = {
+        let mut children = reflectors.children.lock().unwrap();
+        match children.get_mut(name) {
+            Some(child) => {
+                if !signalled.iter().any(|n| n == name) {
+                    if let Some(pid) = child.id() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+                            nix::sys::signal::Signal::SIGTERM,
+                        );
+                    }
+                    signalled.push(name.to_owned());
+                }
+                child.try_wait().ok().flatten().is_some()
+            }
+            None => true,
+        }
+    };
+    if exited {
+        reflectors.children.lock().unwrap().remove(name);
+        let _ = pods
+            .delete(name, &kube::api::DeleteParams::default().grace_period(0))
+            .await;
     }
 }
 
@@ -288,6 +346,7 @@ async fn start_reflector(
     addr: SocketAddr,
     storage: &Path,
     env: Vec<(String, String)>,
+    drain: Duration,
 ) -> tokio::process::Child {
     let mut child = tokio::process::Command::new(bin)
         .args(
@@ -295,7 +354,7 @@ async fn start_reflector(
                 listen: Some(addr),
                 storage: Some(storage.to_str().unwrap().to_owned()),
                 region: Some("eu".into()),
-                drain_timeout: Some(Duration::from_secs(1)),
+                drain_timeout: Some(drain),
                 ..LaunchSpec::default()
             }
             .to_args(),
@@ -334,17 +393,30 @@ async fn kubelet(
     port: u16,
     storage: PathBuf,
     shared: bool,
+    termination: Termination,
 ) {
     let bin = reflector_binary();
+    let mut signalled = Vec::new();
     loop {
         let list = pods.list(&ListParams::default()).await;
         for pod in list.into_iter().flat_map(|l| l.items) {
             let name = pod.name_any();
-            if pod.metadata.deletion_timestamp.is_some()
-                || addrs.lock().unwrap().contains_key(&name)
-            {
+            if pod.metadata.deletion_timestamp.is_some() {
+                if termination != Termination::Immediate {
+                    terminate(&pods, &reflectors, &name, &mut signalled).await;
+                }
                 continue;
             }
+            if addrs.lock().unwrap().contains_key(&name) {
+                continue;
+            }
+            let drain = match termination {
+                Termination::Immediate => Duration::from_secs(1),
+                Termination::Graceful { drain } => {
+                    bind(&pods, &name).await;
+                    drain
+                }
+            };
             let i = u8::try_from(addrs.lock().unwrap().len()).unwrap();
             let ip = Ipv4Addr::new(127, 0, 0, 10 + i);
             let addr = SocketAddr::from((ip, port));
@@ -368,8 +440,12 @@ async fn kubelet(
             } else {
                 storage.join(&name)
             };
-            let child = start_reflector(&bin, addr, &dir, env).await;
-            reflectors.children.lock().unwrap().push(child);
+            let child = start_reflector(&bin, addr, &dir, env, drain).await;
+            reflectors
+                .children
+                .lock()
+                .unwrap()
+                .insert(name.clone(), child);
             let status = json!({"status": {
                 "phase": "Running", "podIP": ip.to_string(),
                 "conditions": [{"type": "Ready", "status": "True"}]
@@ -402,6 +478,7 @@ impl Rig {
         identity: &str,
         storage: PathBuf,
         shared: bool,
+        termination: Termination,
     ) -> Self {
         // One port for every reflector (each on its own address), free on this machine now.
         let port = std::net::TcpListener::bind("127.0.0.10:0")
@@ -418,6 +495,7 @@ impl Rig {
             port,
             storage.clone(),
             shared,
+            termination,
         ));
         let report_port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -509,7 +587,15 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
     prepare(&admin, ns).await;
 
     // Reflectors report to this operator, each with the credential in its pod.
-    let rig = Rig::start(&admin, ns, "it-fleet", tempfile_dir(), false).await;
+    let rig = Rig::start(
+        &admin,
+        ns,
+        "it-fleet",
+        tempfile_dir(),
+        false,
+        Termination::Immediate,
+    )
+    .await;
     let (op, addrs) = (&rig.op, rig.addrs.clone());
 
     let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
@@ -660,7 +746,15 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
     prepare(&admin, ns).await;
     let storage = tempfile_dir().join("moves");
     std::fs::create_dir_all(&storage).unwrap();
-    let rig = Rig::start(&admin, ns, "it-moves", storage, true).await;
+    let rig = Rig::start(
+        &admin,
+        ns,
+        "it-moves",
+        storage,
+        true,
+        Termination::Immediate,
+    )
+    .await;
     let (op, addrs) = (&rig.op, rig.addrs.clone());
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
 
@@ -793,6 +887,104 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
     eprintln!(
         "moves test: placed again on {again}; took {:?}",
         started.elapsed()
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_roll_over_moves_live_shards_to_the_new_reflector() {
+    let Some((_kube, kubeconfig)) = start_kube("rollover", 4) else {
+        return;
+    };
+    refleet_operator::controller::install_crypto_provider();
+    let admin = admin_client(&kubeconfig).await;
+    let ns = "refleet-rollover";
+    prepare(&admin, ns).await;
+    let storage = tempfile_dir().join("rollover");
+    std::fs::create_dir_all(&storage).unwrap();
+    // Pods terminate as under a kubelet, and a draining reflector serves its sessions for
+    // 30 s: the roll-over must not wait for that.
+    Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "standin"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let rig = Rig::start(
+        &admin,
+        ns,
+        "it-rollover",
+        storage,
+        true,
+        Termination::Graceful {
+            drain: Duration::from_secs(30),
+        },
+    )
+    .await;
+    let mut arena = pool("arena");
+    arena.spec.defaults.max_reflectors = Some(2);
+    arena.spec.drain_grace_period_seconds = 30;
+    arena.spec.gateway.enabled = true;
+    arena.spec.gateway.public_url = Some("wss://gw-{region}.test/".into());
+    arena.spec.moves.enabled = true;
+    let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
+    pools.create(&PostParams::default(), &arena).await.unwrap();
+    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
+    let session: Session = serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "lobby"},
+        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
+                 "maxUsersPerShard": 10, "minShards": 1, "maxShards": 1}
+    }))
+    .unwrap();
+    let old = create_and_place(&sessions, &session).await;
+    let addr = eventually("the reflector's address", Duration::from_secs(20), || {
+        let addrs = rig.addrs.clone();
+        let old = old.clone();
+        async move { addrs.lock().unwrap().get(&old).copied() }
+    })
+    .await;
+    let client = join(addr, "lobby-0", "app", "lobby", "user-0").await;
+    let closed = tokio::spawn(closed_with(client, 4003, Duration::from_secs(60)));
+
+    // A new image: the old reflector drains, and with moves on its live shard moves to the
+    // new one instead of waiting out the drain.
+    pools
+        .patch(
+            "arena",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"defaults": {"image": "refleet-reflector:it-2"}}})),
+        )
+        .await
+        .unwrap();
+    let new = eventually(
+        "the shard on the new reflector",
+        Duration::from_secs(60),
+        || {
+            let sessions = sessions.clone();
+            let old = old.clone();
+            async move {
+                let st = sessions.get("lobby").await.ok()?.status?;
+                let shard = st.shards.iter().find(|s| s.name == "lobby")?;
+                (!shard.reflector.is_empty()
+                    && shard.reflector != old
+                    && shard.state != ShardPhase::Moving)
+                    .then(|| shard.reflector.clone())
+            }
+        },
+    )
+    .await;
+    assert!(
+        closed.await.unwrap(),
+        "the old reflector sent its client on with 4003"
+    );
+    let moving = events_with_reason(&admin, ns, "ShardMoving").await;
+    assert!(
+        moving
+            .iter()
+            .any(|n| n.contains(&format!("from {old} to {new}")) && n.contains("ReflectorDraining")),
+        "{moving:?}"
     );
     rig.stop().await;
 }
