@@ -613,12 +613,7 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
     .unwrap();
     // Shard 0 is placed on a running reflector.
     let reflector = create_and_place(&sessions, &session).await;
-    let addr = eventually("the reflector's address", Duration::from_secs(20), || {
-        let addrs = addrs.clone();
-        let reflector = reflector.clone();
-        async move { addrs.lock().unwrap().get(&reflector).copied() }
-    })
-    .await;
+    let addr = address_of(&addrs, &reflector).await;
 
     // Real clients join shard 0 until it reaches the threshold (0.75 × 4 = 3 users).
     let mut clients = Vec::new();
@@ -703,6 +698,44 @@ async fn create_and_place(sessions: &Api<Session>, session: &Session) -> String 
     .await
 }
 
+/// The address the kubelet stand-in gave pod `name`, once it started it.
+async fn address_of(addrs: &Mutex<HashMap<String, SocketAddr>>, name: &str) -> SocketAddr {
+    eventually(
+        "the reflector's address",
+        Duration::from_secs(20),
+        || async move { addrs.lock().unwrap().get(name).copied() },
+    )
+    .await
+}
+
+/// Pool `arena` with the gateway and moves on.
+fn moving_pool() -> ReflectorPool {
+    let mut arena = pool("arena");
+    arena.spec.gateway.enabled = true;
+    arena.spec.gateway.public_url = Some("wss://gw-{region}.test/".into());
+    arena.spec.moves.enabled = true;
+    arena
+}
+
+/// Creates `arena` and Session `lobby` in it (one shard of up to 10 users), and waits for
+/// the shard to be placed: the Sessions API and the shard's reflector.
+async fn start_lobby(admin: &Client, ns: &str, arena: &ReflectorPool) -> (Api<Session>, String) {
+    Api::<ReflectorPool>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), arena)
+        .await
+        .unwrap();
+    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
+    let session: Session = serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "lobby"},
+        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
+                 "maxUsersPerShard": 10, "minShards": 1, "maxShards": 1}
+    }))
+    .unwrap();
+    let reflector = create_and_place(&sessions, &session).await;
+    (sessions, reflector)
+}
+
 /// Whether `ws` is closed by the server with `code` within `timeout`.
 async fn closed_with(mut ws: Ws, code: u16, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, async {
@@ -759,23 +792,10 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
 
     // Two reflectors kept ready, the gateway and moves on.
-    let mut arena = pool("arena");
+    let mut arena = moving_pool();
     arena.spec.defaults.min_reflectors = Some(2);
     arena.spec.defaults.max_reflectors = Some(3);
-    arena.spec.gateway.enabled = true;
-    arena.spec.gateway.public_url = Some("wss://gw-{region}.test/".into());
-    arena.spec.moves.enabled = true;
-    let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
-    pools.create(&PostParams::default(), &arena).await.unwrap();
-    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
-    let session: Session = serde_json::from_value(json!({
-        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
-        "metadata": {"name": "lobby"},
-        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
-                 "maxUsersPerShard": 10, "minShards": 1, "maxShards": 1}
-    }))
-    .unwrap();
-    let source = create_and_place(&sessions, &session).await;
+    let (sessions, source) = start_lobby(&admin, ns, &arena).await;
     eventually("two reflectors reporting", Duration::from_secs(30), || {
         let op = &op;
         async move {
@@ -922,35 +942,17 @@ async fn an_image_roll_over_moves_live_shards_to_the_new_reflector() {
         },
     )
     .await;
-    let mut arena = pool("arena");
+    let mut arena = moving_pool();
     arena.spec.defaults.max_reflectors = Some(2);
     arena.spec.drain_grace_period_seconds = 30;
-    arena.spec.gateway.enabled = true;
-    arena.spec.gateway.public_url = Some("wss://gw-{region}.test/".into());
-    arena.spec.moves.enabled = true;
-    let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
-    pools.create(&PostParams::default(), &arena).await.unwrap();
-    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
-    let session: Session = serde_json::from_value(json!({
-        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
-        "metadata": {"name": "lobby"},
-        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
-                 "maxUsersPerShard": 10, "minShards": 1, "maxShards": 1}
-    }))
-    .unwrap();
-    let old = create_and_place(&sessions, &session).await;
-    let addr = eventually("the reflector's address", Duration::from_secs(20), || {
-        let addrs = rig.addrs.clone();
-        let old = old.clone();
-        async move { addrs.lock().unwrap().get(&old).copied() }
-    })
-    .await;
+    let (sessions, old) = start_lobby(&admin, ns, &arena).await;
+    let addr = address_of(&rig.addrs, &old).await;
     let client = join(addr, "lobby-0", "app", "lobby", "user-0").await;
     let closed = tokio::spawn(closed_with(client, 4003, Duration::from_secs(60)));
 
     // A new image: the old reflector drains, and with moves on its live shard moves to the
     // new one instead of waiting out the drain.
-    pools
+    Api::<ReflectorPool>::namespaced(admin.clone(), ns)
         .patch(
             "arena",
             &PatchParams::default(),

@@ -1373,18 +1373,31 @@ fn moving_view() -> FleetView {
 }
 
 impl Stream {
-    /// The next HandOff instruction on this stream (other instructions are skipped).
-    async fn hand_off(&mut self) -> refleet_api::report::HandOff {
+    /// The first instruction on this stream that `pick` takes (others are skipped).
+    async fn next_instruction<T>(
+        &mut self,
+        what: &str,
+        pick: impl Fn(refleet_api::report::instruction::Kind) -> Option<T>,
+    ) -> T {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let i = self.inbound.message().await.unwrap().expect("stream open");
-                if let Some(refleet_api::report::instruction::Kind::HandOff(h)) = i.kind {
-                    return h;
+                if let Some(t) = i.kind.and_then(&pick) {
+                    return t;
                 }
             }
         })
         .await
-        .expect("a hand-off is asked for")
+        .unwrap_or_else(|_| panic!("no {what} on the stream"))
+    }
+
+    /// The next HandOff instruction on this stream.
+    async fn hand_off(&mut self) -> refleet_api::report::HandOff {
+        self.next_instruction("hand-off", |k| match k {
+            refleet_api::report::instruction::Kind::HandOff(h) => Some(h),
+            _ => None,
+        })
+        .await
     }
 }
 
@@ -1426,21 +1439,12 @@ async fn a_move_is_asked_of_its_source_and_lands_on_the_target_at_once() {
     assert_eq!((h.app_id.as_str(), h.shard.as_str()), ("app", "lobby"));
     // The target is told to take the shard (it may have handed it off itself earlier).
     let mut target = target;
-    let accepted = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let i = target
-                .inbound
-                .message()
-                .await
-                .unwrap()
-                .expect("stream open");
-            if let Some(refleet_api::report::instruction::Kind::Accept(a)) = i.kind {
-                return a;
-            }
-        }
-    })
-    .await
-    .expect("an Accept on the target's stream");
+    let accepted = target
+        .next_instruction("Accept", |k| match k {
+            refleet_api::report::instruction::Kind::Accept(a) => Some(a),
+            _ => None,
+        })
+        .await;
     assert_eq!(
         (accepted.app_id.as_str(), accepted.shard.as_str()),
         ("app", "lobby")
