@@ -47,7 +47,7 @@ use crate::frame::{ClientMsg, Join};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use refleet_core::shard::join_shard;
-use refleet_files::storage::Storage;
+use refleet_files::storage::{Storage, StorageError};
 use registry::Registry;
 
 /// How long a storage look-up at JOIN may take: the client gives up after 5 s without SYNC.
@@ -146,7 +146,7 @@ pub(crate) async fn run(
     let mut drain_deadline: Option<Instant> = None;
     let mut end_when_idle = false;
     // Checkpoints: the one being stored, when the next is due, and what the last one had.
-    let mut checkpoint: Option<tokio::sync::oneshot::Receiver<Result<(), String>>> = None;
+    let mut checkpoint: Option<tokio::sync::oneshot::Receiver<Result<(), StorageError>>> = None;
     let mut next_checkpoint: Option<Instant> = None;
     let mut checkpointed = (core.seq(), 0usize);
     // Another host took the session over: end without storing.
@@ -201,9 +201,7 @@ pub(crate) async fn run(
             () = &mut sleep => core.on_timers(Instant::now()),
             done = async { checkpoint.as_mut().expect("guarded").await }, if checkpoint.is_some() => {
                 checkpoint = None;
-                if let Ok(Err(e)) = done
-                    && e.starts_with(FENCED)
-                {
+                if let Ok(Err(e @ StorageError::Fenced { .. })) = done {
                     tracing::warn!(session = %id, error = %e, "another reflector took this session over: closing its clients here");
                     ctx.metrics.checkpoint("fenced");
                     fenced = true;
@@ -263,9 +261,13 @@ pub(crate) async fn run(
                 let _ = pending.await;
             }
             let stored = if fenced {
-                Err(format!("{FENCED}: another reflector runs this session"))
+                Err("another reflector runs this session".to_owned())
             } else if gate.resumed && core.has_state() {
-                store(&mut core, &gate, &ctx).await
+                store(&mut core, &gate, &ctx).await.map_err(|e| {
+                    // Superseded at the last moment: the session is the other host's.
+                    fenced = matches!(e, StorageError::Fenced { .. });
+                    e.to_string()
+                })
             } else {
                 Ok(())
             };
@@ -458,7 +460,7 @@ async fn on_join(
 enum Resume {
     /// The stored session belongs to another identity.
     Refused(Refusal),
-    Storage(refleet_files::storage::StorageError),
+    Storage(StorageError),
 }
 
 /// Before the first JOIN is decided: continues the session's stored state when there is
@@ -470,11 +472,7 @@ async fn resume(
     req: Requested<'_>,
 ) -> Result<(), Resume> {
     let id = core.id().clone();
-    let timed_out = |_| {
-        Resume::Storage(refleet_files::storage::StorageError::Timeout(
-            LOOKUP_TIMEOUT,
-        ))
-    };
+    let timed_out = |_| Resume::Storage(StorageError::Timeout(LOOKUP_TIMEOUT));
     let stored = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_session(&id))
         .await
         .map_err(timed_out)?;
@@ -509,7 +507,7 @@ async fn resume(
             Ok(())
         }
         Ok(None) => Ok(()),
-        Err(refleet_files::storage::StorageError::Corrupt { key, source }) => {
+        Err(StorageError::Corrupt { key, source }) => {
             // A record we cannot read would block the session forever; start fresh instead.
             tracing::error!(session = %id, key, error = %source, "stored session unreadable, starting fresh");
             ctx.metrics.session_state("resume", false);
@@ -529,7 +527,7 @@ async fn look_up_persisted(
     join: &Join,
     ctx: &Context,
     persists: bool,
-) -> Result<(), refleet_files::storage::StorageError> {
+) -> Result<(), StorageError> {
     let id = core.id().clone();
     let identity = Core::identity_from(join);
     if !persists {
@@ -540,7 +538,7 @@ async fn look_up_persisted(
         let dev = identity.developer_id.as_deref().unwrap_or("unknown_dev_id");
         let found = tokio::time::timeout(LOOKUP_TIMEOUT, ctx.storage.load_persisted(dev, app, pid))
             .await
-            .map_err(|_| refleet_files::storage::StorageError::Timeout(LOOKUP_TIMEOUT))?;
+            .map_err(|_| StorageError::Timeout(LOOKUP_TIMEOUT))?;
         match found {
             Ok(Some(url)) => {
                 tracing::info!(session = %id, app, persistent_id = %pid, "persisted data found");
@@ -557,16 +555,13 @@ async fn look_up_persisted(
     Ok(())
 }
 
-/// The start of the error text of a store refused because another host claimed the session.
-const FENCED: &str = "fenced";
-
 /// Stores a checkpoint of the running session off its task; the receiver gets the outcome.
 fn start_checkpoint(
     core: &mut Core,
     gate: &Gate,
     ctx: &Arc<Context>,
     now: Instant,
-) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+) -> tokio::sync::oneshot::Receiver<Result<(), StorageError>> {
     // Only reference counts here: the messages are copied into the record off this task.
     let (mut state, shared) = core.checkpoint(now, wall_ms());
     gate.fill(&mut state);
@@ -579,32 +574,27 @@ fn start_checkpoint(
                     .store_owned_json(&state.session_id, body, &ctx.host, epoch)
                     .await
             }
-            Err(source) => Err(refleet_files::storage::StorageError::Corrupt {
+            Err(source) => Err(StorageError::Corrupt {
                 key: state.session_id.clone(),
                 source,
             }),
         };
-        let outcome = match outcome {
-            Ok(()) => {
-                ctx.metrics.checkpoint("stored");
-                Ok(())
-            }
-            Err(e @ refleet_files::storage::StorageError::Fenced { .. }) => {
-                Err(format!("{FENCED}: {e}"))
-            }
+        match &outcome {
+            Ok(()) => ctx.metrics.checkpoint("stored"),
+            // Counted by the session, which acts on it.
+            Err(StorageError::Fenced { .. }) => {}
             Err(e) => {
                 ctx.metrics.checkpoint("failed");
                 tracing::warn!(session = %state.session_id, error = %e, "checkpoint failed; the next one retries");
-                Err(e.to_string())
             }
-        };
+        }
         let _ = tx.send(outcome);
     });
     rx
 }
 
-/// Stores the session's state; the error text when that failed.
-async fn store(core: &mut Core, gate: &Gate, ctx: &Context) -> Result<(), String> {
+/// Stores the session's state.
+async fn store(core: &mut Core, gate: &Gate, ctx: &Context) -> Result<(), StorageError> {
     let mut state = core.to_stored(Instant::now(), wall_ms());
     gate.fill(&mut state);
     let (messages, seq) = (state.messages.len(), state.seq);
@@ -618,15 +608,15 @@ async fn store(core: &mut Core, gate: &Gate, ctx: &Context) -> Result<(), String
             tracing::info!(session = %core.id(), seq, messages, "session state stored");
             Ok(())
         }
-        Err(e @ refleet_files::storage::StorageError::Fenced { .. }) => {
+        Err(e @ StorageError::Fenced { .. }) => {
             ctx.metrics.session_state("store", false);
             tracing::warn!(session = %core.id(), error = %e, "not stored: another reflector runs this session now");
-            Err(format!("{FENCED}: {e}"))
+            Err(e)
         }
         Err(e) => {
             ctx.metrics.session_state("store", false);
             tracing::error!(session = %core.id(), error = %e, "storing session state failed");
-            Err(e.to_string())
+            Err(e)
         }
     }
 }
