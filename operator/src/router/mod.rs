@@ -81,7 +81,7 @@ use self::route::{Attempt, Routed, fill_load, validate};
 use self::view::{FleetState, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
 use refleet_core::planner::{
-    MoveRequest, PlanInput, SessionInput, ShardPhase, ShardRecord, session_key, split_session_key,
+    MoveRequest, PlanInput, SessionInput, ShardRecord, session_key, split_session_key,
 };
 
 /// Router settings.
@@ -460,17 +460,9 @@ impl Router {
     /// Shows a move that ended in the published view at once: a landed shard on its target,
     /// a failed one open again on its source.
     fn settle_move(&self, inner: &mut Inner, e: Ended) {
-        let landed = e.outcome == Outcome::Landed;
         inner.fleet.rewrite_shard(&e.session, &e.shard, |sh| {
-            if sh.moving_to.as_deref() != Some(e.to.as_str()) {
-                return;
-            }
-            if landed {
-                sh.reflector = Some(e.to.clone());
-            }
-            sh.moving_to = None;
-            if sh.phase == ShardPhase::Moving {
-                sh.phase = ShardPhase::Open;
+            if sh.moving_to.as_deref() == Some(e.to.as_str()) {
+                moves::settle(sh, &e.outcome);
             }
         });
         match &e.outcome {

@@ -143,16 +143,11 @@ impl MoveBook {
             if m.to != to || sh.reflector.as_deref() != Some(m.from.as_str()) {
                 continue;
             }
-            match &m.outcome {
-                None => continue,
-                Some(Outcome::Landed) => sh.reflector = Some(m.to.clone()),
-                Some(Outcome::Failed(_) | Outcome::TimedOut) => {}
-            }
-            sh.moving_to = None;
+            let Some(outcome) = &m.outcome else {
+                continue;
+            };
+            settle(sh, outcome);
             sh.moved_at = Some(now);
-            if sh.phase == ShardPhase::Moving {
-                sh.phase = ShardPhase::Open;
-            }
             changed += 1;
         }
         changed
@@ -281,6 +276,20 @@ impl MoveBook {
             }
         }
         out
+    }
+}
+
+/// Ends a shard record's move: on its target when it landed, else on its source, open again
+/// either way.
+pub fn settle(sh: &mut ShardRecord, outcome: &Outcome) {
+    let Some(to) = sh.moving_to.take() else {
+        return;
+    };
+    if *outcome == Outcome::Landed {
+        sh.reflector = Some(to);
+    }
+    if sh.phase == ShardPhase::Moving {
+        sh.phase = ShardPhase::Open;
     }
 }
 
