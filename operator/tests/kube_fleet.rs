@@ -812,7 +812,14 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
         clients.push(join(addr, "lobby-0", "app", "lobby", &format!("user-{u}")).await);
     }
 
-    // Asked by hand: the status shows the shard Moving, then on the other reflector.
+    // Asked by hand: the status shows the shard Moving, then on the other reflector. The
+    // Moving status may last less than a poll, so every written version is read from a watch.
+    let saw_moving: Arc<Mutex<Option<String>>> = Arc::default();
+    let moving_watch = tokio::spawn(record_moving_to(
+        sessions.clone(),
+        "lobby",
+        saw_moving.clone(),
+    ));
     sessions
         .patch(
             "lobby",
@@ -827,20 +834,15 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
         .into_iter()
         .map(|ws| tokio::spawn(closed_with(ws, 4003, Duration::from_secs(30))))
         .collect();
-    let saw_moving: Arc<Mutex<Option<String>>> = Arc::default();
     let target = eventually(
         "the shard to land elsewhere",
         Duration::from_secs(40),
         || {
             let sessions = sessions.clone();
             let source = source.clone();
-            let saw_moving = saw_moving.clone();
             async move {
                 let st = sessions.get("lobby").await.ok()?.status?;
                 let shard = st.shards.iter().find(|s| s.name == "lobby")?;
-                if shard.state == ShardPhase::Moving {
-                    *saw_moving.lock().unwrap() = shard.moving_to.clone();
-                }
                 (shard.reflector != source && shard.state != ShardPhase::Moving)
                     .then(|| (shard.reflector.clone(), st.handled_move_request.clone()))
             }
@@ -848,7 +850,18 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
     )
     .await;
     let (target, handled) = target;
-    let saw_moving = saw_moving.lock().unwrap().clone();
+    // The watch may still be delivering the versions written before the one read above.
+    let saw_moving = eventually(
+        "the watch to deliver Moving",
+        Duration::from_secs(10),
+        || {
+            let saw = saw_moving.lock().unwrap().clone();
+            async move { saw }
+        },
+    )
+    .await;
+    moving_watch.abort();
+    let saw_moving = Some(saw_moving);
     assert_eq!(
         saw_moving.as_deref(),
         Some(target.as_str()),
@@ -989,4 +1002,32 @@ async fn an_image_roll_over_moves_live_shards_to_the_new_reflector() {
         "{moving:?}"
     );
     rig.stop().await;
+}
+
+/// Records the `movingTo` of shard `shard` from the first status version that shows it
+/// Moving, reading every version the apiserver writes (a watch), not samples of them.
+async fn record_moving_to(
+    sessions: Api<Session>,
+    shard: &'static str,
+    out: Arc<Mutex<Option<String>>>,
+) {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let config = watcher::Config::default().fields(&format!("metadata.name={shard}"));
+    let mut stream = std::pin::pin!(watcher(sessions, config).applied_objects());
+    while let Some(event) = stream.next().await {
+        let Ok(session) = event else { continue };
+        let Some(status) = session.status else {
+            continue;
+        };
+        if let Some(s) = status
+            .shards
+            .iter()
+            .find(|s| s.name == shard && s.state == ShardPhase::Moving)
+        {
+            let mut out = out.lock().unwrap();
+            if out.is_none() {
+                *out = s.moving_to.clone();
+            }
+        }
+    }
 }
