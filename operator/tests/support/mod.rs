@@ -2,6 +2,9 @@
 //! test, on free ports; plus the small waiting and set-up helpers the tests share.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fixtures;
+pub mod stand_in;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
