@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod fixtures;
+pub mod operator_process;
 pub mod stand_in;
 
 use std::net::Ipv4Addr;

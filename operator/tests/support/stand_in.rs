@@ -216,6 +216,17 @@ pub type Ws =
 /// A protocol-level client: connects to `ws://addr/reflector/<id>`, JOINs as `user` under
 /// `<app>/<name>` and waits for SYNC. Returns the socket (the caller keeps it open).
 pub async fn join(addr: SocketAddr, id: &str, app: &str, name: &str, user: &str) -> Ws {
+    join_sync(addr, id, app, name, user).await.0
+}
+
+/// [`join`], also returning the SYNC's `args` (timeline, seq, time, …).
+pub async fn join_sync(
+    addr: SocketAddr,
+    id: &str,
+    app: &str,
+    name: &str,
+    user: &str,
+) -> (Ws, Value) {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/reflector/{id}"))
         .await
         .expect("connect");
@@ -230,12 +241,12 @@ pub async fn join(addr: SocketAddr, id: &str, app: &str, name: &str, user: &str)
     ))
     .await
     .expect("send JOIN");
-    tokio::time::timeout(Duration::from_secs(10), async {
+    let sync = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(msg) = ws.next().await {
             if let Ok(Message::Text(t)) = msg {
                 let v: Value = serde_json::from_str(&t).unwrap_or_default();
                 if v["action"] == "SYNC" {
-                    return;
+                    return v["args"].clone();
                 }
             }
         }
@@ -243,7 +254,7 @@ pub async fn join(addr: SocketAddr, id: &str, app: &str, name: &str, user: &str)
     })
     .await
     .expect("SYNC in time");
-    ws
+    (ws, sync)
 }
 
 /// Keeps reading `ws` (TICKs etc.) so the reflector never sees a stuck client.
