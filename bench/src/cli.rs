@@ -106,6 +106,29 @@ pub enum Mode {
     /// every shard is asked to move; reports each client's gap and any loss, duplicate,
     /// reorder or reboot. Needs `--fleet`, not `--spawn`/`--url`.
     Move(MoveArgs),
+    /// Half-open upgrades against the gateway (needs `--front gateway`): `--connections`
+    /// connections send the start of an upgrade head and never finish it; reports the
+    /// gateway's RSS per such connection, whether a real upgrade still gets through while
+    /// they hang, and whether the gateway closes every one at its header timeout.
+    HalfOpen(HalfOpenArgs),
+}
+
+/// Arguments of the half-open mode.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HalfOpenArgs {
+    /// Half-open connections held at once.
+    #[arg(long, env = "REFLEET_BENCH_CONNECTIONS", default_value_t = 10_000)]
+    pub connections: usize,
+    /// Connections opened concurrently while building the crowd.
+    #[arg(long, env = "REFLEET_BENCH_CONCURRENCY", default_value_t = 256)]
+    pub concurrency: usize,
+    /// Pause after the crowd is up (and after it is closed) before RSS is read.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
+    /// How long the gateway may take to close them all: its header timeout (10 s by
+    /// default) plus slack.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub close_within: Duration,
 }
 
 /// Move settings.

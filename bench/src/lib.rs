@@ -19,6 +19,7 @@
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod half_open;
 pub mod idle;
 pub mod load;
 pub mod modes;

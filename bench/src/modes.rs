@@ -48,6 +48,9 @@ pub enum Report {
     Idle {
         report: IdleReport,
     },
+    HalfOpen {
+        report: crate::half_open::HalfOpenReport,
+    },
     SlowConsumer {
         /// Median p99 of the other clients without the stalled client, µs.
         median_p99_without_us: u64,
@@ -69,6 +72,7 @@ impl Report {
             Report::Fixed { run } | Report::Smoke { run } => run.is_clean(),
             Report::Ramp { best, .. } => best.is_some(),
             Report::Idle { report } => report.is_clean(),
+            Report::HalfOpen { report } => report.passed(),
             Report::SlowConsumer { without, with, .. } => {
                 without.iter().all(LoadReport::is_clean)
                     && with
@@ -117,6 +121,7 @@ impl std::fmt::Display for Report {
                 }
             }
             Report::Idle { report } => write!(f, "{report}"),
+            Report::HalfOpen { report } => write!(f, "{report}"),
             Report::SlowConsumer {
                 median_p99_without_us,
                 median_p99_with_us,
@@ -212,6 +217,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         let report = crate::soak::run(&bin, &reflector_args, soak_spec(&s, read_buffer)).await?;
         return finish(&report, report.passed(), json.as_deref());
+    }
+    if matches!(mode, Mode::HalfOpen(_)) && front != Front::Gateway {
+        anyhow::bail!("half-open measures the gateway: give --front gateway (and --spawn)");
     }
     let refleet = match (front, &spawn) {
         (Front::Direct, _) => None,
@@ -395,6 +403,18 @@ pub async fn run_mode(ep: &Endpoint, mode: Mode, read_buffer: usize) -> anyhow::
             report: idle::run(ep, &tag, &idle_spec(&i, read_buffer)).await?,
         },
         Mode::SlowConsumer(s) => slow_consumer(ep, &tag, &s, read_buffer).await?,
+        Mode::HalfOpen(h) => Report::HalfOpen {
+            report: crate::half_open::run(
+                ep,
+                &crate::half_open::HalfOpenSpec {
+                    connections: h.connections,
+                    concurrency: h.concurrency,
+                    settle: h.settle,
+                    close_within: h.close_within,
+                },
+            )
+            .await?,
+        },
         Mode::Soak(_) => anyhow::bail!("the soak runs through `run` with --spawn"),
         Mode::Move(_) => anyhow::bail!("move mode runs through `run` with --fleet"),
     })
