@@ -6,7 +6,11 @@
 //! - the leader is killed while a live move is in flight (the source reflector frozen with
 //!   SIGSTOP, so the hand-off is asked but not yet answered): the standby takes over,
 //!   finishes the move, and the shard ends on exactly one reflector — the target — where
-//!   its clients, sent on with 4003, rejoin on the same timeline.
+//!   its clients, sent on with 4003, rejoin on the same timeline;
+//! - the kube-apiserver is stopped for 30 s (etcd stays): the router answers every
+//!   ListShards call from its last view, the reflectors keep serving (a user joins
+//!   meanwhile), the operator process stays up; once the apiserver is back the operator
+//!   catches up (that user is in the Session's status) and no pod was deleted or replaced.
 //!
 //! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
 
@@ -19,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use nix::sys::signal::Signal;
-use refleet_operator::crd::{Session, ShardPhase};
+use refleet_operator::crd::{ReflectorPool, Session, ShardPhase};
 use serde_json::{Value, json};
 
 mod support;
-use support::fixtures::{lease_holder, moving_pool, start_lobby};
+use support::fixtures::{create_and_place, lease_holder, moving_pool, start_lobby};
 use support::operator_process::{LeaderService, OperatorProcess, signal};
 use support::stand_in::{
     Reflectors, Termination, address_of, closed_with, join_sync, kubelet, record_moving_to,
@@ -236,4 +240,189 @@ async fn a_leader_killed_while_a_move_is_in_flight_leaves_the_shard_on_the_targe
         "leader killed with a move in flight: landed {landed_after:?} after the kill; test took {:?}",
         started.elapsed()
     );
+}
+
+/// `GET /v1/shards` at the router `router` (ListShards): the shards it answers with their
+/// users, or why not.
+async fn list_shards(
+    router: SocketAddr,
+    ns: &str,
+    session: &str,
+) -> Result<Vec<(String, u64)>, String> {
+    let res = reqwest::Client::new()
+        .get(format!(
+            "http://{router}/v1/shards?namespace={ns}&session={session}"
+        ))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status();
+    let body: Value = res.json().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{status}: {body}"));
+    }
+    Ok(body["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["shard"].as_str()?.to_owned(), s["users"].as_u64()?)))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_the_apiserver_is_down_for_30s_the_router_answers_and_no_live_pod_is_deleted() {
+    let Some((kube, kubeconfig)) = start_kube("failover-apiserver", 6) else {
+        return;
+    };
+    refleet_operator::controller::install_crypto_provider();
+    let admin = admin_client(&kubeconfig).await;
+    let ns = "refleet-outage";
+    prepare(&admin, ns).await;
+    let storage = tempfile_dir().join("failover-apiserver");
+    std::fs::create_dir_all(&storage).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.10:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let reflectors = Arc::new(Reflectors::default());
+    let addrs = Arc::new(Mutex::new(HashMap::new()));
+    let kubelet_task = tokio::spawn(kubelet(
+        Api::namespaced(admin.clone(), ns),
+        reflectors.clone(),
+        addrs.clone(),
+        port,
+        storage.clone(),
+        false,
+        Termination::Immediate,
+    ));
+    // One replica; its router and report stream reached directly (a Service keeps its
+    // endpoints while the apiserver is down).
+    let report = LeaderService::start(admin.clone(), ns).await;
+    let op = OperatorProcess::start(&kubeconfig, ns, "op-only", &report.url());
+    report.add("op-only", op.report);
+    let mut arena = support::fixtures::pool("arena");
+    arena.spec.defaults.min_reflectors = Some(2);
+    Api::<ReflectorPool>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &arena)
+        .await
+        .unwrap();
+    // Room for every reservation the Route calls below make.
+    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
+    let session: Session = serde_json::from_value(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "lobby"},
+        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
+                 "maxUsersPerShard": 500, "minShards": 1, "maxShards": 1}
+    }))
+    .unwrap();
+    let host = create_and_place(&sessions, &session).await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    eventually("two reflectors reporting", Duration::from_secs(30), || {
+        let op = &op;
+        async move {
+            (op.metric("refleet_report_streams{region=\"eu\"}").await? == 2.0).then_some(())
+        }
+    })
+    .await;
+    let host_addr = address_of(&addrs, &host).await;
+    let (first, _) = join_sync(host_addr, "lobby-0", "app", "lobby", "u0").await;
+    eventually("the user counted", Duration::from_secs(20), || {
+        let sessions = sessions.clone();
+        async move { (sessions.get("lobby").await.ok()?.status?.users == 1).then_some(()) }
+    })
+    .await;
+    let pods_before: Vec<(String, String)> = pod_ids(&pods).await;
+    assert_eq!(pods_before.len(), 2, "{pods_before:?}");
+
+    // The outage: Route keeps answering from the router's last view, the reflectors keep
+    // serving (a user joins meanwhile), and the operator process stays up.
+    assert_eq!(
+        list_shards(op.router, ns, "lobby").await,
+        Ok(vec![("lobby".to_owned(), 1)]),
+        "the router answers before the outage"
+    );
+    kube.stop_apiserver();
+    let down = Instant::now();
+    let (mut answered, mut refused) = (0, Vec::new());
+    let mut during = None;
+    while down.elapsed() < Duration::from_secs(30) {
+        match list_shards(op.router, ns, "lobby").await {
+            Ok(shards) => {
+                assert_eq!(shards.len(), 1, "{shards:?}");
+                assert_eq!(shards[0].0, "lobby");
+                answered += 1;
+            }
+            Err(e) => refused.push(e),
+        }
+        if during.is_none() && down.elapsed() > Duration::from_secs(5) {
+            during = Some(
+                join_sync(host_addr, "lobby-0", "app", "lobby", "u1")
+                    .await
+                    .0,
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        refused.is_empty(),
+        "the router answered {answered} times and refused {} times during the outage: {:?}\n{}",
+        refused.len(),
+        refused.first(),
+        op.log_tail()
+    );
+    assert!(
+        op.metric("refleet_operator_leader").await.is_some(),
+        "the operator is up"
+    );
+
+    // Back: the operator catches up (the user who joined meanwhile is counted) and no pod
+    // that hosts live sessions was deleted or replaced.
+    kube.start_apiserver();
+    let admin = admin_client(&kubeconfig).await;
+    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
+    eventually("the operator to catch up", Duration::from_secs(60), || {
+        let sessions = sessions.clone();
+        async move { (sessions.get("lobby").await.ok()?.status?.users == 2).then_some(()) }
+    })
+    .await;
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pod_ids(&pods).await,
+        pods_before,
+        "the same pods, none replaced"
+    );
+    assert_eq!(
+        list_shards(op.router, ns, "lobby").await,
+        Ok(vec![("lobby".to_owned(), 2)])
+    );
+    eprintln!(
+        "apiserver down 30 s: the router answered {answered} of {answered} ListShards calls; {:?} after the outage began the status had caught up",
+        down.elapsed()
+    );
+    drop((first, during));
+    kubelet_task.abort();
+    drop(reflectors);
+    let _ = std::fs::remove_dir_all(&storage);
+}
+
+/// Every pod of the namespace as (name, uid), sorted.
+async fn pod_ids(pods: &Api<Pod>) -> Vec<(String, String)> {
+    let mut ids: Vec<(String, String)> = pods
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| {
+            (
+                p.metadata.name.unwrap_or_default(),
+                p.metadata.uid.unwrap_or_default(),
+            )
+        })
+        .collect();
+    ids.sort();
+    ids
 }

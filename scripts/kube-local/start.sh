@@ -44,14 +44,19 @@ if [ ! -f "$pki/admin.crt" ]; then
   )
 fi
 
-say "etcd on 127.0.0.1:$ETCD_PORT"
-extra=()
-"$BIN/etcd" --help 2>&1 | grep -q -- --unsafe-no-fsync && extra+=(--unsafe-no-fsync)
-nohup "$BIN/etcd" --name refleet --data-dir "$DIR/etcd" \
-  --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-  --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-  --initial-cluster "refleet=http://127.0.0.1:$((ETCD_PORT + 1))" "${extra[@]}" > "$DIR/logs/etcd.log" 2>&1 &
-echo $! > "$DIR/etcd.pid"
+# etcd may still be running when only the apiserver was stopped (tests restart it alone).
+if [ -f "$DIR/etcd.pid" ] && kill -0 "$(cat "$DIR/etcd.pid")" 2>/dev/null; then
+  say "etcd already running on 127.0.0.1:$ETCD_PORT"
+else
+  say "etcd on 127.0.0.1:$ETCD_PORT"
+  extra=()
+  "$BIN/etcd" --help 2>&1 | grep -q -- --unsafe-no-fsync && extra+=(--unsafe-no-fsync)
+  nohup "$BIN/etcd" --name refleet --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
+    --initial-cluster "refleet=http://127.0.0.1:$((ETCD_PORT + 1))" "${extra[@]}" > "$DIR/logs/etcd.log" 2>&1 &
+  echo $! > "$DIR/etcd.pid"
+fi
 for _ in $(seq 1 100); do
   curl -sf "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1 && break
   sleep 0.1

@@ -23,6 +23,42 @@ use serde_json::json;
 pub struct KubeLocal {
     dir: PathBuf,
     repo: PathBuf,
+    base: u16,
+}
+
+impl KubeLocal {
+    /// Stops the kube-apiserver alone (etcd and its data stay), as in an apiserver outage.
+    pub fn stop_apiserver(&self) {
+        let pid_file = self.dir.join("apiserver.pid");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        // Reaped by init (start.sh ran it with nohup in the background); wait until gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(pid_file);
+    }
+
+    /// Starts the kube-apiserver again on the same port and etcd; returns once it is ready.
+    pub fn start_apiserver(&self) {
+        let out = Command::new(self.repo.join("scripts/kube-local/start.sh"))
+            .env("REFLEET_KUBE_DIR", &self.dir)
+            .env("APISERVER_PORT", self.base.to_string())
+            .env("ETCD_PORT", (self.base + 1).to_string())
+            .output()
+            .expect("running start.sh");
+        assert!(
+            out.status.success(),
+            "start.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 impl Drop for KubeLocal {
@@ -80,7 +116,7 @@ pub fn start_kube(tag: &str, salt: u32) -> Option<(KubeLocal, PathBuf)> {
         .env("ETCD_PORT", (base + 1).to_string())
         .output()
         .expect("running start.sh");
-    let guard = KubeLocal { dir, repo };
+    let guard = KubeLocal { dir, repo, base };
     assert!(
         out.status.success(),
         "start.sh failed: {}",

@@ -135,7 +135,8 @@ impl Drop for OperatorProcess {
 
 /// Forwards each new TCP connection to the replica whose identity holds the Lease in `ns`
 /// at that moment (a connection made while no live replica leads is closed at once, and
-/// the caller retries, as with a Service without ready endpoints).
+/// the caller retries, as with a Service without ready endpoints). While the apiserver is
+/// unreachable it keeps forwarding to the last holder, as kube-proxy keeps its rules.
 pub struct LeaderService {
     pub addr: SocketAddr,
     replicas: Arc<Mutex<HashMap<String, SocketAddr>>>,
@@ -151,11 +152,25 @@ impl LeaderService {
         let task = {
             let replicas = replicas.clone();
             tokio::spawn(async move {
+                let last: Arc<Mutex<Option<String>>> = Arc::default();
                 while let Ok((mut inbound, _)) = listener.accept().await {
-                    let (admin, ns, replicas) = (admin.clone(), ns.clone(), replicas.clone());
+                    let (admin, ns, replicas, last) =
+                        (admin.clone(), ns.clone(), replicas.clone(), last.clone());
                     tokio::spawn(async move {
-                        let Some(holder) = lease_holder(&admin, &ns).await else {
-                            return;
+                        // With the apiserver unreachable, keep the last endpoint (as
+                        // kube-proxy keeps a Service's rules).
+                        let holder = match lease_holder(&admin, &ns).await {
+                            Some(h) => {
+                                *last.lock().unwrap() = Some(h.clone());
+                                h
+                            }
+                            None if apiserver_down(&admin).await => {
+                                let Some(h) = last.lock().unwrap().clone() else {
+                                    return;
+                                };
+                                h
+                            }
+                            None => return,
                         };
                         let Some(target) = replicas.lock().unwrap().get(&holder).copied() else {
                             return;
@@ -195,6 +210,11 @@ impl Drop for LeaderService {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Whether the apiserver does not answer at all (not: answers that no one leads).
+async fn apiserver_down(admin: &Client) -> bool {
+    admin.apiserver_version().await.is_err()
 }
 
 /// Sends `signal` to process `pid` (e.g. SIGSTOP / SIGCONT to a reflector).
