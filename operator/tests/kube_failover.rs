@@ -8,7 +8,7 @@
 //!   finishes the move, and the shard ends on exactly one reflector — the target — where
 //!   its clients, sent on with 4003, rejoin on the same timeline;
 //! - the kube-apiserver is stopped for 30 s (etcd stays): the router answers every
-//!   ListShards call from its last view, the reflectors keep serving (a user joins
+//!   Route and ListShards call from its last view, the reflectors keep serving (a user joins
 //!   meanwhile), the operator process stays up; once the apiserver is back the operator
 //!   catches up (that user is in the Session's status) and no pod was deleted or replaced.
 //!
@@ -242,6 +242,27 @@ async fn a_leader_killed_while_a_move_is_in_flight_leaves_the_shard_on_the_targe
     );
 }
 
+/// `GET /v1/route` at the router `router`: the shard it answers, or why not.
+async fn route(router: SocketAddr, ns: &str, session: &str) -> Result<String, String> {
+    let res = reqwest::Client::new()
+        .get(format!(
+            "http://{router}/v1/route?namespace={ns}&session={session}"
+        ))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status();
+    let body: Value = res.json().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{status}: {body}"));
+    }
+    body["shard"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no shard in {body}"))
+}
+
 /// `GET /v1/shards` at the router `router` (ListShards): the shards it answers with their
 /// users, or why not.
 async fn list_shards(
@@ -300,7 +321,15 @@ async fn while_the_apiserver_is_down_for_30s_the_router_answers_and_no_live_pod_
     // One replica; its router and report stream reached directly (a Service keeps its
     // endpoints while the apiserver is down).
     let report = LeaderService::start(admin.clone(), ns).await;
-    let op = OperatorProcess::start(&kubeconfig, ns, "op-only", &report.url());
+    // A short token TTL: a new leader's warm-up (shards it did not open count as full,
+    // since the old leader's tokens may still fill them) lasts one TTL.
+    let op = OperatorProcess::start_with(
+        &kubeconfig,
+        ns,
+        "op-only",
+        &report.url(),
+        &["--token-ttl=3s"],
+    );
     report.add("op-only", op.report);
     let mut arena = support::fixtures::pool("arena");
     arena.spec.defaults.min_reflectors = Some(2);
@@ -343,6 +372,15 @@ async fn while_the_apiserver_is_down_for_30s_the_router_answers_and_no_live_pod_
         Ok(vec![("lobby".to_owned(), 1)]),
         "the router answers before the outage"
     );
+    eventually(
+        "Route to answer (after the warm-up)",
+        Duration::from_secs(20),
+        || {
+            let router = op.router;
+            async move { route(router, ns, "lobby").await.ok() }
+        },
+    )
+    .await;
     kube.stop_apiserver();
     let down = Instant::now();
     let (mut answered, mut refused) = (0, Vec::new());
@@ -352,6 +390,13 @@ async fn while_the_apiserver_is_down_for_30s_the_router_answers_and_no_live_pod_
             Ok(shards) => {
                 assert_eq!(shards.len(), 1, "{shards:?}");
                 assert_eq!(shards[0].0, "lobby");
+                answered += 1;
+            }
+            Err(e) => refused.push(e),
+        }
+        match route(op.router, ns, "lobby").await {
+            Ok(shard) => {
+                assert_eq!(shard, "lobby");
                 answered += 1;
             }
             Err(e) => refused.push(e),
@@ -399,7 +444,7 @@ async fn while_the_apiserver_is_down_for_30s_the_router_answers_and_no_live_pod_
         Ok(vec![("lobby".to_owned(), 2)])
     );
     eprintln!(
-        "apiserver down 30 s: the router answered {answered} of {answered} ListShards calls; {:?} after the outage began the status had caught up",
+        "apiserver down 30 s: the router answered {answered} of {answered} ListShards and Route calls; {:?} after the outage began the status had caught up",
         down.elapsed()
     );
     drop((first, during));

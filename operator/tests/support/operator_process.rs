@@ -46,6 +46,17 @@ impl OperatorProcess {
     /// Starts `refleet operator` for `ns` with a 4 s Lease; reflector pods it creates report to
     /// `report_url` (a [`LeaderService`] in front of every replica).
     pub fn start(kubeconfig: &Path, ns: &str, identity: &str, report_url: &str) -> Self {
+        Self::start_with(kubeconfig, ns, identity, report_url, &[])
+    }
+
+    /// [`OperatorProcess::start`] with more `refleet operator` flags.
+    pub fn start_with(
+        kubeconfig: &Path,
+        ns: &str,
+        identity: &str,
+        report_url: &str,
+        extra: &[&str],
+    ) -> Self {
         let (metrics, router, report) = (
             loopback(free_port()),
             loopback(free_port()),
@@ -67,6 +78,7 @@ impl OperatorProcess {
             .arg(format!("--reflector-report-url={report_url}"))
             .args(["--report-secret", "refleet-report-key"])
             .args(["--join-tokens=false", "--route-rate-limit=100000"])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
