@@ -9,6 +9,7 @@
 //!        │               act     (start / SIGTERM-drain / forget reflectors)
 //!        ▼
 //!   [Server]  /files/ (shared storage)   /v1/status   + the router's /v1/route, /v1/shards
+//!             + the fleet view (/, crate::view)
 //! ```
 //!
 //! Regions are simulated: each is a label (`--region`) on `refleet-reflector` children that
@@ -23,8 +24,10 @@
 //! - [`server`]: the HTTP endpoints.
 //! - [`prometheus`]: `/metrics`, the Prometheus targets and the printed scrape config.
 //! - [`table`]: the table printed on every change.
+//! - [`demo`]: `--demo DIR`, a browser demo's files at `/demo/`.
 
 pub mod config;
+pub mod demo;
 pub mod fleet;
 pub mod launcher;
 pub mod prometheus;
