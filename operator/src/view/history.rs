@@ -24,6 +24,21 @@ pub struct Sample {
     pub routes_per_sec: f64,
 }
 
+fn region_users(status: &Status) -> BTreeMap<String, u32> {
+    status
+        .regions
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                r.reflectors
+                    .iter()
+                    .fold(0u32, |a, x| a.saturating_add(x.users)),
+            )
+        })
+        .collect()
+}
+
 /// The samples and what the next one is measured against.
 #[derive(Clone, Debug, Default)]
 pub struct History {
@@ -33,31 +48,27 @@ pub struct History {
 }
 
 impl History {
-    /// Takes a sample at `at_ms` unless the last one is younger than [`EVERY_MS`]; true
-    /// when it did. `routes_total` is the Route counter now (it only grows).
+    /// Takes a sample at `at_ms` unless the last one is younger than [`EVERY_MS`], in which
+    /// case the last sample's users are brought up to date instead (the charts' latest
+    /// values then agree with the tables). True when the samples changed. `routes_total` is
+    /// the Route counter now (it only grows).
     pub fn sample(&mut self, status: &Status, routes_total: u64, at_ms: u64) -> bool {
-        let last = self.samples.back().map(|s| s.at_ms);
-        if last.is_some_and(|t| at_ms.saturating_sub(t) < EVERY_MS) {
-            return false;
+        let users = region_users(status);
+        let last = self.samples.back_mut();
+        if let Some(last) = last
+            && at_ms.saturating_sub(last.at_ms) < EVERY_MS
+        {
+            let changed = last.users != users;
+            last.users = users;
+            return changed;
         }
+        let last = self.samples.back().map(|s| s.at_ms);
         let routes_per_sec = match (last, self.last_routes) {
             (Some(t), Some(r)) if at_ms > t => {
                 routes_total.saturating_sub(r) as f64 * 1000.0 / (at_ms - t) as f64
             }
             _ => 0.0,
         };
-        let users = status
-            .regions
-            .iter()
-            .map(|r| {
-                (
-                    r.name.clone(),
-                    r.reflectors
-                        .iter()
-                        .fold(0u32, |a, x| a.saturating_add(x.users)),
-                )
-            })
-            .collect();
         if self.samples.len() == KEPT {
             self.samples.pop_front();
         }
@@ -106,7 +117,16 @@ mod tests {
     fn samples_are_spaced_bounded_and_measure_the_route_rate() {
         let mut h = History::default();
         assert!(h.sample(&status(1), 100, 0));
-        assert!(!h.sample(&status(2), 150, EVERY_MS - 1), "too soon");
+        assert!(
+            !h.sample(&status(1), 150, EVERY_MS - 1),
+            "too soon, nothing new"
+        );
+        assert!(
+            h.sample(&status(2), 150, EVERY_MS - 1),
+            "too soon, newer users"
+        );
+        assert_eq!(h.samples().count(), 1);
+        assert_eq!(h.samples().next().unwrap().users["a"], 2);
         assert!(h.sample(&status(3), 110, EVERY_MS));
         let s: Vec<_> = h.samples().collect();
         assert_eq!(

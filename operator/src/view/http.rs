@@ -68,6 +68,8 @@ pub fn app(hub: Arc<Hub>, gate: Arc<dyn Gate>) -> axum::Router {
     axum::Router::new()
         .route("/", get(page))
         .route("/view/events", get(events))
+        // Browsers ask for one; the router's gRPC fallback would answer 400.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route(
             "/view/index.js",
             get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
