@@ -188,22 +188,23 @@ async fn serve(hub: Arc<Hub>, gate: Arc<dyn Gate>) -> String {
 }
 
 fn status_with(users: u32) -> Status {
-    let mut s = Status::default();
-    s.regions = vec![RegionView {
-        pool: "default/p".into(),
-        name: "a".into(),
-        desired: 1,
-        reflectors: vec![ReflectorView {
-            name: "a-1".into(),
-            state: "Ready",
-            pid: None,
-            url: None,
-            files_url: String::new(),
-            users,
-            shards: vec![],
+    Status {
+        regions: vec![RegionView {
+            pool: "default/p".into(),
+            name: "a".into(),
+            desired: 1,
+            reflectors: vec![ReflectorView {
+                name: "a-1".into(),
+                state: "Ready",
+                pid: None,
+                url: None,
+                files_url: String::new(),
+                users,
+                shards: vec![],
+            }],
         }],
-    }];
-    s
+        ..Status::default()
+    }
 }
 
 /// The next SSE chunk(s) until a whole `fleet` event has arrived; `None` when the stream ended.
