@@ -197,6 +197,8 @@ fn status_with(users: u32) -> Status {
                 name: "a-1".into(),
                 state: "Ready",
                 pid: None,
+                cpu_percent: None,
+                rss_bytes: None,
                 url: None,
                 files_url: String::new(),
                 users,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use super::config::{LocalPool, LocalSession};
 use super::launcher::{Launcher, Observed, ReportedSession, StartRequest};
+use super::usage;
 use crate::fleet;
 use crate::metrics::OperatorMetrics;
 use crate::metrics::POOL_CONTROLLER;
@@ -67,6 +68,16 @@ pub struct Fleet<L> {
     metrics: Arc<OperatorMetrics>,
     /// Region → the URL of its gateway, for pools whose gateway is on.
     gateways: BTreeMap<String, String>,
+    /// The last CPU and memory reading of each reflector with a process.
+    usage: BTreeMap<String, Sampled>,
+}
+
+/// A reflector's last [`usage::Usage`] reading, when, and the CPU use since the one before.
+#[derive(Clone, Copy, Debug)]
+struct Sampled {
+    now: usage::Usage,
+    at: std::time::Instant,
+    cpu_percent: Option<f64>,
 }
 
 impl<L: Launcher> Fleet<L> {
@@ -86,6 +97,7 @@ impl<L: Launcher> Fleet<L> {
             router: None,
             metrics: metrics.clone(),
             gateways: BTreeMap::new(),
+            usage: BTreeMap::new(),
         }
         .with_metrics(metrics)
     }
@@ -135,6 +147,7 @@ impl<L: Launcher> Fleet<L> {
         let metrics = self.metrics.clone();
         let _timer = metrics.reconcile_started(POOL_CONTROLLER);
         self.observe(now).await;
+        self.read_usage();
         let observed = self.observed();
         let mut input = fleet::plan_input(&observed, &self.shards, &self.history, now);
         if let Some(router) = &self.router {
@@ -379,6 +392,30 @@ impl<L: Launcher> Fleet<L> {
         fleet::concrete_sessions(&self.observed(), &self.shards)
     }
 
+    /// Reads every reflector process's CPU and memory (see [`usage`]); forgets those that
+    /// have no process any more.
+    fn read_usage(&mut self) {
+        let at = std::time::Instant::now();
+        let mut fresh = BTreeMap::new();
+        for name in self.reflectors.keys() {
+            let Some(now) = self.launcher.pid(name).and_then(usage::read) else {
+                continue;
+            };
+            let cpu_percent = self.usage.get(name).and_then(|before| {
+                usage::cpu_percent((before.now.cpu_seconds, before.at), (now.cpu_seconds, at))
+            });
+            fresh.insert(
+                name.clone(),
+                Sampled {
+                    now,
+                    at,
+                    cpu_percent,
+                },
+            );
+        }
+        self.usage = fresh;
+    }
+
     /// Sessions with connected users, for the files endpoint's upload check.
     pub fn live_sessions(&self) -> Vec<ReportedSession> {
         self.reflectors
@@ -408,6 +445,8 @@ impl<L: Launcher> Fleet<L> {
                         name: name.clone(),
                         state: crate::view::status::state_name(r.state),
                         pid: self.launcher.pid(name),
+                        cpu_percent: self.usage.get(name).and_then(|u| u.cpu_percent),
+                        rss_bytes: self.usage.get(name).map(|u| u.now.rss_bytes),
                         url: r.url.clone(),
                         files_url: rt.files_url.clone(),
                         users: r.sessions.iter().map(|s| s.users).sum(),

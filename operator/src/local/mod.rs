@@ -24,6 +24,7 @@
 //! - [`server`]: the HTTP endpoints.
 //! - [`prometheus`]: `/metrics`, the Prometheus targets and the printed scrape config.
 //! - [`table`]: the table printed on every change.
+//! - [`usage`]: the children's CPU and memory, from `/proc`.
 //! - [`demo`]: `--demo DIR`, a browser demo's files at `/demo/`.
 
 pub mod config;
@@ -33,3 +34,4 @@ pub mod launcher;
 pub mod prometheus;
 pub mod server;
 pub mod table;
+pub mod usage;

@@ -454,6 +454,8 @@ mod tests {
             reflectors.push(ReflectorView {
                 name: format!("r{i}"),
                 pid: None,
+                cpu_percent: None,
+                rss_bytes: None,
                 state: "Ready",
                 url: Some(counting_reflector(hits.clone()).await),
                 files_url: String::new(),

@@ -134,6 +134,8 @@ mod tests {
             name: name.into(),
             state,
             pid: None,
+            cpu_percent: None,
+            rss_bytes: None,
             url: None,
             files_url: String::new(),
             users: 0,

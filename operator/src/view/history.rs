@@ -103,6 +103,8 @@ mod tests {
                     name: "a-1".into(),
                     state: "Ready",
                     pid: None,
+                    cpu_percent: None,
+                    rss_bytes: None,
                     url: None,
                     files_url: String::new(),
                     users,

@@ -47,6 +47,10 @@ fn region_users(r: &RegionView) -> u32 {
         .fold(0u32, |a, x| a.saturating_add(x.users))
 }
 
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 /// One line about the whole fleet.
 pub fn summary(status: &Status) -> String {
     let reflectors = status.regions.iter().map(|r| r.reflectors.len()).sum();
@@ -78,13 +82,14 @@ pub fn fleet(status: &Status) -> String {
              <span class=\"pool\">(pool {pool})</span>: {count}, \
              <span class=\"region-users\" data-users=\"{users}\">{users_text}</span></caption>\
              <thead><tr><th scope=\"col\">Reflector</th><th scope=\"col\">State</th>\
-             <th scope=\"col\">Users</th><th scope=\"col\">Shards</th></tr></thead><tbody>",
+             <th scope=\"col\">Users</th><th scope=\"col\">Shards</th>\
+             <th scope=\"col\">CPU</th><th scope=\"col\">Memory</th></tr></thead><tbody>",
             pool = escape(&region.pool),
             count = plural(region.reflectors.len(), "reflector", "reflectors"),
             users_text = plural(users as usize, "user", "users"),
         );
         if region.reflectors.is_empty() {
-            out.push_str("<tr><td colspan=\"4\">No reflectors.</td></tr>");
+            out.push_str("<tr><td colspan=\"6\">No reflectors.</td></tr>");
         }
         for r in &region.reflectors {
             let shards = if r.shards.is_empty() {
@@ -97,11 +102,17 @@ pub fn fleet(status: &Status) -> String {
                 "<tr data-reflector=\"{name}\"><th scope=\"row\">{name}</th>\
                  <td data-label=\"State\" class=\"state state-{state_class}\">{state}</td>\
                  <td data-label=\"Users\" class=\"users\" data-users=\"{users}\">{users}</td>\
-                 <td data-label=\"Shards\">{shards}</td></tr>",
+                 <td data-label=\"Shards\">{shards}</td>\
+                 <td data-label=\"CPU\" class=\"cpu\">{cpu}</td>\
+                 <td data-label=\"Memory\" class=\"memory\">{memory}</td></tr>",
                 name = escape(&r.name),
                 state = escape(r.state),
                 state_class = escape(&r.state.to_lowercase()),
                 users = r.users,
+                cpu = r
+                    .cpu_percent
+                    .map_or_else(|| "—".to_owned(), |c| format!("{c:.0}%")),
+                memory = r.rss_bytes.map_or_else(|| "—".to_owned(), mebibytes),
             );
         }
         out.push_str("</tbody></table>");
@@ -246,6 +257,8 @@ mod tests {
                         name: "local-a-1".into(),
                         state: "Ready",
                         pid: None,
+                        cpu_percent: Some(12.0),
+                        rss_bytes: Some(48 * 1024 * 1024),
                         url: None,
                         files_url: String::new(),
                         users: 3,
@@ -319,6 +332,8 @@ mod tests {
         assert!(html.contains("<caption>Region <strong>local-a</strong>"));
         assert!(html.contains("<th scope=\"col\">Reflector</th>"));
         assert!(html.contains("<th scope=\"row\">local-a-1</th>"));
+        assert!(html.contains("class=\"cpu\">12%</td>"), "{html}");
+        assert!(html.contains("class=\"memory\">48.0 MiB</td>"), "{html}");
         assert!(html.contains("data-users=\"3\">3 users</span>"));
         assert!(html.contains("<span class=\"count\">3</span> / 10"));
         assert!(html.contains("high=\"8\""));

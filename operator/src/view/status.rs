@@ -62,6 +62,12 @@ pub struct ReflectorView {
     /// Its process id, while it runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// CPU it used since the previous tick, in percent of one core (`refleet up` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Its resident memory in bytes (`refleet up` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
     /// The box URL clients join (`http://127.0.0.1:PORT/`), once ready.
     pub url: Option<String>,
     /// The pool's files base URL.
@@ -166,6 +172,8 @@ pub fn from_router(snap: &FleetSnapshot) -> Status {
                         name: r.name.clone(),
                         state: state_name(state),
                         pid: None,
+                        cpu_percent: None,
+                        rss_bytes: None,
                         url: snap.urls.get(&r.name).cloned(),
                         files_url: files_url.clone(),
                         users: reported.map_or_else(
