@@ -402,3 +402,77 @@ async fn with_api_keys_a_reader_sees_only_its_apps_shards() {
     assert!(html.contains("data-shard=\"mine\""), "{html}");
     assert!(!html.contains("theirs"), "{html}");
 }
+
+/// `refleet operator`'s router port, as `Routing::start` serves it: the view answers only on
+/// the leader, follows what is published to the router, and its streams end at shutdown.
+/// (No apiserver: without join tokens, a report secret or a pod name, routing never calls it.)
+#[tokio::test]
+async fn the_operators_router_port_serves_the_view_on_the_leader_and_ends_it_at_shutdown() {
+    use refleet_operator::cli::routing::{Routing, RoutingArgs};
+    refleet_operator::controller::install_crypto_provider();
+    let nowhere = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+    let client = kube::Client::try_from(nowhere).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let routing = Routing::start(
+        client,
+        RoutingArgs::loopback(),
+        "default",
+        &prometheus::Registry::new(),
+        async {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}/", routing.router_addr);
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(&base).send().await.unwrap().status(),
+        503,
+        "a standby answers 503, as for Route"
+    );
+    routing.set_leading(true).await;
+    let page = http.get(&base).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("refleet operator"));
+
+    let mut events = http.get(format!("{base}view/events")).send().await.unwrap();
+    assert_eq!(events.status(), 200);
+    next_event(&mut events).await.unwrap();
+    // A plan published to the router shows up on the open stream.
+    let config = LocalConfig::parse(CONFIG).unwrap();
+    let pools = config
+        .pools
+        .into_iter()
+        .map(|pool| PoolRuntime {
+            pool,
+            storage: "/tmp/unused".into(),
+            files_url: "http://127.0.0.1:7080/files".into(),
+        })
+        .collect();
+    let mut fleet =
+        Fleet::new(Ready::default(), pools, config.sessions).with_router(routing.router.clone());
+    fleet.tick(0).await;
+    fleet.tick(1).await;
+    loop {
+        let event = next_event(&mut events).await.unwrap();
+        if event.contains(r#"data-region=\"b\""#) && event.contains(r#"data-shard=\"lobby\""#) {
+            break;
+        }
+    }
+
+    stop.send(()).unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.chunk().await.unwrap() {
+                    Some(_) => continue,
+                    None => return None::<()>,
+                }
+            }
+        })
+        .await
+        .expect("the stream ends at shutdown"),
+        None
+    );
+}
