@@ -129,10 +129,12 @@ pub fn fleet(status: &Status) -> String {
     for s in &status.shards {
         let meter = if s.max_users > 0 {
             format!(
-                " <meter min=\"0\" max=\"{max}\" high=\"{high}\" optimum=\"0\" value=\"{v}\">{v} of {max}</meter>",
+                " <meter min=\"0\" max=\"{max}\" high=\"{high}\" optimum=\"0\" value=\"{v}\" \
+                 aria-label=\"{u} of {max} users\">{u} of {max}</meter>",
                 max = s.max_users,
                 high = s.threshold_users,
                 v = s.users.min(s.max_users),
+                u = s.users,
             )
         } else {
             String::new()
