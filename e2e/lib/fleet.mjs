@@ -13,9 +13,9 @@ export function refleetBinary() {
  * Starts `refleet up --config <file>` with `configText` on 127.0.0.1:0 and a fresh data
  * directory; resolves once it printed its `refleet: URL` line. The reflector binary is
  * REFLEET_REFLECTOR_BIN (or target/debug/refleet-reflector). Tracked by the harness, so it is
- * killed when the test ends.
+ * killed when the test ends. `extraArgs` are appended to the command line (e.g. `--demo DIR`).
  */
-export async function startFleet(h, configText) {
+export async function startFleet(h, configText, { extraArgs = [] } = {}) {
     const bin = refleetBinary();
     if (!fs.existsSync(bin)) {
         throw new Error(`refleet binary not found at ${bin}: run \`cargo build -p refleet-operator\`, or set REFLEET_BIN`);
@@ -27,7 +27,7 @@ export async function startFleet(h, configText) {
     // In a process group of its own, so that cleanup can kill its reflector children too: a
     // SIGKILLed refleet up cannot stop them itself.
     const proc = spawn(bin, ['up', '--config', config, '--listen', '127.0.0.1:0', '--data-dir', path.join(dir, 'data'),
-        '--reflector-bin', reflectorBin], {
+        '--reflector-bin', reflectorBin, ...extraArgs], {
         env: { RUST_LOG: 'info', NO_COLOR: '1', ...process.env },
         stdio: ['ignore', 'pipe', 'pipe'],
         detached: true,

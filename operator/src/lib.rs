@@ -18,6 +18,8 @@
 //!   `refleet up`): checks the join token, finds the shard's host, splices the bytes.
 //! - [`controller`]: the kube backend (controllers, leader election).
 //! - [`local`]: the local backend behind `refleet up`.
+//! - [`view`]: the live fleet view (an HTML page with Server-Sent Events) both backends serve,
+//!   and the status it and `GET /v1/status` show.
 //! - [`cli`]: the long-running subcommands of the `refleet` binary.
 //!
 //! # Layering
@@ -31,7 +33,8 @@
 //! 3. `router`, `metrics`, `secrets` (services the backends share; `router` and `metrics`
 //!    name no kube types);
 //! 4. `fleet` (what the two backends share: observed state to planner input; no kube types),
-//!    `gateway` (the proxy, on the router's placements);
+//!    `gateway` (the proxy, on the router's placements), `view` (the fleet view, on the
+//!    router's state);
 //! 5. `controller`, `local` (the two backends: neither names the other);
 //! 6. `cli` (the binary's subcommands).
 //!
@@ -53,3 +56,4 @@ pub mod local;
 pub mod metrics;
 pub mod router;
 pub mod secrets;
+pub mod view;

@@ -351,7 +351,7 @@ const OPERATOR_LAYERS: &[&[&str]] = &[
     &["crd"],
     &["crdgen"],
     &["router", "metrics", "secrets"],
-    &["fleet", "gateway"],
+    &["fleet", "gateway", "view"],
     &["controller", "local"],
     &["cli"],
 ];

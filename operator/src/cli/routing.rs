@@ -29,7 +29,8 @@ pub const LEADER_LABEL: &str = "refleet.dev/leader";
 #[derive(Debug, Clone, clap::Args)]
 pub struct RoutingArgs {
     /// Address of the router: gRPC `refleet.routing.v1.Routing` (h2c) with health and
-    /// reflection, gRPC-Web, and JSON `GET /v1/route` / `GET /v1/shards`. Only the leader
+    /// reflection, gRPC-Web, JSON `GET /v1/route` / `GET /v1/shards`, and the read-only
+    /// fleet view at `/` (docs/fleet-view.md) under the same access rules. Only the leader
     /// answers (others: UNAVAILABLE / HTTP 503).
     #[arg(long, env = "REFLEET_ROUTER_LISTEN", default_value = "0.0.0.0:8080")]
     pub router_listen: SocketAddr,
@@ -282,9 +283,26 @@ impl Routing {
         };
         let hub = ReportHub::new(router.clone(), report_key.clone()).only_when(leading.clone());
         let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
+        // The fleet view on the router's port, behind Route's access rules; it follows the
+        // router until shutdown, which also ends its event streams.
+        let view = crate::view::Hub::new("refleet operator");
+        tokio::spawn(crate::view::follow_router(
+            view.clone(),
+            router.clone(),
+            shutdown.clone(),
+        ));
         let s1 = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = service::serve(router_listener, frontend, s1).await {
+            let app = service::app(frontend.clone())
+                .await
+                .merge(crate::view::http::app(view, Arc::new(frontend)));
+            let served = axum::serve(
+                service::nodelay(router_listener),
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(s1)
+            .await;
+            if let Err(e) = served {
                 tracing::error!(error = %e, "router server failed");
             }
         });

@@ -1,6 +1,7 @@
 //! `refleet up`: a whole fleet on one machine.
 //!
-//! Reads the config (or the embedded default), serves `/files/`, `/v1/status` and the router
+//! Reads the config (or the embedded default), serves the fleet view (`/`), `/files/`,
+//! `/v1/status` and the router
 //! (Route and ListShards over gRPC, gRPC-Web and JSON `/v1/route`, `/v1/shards`; the
 //! reflectors' report stream and the gateways' placement watch on a loopback port of its own;
 //! one gateway per region of a pool with `gateway.enabled`, each on a port of its own), and
@@ -52,6 +53,11 @@ pub struct UpArgs {
     /// Log lines as JSON objects instead of text (filter with RUST_LOG).
     #[arg(long, env = "REFLEET_UP_LOG_JSON")]
     pub log_json: bool,
+    /// Serve the files of this directory at `/demo/` (read-only; no listing): a browser demo
+    /// next to the fleet, same origin as `/v1/route` and `/files/`. See
+    /// examples/browser-demo/README.md for what to put in it.
+    #[arg(long, value_name = "DIR", env = "REFLEET_UP_DEMO")]
+    pub demo: Option<PathBuf>,
     /// Print a Prometheus configuration that scrapes this fleet (HTTP service discovery from
     /// `/v1/prometheus/targets`, job names as in a cluster) and exit. Needs a fixed port.
     #[arg(long)]
@@ -66,6 +72,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         data_dir,
         reflector_bin,
         log_json,
+        demo,
         print_scrape_config,
     } = args;
     init_tracing(log_json);
@@ -214,10 +221,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         crate::local::prometheus::Exporter::new(&metrics),
         bound,
     ));
-    let app = server
+    let view = crate::view::Hub::new("refleet up");
+    let mut app = server
         .router()
         .merge(crate::local::server::moves_app(router.clone()))
+        .merge(crate::view::http::app(
+            view.clone(),
+            Arc::new(crate::view::http::Open),
+        ))
         .merge(service::app(frontend).await);
+    if let Some(dir) = &demo {
+        let dir = absolute(dir)?;
+        anyhow::ensure!(dir.is_dir(), "--demo {}: not a directory", dir.display());
+        tracing::info!(dir = %dir.display(), "serving the demo directory at /demo/");
+        app = app.merge(crate::local::demo::app(dir));
+    }
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(async move {
         axum::serve(
@@ -239,7 +257,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
     println!("refleet: {base}");
+    println!("view:    {base} (live fleet view)");
     println!("status:  {base}v1/status");
+    if demo.is_some() {
+        println!("demo:    {base}demo/");
+    }
     println!("route:   {base}v1/route?namespace=default&session=<name>");
     for (region, url) in &gateways {
         println!("gateway: {region} {url}");
@@ -278,6 +300,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 fleet.tick(started.elapsed().as_secs()).await;
                 let status = fleet.status();
                 let rendered = table::render(&status);
+                view.update(status.clone(), router.metrics.routes_total());
                 {
                     let mut p = shared.write().unwrap_or_else(|e| e.into_inner());
                     p.status = status;
@@ -293,6 +316,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     tracing::info!(timeout = ?shutdown_timeout, "stopping: draining every reflector");
     fleet.shutdown(shutdown_timeout).await;
     let _ = stop_gateways.send(true);
+    // Open fleet view streams would keep the server's graceful shutdown waiting.
+    view.close();
     let _ = stop_server.send(());
     let _ = serving.await;
     let _ = stop_reports.send(());

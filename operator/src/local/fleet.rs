@@ -11,15 +11,16 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-
 use super::config::{LocalPool, LocalSession};
 use super::launcher::{Launcher, Observed, ReportedSession, StartRequest};
-use crate::crd::ShardPhase;
+use super::usage;
 use crate::fleet;
 use crate::metrics::OperatorMetrics;
 use crate::metrics::POOL_CONTROLLER;
 use crate::router::Router;
+pub use crate::view::status::{
+    DecisionView, GatewayView, ReflectorView, RegionView, ShardView, Status,
+};
 use refleet_core::planner::{
     Decision, ReflectorAction, ReflectorState, RegionPlan, ScaleHistory, Seconds, ShardRecord, plan,
 };
@@ -67,6 +68,16 @@ pub struct Fleet<L> {
     metrics: Arc<OperatorMetrics>,
     /// Region → the URL of its gateway, for pools whose gateway is on.
     gateways: BTreeMap<String, String>,
+    /// The last CPU and memory reading of each reflector with a process.
+    usage: BTreeMap<String, Sampled>,
+}
+
+/// A reflector's last [`usage::Usage`] reading, when, and the CPU use since the one before.
+#[derive(Clone, Copy, Debug)]
+struct Sampled {
+    now: usage::Usage,
+    at: std::time::Instant,
+    cpu_percent: Option<f64>,
 }
 
 impl<L: Launcher> Fleet<L> {
@@ -86,6 +97,7 @@ impl<L: Launcher> Fleet<L> {
             router: None,
             metrics: metrics.clone(),
             gateways: BTreeMap::new(),
+            usage: BTreeMap::new(),
         }
         .with_metrics(metrics)
     }
@@ -135,6 +147,7 @@ impl<L: Launcher> Fleet<L> {
         let metrics = self.metrics.clone();
         let _timer = metrics.reconcile_started(POOL_CONTROLLER);
         self.observe(now).await;
+        self.read_usage();
         let observed = self.observed();
         let mut input = fleet::plan_input(&observed, &self.shards, &self.history, now);
         if let Some(router) = &self.router {
@@ -379,6 +392,30 @@ impl<L: Launcher> Fleet<L> {
         fleet::concrete_sessions(&self.observed(), &self.shards)
     }
 
+    /// Reads every reflector process's CPU and memory (see [`usage`]); forgets those that
+    /// have no process any more.
+    fn read_usage(&mut self) {
+        let at = std::time::Instant::now();
+        let mut fresh = BTreeMap::new();
+        for name in self.reflectors.keys() {
+            let Some(now) = self.launcher.pid(name).and_then(usage::read) else {
+                continue;
+            };
+            let cpu_percent = self.usage.get(name).and_then(|before| {
+                usage::cpu_percent((before.now.cpu_seconds, before.at), (now.cpu_seconds, at))
+            });
+            fresh.insert(
+                name.clone(),
+                Sampled {
+                    now,
+                    at,
+                    cpu_percent,
+                },
+            );
+        }
+        self.usage = fresh;
+    }
+
     /// Sessions with connected users, for the files endpoint's upload check.
     pub fn live_sessions(&self) -> Vec<ReportedSession> {
         self.reflectors
@@ -406,8 +443,10 @@ impl<L: Launcher> Fleet<L> {
                     .filter(|(_, r)| r.pool == pool && r.region == spec.name)
                     .map(|(name, r)| ReflectorView {
                         name: name.clone(),
-                        state: state_name(r.state),
+                        state: crate::view::status::state_name(r.state),
                         pid: self.launcher.pid(name),
+                        cpu_percent: self.usage.get(name).and_then(|u| u.cpu_percent),
+                        rss_bytes: self.usage.get(name).map(|u| u.now.rss_bytes),
                         url: r.url.clone(),
                         files_url: rt.files_url.clone(),
                         users: r.sessions.iter().map(|s| s.users).sum(),
@@ -431,11 +470,17 @@ impl<L: Launcher> Fleet<L> {
             .shards
             .iter()
             .map(|sh| {
-                let (namespace, session, app_id) = concrete
+                let (namespace, session, app_id, max_users, threshold) = concrete
                     .get(&sh.session)
                     .map(|c| {
                         let s = &self.sessions[c.session];
-                        (s.namespace.clone(), s.name.clone(), s.spec.app_id.clone())
+                        (
+                            s.namespace.clone(),
+                            s.name.clone(),
+                            s.spec.app_id.clone(),
+                            s.spec.max_users_per_shard,
+                            s.spec.scale_up_threshold,
+                        )
                     })
                     .unwrap_or_default();
                 let reflector = sh.reflector.as_ref().and_then(|n| self.reflectors.get(n));
@@ -458,6 +503,8 @@ impl<L: Launcher> Fleet<L> {
                         .find(|p| p.pool.id() == sh.pool)
                         .map(|p| p.files_url.clone()),
                     users: sh.users,
+                    max_users,
+                    threshold_users: crate::view::status::threshold_users(max_users, threshold),
                     phase: sh.phase,
                 }
             })
@@ -479,14 +526,6 @@ impl<L: Launcher> Fleet<L> {
     }
 }
 
-fn state_name(s: ReflectorState) -> &'static str {
-    match s {
-        ReflectorState::Starting => "Starting",
-        ReflectorState::Ready => "Ready",
-        ReflectorState::Draining => "Draining",
-    }
-}
-
 fn log_decision(d: &Decision) {
     for s in fleet::summarize(d) {
         let about = match &s.about {
@@ -500,107 +539,4 @@ fn log_decision(d: &Decision) {
             fleet::Level::Warning => tracing::warn!(%about, reason = s.reason, "{}", s.note),
         }
     }
-}
-
-// === Status ===
-
-/// The fleet as `GET /v1/status` returns it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Status {
-    /// The files base URL of the (first) pool.
-    pub files_url: Option<String>,
-    /// Each region's gateway (pools with `gateway.enabled`): the URL clients join.
-    pub gateways: Vec<GatewayView>,
-    /// Every region of every pool, with its reflectors.
-    pub regions: Vec<RegionView>,
-    /// Every shard with its placement.
-    pub shards: Vec<ShardView>,
-    /// The most recent planner decisions, oldest first.
-    pub decisions: Vec<DecisionView>,
-}
-
-/// One region's gateway.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GatewayView {
-    /// Region name.
-    pub region: String,
-    /// Its base URL (`http://127.0.0.1:PORT/`); Route answers it followed by the token.
-    pub url: String,
-}
-
-/// One region.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RegionView {
-    /// Pool id (`namespace/name`).
-    pub pool: String,
-    /// Region name.
-    pub name: String,
-    /// Reflectors accepting shards the planner wants.
-    pub desired: u32,
-    /// Its reflectors.
-    pub reflectors: Vec<ReflectorView>,
-}
-
-/// One reflector.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReflectorView {
-    /// Name (`local-a-1`).
-    pub name: String,
-    /// `Starting`, `Ready` or `Draining`.
-    pub state: &'static str,
-    /// Its process id, while it runs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    /// The box URL clients join (`http://127.0.0.1:PORT/`), once ready.
-    pub url: Option<String>,
-    /// The pool's files base URL.
-    pub files_url: String,
-    /// Users connected to it.
-    pub users: u32,
-    /// Shards placed on it.
-    pub shards: Vec<String>,
-}
-
-/// One shard.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ShardView {
-    /// Namespace of its Session.
-    pub namespace: String,
-    /// Name of its Session object.
-    pub session: String,
-    /// appId.
-    pub app_id: String,
-    /// The Croquet session name (shard 0's name).
-    pub session_name: String,
-    /// Shard name: what clients pass as `name` to `Session.join`.
-    pub name: String,
-    /// Shard number.
-    pub index: u32,
-    /// Region.
-    pub region: String,
-    /// Reflector hosting it (`None` while pending).
-    pub reflector: Option<String>,
-    /// Box URL of that reflector.
-    pub url: Option<String>,
-    /// The files base URL.
-    pub files_url: Option<String>,
-    /// Connected users.
-    pub users: u32,
-    /// `Pending`, `Open`, `Full` or `Closing`.
-    pub phase: ShardPhase,
-}
-
-/// A planner decision, for the status.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DecisionView {
-    /// When (seconds since refleet up started).
-    pub at: Seconds,
-    /// The decision and its reason.
-    pub decision: String,
 }

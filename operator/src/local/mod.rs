@@ -9,6 +9,7 @@
 //!        │               act     (start / SIGTERM-drain / forget reflectors)
 //!        ▼
 //!   [Server]  /files/ (shared storage)   /v1/status   + the router's /v1/route, /v1/shards
+//!             + the fleet view (/, crate::view)
 //! ```
 //!
 //! Regions are simulated: each is a label (`--region`) on `refleet-reflector` children that
@@ -23,10 +24,14 @@
 //! - [`server`]: the HTTP endpoints.
 //! - [`prometheus`]: `/metrics`, the Prometheus targets and the printed scrape config.
 //! - [`table`]: the table printed on every change.
+//! - [`usage`]: the children's CPU and memory, from `/proc`.
+//! - [`demo`]: `--demo DIR`, a browser demo's files at `/demo/`.
 
 pub mod config;
+pub mod demo;
 pub mod fleet;
 pub mod launcher;
 pub mod prometheus;
 pub mod server;
 pub mod table;
+pub mod usage;

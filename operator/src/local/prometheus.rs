@@ -248,6 +248,8 @@ mod tests {
         ReflectorView {
             name: name.into(),
             pid: None,
+            cpu_percent: None,
+            rss_bytes: None,
             state,
             url: url.map(Into::into),
             files_url: "http://127.0.0.1:7080/files".into(),

@@ -2,7 +2,7 @@
 //! URLs outlive any one reflector), `GET /v1/status`, `/healthz`, and `POST /v1/moves` (a
 //! move by hand, from this machine only; [`moves_app`]). `refleet up` merges the
 //! router's app into it, which adds `GET /v1/route` and `GET /v1/shards` (the same JSON as in a
-//! cluster).
+//! cluster), and the fleet view's (`GET /`, [`crate::view`]).
 //!
 //! Downloads are open (contents are end-to-end encrypted). An upload is accepted only under
 //! the path of a session that has an admitted member connected from the uploader's address
@@ -181,12 +181,6 @@ impl Server {
             .route("/files/{*path}", axum::routing::any(files))
             .route("/metrics", get(metrics))
             .route(prom::TARGETS_PATH, get(prometheus_targets))
-            .route(
-                "/",
-                get(|| async {
-                    "refleet up: GET /v1/status, GET /v1/route, GET /v1/shards?namespace=&session=, POST /v1/moves, /files/\n"
-                }),
-            )
             .with_state(self)
     }
 
@@ -460,6 +454,8 @@ mod tests {
             reflectors.push(ReflectorView {
                 name: format!("r{i}"),
                 pid: None,
+                cpu_percent: None,
+                rss_bytes: None,
                 state: "Ready",
                 url: Some(counting_reflector(hits.clone()).await),
                 files_url: String::new(),

@@ -210,6 +210,17 @@ impl RouterMetrics {
         }
     }
 
+    /// Route calls answered so far, on every transport and with every code (the fleet
+    /// view's Route rate).
+    pub fn routes_total(&self) -> u64 {
+        self.requests
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     /// Counts one Route call.
     pub fn request(&self, transport: &str, code: &str, seconds: f64) {
         self.requests.with_label_values(&[transport, code]).inc();

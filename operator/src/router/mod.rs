@@ -55,6 +55,7 @@ pub mod placement_watch;
 pub mod reports;
 mod route;
 pub mod service;
+pub mod snapshot;
 mod view;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -339,6 +339,32 @@ impl Frontend {
         })?;
         Ok(ListShardsResponse { shards })
     }
+
+    /// Admits a reader of the fleet view under Route's rules: only the leader answers, the
+    /// origin must be allowed and the client within its rate. With API keys on, a known key
+    /// is required and the answer is the one app the reader may see; `None`: every app.
+    pub fn admit_viewer(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Option<String>, RouteError> {
+        if !self.leading.load(Ordering::Relaxed) {
+            return Err(RouteError::Unavailable(
+                "not the leader; retry (the Service selects the leader)".into(),
+            ));
+        }
+        let (key, caller) = self.access.admit(headers, peer)?;
+        if self.access.keys().is_none() {
+            return Ok(None);
+        }
+        match caller {
+            Caller::Keyed(app) => Ok(Some(app.to_string())),
+            _ if key.is_some() => Err(RouteError::Unauthenticated("unknown API key".into())),
+            _ => Err(RouteError::Unauthenticated(
+                "an API key is required (x-api-key header)".into(),
+            )),
+        }
+    }
 }
 
 /// The gRPC error for a route error (RetryInfo / BadRequest details as google.rpc types).

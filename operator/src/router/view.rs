@@ -422,6 +422,22 @@ impl FleetState {
         }
     }
 
+    /// Each reflector whose reports count (not expired): its name, users and whether it
+    /// reports draining.
+    pub(super) fn reported(&self) -> impl Iterator<Item = (&str, u32, bool)> + '_ {
+        self.live
+            .iter()
+            .filter(|(_, l)| !l.expired)
+            .map(|(name, l)| {
+                let users = l
+                    .users
+                    .values()
+                    .flat_map(|shards| shards.values())
+                    .fold(0u32, |a, n| a.saturating_add(*n));
+                (name.as_str(), users, l.draining)
+            })
+    }
+
     /// Reflectors whose report stream is open and not silent, per region (as of the last
     /// [`FleetState::expire_reports`]).
     pub(super) fn live_streams(&self) -> BTreeMap<String, u32> {
