@@ -147,6 +147,15 @@ pub fn sessions(shape: &Shape) -> Vec<Value> {
                  "maxShards": shape.room_max_shards, "persistence": false,
                  "closeIdleShardsAfterSeconds": 30}
     })];
+    // The Route throughput probe's session (one shard, never full: callers cycle through
+    // fewer user ids than its cap and get their pending reservation back).
+    out.push(json!({
+        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "lookup"},
+        "spec": {"poolRef": {"name": POOL}, "appId": ARENA_APP, "name": "lookup",
+                 "maxUsersPerShard": shape.reflector_users, "scaleUpThreshold": 1.0,
+                 "maxShards": 1, "persistence": false}
+    }));
     for k in 0..shape.arenas {
         out.push(json!({
             "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",

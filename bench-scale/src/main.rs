@@ -34,7 +34,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// hard cap, a join token failed to verify, or (with --strict) any Route failed outside the
 /// injected failures.
 #[derive(Debug, Parser)]
-#[command(name = "refleet-scale-bench", version)]
+// Later flags win, so `bench/scale/run --smoke -- --duration 15s` overrides the smoke's own.
+#[command(name = "refleet-scale-bench", version, args_override_self = true)]
 struct Args {
     /// Admin kubeconfig of the apiserver (scripts/kube-local/start.sh prints one).
     #[arg(long, env = "KUBECONFIG")]
@@ -51,6 +52,10 @@ struct Args {
     /// The operators' Lease duration.
     #[arg(long, default_value = "15s")]
     lease_duration: String,
+    /// The operators' --token-ttl. A new leader counts the shards it did not open as full
+    /// for this long (its post-failover warm-up), so the measured phase starts after it.
+    #[arg(long, default_value = "60s")]
+    token_ttl: humantime::Duration,
     /// Namespace of the pool and Sessions.
     #[arg(long, default_value = "refleet-scale")]
     namespace: String,
@@ -168,6 +173,16 @@ struct Args {
     /// Shell command that restarts the apiserver (bench/scale/run passes one).
     #[arg(long)]
     apiserver_restart_cmd: Option<String>,
+    /// After the measured phase: Route at this rate (calls/s) on session `lookup` against
+    /// the leader for --probe-duration (0: no probe).
+    #[arg(long, default_value_t = 0)]
+    probe_rate: u64,
+    /// Length of the Route throughput probe.
+    #[arg(long, default_value = "10s")]
+    probe_duration: humantime::Duration,
+    /// User ids the probe cycles through (each gets its pending reservation back).
+    #[arg(long, default_value_t = 500)]
+    probe_users: u64,
     /// Fail when any Route failed or any user gave up (outside injected failures, use with
     /// none injected).
     #[arg(long)]
@@ -295,6 +310,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         lease_namespace: args.lease_namespace.clone(),
         api_keys_dir: keys.clone(),
         lease_duration: args.lease_duration.clone(),
+        token_ttl: args.token_ttl.to_string(),
         out: args.out.clone(),
     };
     for i in 0..args.replicas {
@@ -302,6 +318,21 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         op.start()?;
         operators.push(op);
     }
+    let leader_at = loop {
+        let mut any = false;
+        for o in &operators {
+            any |= o.is_leader().await;
+        }
+        if any {
+            break Instant::now();
+        }
+        anyhow::ensure!(
+            setup_started.elapsed() < *args.settle_timeout,
+            "no operator became leader; see {}",
+            operators[0].log_path().display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let fleet = fleet::Fleet::new(
         operators
             .iter()
@@ -349,6 +380,12 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         "initial fleet streaming"
     );
 
+    // Past the new leader's warm-up, so the measured phase is its steady state.
+    let warm = leader_at + *args.token_ttl + Duration::from_secs(1);
+    if Instant::now() < warm {
+        tracing::info!(wait = ?(warm - Instant::now()), "waiting out the leader's warm-up (--token-ttl)");
+        tokio::time::sleep_until(warm).await;
+    }
     let model = Arc::new(users::Model {
         namespace: args.namespace.clone(),
         regions: args.regions,
@@ -516,6 +553,21 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     let measured_s = started.elapsed().as_secs_f64();
     let wall_to = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
 
+    let probe = if args.probe_rate > 0 {
+        let p = users::probe(
+            router.clone(),
+            args.namespace.clone(),
+            args.probe_rate,
+            *args.probe_duration,
+            args.probe_users,
+        )
+        .await;
+        tracing::info!(?p, "Route throughput probe");
+        Some(p)
+    } else {
+        None
+    };
+
     // Final readings.
     let apiserver_after = apiserver_metrics(&client).await.unwrap_or_default();
     let apiserver_rate = apiserver_before.rate(&apiserver_after, measured_s);
@@ -557,7 +609,25 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     let mut biggest = fleet.shard_sizes();
     biggest.sort_by_key(|s| std::cmp::Reverse(s.2));
     biggest.truncate(5);
+    // The arenas' shards as the router lists them: users, pending reservations, caps.
+    let mut arena_shards = Vec::new();
+    for k in 0..args.arenas {
+        let session = format!("arena-{k}");
+        for s in router
+            .list_shards(&args.namespace, &session)
+            .await
+            .unwrap_or_default()
+        {
+            arena_shards.push(json!({
+                "shard": s.shard, "region": s.region, "reflector": s.reflector, "users": s.users,
+                "reserved": s.reserved, "max_users": s.max_users, "threshold": s.threshold_users,
+                "state": s.state,
+            }));
+        }
+    }
     let summary = json!({
+        "arena_shards": arena_shards,
+        "route_probe": probe,
         "args": format!("{args:?}"),
         "setup": {"nodes_ready_s": nodes_ready_s, "initial_fleet_streaming_s": fleet_ready_s,
                   "pods_bound": binder.bound.load(Ordering::Relaxed)},
@@ -599,7 +669,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         serde_json::to_string_pretty(&json!({
             "users": summary["users"], "fleet": summary["fleet"], "leader": summary["leader"],
             "operator_metrics": summary["operator_metrics"], "events": summary["events"],
-            "setup": summary["setup"], "operator_requests_per_s_audit": summary["operator_requests_per_s_audit"],
+            "setup": summary["setup"], "route_probe": summary["route_probe"], "operator_requests_per_s_audit": summary["operator_requests_per_s_audit"],
             "apiserver_requests_per_s_all_clients": summary["apiserver_requests_per_s_all_clients"]["by_verb"],
         }))?
     );

@@ -37,6 +37,7 @@ pub struct OperatorSettings {
     pub lease_namespace: String,
     pub api_keys_dir: PathBuf,
     pub lease_duration: String,
+    pub token_ttl: String,
     pub out: PathBuf,
 }
 
@@ -78,6 +79,8 @@ impl Operator {
             // One API key stands for the game backends of every simulated user.
             "--route-rate-limit".into(),
             "1000000".into(),
+            "--token-ttl".into(),
+            s.token_ttl.clone(),
             "--log-format".into(),
             "json".into(),
         ];
@@ -317,13 +320,10 @@ pub fn audit_counts(
         if at < from || at > to {
             continue;
         }
-        let agent = e["userAgent"]
-            .as_str()
-            .unwrap_or_default()
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let agent = match e["userAgent"].as_str().unwrap_or_default() {
+            "" => "(no user agent)".to_owned(),
+            ua => ua.split('/').next().unwrap_or_default().to_owned(),
+        };
         let resource = e["objectRef"]["resource"].as_str().unwrap_or_default();
         let sub = e["objectRef"]["subresource"].as_str().unwrap_or_default();
         let res = if sub.is_empty() {

@@ -73,6 +73,28 @@ impl Router {
         })
     }
 
+    /// ListShards of `session` from whichever operator answers.
+    pub async fn list_shards(
+        &self,
+        namespace: &str,
+        session: &str,
+    ) -> Option<Vec<refleet_api::routing::ShardInfo>> {
+        for c in &self.clients {
+            let mut c = c.clone();
+            let req = refleet_api::routing::ListShardsRequest {
+                namespace: namespace.to_owned(),
+                session: session.to_owned(),
+            };
+            let mut request = tonic::Request::new(req);
+            let key = api_key(ARENA_APP).parse().ok()?;
+            request.metadata_mut().insert("x-api-key", key);
+            if let Ok(r) = c.list_shards(request).await {
+                return Some(r.into_inner().shards);
+            }
+        }
+        None
+    }
+
     /// One Route; an UNAVAILABLE answer (not the leader, or down) moves the hint on.
     pub async fn route(
         &self,
@@ -460,5 +482,93 @@ impl UserStats {
             overflow_shards_seen: overflow_shards,
             longest_gap_between_routes_ms: lock(&self.longest_gap).as_secs_f64() * 1000.0,
         }
+    }
+}
+
+/// What the Route throughput probe measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeSummary {
+    pub offered_per_s: u64,
+    pub achieved_per_s: f64,
+    pub calls: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Route at `rate`/s for `duration` on session `lookup` (open loop, paced every millisecond,
+/// at most 256 in flight), cycling through `users` ids: the method of bench/ROUTING.md's
+/// sustained-rate runs, here against the leader of a live fleet.
+pub async fn probe(
+    router: Arc<Router>,
+    namespace: String,
+    rate: u64,
+    duration: Duration,
+    users: u64,
+) -> ProbeSummary {
+    let hist = Arc::new(Mutex::new(histogram()));
+    let errors = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let inflight = Arc::new(tokio::sync::Semaphore::new(256));
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            sent += 1;
+            let Ok(permit) = inflight.clone().acquire_owned().await else {
+                break;
+            };
+            let (router, hist, errors, namespace) = (
+                router.clone(),
+                hist.clone(),
+                errors.clone(),
+                namespace.clone(),
+            );
+            let user = format!("probe-{}", sent % users.max(1));
+            tasks.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                let r = router
+                    .route(
+                        ARENA_APP,
+                        RouteRequest {
+                            namespace,
+                            session: "lookup".into(),
+                            preferred_region: String::new(),
+                            user_id: user,
+                        },
+                    )
+                    .await;
+                let us = t0.elapsed().as_micros() as u64;
+                match r {
+                    Ok(_) => {
+                        let _ = lock(&hist).record(us.max(1));
+                    }
+                    Err(s) => {
+                        let key = format!("{:?}: {}", s.code(), s.message());
+                        *lock(&errors).entry(key).or_default() += 1;
+                    }
+                }
+                drop(permit);
+            }));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let h = lock(&hist);
+    ProbeSummary {
+        offered_per_s: rate,
+        achieved_per_s: (h.len() as f64 / wall).round(),
+        calls: sent,
+        errors: lock(&errors).clone(),
+        p50_ms: ms(&h, 0.5),
+        p99_ms: ms(&h, 0.99),
+        max_ms: h.max() as f64 / 1000.0,
     }
 }
