@@ -387,7 +387,8 @@ impl Fleet {
             if *gone.borrow() {
                 return;
             }
-            let i = self.leader_hint.load(Ordering::Relaxed) % self.report_addrs.len().max(1);
+            let raw = self.leader_hint.load(Ordering::Relaxed);
+            let i = raw % self.report_addrs.len().max(1);
             let started = tokio::time::Instant::now();
             let outcome = tokio::select! {
                 o = self.stream(&r, &self.report_addrs[i], &mut sequence) => o,
@@ -395,9 +396,11 @@ impl Fleet {
             };
             if !outcome.opened || outcome.refused {
                 // Try the other operator next (the Service would select the new leader).
+                // Compared with the raw value read (not the index), or it sticks once past
+                // the number of operators.
                 let _ = self.leader_hint.compare_exchange(
-                    i,
-                    i + 1,
+                    raw,
+                    raw.wrapping_add(1),
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 );

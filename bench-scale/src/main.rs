@@ -728,7 +728,7 @@ async fn kill_leader(
     fleet: &fleet::Fleet,
     started: Instant,
 ) {
-    let mut ops = operators.lock().await;
+    let ops = operators.lock().await;
     let mut leader = None;
     for (i, o) in ops.iter().enumerate() {
         if o.is_leader().await {
@@ -740,6 +740,9 @@ async fn kill_leader(
         return;
     };
     let streams_before = fleet.stats.streams_open.load(Ordering::Relaxed);
+    drop(ops);
+    // The lock is held only briefly from here on: the sampler reads the operators too.
+    let mut ops = operators.lock().await;
     ops[i].kill().await;
     let killed_at = Instant::now();
     tracing::warn!(killed = %ops[i].identity, "leader killed (SIGKILL)");
@@ -748,7 +751,8 @@ async fn kill_leader(
         e.leader_killed_at_s = Some((killed_at - started).as_secs_f64());
         e.killed = Some(ops[i].identity.clone());
     }
-    let deadline = killed_at + Duration::from_secs(120);
+    drop(ops);
+    let deadline = killed_at + Duration::from_secs(60);
     let mut new_leader = None;
     let mut first_route = None;
     let mut streams_back = None;
@@ -756,6 +760,7 @@ async fn kill_leader(
         && (new_leader.is_none() || first_route.is_none() || streams_back.is_none())
     {
         if new_leader.is_none() {
+            let ops = operators.lock().await;
             for o in ops.iter() {
                 if o.pid().is_some() && o.is_leader().await {
                     new_leader = Some((o.identity.clone(), killed_at.elapsed()));
@@ -781,7 +786,7 @@ async fn kill_leader(
         e.streams_back_after_s = streams_back.map(|d| d.as_secs_f64());
     }
     // The killed replica comes back as the standby (as its pod would be restarted).
-    if let Err(error) = ops[i].start() {
+    if let Err(error) = operators.lock().await[i].start() {
         tracing::warn!(%error, "restarting the killed operator failed");
     }
 }

@@ -101,7 +101,8 @@ impl Router {
         app: &str,
         req: RouteRequest,
     ) -> Result<refleet_api::routing::RouteResponse, tonic::Status> {
-        let i = self.hint.load(Ordering::Relaxed) % self.clients.len();
+        let raw = self.hint.load(Ordering::Relaxed);
+        let i = raw % self.clients.len();
         let mut client = self.clients[i].clone();
         let mut request = tonic::Request::new(req);
         let key = api_key(app)
@@ -112,9 +113,13 @@ impl Router {
             Ok(r) => Ok(r.into_inner()),
             Err(status) => {
                 if status.code() == tonic::Code::Unavailable {
-                    let _ =
-                        self.hint
-                            .compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
+                    // Compared with the raw value read, so only one failed call moves it on.
+                    let _ = self.hint.compare_exchange(
+                        raw,
+                        raw.wrapping_add(1),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
                 }
                 Err(status)
             }
