@@ -101,18 +101,20 @@ impl Router {
         app: &str,
         req: RouteRequest,
     ) -> Result<refleet_api::routing::RouteResponse, tonic::Status> {
-        let raw = self.hint.load(Ordering::Relaxed);
-        let i = raw % self.clients.len();
-        let mut client = self.clients[i].clone();
-        let mut request = tonic::Request::new(req);
-        let key = api_key(app)
+        let key: tonic::metadata::MetadataValue<_> = api_key(app)
             .parse()
             .map_err(|_| tonic::Status::invalid_argument("API key is not header text"))?;
-        request.metadata_mut().insert("x-api-key", key);
-        match client.route(request).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(status) => {
-                if status.code() == tonic::Code::Unavailable {
+        // A replica that is not the leader answers UNAVAILABLE at once; the next one is tried
+        // in the same call, as the Service in front of the router would only reach the leader.
+        let mut last = tonic::Status::unavailable("no operator");
+        for _ in 0..self.clients.len() {
+            let raw = self.hint.load(Ordering::Relaxed);
+            let mut client = self.clients[raw % self.clients.len()].clone();
+            let mut request = tonic::Request::new(req.clone());
+            request.metadata_mut().insert("x-api-key", key.clone());
+            match client.route(request).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(status) if status.code() == tonic::Code::Unavailable => {
                     // Compared with the raw value read, so only one failed call moves it on.
                     let _ = self.hint.compare_exchange(
                         raw,
@@ -120,10 +122,12 @@ impl Router {
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     );
+                    last = status;
                 }
-                Err(status)
+                Err(status) => return Err(status),
             }
         }
+        Err(last)
     }
 }
 
@@ -374,9 +378,10 @@ fn spawn_user(
                 Ok(resp) => resp,
                 Err(status) => {
                     stats.routes_failed.fetch_add(1, Ordering::Relaxed);
-                    *lock(&stats.errors)
-                        .entry(format!("{:?}", status.code()))
-                        .or_default() += 1;
+                    // The code and the start of the message (the reason; ids come later).
+                    let why: String = status.message().chars().take(48).collect();
+                    let key = format!("{:?}: {why}", status.code());
+                    *lock(&stats.errors).entry(key).or_default() += 1;
                     failures += 1;
                     // Back-off like a client: 100 ms, 200 ms, … up to 3.2 s.
                     tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
