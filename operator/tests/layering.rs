@@ -442,7 +442,7 @@ const CRATE_LAYERS: &[&[&str]] = &[
     &["refleet-files"],
     &["refleet-reflector", "refleet-operator"],
     &["refleet-bench", "refleet-fuzz"],
-    &["refleet-route-bench"],
+    &["refleet-route-bench", "refleet-scale-bench"],
 ];
 
 /// The crate graph from `cargo metadata`: each workspace crate and the workspace crates its

@@ -1,0 +1,584 @@
+//! The synthetic users. Each region has its own arrival rate on a diurnal curve compressed to
+//! `--day` (regions are spread evenly around the day, so the world total stays level while
+//! each region rises and falls); a flash crowd sends `--flash-users` into one big session at
+//! once. A user calls Route for real (gRPC, `refleet.routing.v1.Routing/Route`, with the
+//! app's API key), "joins" the shard Route answered on the reflector it named (after a short
+//! connect delay, presenting the join token), stays for an exponentially distributed time and
+//! leaves. A user whose reflector goes away reconnects through Route, as a client does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use refleet_api::routing::RouteRequest;
+use refleet_api::routing::routing_client::RoutingClient;
+use serde::Serialize;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::cluster::{ARENA_APP, ROOMS_APP, region};
+use crate::fleet::{Fleet, JoinError, lock};
+
+/// How the users behave.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub namespace: String,
+    pub regions: usize,
+    /// Concurrent users aimed at (arrivals = users / stay, Little's law).
+    pub users: u64,
+    pub stay: Duration,
+    pub ramp: Duration,
+    pub day: Duration,
+    pub diurnal_amplitude: f64,
+    pub rooms: usize,
+    pub zipf: f64,
+    pub arenas: usize,
+    pub arena_share: f64,
+    pub abandon: f64,
+    pub flash_at: Option<Duration>,
+    pub flash_users: u64,
+    pub flash_over: Duration,
+    pub seed: u64,
+}
+
+/// Route calls against the operators: whichever answers (only the leader routes).
+pub struct Router {
+    clients: Vec<RoutingClient<Channel>>,
+    hint: std::sync::atomic::AtomicUsize,
+}
+
+/// The API key of `app`'s backend (the router maps each key to one appId).
+pub fn api_key(app: &str) -> String {
+    format!("{app}-backend-key")
+}
+
+impl Router {
+    pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        for a in addrs {
+            let channel = tonic::transport::Endpoint::from_shared(a.clone())?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(10))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            clients.push(RoutingClient::new(channel));
+        }
+        Ok(Self {
+            clients,
+            hint: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// ListShards of `session` from whichever operator answers.
+    pub async fn list_shards(
+        &self,
+        namespace: &str,
+        session: &str,
+    ) -> Option<Vec<refleet_api::routing::ShardInfo>> {
+        for c in &self.clients {
+            let mut c = c.clone();
+            let req = refleet_api::routing::ListShardsRequest {
+                namespace: namespace.to_owned(),
+                session: session.to_owned(),
+            };
+            let mut request = tonic::Request::new(req);
+            let key = api_key(ARENA_APP).parse().ok()?;
+            request.metadata_mut().insert("x-api-key", key);
+            if let Ok(r) = c.list_shards(request).await {
+                return Some(r.into_inner().shards);
+            }
+        }
+        None
+    }
+
+    /// One Route; an UNAVAILABLE answer (not the leader, or down) moves the hint on.
+    pub async fn route(
+        &self,
+        app: &str,
+        req: RouteRequest,
+    ) -> Result<refleet_api::routing::RouteResponse, tonic::Status> {
+        let key: tonic::metadata::MetadataValue<_> = api_key(app)
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("API key is not header text"))?;
+        // A replica that is not the leader answers UNAVAILABLE at once; the next one is tried
+        // in the same call, as the Service in front of the router would only reach the leader.
+        let mut last = tonic::Status::unavailable("no operator");
+        for _ in 0..self.clients.len() {
+            let raw = self.hint.load(Ordering::Relaxed);
+            let mut client = self.clients[raw % self.clients.len()].clone();
+            let mut request = tonic::Request::new(req.clone());
+            request.metadata_mut().insert("x-api-key", key.clone());
+            match client.route(request).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    // Compared with the raw value read, so only one failed call moves it on.
+                    let _ = self.hint.compare_exchange(
+                        raw,
+                        raw.wrapping_add(1),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    last = status;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Latency histogram, µs.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+/// What the users counted.
+pub struct UserStats {
+    pub route: Mutex<Histogram<u64>>,
+    /// Routes answered with an overflow shard (`<name>~N`) that first appeared while the call
+    /// was in flight: the wait of a user who found every shard at its threshold.
+    pub overflow: Mutex<Histogram<u64>>,
+    pub errors: Mutex<BTreeMap<String, u64>>,
+    pub arrivals: AtomicU64,
+    pub routes_ok: AtomicU64,
+    pub routes_failed: AtomicU64,
+    pub gave_up: AtomicU64,
+    pub abandoned: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub active: AtomicI64,
+    /// Routes by (user's region, answered region), counted from `since_mark`.
+    pub regions: Mutex<BTreeMap<(String, String), u64>>,
+    /// Per session: each shard's first answer time.
+    shards: Mutex<HashMap<String, HashMap<String, Instant>>>,
+    /// Last successful Route, for the failover gap.
+    pub last_ok: Mutex<Option<Instant>>,
+    /// Longest time between two successful Routes (while users kept calling).
+    pub longest_gap: Mutex<Duration>,
+}
+
+impl Default for UserStats {
+    fn default() -> Self {
+        Self {
+            route: Mutex::new(histogram()),
+            overflow: Mutex::new(histogram()),
+            errors: Mutex::default(),
+            arrivals: AtomicU64::default(),
+            routes_ok: AtomicU64::default(),
+            routes_failed: AtomicU64::default(),
+            gave_up: AtomicU64::default(),
+            abandoned: AtomicU64::default(),
+            reconnects: AtomicU64::default(),
+            active: AtomicI64::default(),
+            regions: Mutex::default(),
+            shards: Mutex::default(),
+            last_ok: Mutex::default(),
+            longest_gap: Mutex::default(),
+        }
+    }
+}
+
+impl UserStats {
+    /// Shards seen so far, and how many of them are overflow shards (`~N`).
+    pub fn shard_counts(&self) -> (u64, u64) {
+        let shards = lock(&self.shards);
+        let all: u64 = shards.values().map(|m| m.len() as u64).sum();
+        let overflow: u64 = shards
+            .values()
+            .flat_map(|m| m.keys())
+            .filter(|s| s.contains('~'))
+            .count() as u64;
+        (all, overflow)
+    }
+
+    pub fn sessions_seen(&self) -> u64 {
+        lock(&self.shards).len() as u64
+    }
+
+    fn record_ok(&self, session: &str, shard: &str, sent: Instant, now: Instant) {
+        let us = (now - sent).as_micros() as u64;
+        let _ = lock(&self.route).record(us.max(1));
+        let first = {
+            let mut shards = lock(&self.shards);
+            *shards
+                .entry(session.to_owned())
+                .or_default()
+                .entry(shard.to_owned())
+                .or_insert(now)
+        };
+        if shard.contains('~') && first >= sent {
+            let _ = lock(&self.overflow).record(us.max(1));
+        }
+        self.routes_ok.fetch_add(1, Ordering::Relaxed);
+        let mut last = lock(&self.last_ok);
+        if let Some(prev) = *last {
+            let gap = now.saturating_duration_since(prev);
+            let mut longest = lock(&self.longest_gap);
+            if gap > *longest {
+                *longest = gap;
+            }
+        }
+        *last = Some(now);
+    }
+}
+
+/// Zipf-distributed room picks: a few busy rooms, a long tail of small ones.
+struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Self {
+        let mut total = 0.0;
+        let cumulative = (0..n.max(1))
+            .map(|k| {
+                total += 1.0 / ((k + 1) as f64).powf(s);
+                total
+            })
+            .collect();
+        Self { cumulative }
+    }
+
+    fn sample(&self, rng: &mut SmallRng) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(1.0);
+        let x = rng.random::<f64>() * total;
+        self.cumulative.partition_point(|c| *c < x)
+    }
+}
+
+fn exp(rng: &mut SmallRng, mean: Duration) -> Duration {
+    let u: f64 = rng.random::<f64>().max(1e-12);
+    mean.mul_f64(-u.ln()).min(mean * 20)
+}
+
+/// Generates arrivals until `stop`, spawning one task per user.
+pub async fn run_arrivals(
+    model: Arc<Model>,
+    router: Arc<Router>,
+    fleet: Arc<Fleet>,
+    stats: Arc<UserStats>,
+    started: Instant,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut rng = SmallRng::seed_from_u64(model.seed);
+    let zipf = Arc::new(Zipf::new(model.rooms, model.zipf));
+    let tick = Duration::from_millis(20);
+    let base = model.users as f64 / model.stay.as_secs_f64();
+    let mut owed = vec![0.0f64; model.regions];
+    let mut flash_owed = 0.0f64;
+    let mut next_id = 0u64;
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let t = started.elapsed();
+        let dt = tick.as_secs_f64();
+        // While ramping up, users arrive fast enough to fill the target in `ramp`.
+        let rate = if t < model.ramp {
+            model.users as f64 / model.ramp.as_secs_f64().max(1.0)
+        } else {
+            base
+        };
+        for (r, owed_r) in owed.iter_mut().enumerate() {
+            let phase = t.as_secs_f64() / model.day.as_secs_f64().max(1.0)
+                + r as f64 / model.regions as f64;
+            let m = 1.0 + model.diurnal_amplitude * (std::f64::consts::TAU * phase).sin();
+            *owed_r += rate / model.regions as f64 * m * dt;
+            while *owed_r >= 1.0 {
+                *owed_r -= 1.0;
+                let (session, app) = if rng.random::<f64>() < model.arena_share && model.arenas > 0
+                {
+                    (
+                        format!("arena-{}", rng.random_range(0..model.arenas)),
+                        ARENA_APP,
+                    )
+                } else {
+                    (format!("room-{}", zipf.sample(&mut rng)), ROOMS_APP)
+                };
+                next_id += 1;
+                spawn_user(
+                    &model, &router, &fleet, &stats, next_id, r, session, app, &mut rng,
+                );
+            }
+        }
+        if let Some(at) = model.flash_at
+            && t >= at
+            && t < at + model.flash_over
+        {
+            flash_owed += model.flash_users as f64 / model.flash_over.as_secs_f64().max(0.001) * dt;
+            while flash_owed >= 1.0 {
+                flash_owed -= 1.0;
+                next_id += 1;
+                let r = rng.random_range(0..model.regions);
+                spawn_user(
+                    &model,
+                    &router,
+                    &fleet,
+                    &stats,
+                    next_id,
+                    r,
+                    "arena-0".into(),
+                    ARENA_APP,
+                    &mut rng,
+                );
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_user(
+    model: &Arc<Model>,
+    router: &Arc<Router>,
+    fleet: &Arc<Fleet>,
+    stats: &Arc<UserStats>,
+    id: u64,
+    r: usize,
+    session: String,
+    app: &'static str,
+    rng: &mut SmallRng,
+) {
+    stats.arrivals.fetch_add(1, Ordering::Relaxed);
+    let stay = exp(rng, model.stay);
+    let abandon = rng.random::<f64>() < model.abandon;
+    let connect = Duration::from_millis(rng.random_range(20..200));
+    let (model, router, fleet, stats) =
+        (model.clone(), router.clone(), fleet.clone(), stats.clone());
+    tokio::spawn(async move {
+        let user = format!("u{id}");
+        let home = region(r);
+        let deadline = Instant::now() + stay;
+        let mut failures = 0u32;
+        loop {
+            if failures >= 8 {
+                stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let sent = Instant::now();
+            let answer = router
+                .route(
+                    app,
+                    RouteRequest {
+                        namespace: model.namespace.clone(),
+                        session: session.clone(),
+                        preferred_region: home.clone(),
+                        user_id: user.clone(),
+                    },
+                )
+                .await;
+            let now = Instant::now();
+            let resp = match answer {
+                Ok(resp) => resp,
+                Err(status) => {
+                    stats.routes_failed.fetch_add(1, Ordering::Relaxed);
+                    // The code and the start of the message (the reason; ids come later).
+                    let why: String = status.message().chars().take(48).collect();
+                    let key = format!("{:?}: {why}", status.code());
+                    *lock(&stats.errors).entry(key).or_default() += 1;
+                    failures += 1;
+                    // Back-off like a client: 100 ms, 200 ms, … up to 3.2 s.
+                    tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
+                    continue;
+                }
+            };
+            stats.record_ok(&session, &resp.shard, sent, now);
+            *lock(&stats.regions)
+                .entry((home.clone(), resp.region.clone()))
+                .or_default() += 1;
+            if abandon {
+                // Never joins: the reservation expires at the end of its claim window.
+                stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            tokio::time::sleep(connect).await;
+            let pod = resp
+                .reflector_url
+                .strip_prefix("ws://")
+                .and_then(|u| u.split('.').next())
+                .unwrap_or_default()
+                .to_owned();
+            let reflector = match fleet.join(&pod, app, &resp.shard, &resp.join_token) {
+                Ok(r) => r,
+                Err(JoinError::Lost) => {
+                    stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
+                    continue;
+                }
+                Err(JoinError::BadToken) => return,
+            };
+            stats.active.fetch_add(1, Ordering::Relaxed);
+            let mut gone = reflector.gone();
+            let ended = tokio::select! {
+                () = tokio::time::sleep_until(deadline) => false,
+                _ = gone.wait_for(|g| *g) => true,
+            };
+            stats.active.fetch_sub(1, Ordering::Relaxed);
+            if !ended {
+                fleet.leave(&reflector, app, &resp.shard);
+                return;
+            }
+            // The reflector went away: reconnect through Route if the stay is not over.
+            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            if Instant::now() >= deadline {
+                return;
+            }
+            failures = 0;
+        }
+    });
+}
+
+/// A summary of the users' side.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserSummary {
+    pub arrivals: u64,
+    pub routes_ok: u64,
+    pub routes_failed: u64,
+    pub gave_up: u64,
+    pub abandoned: u64,
+    pub reconnects: u64,
+    pub active_now: i64,
+    pub route_p50_ms: f64,
+    pub route_p99_ms: f64,
+    pub route_max_ms: f64,
+    pub overflow_routes: u64,
+    pub overflow_p50_ms: f64,
+    pub overflow_p99_ms: f64,
+    pub overflow_max_ms: f64,
+    pub errors: BTreeMap<String, u64>,
+    pub sessions_seen: u64,
+    pub shards_seen: u64,
+    pub overflow_shards_seen: u64,
+    pub longest_gap_between_routes_ms: f64,
+}
+
+pub fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        return 0.0;
+    }
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+impl UserStats {
+    pub fn summary(&self) -> UserSummary {
+        let route = lock(&self.route);
+        let overflow = lock(&self.overflow);
+        let (shards, overflow_shards) = self.shard_counts();
+        UserSummary {
+            arrivals: self.arrivals.load(Ordering::Relaxed),
+            routes_ok: self.routes_ok.load(Ordering::Relaxed),
+            routes_failed: self.routes_failed.load(Ordering::Relaxed),
+            gave_up: self.gave_up.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            active_now: self.active.load(Ordering::Relaxed),
+            route_p50_ms: ms(&route, 0.5),
+            route_p99_ms: ms(&route, 0.99),
+            route_max_ms: route.max() as f64 / 1000.0,
+            overflow_routes: overflow.len(),
+            overflow_p50_ms: ms(&overflow, 0.5),
+            overflow_p99_ms: ms(&overflow, 0.99),
+            overflow_max_ms: overflow.max() as f64 / 1000.0,
+            errors: lock(&self.errors).clone(),
+            sessions_seen: self.sessions_seen(),
+            shards_seen: shards,
+            overflow_shards_seen: overflow_shards,
+            longest_gap_between_routes_ms: lock(&self.longest_gap).as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+/// What the Route throughput probe measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeSummary {
+    pub offered_per_s: u64,
+    pub achieved_per_s: f64,
+    pub calls: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Route at `rate`/s for `duration` on session `lookup` (open loop, paced every millisecond,
+/// at most 256 in flight), cycling through `users` ids: the method of bench/ROUTING.md's
+/// sustained-rate runs, here against the leader of a live fleet.
+pub async fn probe(
+    router: Arc<Router>,
+    namespace: String,
+    rate: u64,
+    duration: Duration,
+    users: u64,
+) -> ProbeSummary {
+    let hist = Arc::new(Mutex::new(histogram()));
+    let errors = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let inflight = Arc::new(tokio::sync::Semaphore::new(256));
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            sent += 1;
+            let Ok(permit) = inflight.clone().acquire_owned().await else {
+                break;
+            };
+            let (router, hist, errors, namespace) = (
+                router.clone(),
+                hist.clone(),
+                errors.clone(),
+                namespace.clone(),
+            );
+            let user = format!("probe-{}", sent % users.max(1));
+            tasks.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                let r = router
+                    .route(
+                        ARENA_APP,
+                        RouteRequest {
+                            namespace,
+                            session: "lookup".into(),
+                            preferred_region: String::new(),
+                            user_id: user,
+                        },
+                    )
+                    .await;
+                let us = t0.elapsed().as_micros() as u64;
+                match r {
+                    Ok(_) => {
+                        let _ = lock(&hist).record(us.max(1));
+                    }
+                    Err(s) => {
+                        let key = format!("{:?}: {}", s.code(), s.message());
+                        *lock(&errors).entry(key).or_default() += 1;
+                    }
+                }
+                drop(permit);
+            }));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let h = lock(&hist);
+    ProbeSummary {
+        offered_per_s: rate,
+        achieved_per_s: (h.len() as f64 / wall).round(),
+        calls: sent,
+        errors: lock(&errors).clone(),
+        p50_ms: ms(&h, 0.5),
+        p99_ms: ms(&h, 0.99),
+        max_ms: h.max() as f64 / 1000.0,
+    }
+}
