@@ -23,17 +23,15 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
 use nix::sys::signal::Signal;
-use refleet_operator::crd::{ReflectorPool, Session, ShardPhase};
-use serde_json::{Value, json};
+use refleet_operator::crd::{Session, ShardPhase};
+use serde_json::Value;
 
 mod support;
-use support::fixtures::{create_and_place, lease_holder, moving_pool, start_lobby};
+use support::fixtures::{ask_move, lease_holder, moving_pool, start_lobby};
 use support::operator_process::{LeaderService, OperatorProcess, signal};
 use support::stand_in::{
-    Reflectors, Termination, address_of, closed_with, join_sync, kubelet, record_moving_to,
-    tempfile_dir,
+    StandIn, Termination, address_of, closed_with, join_sync, record_moving_to, tempfile_dir,
 };
 use support::{admin_client, eventually, prepare, start_kube};
 
@@ -68,22 +66,8 @@ async fn a_leader_killed_while_a_move_is_in_flight_leaves_the_shard_on_the_targe
     std::fs::create_dir_all(&storage).unwrap();
 
     // The kubelet stand-in: real reflectors on one shared store, as moves need.
-    let port = std::net::TcpListener::bind("127.0.0.10:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let reflectors = Arc::new(Reflectors::default());
-    let addrs = Arc::new(Mutex::new(HashMap::new()));
-    let kubelet = tokio::spawn(kubelet(
-        Api::namespaced(admin.clone(), ns),
-        reflectors.clone(),
-        addrs.clone(),
-        port,
-        storage.clone(),
-        true,
-        Termination::Immediate,
-    ));
+    let stand_in = StandIn::start(&admin, ns, storage.clone(), true, Termination::Immediate);
+    let addrs = stand_in.addrs.clone();
 
     // Two operator processes behind one report "Service"; a leads before b starts.
     let report = LeaderService::start(admin.clone(), ns).await;
@@ -100,7 +84,7 @@ async fn a_leader_killed_while_a_move_is_in_flight_leaves_the_shard_on_the_targe
     let mut arena = moving_pool();
     arena.spec.defaults.min_reflectors = Some(2);
     arena.spec.defaults.max_reflectors = Some(3);
-    let (sessions, source) = start_lobby(&admin, ns, &arena).await;
+    let (sessions, source) = start_lobby(&admin, ns, &arena, 10).await;
     eventually("two reflectors reporting", Duration::from_secs(30), || {
         let a = &a;
         async move {
@@ -119,7 +103,7 @@ async fn a_leader_killed_while_a_move_is_in_flight_leaves_the_shard_on_the_targe
     assert!(timeline.is_string(), "SYNC carries a timeline: {timeline}");
 
     // Freeze the source, so the hand-off the leader asks for stays unanswered; then ask.
-    let source_pid = reflectors.children.lock().unwrap()[&source].id().unwrap();
+    let source_pid = stand_in.pid(&source);
     signal(source_pid, Signal::SIGSTOP);
     let saw_moving: Arc<Mutex<Option<String>>> = Arc::default();
     let watch = tokio::spawn(record_moving_to(
@@ -127,16 +111,7 @@ async fn a_leader_killed_while_a_move_is_in_flight_leaves_the_shard_on_the_targe
         "lobby",
         saw_moving.clone(),
     ));
-    sessions
-        .patch(
-            "lobby",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"refleet.dev/move-shard": "lobby"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    ask_move(&sessions, "lobby").await;
     let planned_to = eventually("the status to show Moving", Duration::from_secs(20), || {
         let saw = saw_moving.lock().unwrap().clone();
         async move { saw }
@@ -233,8 +208,7 @@ async fn a_leader_killed_while_a_move_is_in_flight_leaves_the_shard_on_the_targe
     );
 
     drop(rejoined);
-    kubelet.abort();
-    drop(reflectors);
+    drop(stand_in);
     let _ = std::fs::remove_dir_all(&storage);
     eprintln!(
         "leader killed with a move in flight: landed {landed_after:?} after the kill; test took {:?}",
@@ -302,22 +276,8 @@ async fn while_the_apiserver_is_down_for_30s_the_router_answers_and_no_live_pod_
     prepare(&admin, ns).await;
     let storage = tempfile_dir().join("failover-apiserver");
     std::fs::create_dir_all(&storage).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.10:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let reflectors = Arc::new(Reflectors::default());
-    let addrs = Arc::new(Mutex::new(HashMap::new()));
-    let kubelet_task = tokio::spawn(kubelet(
-        Api::namespaced(admin.clone(), ns),
-        reflectors.clone(),
-        addrs.clone(),
-        port,
-        storage.clone(),
-        false,
-        Termination::Immediate,
-    ));
+    let stand_in = StandIn::start(&admin, ns, storage.clone(), false, Termination::Immediate);
+    let addrs = stand_in.addrs.clone();
     // One replica; its router and report stream reached directly (a Service keeps its
     // endpoints while the apiserver is down).
     let report = LeaderService::start(admin.clone(), ns).await;
@@ -333,20 +293,8 @@ async fn while_the_apiserver_is_down_for_30s_the_router_answers_and_no_live_pod_
     report.add("op-only", op.report);
     let mut arena = support::fixtures::pool("arena");
     arena.spec.defaults.min_reflectors = Some(2);
-    Api::<ReflectorPool>::namespaced(admin.clone(), ns)
-        .create(&PostParams::default(), &arena)
-        .await
-        .unwrap();
     // Room for every reservation the Route calls below make.
-    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
-    let session: Session = serde_json::from_value(json!({
-        "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
-        "metadata": {"name": "lobby"},
-        "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
-                 "maxUsersPerShard": 500, "minShards": 1, "maxShards": 1}
-    }))
-    .unwrap();
-    let host = create_and_place(&sessions, &session).await;
+    let (sessions, host) = start_lobby(&admin, ns, &arena, 500).await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     eventually("two reflectors reporting", Duration::from_secs(30), || {
         let op = &op;
@@ -448,8 +396,7 @@ async fn while_the_apiserver_is_down_for_30s_the_router_answers_and_no_live_pod_
         down.elapsed()
     );
     drop((first, during));
-    kubelet_task.abort();
-    drop(reflectors);
+    drop(stand_in);
     let _ = std::fs::remove_dir_all(&storage);
 }
 

@@ -20,7 +20,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -36,10 +35,12 @@ use refleet_operator::crd::{ReflectorPool, Session, ShardPhase};
 use serde_json::json;
 
 mod support;
-use support::fixtures::{create_and_place, lease_holder, moving_pool, pool, start_lobby, wait_pod};
+use support::fixtures::{
+    ask_move, create_and_place, lease_holder, moving_pool, pool, start_lobby, wait_pod,
+};
 use support::stand_in::{
-    Reflectors, Termination, address_of, closed_with, events_with_reason, join, keep_reading,
-    kubelet, record_moving_to, tempfile_dir,
+    StandIn, Termination, address_of, closed_with, events_with_reason, join, keep_reading,
+    record_moving_to, tempfile_dir,
 };
 use support::{admin_client, eventually, prepare, start_kube};
 
@@ -240,10 +241,7 @@ async fn leader_hands_over_to_the_standby_which_then_reconciles() {
 /// operator whose router takes their report streams (each with its pod's credential).
 struct Rig {
     op: Operator,
-    kubelet: tokio::task::JoinHandle<()>,
-    reflectors: Arc<Reflectors>,
-    /// Each started pod's address.
-    addrs: Arc<Mutex<HashMap<String, SocketAddr>>>,
+    stand_in: StandIn,
     storage: PathBuf,
 }
 
@@ -257,23 +255,7 @@ impl Rig {
         shared: bool,
         termination: Termination,
     ) -> Self {
-        // One port for every reflector (each on its own address), free on this machine now.
-        let port = std::net::TcpListener::bind("127.0.0.10:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let reflectors = Arc::new(Reflectors::default());
-        let addrs = Arc::new(Mutex::new(HashMap::new()));
-        let kubelet = tokio::spawn(kubelet(
-            Api::namespaced(admin.clone(), ns),
-            reflectors.clone(),
-            addrs.clone(),
-            port,
-            storage.clone(),
-            shared,
-            termination,
-        ));
+        let stand_in = StandIn::start(admin, ns, storage.clone(), shared, termination);
         let report_port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -290,23 +272,20 @@ impl Rig {
             ns,
             identity,
             Duration::from_secs(6),
-            Arc::new(HttpLoad::with_port(port)),
+            Arc::new(HttpLoad::with_port(stand_in.port)),
             routing,
         )
         .await;
         Self {
             op,
-            kubelet,
-            reflectors,
-            addrs,
+            stand_in,
             storage,
         }
     }
 
     async fn stop(self) {
         self.op.stop().await;
-        self.kubelet.abort();
-        drop(self.reflectors);
+        drop(self.stand_in);
         let _ = std::fs::remove_dir_all(&self.storage);
     }
 }
@@ -332,7 +311,7 @@ async fn real_reflectors_report_users_and_a_second_shard_opens_past_the_threshol
         Termination::Immediate,
     )
     .await;
-    let (op, addrs) = (&rig.op, rig.addrs.clone());
+    let (op, addrs) = (&rig.op, rig.stand_in.addrs.clone());
 
     let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
     pools
@@ -431,14 +410,14 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
         Termination::Immediate,
     )
     .await;
-    let (op, addrs) = (&rig.op, rig.addrs.clone());
+    let (op, addrs) = (&rig.op, rig.stand_in.addrs.clone());
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
 
     // Two reflectors kept ready, the gateway and moves on.
     let mut arena = moving_pool();
     arena.spec.defaults.min_reflectors = Some(2);
     arena.spec.defaults.max_reflectors = Some(3);
-    let (sessions, source) = start_lobby(&admin, ns, &arena).await;
+    let (sessions, source) = start_lobby(&admin, ns, &arena, 10).await;
     eventually("two reflectors reporting", Duration::from_secs(30), || {
         let op = &op;
         async move {
@@ -463,16 +442,7 @@ async fn a_shard_moved_by_annotation_is_moving_then_lands_and_a_lost_host_is_rep
         "lobby",
         saw_moving.clone(),
     ));
-    sessions
-        .patch(
-            "lobby",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"refleet.dev/move-shard": "lobby"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    ask_move(&sessions, "lobby").await;
     let closes: Vec<_> = clients
         .into_iter()
         .map(|ws| tokio::spawn(closed_with(ws, 4003, Duration::from_secs(30))))
@@ -601,8 +571,8 @@ async fn an_image_roll_over_moves_live_shards_to_the_new_reflector() {
     let mut arena = moving_pool();
     arena.spec.defaults.max_reflectors = Some(2);
     arena.spec.drain_grace_period_seconds = 30;
-    let (sessions, old) = start_lobby(&admin, ns, &arena).await;
-    let addr = address_of(&rig.addrs, &old).await;
+    let (sessions, old) = start_lobby(&admin, ns, &arena, 10).await;
+    let addr = address_of(&rig.stand_in.addrs, &old).await;
     let client = join(addr, "lobby-0", "app", "lobby", "user-0").await;
     let closed = tokio::spawn(closed_with(client, 4003, Duration::from_secs(60)));
 

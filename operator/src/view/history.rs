@@ -91,28 +91,9 @@ impl History {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::view::status::{ReflectorView, RegionView};
 
     fn status(users: u32) -> Status {
-        Status {
-            regions: vec![RegionView {
-                pool: "default/p".into(),
-                name: "a".into(),
-                desired: 1,
-                reflectors: vec![ReflectorView {
-                    name: "a-1".into(),
-                    state: "Ready",
-                    pid: None,
-                    cpu_percent: None,
-                    rss_bytes: None,
-                    url: None,
-                    files_url: String::new(),
-                    users,
-                    shards: vec![],
-                }],
-            }],
-            ..Status::default()
-        }
+        crate::view::status::one_reflector(users, &[])
     }
 
     #[test]

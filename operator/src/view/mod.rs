@@ -201,7 +201,7 @@ pub async fn follow_router(
 mod tests {
     use super::*;
     use crate::crd::ShardPhase;
-    use crate::view::status::{ReflectorView, RegionView, ShardView};
+    use crate::view::status::ShardView;
 
     fn shard(name: &str, app: &str) -> ShardView {
         ShardView {
@@ -224,24 +224,8 @@ mod tests {
 
     fn status(users: u32) -> Status {
         Status {
-            regions: vec![RegionView {
-                pool: "default/p".into(),
-                name: "a".into(),
-                desired: 1,
-                reflectors: vec![ReflectorView {
-                    name: "a-1".into(),
-                    state: "Ready",
-                    pid: None,
-                    cpu_percent: None,
-                    rss_bytes: None,
-                    url: None,
-                    files_url: String::new(),
-                    users,
-                    shards: vec!["mine".into(), "theirs".into()],
-                }],
-            }],
             shards: vec![shard("mine", "io.mine"), shard("theirs", "io.theirs")],
-            ..Status::default()
+            ..crate::view::status::one_reflector(users, &["mine", "theirs"])
         }
     }
 

@@ -260,3 +260,28 @@ pub fn from_router(snap: &FleetSnapshot) -> Status {
         decisions: Vec::new(),
     }
 }
+
+/// One region `a` with one Ready reflector `a-1` holding `users` users and listing
+/// `shards`: the status the view's unit tests start from.
+#[cfg(test)]
+pub(crate) fn one_reflector(users: u32, shards: &[&str]) -> Status {
+    Status {
+        regions: vec![RegionView {
+            pool: "default/p".into(),
+            name: "a".into(),
+            desired: 1,
+            reflectors: vec![ReflectorView {
+                name: "a-1".into(),
+                state: "Ready",
+                pid: None,
+                cpu_percent: None,
+                rss_bytes: None,
+                url: None,
+                files_url: String::new(),
+                users,
+                shards: shards.iter().map(|s| (*s).to_owned()).collect(),
+            }],
+        }],
+        ..Status::default()
+    }
+}

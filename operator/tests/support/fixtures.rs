@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use refleet_operator::crd::{ReflectorPool, Session};
 use serde_json::json;
@@ -70,12 +70,13 @@ pub fn moving_pool() -> ReflectorPool {
     arena
 }
 
-/// Creates `arena` and Session `lobby` in it (one shard of up to 10 users), and waits for
-/// the shard to be placed: the Sessions API and the shard's reflector.
+/// Creates `arena` and Session `lobby` in it (one shard of up to `max_users` users), and
+/// waits for the shard to be placed: the Sessions API and the shard's reflector.
 pub async fn start_lobby(
     admin: &Client,
     ns: &str,
     arena: &ReflectorPool,
+    max_users: u32,
 ) -> (Api<Session>, String) {
     Api::<ReflectorPool>::namespaced(admin.clone(), ns)
         .create(&PostParams::default(), arena)
@@ -86,9 +87,22 @@ pub async fn start_lobby(
         "apiVersion": "refleet.dev/v1alpha1", "kind": "Session",
         "metadata": {"name": "lobby"},
         "spec": {"poolRef": {"name": "arena"}, "appId": "app", "name": "lobby",
-                 "maxUsersPerShard": 10, "minShards": 1, "maxShards": 1}
+                 "maxUsersPerShard": max_users, "minShards": 1, "maxShards": 1}
     }))
     .unwrap();
     let reflector = create_and_place(&sessions, &session).await;
     (sessions, reflector)
+}
+
+/// Asks for shard `shard` of Session `lobby` to move, as an operator would by hand (the
+/// `refleet.dev/move-shard` annotation).
+pub async fn ask_move(sessions: &Api<Session>, shard: &str) {
+    sessions
+        .patch(
+            "lobby",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"refleet.dev/move-shard": shard}}})),
+        )
+        .await
+        .unwrap();
 }

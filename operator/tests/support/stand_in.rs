@@ -210,6 +210,61 @@ pub async fn kubelet(
     }
 }
 
+/// A running kubelet stand-in for one namespace: the reflector processes it started and
+/// each started pod's address. Stops (and kills its reflectors) when dropped.
+pub struct StandIn {
+    /// The port every reflector listens on, each on its own loopback address.
+    pub port: u16,
+    pub reflectors: Arc<Reflectors>,
+    pub addrs: Arc<Mutex<HashMap<String, SocketAddr>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StandIn {
+    /// Runs [`kubelet`] for `ns`, on a port free on this machine now.
+    pub fn start(
+        admin: &Client,
+        ns: &str,
+        storage: PathBuf,
+        shared: bool,
+        termination: Termination,
+    ) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.10:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let reflectors = Arc::new(Reflectors::default());
+        let addrs = Arc::new(Mutex::new(HashMap::new()));
+        let task = tokio::spawn(kubelet(
+            Api::namespaced(admin.clone(), ns),
+            reflectors.clone(),
+            addrs.clone(),
+            port,
+            storage,
+            shared,
+            termination,
+        ));
+        Self {
+            port,
+            reflectors,
+            addrs,
+            task,
+        }
+    }
+
+    /// The process id of pod `name`'s reflector.
+    pub fn pid(&self, name: &str) -> u32 {
+        self.reflectors.children.lock().unwrap()[name].id().unwrap()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
