@@ -42,6 +42,7 @@ fn fleet() -> PlanInput {
                 image: "refleet-reflector:1".into(),
                 capacity,
                 state: ReflectorState::Ready,
+                unreported: false,
             })
         })
         .collect();

@@ -100,6 +100,7 @@ fn router() -> Arc<Router> {
         image: "img".into(),
         capacity,
         state: ReflectorState::Ready,
+        unreported: false,
     };
     let r = Router::new(
         RouterConfig::default(),

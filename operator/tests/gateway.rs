@@ -97,6 +97,7 @@ impl Fixture {
             image: "img".into(),
             capacity: Capacity::default(),
             state: ReflectorState::Ready,
+            unreported: false,
         };
         let mut moving = shard("moving", Some("r1"), ShardPhase::Moving);
         moving.moving_to = Some("r2".into());
@@ -503,6 +504,7 @@ async fn a_standalone_table_follows_the_leader_s_watch_and_keeps_its_last_table_
         image: "img".into(),
         capacity: Capacity::default(),
         state: ReflectorState::Ready,
+        unreported: false,
     };
     let publish = |on: &str| {
         router.publish(

@@ -65,6 +65,7 @@ fn fleet_view(sessions: Vec<SessionDef>, shards: u32) -> FleetView {
         image: "img".into(),
         capacity,
         state: ReflectorState::Ready,
+        unreported: false,
     };
     FleetView {
         input: PlanInput {
@@ -1338,6 +1339,11 @@ async fn a_report_stream_cut_and_restored_counts_its_load_once() {
     drop(second);
     holds(41).await;
     assert_eq!(r.live_streams().values().sum::<u32>(), 1, "one live stream");
+    // What a backend takes for a reflector it cannot read itself: its hosted shards, once.
+    assert_eq!(
+        r.reported_hosts(),
+        HashMap::from([("r-eu".to_owned(), vec![("app".into(), "lobby".into(), 41)])])
+    );
     reporting_third.abort();
 }
 

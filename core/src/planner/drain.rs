@@ -215,6 +215,33 @@ mod tests {
     }
 
     #[test]
+    fn scale_down_passes_over_reflectors_whose_load_is_not_known_yet() {
+        let mut input = surplus_input();
+        // eu-c and eu-b have not reported since this operator started planning: they may host
+        // shards the plan does not know.
+        input.reflectors[1].unreported = true;
+        input.reflectors[3].unreported = true;
+        let mut state = surplus(&input);
+        assert_eq!(state.tallies[0].empties, [0, 2], "eu-a and eu-s only");
+        assert_eq!(
+            state.tallies[0].busy, 0,
+            "not busy either: no scale-up for them"
+        );
+        state.scale_down(0);
+        let drained: Vec<_> = state
+            .decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::DrainReflector { reflector, .. } => Some(reflector.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(drained, ["eu-s", "eu-a"]);
+        assert_eq!(state.actions[1], ReflectorAction::Keep);
+        assert_eq!(state.actions[3], ReflectorAction::Keep);
+    }
+
+    #[test]
     fn scale_down_waits_a_cooldown_after_a_scale_up() {
         let mut input = surplus_input();
         input.history.insert(

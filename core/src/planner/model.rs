@@ -202,6 +202,12 @@ pub struct ObservedReflector {
     pub capacity: Capacity,
     /// Its state.
     pub state: ReflectorState,
+    /// Ready, but what it hosts is not known yet: no report of its load has reached this
+    /// operator since it started planning (a restart or a new leader, before the reflector's
+    /// report stream reconnected). Shards the plan does not know may live there, so a
+    /// scale-down passes it over. The backends clear it once a wait has passed, so a
+    /// reflector that never reports is still judged by the plan alone in the end.
+    pub unreported: bool,
 }
 
 /// A shard: input (as the previous plan left it, with fresh load) and output.

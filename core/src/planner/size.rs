@@ -25,11 +25,14 @@ impl PlanState<'_> {
             t.committed_users += (i64::from(cap.users) - s.free_users).max(0) as u64;
             match s.real {
                 Some(i) if s.usable => {
-                    if s.shards == 0 {
-                        t.empties.push(i);
-                    } else {
+                    if s.shards > 0 {
                         t.busy += 1;
+                    } else if !input.reflectors[i].unreported {
+                        t.empties.push(i);
                     }
+                    // An empty-looking unreported reflector may host shards the plan does
+                    // not know: no scale-down picks it, and it is not counted as busy either,
+                    // so the region does not grow for it.
                     if s.ready {
                         t.ready += 1;
                     } else {

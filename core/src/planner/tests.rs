@@ -52,6 +52,7 @@ pub(super) fn reflector(name: &str, region: &str) -> ObservedReflector {
         image: "img:1".into(),
         capacity: CAP,
         state: ReflectorState::Ready,
+        unreported: false,
     }
 }
 
@@ -122,6 +123,7 @@ pub(super) fn apply(input: &PlanInput, plan: &Plan, dt: Seconds, serial: &mut u3
                 image: region.image.clone(),
                 capacity: spec.capacity,
                 state: ReflectorState::Ready,
+                unreported: false,
             });
         }
     }

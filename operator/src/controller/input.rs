@@ -27,6 +27,9 @@ pub struct PoolMemory {
     pub history: ScaleHistory,
     /// Whether `shards` came from a plan (false: rebuild them from Session statuses).
     pub initialised: bool,
+    /// When this operator first planned the pool since it became leader: the start of its
+    /// wait for reflectors to report ([`fleet::REPORT_WAIT`]).
+    pub planning_since: Option<Seconds>,
 }
 
 pub use crate::fleet::pool_id;

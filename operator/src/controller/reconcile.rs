@@ -116,7 +116,7 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
     let now = (ctx.clock)();
 
     // Plan.
-    let observed = observed(
+    let mut observed = observed(
         namespace,
         pool_name,
         pool.as_ref(),
@@ -124,7 +124,13 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
         &pods,
         &loads,
     );
+    if let Some(router) = &ctx.router {
+        // Pods whose /sessions could not be read: what their report streams say.
+        observed.take_reports(router.reported_hosts());
+    }
+    let planning_since = *memory.planning_since.get_or_insert(now);
     let mut input = input_for(&observed, namespace, pool_name, &sessions, &memory, now);
+    fleet::settle_unreported(&mut input, planning_since);
     if let Some(router) = &ctx.router {
         router.prepare(&mut input);
     }
@@ -217,6 +223,7 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
         shards: plan.shards.clone(),
         history: plan.history.clone(),
         initialised: true,
+        planning_since: Some(planning_since),
     };
     Ok(Synced { plan, created })
 }

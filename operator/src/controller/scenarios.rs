@@ -34,9 +34,13 @@ enum Scenario {
     /// A Session whose pool does not exist: no pods are listed, the Session gets a
     /// `Degraded`/`PoolNotFound` status and a Warning Event.
     SessionWithoutPoolIsDegraded(Session),
-    /// A pool with two ready empty reflectors where one is enough: the surplus one is marked
+    /// A pool with two ready empty reflectors where one is enough, once the operator has
+    /// waited [`crate::fleet::REPORT_WAIT`] for their loads: the surplus one is marked
     /// draining, then deleted with the drain grace period.
     SurplusReflectorIsMarkedThenDeletedWithGrace(ReflectorPool, Vec<Pod>),
+    /// The same pool planned for the first time by a new leader whose reflectors have not
+    /// reported yet: nothing is marked or deleted, only the pool's status is written.
+    UnreportedReflectorsAreKeptByANewLeader(ReflectorPool, Vec<Pod>),
 }
 
 struct ApiServerVerifier(Handle);
@@ -57,6 +61,9 @@ impl ApiServerVerifier {
                 }
                 Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(pool, pods) => {
                     self.surplus_reflector_is_drained(pool, pods).await
+                }
+                Scenario::UnreportedReflectorsAreKeptByANewLeader(pool, pods) => {
+                    self.unreported_reflectors_are_kept(pool, pods).await
                 }
             }
         })
@@ -192,9 +199,7 @@ impl ApiServerVerifier {
         assert_eq!(event["regarding"]["name"], "lobby");
     }
 
-    async fn surplus_reflector_is_drained(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
-        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        self.expect_pool_without_sessions(ns, &pool).await;
+    async fn expect_pods(&mut self, pods: &[Pod]) {
         let items = pods.iter().map(|p| json!(p)).collect();
         self.expect(
             "GET",
@@ -203,6 +208,33 @@ impl ApiServerVerifier {
             list("PodList", "v1", items),
         )
         .await;
+    }
+
+    async fn unreported_reflectors_are_kept(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
+        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+        self.expect_pool_without_sessions(ns, &pool).await;
+        self.expect_pods(&pods).await;
+        let status = self
+            .expect(
+                "PATCH",
+                &format!(
+                    "{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"
+                ),
+                200,
+                json!(pool),
+            )
+            .await;
+        let region = &status["status"]["regions"][0];
+        assert_eq!(
+            (&region["ready"], &region["draining"]),
+            (&json!(2), &json!(0))
+        );
+    }
+
+    async fn surplus_reflector_is_drained(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
+        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+        self.expect_pool_without_sessions(ns, &pool).await;
+        self.expect_pods(&pods).await;
         let mark = self
             .expect(
                 "PATCH",
@@ -307,6 +339,10 @@ async fn session_without_pool_is_degraded_and_gets_a_warning() {
 #[tokio::test]
 async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
     let (ctx, fakeserver) = testcontext();
+    // This operator has been planning the pool for the whole wait: no load (NoLoad) means
+    // the plan alone decides.
+    ctx.pool_memory("games/arena").lock().await.planning_since =
+        Some(NOW - crate::fleet::REPORT_WAIT);
     let pool = fixtures::pool("games", "arena", &["eu"]);
     let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
     let mocksrv = fakeserver.run(Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(
@@ -314,6 +350,25 @@ async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
     ));
     sync(&ctx, "games", "arena").await.expect("sync");
     timeout_after_1s(mocksrv).await;
+}
+
+#[tokio::test]
+async fn a_new_leader_keeps_ready_reflectors_it_has_not_heard_from() {
+    let (ctx, fakeserver) = testcontext();
+    let pool = fixtures::pool("games", "arena", &["eu"]);
+    let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
+    let mocksrv = fakeserver.run(Scenario::UnreportedReflectorsAreKeptByANewLeader(
+        pool, pods,
+    ));
+    let synced = sync(&ctx, "games", "arena").await.expect("sync");
+    assert!(
+        synced.plan.decisions.is_empty(),
+        "{:?}",
+        synced.plan.decisions
+    );
+    timeout_after_1s(mocksrv).await;
+    let memory = ctx.pool_memory("games/arena");
+    assert_eq!(memory.lock().await.planning_since, Some(NOW));
 }
 
 #[test]

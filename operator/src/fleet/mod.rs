@@ -20,6 +20,13 @@ mod tests;
 
 pub use decisions::{About, Level, Summary, summarize};
 
+/// How long a backend that just started planning (a restart, a new leader) waits for a
+/// ready reflector it could not read to report, before it judges that reflector by the plan
+/// alone. Reflectors reconnect their report stream within a few seconds (backing off to at
+/// most 4 s); until they have, what they host is unknown, and a scale-down must not pick
+/// them as empty.
+pub const REPORT_WAIT: Seconds = 30;
+
 /// One backend's view of its fleet at one instant.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
@@ -109,6 +116,31 @@ pub fn session_gauges(
             (s.namespace.clone(), s.name.clone(), open, users)
         })
         .collect()
+}
+
+impl Observed {
+    /// Fills in what a reflector hosts from its report stream (`reports`, by reflector name:
+    /// `(appId, shard, users)`, as [`crate::router::Router::reported_hosts`] gives it) for
+    /// every reflector the backend could not read itself.
+    pub fn take_reports(&mut self, mut reports: HashMap<String, Vec<(String, String, u32)>>) {
+        for r in &mut self.reflectors {
+            if r.hosted.is_some() {
+                continue;
+            }
+            if let Some(shards) = reports.remove(&r.name) {
+                r.hosted = Some(
+                    shards
+                        .into_iter()
+                        .map(|(app_id, name, users)| HostedShard {
+                            app_id,
+                            name,
+                            users,
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
 }
 
 /// A reflector (a pod, or a process of `refleet up`).
@@ -281,6 +313,7 @@ pub fn plan_input(
                 image: r.image.clone(),
                 capacity,
                 state,
+                unreported: state == ReflectorState::Ready && r.hosted.is_none(),
             })
         })
         .collect();
@@ -352,6 +385,17 @@ pub fn plan_input(
         history: history.clone(),
         now,
         move_requests: Vec::new(),
+    }
+}
+
+/// Ends the wait for reports ([`REPORT_WAIT`]) once it has passed since the backend started
+/// planning (`planning_since`): from then on a reflector that still has not reported is
+/// judged by the plan alone, so one whose reports never come can still be scaled down.
+pub fn settle_unreported(input: &mut PlanInput, planning_since: Seconds) {
+    if input.now >= planning_since.saturating_add(REPORT_WAIT) {
+        for r in &mut input.reflectors {
+            r.unreported = false;
+        }
     }
 }
 

@@ -182,6 +182,55 @@ fn load_comes_from_the_reporting_reflector_and_unknown_hosted_shards_are_adopted
 }
 
 #[test]
+fn a_new_leader_learns_hosted_shards_from_the_report_stream_and_waits_for_silent_ones() {
+    // A new leader: r1's /sessions could not be read but its stream reports a room of a
+    // pattern Session that no status records; r2 neither reads nor reports; r3 was read.
+    let mut obs = observed(
+        vec![session(
+            "rooms",
+            serde_json::json!({ "namePattern": "room-*" }),
+        )],
+        vec![
+            host("r1", None),
+            host("r2", None),
+            host("r3", Some(vec![])),
+            ObservedHost {
+                state: Some(ReflectorState::Starting),
+                ..host("r4", None)
+            },
+        ],
+    );
+    let reports = HashMap::from([
+        ("r1".to_owned(), vec![("app".into(), "room-7".into(), 12)]),
+        // A stream's report never replaces what the backend read itself.
+        ("r3".to_owned(), vec![("app".into(), "room-9".into(), 1)]),
+    ]);
+    obs.take_reports(reports);
+    let mut input = plan_input(&obs, &[], &ScaleHistory::new(), 100);
+    let shards: Vec<(&str, Option<&str>, u32)> = input
+        .shards
+        .iter()
+        .map(|s| (s.name.as_str(), s.reflector.as_deref(), s.users))
+        .collect();
+    assert_eq!(shards, [("room-7", Some("r1"), 12)]);
+    let unreported: Vec<(&str, bool)> = input
+        .reflectors
+        .iter()
+        .map(|r| (r.name.as_str(), r.unreported))
+        .collect();
+    // Only a ready reflector can host anything: a starting one is never waited for.
+    assert_eq!(
+        unreported,
+        [("r1", false), ("r2", true), ("r3", false), ("r4", false)]
+    );
+    // Within the wait r2 stays unreported; once it has passed, the plan alone decides.
+    settle_unreported(&mut input, 100 - REPORT_WAIT + 1);
+    assert!(input.reflectors[1].unreported);
+    settle_unreported(&mut input, 100 - REPORT_WAIT);
+    assert!(input.reflectors.iter().all(|r| !r.unreported));
+}
+
+#[test]
 fn hosted_shards_of_unknown_sessions_are_not_adopted() {
     let obs = observed(vec![], vec![host("r1", Some(vec![("lobby", 4)]))]);
     let input = plan_input(&obs, &[], &ScaleHistory::new(), 0);

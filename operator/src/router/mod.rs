@@ -325,6 +325,26 @@ impl Router {
 
     // === backend side ===
 
+    /// What every reflector reporting on the stream hosts now, by reflector name: `(appId,
+    /// shard, users)` per shard. A backend takes it for reflectors it could not read itself,
+    /// so a new leader learns what the fleet hosts as soon as the streams reconnect.
+    pub fn reported_hosts(&self) -> HashMap<String, Vec<(String, String, u32)>> {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        self.expire_reports(&mut inner.fleet, now);
+        inner
+            .fleet
+            .hosted()
+            .map(|(name, shards)| {
+                let shards = shards
+                    .into_iter()
+                    .map(|(app, shard, n)| (app.to_owned(), shard.to_owned(), n))
+                    .collect();
+                (name.to_owned(), shards)
+            })
+            .collect()
+    }
+
     /// Adds what the router did since the last plan to `input`: the shards it opened, its
     /// reservations (`reserved`), and the pattern sessions clients asked for (`waiting`).
     pub fn prepare(&self, input: &mut PlanInput) {

@@ -438,6 +438,25 @@ impl FleetState {
             })
     }
 
+    /// What each reflector whose reports count (not expired) hosts: `(appId, shard, users)`.
+    pub(super) fn hosted(&self) -> impl Iterator<Item = (&str, Vec<(&str, &str, u32)>)> + '_ {
+        self.live
+            .iter()
+            .filter(|(_, l)| !l.expired)
+            .map(|(name, l)| {
+                let shards = l
+                    .users
+                    .iter()
+                    .flat_map(|(app, shards)| {
+                        shards
+                            .iter()
+                            .map(move |(shard, n)| (app.as_str(), shard.as_str(), *n))
+                    })
+                    .collect();
+                (name.as_str(), shards)
+            })
+    }
+
     /// Reflectors whose report stream is open and not silent, per region (as of the last
     /// [`FleetState::expire_reports`]).
     pub(super) fn live_streams(&self) -> BTreeMap<String, u32> {
@@ -509,6 +528,7 @@ pub(super) mod tests {
             image: "img".into(),
             capacity: Capacity::default(),
             state,
+            unreported: false,
         }
     }
 
