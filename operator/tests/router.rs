@@ -887,6 +887,7 @@ async fn an_unused_reservation_is_released_after_the_claim_window_and_keyed_call
             .unwrap();
     }
     assert_eq!(reserved(), 10);
+    assert_eq!(r.metrics.reservations("eu"), 10);
     // Nobody joins: the places come back after the claim window, and the client may route again.
     tokio::time::timeout(Duration::from_secs(10), async {
         while reserved() > 0 {
@@ -895,6 +896,9 @@ async fn an_unused_reservation_is_released_after_the_claim_window_and_keyed_call
     })
     .await
     .expect("reservations released");
+    // The next plan (any backend's) sets the gauge back to what the ledger holds.
+    r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
+    assert_eq!(r.metrics.reservations("eu"), 0);
     r.route_as(&req("lobby", "eu"), &anon, |_| Ok(()))
         .await
         .unwrap();

@@ -192,9 +192,6 @@ impl<L: Launcher> Fleet<L> {
             let mut view = fleet::fleet_view(&observed, input, &plan);
             view.gateways = self.gateways.clone().into_iter().collect();
             router.publish("local", view);
-            router
-                .metrics
-                .set_reservations(&router.reservations_by_region());
         }
         self.shards = plan.shards;
         self.history = plan.history;

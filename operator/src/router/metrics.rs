@@ -201,6 +201,11 @@ impl RouterMetrics {
         self.report_refusals.with_label_values(&[reason]).get()
     }
 
+    /// The reservation gauge of `region` now.
+    pub fn reservations(&self, region: &str) -> i64 {
+        self.reservations.with_label_values(&[region]).get()
+    }
+
     /// Creates the per-region series at 0 (so they exist before the first event).
     pub fn init_regions<'a>(&self, regions: impl IntoIterator<Item = &'a str>) {
         for r in regions {

@@ -420,6 +420,9 @@ impl Router {
         demanded.retain(|k, _| !fleet.input.shards.iter().any(|s| &s.session == k));
         inner.fleet.publish(key, fleet);
         drop(inner);
+        // Routes only count the gauge up; each plan sets it to what the ledger still holds.
+        self.metrics
+            .set_reservations(&self.reservations_by_region());
         self.drive_moves();
         self.changed.send_modify(|g| *g += 1);
         self.bump_placement();
