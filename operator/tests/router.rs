@@ -1621,3 +1621,109 @@ async fn with_a_gateway_route_answers_the_region_s_gateway_and_the_placement_its
         ("r-eu", "ws://eu.test/")
     );
 }
+
+/// A Route that finds no shard it can send users to (the session's only shard sits on a
+/// reflector whose stream went silent) opens a new shard on a reflector that can take it,
+/// instead of refusing: the shard it skipped counts as full when the router plans, as it
+/// does for the Route itself.
+#[tokio::test]
+async fn a_shard_on_a_silent_reflector_counts_as_full_and_the_next_route_opens_another() {
+    let (r, _) = router(RouterConfig {
+        report_grace: Duration::from_millis(300),
+        ..RouterConfig::default()
+    });
+    r.publish("local", fleet_view(vec![session("lobby", 100, 10)], 5));
+    let key = ReportKey::new(&[7; 32]).unwrap();
+    let url = report_hub(&r, Some(key.clone())).await;
+    let eu = key.credential("r-eu", "eu").unwrap();
+    let first = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        (first.shard.as_str(), first.region.as_str()),
+        ("lobby", "eu")
+    );
+    // r-eu reports 3 users, then its stream is lost: past the grace it gets no routes.
+    let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 3))
+        .await
+        .unwrap();
+    until("3 users", || lobby_users(&r) == 3).await;
+    drop(s);
+    until("r-eu's load to expire", || lobby_users(&r) == 0).await;
+    let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    // eu's one reflector is the silent one: the new shard opens in us.
+    assert_eq!(
+        (next.shard.as_str(), next.region.as_str()),
+        ("lobby~1", "us")
+    );
+}
+
+/// A Route to a session whose only shard is moving waits for the move (it takes seconds)
+/// instead of being refused, and answers with the shard on its new reflector.
+#[tokio::test]
+async fn a_route_during_a_move_waits_for_it_and_answers_the_new_host() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", moving_view());
+    let routing = tokio::spawn({
+        let r = r.clone();
+        async move { r.route(&req("lobby", "eu"), |_| Ok(())).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!routing.is_finished(), "it waits while the shard moves");
+    // The backend's next view has the shard landed on r-eu-2.
+    let mut landed = moving_view();
+    let shard = &mut landed.input.shards[0];
+    shard.phase = ShardPhase::Open;
+    shard.reflector = Some("r-eu-2".into());
+    shard.moving_to = None;
+    r.publish("local", landed);
+    let routed = tokio::time::timeout(Duration::from_secs(5), routing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(routed.shard, "lobby");
+    assert!(routed.reflector_url.starts_with("ws://eu2.test/"));
+}
+
+/// After a takeover, an inherited shard whose reflector has not reported to this router yet
+/// counts as full even past the warm-up: the users the published view gives it may be stale,
+/// so routing more to it could pass its cap. Once its reflector reports, its real load counts.
+#[tokio::test]
+async fn after_a_takeover_a_shard_counts_as_full_until_its_reflector_reports() {
+    let (r, _) = router(RouterConfig {
+        warm_up: true,
+        token_ttl: Duration::from_millis(200),
+        ..RouterConfig::default()
+    });
+    let mut fleet = fleet_view(vec![session("lobby", 100, 10)], 5);
+    fleet.input.pools[0].regions.truncate(1);
+    fleet.input.reflectors.truncate(1);
+    // The previous leader's last status: lobby on r-eu with 10 users.
+    fleet.input.shards = vec![ShardRecord {
+        session: "default/app/lobby".into(),
+        name: "lobby".into(),
+        index: 0,
+        pool: POOL.into(),
+        region: "eu".into(),
+        reflector: Some("r-eu".into()),
+        committed_users: 100,
+        users: 10,
+        reserved: 0,
+        phase: ShardPhase::Open,
+        empty_since: None,
+        moving_to: None,
+        moved_at: None,
+    }];
+    r.publish("local", fleet);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The warm-up is over, but r-eu has not reported: a new shard takes the user.
+    let routed = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(routed.shard, "lobby~1");
+    let url = report_hub(&r, None).await;
+    let _s = open(&url, None, lobby_report("r-eu", "eu", 1, 5))
+        .await
+        .unwrap();
+    until("r-eu's 5 users", || lobby_users(&r) == 5).await;
+    // Now lobby's load is known (5, the fullest below the threshold): it gets the next user.
+    let routed = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(routed.shard, "lobby");
+}

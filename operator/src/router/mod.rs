@@ -210,6 +210,9 @@ struct Inner {
     ledger: Ledger,
     /// End of the post-failover warm-up (see the module docs).
     warm_until: Millis,
+    /// Whether this router took over from another (or restarted): from then on, an inherited
+    /// shard whose reflector has not reported to it yet counts as full, its load unknown.
+    taken_over: bool,
     /// Moves in flight and recently ended.
     moves: MoveBook,
     /// Moves asked for by hand, with when; offered to every plan until one starts the move
@@ -313,9 +316,10 @@ impl Router {
         inner.opened.clear();
         inner.demanded.clear();
         inner.warm_until = now + self.config.token_ttl.as_millis() as Millis;
+        inner.taken_over = true;
         drop(inner);
         self.metrics.reset_reservations();
-        tracing::info!(warm_up = ?self.config.token_ttl, "router state reset; shards it did not open count as full until the warm-up ends");
+        tracing::info!(warm_up = ?self.config.token_ttl, "router state reset; shards it did not open count as full until the warm-up ends, and until their reflector reports");
     }
 
     /// Resolves when a route waits for the backend to act (start a reflector).

@@ -4,8 +4,9 @@
 //! fleet ([`super::view`]) and the reservations ([`super::ledger`]):
 //!
 //! 1. resolve the Session and the regions to try, preferred first ([`Target`]);
-//! 2. count each routable shard's load: reported users, pending reservations, and during
-//!    the post-failover warm-up inherited shards as full ([`Shards::of_session`]);
+//! 2. count each routable shard's load: reported users, pending reservations, and after a
+//!    failover inherited shards as full during the warm-up and while their reflector has
+//!    not reported ([`Inherited`], [`Shards::of_session`]);
 //! 3. give a user the place it already holds ([`held_place`]);
 //! 4. hold anonymous callers to their limits ([`over_client_cap`], [`share_reached`]);
 //! 5. pick the fullest shard below the threshold in the first region that has one
@@ -193,7 +194,7 @@ impl<'a> Shards<'a> {
         fleet: &FleetState,
         ledger: &Ledger,
         target: &Target<'_>,
-        warm_up_exempt: Option<&FastSet<(String, String)>>,
+        inherited: Inherited<'_>,
         now: Millis,
         grace: Millis,
     ) -> Self {
@@ -214,6 +215,12 @@ impl<'a> Shards<'a> {
         let at_threshold = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
         let mut last: Option<(&str, Option<&str>)> = None;
         for sh in shards {
+            // A pending shard waits for its reflector, a moving one for its hand-off (both
+            // take seconds): a Route with no other room waits for them, it is not refused.
+            if sh.phase == ShardPhase::Moving {
+                out.opening = true;
+                continue;
+            }
             let Some(r) = sh.reflector.as_deref() else {
                 out.opening = true;
                 continue;
@@ -235,9 +242,7 @@ impl<'a> Shards<'a> {
             let users = reported.of(&sh.name).unwrap_or(sh.users);
             out.free += at_threshold.saturating_sub(u64::from(users));
             let mut load = u64::from(users) + u64::from(reserved.pending(&sh.name, now));
-            if let Some(mine) = warm_up_exempt
-                && !mine.contains(&(key.clone(), sh.name.clone()))
-            {
+            if inherited.held_full(fleet, sh) {
                 load = load.max(at_threshold);
             }
             out.candidates.push(Candidate {
@@ -258,8 +263,43 @@ impl<'a> Shards<'a> {
     }
 }
 
+/// After a failover, which inherited shards (those this router did not open) count as full:
+/// all of them during the warm-up (tokens the previous leader signed may still be used), then
+/// those whose reflector has not reported to this router yet (their load is unknown).
+#[derive(Clone, Copy)]
+pub(super) struct Inherited<'a> {
+    mine: &'a FastSet<(String, String)>,
+    warm: bool,
+    taken_over: bool,
+}
+
+impl<'a> Inherited<'a> {
+    fn of(inner: &'a Inner, now: Millis) -> Self {
+        Self::new(&inner.mine, now < inner.warm_until, inner.taken_over)
+    }
+
+    fn new(mine: &'a FastSet<(String, String)>, warm: bool, taken_over: bool) -> Self {
+        Self {
+            mine,
+            warm,
+            taken_over,
+        }
+    }
+
+    fn held_full(&self, fleet: &FleetState, sh: &ShardRecord) -> bool {
+        let unheard = || {
+            sh.reflector
+                .as_deref()
+                .is_some_and(|r| !fleet.has_reported(r))
+        };
+        (self.warm || (self.taken_over && unheard()))
+            && !self.mine.contains(&(sh.session.clone(), sh.name.clone()))
+    }
+}
+
 /// The session's shards, published or opened by this router, that are not closing. Pending
-/// shards (waiting for a new reflector) are among them: a Route waits for those.
+/// shards (waiting for a new reflector) and moving ones are among them: a Route waits for
+/// those.
 fn shards_not_closing<'a>(
     view: &'a Published,
     opened: &'a [ShardRecord],
@@ -270,7 +310,7 @@ fn shards_not_closing<'a>(
         .filter(|s| {
             matches!(
                 s.phase,
-                ShardPhase::Open | ShardPhase::Full | ShardPhase::Pending
+                ShardPhase::Open | ShardPhase::Full | ShardPhase::Pending | ShardPhase::Moving
             )
         })
         .collect()
@@ -377,14 +417,13 @@ impl Router {
         caller: &Caller,
         now: Millis,
     ) -> Result<Choice, RouteError> {
-        let warm_up_exempt = (now < inner.warm_until).then_some(&inner.mine);
         let shards = Shards::of_session(
             view,
             &inner.opened,
             &inner.fleet,
             &inner.ledger,
             target,
-            warm_up_exempt,
+            Inherited::of(inner, now),
             now,
             self.grace(),
         );
@@ -461,7 +500,7 @@ impl Router {
         req: &RouteRequest,
         now: Millis,
     ) -> Result<Option<Answer>, RouteError> {
-        let opened = open_shard(inner, view, target, &req.session, now)?;
+        let opened = open_shard(inner, view, target, &req.session, now, self.grace())?;
         self.metrics.shard_opened(&opened.region);
         let url = opened
             .reflector
@@ -544,6 +583,7 @@ fn open_shard(
     target: &Target<'_>,
     name: &str,
     now: Millis,
+    grace: Millis,
 ) -> Result<ShardRecord, RouteError> {
     let (def, key) = (target.def, target.key.as_str());
     let mut input = pool_input(&view.fleet.input, &inner.opened, &def.pool);
@@ -552,9 +592,40 @@ fn open_shard(
         inner.demanded.insert(key.to_owned(), demanded);
     }
     fill_load(&inner.fleet, &inner.ledger, &mut input, now);
-    if now < inner.warm_until {
-        hold_inherited_shards_full(&mut input, key, &def.spec, &inner.mine);
+    let t = threshold_load(def.spec.max_users_per_shard, def.spec.scale_up_threshold);
+    // The plan must see what the Route saw: a ready reflector the router cannot send users
+    // to (silent or draining on its stream) has no room for a new shard, and the session's
+    // shards on it count as full; otherwise the plan would keep counting on room there. It
+    // still counts as one of its region's reflectors, as it does for the backend's plan,
+    // so the new shard goes where the backend would keep it.
+    let blocked: FastSet<String> = input
+        .reflectors
+        .iter()
+        .filter(|r| r.state == ReflectorState::Ready)
+        .filter(|r| {
+            inner
+                .fleet
+                .routable_url(view, &r.name, now, grace)
+                .is_none()
+        })
+        .map(|r| r.name.clone())
+        .collect();
+    for r in input
+        .reflectors
+        .iter_mut()
+        .filter(|r| blocked.contains(&r.name))
+    {
+        r.capacity.sessions = 0;
+        r.capacity.users = 0;
     }
+    hold_full(&mut input, key, t, |sh| {
+        sh.reflector.as_ref().is_some_and(|r| blocked.contains(r))
+    });
+    // Inherited shards the Route counts as full, the plan does too.
+    let inherited = Inherited::of(inner, now);
+    hold_full(&mut input, key, t, |sh| {
+        inherited.held_full(&inner.fleet, sh)
+    });
     let shard = shard_opened_by(&plan(&input), key).map_err(|why| RouteError::Exhausted {
         message: format!("session {name:?}: {why}"),
         retry_after: Duration::from_secs(2),
@@ -630,19 +701,15 @@ fn mark_waiting(
     Some(s)
 }
 
-/// During the warm-up the planner must see the session's inherited shards (those this
-/// router did not open) as at their threshold, as the Route does.
-fn hold_inherited_shards_full(
-    input: &mut PlanInput,
-    key: &str,
-    spec: &SessionSpec,
-    mine: &FastSet<(String, String)>,
-) {
-    let t = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
+/// Raises the load of session `key`'s shards that `held` picks to the threshold load `t`,
+/// so the planner sees them at their threshold.
+fn hold_full(input: &mut PlanInput, key: &str, t: u64, held: impl Fn(&ShardRecord) -> bool) {
     for sh in input.shards.iter_mut().filter(|s| s.session == key) {
         let load = sh.load();
-        if load < t && !mine.contains(&(sh.session.clone(), sh.name.clone())) {
-            sh.reserved += (t - load) as u32;
+        if load < t && held(sh) {
+            sh.reserved = sh
+                .reserved
+                .saturating_add(u32::try_from(t - load).unwrap_or(u32::MAX));
         }
     }
 }
@@ -844,7 +911,9 @@ mod tests {
         let mut ledger = Ledger::new(1);
         ledger.reserve(("app", "a"), None, 100);
 
-        let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, None, 0, 1000);
+        let none = FastSet::default();
+        let normal = Inherited::new(&none, false, false);
+        let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, normal, 0, 1000);
         // `a~1` waits for its starting reflector, `a~2` for a placement; `a~3` is closing.
         assert!(shards.opening);
         let loads: Vec<(String, u64)> = shards
@@ -859,13 +928,27 @@ mod tests {
 
         // During the warm-up every shard but the router's own counts as at its threshold.
         let mine = FastSet::from_iter([(KEY.to_owned(), "a~4".to_owned())]);
-        let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, Some(&mine), 0, 1000);
+        let during = Inherited::new(&mine, true, true);
+        let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, during, 0, 1000);
         let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
         assert_eq!(loads, [8, 2]);
+        // After it, only while their reflector has not reported: r1 has.
+        let after = Inherited::new(&none, false, true);
+        let taken = Shards::of_session(&view, &[], &fleet, &ledger, &target, after, 0, 1000);
+        let loads: Vec<u64> = taken.candidates.iter().map(|c| c.load).collect();
+        assert_eq!(loads, [6, 2]);
+        let unheard = FleetState::default();
+        let taken = Shards::of_session(&view, &[], &unheard, &ledger, &target, after, 0, 1000);
+        let loads: Vec<u64> = taken.candidates.iter().map(|c| c.load).collect();
+        assert_eq!(
+            loads,
+            [8, 8],
+            "r1 has not reported: its shards count as full"
+        );
 
         // Shards this router opened count as the session's too.
         let opened = [shard("a", 5, "r1")];
-        let more = Shards::of_session(&view, &opened, &fleet, &ledger, &target, None, 0, 1000);
+        let more = Shards::of_session(&view, &opened, &fleet, &ledger, &target, normal, 0, 1000);
         assert_eq!(more.routable.len(), 3);
     }
 
@@ -878,7 +961,9 @@ mod tests {
         let mut ledger = Ledger::new(1);
         let id = ledger.reserve(("app", "a"), Some((KEY, "u1")), 100);
         ledger.reserve(("app", "a~1"), Some((KEY, "u2")), 100);
-        let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, None, 0, 1000);
+        let none = FastSet::default();
+        let normal = Inherited::new(&none, false, false);
+        let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, normal, 0, 1000);
 
         let held = held_place(&ledger, &shards, &target, "u1", 0).unwrap();
         assert_eq!((held.shard.as_str(), held.reservation), ("a", id));
@@ -913,7 +998,7 @@ mod tests {
             &FleetState::default(),
             &ledger,
             &target,
-            None,
+            Inherited::new(&FastSet::default(), false, false),
             0,
             1000,
         );
@@ -973,7 +1058,7 @@ mod tests {
     }
 
     #[test]
-    fn the_warm_up_holds_inherited_shards_at_the_threshold_for_the_planner() {
+    fn hold_full_raises_the_picked_shards_of_one_session_to_the_threshold_for_the_planner() {
         let mut input = PlanInput {
             shards: vec![
                 shard("a", 0, "r1"),
@@ -984,7 +1069,9 @@ mod tests {
         };
         input.shards[0].users = 3;
         let mine = FastSet::from_iter([(KEY.to_owned(), "a~1".to_owned())]);
-        hold_inherited_shards_full(&mut input, KEY, &session(Some("a"), None).spec, &mine);
+        let inherited = Inherited::new(&mine, true, true);
+        let fleet = FleetState::default();
+        hold_full(&mut input, KEY, 8, |sh| inherited.held_full(&fleet, sh));
         let loads: Vec<u64> = input.shards.iter().map(ShardRecord::load).collect();
         assert_eq!(
             loads,

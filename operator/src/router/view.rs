@@ -422,6 +422,12 @@ impl FleetState {
         }
     }
 
+    /// Whether `reflector` has reported since the reports were last forgotten (its load may
+    /// have expired since).
+    pub(super) fn has_reported(&self, reflector: &str) -> bool {
+        self.live.contains_key(reflector)
+    }
+
     /// Each reflector whose reports count (not expired): its name, users and whether it
     /// reports draining.
     pub(super) fn reported(&self) -> impl Iterator<Item = (&str, u32, bool)> + '_ {
