@@ -8,7 +8,7 @@
 //! the reflector Route named, with the reservation id read from the join token it got (the
 //! token is verified with the keys the operator sent on the stream, as a reflector would).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -57,7 +57,20 @@ pub struct FleetStats {
 
 /// Distinct shards that ever went over their hard cap.
 #[derive(Default)]
-pub struct OverCap(Mutex<HashSet<(String, String)>>);
+pub struct OverCap(Mutex<BTreeMap<(String, String), OverCapShard>>);
+
+/// A shard that took more users than its cap: where, when first, and by how much.
+#[derive(Debug, Clone, Serialize)]
+pub struct OverCapShard {
+    pub app: String,
+    pub shard: String,
+    pub reflector: String,
+    /// Seconds since the simulator started when its cap was first passed.
+    pub first_at_s: f64,
+    pub max_users: u32,
+    pub peak: u32,
+    pub joins_over: u32,
+}
 
 #[derive(Debug, Default)]
 struct ShardSim {
@@ -146,6 +159,7 @@ pub struct Fleet {
     leader_hint: AtomicUsize,
     pub stats: FleetStats,
     pub over_cap: OverCap,
+    born: tokio::time::Instant,
 }
 
 /// Why a join did not happen.
@@ -166,6 +180,7 @@ impl Fleet {
             leader_hint: AtomicUsize::new(0),
             stats: FleetStats::default(),
             over_cap: OverCap::default(),
+            born: tokio::time::Instant::now(),
         })
     }
 
@@ -291,7 +306,20 @@ impl Fleet {
             // Counted, not refused: the router must never send more than the cap.
             if s.max_users > 0 && s.users > s.max_users {
                 self.stats.joins_over_cap.fetch_add(1, Ordering::Relaxed);
-                lock(&self.over_cap.0).insert((app.to_owned(), shard.to_owned()));
+                let mut over = lock(&self.over_cap.0);
+                let e = over
+                    .entry((app.to_owned(), shard.to_owned()))
+                    .or_insert_with(|| OverCapShard {
+                        app: app.to_owned(),
+                        shard: shard.to_owned(),
+                        reflector: pod.to_owned(),
+                        first_at_s: self.born.elapsed().as_secs_f64(),
+                        max_users: s.max_users,
+                        peak: 0,
+                        joins_over: 0,
+                    });
+                e.peak = e.peak.max(s.users);
+                e.joins_over += 1;
             }
         }
         self.stats.joins.fetch_add(1, Ordering::Relaxed);
@@ -494,6 +522,7 @@ impl Fleet {
             leaves: g(&s.leaves),
             joins_over_cap: g(&s.joins_over_cap),
             shards_over_cap: self.over_cap_shards() as u64,
+            over_cap: lock(&self.over_cap.0).values().take(20).cloned().collect(),
             bad_tokens: g(&s.bad_tokens),
             joins_to_lost: g(&s.joins_to_lost),
             drains: g(&s.drains),
@@ -538,6 +567,8 @@ pub struct FleetSnapshot {
     pub leaves: u64,
     pub joins_over_cap: u64,
     pub shards_over_cap: u64,
+    /// The first 20 shards over their cap.
+    pub over_cap: Vec<OverCapShard>,
     pub bad_tokens: u64,
     pub joins_to_lost: u64,
     pub drains: u64,

@@ -691,6 +691,12 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     if user.routes_ok == 0 {
         failures.push("no Route succeeded".into());
     }
+    if user.refused_more_than_once > 0 {
+        failures.push(format!(
+            "{} users were refused (no room) more than once, up to {} times",
+            user.refused_more_than_once, user.most_refusals
+        ));
+    }
     if args.strict && (user.routes_failed > 0 || user.gave_up > 0) {
         failures.push(format!(
             "{} Routes failed ({:?}), {} users gave up",

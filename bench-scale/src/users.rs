@@ -7,7 +7,7 @@
 //! leaves. A user whose reflector goes away reconnects through Route, as a client does.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,6 +148,11 @@ pub struct UserStats {
     pub routes_ok: AtomicU64,
     pub routes_failed: AtomicU64,
     pub gave_up: AtomicU64,
+    /// Users whose Routes were refused (RESOURCE_EXHAUSTED: no room) more than once: a
+    /// client that retries once must not be turned away again.
+    pub refused_more_than_once: AtomicU64,
+    /// The most refusals one user got.
+    pub most_refusals: AtomicU32,
     pub abandoned: AtomicU64,
     pub reconnects: AtomicU64,
     pub active: AtomicI64,
@@ -171,6 +176,8 @@ impl Default for UserStats {
             routes_ok: AtomicU64::default(),
             routes_failed: AtomicU64::default(),
             gave_up: AtomicU64::default(),
+            refused_more_than_once: AtomicU64::default(),
+            most_refusals: AtomicU32::default(),
             abandoned: AtomicU64::default(),
             reconnects: AtomicU64::default(),
             active: AtomicI64::default(),
@@ -356,9 +363,17 @@ fn spawn_user(
         let home = region(r);
         let deadline = Instant::now() + stay;
         let mut failures = 0u32;
+        let mut refusals = 0u32;
+        let refused = |refusals: u32| {
+            if refusals > 1 {
+                stats.refused_more_than_once.fetch_add(1, Ordering::Relaxed);
+            }
+            stats.most_refusals.fetch_max(refusals, Ordering::Relaxed);
+        };
         loop {
             if failures >= 8 {
                 stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                refused(refusals);
                 return;
             }
             let sent = Instant::now();
@@ -383,12 +398,14 @@ fn spawn_user(
                     let key = format!("{:?}: {why}", status.code());
                     *lock(&stats.errors).entry(key).or_default() += 1;
                     failures += 1;
+                    refusals += u32::from(status.code() == tonic::Code::ResourceExhausted);
                     // Back-off like a client: 100 ms, 200 ms, … up to 3.2 s.
                     tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
                     continue;
                 }
             };
             stats.record_ok(&session, &resp.shard, sent, now);
+            refused(std::mem::take(&mut refusals));
             *lock(&stats.regions)
                 .entry((home.clone(), resp.region.clone()))
                 .or_default() += 1;
@@ -442,6 +459,8 @@ pub struct UserSummary {
     pub routes_ok: u64,
     pub routes_failed: u64,
     pub gave_up: u64,
+    pub refused_more_than_once: u64,
+    pub most_refusals: u32,
     pub abandoned: u64,
     pub reconnects: u64,
     pub active_now: i64,
@@ -476,6 +495,8 @@ impl UserStats {
             routes_ok: self.routes_ok.load(Ordering::Relaxed),
             routes_failed: self.routes_failed.load(Ordering::Relaxed),
             gave_up: self.gave_up.load(Ordering::Relaxed),
+            refused_more_than_once: self.refused_more_than_once.load(Ordering::Relaxed),
+            most_refusals: self.most_refusals.load(Ordering::Relaxed),
             abandoned: self.abandoned.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             active_now: self.active.load(Ordering::Relaxed),
