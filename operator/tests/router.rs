@@ -163,7 +163,12 @@ async fn a_burst_fills_shards_to_the_threshold_across_regions_and_tokens_verify(
 
 #[tokio::test]
 async fn a_reset_mid_burst_never_overfills_a_shard() {
-    let (r, _) = router(RouterConfig::default());
+    // No reflector reports here: after the reset, shards open once the catch-up (one report
+    // grace) has passed.
+    let (r, _) = router(RouterConfig {
+        report_grace: Duration::from_secs(1),
+        ..RouterConfig::default()
+    });
     r.publish("local", fleet_view(vec![session("lobby", 10, 20)], 20));
     let mut given: HashMap<String, u32> = HashMap::new();
     for _ in 0..12 {
@@ -1692,6 +1697,7 @@ async fn after_a_takeover_a_shard_counts_as_full_until_its_reflector_reports() {
     let (r, _) = router(RouterConfig {
         warm_up: true,
         token_ttl: Duration::from_millis(200),
+        report_grace: Duration::from_secs(1),
         ..RouterConfig::default()
     });
     let mut fleet = fleet_view(vec![session("lobby", 100, 10)], 5);
@@ -1715,7 +1721,8 @@ async fn after_a_takeover_a_shard_counts_as_full_until_its_reflector_reports() {
     }];
     r.publish("local", fleet);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // The warm-up is over, but r-eu has not reported: a new shard takes the user.
+    // The warm-up is over, but r-eu has not reported: after the catch-up (one report grace)
+    // a new shard takes the user.
     let routed = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
     assert_eq!(routed.shard, "lobby~1");
     let url = report_hub(&r, None).await;
@@ -1726,4 +1733,44 @@ async fn after_a_takeover_a_shard_counts_as_full_until_its_reflector_reports() {
     // Now lobby's load is known (5, the fullest below the threshold): it gets the next user.
     let routed = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
     assert_eq!(routed.shard, "lobby");
+}
+
+/// After a takeover, a shard the previous leader opened that no plan holds yet (its status
+/// not written) but its reflector reports is never opened a second time under its name: the
+/// next shard takes a free number, and none opens before the reflectors have reported.
+#[tokio::test]
+async fn after_a_takeover_a_new_shard_never_takes_the_name_of_one_a_reflector_reports() {
+    let (r, _) = router(RouterConfig {
+        warm_up: true,
+        token_ttl: Duration::from_millis(100),
+        ..RouterConfig::default()
+    });
+    let mut fleet = fleet_view(vec![session("lobby", 100, 10)], 5);
+    fleet.input.pools[0].regions.truncate(1);
+    fleet.input.reflectors.truncate(1);
+    r.publish("local", fleet);
+    let url = report_hub(&r, None).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A Route now waits: r-eu has not reported since the takeover.
+    let routing = tokio::spawn({
+        let r = r.clone();
+        async move { r.route(&req("lobby", "eu"), |_| Ok(())).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!routing.is_finished(), "no shard opens before r-eu reports");
+    // r-eu reports lobby (40 users) and lobby~1 (30 users), which the previous leader opened.
+    let mut report = lobby_report("r-eu", "eu", 1, 40);
+    let mut second = report.shards[0].clone();
+    second.shard = "lobby~1".into();
+    second.users = 30;
+    report.shards.push(second);
+    let _s = open(&url, None, report).await.unwrap();
+    let routed = tokio::time::timeout(Duration::from_secs(5), routing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // Neither is in a published plan yet, so the Route cannot use them: a new shard, under a
+    // name nobody hosts.
+    assert_eq!(routed.shard, "lobby~2");
 }

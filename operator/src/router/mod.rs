@@ -210,15 +210,20 @@ struct Inner {
     ledger: Ledger,
     /// End of the post-failover warm-up (see the module docs).
     warm_until: Millis,
-    /// Whether this router took over from another (or restarted): from then on, an inherited
-    /// shard whose reflector has not reported to it yet counts as full, its load unknown.
-    taken_over: bool,
+    /// When this router took over from another (or restarted), if it did: from then on, an
+    /// inherited shard whose reflector has not reported to it yet counts as full, its load
+    /// unknown, and for a while no shard opens before every ready reflector has reported
+    /// (see [`route`]).
+    taken_over: Option<Millis>,
     /// Moves in flight and recently ended.
     moves: MoveBook,
     /// Moves asked for by hand, with when; offered to every plan until one starts the move
     /// or [`MOVE_REQUEST_TTL`] passes.
     move_requests: Vec<(MoveRequest, Millis)>,
 }
+
+/// The longest a waiting Route goes without trying again.
+const RETRY_TICK: Duration = Duration::from_millis(250);
 
 /// How long a move asked for by hand waits for a plan to start it.
 const MOVE_REQUEST_TTL: Millis = 60_000;
@@ -316,7 +321,7 @@ impl Router {
         inner.opened.clear();
         inner.demanded.clear();
         inner.warm_until = now + self.config.token_ttl.as_millis() as Millis;
-        inner.taken_over = true;
+        inner.taken_over = Some(now);
         drop(inner);
         self.metrics.reset_reservations();
         tracing::info!(warm_up = ?self.config.token_ttl, "router state reset; shards it did not open count as full until the warm-up ends, and until their reflector reports");
@@ -722,9 +727,13 @@ impl Router {
                 Attempt::Routed(r) => return Ok(self.answer(*r)),
                 Attempt::Wait => {
                     self.wake.notify_one();
-                    if tokio::time::timeout_at(deadline, changed.changed())
+                    // Tried again on every change, and at least every RETRY_TICK: some waits
+                    // end with time alone (a takeover's catch-up).
+                    let until = deadline.min(Instant::now() + RETRY_TICK);
+                    if tokio::time::timeout_at(until, changed.changed())
                         .await
                         .is_err()
+                        && Instant::now() >= deadline
                     {
                         return Err(RouteError::Exhausted {
                             message: format!(

@@ -33,6 +33,7 @@ use refleet_core::planner::{
     Decision, Plan, PlanInput, PoolInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord,
     plan, session_key,
 };
+use refleet_core::shard::parse_shard_name;
 
 /// The outcome of one attempt under the lock.
 pub(super) enum Attempt {
@@ -275,7 +276,11 @@ pub(super) struct Inherited<'a> {
 
 impl<'a> Inherited<'a> {
     fn of(inner: &'a Inner, now: Millis) -> Self {
-        Self::new(&inner.mine, now < inner.warm_until, inner.taken_over)
+        Self::new(
+            &inner.mine,
+            now < inner.warm_until,
+            inner.taken_over.is_some(),
+        )
     }
 
     fn new(mine: &'a FastSet<(String, String)>, warm: bool, taken_over: bool) -> Self {
@@ -490,8 +495,32 @@ impl Router {
         Ok(Some(Attempt::Routed(Box::new(routed))))
     }
 
+    /// Whether a router that just took over must wait before it opens a shard of `target`'s
+    /// pool: the previous leader may have opened shards that no status records yet, and a
+    /// new one must not take the name of one of them. Their reflectors tell on the report
+    /// stream, so the router waits until every ready reflector of the pool has reported,
+    /// for at most one report grace period after the takeover (a reflector silent that long
+    /// is not waited for; its shards count as full).
+    fn catching_up(
+        &self,
+        inner: &Inner,
+        view: &Published,
+        target: &Target<'_>,
+        now: Millis,
+    ) -> bool {
+        let Some(at) = inner.taken_over else {
+            return false;
+        };
+        now < at + self.grace()
+            && view.fleet.input.reflectors.iter().any(|r| {
+                r.pool == target.def.pool
+                    && r.state == ReflectorState::Ready
+                    && !inner.fleet.has_reported(&r.name)
+            })
+    }
+
     /// Opens a shard now and answers with it if its reflector already takes users; `None`:
-    /// the reflector is starting, wait for it.
+    /// the reflector is starting, or the router is catching up after a takeover: wait.
     fn open_shard_now(
         &self,
         inner: &mut Inner,
@@ -500,6 +529,9 @@ impl Router {
         req: &RouteRequest,
         now: Millis,
     ) -> Result<Option<Answer>, RouteError> {
+        if self.catching_up(inner, view, target, now) {
+            return Ok(None);
+        }
         let opened = open_shard(inner, view, target, &req.session, now, self.grace())?;
         self.metrics.shard_opened(&opened.region);
         let url = opened
@@ -591,8 +623,11 @@ fn open_shard(
         // Kept until a published view holds a shard of it: the next plan must keep it.
         inner.demanded.insert(key.to_owned(), demanded);
     }
+    let adopted = adopt_reported(&mut input, &inner.fleet, def, key, name);
     fill_load(&inner.fleet, &inner.ledger, &mut input, now);
     let t = threshold_load(def.spec.max_users_per_shard, def.spec.scale_up_threshold);
+    // The Route cannot send users to them before a plan publishes them: full for now.
+    hold_full(&mut input, key, t, |sh| adopted.contains(&sh.name));
     // The plan must see what the Route saw: a ready reflector the router cannot send users
     // to (silent or draining on its stream) has no room for a new shard, and the session's
     // shards on it count as full; otherwise the plan would keep counting on room there. It
@@ -699,6 +734,63 @@ fn mark_waiting(
     };
     input.sessions.push(s.clone());
     Some(s)
+}
+
+/// Adds to `input` the shards of session `name` (key `key`) that reflectors report with users but no
+/// plan holds (a previous leader opened them and no status records them yet), as open shards
+/// of the reflector reporting them, so a new shard never takes one of their names. The
+/// Route does not send users to them until a published plan has them. Returns their names.
+fn adopt_reported(
+    input: &mut PlanInput,
+    fleet: &FleetState,
+    def: &SessionDef,
+    key: &str,
+    name: &str,
+) -> FastSet<String> {
+    let mut adopted = FastSet::default();
+    for (reflector, shards) in fleet.hosted() {
+        let Some(region) = input
+            .reflectors
+            .iter()
+            .find(|r| r.name == reflector)
+            .map(|r| r.region.clone())
+        else {
+            continue;
+        };
+        for (app, shard, users) in shards {
+            let Some((base, index)) = parse_shard_name(shard) else {
+                continue;
+            };
+            // An empty one is not adopted (as the backends do): nobody would be split from it.
+            if app != def.spec.app_id
+                || users == 0
+                || base != name
+                || input
+                    .shards
+                    .iter()
+                    .any(|s| s.session == key && s.name == shard)
+            {
+                continue;
+            }
+            input.shards.push(ShardRecord {
+                session: key.to_owned(),
+                name: shard.to_owned(),
+                index,
+                pool: def.pool.clone(),
+                region: region.clone(),
+                reflector: Some(reflector.to_owned()),
+                committed_users: def.spec.max_users_per_shard,
+                users,
+                reserved: 0,
+                phase: ShardPhase::Open,
+                empty_since: None,
+                moving_to: None,
+                moved_at: None,
+            });
+            adopted.insert(shard.to_owned());
+        }
+    }
+    adopted
 }
 
 /// Raises the load of session `key`'s shards that `held` picks to the threshold load `t`,
