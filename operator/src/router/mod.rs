@@ -215,6 +215,9 @@ struct Inner {
     /// unknown, and for a while no shard opens before every ready reflector has reported
     /// (see [`route`]).
     taken_over: Option<Millis>,
+    /// Whether a backend published a view since the takeover: before that, and for one
+    /// report grace after the takeover, a Session not found may be one not loaded yet.
+    published_since_takeover: bool,
     /// Moves in flight and recently ended.
     moves: MoveBook,
     /// Moves asked for by hand, with when; offered to every plan until one starts the move
@@ -322,6 +325,7 @@ impl Router {
         inner.demanded.clear();
         inner.warm_until = now + self.config.token_ttl.as_millis() as Millis;
         inner.taken_over = Some(now);
+        inner.published_since_takeover = false;
         drop(inner);
         self.metrics.reset_reservations();
         tracing::info!(warm_up = ?self.config.token_ttl, "router state reset; shards it did not open count as full until the warm-up ends, and until their reflector reports");
@@ -428,6 +432,7 @@ impl Router {
         });
         demanded.retain(|k, _| !fleet.input.shards.iter().any(|s| &s.session == k));
         inner.fleet.publish(key, fleet);
+        inner.published_since_takeover = true;
         drop(inner);
         // Routes only count the gauge up; each plan sets it to what the ledger still holds.
         self.metrics

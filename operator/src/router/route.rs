@@ -392,10 +392,20 @@ impl Router {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
         self.expire_reports(&mut inner.fleet, now);
-        let (view, at) = inner
-            .fleet
-            .find_session(&req.namespace, &req.session)
-            .ok_or_else(|| RouteError::no_session(&req.namespace, &req.session))?;
+        let Some((view, at)) = inner.fleet.find_session(&req.namespace, &req.session) else {
+            // Just after a takeover the Session may only not be loaded yet: retry, not 404.
+            let loading = inner
+                .taken_over
+                .is_some_and(|at| !inner.published_since_takeover || now < at + self.grace());
+            return Err(if loading {
+                RouteError::Unavailable(
+                    "this replica just became the leader and is still loading the fleet; retry"
+                        .to_owned(),
+                )
+            } else {
+                RouteError::no_session(&req.namespace, &req.session)
+            });
+        };
         let def = &view.fleet.sessions[at];
         authorize(&def.spec.app_id)?;
         let target = Target::new(&view, def, req)?;
