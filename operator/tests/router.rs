@@ -1774,3 +1774,48 @@ async fn after_a_takeover_a_new_shard_never_takes_the_name_of_one_a_reflector_re
     // name nobody hosts.
     assert_eq!(routed.shard, "lobby~2");
 }
+
+/// A region whose reflectors reported and then went silent while their pods turned NotReady
+/// (its nodes were lost) is down: a Route preferring it opens the shard in the next region
+/// at once, instead of waiting for reflectors that are not coming.
+#[tokio::test]
+async fn a_lost_region_s_users_get_a_shard_in_the_next_region() {
+    let (r, _) = router(RouterConfig {
+        report_grace: Duration::from_millis(300),
+        route_wait: Duration::from_secs(2),
+        ..RouterConfig::default()
+    });
+    r.publish("local", fleet_view(vec![session("lobby", 100, 10)], 5));
+    let key = ReportKey::new(&[7; 32]).unwrap();
+    let url = report_hub(&r, Some(key.clone())).await;
+    let eu = key.credential("r-eu", "eu").unwrap();
+    let first = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        (first.shard.as_str(), first.region.as_str()),
+        ("lobby", "eu")
+    );
+    let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 3))
+        .await
+        .unwrap();
+    until("3 users", || lobby_users(&r) == 3).await;
+    // eu's node is lost: the stream is cut and the backend now sees the pod NotReady.
+    drop(s);
+    let mut lost = fleet_view(vec![session("lobby", 100, 10)], 5);
+    lost.input.reflectors[0].state = ReflectorState::Starting;
+    lost.input.shards = r
+        .list_shards("default", "lobby")
+        .map(|_| {
+            let mut input = lost.input.clone();
+            r.prepare(&mut input);
+            input.shards
+        })
+        .unwrap();
+    r.publish("local", lost);
+    // Past the report grace: r-eu is silent.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        (next.shard.as_str(), next.region.as_str()),
+        ("lobby~1", "us")
+    );
+}

@@ -235,9 +235,11 @@ impl<'a> Shards<'a> {
                 }
             };
             let Some(url) = url else {
+                // A starting reflector is coming; one that reported and went silent is not.
                 out.opening |= view
                     .reflector(r)
-                    .is_some_and(|o| o.state == ReflectorState::Starting);
+                    .is_some_and(|o| o.state == ReflectorState::Starting)
+                    && !fleet.silent(r, now, grace);
                 continue;
             };
             let users = reported.of(&sh.name).unwrap_or(sh.users);
@@ -643,15 +645,19 @@ fn open_shard(
     // shards on it count as full; otherwise the plan would keep counting on room there. It
     // still counts as one of its region's reflectors, as it does for the backend's plan,
     // so the new shard goes where the backend would keep it.
+    // So does a reflector that reported and went silent, whatever its pod says now (a lost
+    // node makes its pods NotReady: they look like starting ones, but are not coming).
+    let lost = |name: &str| inner.fleet.silent(name, now, grace);
     let blocked: FastSet<String> = input
         .reflectors
         .iter()
-        .filter(|r| r.state == ReflectorState::Ready)
         .filter(|r| {
-            inner
-                .fleet
-                .routable_url(view, &r.name, now, grace)
-                .is_none()
+            lost(&r.name)
+                || (r.state == ReflectorState::Ready
+                    && inner
+                        .fleet
+                        .routable_url(view, &r.name, now, grace)
+                        .is_none())
         })
         .map(|r| r.name.clone())
         .collect();
@@ -662,6 +668,46 @@ fn open_shard(
     {
         r.capacity.sessions = 0;
         r.capacity.users = 0;
+    }
+    // A region that lost reflectors and has none the router can send users to is down (its
+    // nodes are gone): nothing there takes the new shard, no new reflector is planned there
+    // either, and the shard goes to the next region the Session allows.
+    let mut down: Vec<(String, String)> = Vec::new();
+    for pool in &input.pools {
+        for region in &pool.regions {
+            let here = || {
+                input
+                    .reflectors
+                    .iter()
+                    .filter(|r| r.pool == pool.id && r.region == region.name)
+            };
+            let alive =
+                here().any(|r| r.state == ReflectorState::Ready && !blocked.contains(&r.name));
+            if !alive && here().any(|r| lost(&r.name)) {
+                down.push((pool.id.clone(), region.name.clone()));
+            }
+        }
+    }
+    for (pool, region) in &down {
+        let count = input
+            .reflectors
+            .iter_mut()
+            .filter(|r| &r.pool == pool && &r.region == region)
+            .map(|r| {
+                r.capacity.sessions = 0;
+                r.capacity.users = 0;
+            })
+            .count() as u32;
+        for spec in input
+            .pools
+            .iter_mut()
+            .filter(|p| &p.id == pool)
+            .flat_map(|p| p.regions.iter_mut())
+            .filter(|r| &r.name == region)
+        {
+            spec.max_reflectors = count;
+            spec.min_reflectors = spec.min_reflectors.min(count);
+        }
     }
     hold_full(&mut input, key, t, |sh| {
         sh.reflector.as_ref().is_some_and(|r| blocked.contains(r))
