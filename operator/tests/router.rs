@@ -1627,16 +1627,11 @@ async fn with_a_gateway_route_answers_the_region_s_gateway_and_the_placement_its
     );
 }
 
-/// A Route that finds no shard it can send users to (the session's only shard sits on a
-/// reflector whose stream went silent) opens a new shard on a reflector that can take it,
-/// instead of refusing: the shard it skipped counts as full when the router plans, as it
-/// does for the Route itself.
-#[tokio::test]
-async fn a_shard_on_a_silent_reflector_counts_as_full_and_the_next_route_opens_another() {
-    let (r, _) = router(RouterConfig {
-        report_grace: Duration::from_millis(300),
-        ..RouterConfig::default()
-    });
+/// A router with `config` whose Session `lobby` got its first shard on `r-eu`, where 3 users
+/// joined (as r-eu's report stream says), and whose stream was then cut: the start of the
+/// tests of a reflector that goes silent.
+async fn lobby_on_eu_then_its_stream_cut(config: RouterConfig) -> Arc<Router> {
+    let (r, _) = router(config);
     r.publish("local", fleet_view(vec![session("lobby", 100, 10)], 5));
     let key = ReportKey::new(&[7; 32]).unwrap();
     let url = report_hub(&r, Some(key.clone())).await;
@@ -1646,12 +1641,26 @@ async fn a_shard_on_a_silent_reflector_counts_as_full_and_the_next_route_opens_a
         (first.shard.as_str(), first.region.as_str()),
         ("lobby", "eu")
     );
-    // r-eu reports 3 users, then its stream is lost: past the grace it gets no routes.
     let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 3))
         .await
         .unwrap();
     until("3 users", || lobby_users(&r) == 3).await;
     drop(s);
+    r
+}
+
+/// A Route that finds no shard it can send users to (the session's only shard sits on a
+/// reflector whose stream went silent) opens a new shard on a reflector that can take it,
+/// instead of refusing: the shard it skipped counts as full when the router plans, as it
+/// does for the Route itself.
+#[tokio::test]
+async fn a_shard_on_a_silent_reflector_counts_as_full_and_the_next_route_opens_another() {
+    let r = lobby_on_eu_then_its_stream_cut(RouterConfig {
+        report_grace: Duration::from_millis(300),
+        ..RouterConfig::default()
+    })
+    .await;
+    // Past the grace r-eu gets no routes.
     until("r-eu's load to expire", || lobby_users(&r) == 0).await;
     let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
     // eu's one reflector is the silent one: the new shard opens in us.
@@ -1780,26 +1789,13 @@ async fn after_a_takeover_a_new_shard_never_takes_the_name_of_one_a_reflector_re
 /// at once, instead of waiting for reflectors that are not coming.
 #[tokio::test]
 async fn a_lost_region_s_users_get_a_shard_in_the_next_region() {
-    let (r, _) = router(RouterConfig {
+    let r = lobby_on_eu_then_its_stream_cut(RouterConfig {
         report_grace: Duration::from_millis(300),
         route_wait: Duration::from_secs(2),
         ..RouterConfig::default()
-    });
-    r.publish("local", fleet_view(vec![session("lobby", 100, 10)], 5));
-    let key = ReportKey::new(&[7; 32]).unwrap();
-    let url = report_hub(&r, Some(key.clone())).await;
-    let eu = key.credential("r-eu", "eu").unwrap();
-    let first = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
-    assert_eq!(
-        (first.shard.as_str(), first.region.as_str()),
-        ("lobby", "eu")
-    );
-    let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 3))
-        .await
-        .unwrap();
-    until("3 users", || lobby_users(&r) == 3).await;
-    // eu's node is lost: the stream is cut and the backend now sees the pod NotReady.
-    drop(s);
+    })
+    .await;
+    // eu's node is lost: the backend now sees the pod NotReady.
     let mut lost = fleet_view(vec![session("lobby", 100, 10)], 5);
     lost.input.reflectors[0].state = ReflectorState::Starting;
     lost.input.shards = r
