@@ -220,8 +220,11 @@ e2eTest('two browser tabs routed to one shard see each other; a third past the c
     await b.waitForFunction(() => [...document.querySelectorAll('#log li')].some(li => li.textContent === 'A: hello from A'),
         null, { timeout: 15000 });
     await say(b, 'hello from B');
-    await a.waitForFunction(() => [...document.querySelectorAll('#log li')].some(li => li.textContent === 'B: hello from B'),
-        null, { timeout: 15000 });
+    // The reflector sends B's message to both tabs; either may render it first, so wait on both.
+    for (const page of [a, b]) {
+        await page.waitForFunction(() => [...document.querySelectorAll('#log li')].some(li => li.textContent === 'B: hello from B'),
+            null, { timeout: 15000 });
+    }
     assert.deepEqual(await logOf(a), ['A: hello from A', 'B: hello from B']);
     assert.deepEqual(await logOf(b), await logOf(a), 'one shared log');
     h.mark('A and B see each other');
