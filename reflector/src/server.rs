@@ -95,6 +95,7 @@ impl Reflector {
             settings,
             files_base: config.files_base(bound),
             snapshot_retention: limits.snapshot_retention,
+            former_views: limits.former_views,
             admission,
             host: format!("{}-{:08x}", config.reflector_name, rand::random::<u32>()),
             checkpoint_interval: Some(limits.checkpoint_interval).filter(|d| !d.is_zero()),

@@ -148,6 +148,13 @@ pub struct Config {
     #[arg(long, env = "REFLEET_SNAPSHOT_RETENTION", default_value_t = 3)]
     pub snapshot_retention: usize,
 
+    /// Views a session remembers after they left, besides its members, so that a returning
+    /// view is known again (no fresh token needed; not counted against the cap again). Past
+    /// it the session forgets half of them at once. Each costs about 150 bytes of memory
+    /// plus its user record, and views with a token are stored with the session's state.
+    #[arg(long, env = "REFLEET_FORMER_VIEWS", default_value_t = 1024)]
+    pub former_views: usize,
+
     /// Messages retained since the last snapshot at which the reflector starts asking
     /// clients for a snapshot (REQU).
     #[arg(long, env = "REFLEET_REQU_MESSAGES", default_value_t = 60_000)]
@@ -228,6 +235,7 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub default_tick: Duration,
     pub snapshot_retention: usize,
+    pub former_views: usize,
     pub requ_messages: usize,
     pub max_messages: usize,
     pub max_retained_bytes: usize,
@@ -260,6 +268,7 @@ impl From<&Config> for Limits {
             idle_timeout,
             default_tick,
             snapshot_retention,
+            former_views,
             requ_messages,
             max_messages,
             max_retained_bytes,
@@ -298,6 +307,7 @@ impl From<&Config> for Limits {
             idle_timeout: (*idle_timeout).into(),
             default_tick: (*default_tick).into(),
             snapshot_retention: *snapshot_retention,
+            former_views: *former_views,
             requ_messages: *requ_messages,
             max_messages: (*max_messages).max(1),
             max_retained_bytes: (*max_retained_bytes).max(1),

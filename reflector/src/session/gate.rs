@@ -11,10 +11,6 @@ use std::collections::HashMap;
 use super::stored::StoredSession;
 use crate::admission::{Admission, Admitted, Binding, Presented, Proof, Requested};
 
-/// Admitted views remembered beyond the current members before the rest are forgotten
-/// (a view that left long ago must show a fresh token).
-const MAX_FORMER_VIEWS: usize = 1024;
-
 /// What one session remembers about admission.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
@@ -69,7 +65,9 @@ impl Gate {
         !admission.proves(Some(*proof), presented)
     }
 
-    /// Records an admitted JOIN; the first one binds the session.
+    /// Records an admitted JOIN; the first one binds the session. Beyond its `members`, it
+    /// remembers up to `former` views (`--former-views`), then forgets half of them: a view
+    /// that left long ago must show a fresh token.
     pub fn admit(
         &mut self,
         user: Option<&str>,
@@ -77,6 +75,7 @@ impl Gate {
         admitted: Admitted,
         req: Requested<'_>,
         members: usize,
+        former: usize,
     ) {
         self.binding.get_or_insert_with(|| Binding {
             app_id: req.app_id.to_owned(),
@@ -85,10 +84,10 @@ impl Gate {
             persistence: admitted.persistence,
         });
         if let Some(u) = user {
-            if self.views.len() >= MAX_FORMER_VIEWS + members {
+            if self.views.len() >= former.saturating_add(members).max(1) {
                 // Keep the map bounded by forgetting half of it, whichever views those are: a
                 // forgotten view only needs a fresh token to come back.
-                let keep = MAX_FORMER_VIEWS / 2;
+                let keep = former / 2;
                 let mut n = 0;
                 self.views.retain(|_, _| {
                     n += 1;
@@ -128,5 +127,48 @@ impl Gate {
             .iter()
             .filter_map(|(u, p)| Some((u.clone(), p.as_ref()?.to_hex())))
             .collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admit(gate: &mut Gate, user: &str, members: usize, former: usize) {
+        let req = Requested {
+            app_id: "io.refleet.test",
+            shard: "lobby",
+        };
+        gate.admit(
+            Some(user),
+            None,
+            Admitted::default(),
+            req,
+            members,
+            former,
+        );
+    }
+
+    #[test]
+    fn former_views_stay_within_the_limit_while_views_churn() {
+        let mut gate = Gate::default();
+        let open = Admission::new(false, Default::default());
+        for i in 0..10_000 {
+            admit(&mut gate, &format!("{{\"id\":\"v{i}\"}}"), 3, 64);
+            assert!(gate.views.len() <= 64 + 3, "{} views at {i}", gate.views.len());
+        }
+        // The newest view is always remembered; most of the old ones are forgotten.
+        assert!(gate.known(&open, Some("{\"id\":\"v9999\"}"), false, None));
+        assert!(!gate.known(&open, Some("{\"id\":\"v0\"}"), false, None));
+        assert!(gate.views.len() >= 32, "half is kept: {}", gate.views.len());
+    }
+
+    #[test]
+    fn with_no_former_views_only_the_latest_is_remembered() {
+        let mut gate = Gate::default();
+        for i in 0..100 {
+            admit(&mut gate, &format!("v{i}"), 0, 0);
+            assert!(gate.views.len() <= 1);
+        }
     }
 }

@@ -101,6 +101,8 @@ pub struct Context {
     pub files_base: String,
     /// Snapshots kept per session.
     pub snapshot_retention: usize,
+    /// Admitted views a session remembers beyond its members (`--former-views`).
+    pub former_views: usize,
     /// Join tokens and hard caps.
     pub admission: Arc<Admission>,
     /// This process's instance id: whose claim on a session is whose (see
@@ -440,7 +442,7 @@ async fn on_join(
         Err(r) => return refuse(r),
     };
     if !known {
-        gate.admit(user, presented, admitted, req, core.member_count());
+        gate.admit(user, presented, admitted, req, core.member_count(), ctx.former_views);
         registry.record_admission(id, admitted);
     }
     if !gate.loaded {

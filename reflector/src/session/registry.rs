@@ -478,6 +478,7 @@ mod tests {
             settings: Arc::new(settings),
             files_base: "http://f".into(),
             snapshot_retention: 1,
+            former_views: 1024,
             admission: crate::admission::Admission::new(false, Default::default()),
             host: "test".into(),
             checkpoint_interval: None,
