@@ -637,9 +637,6 @@ fn open_shard(
     }
     let adopted = adopt_reported(&mut input, &inner.fleet, def, key, name);
     fill_load(&inner.fleet, &inner.ledger, &mut input, now);
-    let t = threshold_load(def.spec.max_users_per_shard, def.spec.scale_up_threshold);
-    // The Route cannot send users to them before a plan publishes them: full for now.
-    hold_full(&mut input, key, t, |sh| adopted.contains(&sh.name));
     // The plan must see what the Route saw: a ready reflector the router cannot send users
     // to (silent or draining on its stream) has no room for a new shard, and the session's
     // shards on it count as full; otherwise the plan would keep counting on room there. It
@@ -709,13 +706,15 @@ fn open_shard(
             spec.min_reflectors = spec.min_reflectors.min(count);
         }
     }
-    hold_full(&mut input, key, t, |sh| {
-        sh.reflector.as_ref().is_some_and(|r| blocked.contains(r))
-    });
-    // Inherited shards the Route counts as full, the plan does too.
+    // Full for the plan, as for the Route: shards adopted from reports (the Route cannot send
+    // users to them before a plan publishes them), shards on blocked reflectors, and
+    // inherited shards the Route counts as full.
+    let t = threshold_load(def.spec.max_users_per_shard, def.spec.scale_up_threshold);
     let inherited = Inherited::of(inner, now);
     hold_full(&mut input, key, t, |sh| {
-        inherited.held_full(&inner.fleet, sh)
+        adopted.contains(&sh.name)
+            || sh.reflector.as_ref().is_some_and(|r| blocked.contains(r))
+            || inherited.held_full(&inner.fleet, sh)
     });
     let shard = shard_opened_by(&plan(&input), key).map_err(|why| RouteError::Exhausted {
         message: format!("session {name:?}: {why}"),
