@@ -39,6 +39,9 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct FleetStats {
     pub reflectors_started: AtomicU64,
     pub reflectors_gone: AtomicU64,
+    /// Users on a reflector when its pod was deleted (not cut off): a real reflector's
+    /// clients would have been disconnected. The operator should only delete empty ones.
+    pub users_on_deleted: AtomicU64,
     pub streams_open: AtomicU64,
     pub stream_opens: AtomicU64,
     pub stream_failures: AtomicU64,
@@ -227,6 +230,12 @@ impl Fleet {
         if let Some(r) = lock(&self.reflectors).remove(name) {
             r.gone.send_replace(true);
             self.stats.reflectors_gone.fetch_add(1, Ordering::Relaxed);
+            if !r.cut.load(Ordering::Relaxed) {
+                let users: u64 = lock(&r.shards).values().map(|s| u64::from(s.users)).sum();
+                self.stats
+                    .users_on_deleted
+                    .fetch_add(users, Ordering::Relaxed);
+            }
         }
     }
 
@@ -514,6 +523,7 @@ impl Fleet {
             reflectors: self.count() as u64,
             reflectors_started: g(&s.reflectors_started),
             reflectors_gone: g(&s.reflectors_gone),
+            users_on_deleted: g(&s.users_on_deleted),
             streams_open: g(&s.streams_open),
             stream_opens: g(&s.stream_opens),
             stream_failures: g(&s.stream_failures),
@@ -559,6 +569,7 @@ pub struct FleetSnapshot {
     pub reflectors: u64,
     pub reflectors_started: u64,
     pub reflectors_gone: u64,
+    pub users_on_deleted: u64,
     pub streams_open: u64,
     pub stream_opens: u64,
     pub stream_failures: u64,

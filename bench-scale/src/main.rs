@@ -468,13 +468,14 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             e.region_down_reflectors_cut = cut;
         });
     }
+    let mut restarting = None;
     if let (Some(at), Some(cmd)) = (
         args.apiserver_restart_at,
         args.apiserver_restart_cmd.clone(),
     ) {
         let events = events.clone();
         let at: Duration = at.into();
-        tokio::spawn(async move {
+        restarting = Some(tokio::spawn(async move {
             tokio::time::sleep_until(started + at).await;
             tracing::warn!(%cmd, "restarting the apiserver");
             let t0 = Instant::now();
@@ -487,7 +488,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             e.apiserver_restart_at_s = Some((t0 - started).as_secs_f64());
             e.apiserver_restart_took_s = Some(t0.elapsed().as_secs_f64());
             e.apiserver_restart_ok = Some(ok);
-        });
+        }));
     }
 
     // Sample the leader every 5 s until the end.
@@ -551,6 +552,15 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     }
     let _ = stop_tx.send(true);
     let measured_s = started.elapsed().as_secs_f64();
+    // A restart still under way is waited for: its figure belongs to the run, and a helper
+    // that outlived the run would start an apiserver after the clean-up.
+    if let Some(restart) = restarting
+        && tokio::time::timeout(Duration::from_secs(120), restart)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the apiserver restart had not finished 120 s after the run");
+    }
     let wall_to = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
 
     let probe = if args.probe_rate > 0 {
