@@ -139,14 +139,7 @@ mod tests {
             app_id: "io.refleet.test",
             shard: "lobby",
         };
-        gate.admit(
-            Some(user),
-            None,
-            Admitted::default(),
-            req,
-            members,
-            former,
-        );
+        gate.admit(Some(user), None, Admitted::default(), req, members, former);
     }
 
     #[test]
@@ -155,7 +148,11 @@ mod tests {
         let open = Admission::new(false, Default::default());
         for i in 0..10_000 {
             admit(&mut gate, &format!("{{\"id\":\"v{i}\"}}"), 3, 64);
-            assert!(gate.views.len() <= 64 + 3, "{} views at {i}", gate.views.len());
+            assert!(
+                gate.views.len() <= 64 + 3,
+                "{} views at {i}",
+                gate.views.len()
+            );
         }
         // The newest view is always remembered; most of the old ones are forgotten.
         assert!(gate.known(&open, Some("{\"id\":\"v9999\"}"), false, None));

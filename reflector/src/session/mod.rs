@@ -442,7 +442,14 @@ async fn on_join(
         Err(r) => return refuse(r),
     };
     if !known {
-        gate.admit(user, presented, admitted, req, core.member_count(), ctx.former_views);
+        gate.admit(
+            user,
+            presented,
+            admitted,
+            req,
+            core.member_count(),
+            ctx.former_views,
+        );
         registry.record_admission(id, admitted);
     }
     if !gate.loaded {
