@@ -30,14 +30,19 @@ use crate::close::{self, Close};
 /// The outcome of verifying a connection's token (signature and decoding only).
 pub type TokenCheck = Result<JoinClaims, TokenError>;
 
-/// A fingerprint of the token text a connection presented: what a returning view must show
-/// again. A hash, so that stored session state holds no usable token.
+/// A 128-bit fingerprint of a text (the first half of its SHA-256): fixed in size whatever
+/// the text's, and no way back to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Proof([u8; 16]);
+pub struct Fingerprint([u8; 16]);
 
-impl Proof {
-    fn of(token: &str) -> Self {
-        let digest = Sha256::digest(token.as_bytes());
+/// The fingerprint of the token text a connection presented: what a returning view must show
+/// again. A hash, so that stored session state holds no usable token.
+pub type Proof = Fingerprint;
+
+impl Fingerprint {
+    /// The fingerprint of `text`.
+    pub fn of(text: &str) -> Self {
+        let digest = Sha256::digest(text.as_bytes());
         let mut out = [0u8; 16];
         out.copy_from_slice(&digest[..16]);
         Self(out)

@@ -150,8 +150,9 @@ pub struct Config {
 
     /// Views a session remembers after they left, besides its members, so that a returning
     /// view is known again (no fresh token needed; not counted against the cap again). Past
-    /// it the session forgets half of them at once. Each costs its user record plus 50–110
-    /// bytes of table, and views with a token are stored with the session's state.
+    /// it the session forgets half of them at once. Each costs 40–80 bytes (fingerprints of
+    /// its user record and token, however large the record); views with a token are stored
+    /// with the session's state.
     #[arg(long, env = "REFLEET_FORMER_VIEWS", default_value_t = 1024)]
     pub former_views: usize,
 

@@ -385,6 +385,7 @@ impl Core {
             stored_at_ms: wall_ms,
             binding: None,
             views: Default::default(),
+            view_keys: Default::default(),
             clean: true,
         }
     }
@@ -1042,6 +1043,7 @@ mod tests {
             stored_at_ms: 0,
             binding: None,
             views: Default::default(),
+            view_keys: Default::default(),
             clean: true,
         }
     }

@@ -4,20 +4,22 @@
 //! must remember to apply it: its [`Binding`], and for every admitted view the [`Proof`] it
 //! came with, so that a returning view can be told from someone who copied its `user`
 //! record out of a `users` message. Both are stored with the session's state, so they hold
-//! across a restart.
+//! across a restart. Views are known by the fingerprint of their user record, so what one
+//! costs does not grow with the record (a JOIN may carry up to a frame's worth of it).
 
 use std::collections::HashMap;
 
 use super::stored::StoredSession;
-use crate::admission::{Admission, Admitted, Binding, Presented, Proof, Requested};
+use crate::admission::{Admission, Admitted, Binding, Fingerprint, Presented, Proof, Requested};
 
 /// What one session remembers about admission.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
     binding: Option<Binding>,
-    /// Admitted views by user record (JSON text), with the proof they were admitted with
-    /// (`None` when they came without a token to a reflector that does not require one).
-    views: HashMap<String, Option<Proof>>,
+    /// Admitted views by the fingerprint of their user record (JSON text), with the proof
+    /// they were admitted with (`None` when they came without a token to a reflector that
+    /// does not require one).
+    views: HashMap<Fingerprint, Option<Proof>>,
     /// The session's stored state has been looked for (and restored when found).
     pub resumed: bool,
     /// The session is set up: resumed, or persisted data looked up for its first admitted
@@ -43,7 +45,7 @@ impl Gate {
         presented: Option<&Presented>,
     ) -> bool {
         let Some(user) = user else { return false };
-        let admitted = self.views.get(user);
+        let admitted = self.views.get(&Fingerprint::of(user));
         if admitted.is_none() && !member {
             return false;
         }
@@ -59,7 +61,7 @@ impl Gate {
         user: Option<&str>,
         presented: Option<&Presented>,
     ) -> bool {
-        let Some(Some(proof)) = user.and_then(|u| self.views.get(u)) else {
+        let Some(Some(proof)) = user.and_then(|u| self.views.get(&Fingerprint::of(u))) else {
             return false;
         };
         !admission.proves(Some(*proof), presented)
@@ -94,7 +96,8 @@ impl Gate {
                     n <= keep
                 });
             }
-            self.views.insert(u.to_owned(), presented.map(|p| p.proof));
+            self.views
+                .insert(Fingerprint::of(u), presented.map(|p| p.proof));
         }
     }
 
@@ -112,20 +115,25 @@ impl Gate {
                 persistence: None,
             })
         });
-        self.views = stored
+        // Records of earlier versions name views by their user record itself.
+        let legacy = stored
             .views
             .iter()
-            .map(|(user, proof)| (user.clone(), Proof::from_hex(proof)))
-            .collect();
+            .map(|(user, proof)| (Fingerprint::of(user), Proof::from_hex(proof)));
+        let keyed = stored
+            .view_keys
+            .iter()
+            .filter_map(|(key, proof)| Some((Fingerprint::from_hex(key)?, Proof::from_hex(proof))));
+        self.views = legacy.chain(keyed).collect();
     }
 
     /// Writes the binding and admitted views into a record about to be stored.
     pub fn fill(&self, stored: &mut StoredSession) {
         stored.binding.clone_from(&self.binding);
-        stored.views = self
+        stored.view_keys = self
             .views
             .iter()
-            .filter_map(|(u, p)| Some((u.clone(), p.as_ref()?.to_hex())))
+            .filter_map(|(u, p)| Some((u.to_hex(), p.as_ref()?.to_hex())))
             .collect();
     }
 }
@@ -154,9 +162,16 @@ mod tests {
                 gate.views.len()
             );
         }
-        // The newest view is always remembered; most of the old ones are forgotten.
+        // The newest view is always remembered; all but a few of the old ones are forgotten
+        // (which ones stay depends on the map's order).
         assert!(gate.known(&open, Some("{\"id\":\"v9999\"}"), false, None));
-        assert!(!gate.known(&open, Some("{\"id\":\"v0\"}"), false, None));
+        let old_known = (0..5_000)
+            .filter(|i| gate.known(&open, Some(&format!("{{\"id\":\"v{i}\"}}")), false, None))
+            .count();
+        assert!(
+            old_known <= 64 + 3,
+            "{old_known} of the first 5 000 still known"
+        );
         assert!(gate.views.len() >= 32, "half is kept: {}", gate.views.len());
     }
 
@@ -167,5 +182,85 @@ mod tests {
             admit(&mut gate, &format!("v{i}"), 0, 0);
             assert!(gate.views.len() <= 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+
+    fn stored(views: serde_json::Value) -> StoredSession {
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "session_id": "s", "timeline": "t", "time": 0, "seq": 0,
+            "tick_ms": 100, "delay_ms": 0, "scale": 1.0, "leave_delay_ms": 0,
+            "completed_tallies": [], "users": [], "stored_at_ms": 0, "views": views,
+        }))
+        .unwrap()
+    }
+
+    fn presented(token: &str) -> Presented {
+        Presented {
+            check: Err(refleet_api::token::TokenError::Missing),
+            proof: Proof::of(token),
+        }
+    }
+
+    #[test]
+    fn views_with_huge_user_records_are_stored_as_fixed_size_fingerprints() {
+        let required = Admission::new(true, Default::default());
+        let mut gate = Gate::default();
+        let req = Requested {
+            app_id: "io.refleet.test",
+            shard: "lobby",
+        };
+        let record =
+            |i: usize| format!("{{\"id\":\"v{i}\",\"data\":\"{}\"}}", "x".repeat(64 << 10));
+        for i in 0..50 {
+            let token = presented(&format!("token-{i}"));
+            gate.admit(
+                Some(&record(i)),
+                Some(&token),
+                Admitted::default(),
+                req,
+                0,
+                1024,
+            );
+        }
+        let mut out = stored(serde_json::json!({}));
+        gate.fill(&mut out);
+        let json = serde_json::to_string(&out).unwrap();
+        // 50 entries of two 32-digit hex strings, not 50 × 64 KiB of user records.
+        assert!(json.len() < 50 * 100 + 1000, "{} bytes stored", json.len());
+        assert_eq!(out.view_keys.len(), 50);
+        // Restored elsewhere, a view is known with its own token and taken with another.
+        let mut back = Gate::default();
+        back.restore(&serde_json::from_str(&json).unwrap());
+        let own = presented("token-7");
+        let other = presented("token-8");
+        assert!(back.known(&required, Some(&record(7)), false, Some(&own)));
+        assert!(!back.known(&required, Some(&record(7)), false, Some(&other)));
+        assert!(back.taken(&required, Some(&record(7)), Some(&other)));
+        assert!(!back.known(&required, Some(&record(99)), false, Some(&own)));
+    }
+
+    #[test]
+    fn records_of_earlier_versions_keyed_by_user_record_still_restore() {
+        let required = Admission::new(true, Default::default());
+        let proof = Proof::of("token-a").to_hex();
+        let mut gate = Gate::default();
+        gate.restore(&stored(serde_json::json!({ "\"view-1\"": proof })));
+        assert!(gate.known(
+            &required,
+            Some("\"view-1\""),
+            false,
+            Some(&presented("token-a"))
+        ));
+        assert!(gate.taken(&required, Some("\"view-1\""), Some(&presented("token-b"))));
+        // Written back in the new form only.
+        let mut out = stored(serde_json::json!({}));
+        gate.fill(&mut out);
+        let json = serde_json::to_value(&out).unwrap();
+        assert!(json.get("views").is_none(), "{json}");
+        assert_eq!(out.view_keys.len(), 1);
     }
 }

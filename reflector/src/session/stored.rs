@@ -47,9 +47,14 @@ pub struct StoredSession {
     /// The identity the session was admitted under; it keeps it wherever it resumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binding: Option<crate::admission::Binding>,
-    /// Admitted views (user record JSON text) with a hex fingerprint of the token each was
-    /// admitted with: what a returning view must present again.
+    /// Admitted views by the hex fingerprint of their user record, each with the hex
+    /// fingerprint of the token it was admitted with: what a returning view must present
+    /// again. Fixed-size entries, however large the user records.
     #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
+    pub view_keys: std::collections::HashMap<String, String>,
+    /// Written by earlier versions: admitted views by their user record's JSON text. Read on
+    /// restore, never written.
+    #[serde(default, skip_serializing)]
     pub views: std::collections::HashMap<String, String>,
     /// Stored when the session ended, moved or drained (its clients were closed first, so
     /// none saw more than this). False for a checkpoint of a running session: a crash may
