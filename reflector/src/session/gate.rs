@@ -186,6 +186,7 @@ mod tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod stored_tests {
     use super::*;
 
