@@ -35,33 +35,34 @@ impl Gate {
         self.binding.as_ref()
     }
 
-    /// Whether `user` is a view admitted before that proves it with `presented`.
-    /// `member`: the core still counts it as a member (e.g. a ghost of a resumed session).
+    /// Whether `view` (the fingerprint of a JOIN's user record, see [`view_of`]) was
+    /// admitted before and proves it with `presented`. `member`: the core still counts it as
+    /// a member (e.g. a ghost of a resumed session).
     pub fn known(
         &self,
         admission: &Admission,
-        user: Option<&str>,
+        view: Option<Fingerprint>,
         member: bool,
         presented: Option<&Presented>,
     ) -> bool {
-        let Some(user) = user else { return false };
-        let admitted = self.views.get(&Fingerprint::of(user));
+        let Some(view) = view else { return false };
+        let admitted = self.views.get(&view);
         if admitted.is_none() && !member {
             return false;
         }
         admission.proves(admitted.copied().flatten(), presented)
     }
 
-    /// Whether `user` is a view admitted with a token other than the one `presented`: someone
-    /// who read its user record in a `users` message, or a client of the same shard that
-    /// must not take over another's membership.
+    /// Whether `view` was admitted with a token other than the one `presented`: someone who
+    /// read its user record in a `users` message, or a client of the same shard that must
+    /// not take over another's membership.
     pub fn taken(
         &self,
         admission: &Admission,
-        user: Option<&str>,
+        view: Option<Fingerprint>,
         presented: Option<&Presented>,
     ) -> bool {
-        let Some(Some(proof)) = user.and_then(|u| self.views.get(&Fingerprint::of(u))) else {
+        let Some(Some(proof)) = view.and_then(|v| self.views.get(&v)) else {
             return false;
         };
         !admission.proves(Some(*proof), presented)
@@ -72,7 +73,7 @@ impl Gate {
     /// that left long ago must show a fresh token.
     pub fn admit(
         &mut self,
-        user: Option<&str>,
+        view: Option<Fingerprint>,
         presented: Option<&Presented>,
         admitted: Admitted,
         req: Requested<'_>,
@@ -85,7 +86,7 @@ impl Gate {
             max_users: admitted.token_max_users,
             persistence: admitted.persistence,
         });
-        if let Some(u) = user {
+        if let Some(view) = view {
             if self.views.len() >= former.saturating_add(members).max(1) {
                 // Keep the map bounded by forgetting half of it, whichever views those are: a
                 // forgotten view only needs a fresh token to come back.
@@ -96,8 +97,7 @@ impl Gate {
                     n <= keep
                 });
             }
-            self.views
-                .insert(Fingerprint::of(u), presented.map(|p| p.proof));
+            self.views.insert(view, presented.map(|p| p.proof));
         }
     }
 
@@ -138,16 +138,66 @@ impl Gate {
     }
 }
 
+/// The key a JOIN's user record (JSON text) is remembered by: computed once per JOIN, since
+/// a record may be up to a frame long.
+pub fn view_of(user: Option<&str>) -> Option<Fingerprint> {
+    user.map(Fingerprint::of)
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    fn admit(gate: &mut Gate, user: &str, members: usize, former: usize) {
-        let req = Requested {
-            app_id: "io.refleet.test",
-            shard: "lobby",
-        };
-        gate.admit(Some(user), None, Admitted::default(), req, members, former);
+    const REQ: Requested<'static> = Requested {
+        app_id: "io.refleet.test",
+        shard: "lobby",
+    };
+
+    fn admit(
+        gate: &mut Gate,
+        user: &str,
+        presented: Option<&Presented>,
+        members: usize,
+        former: usize,
+    ) {
+        gate.admit(
+            view_of(Some(user)),
+            presented,
+            Admitted::default(),
+            REQ,
+            members,
+            former,
+        );
+    }
+
+    fn known(
+        gate: &Gate,
+        admission: &Admission,
+        user: &str,
+        presented: Option<&Presented>,
+    ) -> bool {
+        gate.known(admission, view_of(Some(user)), false, presented)
+    }
+
+    fn taken(gate: &Gate, admission: &Admission, user: &str, presented: &Presented) -> bool {
+        gate.taken(admission, view_of(Some(user)), Some(presented))
+    }
+
+    fn presented(token: &str) -> Presented {
+        Presented {
+            check: Err(refleet_api::token::TokenError::Missing),
+            proof: Proof::of(token),
+        }
+    }
+
+    fn stored(views: serde_json::Value) -> StoredSession {
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "session_id": "s", "timeline": "t", "time": 0, "seq": 0,
+            "tick_ms": 100, "delay_ms": 0, "scale": 1.0, "leave_delay_ms": 0,
+            "completed_tallies": [], "users": [], "stored_at_ms": 0, "views": views,
+        }))
+        .unwrap()
     }
 
     #[test]
@@ -155,7 +205,7 @@ mod tests {
         let mut gate = Gate::default();
         let open = Admission::new(false, Default::default());
         for i in 0..10_000 {
-            admit(&mut gate, &format!("{{\"id\":\"v{i}\"}}"), 3, 64);
+            admit(&mut gate, &format!("{{\"id\":\"v{i}\"}}"), None, 3, 64);
             assert!(
                 gate.views.len() <= 64 + 3,
                 "{} views at {i}",
@@ -164,9 +214,9 @@ mod tests {
         }
         // The newest view is always remembered; all but a few of the old ones are forgotten
         // (which ones stay depends on the map's order).
-        assert!(gate.known(&open, Some("{\"id\":\"v9999\"}"), false, None));
+        assert!(known(&gate, &open, "{\"id\":\"v9999\"}", None));
         let old_known = (0..5_000)
-            .filter(|i| gate.known(&open, Some(&format!("{{\"id\":\"v{i}\"}}")), false, None))
+            .filter(|i| known(&gate, &open, &format!("{{\"id\":\"v{i}\"}}"), None))
             .count();
         assert!(
             old_known <= 64 + 3,
@@ -179,30 +229,8 @@ mod tests {
     fn with_no_former_views_only_the_latest_is_remembered() {
         let mut gate = Gate::default();
         for i in 0..100 {
-            admit(&mut gate, &format!("v{i}"), 0, 0);
+            admit(&mut gate, &format!("v{i}"), None, 0, 0);
             assert!(gate.views.len() <= 1);
-        }
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod stored_tests {
-    use super::*;
-
-    fn stored(views: serde_json::Value) -> StoredSession {
-        serde_json::from_value(serde_json::json!({
-            "format": 1, "session_id": "s", "timeline": "t", "time": 0, "seq": 0,
-            "tick_ms": 100, "delay_ms": 0, "scale": 1.0, "leave_delay_ms": 0,
-            "completed_tallies": [], "users": [], "stored_at_ms": 0, "views": views,
-        }))
-        .unwrap()
-    }
-
-    fn presented(token: &str) -> Presented {
-        Presented {
-            check: Err(refleet_api::token::TokenError::Missing),
-            proof: Proof::of(token),
         }
     }
 
@@ -210,19 +238,13 @@ mod stored_tests {
     fn views_with_huge_user_records_are_stored_as_fixed_size_fingerprints() {
         let required = Admission::new(true, Default::default());
         let mut gate = Gate::default();
-        let req = Requested {
-            app_id: "io.refleet.test",
-            shard: "lobby",
-        };
         let record =
             |i: usize| format!("{{\"id\":\"v{i}\",\"data\":\"{}\"}}", "x".repeat(64 << 10));
         for i in 0..50 {
-            let token = presented(&format!("token-{i}"));
-            gate.admit(
-                Some(&record(i)),
-                Some(&token),
-                Admitted::default(),
-                req,
+            admit(
+                &mut gate,
+                &record(i),
+                Some(&presented(&format!("token-{i}"))),
                 0,
                 1024,
             );
@@ -238,10 +260,10 @@ mod stored_tests {
         back.restore(&serde_json::from_str(&json).unwrap());
         let own = presented("token-7");
         let other = presented("token-8");
-        assert!(back.known(&required, Some(&record(7)), false, Some(&own)));
-        assert!(!back.known(&required, Some(&record(7)), false, Some(&other)));
-        assert!(back.taken(&required, Some(&record(7)), Some(&other)));
-        assert!(!back.known(&required, Some(&record(99)), false, Some(&own)));
+        assert!(known(&back, &required, &record(7), Some(&own)));
+        assert!(!known(&back, &required, &record(7), Some(&other)));
+        assert!(taken(&back, &required, &record(7), &other));
+        assert!(!known(&back, &required, &record(99), Some(&own)));
     }
 
     #[test]
@@ -250,13 +272,13 @@ mod stored_tests {
         let proof = Proof::of("token-a").to_hex();
         let mut gate = Gate::default();
         gate.restore(&stored(serde_json::json!({ "\"view-1\"": proof })));
-        assert!(gate.known(
+        assert!(known(
+            &gate,
             &required,
-            Some("\"view-1\""),
-            false,
+            "\"view-1\"",
             Some(&presented("token-a"))
         ));
-        assert!(gate.taken(&required, Some("\"view-1\""), Some(&presented("token-b"))));
+        assert!(taken(&gate, &required, "\"view-1\"", &presented("token-b")));
         // Written back in the new form only.
         let mut out = stored(serde_json::json!({}));
         gate.fill(&mut out);

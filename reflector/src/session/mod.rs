@@ -418,8 +418,9 @@ async fn on_join(
         }
     }
     let user = join.user.as_deref();
-    let known = gate.known(&ctx.admission, user, core.is_member(user), presented);
-    if !known && gate.taken(&ctx.admission, user, presented) {
+    let view = gate::view_of(user);
+    let known = gate.known(&ctx.admission, view, core.is_member(user), presented);
+    if !known && gate.taken(&ctx.admission, view, presented) {
         return refuse(Refusal {
             close: close::BAD_API_KEY.with_reason("this view joined with another token"),
             reason: "view_taken",
@@ -443,7 +444,7 @@ async fn on_join(
     };
     if !known {
         gate.admit(
-            user,
+            view,
             presented,
             admitted,
             req,
