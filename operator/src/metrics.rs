@@ -44,6 +44,8 @@ pub const ERROR_KINDS: &[&str] = &[
     "api_error",
     "transport",
     "serialize",
+    "credential",
+    "cache_closed",
 ];
 
 /// The `kind` label values of `refleet_operator_planner_decisions_total` ([`decision_kind`]).

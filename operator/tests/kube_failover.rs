@@ -10,7 +10,10 @@
 //! - the kube-apiserver is stopped for 30 s (etcd stays): the router answers every
 //!   Route and ListShards call from its last view, the reflectors keep serving (a user joins
 //!   meanwhile), the operator process stays up; once the apiserver is back the operator
-//!   catches up (that user is in the Session's status) and no pod was deleted or replaced.
+//!   catches up (that user is in the Session's status) and no pod was deleted or replaced;
+//! - the watch caches the syncs read follow the apiserver across a restart: a pod and a
+//!   Session and a Service created after it came back, and a pod deleted then, show in the
+//!   cache.
 //!
 //! Skips (with a message) when the binaries are missing, unless `REFLEET_REQUIRE_KUBE=1`.
 
@@ -417,4 +420,110 @@ async fn pod_ids(pods: &Api<Pod>) -> Vec<(String, String)> {
         .collect();
     ids.sort();
     ids
+}
+
+fn labelled_pod(name: &str, pool: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "labels": { "refleet.dev/pool": pool } },
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [{ "name": "reflector", "image": "refleet-reflector:test" }],
+        },
+    }))
+    .unwrap()
+}
+
+fn names<K: kube::ResourceExt>(objects: &[K]) -> Vec<String> {
+    objects.iter().map(kube::ResourceExt::name_any).collect()
+}
+
+/// A sync reads only the watch caches, so a cache that stopped following the apiserver after
+/// a restart would make the operator re-create pods it cannot see, every sync. After the
+/// kube-apiserver is killed and started again, what changes afterwards reaches the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_caches_follow_the_apiserver_across_a_restart() {
+    use kube::api::{DeleteParams, PostParams};
+    use refleet_operator::controller::cache::Cache;
+    use refleet_operator::crd::ReflectorPool;
+
+    let Some((kube, kubeconfig)) = start_kube("cache-restart", 7) else {
+        return;
+    };
+    let admin = admin_client(&kubeconfig).await;
+    let ns = "cache";
+    prepare(&admin, ns).await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let sessions: Api<Session> = Api::namespaced(admin.clone(), ns);
+    let pools: Api<ReflectorPool> = Api::namespaced(admin.clone(), ns);
+    let post = PostParams::default();
+    pods.create(&post, &labelled_pod("arena-eu-0", "arena"))
+        .await
+        .unwrap();
+    // Not a reflector pod (no pool label): never cached.
+    let mut other = labelled_pod("bystander", "arena");
+    other.metadata.labels = None;
+    pods.create(&post, &other).await.unwrap();
+    pools
+        .create(&post, &support::fixtures::pool("arena"))
+        .await
+        .unwrap();
+
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(admin.clone(), ns);
+    let (cache, watches) = Cache::watch(
+        pools.clone(),
+        sessions.clone(),
+        pods.clone(),
+        services.clone(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), cache.ready())
+        .await
+        .expect("first lists within 30 s")
+        .unwrap();
+    assert_eq!(names(&cache.pods_of(ns, "arena")), ["arena-eu-0"]);
+    assert!(cache.pool(ns, "arena").is_some());
+
+    kube.stop_apiserver();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kube.start_apiserver();
+    let back = Instant::now();
+
+    pods.create(&post, &labelled_pod("arena-eu-1", "arena"))
+        .await
+        .unwrap();
+    pods.delete("arena-eu-0", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let lobby: Session = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "lobby" },
+        "spec": { "poolRef": { "name": "arena" }, "appId": "app", "name": "lobby" },
+    }))
+    .unwrap();
+    sessions.create(&post, &lobby).await.unwrap();
+    let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "arena-eu-1", "labels": { "refleet.dev/pool": "arena" } },
+        "spec": { "ports": [{ "port": 7070 }] },
+    }))
+    .unwrap();
+    services.create(&post, &service).await.unwrap();
+
+    eventually(
+        "the cache to show the pod and Session created and the pod deleted after the restart",
+        Duration::from_secs(60),
+        || {
+            let cache = cache.clone();
+            async move {
+                let pods = names(&cache.pods_of(ns, "arena"));
+                let sessions = names(&cache.sessions_of(ns, "arena"));
+                let services = names(&cache.services_of(ns, "arena"));
+                (pods == ["arena-eu-1"] && sessions == ["lobby"] && services == ["arena-eu-1"])
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "the cache caught up {:?} after the apiserver was back",
+        back.elapsed()
+    );
+    drop(watches);
 }

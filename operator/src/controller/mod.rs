@@ -8,8 +8,9 @@
 //!
 //! Two kube-rs `Controller`s, one per kind, both level-triggered and idempotent. Each
 //! reconcile runs the same [`reconcile::sync`] for the pool concerned, under a per-pool
-//! lock: **observe** (the pool, the Sessions that refer to it, its pods, and the load each
-//! ready reflector reports through a [`observe::LoadSource`]), **plan** with the pure
+//! lock: **observe** (the pool, the Sessions that refer to it and its pods, read from the
+//! [`cache`] that one watch per kind keeps, and the load each ready reflector reports
+//! through a [`observe::LoadSource`]), **plan** with the pure
 //! [`refleet_core::planner::plan`], **apply** (create pods with server-side apply, mark and delete
 //! draining pods with the drain grace, write statuses with server-side apply on the status
 //! subresource, publish Events for decisions). The planner's memory between runs (shards
@@ -19,6 +20,7 @@
 //! No finalizers: pods and Services are owned (owner references), so the garbage collector
 //! removes them with their pool, and nothing else needs cleanup.
 //!
+//! - [`cache`]: the watch caches the syncs read and the controllers are triggered by.
 //! - [`pod`]: reflector pods and per-pod Services (pure builders).
 //! - [`observe`]: pod state and reflector load.
 //! - [`input`]: observed objects → the planner's input.
@@ -26,6 +28,7 @@
 //! - [`reconcile`]: the controllers' reconcile functions and the apply step.
 //! - [`leader`]: Lease-based leader election.
 
+pub mod cache;
 pub mod input;
 pub mod leader;
 pub mod observe;
@@ -65,6 +68,10 @@ pub enum Error {
     /// A reflector's report credential could not be minted (its name or region).
     #[error("{0}")]
     Credential(#[source] refleet_api::report_credential::CredentialError),
+    /// The watches behind the controllers' caches stopped before their first list (the
+    /// controllers are shutting down).
+    #[error("the watch caches stopped before their first list")]
+    CacheClosed,
 }
 
 impl From<kube::Error> for Error {
@@ -90,6 +97,7 @@ impl Error {
             Error::Kube(_) => "transport",
             Error::Serialize(_) => "serialize",
             Error::Credential(_) => "credential",
+            Error::CacheClosed => "cache_closed",
         }
     }
 }

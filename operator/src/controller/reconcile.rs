@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! reconcile(pool | session) ─> sync(namespace, pool):
-//!     observe  GET pool, LIST sessions, LIST pods (pool label), GET /sessions per reflector
+//!     observe  the cache: pool, its Sessions, pods, Services (no request) ; GET /sessions per reflector
 //!     plan     planner::plan(fleet::plan_input(observed(..)))          (pure)
 //!              router: publish fleet::fleet_view(..)
 //!     apply    drain: PATCH pod (label draining) + DELETE pod (grace) ; remove: DELETE pod
@@ -18,21 +18,21 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
+use super::cache::{Cache, Watches};
 use super::input::{
     PoolMemory, input_for, observed, parse_move_annotation, pending_move_annotation, pool_id,
 };
 use super::observe::read_loads;
 use super::pod::{
     ANNOTATION_DRAIN_DEADLINE, LABEL_STATE, STATE_DRAINING, TERMINATION_SLACK_SECONDS, pod_name,
-    pool_selector, reflector_pod, reflector_service, set_report_credential,
+    reflector_pod, reflector_service, set_report_credential,
 };
 use super::status::{governs, pool_status, session_problem, session_status};
 use super::{Context, Error, FIELD_MANAGER, Result};
@@ -42,21 +42,29 @@ use crate::metrics::{POOL_CONTROLLER, SESSION_CONTROLLER};
 use refleet_core::planner::{self, Plan, ReflectorAction};
 
 /// Reconciles a ReflectorPool: syncs it.
-#[instrument(skip(pool, ctx), fields(namespace = %pool.namespace().unwrap_or_default(), pool = %pool.name_any()))]
-pub async fn reconcile_pool(pool: Arc<ReflectorPool>, ctx: Arc<Context>) -> Result<Action> {
+#[instrument(skip(pool, ctx, cache), fields(namespace = %pool.namespace().unwrap_or_default(), pool = %pool.name_any()))]
+pub async fn reconcile_pool(
+    pool: Arc<ReflectorPool>,
+    ctx: Arc<Context>,
+    cache: Cache,
+) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(POOL_CONTROLLER);
     let ns = pool.namespace().unwrap_or_default();
-    sync(&ctx, &ns, &pool.name_any()).await?;
+    sync(&ctx, &cache, &ns, &pool.name_any()).await?;
     Ok(Action::requeue(ctx.resync))
 }
 
 /// Reconciles a Session: syncs its pool (which writes the Session's status; a missing pool
 /// gives the Session a `PoolNotFound` condition).
-#[instrument(skip(session, ctx), fields(namespace = %session.namespace().unwrap_or_default(), session = %session.name_any()))]
-pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
+#[instrument(skip(session, ctx, cache), fields(namespace = %session.namespace().unwrap_or_default(), session = %session.name_any()))]
+pub async fn reconcile_session(
+    session: Arc<Session>,
+    ctx: Arc<Context>,
+    cache: Cache,
+) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(SESSION_CONTROLLER);
     let ns = session.namespace().unwrap_or_default();
-    sync(&ctx, &ns, &session.spec.pool_ref.name).await?;
+    sync(&ctx, &cache, &ns, &session.spec.pool_ref.name).await?;
     Ok(Action::requeue(ctx.resync * 6))
 }
 
@@ -85,31 +93,26 @@ pub struct Synced {
     pub created: Vec<String>,
 }
 
-/// Observe → plan → apply for pool `pool_name` in `namespace`.
-pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Synced> {
+/// Observe (from `cache`, without a request) → plan → apply for pool `pool_name` in
+/// `namespace`.
+pub async fn sync(
+    ctx: &Context,
+    cache: &Cache,
+    namespace: &str,
+    pool_name: &str,
+) -> Result<Synced> {
+    cache.ready().await?;
     let id = pool_id(namespace, pool_name);
     let memory = ctx.pool_memory(&id);
     let mut memory = memory.lock().await;
 
-    // Observe.
+    // Observe. Read under the pool's lock, so a sync sees what the one before it wrote as
+    // soon as the watch has brought it back.
     let pools: Api<ReflectorPool> = Api::namespaced(ctx.client.clone(), namespace);
-    let pool = pools.get_opt(pool_name).await?;
-    let sessions: Api<Session> = Api::namespaced(ctx.client.clone(), namespace);
-    let sessions: Vec<Session> = sessions
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|s| s.spec.pool_ref.name == pool_name)
-        .collect();
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let pool = cache.pool(namespace, pool_name);
+    let sessions = cache.sessions_of(namespace, pool_name);
     let pods = match &pool {
-        Some(_) => {
-            pods_api
-                .list(&ListParams::default().labels(&pool_selector(pool_name)))
-                .await?
-                .items
-        }
+        Some(_) => cache.pods_of(namespace, pool_name),
         None => Vec::new(),
     };
     let loads = read_loads(&*ctx.load, &pods, ctx.report_key.as_ref()).await;
@@ -165,7 +168,8 @@ pub async fn sync(ctx: &Context, namespace: &str, pool_name: &str) -> Result<Syn
     // Apply.
     let mut created = Vec::new();
     if let Some(pool) = &pool {
-        apply_reflectors(ctx, pool, &pods, &plan, &mut created).await?;
+        let services = cache.services_of(namespace, pool_name);
+        apply_reflectors(ctx, pool, &pods, &services, &plan, &mut created).await?;
         let status = pool_status(pool, &plan, now);
         if pool.status.as_ref() != Some(&status) {
             patch_status(
@@ -233,6 +237,7 @@ async fn apply_reflectors(
     ctx: &Context,
     pool: &ReflectorPool,
     pods: &[Pod],
+    services: &[Service],
     plan: &Plan,
     created: &mut Vec<String>,
 ) -> Result<()> {
@@ -311,14 +316,7 @@ async fn apply_reflectors(
         }
     }
     if per_pod_service {
-        let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-        let existing: BTreeSet<String> = services
-            .list(&ListParams::default().labels(&pool_selector(&pool_name)))
-            .await?
-            .items
-            .iter()
-            .map(ResourceExt::name_any)
-            .collect();
+        let existing: BTreeSet<String> = services.iter().map(ResourceExt::name_any).collect();
         for pod in pods {
             if pod.metadata.deletion_timestamp.is_none() && !existing.contains(&pod.name_any()) {
                 apply_service(ctx, pod).await?;
@@ -424,15 +422,16 @@ async fn publish_decisions(
 }
 
 /// Runs both controllers over `namespace` (all namespaces when `None`) until `stop`
-/// resolves; returns when both have stopped.
+/// resolves; returns when both have stopped (and with them the watches behind the cache).
 pub async fn run_controllers(
     ctx: Arc<Context>,
     namespace: Option<&str>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (pools, sessions, pods): (Api<ReflectorPool>, Api<Session>, Api<Pod>) = match namespace {
+    let (pools, sessions, pods, services) = match namespace {
         Some(ns) => (
+            Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -441,10 +440,19 @@ pub async fn run_controllers(
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
+            Api::all(client.clone()),
         ),
     };
+    let (cache, watches) = Cache::watch(pools, sessions, pods, services);
+    let Watches {
+        pools,
+        sessions,
+        pods,
+        pool_store,
+        session_store,
+        drivers,
+    } = watches;
     let stop = futures_util::FutureExt::shared(Box::pin(stop));
-    let reflector_pods = watcher::Config::default().labels(super::pod::LABEL_POOL);
     // A Route waiting for a shard whose reflector must be created: sync every pool now.
     let wanted = ctx.router.clone().map(|router| {
         futures_util::stream::unfold(router, |router| async move {
@@ -452,15 +460,25 @@ pub async fn run_controllers(
             Some(((), router))
         })
     });
-    let pool_controller = Controller::new(pools, watcher::Config::default())
-        .owns(pods, reflector_pods)
+    let pool_cache = cache.clone();
+    let pool_controller = Controller::for_shared_stream(pools, pool_store)
+        .owns_shared_stream(pods)
         .reconcile_all_on(futures_util::stream::iter(wanted).flatten())
         .graceful_shutdown_on(stop.clone())
-        .run(reconcile_pool, pool_error_policy, ctx.clone())
+        .run(
+            move |pool, ctx| reconcile_pool(pool, ctx, pool_cache.clone()),
+            pool_error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| futures_util::future::ready(()));
-    let session_controller = Controller::new(sessions, watcher::Config::default())
+    let session_controller = Controller::for_shared_stream(sessions, session_store)
         .graceful_shutdown_on(stop)
-        .run(reconcile_session, session_error_policy, ctx.clone())
+        .run(
+            move |session, ctx| reconcile_session(session, ctx, cache.clone()),
+            session_error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| futures_util::future::ready(()));
     futures_util::future::join(pool_controller, session_controller).await;
+    drop(drivers);
 }

@@ -2,6 +2,8 @@
 //!
 //! Each [`Scenario`] names the sequence it expects; the fake server asserts every request's
 //! method, URI and body in order and answers it; a timeout catches calls that never came.
+//! A sync reads its pool, Sessions and pods from the watch cache, so the scenario's objects
+//! are put in a [`Cache`] and every expected request is a write: a read fails the sequence.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,6 +17,7 @@ use kube::client::Body;
 use serde_json::{Value, json};
 
 use super::Context;
+use super::cache::Cache;
 use super::fixtures;
 use super::observe::NoLoad;
 use super::pod::{pod_name, reflector_pod};
@@ -31,7 +34,7 @@ enum Scenario {
     /// A new pool with one region and nothing else: its first reflector pod is created
     /// with server-side apply, the pool's status says it is scaling up, and an Event says so.
     NewPoolCreatesItsFirstReflector(ReflectorPool),
-    /// A Session whose pool does not exist: no pods are listed, the Session gets a
+    /// A Session whose pool does not exist: the Session gets a
     /// `Degraded`/`PoolNotFound` status and a Warning Event.
     SessionWithoutPoolIsDegraded(Session),
     /// A pool with two ready empty reflectors where one is enough, once the operator has
@@ -40,14 +43,10 @@ enum Scenario {
     SurplusReflectorIsMarkedThenDeletedWithGrace(ReflectorPool, Vec<Pod>),
     /// The same pool planned for the first time by a new leader whose reflectors have not
     /// reported yet: nothing is marked or deleted, only the pool's status is written.
-    UnreportedReflectorsAreKeptByANewLeader(ReflectorPool, Vec<Pod>),
+    UnreportedReflectorsAreKeptByANewLeader(ReflectorPool),
 }
 
 struct ApiServerVerifier(Handle);
-
-fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
-    json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
-}
 
 impl ApiServerVerifier {
     fn run(self, scenario: Scenario) -> tokio::task::JoinHandle<()> {
@@ -62,8 +61,8 @@ impl ApiServerVerifier {
                 Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(pool, pods) => {
                     self.surplus_reflector_is_drained(pool, pods).await
                 }
-                Scenario::UnreportedReflectorsAreKeptByANewLeader(pool, pods) => {
-                    self.unreported_reflectors_are_kept(pool, pods).await
+                Scenario::UnreportedReflectorsAreKeptByANewLeader(pool) => {
+                    self.unreported_reflectors_are_kept(pool).await
                 }
             }
         })
@@ -90,34 +89,8 @@ impl ApiServerVerifier {
         sent
     }
 
-    /// A sync starts by reading the pool and its (here: no) Sessions.
-    async fn expect_pool_without_sessions(&mut self, ns: &str, pool: &ReflectorPool) {
-        self.expect(
-            "GET",
-            &format!("{ns}/reflectorpools/arena"),
-            200,
-            json!(pool),
-        )
-        .await;
-        self.expect(
-            "GET",
-            &format!("{ns}/sessions?"),
-            200,
-            list("SessionList", "refleet.dev/v1alpha1", vec![]),
-        )
-        .await;
-    }
-
     async fn new_pool_creates_its_first_reflector(mut self, pool: ReflectorPool) {
         let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        self.expect_pool_without_sessions(ns, &pool).await;
-        self.expect(
-            "GET",
-            "/api/v1/namespaces/games/pods?&labelSelector=refleet.dev%2Fpool%3Darena",
-            200,
-            list("PodList", "v1", vec![]),
-        )
-        .await;
         let applied = self
             .expect(
                 "PATCH",
@@ -159,20 +132,6 @@ impl ApiServerVerifier {
 
     async fn session_without_pool_is_degraded(mut self, session: Session) {
         let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        self.expect(
-            "GET",
-            &format!("{ns}/reflectorpools/missing"),
-            404,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-        )
-        .await;
-        self.expect(
-            "GET",
-            &format!("{ns}/sessions?"),
-            200,
-            list("SessionList", "refleet.dev/v1alpha1", vec![json!(session)]),
-        )
-        .await;
         let status = self
             .expect(
                 "PATCH",
@@ -199,21 +158,8 @@ impl ApiServerVerifier {
         assert_eq!(event["regarding"]["name"], "lobby");
     }
 
-    async fn expect_pods(&mut self, pods: &[Pod]) {
-        let items = pods.iter().map(|p| json!(p)).collect();
-        self.expect(
-            "GET",
-            "/api/v1/namespaces/games/pods?&labelSelector=refleet.dev%2Fpool%3Darena",
-            200,
-            list("PodList", "v1", items),
-        )
-        .await;
-    }
-
-    async fn unreported_reflectors_are_kept(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
+    async fn unreported_reflectors_are_kept(mut self, pool: ReflectorPool) {
         let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        self.expect_pool_without_sessions(ns, &pool).await;
-        self.expect_pods(&pods).await;
         let status = self
             .expect(
                 "PATCH",
@@ -233,8 +179,6 @@ impl ApiServerVerifier {
 
     async fn surplus_reflector_is_drained(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
         let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        self.expect_pool_without_sessions(ns, &pool).await;
-        self.expect_pods(&pods).await;
         let mark = self
             .expect(
                 "PATCH",
@@ -320,8 +264,9 @@ fn ready_pod(pool: &ReflectorPool, index: u32) -> Pod {
 async fn new_pool_creates_its_first_reflector() {
     let (ctx, fakeserver) = testcontext();
     let pool = fixtures::pool("games", "arena", &["eu"]);
+    let cache = Cache::of(vec![pool.clone()], vec![], vec![]);
     let mocksrv = fakeserver.run(Scenario::NewPoolCreatesItsFirstReflector(pool));
-    let synced = sync(&ctx, "games", "arena").await.expect("sync");
+    let synced = sync(&ctx, &cache, "games", "arena").await.expect("sync");
     assert_eq!(synced.created, ["arena-eu-0"]);
     timeout_after_1s(mocksrv).await;
 }
@@ -330,8 +275,9 @@ async fn new_pool_creates_its_first_reflector() {
 async fn session_without_pool_is_degraded_and_gets_a_warning() {
     let (ctx, fakeserver) = testcontext();
     let session = fixtures::session("games", "lobby", "missing");
+    let cache = Cache::of(vec![], vec![session.clone()], vec![]);
     let mocksrv = fakeserver.run(Scenario::SessionWithoutPoolIsDegraded(session));
-    let synced = sync(&ctx, "games", "missing").await.expect("sync");
+    let synced = sync(&ctx, &cache, "games", "missing").await.expect("sync");
     assert!(synced.created.is_empty());
     timeout_after_1s(mocksrv).await;
 }
@@ -345,10 +291,11 @@ async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
         Some(NOW - crate::fleet::REPORT_WAIT);
     let pool = fixtures::pool("games", "arena", &["eu"]);
     let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
+    let cache = Cache::of(vec![pool.clone()], vec![], pods.clone());
     let mocksrv = fakeserver.run(Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(
         pool, pods,
     ));
-    sync(&ctx, "games", "arena").await.expect("sync");
+    sync(&ctx, &cache, "games", "arena").await.expect("sync");
     timeout_after_1s(mocksrv).await;
 }
 
@@ -357,10 +304,9 @@ async fn a_new_leader_keeps_ready_reflectors_it_has_not_heard_from() {
     let (ctx, fakeserver) = testcontext();
     let pool = fixtures::pool("games", "arena", &["eu"]);
     let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
-    let mocksrv = fakeserver.run(Scenario::UnreportedReflectorsAreKeptByANewLeader(
-        pool, pods,
-    ));
-    let synced = sync(&ctx, "games", "arena").await.expect("sync");
+    let cache = Cache::of(vec![pool.clone()], vec![], pods);
+    let mocksrv = fakeserver.run(Scenario::UnreportedReflectorsAreKeptByANewLeader(pool));
+    let synced = sync(&ctx, &cache, "games", "arena").await.expect("sync");
     assert!(
         synced.plan.decisions.is_empty(),
         "{:?}",
@@ -369,6 +315,18 @@ async fn a_new_leader_keeps_ready_reflectors_it_has_not_heard_from() {
     timeout_after_1s(mocksrv).await;
     let memory = ctx.pool_memory("games/arena");
     assert_eq!(memory.lock().await.planning_since, Some(NOW));
+}
+
+#[tokio::test]
+async fn a_sync_on_caches_that_never_listed_fails_without_calling_the_api() {
+    let (ctx, mut fakeserver) = testcontext();
+    let error = sync(&ctx, &Cache::closed(), "games", "arena")
+        .await
+        .expect_err("a cache that never listed cannot be planned from");
+    assert!(matches!(error, super::Error::CacheClosed), "{error:?}");
+    assert_eq!(error.metric_label(), "cache_closed");
+    let request = tokio::time::timeout(Duration::from_millis(200), fakeserver.0.next_request());
+    assert!(request.await.is_err(), "no request may be sent");
 }
 
 #[test]
