@@ -41,6 +41,10 @@ use crate::fleet;
 use crate::metrics::{POOL_CONTROLLER, SESSION_CONTROLLER};
 use refleet_core::planner::{self, Plan, ReflectorAction};
 
+/// A pod older than this that a sync "creates" was missing from the pod cache (a watch
+/// brings a new pod back within a second or two).
+const STALE_CACHE_SECONDS: i64 = 30;
+
 /// Reconciles a ReflectorPool: syncs it.
 #[instrument(skip(pool, ctx, cache), fields(namespace = %pool.namespace().unwrap_or_default(), pool = %pool.name_any()))]
 pub async fn reconcile_pool(
@@ -308,11 +312,23 @@ async fn apply_reflectors(
             }
             let params = PatchParams::apply(FIELD_MANAGER).force();
             let pod = api.patch(&name, &params, &Patch::Apply(&pod)).await?;
-            info!(pod = %name, region = %region.name, "created reflector pod");
+            let age = pod.metadata.creation_timestamp.as_ref().map_or(0, |t| {
+                i64::try_from((ctx.clock)()).unwrap_or(i64::MAX) - t.0.as_second()
+            });
+            let missed = age > STALE_CACHE_SECONDS;
+            if missed {
+                // The apply found a pod the cache never showed: harmless (nothing changed),
+                // but the pod watch lags far behind, and every sync would repeat it.
+                warn!(pod = %name, age_s = age, "the pod cache missed an existing reflector pod");
+            } else {
+                info!(pod = %name, region = %region.name, "created reflector pod");
+            }
             if per_pod_service {
                 apply_service(ctx, &pod).await?;
             }
-            created.push(name);
+            if !missed {
+                created.push(name);
+            }
         }
     }
     if per_pod_service {
