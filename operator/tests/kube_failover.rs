@@ -446,6 +446,7 @@ async fn the_watch_caches_follow_the_apiserver_across_a_restart() {
     use refleet_operator::controller::cache::Cache;
     use refleet_operator::crd::ReflectorPool;
 
+    refleet_operator::controller::install_crypto_provider();
     let Some((kube, kubeconfig)) = start_kube("cache-restart", 7) else {
         return;
     };

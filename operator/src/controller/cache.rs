@@ -22,9 +22,12 @@
 //! changes nothing), deleting a pod that is gone is success, statuses are server-side
 //! applied. A store is read only once it has completed its first list ([`Cache::ready`]).
 
+use std::time::Duration;
+
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store};
+use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tokio::sync::watch;
@@ -34,6 +37,49 @@ use tracing::warn;
 use super::pod::LABEL_POOL;
 use super::{Error, Result};
 use crate::crd::{ReflectorPool, Session};
+
+/// The first and the longest wait before a failed watch retries. kube's default grows to
+/// 30 s; a sync reads nothing but these caches, so after an apiserver outage they must be
+/// back within seconds, and four watches retrying every few seconds cost the apiserver
+/// nothing.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_LONGEST: Duration = Duration::from_secs(4);
+
+/// Retry delays of a failed watch: exponential from [`RETRY_FIRST`] to [`RETRY_LONGEST`],
+/// with jitter, starting over once a retry succeeds (kube's [`Backoff`] resets it).
+struct Retry {
+    builder: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
+}
+
+impl Retry {
+    fn new() -> Self {
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(RETRY_FIRST)
+            .with_max_delay(RETRY_LONGEST)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
+        Self {
+            delays: backon::BackoffBuilder::build(builder),
+            builder,
+        }
+    }
+}
+
+impl Iterator for Retry {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.delays.next()
+    }
+}
+
+impl Backoff for Retry {
+    fn reset(&mut self) {
+        self.delays = backon::BackoffBuilder::build(self.builder);
+    }
+}
 
 /// How many object references a shared stream buffers for a slow subscriber before the
 /// watch waits for it.
@@ -131,7 +177,7 @@ where
     // Managed fields are the largest part of most objects and nothing here reads them.
     let events = watcher(api, config)
         .modify(|o| o.managed_fields_mut().clear())
-        .default_backoff();
+        .backoff(Retry::new());
     let driver = drive(reflector::reflector(writer, events), listed_tx, kind);
     let driver = AbortOnDropHandle::new(tokio::spawn(driver));
     (Kind { store, listed }, subscription, driver)
@@ -356,6 +402,22 @@ mod tests {
         assert_eq!(names(&cache.pods_of("games", "lounge")), ["lounge-eu-0"]);
         assert_eq!(names(&cache.pods_of("other", "arena")), ["arena-eu-0"]);
         assert!(cache.pods_of("games", "missing").is_empty());
+    }
+
+    #[test]
+    fn watch_retries_grow_to_a_few_seconds_and_start_over_after_a_success() {
+        let mut retry = Retry::new();
+        let delays: Vec<Duration> = retry.by_ref().take(12).collect();
+        assert!(delays.len() == 12, "retries never end");
+        // Jitter adds up to one more delay of the same size.
+        assert!(
+            delays[0] >= RETRY_FIRST && delays[0] <= RETRY_FIRST * 2,
+            "{delays:?}"
+        );
+        assert!(delays.iter().all(|d| *d <= RETRY_LONGEST * 2), "{delays:?}");
+        assert!(delays[11] >= RETRY_LONGEST, "{delays:?}");
+        retry.reset();
+        assert!(retry.next().unwrap() <= RETRY_FIRST * 2);
     }
 
     #[tokio::test]
