@@ -2,6 +2,8 @@
 //!
 //! - two operator instances on one Lease elect exactly one leader; when it stops, the other
 //!   takes over within the lease duration and reconciles a pool created after the handover;
+//! - four instances starting at the same moment on a Lease that does not exist yet: never
+//!   more than one leads, and one does;
 //! - a kubelet stand-in runs a real `refleet-reflector` process per reflector pod (on its
 //!   own loopback address), the operator reads their load with `HttpLoad`, and real
 //!   protocol-level clients joining shard 0 past the Session's threshold make the operator
@@ -615,4 +617,91 @@ async fn an_image_roll_over_moves_live_shards_to_the_new_reflector() {
         "{moving:?}"
     );
     rig.stop().await;
+}
+
+/// Instances race for Leases that do not exist yet: 12 Leases, two instances each, the second
+/// starting 0, 3, 6, … 33 ms after the first, to cover the window between one instance
+/// reading the Lease free and writing it. Taking a free Lease is a server-side apply without
+/// force; with a field manager shared by all instances both applies succeeded and both led
+/// until the next renewal (seen in the scale rig's smoke: two leaders for 10 s, reflectors
+/// reporting to the one that then stepped down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_racing_for_a_new_lease_never_lead_together() {
+    use refleet_operator::controller::leader::{LeaseSettings, lead};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const LEASES: usize = 12;
+    let Some((_kube, kubeconfig)) = start_kube("lease-race", 8) else {
+        return;
+    };
+    refleet_operator::controller::install_crypto_provider();
+    let admin = admin_client(&kubeconfig).await;
+    let ns = "refleet-lease-race";
+    prepare(&admin, ns).await;
+
+    // Per Lease: how many lead now, the most that ever led at once, leaderships begun.
+    let counts: Vec<[Arc<AtomicUsize>; 3]> = (0..LEASES)
+        .map(|_| std::array::from_fn(|_| Arc::new(AtomicUsize::new(0))))
+        .collect();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let start = Arc::new(tokio::sync::Barrier::new(LEASES * 2));
+    let mut tasks = Vec::new();
+    for (lease, [now, most, ever]) in counts.iter().enumerate() {
+        for second in [false, true] {
+            let (client, start) = (admin.clone(), start.clone());
+            let (now, most, ever) = (now.clone(), most.clone(), ever.clone());
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let settings = LeaseSettings {
+                    name: format!("race-{lease}"),
+                    namespace: ns.into(),
+                    identity: format!("racer-{lease}-{second}"),
+                    duration: Duration::from_secs(4),
+                    grace: Duration::from_secs(1),
+                };
+                start.wait().await;
+                if second {
+                    tokio::time::sleep(Duration::from_millis(3 * lease as u64)).await;
+                }
+                lead(
+                    client,
+                    settings,
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                    |_| {},
+                    |lost| {
+                        let (now, most, ever) = (now.clone(), most.clone(), ever.clone());
+                        async move {
+                            let leading = now.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(leading, Ordering::SeqCst);
+                            ever.fetch_add(1, Ordering::SeqCst);
+                            lost.await;
+                            now.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    },
+                )
+                .await
+                .unwrap();
+            }));
+        }
+    }
+    // Past two renewals of whoever leads (the split lasted until the first).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let seen: Vec<[usize; 3]> = counts
+        .iter()
+        .map(|c| std::array::from_fn(|i| c[i].load(Ordering::SeqCst)))
+        .collect();
+    assert!(
+        seen.iter()
+            .all(|[now, most, ever]| (*now, *most, *ever) == (1, 1, 1)),
+        "per Lease [leading now, most at once, leaderships]: {seen:?}"
+    );
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("every instance stops")
+            .unwrap();
+    }
 }

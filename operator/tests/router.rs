@@ -1815,3 +1815,49 @@ async fn a_lost_region_s_users_get_a_shard_in_the_next_region() {
         ("lobby~1", "us")
     );
 }
+
+/// A replica that loses the Lease keeps its open connections (a Service steers only new
+/// ones): it ends each open report stream at the next report, with UNAVAILABLE, so the
+/// reflector reconnects and reports where Routes are answered; a new stream is refused until
+/// it leads again.
+#[tokio::test]
+async fn a_replica_that_stops_leading_ends_its_open_report_streams() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", fleet_view(vec![session("lobby", 100, 1)], 1));
+    let key = ReportKey::new(&[7; 32]).unwrap();
+    let leading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(reports::serve(
+        listener,
+        ReportHub::new(r.clone(), Some(key.clone())).only_when(leading.clone()),
+        std::future::pending(),
+    ));
+    let eu = key.credential("r-eu", "eu").unwrap();
+    let s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 1, 0))
+        .await
+        .unwrap();
+    until("r-eu's stream", || r.live_streams().get("eu") == Some(&1)).await;
+
+    leading.store(false, Ordering::Relaxed);
+    s.tx.send(lobby_report("r-eu", "eu", 2, 1)).await.unwrap();
+    let ended = s.ended().await.expect("ended with a status");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(
+        ended.message().contains("no longer the leader"),
+        "{ended:?}"
+    );
+    until("no stream counted", || !r.live_streams().contains_key("eu")).await;
+    let refused = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 3, 1)).await;
+    assert_eq!(
+        refused.err().map(|s| s.code()),
+        Some(tonic::Code::Unavailable)
+    );
+    assert_eq!(r.metrics.report_refusals("silent"), 0);
+
+    leading.store(true, Ordering::Relaxed);
+    let _back = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 4, 1))
+        .await
+        .unwrap();
+    until("r-eu back", || r.live_streams().get("eu") == Some(&1)).await;
+}

@@ -3,8 +3,9 @@
 //! Every instance runs [`lead`]: it waits until it holds the Lease, runs the controllers
 //! while it does, stops them when it loses the Lease (and waits to lead again), and releases
 //! the Lease on shutdown so another instance takes over at once instead of after the lease
-//! duration. The crate renews the Lease `grace` seconds before it expires and writes it with
-//! server-side apply, so two instances cannot both hold it.
+//! duration. The crate renews the Lease `grace` seconds before it expires and takes a free one
+//! with a server-side apply under a field manager of this instance's own, so of two instances
+//! taking it at once one gets a conflict: they cannot both hold it.
 
 use std::future::Future;
 use std::time::Duration;
@@ -54,7 +55,11 @@ where
                 .as_secs()
                 .clamp(1, settings.duration.as_secs().max(2) - 1),
         )
-        .with_field_manager(format!("{}-lease", super::FIELD_MANAGER))
+        // One field manager per instance, as kube-lease-manager expects: taking a free Lease is
+        // a server-side apply without force, so when two instances take it at once the second
+        // gets a conflict on `holderIdentity`. A manager shared by all instances let both
+        // applies succeed and both instances lead until the next renewal.
+        .with_field_manager(lease_field_manager(&settings.identity))
         .build()
         .await?;
     let (mut rx, task) = manager.watch().await;
@@ -103,6 +108,18 @@ where
     }
 }
 
+/// The Lease's field manager of instance `identity` (field manager names are at most 128
+/// bytes).
+fn lease_field_manager(identity: &str) -> String {
+    let mut name = format!("{}-lease-{identity}", super::FIELD_MANAGER);
+    let mut end = name.len().min(128);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
+}
+
 async fn wait_true(mut rx: watch::Receiver<bool>) {
     while !*rx.borrow_and_update() {
         if rx.changed().await.is_err() {
@@ -121,5 +138,20 @@ async fn finish(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e),
         Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_field_manager;
+
+    #[test]
+    fn each_instance_has_its_own_bounded_field_manager() {
+        assert_eq!(lease_field_manager("op-a"), "refleet-operator-lease-op-a");
+        assert_ne!(lease_field_manager("op-a"), lease_field_manager("op-b"));
+        let long = "é".repeat(100);
+        let name = lease_field_manager(&long);
+        assert!(name.len() <= 128, "{}", name.len());
+        assert!(name.starts_with("refleet-operator-lease-é"));
     }
 }

@@ -176,6 +176,7 @@ impl Reports for ReportHub {
         }
         let router = self.router.clone();
         let grace = router.config().report_grace;
+        let leading = self.leading.clone();
         tokio::spawn(async move {
             let mut bound = identity;
             let mut name: Option<String> = None;
@@ -196,6 +197,21 @@ impl Reports for ReportHub {
                         .await;
                     break;
                 };
+                // A replica that lost the Lease keeps its open connections (a Service only
+                // steers new ones): end the stream, so the reflector reconnects to the leader
+                // and its load is counted where Routes are answered.
+                if leading
+                    .as_ref()
+                    .is_some_and(|l| !l.load(std::sync::atomic::Ordering::Relaxed))
+                {
+                    tracing::info!(reflector = ?name, "no longer the leader; closing the report stream");
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "no longer the leader; reconnect (the Service selects the leader)",
+                        )))
+                        .await;
+                    break;
+                }
                 match next {
                     Ok(Some(report)) => {
                         if let Err((reason, status)) = admit(&router, &mut bound, &report) {
