@@ -281,42 +281,37 @@ impl Cache {
 
     /// The Sessions of `namespace` that name pool `pool`, by name.
     pub fn sessions_of(&self, namespace: &str, pool: &str) -> Vec<Session> {
-        let mut out: Vec<Session> = self
-            .sessions
-            .store
-            .state()
-            .into_iter()
-            .filter(|s| s.namespace().as_deref() == Some(namespace) && s.spec.pool_ref.name == pool)
-            .map(|s| (*s).clone())
-            .collect();
-        out.sort_by_key(ResourceExt::name_any);
-        out
+        select(&self.sessions.store, namespace, |s| {
+            s.spec.pool_ref.name == pool
+        })
     }
 
     /// The reflector pods of pool `pool` in `namespace`, by name.
     pub fn pods_of(&self, namespace: &str, pool: &str) -> Vec<Pod> {
-        of_pool(&self.pods.store, namespace, pool)
+        select(&self.pods.store, namespace, |p| labelled(p, pool))
     }
 
     /// The per-pod Services of pool `pool` in `namespace`, by name.
     pub fn services_of(&self, namespace: &str, pool: &str) -> Vec<Service> {
-        of_pool(&self.services.store, namespace, pool)
+        select(&self.services.store, namespace, |s| labelled(s, pool))
     }
 }
 
-/// The objects of `store` in `namespace` labelled with pool `pool`, by name.
-fn of_pool<K: Resource<DynamicType = ()> + Clone + 'static>(
+/// Whether `object` carries pool `pool`'s label.
+fn labelled(object: &impl ResourceExt, pool: &str) -> bool {
+    object.labels().get(LABEL_POOL).map(String::as_str) == Some(pool)
+}
+
+/// The objects of `store` in `namespace` that `keep`, by name.
+fn select<K: Resource<DynamicType = ()> + Clone + 'static>(
     store: &Store<K>,
     namespace: &str,
-    pool: &str,
+    keep: impl Fn(&K) -> bool,
 ) -> Vec<K> {
     let mut out: Vec<K> = store
         .state()
         .into_iter()
-        .filter(|o| {
-            o.namespace().as_deref() == Some(namespace)
-                && o.labels().get(LABEL_POOL).map(String::as_str) == Some(pool)
-        })
+        .filter(|o| o.namespace().as_deref() == Some(namespace) && keep(o))
         .map(|o| (*o).clone())
         .collect();
     out.sort_by_key(ResourceExt::name_any);

@@ -112,11 +112,7 @@ where
 /// bytes).
 fn lease_field_manager(identity: &str) -> String {
     let mut name = format!("{}-lease-{identity}", super::FIELD_MANAGER);
-    let mut end = name.len().min(128);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    name.truncate(end);
+    name.truncate(name.floor_char_boundary(128));
     name
 }
 

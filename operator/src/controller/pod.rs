@@ -54,11 +54,6 @@ pub fn selector_labels(pool: &str, region: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// The label selector of every pod of `pool` (all regions).
-pub fn pool_selector(pool: &str) -> String {
-    format!("{LABEL_POOL}={pool}")
-}
-
 /// An owner reference making `pool` the controller of a pod.
 pub fn owner_ref(pool: &ReflectorPool) -> Option<OwnerReference> {
     pool.controller_owner_ref(&())

@@ -140,6 +140,11 @@ pub fn admit(
 type InstructionStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<Instruction, Status>> + Send>>;
 
+/// Whether this replica may take reports: it leads, or it was not told to follow the Lease.
+fn leading(flag: Option<&Arc<std::sync::atomic::AtomicBool>>) -> bool {
+    flag.is_none_or(|l| l.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 #[tonic::async_trait]
 impl Reports for ReportHub {
     type ReportStream = InstructionStream;
@@ -149,11 +154,7 @@ impl Reports for ReportHub {
         request: Request<Streaming<ReflectorReport>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
         let identity = self.authenticate(&request)?;
-        if self
-            .leading
-            .as_ref()
-            .is_some_and(|l| !l.load(std::sync::atomic::Ordering::Relaxed))
-        {
+        if !leading(self.leading.as_ref()) {
             return Err(Status::unavailable(
                 "not the leader; reconnect (the Service selects the leader)",
             ));
@@ -176,7 +177,7 @@ impl Reports for ReportHub {
         }
         let router = self.router.clone();
         let grace = router.config().report_grace;
-        let leading = self.leading.clone();
+        let still_leading = self.leading.clone();
         tokio::spawn(async move {
             let mut bound = identity;
             let mut name: Option<String> = None;
@@ -200,10 +201,7 @@ impl Reports for ReportHub {
                 // A replica that lost the Lease keeps its open connections (a Service only
                 // steers new ones): end the stream, so the reflector reconnects to the leader
                 // and its load is counted where Routes are answered.
-                if leading
-                    .as_ref()
-                    .is_some_and(|l| !l.load(std::sync::atomic::Ordering::Relaxed))
-                {
+                if !leading(still_leading.as_ref()) {
                     tracing::info!(reflector = ?name, "no longer the leader; closing the report stream");
                     let _ = tx
                         .send(Err(Status::unavailable(
