@@ -10,8 +10,9 @@
 //! ```
 //!
 //! A sync used to GET its pool and LIST the namespace's Sessions and the pool's pods (and
-//! Services, with `perPodService`) on every run; at thousands of Sessions that is the bulk of the operator's traffic and of the
-//! apiserver's work. Now one watch per kind fills a store, and a sync only writes.
+//! Services, with `perPodService`) on every run; at thousands of Sessions that is the bulk
+//! of the operator's traffic and of the apiserver's work. Now one watch per kind fills a
+//! store, and a sync only writes.
 //!
 //! Each watch is driven by a task of its own, never by a controller: a controller that stops
 //! polling its trigger (busy, shutting down, waiting for another store) must not freeze what
