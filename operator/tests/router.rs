@@ -1861,3 +1861,83 @@ async fn a_replica_that_stops_leading_ends_its_open_report_streams() {
         .unwrap();
     until("r-eu back", || r.live_streams().get("eu") == Some(&1)).await;
 }
+
+/// A published shard of session `session` on `reflector`, committing 10 users.
+fn placed(session: &str, index: u32, reflector: &str, region: &str, users: u32) -> ShardRecord {
+    ShardRecord {
+        session: format!("default/app/{session}"),
+        name: if index == 0 {
+            session.to_owned()
+        } else {
+            format!("{session}~{index}")
+        },
+        index,
+        pool: POOL.into(),
+        region: region.into(),
+        reflector: Some(reflector.into()),
+        committed_users: 10,
+        users,
+        reserved: 0,
+        phase: ShardPhase::Open,
+        empty_since: None,
+        moving_to: None,
+        moved_at: None,
+    }
+}
+
+/// Where the Route puts session `lobby`'s next shard, with `shards` published (two shards
+/// fit on each reflector, one reflector per region) and the sessions `lobby`, `b` and
+/// `old`; `first` is routed before it.
+async fn next_lobby_shard(shards: Vec<ShardRecord>, first: Option<&str>) -> (String, String) {
+    let (r, _) = router(RouterConfig::default());
+    let sessions = ["lobby", "b", "old"].map(|s| session(s, 10, 5)).to_vec();
+    let mut view = fleet_view(sessions, 2);
+    view.input.shards = shards;
+    r.publish("local", view);
+    if let Some(s) = first {
+        r.route(&req(s, "eu"), |_| Ok(())).await.unwrap();
+    }
+    let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    (a.shard, a.region)
+}
+
+#[tokio::test]
+async fn a_new_shard_takes_only_the_room_the_rest_of_the_pool_leaves() {
+    let eu = |s: &str, i, users| placed(s, i, "r-eu", "eu", users);
+    let mut closing = eu("old", 0, 0);
+    closing.phase = ShardPhase::Closing;
+    let mut closing_in_use = closing.clone();
+    closing_in_use.users = 3;
+
+    // Room left on r-eu for one shard: the new one goes there.
+    let found = next_lobby_shard(vec![eu("b", 0, 0)], None).await;
+    assert_eq!(found, ("lobby".into(), "eu".into()));
+    // A closing shard nobody is on holds no room; one still in use does.
+    let found = next_lobby_shard(vec![eu("b", 0, 0), closing], None).await;
+    assert_eq!(found, ("lobby".into(), "eu".into()));
+    let found = next_lobby_shard(vec![eu("b", 0, 0), closing_in_use], None).await;
+    assert_eq!(found, ("lobby".into(), "us".into()), "r-eu is full");
+    // A shard this router opened for another session since the plan takes room too.
+    let found = next_lobby_shard(vec![eu("old", 0, 9)], Some("b")).await;
+    assert_eq!(
+        found,
+        ("lobby".into(), "us".into()),
+        "b took r-eu's last slot"
+    );
+    // The session's own shard is counted once: lobby~1 joins it on r-eu.
+    let found = next_lobby_shard(vec![eu("lobby", 0, 9)], None).await;
+    assert_eq!(found, ("lobby~1".into(), "eu".into()));
+}
+
+#[tokio::test]
+async fn a_session_whose_pool_is_not_published_is_refused_with_the_reason() {
+    let (r, _) = router(RouterConfig::default());
+    let mut stray = session("stray", 10, 5);
+    stray.pool = "default/missing".into();
+    r.publish("local", fleet_view(vec![stray], 2));
+    let err = r.route(&req("stray", ""), |_| Ok(())).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("no ReflectorPool default/missing"),
+        "{err:?}"
+    );
+}

@@ -95,11 +95,16 @@
 //!    each held by the cool-down. Last, because the demand it sizes for is what placement
 //!    made of the fleet.
 //! 9. **Emit** (`PlanState::finish`): the [`Plan`].
+//!
+//! [`plan_shards`] runs phases 1 to 5 alone. With [`session_input`] it opens the shards of
+//! one session without planning its pool (`narrow.rs`): how the router opens a shard the
+//! moment a Route needs one.
 
 mod adopt;
 mod drain;
 mod model;
 mod moves;
+mod narrow;
 mod sessions;
 mod size;
 mod slots;
@@ -108,6 +113,9 @@ mod state;
 mod tests;
 
 pub use model::*;
+pub use narrow::{
+    Held, HeldRoom, ShardPlan, holds_room, plan_shards, session_input, with_room_left,
+};
 
 use state::PlanState;
 
@@ -123,16 +131,7 @@ fn at_threshold(load: u64, policy: &ShardPolicy) -> bool {
 /// Computes the desired state. Pure: the same input always gives the same plan.
 pub fn plan(input: &PlanInput) -> Plan {
     let mut state = PlanState::new(input);
-    state.adopt_shards();
-    state.place_pending();
-    state.group_by_session();
-    for s in 0..input.sessions.len() {
-        if state.session_regions(s) {
-            state.close_idle(s);
-            state.open_shards(s);
-        }
-    }
-    state.set_shard_phases();
+    state.place_shards();
     state.drain_stale();
     state.plan_moves();
     state.tally_regions();
@@ -142,4 +141,21 @@ pub fn plan(input: &PlanInput) -> Plan {
         state.scale_down(r);
     }
     state.finish()
+}
+
+impl PlanState<'_> {
+    /// Phases 2 to 5: every shard placed and in its phase. [`plan`] goes on with the
+    /// reflectors; [`plan_shards`] stops here.
+    fn place_shards(&mut self) {
+        self.adopt_shards();
+        self.place_pending();
+        self.group_by_session();
+        for s in 0..self.input.sessions.len() {
+            if self.session_regions(s) {
+                self.close_idle(s);
+                self.open_shards(s);
+            }
+        }
+        self.set_shard_phases();
+    }
 }

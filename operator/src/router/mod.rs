@@ -49,6 +49,7 @@ pub mod client;
 pub mod ledger;
 pub mod metrics;
 pub mod moves;
+mod open;
 pub mod pick;
 pub mod placement;
 pub mod placement_watch;
@@ -260,6 +261,18 @@ impl std::fmt::Debug for Router {
     }
 }
 
+/// The `(session, name)` of each of `shards`, for membership tests that would otherwise
+/// scan them once per shard looked for; empty when not `needed`.
+fn shard_ids(shards: &[ShardRecord], needed: bool) -> FastSet<(&str, &str)> {
+    if !needed {
+        return FastSet::default();
+    }
+    shards
+        .iter()
+        .map(|s| (s.session.as_str(), s.name.as_str()))
+        .collect()
+}
+
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -371,16 +384,17 @@ impl Router {
                 input.sessions.push(d.clone());
             }
         }
-        for sh in &inner.opened {
-            if pools.contains(sh.pool.as_str())
-                && !input
-                    .shards
-                    .iter()
-                    .any(|s| s.session == sh.session && s.name == sh.name)
-            {
-                input.shards.push(sh.clone());
-            }
-        }
+        let planned = shard_ids(&input.shards, !inner.opened.is_empty());
+        let new: Vec<ShardRecord> = inner
+            .opened
+            .iter()
+            .filter(|sh| {
+                pools.contains(sh.pool.as_str())
+                    && !planned.contains(&(sh.session.as_str(), sh.name.as_str()))
+            })
+            .cloned()
+            .collect();
+        input.shards.extend(new);
         for e in inner.moves.expire(now) {
             self.settle_move(&mut inner, e);
         }
@@ -423,14 +437,16 @@ impl Router {
         let Inner {
             opened, demanded, ..
         } = &mut *inner;
-        opened.retain(|o| {
-            !fleet
-                .input
-                .shards
-                .iter()
-                .any(|s| s.session == o.session && s.name == o.name)
-        });
-        demanded.retain(|k, _| !fleet.input.shards.iter().any(|s| &s.session == k));
+        let planned = shard_ids(
+            &fleet.input.shards,
+            !opened.is_empty() || !demanded.is_empty(),
+        );
+        opened.retain(|o| !planned.contains(&(o.session.as_str(), o.name.as_str())));
+        if !demanded.is_empty() {
+            let sessions: FastSet<&str> = planned.iter().map(|(session, _)| *session).collect();
+            demanded.retain(|k, _| !sessions.contains(k.as_str()));
+        }
+        drop(planned);
         inner.fleet.publish(key, fleet);
         inner.published_since_takeover = true;
         drop(inner);

@@ -11,7 +11,7 @@
 //! 4. hold anonymous callers to their limits ([`over_client_cap`], [`share_reached`]);
 //! 5. pick the fullest shard below the threshold in the first region that has one
 //!    ([`super::pick`]), or wait for a shard that is opening;
-//! 6. else open a shard at once with the planner ([`open_shard`]);
+//! 6. else open a shard at once with the planner, on that session alone ([`super::open`]);
 //! 7. reserve the place ([`Router::reserve`]).
 //!
 //! Signing the token and the transports are not here: [`Router::route_as`] turns an
@@ -29,11 +29,7 @@ use super::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load
 use super::view::{FleetState, Published, SessionDef, app_ids};
 use super::{Caller, Inner, RouteError, Router, lock};
 use crate::crd::{SessionSpec, ShardPhase};
-use refleet_core::planner::{
-    Decision, Plan, PlanInput, PoolInput, ReflectorState, SessionInput, ShardPolicy, ShardRecord,
-    plan, session_key,
-};
-use refleet_core::shard::parse_shard_name;
+use refleet_core::planner::{PlanInput, PoolInput, ReflectorState, ShardRecord, session_key};
 
 /// The outcome of one attempt under the lock.
 pub(super) enum Attempt {
@@ -96,12 +92,12 @@ impl RouteError {
 }
 
 /// The session a Route is for and the regions to try, resolved once per attempt.
-struct Target<'v> {
-    def: &'v SessionDef,
+pub(super) struct Target<'v> {
+    pub(super) def: &'v SessionDef,
     /// The planner's session key.
-    key: String,
+    pub(super) key: String,
     /// The regions to try, preferred first.
-    order: Vec<String>,
+    pub(super) order: Vec<String>,
 }
 
 impl<'v> Target<'v> {
@@ -277,7 +273,7 @@ pub(super) struct Inherited<'a> {
 }
 
 impl<'a> Inherited<'a> {
-    fn of(inner: &'a Inner, now: Millis) -> Self {
+    pub(super) fn of(inner: &'a Inner, now: Millis) -> Self {
         Self::new(
             &inner.mine,
             now < inner.warm_until,
@@ -285,7 +281,7 @@ impl<'a> Inherited<'a> {
         )
     }
 
-    fn new(mine: &'a FastSet<(String, String)>, warm: bool, taken_over: bool) -> Self {
+    pub(super) fn new(mine: &'a FastSet<(String, String)>, warm: bool, taken_over: bool) -> Self {
         Self {
             mine,
             warm,
@@ -293,7 +289,7 @@ impl<'a> Inherited<'a> {
         }
     }
 
-    fn held_full(&self, fleet: &FleetState, sh: &ShardRecord) -> bool {
+    pub(super) fn held_full(&self, fleet: &FleetState, sh: &ShardRecord) -> bool {
         let unheard = || {
             sh.reflector
                 .as_deref()
@@ -544,7 +540,7 @@ impl Router {
         if self.catching_up(inner, view, target, now) {
             return Ok(None);
         }
-        let opened = open_shard(inner, view, target, &req.session, now, self.grace())?;
+        let opened = super::open::open_shard(inner, view, target, &req.session, now, self.grace())?;
         self.metrics.shard_opened(&opened.region);
         let url = opened
             .reflector
@@ -616,277 +612,6 @@ pub(super) fn fill_load(fleet: &FleetState, ledger: &Ledger, input: &mut PlanInp
             }
         }
     }
-}
-
-/// Opens a shard for the target now: the planner on the published input of its pool, with
-/// the router's reservations and the session marked waiting, so that the shard is the one
-/// the backend's next plan would open too.
-fn open_shard(
-    inner: &mut Inner,
-    view: &Published,
-    target: &Target<'_>,
-    name: &str,
-    now: Millis,
-    grace: Millis,
-) -> Result<ShardRecord, RouteError> {
-    let (def, key) = (target.def, target.key.as_str());
-    let mut input = pool_input(&view.fleet.input, &inner.opened, &def.pool);
-    if let Some(demanded) = mark_waiting(&mut input, def, key, name, &target.order) {
-        // Kept until a published view holds a shard of it: the next plan must keep it.
-        inner.demanded.insert(key.to_owned(), demanded);
-    }
-    let adopted = adopt_reported(&mut input, &inner.fleet, def, key, name);
-    fill_load(&inner.fleet, &inner.ledger, &mut input, now);
-    // The plan must see what the Route saw: a ready reflector the router cannot send users
-    // to (silent or draining on its stream) has no room for a new shard, and the session's
-    // shards on it count as full; otherwise the plan would keep counting on room there. It
-    // still counts as one of its region's reflectors, as it does for the backend's plan,
-    // so the new shard goes where the backend would keep it.
-    // So does a reflector that reported and went silent, whatever its pod says now (a lost
-    // node makes its pods NotReady: they look like starting ones, but are not coming).
-    let lost = |name: &str| inner.fleet.silent(name, now, grace);
-    let blocked: FastSet<String> = input
-        .reflectors
-        .iter()
-        .filter(|r| {
-            lost(&r.name)
-                || (r.state == ReflectorState::Ready
-                    && inner
-                        .fleet
-                        .routable_url(view, &r.name, now, grace)
-                        .is_none())
-        })
-        .map(|r| r.name.clone())
-        .collect();
-    for r in input
-        .reflectors
-        .iter_mut()
-        .filter(|r| blocked.contains(&r.name))
-    {
-        r.capacity.sessions = 0;
-        r.capacity.users = 0;
-    }
-    // A region that lost reflectors and has none the router can send users to is down (its
-    // nodes are gone): nothing there takes the new shard, no new reflector is planned there
-    // either, and the shard goes to the next region the Session allows.
-    let mut down: Vec<(String, String)> = Vec::new();
-    for pool in &input.pools {
-        for region in &pool.regions {
-            let here = || {
-                input
-                    .reflectors
-                    .iter()
-                    .filter(|r| r.pool == pool.id && r.region == region.name)
-            };
-            let alive =
-                here().any(|r| r.state == ReflectorState::Ready && !blocked.contains(&r.name));
-            if !alive && here().any(|r| lost(&r.name)) {
-                down.push((pool.id.clone(), region.name.clone()));
-            }
-        }
-    }
-    for (pool, region) in &down {
-        let count = input
-            .reflectors
-            .iter_mut()
-            .filter(|r| &r.pool == pool && &r.region == region)
-            .map(|r| {
-                r.capacity.sessions = 0;
-                r.capacity.users = 0;
-            })
-            .count() as u32;
-        for spec in input
-            .pools
-            .iter_mut()
-            .filter(|p| &p.id == pool)
-            .flat_map(|p| p.regions.iter_mut())
-            .filter(|r| &r.name == region)
-        {
-            spec.max_reflectors = count;
-            spec.min_reflectors = spec.min_reflectors.min(count);
-        }
-    }
-    // Full for the plan, as for the Route: shards adopted from reports (the Route cannot send
-    // users to them before a plan publishes them), shards on blocked reflectors, and
-    // inherited shards the Route counts as full.
-    let t = threshold_load(def.spec.max_users_per_shard, def.spec.scale_up_threshold);
-    let inherited = Inherited::of(inner, now);
-    hold_full(&mut input, key, t, |sh| {
-        adopted.contains(&sh.name)
-            || sh.reflector.as_ref().is_some_and(|r| blocked.contains(r))
-            || inherited.held_full(&inner.fleet, sh)
-    });
-    let shard = shard_opened_by(&plan(&input), key).map_err(|why| RouteError::Exhausted {
-        message: format!("session {name:?}: {why}"),
-        retry_after: Duration::from_secs(2),
-    })?;
-    tracing::info!(session = %key, shard = %shard.name, region = %shard.region, reflector = ?shard.reflector, "router opened a shard");
-    inner.mine.insert((key.to_owned(), shard.name.clone()));
-    inner.opened.push(shard.clone());
-    Ok(shard)
-}
-
-/// The part of the published input that belongs to `pool`, with the shards this router
-/// opened since: the planner is scoped to one pool per call.
-fn pool_input(published: &PlanInput, opened: &[ShardRecord], pool: &str) -> PlanInput {
-    PlanInput {
-        pools: published
-            .pools
-            .iter()
-            .filter(|p| p.id == pool)
-            .cloned()
-            .collect(),
-        sessions: published
-            .sessions
-            .iter()
-            .filter(|s| s.pool == pool)
-            .cloned()
-            .collect(),
-        reflectors: published
-            .reflectors
-            .iter()
-            .filter(|r| r.pool == pool)
-            .cloned()
-            .collect(),
-        shards: published
-            .shards
-            .iter()
-            .chain(opened.iter())
-            .filter(|s| s.pool == pool)
-            .cloned()
-            .collect(),
-        history: published.history.clone(),
-        now: published.now,
-        move_requests: Vec::new(),
-    }
-}
-
-/// Marks the session waiting, with the Route's region order, so the planner opens a shard
-/// for it where the client wants one. A pattern session no plan knows yet is added; it is
-/// returned so the router can remember the demand.
-fn mark_waiting(
-    input: &mut PlanInput,
-    def: &SessionDef,
-    key: &str,
-    name: &str,
-    order: &[String],
-) -> Option<SessionInput> {
-    if let Some(s) = input.sessions.iter_mut().find(|s| s.key == key) {
-        s.waiting = true;
-        s.policy.regions = order.to_vec();
-        return None;
-    }
-    let s = SessionInput {
-        key: key.to_owned(),
-        name: name.to_owned(),
-        pool: def.pool.clone(),
-        policy: ShardPolicy {
-            regions: order.to_vec(),
-            ..ShardPolicy::from(&def.spec)
-        },
-        deleted: false,
-        waiting: true,
-    };
-    input.sessions.push(s.clone());
-    Some(s)
-}
-
-/// Adds to `input` the shards of session `name` (key `key`) that reflectors report with users but no
-/// plan holds (a previous leader opened them and no status records them yet), as open shards
-/// of the reflector reporting them, so a new shard never takes one of their names. The
-/// Route does not send users to them until a published plan has them. Returns their names.
-fn adopt_reported(
-    input: &mut PlanInput,
-    fleet: &FleetState,
-    def: &SessionDef,
-    key: &str,
-    name: &str,
-) -> FastSet<String> {
-    let mut adopted = FastSet::default();
-    for (reflector, shards) in fleet.hosted() {
-        let Some(region) = input
-            .reflectors
-            .iter()
-            .find(|r| r.name == reflector)
-            .map(|r| r.region.clone())
-        else {
-            continue;
-        };
-        for (app, shard, users) in shards {
-            let Some((base, index)) = parse_shard_name(shard) else {
-                continue;
-            };
-            // An empty one is not adopted (as the backends do): nobody would be split from it.
-            if app != def.spec.app_id
-                || users == 0
-                || base != name
-                || input
-                    .shards
-                    .iter()
-                    .any(|s| s.session == key && s.name == shard)
-            {
-                continue;
-            }
-            input.shards.push(ShardRecord {
-                session: key.to_owned(),
-                name: shard.to_owned(),
-                index,
-                pool: def.pool.clone(),
-                region: region.clone(),
-                reflector: Some(reflector.to_owned()),
-                committed_users: def.spec.max_users_per_shard,
-                users,
-                reserved: 0,
-                phase: ShardPhase::Open,
-                empty_since: None,
-                moving_to: None,
-                moved_at: None,
-            });
-            adopted.insert(shard.to_owned());
-        }
-    }
-    adopted
-}
-
-/// Raises the load of session `key`'s shards that `held` picks to the threshold load `t`,
-/// so the planner sees them at their threshold.
-fn hold_full(input: &mut PlanInput, key: &str, t: u64, held: impl Fn(&ShardRecord) -> bool) {
-    for sh in input.shards.iter_mut().filter(|s| s.session == key) {
-        let load = sh.load();
-        if load < t && held(sh) {
-            sh.reserved = sh
-                .reserved
-                .saturating_add(u32::try_from(t - load).unwrap_or(u32::MAX));
-        }
-    }
-}
-
-/// The shard the plan opens for session `key`, or why it opens none.
-fn shard_opened_by(plan: &Plan, key: &str) -> Result<ShardRecord, String> {
-    let opened = plan.decisions.iter().find_map(|d| match d {
-        Decision::OpenShard { session, shard, .. } if session == key => Some(shard.as_str()),
-        _ => None,
-    });
-    opened
-        .and_then(|n| {
-            plan.shards
-                .iter()
-                .find(|s| s.session == key && s.name == n)
-                .cloned()
-        })
-        .ok_or_else(|| {
-            plan.decisions
-                .iter()
-                .find_map(|d| match d {
-                    Decision::SessionDegraded {
-                        session, message, ..
-                    } if session == key => Some(message.clone()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| {
-                    "every shard is at its threshold and no new shard can open".to_owned()
-                })
-        })
 }
 
 /// Checks a Route's fields before anything is looked up.
@@ -1154,76 +879,5 @@ mod tests {
         let mut spec = target.spec().clone();
         spec.max_shards = 1;
         assert_eq!(free_places_for_anonymous(&shards, &spec), 8);
-    }
-
-    #[test]
-    fn a_new_shard_is_planned_on_the_pool_input_with_the_session_waiting() {
-        let mut other = shard("b", 0, "r9");
-        other.pool = "ns/other".into();
-        let view = published(vec![other]);
-        let def = &view.fleet.sessions[0];
-        let opened = [shard("a", 1, "r1")];
-        let mut input = pool_input(&view.fleet.input, &opened, "ns/pool");
-        assert_eq!(input.pools.len(), 1);
-        let names: Vec<&str> = input.shards.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["a~1"],
-            "other pools' shards left out, the router's own in"
-        );
-
-        let order = regions(&["us", "eu"]);
-        let demanded = mark_waiting(&mut input, def, KEY, "a", &order).unwrap();
-        assert!(demanded.waiting);
-        assert_eq!(demanded.policy.regions, order);
-        assert_eq!(input.sessions, [demanded]);
-        // Known already: marked, not added again.
-        assert!(mark_waiting(&mut input, def, KEY, "a", &regions(&["eu"])).is_none());
-        assert_eq!(input.sessions.len(), 1);
-        assert_eq!(input.sessions[0].policy.regions, regions(&["eu"]));
-    }
-
-    #[test]
-    fn the_plan_names_the_new_shard_or_why_there_is_none() {
-        let view = published(vec![]);
-        let def = &view.fleet.sessions[0];
-        let mut input = pool_input(&view.fleet.input, &[], "ns/pool");
-        mark_waiting(&mut input, def, KEY, "a", &regions(&["eu"]));
-        let shard = shard_opened_by(&plan(&input), KEY).unwrap();
-        assert_eq!((shard.name.as_str(), shard.region.as_str()), ("a", "eu"));
-        assert_eq!(shard.reflector.as_deref(), Some("r1"));
-
-        let mut no_pool = pool_input(&view.fleet.input, &[], "ns/missing");
-        mark_waiting(&mut no_pool, def, KEY, "a", &regions(&["eu"]));
-        no_pool.sessions[0].pool = "ns/missing".into();
-        let why = shard_opened_by(&plan(&no_pool), KEY).unwrap_err();
-        assert!(why.contains("no ReflectorPool"), "{why}");
-        assert_eq!(
-            shard_opened_by(&Plan::default(), KEY).unwrap_err(),
-            "every shard is at its threshold and no new shard can open"
-        );
-    }
-
-    #[test]
-    fn hold_full_raises_the_picked_shards_of_one_session_to_the_threshold_for_the_planner() {
-        let mut input = PlanInput {
-            shards: vec![
-                shard("a", 0, "r1"),
-                shard("a", 1, "r1"),
-                shard("b", 0, "r1"),
-            ],
-            ..PlanInput::default()
-        };
-        input.shards[0].users = 3;
-        let mine = FastSet::from_iter([(KEY.to_owned(), "a~1".to_owned())]);
-        let inherited = Inherited::new(&mine, true, true);
-        let fleet = FleetState::default();
-        hold_full(&mut input, KEY, 8, |sh| inherited.held_full(&fleet, sh));
-        let loads: Vec<u64> = input.shards.iter().map(ShardRecord::load).collect();
-        assert_eq!(
-            loads,
-            [8, 0, 0],
-            "the router's own shard and other sessions untouched"
-        );
     }
 }

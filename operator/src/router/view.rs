@@ -22,8 +22,10 @@ use foldhash::HashMap as FastMap;
 
 use super::ledger::Millis;
 use crate::crd::SessionSpec;
+use crate::crd::ShardPhase;
 use refleet_core::planner::{
-    ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardRecord, split_session_key,
+    Held, HeldRoom, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardRecord,
+    split_session_key,
 };
 
 /// A Session object as the router needs it.
@@ -66,15 +68,56 @@ pub(super) struct Published {
     named: FastMap<String, Vec<usize>>,
     /// Reflector name → index in `fleet.input.reflectors`.
     reflector_at: FastMap<String, usize>,
+    /// Session key → index in `fleet.input.sessions`.
+    input_session_at: FastMap<String, usize>,
+    /// Namespace → name of each exact-name Session → index in `fleet.sessions`.
+    exact: FastMap<String, FastMap<String, usize>>,
+    /// Indexes in `fleet.sessions` of the `namePattern` Sessions.
+    patterns: Vec<usize>,
+    /// The room every shard that is not closing holds on its reflectors. A closing shard's
+    /// room depends on whether anyone is still on it, which the Route counts when it opens
+    /// a shard ([`Published::closing`]).
+    held: HeldRoom,
+    /// Indexes in `fleet.input.shards` of the closing shards.
+    closing: Vec<usize>,
 }
 
 impl Published {
     pub(super) fn new(fleet: FleetView) -> Self {
         let mut shards_of: FastMap<String, Vec<usize>> = FastMap::default();
         let mut named: FastMap<String, Vec<usize>> = FastMap::default();
+        let mut held = HeldRoom::default();
+        let mut closing = Vec::new();
         for (i, sh) in fleet.input.shards.iter().enumerate() {
             shards_of.entry(sh.session.clone()).or_default().push(i);
             named.entry(sh.name.clone()).or_default().push(i);
+            if sh.phase == ShardPhase::Closing {
+                closing.push(i);
+            } else {
+                held.charge(sh);
+            }
+        }
+        let input_session_at = fleet
+            .input
+            .sessions
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.key.clone(), i))
+            .collect();
+        let mut exact: FastMap<String, FastMap<String, usize>> = FastMap::default();
+        let mut patterns = Vec::new();
+        for (i, d) in fleet.sessions.iter().enumerate() {
+            match &d.spec.name {
+                // The first of two Sessions with one name wins, as the scan used to pick it.
+                Some(name) => {
+                    exact
+                        .entry(d.namespace.clone())
+                        .or_default()
+                        .entry(name.clone())
+                        .or_insert(i);
+                }
+                None => patterns.push(i),
+            }
         }
         let reflector_at = fleet
             .input
@@ -88,7 +131,43 @@ impl Published {
             shards_of,
             named,
             reflector_at,
+            input_session_at,
+            exact,
+            patterns,
+            held,
+            closing,
         }
+    }
+
+    /// The planner's record of the session with key `key`, if the plan has it.
+    pub(super) fn input_session(&self, key: &str) -> Option<&SessionInput> {
+        self.input_session_at
+            .get(key)
+            .map(|&i| &self.fleet.input.sessions[i])
+    }
+
+    /// The room the shards of the plan that are not closing hold on `reflector`.
+    pub(super) fn held(&self, reflector: &str) -> Held {
+        self.held.of(reflector)
+    }
+
+    /// The closing shards of the plan.
+    pub(super) fn closing_shards(&self) -> impl Iterator<Item = &ShardRecord> + '_ {
+        self.closing.iter().map(|&i| &self.fleet.input.shards[i])
+    }
+
+    /// The index in `fleet.sessions` of the Session named exactly `name` in `namespace`.
+    fn exact_session(&self, namespace: &str, name: &str) -> Option<usize> {
+        self.exact.get(namespace)?.get(name).copied()
+    }
+
+    /// The index in `fleet.sessions` of the first `namePattern` Session of `namespace` that
+    /// matches `name`.
+    fn pattern_session(&self, namespace: &str, name: &str) -> Option<usize> {
+        self.patterns.iter().copied().find(|&i| {
+            let d = &self.fleet.sessions[i];
+            d.namespace == namespace && d.spec.matches(name)
+        })
     }
 
     pub(super) fn reflector(&self, name: &str) -> Option<&ObservedReflector> {
@@ -220,21 +299,13 @@ impl FleetState {
         namespace: &str,
         name: &str,
     ) -> Option<(Arc<Published>, usize)> {
-        let mut pattern = None;
-        for v in self.published.values() {
-            for (i, d) in v.fleet.sessions.iter().enumerate() {
-                if d.namespace != namespace {
-                    continue;
-                }
-                if d.spec.name.as_deref() == Some(name) {
-                    return Some((v.clone(), i));
-                }
-                if pattern.is_none() && d.spec.name.is_none() && d.spec.matches(name) {
-                    pattern = Some((v.clone(), i));
-                }
-            }
-        }
-        pattern
+        // An exact name in any view wins over a pattern in an earlier one.
+        let found = |f: fn(&Published, &str, &str) -> Option<usize>| {
+            self.published
+                .values()
+                .find_map(|v| f(v, namespace, name).map(|i| (v.clone(), i)))
+        };
+        found(Published::exact_session).or_else(|| found(Published::pattern_session))
     }
 
     /// Published shards named `name` (of any app and session).
@@ -461,6 +532,19 @@ impl FleetState {
                     .collect();
                 (name.as_str(), shards)
             })
+    }
+
+    /// What the reflectors whose reports count host of app `app`: `(reflector, shard,
+    /// users)`, without visiting other apps' shards.
+    pub(super) fn hosted_of_app<'a>(
+        &'a self,
+        app: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a str, u32)> + 'a {
+        self.live
+            .iter()
+            .filter(|(_, l)| !l.expired)
+            .filter_map(move |(name, l)| Some((name.as_str(), l.users.get(app)?)))
+            .flat_map(|(name, shards)| shards.iter().map(move |(sh, n)| (name, sh.as_str(), *n)))
     }
 
     /// Reflectors whose report stream is open and not silent, per region (as of the last

@@ -383,3 +383,128 @@ fn input_for(pool: PoolInput, policies: Vec<ShardPolicy>) -> PlanInput {
         ..PlanInput::default()
     }
 }
+
+/// Whether the whole plan of `input` places a shard that waits for a reflector before any
+/// session opens one: a shard without a reflector, or (with moves on) one whose reflector
+/// is gone, of a live session.
+fn places_waiting_shards(input: &PlanInput) -> bool {
+    let moves = input.pools.iter().any(|p| p.moves.enabled);
+    input.shards.iter().any(|s| {
+        let live = input
+            .sessions
+            .iter()
+            .any(|x| x.key == s.session && !x.deleted);
+        let gone = s
+            .reflector
+            .as_ref()
+            .is_some_and(|r| !input.reflectors.iter().any(|x| &x.name == r));
+        live && (s.reflector.is_none() || (gone && moves && s.phase != ShardPhase::Closing))
+    })
+}
+
+/// The shard a plan opens for `key` (name, region, reflector), or the reasons it is degraded.
+fn opening_of(
+    decisions: &[Decision],
+    key: &str,
+) -> Result<(String, String, Option<String>), Vec<Reason>> {
+    decisions
+        .iter()
+        .find_map(|d| match d {
+            Decision::OpenShard {
+                session,
+                shard,
+                region,
+                reflector,
+                ..
+            } if session == key => Some((shard.clone(), region.clone(), reflector.clone())),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            decisions
+                .iter()
+                .filter_map(|d| match d {
+                    Decision::SessionDegraded {
+                        session, reason, ..
+                    } if session == key => Some(*reason),
+                    _ => None,
+                })
+                .collect()
+        })
+}
+
+/// For every live session of `input` with a client waiting, planning it alone
+/// ([`session_input`], [`plan_shards`]) opens the shard the whole plan opens when it comes
+/// first. Returns `(sessions compared, of which a shard opened)`.
+fn alone_matches_whole(input: &PlanInput) -> Result<(usize, usize), TestCaseError> {
+    if places_waiting_shards(input) {
+        return Ok((0, 0));
+    }
+    let (mut compared, mut opened) = (0, 0);
+    for (s, session) in input.sessions.iter().enumerate() {
+        if session.deleted {
+            continue;
+        }
+        let mut waiting = session.clone();
+        waiting.waiting = true;
+        let mut whole = input.clone();
+        whole.sessions.remove(s);
+        whole.sessions.insert(0, waiting.clone());
+        let expected = opening_of(&super::super::plan(&whole).decisions, &session.key);
+
+        let mut others = HeldRoom::default();
+        let mut own = Vec::new();
+        for shard in &input.shards {
+            if shard.session == session.key {
+                own.push(shard.clone());
+            } else {
+                others.charge(shard);
+            }
+        }
+        let alone = session_input(
+            input.pools[0].clone(),
+            waiting,
+            own,
+            &input.reflectors,
+            |r| others.of(r),
+            input.now,
+        );
+        let got = opening_of(&plan_shards(&alone).decisions, &session.key);
+        prop_assert_eq!(&got, &expected, "session {}", &session.key);
+        compared += 1;
+        opened += usize::from(got.is_ok());
+    }
+    Ok((compared, opened))
+}
+
+#[test]
+fn one_session_planned_alone_opens_the_shard_the_whole_plan_opens() {
+    use std::cell::Cell;
+    let (compared, opened) = (Cell::new(0), Cell::new(0));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 96,
+        ..ProptestConfig::default()
+    });
+    let strategy = (
+        pool_strategy(),
+        prop::collection::vec(session_strategy(), 1..10),
+        prop::collection::vec(step_strategy(), 1..30),
+    );
+    runner
+        .run(&strategy, |(pool, policies, steps)| {
+            let mut input = input_for(pool, policies);
+            let (mut serial, mut image) = (0, 0);
+            for step in &steps {
+                let (c, o) = alone_matches_whole(&input)?;
+                compared.set(compared.get() + c);
+                opened.set(opened.get() + o);
+                let plan = super::super::plan(&input);
+                let next = apply(&input, &plan, step.dt, &mut serial);
+                input = world(next, step, &mut image);
+            }
+            Ok(())
+        })
+        .unwrap();
+    // The comparison must have run, on openings as well as refusals.
+    assert!(compared.get() > 500, "{} sessions compared", compared.get());
+    assert!(opened.get() > 200, "{} openings compared", opened.get());
+}

@@ -1,0 +1,413 @@
+//! # Opening a shard at once, for one Session
+//!
+//! When every routable shard of a session is at its threshold and none is opening, the
+//! Route opens the next one itself instead of waiting for the backend's next plan. It runs
+//! the same pure planner the backend runs, on an input of that session alone
+//! ([`refleet_core::planner::session_input`]): its own shards, marked waiting, and its
+//! pool's reflectors offering only the room the pool's other shards leave them (summed
+//! once per published view, [`Published::held`], and adjusted here for what changed since:
+//! the shards this router opened and the closing shards still in use). So a new shard costs
+//! the session's shards and the pool's reflectors, not the whole pool: planning the pool
+//! was half of a saturated leader's core (docs/scale.md).
+//!
+//! What the Route saw, the plan must see too: reflectors the Route cannot send users to
+//! offer no room, a region whose reflectors are lost is down, and shards the Route counts
+//! as full (adopted from reports, on blocked reflectors, inherited after a failover) are
+//! held at their threshold.
+
+use std::time::Duration;
+
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
+
+use super::pick::threshold_load;
+use super::route::{Target, fill_load};
+use super::view::{FleetState, Published, SessionDef};
+use super::{Inner, RouteError};
+use crate::crd::ShardPhase;
+use refleet_core::planner::{
+    Decision, HeldRoom, PlanInput, ReflectorState, SessionInput, ShardPlan, ShardPolicy,
+    ShardRecord, plan_shards, session_input, split_session_key,
+};
+use refleet_core::shard::parse_shard_name;
+
+use super::ledger::{Ledger, Millis};
+use super::route::Inherited;
+
+/// Opens a shard for the target now and records it as this router's; `name` is the
+/// session name the client asked for.
+pub(super) fn open_shard(
+    inner: &mut Inner,
+    view: &Published,
+    target: &Target<'_>,
+    name: &str,
+    now: Millis,
+    grace: Millis,
+) -> Result<ShardRecord, RouteError> {
+    let (def, key) = (target.def, target.key.as_str());
+    let refused = |why: String| RouteError::Exhausted {
+        message: format!("session {name:?}: {why}"),
+        retry_after: Duration::from_secs(2),
+    };
+    let Some(pool) = view.fleet.input.pools.iter().find(|p| p.id == def.pool) else {
+        return Err(refused(format!(
+            "no ReflectorPool {} in this namespace",
+            def.pool
+        )));
+    };
+    let (session, demanded) =
+        waiting_session(view.input_session(key), def, key, name, &target.order);
+    if demanded {
+        // Kept until a published view holds a shard of it: the next plan must keep it.
+        inner.demanded.insert(key.to_owned(), session.clone());
+    }
+    let own: Vec<ShardRecord> = view
+        .session_shards(key)
+        .chain(inner.opened.iter().filter(|s| s.session == key))
+        .cloned()
+        .collect();
+    let others = others_room(
+        view,
+        &inner.opened,
+        &inner.fleet,
+        &inner.ledger,
+        key,
+        &def.pool,
+        now,
+    );
+    let mut input = session_input(
+        pool.clone(),
+        session,
+        own,
+        &view.fleet.input.reflectors,
+        |r| view.held(r) + others.of(r),
+        view.fleet.input.now,
+    );
+    let adopted = adopt_reported(&mut input, view, &inner.fleet, def, key, name);
+    fill_load(&inner.fleet, &inner.ledger, &mut input, now);
+    let blocked = block_unreachable(&mut input, inner, view, now, grace);
+    // Full for the plan, as for the Route: shards adopted from reports (the Route cannot send
+    // users to them before a plan publishes them), shards on blocked reflectors, and
+    // inherited shards the Route counts as full.
+    let t = threshold_load(def.spec.max_users_per_shard, def.spec.scale_up_threshold);
+    let inherited = Inherited::of(inner, now);
+    hold_full(&mut input, key, t, |sh| {
+        adopted.contains(&sh.name)
+            || sh.reflector.as_ref().is_some_and(|r| blocked.contains(r))
+            || inherited.held_full(&inner.fleet, sh)
+    });
+    let shard = shard_opened_by(&plan_shards(&input), key).map_err(refused)?;
+    tracing::info!(session = %key, shard = %shard.name, region = %shard.region, reflector = ?shard.reflector, "router opened a shard");
+    inner.mine.insert((key.to_owned(), shard.name.clone()));
+    inner.opened.push(shard.clone());
+    Ok(shard)
+}
+
+/// The room that changed since `view` was published, besides the session `key`'s own
+/// shards: the view's sum holds them (they are the input's, so they come out), it lacks
+/// the shards of `pool` this router opened since and the closing shards someone is still
+/// on (users reported or places reserved).
+fn others_room(
+    view: &Published,
+    opened: &[ShardRecord],
+    fleet: &FleetState,
+    ledger: &Ledger,
+    key: &str,
+    pool: &str,
+    now: Millis,
+) -> HeldRoom {
+    let mut room = HeldRoom::default();
+    for sh in view.session_shards(key) {
+        if sh.phase != ShardPhase::Closing {
+            room.release(sh);
+        }
+    }
+    for sh in opened.iter().filter(|s| s.pool == pool && s.session != key) {
+        room.charge(sh);
+    }
+    for sh in view
+        .closing_shards()
+        .filter(|s| s.pool == pool && s.session != key)
+    {
+        let Some((_, app, _)) = split_session_key(&sh.session) else {
+            continue;
+        };
+        let mut now_loaded = sh.clone();
+        now_loaded.reserved = ledger.pending(app, &sh.name, now);
+        if let Some(users) = fleet.users(app, &sh.name) {
+            now_loaded.users = users;
+        }
+        room.charge(&now_loaded);
+    }
+    room
+}
+
+/// Blocks, for the plan, what the Route cannot use, and returns the blocked reflectors:
+///
+/// - a ready reflector the router cannot send users to (silent or draining on its stream)
+///   has no room for a new shard, and the session's shards on it count as full; otherwise
+///   the plan would keep counting on room there. It still counts as one of its region's
+///   reflectors, as it does for the backend's plan, so the new shard goes where the
+///   backend would keep it. So does a reflector that reported and went silent, whatever its
+///   pod says now (a lost node makes its pods NotReady: they look like starting ones, but
+///   are not coming);
+/// - a region that lost reflectors and has none the router can send users to is down (its
+///   nodes are gone): nothing there takes the new shard, no new reflector is planned there
+///   either, and the shard goes to the next region the Session allows.
+fn block_unreachable(
+    input: &mut PlanInput,
+    inner: &Inner,
+    view: &Published,
+    now: Millis,
+    grace: Millis,
+) -> FastSet<String> {
+    let lost = |name: &str| inner.fleet.silent(name, now, grace);
+    // Per region: (a reflector the router can send users to, a lost one, how many).
+    let mut regions: FastMap<String, (bool, bool, u32)> = FastMap::default();
+    let mut blocked = FastSet::default();
+    for r in &mut input.reflectors {
+        let is_lost = lost(&r.name);
+        let unreachable = is_lost
+            || (r.state == ReflectorState::Ready
+                && inner
+                    .fleet
+                    .routable_url(view, &r.name, now, grace)
+                    .is_none());
+        let region = regions.entry(r.region.clone()).or_default();
+        region.0 |= r.state == ReflectorState::Ready && !unreachable;
+        region.1 |= is_lost;
+        region.2 += 1;
+        if unreachable {
+            r.capacity.sessions = 0;
+            r.capacity.users = 0;
+            blocked.insert(r.name.clone());
+        }
+    }
+    for (name, &(alive, any_lost, count)) in &regions {
+        if alive || !any_lost {
+            continue;
+        }
+        for r in input.reflectors.iter_mut().filter(|r| &r.region == name) {
+            r.capacity.sessions = 0;
+            r.capacity.users = 0;
+        }
+        for spec in input
+            .pools
+            .iter_mut()
+            .flat_map(|p| p.regions.iter_mut())
+            .filter(|r| &r.name == name)
+        {
+            spec.max_reflectors = count;
+            spec.min_reflectors = spec.min_reflectors.min(count);
+        }
+    }
+    blocked
+}
+
+/// The session as the plan must see it: waiting for a shard, in the Route's region order.
+/// A pattern session no plan knows yet (`known` is `None`) is new; `true` says so, so that
+/// the router can remember the demand.
+fn waiting_session(
+    known: Option<&SessionInput>,
+    def: &SessionDef,
+    key: &str,
+    name: &str,
+    order: &[String],
+) -> (SessionInput, bool) {
+    let (mut s, new) = match known {
+        Some(s) => (s.clone(), false),
+        None => (
+            SessionInput {
+                key: key.to_owned(),
+                name: name.to_owned(),
+                pool: def.pool.clone(),
+                policy: ShardPolicy::from(&def.spec),
+                deleted: false,
+                waiting: true,
+            },
+            true,
+        ),
+    };
+    s.waiting = true;
+    s.policy.regions = order.to_vec();
+    (s, new)
+}
+
+/// Adds to `input` the shards of session `name` (key `key`) that reflectors of its pool
+/// report with users but no plan holds (a previous leader opened them and no status
+/// records them yet), as open shards of the reflector reporting them, so a new shard never
+/// takes one of their names. The Route does not send users to them until a published plan
+/// has them. Returns their names.
+fn adopt_reported(
+    input: &mut PlanInput,
+    view: &Published,
+    fleet: &FleetState,
+    def: &SessionDef,
+    key: &str,
+    name: &str,
+) -> FastSet<String> {
+    let mut adopted = FastSet::default();
+    for (reflector, shard, users) in fleet.hosted_of_app(&def.spec.app_id) {
+        // An empty one is not adopted (as the backends do): nobody would be split from it.
+        if users == 0 || parse_shard_name(shard).is_none_or(|(base, _)| base != name) {
+            continue;
+        }
+        let Some(observed) = view.reflector(reflector).filter(|r| r.pool == def.pool) else {
+            continue;
+        };
+        let Some((_, index)) = parse_shard_name(shard) else {
+            continue;
+        };
+        if input
+            .shards
+            .iter()
+            .any(|s| s.session == key && s.name == shard)
+        {
+            continue;
+        }
+        input.shards.push(ShardRecord {
+            session: key.to_owned(),
+            name: shard.to_owned(),
+            index,
+            pool: def.pool.clone(),
+            region: observed.region.clone(),
+            reflector: Some(reflector.to_owned()),
+            committed_users: def.spec.max_users_per_shard,
+            users,
+            reserved: 0,
+            phase: ShardPhase::Open,
+            empty_since: None,
+            moving_to: None,
+            moved_at: None,
+        });
+        adopted.insert(shard.to_owned());
+    }
+    adopted
+}
+
+/// Raises the load of session `key`'s shards that `held` picks to the threshold load `t`,
+/// so the planner sees them at their threshold.
+fn hold_full(input: &mut PlanInput, key: &str, t: u64, held: impl Fn(&ShardRecord) -> bool) {
+    for sh in input.shards.iter_mut().filter(|s| s.session == key) {
+        let load = sh.load();
+        if load < t && held(sh) {
+            sh.reserved = sh
+                .reserved
+                .saturating_add(u32::try_from(t - load).unwrap_or(u32::MAX));
+        }
+    }
+}
+
+/// The shard the plan opens for session `key`, or why it opens none.
+fn shard_opened_by(plan: &ShardPlan, key: &str) -> Result<ShardRecord, String> {
+    let opened = plan.decisions.iter().find_map(|d| match d {
+        Decision::OpenShard { session, shard, .. } if session == key => Some(shard.as_str()),
+        _ => None,
+    });
+    opened
+        .and_then(|n| {
+            plan.shards
+                .iter()
+                .find(|s| s.session == key && s.name == n)
+                .cloned()
+        })
+        .ok_or_else(|| {
+            plan.decisions
+                .iter()
+                .find_map(|d| match d {
+                    Decision::SessionDegraded {
+                        session, message, ..
+                    } if session == key => Some(message.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| {
+                    "every shard is at its threshold and no new shard can open".to_owned()
+                })
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::router::view::tests::{session, shard};
+    use refleet_core::planner::{OpenReason, Reason};
+
+    const KEY: &str = "ns/app/a";
+
+    fn regions(r: &[&str]) -> Vec<String> {
+        r.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_session_waits_in_the_route_s_region_order_and_a_new_one_is_demanded() {
+        let def = session(None, Some("a*"));
+        let order = regions(&["us", "eu"]);
+        let (new, demanded) = waiting_session(None, &def, KEY, "a", &order);
+        assert!(demanded);
+        assert!(new.waiting);
+        assert_eq!((new.key.as_str(), new.name.as_str()), (KEY, "a"));
+        assert_eq!(new.policy.regions, order);
+
+        let mut known = new.clone();
+        known.waiting = false;
+        known.policy.regions = regions(&["eu"]);
+        let (s, demanded) = waiting_session(Some(&known), &def, KEY, "a", &order);
+        assert!(!demanded, "the plan knows it already");
+        assert!(s.waiting);
+        assert_eq!(s.policy.regions, order);
+    }
+
+    #[test]
+    fn the_plan_names_the_new_shard_or_why_there_is_none() {
+        let mut opened = shard("a", 1, "r1");
+        opened.session = KEY.into();
+        let plan = ShardPlan {
+            shards: vec![shard("a", 0, "r1"), opened.clone()],
+            decisions: vec![Decision::OpenShard {
+                session: KEY.into(),
+                shard: "a~1".into(),
+                region: "eu".into(),
+                reflector: Some("r1".into()),
+                reason: OpenReason::AllShardsAtThreshold,
+                fell_back_from: Vec::new(),
+            }],
+        };
+        assert_eq!(shard_opened_by(&plan, KEY).unwrap(), opened);
+        let degraded = ShardPlan {
+            shards: Vec::new(),
+            decisions: vec![Decision::SessionDegraded {
+                session: KEY.into(),
+                reason: Reason::CapacityExhausted,
+                message: "no room".into(),
+            }],
+        };
+        assert_eq!(shard_opened_by(&degraded, KEY).unwrap_err(), "no room");
+        assert_eq!(
+            shard_opened_by(&ShardPlan::default(), KEY).unwrap_err(),
+            "every shard is at its threshold and no new shard can open"
+        );
+    }
+
+    #[test]
+    fn hold_full_raises_the_picked_shards_of_one_session_to_the_threshold_for_the_planner() {
+        let mut input = PlanInput {
+            shards: vec![
+                shard("a", 0, "r1"),
+                shard("a", 1, "r1"),
+                shard("b", 0, "r1"),
+            ],
+            ..PlanInput::default()
+        };
+        input.shards[0].users = 3;
+        let mine = FastSet::from_iter([(KEY.to_owned(), "a~1".to_owned())]);
+        let inherited = Inherited::new(&mine, true, true);
+        let fleet = FleetState::default();
+        hold_full(&mut input, KEY, 8, |sh| inherited.held_full(&fleet, sh));
+        let loads: Vec<u64> = input.shards.iter().map(ShardRecord::load).collect();
+        assert_eq!(
+            loads,
+            [8, 0, 0],
+            "the router's own shard and other sessions untouched"
+        );
+    }
+}
