@@ -1941,3 +1941,24 @@ async fn a_session_whose_pool_is_not_published_is_refused_with_the_reason() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn the_snapshot_holds_the_shards_the_router_opened_once() {
+    let (r, _) = router(RouterConfig::default());
+    let view = fleet_view(vec![session("lobby", 10, 5)], 2);
+    r.publish("local", view.clone());
+    let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    let names =
+        |r: &Router| -> Vec<String> { r.snapshot().shards.into_iter().map(|s| s.name).collect() };
+    assert_eq!(names(&r), [a.shard.clone()], "opened, not yet planned");
+    let mut planned = view;
+    planned.input.shards = vec![placed("lobby", 0, "r-eu", "eu", 0)];
+    planned.input.shards.push(placed("b", 0, "r-eu", "eu", 4));
+    r.publish("local", planned);
+    assert_eq!(names(&r), ["lobby", "b"], "planned now: listed once");
+    let snap = r.snapshot();
+    assert_eq!(
+        snap.shards[1].users, 4,
+        "the plan's count while nobody reports"
+    );
+}

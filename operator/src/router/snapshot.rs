@@ -4,12 +4,16 @@
 //! shows the operator's fleet without a second copy of the router's state.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use foldhash::HashSet as FastSet;
 
 use refleet_core::planner::{
     ObservedReflector, PoolInput, SessionInput, ShardRecord, split_session_key,
 };
 use tokio::sync::watch;
 
+use super::view::Published;
 use super::{Router, SessionDef, lock};
 
 /// What a reflector's report stream says now.
@@ -44,13 +48,48 @@ pub struct FleetSnapshot {
 }
 
 impl Router {
-    /// The fleet as this router knows it now.
+    /// The fleet as this router knows it now. Under the router's lock it only takes the
+    /// published views (shared, not copied), the shards opened since and the reported
+    /// users per shard; the copying happens after, so Routes do not wait for it.
     pub fn snapshot(&self) -> FleetSnapshot {
         let now = self.now();
-        let mut inner = lock(&self.inner);
-        self.expire_reports(&mut inner.fleet, now);
-        let mut snap = FleetSnapshot::default();
-        for view in inner.fleet.published() {
+        let (views, opened, users, reported) = {
+            let mut inner = lock(&self.inner);
+            self.expire_reports(&mut inner.fleet, now);
+            let views: Vec<Arc<Published>> = inner.fleet.published_shared().collect();
+            let planned: FastSet<(&str, &str)> = views
+                .iter()
+                .flat_map(|v| v.fleet.input.shards.iter())
+                .map(|s| (s.session.as_str(), s.name.as_str()))
+                .collect();
+            let opened: Vec<ShardRecord> = inner
+                .opened
+                .iter()
+                .filter(|o| !planned.contains(&(o.session.as_str(), o.name.as_str())))
+                .cloned()
+                .collect();
+            drop(planned);
+            let users: Vec<Option<u32>> = views
+                .iter()
+                .flat_map(|v| v.fleet.input.shards.iter())
+                .chain(&opened)
+                .map(|sh| {
+                    let (_, app, _) = split_session_key(&sh.session)?;
+                    inner.fleet.users(app, &sh.name)
+                })
+                .collect();
+            let reported = inner
+                .fleet
+                .reported()
+                .map(|(name, users, draining)| (name.to_owned(), Reported { users, draining }))
+                .collect();
+            (views, opened, users, reported)
+        };
+        let mut snap = FleetSnapshot {
+            reported,
+            ..FleetSnapshot::default()
+        };
+        for view in &views {
             let f = &view.fleet;
             snap.pools.extend(f.input.pools.iter().cloned());
             snap.sessions.extend(f.input.sessions.iter().cloned());
@@ -62,31 +101,12 @@ impl Router {
                 .extend(f.gateways.iter().map(|(k, v)| (k.clone(), v.clone())));
             snap.shards.extend(f.input.shards.iter().cloned());
         }
-        snap.shards.extend(
-            inner
-                .opened
-                .iter()
-                .filter(|o| {
-                    !snap
-                        .shards
-                        .iter()
-                        .any(|s| s.session == o.session && s.name == o.name)
-                })
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
-        for sh in &mut snap.shards {
-            if let Some((_, app, _)) = split_session_key(&sh.session)
-                && let Some(n) = inner.fleet.users(app, &sh.name)
-            {
+        snap.shards.extend(opened);
+        for (sh, n) in snap.shards.iter_mut().zip(users) {
+            if let Some(n) = n {
                 sh.users = n;
             }
         }
-        snap.reported = inner
-            .fleet
-            .reported()
-            .map(|(name, users, draining)| (name.to_owned(), Reported { users, draining }))
-            .collect();
         snap
     }
 

@@ -287,6 +287,11 @@ impl FleetState {
             .insert(key.to_owned(), Arc::new(Published::new(fleet)));
     }
 
+    /// The published views, shared: a caller may keep them after the lock is released.
+    pub(super) fn published_shared(&self) -> impl Iterator<Item = Arc<Published>> + '_ {
+        self.published.values().cloned()
+    }
+
     pub(super) fn published(&self) -> impl Iterator<Item = &Published> + '_ {
         self.published.values().map(|p| &**p)
     }
