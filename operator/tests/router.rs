@@ -1950,7 +1950,7 @@ async fn the_snapshot_holds_the_shards_the_router_opened_once() {
     let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
     let names =
         |r: &Router| -> Vec<String> { r.snapshot().shards.into_iter().map(|s| s.name).collect() };
-    assert_eq!(names(&r), [a.shard.clone()], "opened, not yet planned");
+    assert_eq!(names(&r), [a.shard], "opened, not yet planned");
     let mut planned = view;
     planned.input.shards = vec![placed("lobby", 0, "r-eu", "eu", 0)];
     planned.input.shards.push(placed("b", 0, "r-eu", "eu", 4));
