@@ -2,14 +2,21 @@
 //!
 //! Every session already has shard 0 (ten per reflector) and one in nine is at its
 //! threshold, so the plan also opens ~11 000 shards. Run with
-//! `cargo bench -p refleet-operator --bench planner`; the target is under 100 ms.
+//! `cargo bench -p refleet-core --bench planner`; the target is under 100 ms.
+//!
+//! Group `open_one_shard`: what a Route that finds a session full pays to open its next
+//! shard on the same fleet, the way the router did it before (copy the pool's input, mark
+//! the session waiting, plan the whole pool) against the way it does now (the session alone
+//! on its pool's reflectors with the room the other shards hold taken off, `plan_shards`).
+//! The room held is summed once per published plan, so it is built outside the timing.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use refleet_core::planner::{
-    Capacity, ObservedReflector, PlacementStrategy, PlanInput, PoolInput, ReflectorState,
+    Capacity, HeldRoom, ObservedReflector, PlacementStrategy, PlanInput, PoolInput, ReflectorState,
     RegionInput, ScaleHistory, SessionInput, ShardPhase, ShardPolicy, ShardRecord, plan,
+    plan_shards, session_input,
 };
 use refleet_core::shard::shard_name;
 
@@ -114,5 +121,69 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// The first decision that opens a shard for `key`: `(shard, reflector)`.
+fn opened(
+    decisions: &[refleet_core::planner::Decision],
+    key: &str,
+) -> Option<(String, Option<String>)> {
+    decisions.iter().find_map(|d| match d {
+        refleet_core::planner::Decision::OpenShard {
+            session,
+            shard,
+            reflector,
+            ..
+        } if session == key => Some((shard.clone(), reflector.clone())),
+        _ => None,
+    })
+}
+
+fn open_one_shard(c: &mut Criterion) {
+    let input = fleet();
+    // room-85: 85 users of 100, past the 0.8 threshold.
+    let s = 85;
+    let key = input.sessions[s].key.clone();
+    let whole = |input: &PlanInput| {
+        let mut copy = input.clone();
+        copy.sessions[s].waiting = true;
+        opened(&plan(&copy).decisions, &key)
+    };
+    let mut others = HeldRoom::default();
+    for sh in input.shards.iter().filter(|sh| sh.session != key) {
+        others.charge(sh);
+    }
+    // The router finds a session's shards by an index too.
+    let own_shards: Vec<ShardRecord> = input
+        .shards
+        .iter()
+        .filter(|sh| sh.session == key)
+        .cloned()
+        .collect();
+    let alone = |input: &PlanInput| {
+        let own = own_shards.clone();
+        let mut session = input.sessions[s].clone();
+        session.waiting = true;
+        let narrow = session_input(
+            input.pools[0].clone(),
+            session,
+            own,
+            &input.reflectors,
+            |r| others.of(r),
+            input.now,
+        );
+        opened(&plan_shards(&narrow).decisions, &key)
+    };
+    assert!(whole(&input).is_some(), "the whole plan opens a shard");
+    assert_eq!(alone(&input), whole(&input), "both open the same shard");
+    let mut group = c.benchmark_group("open_one_shard");
+    group.sample_size(10);
+    group.bench_function("whole_pool_100k_sessions_10k_reflectors", |b| {
+        b.iter(|| whole(black_box(&input)))
+    });
+    group.bench_function("session_alone_100k_sessions_10k_reflectors", |b| {
+        b.iter(|| alone(black_box(&input)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, open_one_shard);
 criterion_main!(benches);

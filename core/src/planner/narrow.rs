@@ -115,9 +115,10 @@ pub fn with_room_left(reflector: &ObservedReflector, held: Held) -> ObservedRefl
 }
 
 /// The input for opening shards of `session` alone: its `pool`, the session, its own
-/// `shards` (with their load filled in), and the pool's `reflectors`, each offering only
-/// the room that `others` (the room the pool's other shards hold) leaves it. For
-/// [`plan_shards`]: it carries no scaling history, so sizing on it means nothing.
+/// `shards` (with their load filled in), and the pool's `reflectors` in the regions the
+/// session may use (all, when it names none), each offering only the room that `others`
+/// (the room the pool's other shards hold) leaves it. For [`plan_shards`]: it carries no
+/// scaling history, so sizing on it means nothing.
 pub fn session_input<'a>(
     pool: PoolInput,
     session: SessionInput,
@@ -126,10 +127,11 @@ pub fn session_input<'a>(
     others: impl Fn(&str) -> Held,
     now: Seconds,
 ) -> PlanInput {
+    let allowed = &session.policy.regions;
     PlanInput {
         reflectors: reflectors
             .into_iter()
-            .filter(|r| r.pool == pool.id)
+            .filter(|r| r.pool == pool.id && (allowed.is_empty() || allowed.contains(&r.region)))
             .map(|r| with_room_left(r, others(&r.name)))
             .collect(),
         pools: vec![pool],
@@ -279,5 +281,18 @@ mod tests {
         );
         assert_eq!(narrow.reflectors[1].capacity, full.reflectors[1].capacity);
         assert_eq!(narrow.sessions.len(), 1);
+
+        let mut eu_only = full.sessions[0].clone();
+        eu_only.policy.regions = vec!["eu".into()];
+        let narrow = session_input(
+            full.pools[0].clone(),
+            eu_only,
+            Vec::new(),
+            &full.reflectors,
+            |r| others.of(r),
+            full.now,
+        );
+        let names: Vec<&str> = narrow.reflectors.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["eu-a"], "only the regions it may use");
     }
 }
