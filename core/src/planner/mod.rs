@@ -12,8 +12,8 @@
 //! reflectors each region should have, and a [`Decision`] with a reason for each change. It
 //! does no I/O and reads no clock, so the same input always gives the same plan. The state
 //! it needs between runs (shards, `empty_since`, the scaling history) is part of its output
-//! and comes back as input; the controllers keep it, the router calls `plan` with its own
-//! reservations to open a shard at once.
+//! and comes back as input; the controllers keep it. The router opens a shard at once with
+//! [`plan_shards`] on one session's input ([`session_input`]), its reservations counted.
 //!
 //! ## Rules
 //!

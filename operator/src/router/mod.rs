@@ -4,7 +4,7 @@
 //!  Route ──► Router::route ──► catalog (Session / namePattern) ──► shards of the session
 //!                │                                                   │ users (reports) + reservations (ledger)
 //!                │                      pick: preferred region, fullest shard below threshold
-//!                ├── none below ──► planner::plan(pool, session waiting) ──► new shard at once
+//!                ├── none below ──► planner::plan_shards(session alone, waiting) ──► new shard at once
 //!                │                   (pending ⇒ wake the backend, wait for its reflector)
 //!                └── reserve (ledger) + sign a join token ──► answer
 //!  backend loop (local fleet / controllers): prepare(input) → plan → publish(fleet view)
@@ -19,8 +19,8 @@
 //! publishes after every plan what exists ([`Router::publish`]), and before every plan
 //! adds what the router did since ([`Router::prepare`]: the shards it opened, its
 //! reservations, the pattern sessions clients asked for). Between two plans the router
-//! opens shards itself by calling the same pure planner on the published input, so a burst
-//! of clients is never refused for lack of a reconcile.
+//! opens shards itself by calling the same pure planner on the session concerned alone
+//! (`open`), so a burst of clients is never refused for lack of a reconcile.
 //!
 //! **Who reserves.** A caller with a known API key is its app's; anyone else is an
 //! anonymous caller, known by its address ([`client`]). Reservations are released when
@@ -40,7 +40,8 @@
 //! transports, and the lock that makes one Route's decisions atomic. What the router knows
 //! is `view` (published [`FleetView`]s with their indexes, reported load and its expiry);
 //! what it decides is `route` (the Route policy: shard load, held places, anonymous
-//! limits, opening a shard, reserving), on [`pick`] (the pure choice among shards) and
+//! limits, reserving) and `open` (opening a shard for one session), on [`pick`] (the pure
+//! choice among shards) and
 //! [`ledger`] (reservations). [`moves`] carries out the planner's moves. [`service`] and
 //! [`reports`] are the gRPC/JSON front ends, [`client`] tells callers apart, [`metrics`]
 //! counts.

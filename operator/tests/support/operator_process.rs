@@ -141,7 +141,12 @@ impl OperatorProcess {
 impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_file(&self.log);
+        // A failing test keeps the log: what the operator did is what explains most failures.
+        if std::thread::panicking() {
+            eprintln!("operator log kept: {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
