@@ -1,7 +1,7 @@
 //! The observe → plan → act loop of the local backend.
 //!
 //! Each [`Fleet::tick`] asks the [`Launcher`] what every reflector is doing (starting,
-//! running with its `/sessions`, exited), turns that and the config into a [`PlanInput`]
+//! running with its `/sessions`, exited), turns that and the config into a [`PlanInput`](refleet_core::planner::PlanInput)
 //! (load per shard comes from the sessions' JOIN names, `<appId>/<shard>`), runs the pure
 //! [`plan`], and carries the plan out: starts the reflectors a region should add, drains
 //! (SIGTERM) those the planner drains, forgets those that exited. The plan's shards and

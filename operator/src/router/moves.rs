@@ -208,7 +208,7 @@ impl MoveBook {
 
     /// The hand-offs to ask for now, with the source to ask and the target (told to accept
     /// the shard): moves without an outcome whose target is `ready` and whose source
-    /// `has_stream`, not asked within [`ASK_AGAIN`].
+    /// `has_stream`, not asked within `ASK_AGAIN`.
     pub fn due(
         &mut self,
         now: Millis,

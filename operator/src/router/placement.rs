@@ -11,7 +11,7 @@
 //! reconnects after a move reaches the new host. Readers that keep a copy (the gateway's
 //! table in another process) refresh it when [`Router::placement_changed`] ticks: every
 //! publish, every reflector whose reports expire or resume, and whatever else calls
-//! [`Router::bump_placement`].
+//! `Router::bump_placement`.
 
 use std::collections::BTreeMap;
 

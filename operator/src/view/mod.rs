@@ -163,7 +163,7 @@ impl Hub {
 const SETTLE: Duration = Duration::from_millis(250);
 
 /// Feeds `hub` from the operator's router until `stop`, then closes it: a snapshot after
-/// every published plan or report (at most one per [`SETTLE`]), and one per chart sample.
+/// every published plan or report (at most one per `SETTLE`), and one per chart sample.
 pub async fn follow_router(
     hub: Arc<Hub>,
     router: Arc<Router>,
