@@ -329,14 +329,10 @@ fn shard_opened_by(plan: &ShardPlan, key: &str) -> Result<ShardRecord, String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::router::view::tests::{session, shard};
+    use crate::router::view::tests::{regions, session, shard};
     use refleet_core::planner::{OpenReason, Reason};
 
     const KEY: &str = "ns/app/a";
-
-    fn regions(r: &[&str]) -> Vec<String> {
-        r.iter().map(|s| (*s).to_owned()).collect()
-    }
 
     #[test]
     fn the_session_waits_in_the_route_s_region_order_and_a_new_one_is_demanded() {

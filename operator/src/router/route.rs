@@ -663,15 +663,11 @@ mod tests {
 
     use super::*;
     use crate::crd::{Capacity, PlacementStrategy};
-    use crate::router::view::tests::{reflector, session, shard};
+    use crate::router::view::tests::{reflector, regions, session, shard};
     use crate::router::view::{FleetView, ShardUsers};
     use refleet_core::planner::{ObservedReflector, RegionInput};
 
     const KEY: &str = "ns/app/a";
-
-    fn regions(r: &[&str]) -> Vec<String> {
-        r.iter().map(|s| (*s).to_owned()).collect()
-    }
 
     fn pool(id: &str, names: &[&str]) -> PoolInput {
         PoolInput {

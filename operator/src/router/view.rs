@@ -593,6 +593,10 @@ pub(super) mod tests {
         }
     }
 
+    pub(in crate::router) fn regions(r: &[&str]) -> Vec<String> {
+        r.iter().map(|s| (*s).to_owned()).collect()
+    }
+
     pub(in crate::router) fn shard(session: &str, index: u32, reflector: &str) -> ShardRecord {
         ShardRecord {
             session: format!("ns/app/{session}"),
