@@ -162,8 +162,21 @@ impl Hub {
 /// reflector at a time) before it builds a snapshot.
 const SETTLE: Duration = Duration::from_millis(250);
 
+/// After a snapshot that took `cost` to build, how long the view rests before the next:
+/// nine times the cost, so that building snapshots takes at most a tenth of a core however
+/// large the fleet, and at most [`MAX_REST`], so the view never lags far behind.
+fn rest_after(cost: Duration) -> Duration {
+    cost.saturating_mul(9).min(MAX_REST)
+}
+
+/// The longest rest between two snapshots of a large fleet.
+const MAX_REST: Duration = Duration::from_secs(10);
+
 /// Feeds `hub` from the operator's router until `stop`, then closes it: a snapshot after
-/// every published plan or report (at most one per `SETTLE`), and one per chart sample.
+/// every published plan or report (at most one per `SETTLE`), and one per chart sample,
+/// each followed by a rest in proportion to its cost ([`rest_after`]). Snapshots are built
+/// on a blocking thread: for thousands of shards they take milliseconds of CPU, which Routes
+/// on the async workers must not wait for.
 pub async fn follow_router(
     hub: Arc<Hub>,
     router: Arc<Router>,
@@ -188,10 +201,19 @@ pub async fn follow_router(
                 changes.mark_unchanged();
             }
         }
-        hub.update(
-            status::from_router(&router.snapshot()),
-            router.metrics.routes_total(),
-        );
+        let started = std::time::Instant::now();
+        let (h, r) = (hub.clone(), router.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            h.update(status::from_router(&r.snapshot()), r.metrics.routes_total());
+        });
+        if built.await.is_err() {
+            tracing::error!("building the fleet view's snapshot failed; the view stops here");
+            break;
+        }
+        tokio::select! {
+            () = &mut stop => break,
+            () = tokio::time::sleep(rest_after(started.elapsed())) => {}
+        }
     }
     hub.close();
 }
@@ -200,6 +222,16 @@ pub async fn follow_router(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_rests_nine_times_what_a_snapshot_cost_and_at_most_ten_seconds() {
+        assert_eq!(rest_after(Duration::ZERO), Duration::ZERO);
+        assert_eq!(
+            rest_after(Duration::from_millis(20)),
+            Duration::from_millis(180)
+        );
+        assert_eq!(rest_after(Duration::from_secs(5)), MAX_REST);
+    }
     use crate::crd::ShardPhase;
     use crate::view::status::ShardView;
 
