@@ -674,7 +674,8 @@ pub struct SessionStatus {
     #[serde(default)]
     pub shard_count: u32,
 
-    /// Connected users over all shards.
+    /// Connected users over all shards. When only user counts change, they are written at
+    /// most once per the operator's `--status-counts-every` (10 s by default).
     #[serde(default)]
     pub users: u64,
 

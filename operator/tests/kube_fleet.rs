@@ -76,6 +76,7 @@ impl Operator {
             lease_renew_before: Duration::from_secs(1).into(),
             metrics_listen: metrics,
             resync: Duration::from_secs(1).into(),
+            status_counts_every: Duration::from_secs(2).into(),
             log_format: LogFormat::Text,
             routing,
         };

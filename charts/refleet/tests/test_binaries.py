@@ -31,6 +31,7 @@ OPERATOR_FLAGS = {
     "--lease-duration": "REFLEET_LEASE_DURATION",
     "--lease-renew-before": "REFLEET_LEASE_RENEW_BEFORE",
     "--resync": "REFLEET_RESYNC",
+    "--status-counts-every": "REFLEET_STATUS_COUNTS_EVERY",
     "--log-format": "REFLEET_LOG_FORMAT",
     "--metrics-listen": "REFLEET_METRICS_LISTEN",
     "--router-listen": "REFLEET_ROUTER_LISTEN",

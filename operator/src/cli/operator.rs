@@ -71,6 +71,13 @@ pub struct OperatorArgs {
     #[arg(long, env = "REFLEET_RESYNC", default_value = "10s")]
     pub resync: humantime::Duration,
 
+    /// How often at most a Session's status is rewritten when only its user counts changed
+    /// (any other change is written at once). Bounds the operator's status writes under user
+    /// churn to one per Session per this period; a deferred count is written by the first
+    /// sync after it (at most this plus `--resync` late). 0s: write every change.
+    #[arg(long, env = "REFLEET_STATUS_COUNTS_EVERY", default_value = "10s")]
+    pub status_counts_every: humantime::Duration,
+
     /// Log format (filter with `RUST_LOG`, default `info`).
     #[arg(long, env = "REFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -121,6 +128,7 @@ pub async fn serve(
         lease_renew_before,
         metrics_listen: _,
         resync,
+        status_counts_every,
         log_format: _,
         routing,
     } = args;
@@ -182,6 +190,7 @@ pub async fn serve(
     };
     let mut ctx = Context::new(client.clone(), &identity, load, metrics.clone());
     ctx.resync = *resync;
+    ctx.status_counts_every = *status_counts_every;
     ctx.router = Some(routing.router.clone());
     ctx.reflector_env.clone_from(&routing.reflector_env);
     ctx.report_key.clone_from(&routing.report_key);

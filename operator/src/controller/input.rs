@@ -30,6 +30,9 @@ pub struct PoolMemory {
     /// When this operator first planned the pool since it became leader: the start of its
     /// wait for reflectors to report ([`fleet::REPORT_WAIT`]).
     pub planning_since: Option<Seconds>,
+    /// When each Session's status (by name) was last written: a change of user counts
+    /// alone waits until `status_counts_every` has passed since.
+    pub status_written: std::collections::HashMap<String, Seconds>,
 }
 
 pub use crate::fleet::pool_id;

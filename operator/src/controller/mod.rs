@@ -117,6 +117,9 @@ pub struct Context {
     pub metrics: Arc<OperatorMetrics>,
     /// How often a pool is re-synced without any change (reflector load is polled).
     pub resync: Duration,
+    /// A Session's status whose only change is its user counts is written at most this
+    /// often (any other change is written at once).
+    pub status_counts_every: Duration,
     /// The clock (Unix seconds); tests fix it.
     pub clock: fn() -> Seconds,
     /// The router, fed with every plan (`None`: routing off).
@@ -168,6 +171,7 @@ impl Context {
             load,
             metrics,
             resync: Duration::from_secs(10),
+            status_counts_every: Duration::from_secs(10),
             clock: unix_now,
             router: None,
             reflector_env: Vec::new(),

@@ -34,7 +34,7 @@ use super::pod::{
     ANNOTATION_DRAIN_DEADLINE, LABEL_STATE, STATE_DRAINING, TERMINATION_SLACK_SECONDS, pod_name,
     reflector_pod, reflector_service, set_report_credential,
 };
-use super::status::{governs, pool_status, session_problem, session_status};
+use super::status::{governs, pool_status, session_problem, session_status, status_write_due};
 use super::{Context, Error, FIELD_MANAGER, Result};
 use crate::crd::{CONDITION_DEGRADED, ReflectorPool, Session};
 use crate::fleet;
@@ -195,15 +195,24 @@ pub async fn sync(
             .flat_map(|s| &s.conditions)
             .find(|c| c.type_ == CONDITION_DEGRADED && c.status == "True")
             .map(|c| c.reason.clone());
-        if session.status.as_ref() != Some(&status) {
+        let name = session.name_any();
+        let written = memory.status_written.get(&name).copied();
+        if status_write_due(
+            session.status.as_ref(),
+            &status,
+            written,
+            now,
+            ctx.status_counts_every,
+        ) {
             patch_status(
                 &sessions_api,
-                &session.name_any(),
+                &name,
                 Session::api_version(&()),
                 "Session",
                 &status,
             )
             .await?;
+            memory.status_written.insert(name, now);
         }
         if let Some((reason, message)) = session_problem(session, pool.as_ref(), &plan)
             && was_degraded.as_deref() != Some(reason.as_str())
@@ -227,11 +236,15 @@ pub async fn sync(
     ctx.metrics
         .record_sessions(&id, &fleet::session_gauges(&observed, &id, &plan.shards));
 
+    let mut status_written = std::mem::take(&mut memory.status_written);
+    let live: std::collections::HashSet<String> = sessions.iter().map(|s| s.name_any()).collect();
+    status_written.retain(|name, _| live.contains(name));
     *memory = PoolMemory {
         shards: plan.shards.clone(),
         history: plan.history.clone(),
         initialised: true,
         planning_since: Some(planning_since),
+        status_written,
     };
     Ok(Synced { plan, created })
 }

@@ -95,6 +95,42 @@ fn time(now: Seconds) -> Time {
     Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap_or_default())
 }
 
+/// Whether `new` differs from `old` in user counts alone (the Session's, its shards' and
+/// the busiest sessions of a pattern): a change that may wait for the next counts write,
+/// so that user churn does not turn into one status write per Session per sync.
+fn only_counts_changed(old: &SessionStatus, new: &SessionStatus) -> bool {
+    let without_counts = |s: &SessionStatus| {
+        let mut s = s.clone();
+        s.users = 0;
+        for shard in &mut s.shards {
+            shard.users = 0;
+        }
+        s.busiest.clear();
+        s
+    };
+    without_counts(old) == without_counts(new)
+}
+
+/// Whether a sync at `now` writes `new` over a Session's `old` status, which this operator
+/// last wrote at `written`: any change at once, except a change of user counts alone, which
+/// waits until `every` has passed since that write (so that user churn costs at most one
+/// status write per Session per `every`).
+pub fn status_write_due(
+    old: Option<&SessionStatus>,
+    new: &SessionStatus,
+    written: Option<Seconds>,
+    now: Seconds,
+    every: std::time::Duration,
+) -> bool {
+    match old {
+        Some(old) if old == new => false,
+        Some(old) if only_counts_changed(old, new) => {
+            written.is_none_or(|at| now.saturating_sub(at) >= every.as_secs())
+        }
+        _ => true,
+    }
+}
+
 /// The status of `session` after `plan`.
 pub fn session_status(
     session: &Session,
@@ -352,5 +388,55 @@ pub fn pool_status(pool: &ReflectorPool, plan: &Plan, now: Seconds) -> Reflector
         conditions,
         regions,
         summary: Some(summary),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::crd::{BusySession, ShardStatus};
+
+    fn status(users: u32, state: ShardPhase) -> SessionStatus {
+        SessionStatus {
+            shard_count: 1,
+            users: u64::from(users),
+            shards: vec![ShardStatus {
+                name: "lobby".into(),
+                region: "eu".into(),
+                reflector: "arena-eu-0".into(),
+                users,
+                state,
+                moving_to: None,
+            }],
+            busiest: vec![BusySession {
+                name: "lobby".into(),
+                shards: 1,
+                users: u64::from(users),
+            }],
+            ..SessionStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_change_of_counts_alone_waits_for_the_period_and_any_other_is_written_at_once() {
+        let every = Duration::from_secs(10);
+        let old = status(3, ShardPhase::Open);
+        let due = |new: &SessionStatus, written, now| {
+            status_write_due(Some(&old), new, written, now, every)
+        };
+        assert!(!due(&old.clone(), Some(0), 100), "unchanged: never");
+        let more = status(4, ShardPhase::Open);
+        assert!(due(&more, None, 100), "not written by this operator yet");
+        assert!(!due(&more, Some(95), 100), "written 5 s ago: the count waits");
+        assert!(due(&more, Some(90), 100), "10 s ago: written");
+        let full = status(4, ShardPhase::Full);
+        assert!(due(&full, Some(99), 100), "a phase change goes at once");
+        assert!(status_write_due(None, &more, Some(99), 100, every), "no status yet");
+        assert!(
+            status_write_due(Some(&old), &more, Some(99), 100, Duration::ZERO),
+            "0s: every change"
+        );
     }
 }

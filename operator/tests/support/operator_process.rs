@@ -71,7 +71,7 @@ impl OperatorProcess {
             .args(["--namespaces", ns, "--lease-namespace", ns])
             .args(["--identity", identity])
             .args(["--lease-duration", "4s", "--lease-renew-before", "1s"])
-            .args(["--resync", "1s"])
+            .args(["--resync", "1s", "--status-counts-every", "2s"])
             .arg(format!("--metrics-listen={metrics}"))
             .arg(format!("--router-listen={router}"))
             .arg(format!("--report-listen={report}"))
