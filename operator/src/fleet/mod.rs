@@ -3,7 +3,7 @@
 //! [`Observed`] (pools, Sessions, reflectors and the shards they host), and the planner's
 //! [`PlanInput`] is assembled from it here, once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use refleet_core::shard::parse_shard_name;
 
@@ -319,6 +319,12 @@ pub fn plan_input(
         .collect();
 
     let mut shards = shards.to_vec();
+    // Looked up once per reported shard: a scan of every shard for each one was the largest
+    // cost of a sync at 10 000 shards (docs/scale.md).
+    let mut known: HashSet<(String, String)> = shards
+        .iter()
+        .map(|s| (s.session.clone(), s.name.clone()))
+        .collect();
     // Shards a reflector hosts with users but the plan does not know (after a restart).
     for r in &observed.reflectors {
         for hosted in r.hosted.iter().flatten() {
@@ -334,11 +340,7 @@ pub fn plan_input(
             else {
                 continue;
             };
-            if hosted.users == 0
-                || shards
-                    .iter()
-                    .any(|s| s.session == key && s.name == hosted.name)
-            {
+            if hosted.users == 0 || !known.insert((key.clone(), hosted.name.clone())) {
                 continue;
             }
             let session = &observed.sessions[c.session];
