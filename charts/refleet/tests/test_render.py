@@ -109,6 +109,7 @@ OPERATOR_ENV = {
     "REFLEET_REFLECTOR_REPORT_URL", "REFLEET_JOIN_TOKENS", "REFLEET_TOKEN_SECRET", "REFLEET_TOKEN_TTL",
     "REFLEET_ALLOWED_ORIGINS", "REFLEET_ROUTE_RATE_LIMIT", "REFLEET_LOG_FORMAT", "RUST_LOG",
     "REFLEET_RESERVATION_CLAIM_WINDOW", "REFLEET_MAX_RESERVATIONS_PER_CLIENT", "REFLEET_ANONYMOUS_RESERVATION_SHARE",
+    "REFLEET_STATUS_COUNTS_EVERY",
 }
 PORTS = {"router": 8080, "report": 8081, "metrics": 9090}
 
@@ -269,6 +270,7 @@ def test_operator_deployment(rendered):
     assert v["REFLEET_RESERVATION_CLAIM_WINDOW"] == reservations["claimWindow"]
     assert v["REFLEET_MAX_RESERVATIONS_PER_CLIENT"] == str(reservations["perClient"])
     assert v["REFLEET_ANONYMOUS_RESERVATION_SHARE"] == str(reservations["anonymousShare"])
+    assert v["REFLEET_STATUS_COUNTS_EVERY"] == values["operator"]["statusCountsEvery"]
     if values["operator"]["watchNamespaces"]:
         assert v["REFLEET_NAMESPACES"] == ",".join(values["operator"]["watchNamespaces"])
     # The report key is the operator's Secret (read or created through the API), never a

@@ -429,11 +429,17 @@ mod tests {
         assert!(!due(&old.clone(), Some(0), 100), "unchanged: never");
         let more = status(4, ShardPhase::Open);
         assert!(due(&more, None, 100), "not written by this operator yet");
-        assert!(!due(&more, Some(95), 100), "written 5 s ago: the count waits");
+        assert!(
+            !due(&more, Some(95), 100),
+            "written 5 s ago: the count waits"
+        );
         assert!(due(&more, Some(90), 100), "10 s ago: written");
         let full = status(4, ShardPhase::Full);
         assert!(due(&full, Some(99), 100), "a phase change goes at once");
-        assert!(status_write_due(None, &more, Some(99), 100, every), "no status yet");
+        assert!(
+            status_write_due(None, &more, Some(99), 100, every),
+            "no status yet"
+        );
         assert!(
             status_write_due(Some(&old), &more, Some(99), 100, Duration::ZERO),
             "0s: every change"
