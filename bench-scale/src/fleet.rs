@@ -99,6 +99,8 @@ pub struct SimReflector {
     cut: AtomicBool,
     /// Flips to true when the reflector is gone (pod deleted) or cut off: its users reconnect.
     gone: watch::Sender<bool>,
+    /// When its process started (its pod was Ready): a Route sent after this found it up.
+    pub started: tokio::time::Instant,
 }
 
 impl SimReflector {
@@ -216,6 +218,7 @@ impl Fleet {
             draining: AtomicBool::new(false),
             cut: AtomicBool::new(false),
             gone,
+            started: tokio::time::Instant::now(),
         });
         all.insert(name.to_owned(), r.clone());
         drop(all);

@@ -143,6 +143,10 @@ pub struct UserStats {
     /// Routes answered with an overflow shard (`<name>~N`) that first appeared while the call
     /// was in flight: the wait of a user who found every shard at its threshold.
     pub overflow: Mutex<Histogram<u64>>,
+    /// The part of `overflow` whose new shard went to a reflector that was already up when
+    /// the call was sent (a warm reflector); the rest waited for a new reflector pod.
+    pub overflow_warm: Mutex<Histogram<u64>>,
+    pub overflow_new_reflector: Mutex<Histogram<u64>>,
     pub errors: Mutex<BTreeMap<String, u64>>,
     pub arrivals: AtomicU64,
     pub routes_ok: AtomicU64,
@@ -171,6 +175,8 @@ impl Default for UserStats {
         Self {
             route: Mutex::new(histogram()),
             overflow: Mutex::new(histogram()),
+            overflow_warm: Mutex::new(histogram()),
+            overflow_new_reflector: Mutex::new(histogram()),
             errors: Mutex::default(),
             arrivals: AtomicU64::default(),
             routes_ok: AtomicU64::default(),
@@ -206,7 +212,8 @@ impl UserStats {
         lock(&self.shards).len() as u64
     }
 
-    fn record_ok(&self, session: &str, shard: &str, sent: Instant, now: Instant) {
+    /// `warm`: the reflector Route named was up before the call was sent.
+    fn record_ok(&self, session: &str, shard: &str, warm: bool, sent: Instant, now: Instant) {
         let us = (now - sent).as_micros() as u64;
         let _ = lock(&self.route).record(us.max(1));
         let first = {
@@ -219,6 +226,12 @@ impl UserStats {
         };
         if shard.contains('~') && first >= sent {
             let _ = lock(&self.overflow).record(us.max(1));
+            let part = if warm {
+                &self.overflow_warm
+            } else {
+                &self.overflow_new_reflector
+            };
+            let _ = lock(part).record(us.max(1));
         }
         self.routes_ok.fetch_add(1, Ordering::Relaxed);
         let mut last = lock(&self.last_ok);
@@ -404,7 +417,14 @@ fn spawn_user(
                     continue;
                 }
             };
-            stats.record_ok(&session, &resp.shard, sent, now);
+            let pod = resp
+                .reflector_url
+                .strip_prefix("ws://")
+                .and_then(|u| u.split('.').next())
+                .unwrap_or_default()
+                .to_owned();
+            let warm = fleet.reflector(&pod).is_some_and(|r| r.started < sent);
+            stats.record_ok(&session, &resp.shard, warm, sent, now);
             refused(std::mem::take(&mut refusals));
             *lock(&stats.regions)
                 .entry((home.clone(), resp.region.clone()))
@@ -415,12 +435,6 @@ fn spawn_user(
                 return;
             }
             tokio::time::sleep(connect).await;
-            let pod = resp
-                .reflector_url
-                .strip_prefix("ws://")
-                .and_then(|u| u.split('.').next())
-                .unwrap_or_default()
-                .to_owned();
             let reflector = match fleet.join(&pod, app, &resp.shard, &resp.join_token) {
                 Ok(r) => r,
                 Err(JoinError::Lost) => {
@@ -471,6 +485,14 @@ pub struct UserSummary {
     pub overflow_p50_ms: f64,
     pub overflow_p99_ms: f64,
     pub overflow_max_ms: f64,
+    /// Overflow Routes whose new shard went to a reflector already up (warm).
+    pub overflow_warm_routes: u64,
+    pub overflow_warm_p50_ms: f64,
+    pub overflow_warm_p99_ms: f64,
+    /// Overflow Routes that waited for a new reflector pod.
+    pub overflow_new_reflector_routes: u64,
+    pub overflow_new_reflector_p50_ms: f64,
+    pub overflow_new_reflector_p99_ms: f64,
     pub errors: BTreeMap<String, u64>,
     pub sessions_seen: u64,
     pub shards_seen: u64,
@@ -489,6 +511,8 @@ impl UserStats {
     pub fn summary(&self) -> UserSummary {
         let route = lock(&self.route);
         let overflow = lock(&self.overflow);
+        let warm = lock(&self.overflow_warm);
+        let cold = lock(&self.overflow_new_reflector);
         let (shards, overflow_shards) = self.shard_counts();
         UserSummary {
             arrivals: self.arrivals.load(Ordering::Relaxed),
@@ -507,6 +531,12 @@ impl UserStats {
             overflow_p50_ms: ms(&overflow, 0.5),
             overflow_p99_ms: ms(&overflow, 0.99),
             overflow_max_ms: overflow.max() as f64 / 1000.0,
+            overflow_warm_routes: warm.len(),
+            overflow_warm_p50_ms: ms(&warm, 0.5),
+            overflow_warm_p99_ms: ms(&warm, 0.99),
+            overflow_new_reflector_routes: cold.len(),
+            overflow_new_reflector_p50_ms: ms(&cold, 0.5),
+            overflow_new_reflector_p99_ms: ms(&cold, 0.99),
             errors: lock(&self.errors).clone(),
             sessions_seen: self.sessions_seen(),
             shards_seen: shards,

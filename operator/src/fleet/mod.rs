@@ -327,7 +327,7 @@ pub fn plan_input(
         .collect();
     // Shards a reflector hosts with users but the plan does not know (after a restart).
     for r in &observed.reflectors {
-        for hosted in r.hosted.iter().flatten() {
+        for hosted in r.hosted.iter().flatten().filter(|h| h.users > 0) {
             let Some((base, index)) = parse_shard_name(&hosted.name) else {
                 continue;
             };
@@ -340,7 +340,7 @@ pub fn plan_input(
             else {
                 continue;
             };
-            if hosted.users == 0 || !known.insert((key.clone(), hosted.name.clone())) {
+            if !known.insert((key.clone(), hosted.name.clone())) {
                 continue;
             }
             let session = &observed.sessions[c.session];
