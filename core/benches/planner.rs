@@ -38,6 +38,7 @@ fn fleet() -> PlanInput {
             min_reflectors: 1,
             max_reflectors: 2_000,
             warm_buffer: 5,
+            growth_buffer_seconds: 0,
         })
         .collect();
     let reflectors = (0..REGIONS)

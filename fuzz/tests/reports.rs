@@ -92,6 +92,7 @@ fn router() -> Arc<Router> {
         min_reflectors: 1,
         max_reflectors: 1,
         warm_buffer: 0,
+        growth_buffer_seconds: 0,
     };
     let reflector = |n: &str, r: &str| ObservedReflector {
         name: n.into(),

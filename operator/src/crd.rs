@@ -296,6 +296,17 @@ pub struct ReflectorSettings {
     #[schemars(range(max = 1000))]
     pub warm_buffer: Option<u32>,
 
+    /// Also keeps as many empty, ready reflectors as the region's demand grew by over the
+    /// last this-many seconds (demand: reflectors hosting shards, plus those that waiting
+    /// shards need); the larger of this and `warmBuffer` applies. A crowd that filled 12
+    /// reflectors in the last 30 s then finds 12 more ready instead of waiting for pods to
+    /// start, and once the growth is older than the window the surplus drains after the
+    /// cool-down. Set it to about how long a reflector pod takes from creation to ready, or
+    /// longer. Built-in default 0: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 600))]
+    pub growth_buffer_seconds: Option<u32>,
+
     /// Node labels a reflector pod's node must have (the pod's `nodeSelector`), typically
     /// the region or zone label, e.g. `topology.kubernetes.io/region: eu-west-1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -476,10 +487,18 @@ pub struct RegionStatus {
     /// Reflectors the planner wants in the region (not counting draining ones).
     #[serde(default)]
     pub desired: u32,
+    /// Empty reflectors kept for the region's growth over the last `growthBufferSeconds`
+    /// (0 when that buffer is off or the region did not grow).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub growth_buffer: u32,
     /// Total capacity of the ready reflectors.
     pub capacity: CapacityTotals,
     /// Capacity committed to placed shards (shards, and their users' hard caps).
     pub used: CapacityTotals,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Shard and user totals.
@@ -773,6 +792,8 @@ pub const DEFAULT_MIN_REFLECTORS: u32 = 1;
 pub const DEFAULT_MAX_REFLECTORS: u32 = 10;
 /// Built-in `warmBuffer` when neither the region nor the pool sets it.
 pub const DEFAULT_WARM_BUFFER: u32 = 1;
+/// Built-in `growthBufferSeconds` when neither the region nor the pool sets it: off.
+pub const DEFAULT_GROWTH_BUFFER_SECONDS: u32 = 0;
 
 /// A region's settings after applying its overrides to the pool defaults and the built-in
 /// defaults: what the controllers use to build pods and the planner to scale.
@@ -794,6 +815,8 @@ pub struct ResolvedRegion {
     pub max_reflectors: u32,
     /// Empty ready reflectors kept on top of demand.
     pub warm_buffer: u32,
+    /// Window over which the region's growth sets a second, adaptive buffer (0: off).
+    pub growth_buffer_seconds: u32,
     /// Pod node selector.
     pub node_selector: Option<BTreeMap<String, String>>,
     /// Pod affinity.
@@ -844,6 +867,10 @@ impl ReflectorPoolSpec {
                 .warm_buffer
                 .or(d.warm_buffer)
                 .unwrap_or(DEFAULT_WARM_BUFFER),
+            growth_buffer_seconds: o
+                .growth_buffer_seconds
+                .or(d.growth_buffer_seconds)
+                .unwrap_or(DEFAULT_GROWTH_BUFFER_SECONDS),
             node_selector: o.node_selector.clone().or_else(|| d.node_selector.clone()),
             affinity: o.affinity.clone().or_else(|| d.affinity.clone()),
             tolerations: o.tolerations.clone().or_else(|| d.tolerations.clone()),
@@ -969,11 +996,12 @@ mod tests {
                 "image": "refleet-reflector:1",
                 "capacity": {"sessions": 50, "users": 500},
                 "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
-                "maxReflectors": 4
+                "maxReflectors": 4,
+                "growthBufferSeconds": 30
             },
             "regions": [
                 {"name": "eu", "image": "refleet-reflector:2", "env": [{"name": "B", "value": "3"}, {"name": "C", "value": "4"}]},
-                {"name": "us", "warmBuffer": 0}
+                {"name": "us", "warmBuffer": 0, "growthBufferSeconds": 0}
             ],
             "files": {"publicURL": "https://files.example.com/"},
             "reflectorURL": {"template": "wss://{pod}.{region}.example.com/"}
@@ -995,12 +1023,17 @@ mod tests {
             .collect();
         assert_eq!(env, [("A", "1"), ("B", "3"), ("C", "4")]);
         assert_eq!(
-            (eu.min_reflectors, eu.max_reflectors, eu.warm_buffer),
-            (1, 4, 1)
+            (
+                eu.min_reflectors,
+                eu.max_reflectors,
+                eu.warm_buffer,
+                eu.growth_buffer_seconds
+            ),
+            (1, 4, 1, 30)
         );
         let us = spec.resolved_region("us").unwrap();
         assert_eq!(us.image.as_deref(), Some("refleet-reflector:1"));
-        assert_eq!(us.warm_buffer, 0);
+        assert_eq!((us.warm_buffer, us.growth_buffer_seconds), (0, 0));
         assert!(spec.resolved_region("ap").is_none());
         assert_eq!(
             spec.reflector_url.render("pool-eu-0", "eu", "games"),

@@ -57,6 +57,7 @@ fn fleet_view(sessions: Vec<SessionDef>, shards: u32) -> FleetView {
         min_reflectors: 1,
         max_reflectors: 1,
         warm_buffer: 0,
+        growth_buffer_seconds: 0,
     };
     let reflector = |n: &str, r: &str| ObservedReflector {
         name: n.into(),

@@ -207,7 +207,7 @@ mod tests {
         assert_eq!(state.actions[0], ReflectorAction::Keep);
         let t = &state.tallies[0];
         assert_eq!((t.ready, t.starting, t.draining), (1, 0, 3));
-        let h = state.history[&("ns/pool".to_owned(), "eu".to_owned())];
+        let h = &state.history[&("ns/pool".to_owned(), "eu".to_owned())];
         assert_eq!(
             (h.last_direction, h.last_down_at),
             (Some(ScaleDirection::Down), Some(1000))
@@ -251,6 +251,7 @@ mod tests {
                 last_change_at: 800,
                 last_up_at: Some(800),
                 last_down_at: None,
+                demand: Vec::new(),
             },
         );
         let mut state = surplus(&input);

@@ -115,6 +115,9 @@ pub struct RegionInput {
     pub max_reflectors: u32,
     /// Empty reflectors kept on top of demand.
     pub warm_buffer: u32,
+    /// Also keep as many empty reflectors as the region's demand grew over this many
+    /// seconds (the larger of the two buffers applies); 0 turns it off.
+    pub growth_buffer_seconds: u32,
 }
 
 /// The sharding policy of a Session.
@@ -272,7 +275,7 @@ pub enum ScaleDirection {
 }
 
 /// Scaling history of one region.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegionHistory {
     /// Direction of the last step.
     pub last_direction: Option<ScaleDirection>,
@@ -282,6 +285,10 @@ pub struct RegionHistory {
     pub last_up_at: Option<Seconds>,
     /// When the region last scaled down.
     pub last_down_at: Option<Seconds>,
+    /// The region's demand (busy reflectors plus the ones its pending shards need) at most
+    /// once per second, over the last `growth_buffer_seconds`, oldest first: what the
+    /// growth buffer measures the recent growth from. Empty when that buffer is off.
+    pub demand: Vec<(Seconds, u32)>,
 }
 
 /// Scaling history of every region, keyed by `(pool id, region)`.
@@ -343,6 +350,9 @@ pub struct RegionPlan {
     pub draining: u32,
     /// Reflectors accepting shards the region should have.
     pub desired: u32,
+    /// Empty reflectors it keeps for its recent growth (0 when `growthBufferSeconds` is off
+    /// or the region did not grow).
+    pub growth_buffer: u32,
     /// Reflectors to create now.
     pub create: u32,
     /// Shards committed on this region's reflectors, pending ones included.
@@ -387,6 +397,9 @@ pub enum ScaleUpReason {
     MinReflectors,
     /// Fewer empty reflectors than `warmBuffer`.
     WarmBuffer,
+    /// Fewer empty reflectors than the region's demand grew by over the last
+    /// `growthBufferSeconds`.
+    Growth,
 }
 
 /// Why a shard moves.

@@ -99,6 +99,8 @@ pub(super) struct RegionTally {
     pub(super) committed_users: u64,
     /// Usable reflectors the region should have.
     pub(super) desired: u32,
+    /// Empty reflectors kept for the region's recent growth.
+    pub(super) growth_buffer: u32,
     /// Reflectors to create now.
     pub(super) create: u32,
 }
@@ -162,6 +164,7 @@ impl<'a> PlanState<'a> {
                 starting: t.starting,
                 draining: t.draining,
                 desired: t.desired,
+                growth_buffer: t.growth_buffer,
                 create: t.create,
                 committed_shards: t.committed_shards,
                 committed_users: t.committed_users,

@@ -19,6 +19,7 @@ pub(super) fn region(name: &str) -> RegionInput {
         min_reflectors: 1,
         max_reflectors: 10,
         warm_buffer: 0,
+        growth_buffer_seconds: 0,
     }
 }
 
@@ -607,6 +608,7 @@ fn scale_down_waits_a_cooldown_after_a_scale_up() {
             last_change_at: 800,
             last_up_at: Some(900),
             last_down_at: None,
+            demand: Vec::new(),
         },
     );
     let held = plan(&i);
@@ -623,7 +625,7 @@ fn scale_down_waits_a_cooldown_after_a_scale_up() {
         action(&later, "eu-b"),
         ReflectorAction::Drain { .. }
     ));
-    let h = later.history[&(POOL.to_owned(), "eu".to_owned())];
+    let h = &later.history[&(POOL.to_owned(), "eu".to_owned())];
     assert_eq!(
         (h.last_direction, h.last_change_at),
         (Some(ScaleDirection::Down), 1200)
@@ -641,6 +643,7 @@ fn warm_buffer_refill_waits_a_cooldown_after_a_scale_down_but_pending_shards_do_
             last_change_at: 900,
             last_up_at: None,
             last_down_at: Some(900),
+            demand: Vec::new(),
         },
     );
     let held = plan(&i);

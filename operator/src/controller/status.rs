@@ -290,6 +290,7 @@ pub fn pool_status(pool: &ReflectorPool, plan: &Plan, now: Seconds) -> Reflector
             starting: r.starting,
             draining: r.draining,
             desired: r.desired,
+            growth_buffer: r.growth_buffer,
             capacity: CapacityTotals {
                 sessions: u64::from(r.ready) * u64::from(cap.sessions),
                 users: u64::from(r.ready) * u64::from(cap.users),

@@ -263,6 +263,7 @@ pub fn plan_input(
                     min_reflectors: r.min_reflectors,
                     max_reflectors: r.max_reflectors,
                     warm_buffer: r.warm_buffer,
+                    growth_buffer_seconds: r.growth_buffer_seconds,
                     name: r.name,
                 })
                 .collect(),

@@ -685,6 +685,7 @@ mod tests {
                     min_reflectors: 1,
                     max_reflectors: 1,
                     warm_buffer: 0,
+                    growth_buffer_seconds: 0,
                 })
                 .collect(),
             cooldown: 60,

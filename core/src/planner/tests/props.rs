@@ -21,8 +21,11 @@ struct Step {
 }
 
 fn region_strategy(name: &'static str) -> impl Strategy<Value = RegionInput> {
-    (1u32..6, 100u32..600, 0u32..3, 1u32..6, 0u32..3).prop_map(move |(s, u, min, extra, warm)| {
-        RegionInput {
+    (
+        (1u32..6, 100u32..600, 0u32..3, 1u32..6, 0u32..3),
+        prop::sample::select(vec![0u32, 0, 5, 60]),
+    )
+        .prop_map(move |((s, u, min, extra, warm), growth)| RegionInput {
             name: name.into(),
             image: "img:0".into(),
             capacity: Capacity {
@@ -32,8 +35,8 @@ fn region_strategy(name: &'static str) -> impl Strategy<Value = RegionInput> {
             min_reflectors: min,
             max_reflectors: min + extra,
             warm_buffer: warm,
-        }
-    })
+            growth_buffer_seconds: growth,
+        })
 }
 
 fn pool_strategy() -> impl Strategy<Value = PoolInput> {
