@@ -43,6 +43,7 @@ pub struct Shape {
     pub min_reflectors: u32,
     pub max_reflectors: u32,
     pub warm_buffer: u32,
+    pub growth_buffer_seconds: u32,
     pub room_cap: u32,
     pub room_max_shards: u32,
     pub arenas: usize,
@@ -126,7 +127,8 @@ pub fn pool(shape: &Shape) -> Value {
                 "capacity": {"sessions": shape.reflector_sessions, "users": shape.reflector_users},
                 "minReflectors": shape.min_reflectors,
                 "maxReflectors": shape.max_reflectors,
-                "warmBuffer": shape.warm_buffer
+                "warmBuffer": shape.warm_buffer,
+                "growthBufferSeconds": shape.growth_buffer_seconds
             },
             "regions": regions,
             "files": {"publicURL": "http://files.sim/"},

@@ -96,6 +96,10 @@ struct Args {
     /// Empty ready reflectors kept per region for bursts.
     #[arg(long, default_value_t = 1)]
     warm_buffer: u32,
+    /// The pool's `growthBufferSeconds`: also keep as many empty reflectors per region as its
+    /// demand grew by over this many seconds (0: off).
+    #[arg(long, default_value_t = 0)]
+    growth_buffer_seconds: u32,
     /// `maxUsersPerShard` of the rooms (long tail) Session.
     #[arg(long, default_value_t = 50)]
     room_cap: u32,
@@ -257,6 +261,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         min_reflectors: args.min_reflectors,
         max_reflectors: args.max_reflectors,
         warm_buffer: args.warm_buffer,
+        growth_buffer_seconds: args.growth_buffer_seconds,
         room_cap: args.room_cap,
         room_max_shards: 20,
         arenas: args.arenas,
@@ -457,6 +462,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         tokio::spawn(async move {
             tokio::time::sleep_until(started + at).await;
             tracing::warn!(%region, "taking the region's nodes NotReady");
+            stats.disturbed();
             fleet::lock(&binder.down).push(region.clone());
             fleet::lock(&stats.regions).clear();
             let nodes = cluster::region_down(&client, &ns, &region).await;
@@ -473,11 +479,12 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         args.apiserver_restart_at,
         args.apiserver_restart_cmd.clone(),
     ) {
-        let events = events.clone();
+        let (events, stats) = (events.clone(), stats.clone());
         let at: Duration = at.into();
         restarting = Some(tokio::spawn(async move {
             tokio::time::sleep_until(started + at).await;
             tracing::warn!(%cmd, "restarting the apiserver");
+            stats.disturbed();
             let t0 = Instant::now();
             let ok = tokio::process::Command::new("sh")
                 .args(["-c", &cmd])
@@ -759,6 +766,7 @@ async fn kill_leader(
     drop(ops);
     // The lock is held only briefly from here on: the sampler reads the operators too.
     let mut ops = operators.lock().await;
+    stats.disturbed();
     ops[i].kill().await;
     let killed_at = Instant::now();
     tracing::warn!(killed = %ops[i].identity, "leader killed (SIGKILL)");

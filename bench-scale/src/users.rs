@@ -143,10 +143,14 @@ pub struct UserStats {
     /// Routes answered with an overflow shard (`<name>~N`) that first appeared while the call
     /// was in flight: the wait of a user who found every shard at its threshold.
     pub overflow: Mutex<Histogram<u64>>,
-    /// The part of `overflow` whose new shard went to a reflector that was already up when
-    /// the call was sent (a warm reflector); the rest waited for a new reflector pod.
+    /// `overflow` in three parts: the new shard went to a reflector that was already up
+    /// when the call was sent (a warm reflector) before any injected failure; the same after
+    /// one (the new leader's warm-up, a lost region); or it waited for a new reflector pod.
     pub overflow_warm: Mutex<Histogram<u64>>,
+    pub overflow_after_failure: Mutex<Histogram<u64>>,
     pub overflow_new_reflector: Mutex<Histogram<u64>>,
+    /// When the first injected failure (leader kill, region down, apiserver restart) began.
+    pub disturbed_at: Mutex<Option<Instant>>,
     pub errors: Mutex<BTreeMap<String, u64>>,
     pub arrivals: AtomicU64,
     pub routes_ok: AtomicU64,
@@ -176,7 +180,9 @@ impl Default for UserStats {
             route: Mutex::new(histogram()),
             overflow: Mutex::new(histogram()),
             overflow_warm: Mutex::new(histogram()),
+            overflow_after_failure: Mutex::new(histogram()),
             overflow_new_reflector: Mutex::new(histogram()),
+            disturbed_at: Mutex::default(),
             errors: Mutex::default(),
             arrivals: AtomicU64::default(),
             routes_ok: AtomicU64::default(),
@@ -196,6 +202,11 @@ impl Default for UserStats {
 }
 
 impl UserStats {
+    /// Marks the start of an injected failure (only the first one counts).
+    pub fn disturbed(&self) {
+        lock(&self.disturbed_at).get_or_insert_with(Instant::now);
+    }
+
     /// Shards seen so far, and how many of them are overflow shards (`~N`).
     pub fn shard_counts(&self) -> (u64, u64) {
         let shards = lock(&self.shards);
@@ -226,10 +237,11 @@ impl UserStats {
         };
         if shard.contains('~') && first >= sent {
             let _ = lock(&self.overflow).record(us.max(1));
-            let part = if warm {
-                &self.overflow_warm
-            } else {
-                &self.overflow_new_reflector
+            let disturbed = lock(&self.disturbed_at).is_some_and(|t| sent >= t);
+            let part = match (warm, disturbed) {
+                (false, _) => &self.overflow_new_reflector,
+                (true, false) => &self.overflow_warm,
+                (true, true) => &self.overflow_after_failure,
             };
             let _ = lock(part).record(us.max(1));
         }
@@ -485,10 +497,15 @@ pub struct UserSummary {
     pub overflow_p50_ms: f64,
     pub overflow_p99_ms: f64,
     pub overflow_max_ms: f64,
-    /// Overflow Routes whose new shard went to a reflector already up (warm).
+    /// Overflow Routes whose new shard went to a reflector already up (warm), sent before
+    /// any injected failure.
     pub overflow_warm_routes: u64,
     pub overflow_warm_p50_ms: f64,
     pub overflow_warm_p99_ms: f64,
+    /// The same, sent after an injected failure began.
+    pub overflow_after_failure_routes: u64,
+    pub overflow_after_failure_p50_ms: f64,
+    pub overflow_after_failure_p99_ms: f64,
     /// Overflow Routes that waited for a new reflector pod.
     pub overflow_new_reflector_routes: u64,
     pub overflow_new_reflector_p50_ms: f64,
@@ -512,6 +529,7 @@ impl UserStats {
         let route = lock(&self.route);
         let overflow = lock(&self.overflow);
         let warm = lock(&self.overflow_warm);
+        let after = lock(&self.overflow_after_failure);
         let cold = lock(&self.overflow_new_reflector);
         let (shards, overflow_shards) = self.shard_counts();
         UserSummary {
@@ -534,6 +552,9 @@ impl UserStats {
             overflow_warm_routes: warm.len(),
             overflow_warm_p50_ms: ms(&warm, 0.5),
             overflow_warm_p99_ms: ms(&warm, 0.99),
+            overflow_after_failure_routes: after.len(),
+            overflow_after_failure_p50_ms: ms(&after, 0.5),
+            overflow_after_failure_p99_ms: ms(&after, 0.99),
             overflow_new_reflector_routes: cold.len(),
             overflow_new_reflector_p50_ms: ms(&cold, 0.5),
             overflow_new_reflector_p99_ms: ms(&cold, 0.99),
