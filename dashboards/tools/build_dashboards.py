@@ -316,6 +316,10 @@ def region_capacity():
            "users on ready reflectors {{region}}")])
     b.ts("Reflectors by state", "Starting, ready and draining reflectors per region.",
          [(f"sum by (region, state) (refleet_operator_reflectors{{{sel}}})", "{{region}} {{state}}")], stack=True)
+    b.ts("Reflectors wanted and the growth buffer",
+         "Reflectors the planner wants per region (busy + pending + the larger of warmBuffer and the growth buffer), and the growth buffer: empty reflectors kept for the region's growth over growthBufferSeconds.",
+         [(f"sum by (region) (refleet_operator_region_desired_reflectors{{{sel}}})", "wanted {{region}}"),
+          (f"sum by (region) (refleet_operator_region_growth_buffer{{{sel}}})", "growth buffer {{region}}")])
     b.ts("Scale events", "Planner decisions that change the fleet's size, per interval.",
          [(f'sum by (kind) (increase(refleet_operator_planner_decisions_total{{{OP}, kind=~"scale_up|drain_reflector|remove_reflector|scale_held"}}[{RI}]))',
            "{{kind}}")])

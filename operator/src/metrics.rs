@@ -89,6 +89,8 @@ pub struct OperatorMetrics {
     region_used: IntGaugeVec,
     region_capacity: IntGaugeVec,
     region_limit: IntGaugeVec,
+    region_desired: IntGaugeVec,
+    region_growth_buffer: IntGaugeVec,
     over_cap: IntGaugeVec,
     /// Per pool: the (namespace, session) label pairs set by its last sync.
     session_series: Mutex<HashMap<String, BTreeSet<(String, String)>>>,
@@ -217,6 +219,16 @@ impl OperatorMetrics {
                 "refleet_operator_region_capacity_limit",
                 "What a region carries at most: maxReflectors times one reflector's capacity.",
             ),
+            region_desired: gauge(
+                "refleet_operator_region_desired_reflectors",
+                "Reflectors accepting shards the planner wants in a region: busy, plus those pending shards need, plus the larger of warmBuffer and the growth buffer, within minReflectors and maxReflectors.",
+                &["namespace", "pool", "region"],
+            ),
+            region_growth_buffer: gauge(
+                "refleet_operator_region_growth_buffer",
+                "Empty reflectors a region keeps for its demand's growth over growthBufferSeconds (0 when off or not growing).",
+                &["namespace", "pool", "region"],
+            ),
             over_cap: gauge(
                 "refleet_operator_shards_over_cap",
                 "Shards with more connected users than their session's maxUsersPerShard.",
@@ -264,6 +276,8 @@ impl OperatorMetrics {
                 &self.region_used,
                 &self.region_capacity,
                 &self.region_limit,
+                &self.region_desired,
+                &self.region_growth_buffer,
                 &self.over_cap,
             ] {
                 g.reset();
@@ -327,6 +341,13 @@ impl OperatorMetrics {
                     .with_label_values(&[namespace, pool, &region.region, state])
                     .set(n);
             }
+            let labels = [namespace, pool, region.region.as_str()];
+            self.region_desired
+                .with_label_values(&labels)
+                .set(i64::from(region.desired));
+            self.region_growth_buffer
+                .with_label_values(&labels)
+                .set(i64::from(region.growth_buffer));
             let used = [region.committed_shards, region.committed_users];
             for (resource, n) in RESOURCES.iter().zip(used) {
                 self.region_used
@@ -501,7 +522,11 @@ mod tests {
                 shard("ns/other", "eu", 30, ShardPhase::Full),
             ],
             regions: vec![
-                region("ns/p", "eu", 2),
+                RegionPlan {
+                    desired: 7,
+                    growth_buffer: 4,
+                    ..region("ns/p", "eu", 2)
+                },
                 region("ns/p", "us", 1),
                 region("ns/other", "eu", 9),
             ],
@@ -546,6 +571,18 @@ mod tests {
         );
         assert_eq!(
             v(r#"refleet_operator_shards_over_cap{namespace="ns",pool="p",region="us"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            v(r#"refleet_operator_region_desired_reflectors{namespace="ns",pool="p",region="eu"}"#),
+            Some(7.0)
+        );
+        assert_eq!(
+            v(r#"refleet_operator_region_growth_buffer{namespace="ns",pool="p",region="eu"}"#),
+            Some(4.0)
+        );
+        assert_eq!(
+            v(r#"refleet_operator_region_growth_buffer{namespace="ns",pool="p",region="us"}"#),
             Some(0.0)
         );
         assert!(!text.contains(r#"pool="other""#), "{text}");
