@@ -417,36 +417,40 @@ impl Fleet {
         }
     }
 
-    /// Keeps `r`'s report stream open until it is gone: reconnects with back-off, moving on
-    /// to the next operator address when one refuses (only the leader accepts).
+    /// Keeps `r`'s report stream open until it is gone. Stands in for the Service that
+    /// selects the leader pod: each round tries every operator address, starting with the
+    /// one that accepted last, and only a round in which none accepted backs off. (A shared
+    /// hint flipped on each refusal, as before, sent half the retries to a dead replica after
+    /// a failover, so the last of 550 streams took ~20 s to find the new leader, where a
+    /// Service steers the next connection to it at once.)
     async fn report_loop(self: Arc<Self>, r: Arc<SimReflector>) {
         let mut gone = r.gone();
         let mut sequence = 0u64;
         let mut backoff = Duration::from_millis(250);
+        let n = self.report_addrs.len().max(1);
         loop {
-            if *gone.borrow() {
-                return;
+            let first = self.leader_hint.load(Ordering::Relaxed);
+            let mut long_lived = false;
+            for k in 0..n {
+                if *gone.borrow() {
+                    return;
+                }
+                let i = (first + k) % n;
+                let started = tokio::time::Instant::now();
+                let outcome = tokio::select! {
+                    o = self.stream(&r, &self.report_addrs[i], &mut sequence) => o,
+                    _ = gone.wait_for(|g| *g) => return,
+                };
+                self.stats.stream_failures.fetch_add(1, Ordering::Relaxed);
+                if outcome.opened && !outcome.refused {
+                    self.leader_hint.store(i, Ordering::Relaxed);
+                    long_lived = started.elapsed() > Duration::from_secs(10);
+                    // It was the leader; it ended the stream (lost the Lease, or died): the
+                    // next round starts with the other replicas.
+                    break;
+                }
             }
-            let raw = self.leader_hint.load(Ordering::Relaxed);
-            let i = raw % self.report_addrs.len().max(1);
-            let started = tokio::time::Instant::now();
-            let outcome = tokio::select! {
-                o = self.stream(&r, &self.report_addrs[i], &mut sequence) => o,
-                _ = gone.wait_for(|g| *g) => return,
-            };
-            if !outcome.opened || outcome.refused {
-                // Try the other operator next (the Service would select the new leader).
-                // Compared with the raw value read (not the index), or it sticks once past
-                // the number of operators.
-                let _ = self.leader_hint.compare_exchange(
-                    raw,
-                    raw.wrapping_add(1),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-            }
-            self.stats.stream_failures.fetch_add(1, Ordering::Relaxed);
-            if started.elapsed() > Duration::from_secs(10) {
+            if long_lived {
                 backoff = Duration::from_millis(250);
             }
             // Jitter spreads thousands of reconnects after a leader change.
