@@ -219,3 +219,18 @@ fn pool_reflector_url_template_needs_the_pod_placeholder() {
         ]
     );
 }
+
+#[test]
+fn growth_buffer_seconds_is_bounded_and_described_in_defaults_and_regions() {
+    let crd = serde_json::to_value(ReflectorPool::crd()).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    for field in [
+        &spec["defaults"]["properties"]["growthBufferSeconds"],
+        &spec["regions"]["items"]["properties"]["growthBufferSeconds"],
+    ] {
+        assert_eq!(field["maximum"], json!(600.0), "{field}");
+        assert_eq!(field["minimum"], json!(0.0), "{field}");
+        let description = field["description"].as_str().unwrap_or_default();
+        assert!(description.contains("warmBuffer"), "{description}");
+    }
+}
