@@ -762,7 +762,6 @@ async fn kill_leader(
         tracing::warn!("no leader to kill");
         return;
     };
-    let streams_before = fleet.stats.streams_open.load(Ordering::Relaxed);
     drop(ops);
     // The lock is held only briefly from here on: the sampler reads the operators too.
     let mut ops = operators.lock().await;
@@ -794,9 +793,11 @@ async fn kill_leader(
         if first_route.is_none() && fleet::lock(&stats.last_ok).is_some_and(|t| t > killed_at) {
             first_route = Some(killed_at.elapsed());
         }
+        // Every reflector that still exists streams again (the new leader may have removed
+        // some meanwhile: counting against the number before the kill waited for new ones).
         if streams_back.is_none()
             && new_leader.is_some()
-            && fleet.stats.streams_open.load(Ordering::Relaxed) >= streams_before
+            && fleet.stats.streams_open.load(Ordering::Relaxed) >= fleet.count() as u64
         {
             streams_back = Some(killed_at.elapsed());
         }
