@@ -171,6 +171,31 @@ pub fn sessions(shape: &Shape) -> Vec<Value> {
     out
 }
 
+/// The pool's growth buffer now: the sum over its regions of `status.regions[].growthBuffer`
+/// (the field is left out when 0). `None` when the pool cannot be read.
+pub async fn pool_growth_buffer(client: &Client, ns: &str) -> Option<u64> {
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &pool_resource());
+    let pool = api.get(POOL).await.ok()?;
+    let regions = pool.data["status"]["regions"].as_array().cloned().unwrap_or_default();
+    Some(
+        regions
+            .iter()
+            .filter_map(|r| r["growthBuffer"].as_u64())
+            .sum(),
+    )
+}
+
+fn pool_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "refleet.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "refleet.dev/v1alpha1".into(),
+        kind: "ReflectorPool".into(),
+        plural: "reflectorpools".into(),
+    }
+}
+
 /// Applies `obj` (a namespaced custom resource) with server-side apply.
 pub async fn apply(client: &Client, ns: &str, obj: &Value) -> anyhow::Result<()> {
     let kind = obj["kind"].as_str().unwrap_or_default();

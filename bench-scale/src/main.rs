@@ -205,6 +205,8 @@ struct Tick {
     leader_cores: f64,
     leader_rss_mib: f64,
     users_by_region: std::collections::BTreeMap<String, u64>,
+    /// The pool status' growth buffer summed over its regions (`growthBufferSeconds`).
+    growth_buffer: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -542,6 +544,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             leader_cores: (c * 100.0).round() / 100.0,
             leader_rss_mib: rss.round(),
             users_by_region: fleet.users_by_region().into_iter().collect(),
+            growth_buffer: cluster::pool_growth_buffer(&client, &args.namespace).await,
         };
         tracing::info!(
             t = tick.t_s,
@@ -707,6 +710,14 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     }
     if user.routes_ok == 0 {
         failures.push("no Route succeeded".into());
+    }
+    // The growth buffer end to end: planner, pool status through the apiserver.
+    let growth_max = timeline.iter().filter_map(|t| t.growth_buffer).max();
+    if args.growth_buffer_seconds > 0 && growth_max.unwrap_or(0) == 0 {
+        failures.push(format!(
+            "--growth-buffer-seconds {} but the pool status never showed a growth buffer ({growth_max:?})",
+            args.growth_buffer_seconds
+        ));
     }
     if user.refused_more_than_once > 0 {
         failures.push(format!(
