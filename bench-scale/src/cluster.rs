@@ -177,7 +177,10 @@ pub async fn pool_growth_buffer(client: &Client, ns: &str) -> Option<u64> {
     let api: Api<kube::api::DynamicObject> =
         Api::namespaced_with(client.clone(), ns, &pool_resource());
     let pool = api.get(POOL).await.ok()?;
-    let regions = pool.data["status"]["regions"].as_array().cloned().unwrap_or_default();
+    let regions = pool.data["status"]["regions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     Some(
         regions
             .iter()
