@@ -31,8 +31,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// pod, with its pod's credential) and simulated users calling Route over gRPC.
 ///
 /// Writes a JSON summary (`--out`/summary.json) and exits non-zero when a shard went over its
-/// hard cap, a join token failed to verify, or (with --strict) any Route failed outside the
-/// injected failures.
+/// hard cap, a join token failed to verify, a user was refused for lack of room more than
+/// once (refusals at a Session's own `maxShards` are counted apart, in
+/// `refused_at_max_shards`), or (with --strict) any Route failed outside the injected
+/// failures.
 #[derive(Debug, Parser)]
 // Later flags win, so `bench/scale/run --smoke -- --duration 15s` overrides the smoke's own.
 #[command(name = "refleet-scale-bench", version, args_override_self = true)]

@@ -161,6 +161,9 @@ pub struct UserStats {
     pub refused_more_than_once: AtomicU64,
     /// The most refusals one user got.
     pub most_refusals: AtomicU32,
+    /// Users refused more than once only because the Session was at its `maxShards`: the
+    /// limit its owner set, so not counted in `refused_more_than_once`.
+    pub refused_at_max_shards: AtomicU64,
     pub abandoned: AtomicU64,
     pub reconnects: AtomicU64,
     pub active: AtomicI64,
@@ -190,6 +193,7 @@ impl Default for UserStats {
             gave_up: AtomicU64::default(),
             refused_more_than_once: AtomicU64::default(),
             most_refusals: AtomicU32::default(),
+            refused_at_max_shards: AtomicU64::default(),
             abandoned: AtomicU64::default(),
             reconnects: AtomicU64::default(),
             active: AtomicI64::default(),
@@ -388,17 +392,23 @@ fn spawn_user(
         let home = region(r);
         let deadline = Instant::now() + stay;
         let mut failures = 0u32;
+        // Refusals for lack of room, and those at the Session's own maxShards.
         let mut refusals = 0u32;
-        let refused = |refusals: u32| {
+        let mut at_max = 0u32;
+        let refused = |refusals: u32, at_max: u32| {
             if refusals > 1 {
                 stats.refused_more_than_once.fetch_add(1, Ordering::Relaxed);
+            } else if refusals + at_max > 1 {
+                stats.refused_at_max_shards.fetch_add(1, Ordering::Relaxed);
             }
-            stats.most_refusals.fetch_max(refusals, Ordering::Relaxed);
+            stats
+                .most_refusals
+                .fetch_max(refusals + at_max, Ordering::Relaxed);
         };
         loop {
             if failures >= 8 {
                 stats.gave_up.fetch_add(1, Ordering::Relaxed);
-                refused(refusals);
+                refused(refusals, at_max);
                 return;
             }
             let sent = Instant::now();
@@ -423,7 +433,13 @@ fn spawn_user(
                     let key = format!("{:?}: {why}", status.code());
                     *lock(&stats.errors).entry(key).or_default() += 1;
                     failures += 1;
-                    refusals += u32::from(status.code() == tonic::Code::ResourceExhausted);
+                    if status.code() == tonic::Code::ResourceExhausted {
+                        if status.message().contains("maxShards is") {
+                            at_max += 1;
+                        } else {
+                            refusals += 1;
+                        }
+                    }
                     // Back-off like a client: 100 ms, 200 ms, … up to 3.2 s.
                     tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
                     continue;
@@ -437,7 +453,7 @@ fn spawn_user(
                 .to_owned();
             let warm = fleet.reflector(&pod).is_some_and(|r| r.started < sent);
             stats.record_ok(&session, &resp.shard, warm, sent, now);
-            refused(std::mem::take(&mut refusals));
+            refused(std::mem::take(&mut refusals), std::mem::take(&mut at_max));
             *lock(&stats.regions)
                 .entry((home.clone(), resp.region.clone()))
                 .or_default() += 1;
@@ -487,6 +503,7 @@ pub struct UserSummary {
     pub gave_up: u64,
     pub refused_more_than_once: u64,
     pub most_refusals: u32,
+    pub refused_at_max_shards: u64,
     pub abandoned: u64,
     pub reconnects: u64,
     pub active_now: i64,
@@ -539,6 +556,7 @@ impl UserStats {
             gave_up: self.gave_up.load(Ordering::Relaxed),
             refused_more_than_once: self.refused_more_than_once.load(Ordering::Relaxed),
             most_refusals: self.most_refusals.load(Ordering::Relaxed),
+            refused_at_max_shards: self.refused_at_max_shards.load(Ordering::Relaxed),
             abandoned: self.abandoned.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             active_now: self.active.load(Ordering::Relaxed),
