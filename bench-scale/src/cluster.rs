@@ -174,45 +174,42 @@ pub fn sessions(shape: &Shape) -> Vec<Value> {
 /// The pool's growth buffer now: the sum over its regions of `status.regions[].growthBuffer`
 /// (the field is left out when 0). `None` when the pool cannot be read.
 pub async fn pool_growth_buffer(client: &Client, ns: &str) -> Option<u64> {
-    let api: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(client.clone(), ns, &pool_resource());
+    let ar = refleet_resource("ReflectorPool")?;
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
     let pool = api.get(POOL).await.ok()?;
-    let regions = pool.data["status"]["regions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
     Some(
-        regions
-            .iter()
-            .filter_map(|r| r["growthBuffer"].as_u64())
-            .sum(),
+        pool.data["status"]["regions"]
+            .as_array()
+            .map_or(0, |regions| {
+                regions
+                    .iter()
+                    .filter_map(|r| r["growthBuffer"].as_u64())
+                    .sum()
+            }),
     )
 }
 
-fn pool_resource() -> kube::api::ApiResource {
-    kube::api::ApiResource {
-        group: "refleet.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "refleet.dev/v1alpha1".into(),
-        kind: "ReflectorPool".into(),
-        plural: "reflectorpools".into(),
-    }
-}
-
-/// Applies `obj` (a namespaced custom resource) with server-side apply.
-pub async fn apply(client: &Client, ns: &str, obj: &Value) -> anyhow::Result<()> {
-    let kind = obj["kind"].as_str().unwrap_or_default();
+/// The API resource of a Refleet custom resource kind (`ReflectorPool`, `Session`).
+fn refleet_resource(kind: &str) -> Option<kube::api::ApiResource> {
     let plural = match kind {
         "ReflectorPool" => "reflectorpools",
         "Session" => "sessions",
-        other => anyhow::bail!("cannot apply a {other}"),
+        _ => return None,
     };
-    let ar = kube::api::ApiResource {
+    Some(kube::api::ApiResource {
         group: "refleet.dev".into(),
         version: "v1alpha1".into(),
         api_version: "refleet.dev/v1alpha1".into(),
         kind: kind.into(),
         plural: plural.into(),
+    })
+}
+
+/// Applies `obj` (a namespaced custom resource) with server-side apply.
+pub async fn apply(client: &Client, ns: &str, obj: &Value) -> anyhow::Result<()> {
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    let Some(ar) = refleet_resource(kind) else {
+        anyhow::bail!("cannot apply a {kind}");
     };
     let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
