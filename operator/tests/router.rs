@@ -1745,6 +1745,56 @@ async fn after_a_takeover_a_shard_counts_as_full_until_its_reflector_reports() {
     assert_eq!(routed.shard, "lobby");
 }
 
+/// During the warm-up after a takeover, an inherited shard whose reflector has reported takes
+/// new users up to its margin (hard cap less threshold) before a new shard opens, so a small
+/// session keeps its users together. Even if every token the previous leader may still have
+/// out on it arrives (at most the threshold less the users reported), it stays within its cap.
+#[tokio::test]
+async fn during_the_warm_up_a_reported_inherited_shard_gives_its_margin_then_a_new_shard_opens() {
+    let (r, _) = router(RouterConfig {
+        warm_up: true,
+        token_ttl: Duration::from_secs(60),
+        ..RouterConfig::default()
+    });
+    let mut fleet = fleet_view(vec![session("lobby", 10, 10)], 5);
+    fleet.input.pools[0].regions.truncate(1);
+    fleet.input.reflectors.truncate(1);
+    fleet.input.shards = vec![ShardRecord {
+        session: "default/app/lobby".into(),
+        name: "lobby".into(),
+        index: 0,
+        pool: POOL.into(),
+        region: "eu".into(),
+        reflector: Some("r-eu".into()),
+        committed_users: 10,
+        users: 3,
+        reserved: 0,
+        phase: ShardPhase::Open,
+        empty_since: None,
+        moving_to: None,
+        moved_at: None,
+    }];
+    r.publish("local", fleet);
+    let url = report_hub(&r, None).await;
+    let _s = open(&url, None, lobby_report("r-eu", "eu", 1, 3))
+        .await
+        .unwrap();
+    until("r-eu's 3 users", || lobby_users(&r) == 3).await;
+    let mut given: HashMap<String, u32> = HashMap::new();
+    for _ in 0..5 {
+        let a = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+        *given.entry(a.shard).or_default() += 1;
+    }
+    assert_eq!(
+        given,
+        HashMap::from([("lobby".to_owned(), 2), ("lobby~1".to_owned(), 3)]),
+        "lobby gives its margin of 2 (cap 10, threshold 8), then lobby~1 opens"
+    );
+    let threshold = 8;
+    let old_tokens_at_most = threshold - 3;
+    assert!(3 + old_tokens_at_most + given["lobby"] <= 10);
+}
+
 /// After a takeover, a shard the previous leader opened that no plan holds yet (its status
 /// not written) but its reflector reports is never opened a second time under its name: the
 /// next shard takes a free number, and none opens before the reflectors have reported.

@@ -32,9 +32,14 @@
 //!
 //! **After a leader change** the new router cannot know the reservations the old one
 //! handed out and that are still in flight (tokens live `token_ttl`). Until one token
-//! lifetime has passed since it started, it counts every shard it did not open itself as
-//! full to its threshold, so new users go to new shards and no shard can go over its cap
-//! when the old tokens arrive.
+//! lifetime has passed since it started (the warm-up), a shard it did not open itself
+//! takes new users only once its reflector has reported to it, and then only its margin:
+//! the places between its threshold and its hard cap. The old router kept users plus
+//! reservations at or below the threshold, so the reported users plus the old tokens still
+//! out plus the margin stay within the cap; past the margin new users go to new shards. A
+//! small session so keeps its users together across a failover instead of starting a new
+//! shard for every newcomer, and the reflector's hard cap refuses whatever a token older
+//! than its reservation's claim window brings past it, as at any other time.
 //!
 //! **Modules.** This one owns the [`Router`] type, its API for backends, report streams and
 //! transports, and the lock that makes one Route's decisions atomic. What the router knows
@@ -212,6 +217,9 @@ struct Inner {
     ledger: Ledger,
     /// End of the post-failover warm-up (see the module docs).
     warm_until: Millis,
+    /// Places inherited shards gave during the warm-up, each at most its margin
+    /// ([`route::Inherited`]).
+    warm_taken: route::WarmTaken,
     /// When this router took over from another (or restarted), if it did: from then on, an
     /// inherited shard whose reflector has not reported to it yet counts as full, its load
     /// unknown, and for a while no shard opens before every ready reflector has reported
@@ -335,6 +343,7 @@ impl Router {
         inner.ledger = Ledger::new(rand::random::<u64>() >> 1);
         inner.fleet.forget_reports();
         inner.mine.clear();
+        inner.warm_taken.clear();
         inner.opened.clear();
         inner.demanded.clear();
         inner.warm_until = now + self.config.token_ttl.as_millis() as Millis;

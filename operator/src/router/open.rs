@@ -31,7 +31,7 @@ use refleet_core::planner::{
 use refleet_core::shard::parse_shard_name;
 
 use super::ledger::{Ledger, Millis};
-use super::route::Inherited;
+use super::route::{Inherited, warm_margin};
 
 /// Opens a shard for the target now and records it as this router's; `name` is the
 /// session name the client asked for.
@@ -90,10 +90,11 @@ pub(super) fn open_shard(
     // inherited shards the Route counts as full.
     let t = threshold_load(def.spec.max_users_per_shard, def.spec.scale_up_threshold);
     let inherited = Inherited::of(inner, now);
+    let margin = warm_margin(&def.spec);
     hold_full(&mut input, key, t, |sh| {
         adopted.contains(&sh.name)
             || sh.reflector.as_ref().is_some_and(|r| blocked.contains(r))
-            || inherited.held_full(&inner.fleet, sh)
+            || inherited.held_full(&inner.fleet, sh, margin)
     });
     let shard = shard_opened_by(&plan_shards(&input), key).map_err(refused)?;
     tracing::info!(session = %key, shard = %shard.name, region = %shard.region, reflector = ?shard.reflector, "router opened a shard");
@@ -398,7 +399,7 @@ mod tests {
         let mine = FastSet::from_iter([(KEY.to_owned(), "a~1".to_owned())]);
         let inherited = Inherited::new(&mine, true, true);
         let fleet = FleetState::default();
-        hold_full(&mut input, KEY, 8, |sh| inherited.held_full(&fleet, sh));
+        hold_full(&mut input, KEY, 8, |sh| inherited.held_full(&fleet, sh, 2));
         let loads: Vec<u64> = input.shards.iter().map(ShardRecord::load).collect();
         assert_eq!(
             loads,

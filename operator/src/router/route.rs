@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use foldhash::HashSet as FastSet;
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use refleet_api::routing::RouteRequest;
 
 use super::ledger::{Claim, Ledger, Millis};
@@ -210,6 +210,7 @@ impl<'a> Shards<'a> {
         let reserved = ledger.of_app(target.app());
         let reported = fleet.app_users(target.app());
         let at_threshold = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
+        let margin = warm_margin(spec);
         let mut last: Option<(&str, Option<&str>)> = None;
         for sh in shards {
             // A pending shard waits for its reflector, a moving one for its hand-off (both
@@ -241,7 +242,7 @@ impl<'a> Shards<'a> {
             let users = reported.of(&sh.name).unwrap_or(sh.users);
             out.free += at_threshold.saturating_sub(u64::from(users));
             let mut load = u64::from(users) + u64::from(reserved.pending(&sh.name, now));
-            if inherited.held_full(fleet, sh) {
+            if inherited.held_full(fleet, sh, margin) {
                 load = load.max(at_threshold);
             }
             out.candidates.push(Candidate {
@@ -262,12 +263,22 @@ impl<'a> Shards<'a> {
     }
 }
 
-/// After a failover, which inherited shards (those this router did not open) count as full:
-/// all of them during the warm-up (tokens the previous leader signed may still be used), then
-/// those whose reflector has not reported to this router yet (their load is unknown).
+/// Places each inherited shard gave new users during the warm-up, by `(session key, shard)`.
+pub(super) type WarmTaken = FastMap<(String, String), u32>;
+
+/// After a failover, which inherited shards (those this router did not open) count as full.
+///
+/// Those whose reflector has not reported to this router yet: their load is unknown. During
+/// the warm-up (tokens the previous leader signed may still be used), the others too once
+/// they have given new users their margin, the places between the threshold and the hard
+/// cap. The previous leader reserved at most up to the threshold, so the tokens it may
+/// still have out on a shard are at most the threshold less the users its reflector now
+/// reports; the margin on top keeps the shard within its cap, and a small session keeps its
+/// users together instead of starting a new shard for every newcomer after a failover.
 #[derive(Clone, Copy)]
 pub(super) struct Inherited<'a> {
     mine: &'a FastSet<(String, String)>,
+    warm_taken: Option<&'a WarmTaken>,
     warm: bool,
     taken_over: bool,
 }
@@ -279,25 +290,67 @@ impl<'a> Inherited<'a> {
             now < inner.warm_until,
             inner.taken_over.is_some(),
         )
+        .with_warm_taken(&inner.warm_taken)
     }
 
     pub(super) fn new(mine: &'a FastSet<(String, String)>, warm: bool, taken_over: bool) -> Self {
         Self {
             mine,
+            warm_taken: None,
             warm,
             taken_over,
         }
     }
 
-    pub(super) fn held_full(&self, fleet: &FleetState, sh: &ShardRecord) -> bool {
-        let unheard = || {
-            sh.reflector
-                .as_deref()
-                .is_some_and(|r| !fleet.has_reported(r))
-        };
-        (self.warm || (self.taken_over && unheard()))
-            && !self.mine.contains(&(sh.session.clone(), sh.name.clone()))
+    /// Counts the places given during the warm-up from `taken` (none without it).
+    pub(super) fn with_warm_taken(mut self, taken: &'a WarmTaken) -> Self {
+        self.warm_taken = Some(taken);
+        self
     }
+
+    /// Whether `sh` counts as full; `margin` is its session's hard cap less its threshold.
+    pub(super) fn held_full(&self, fleet: &FleetState, sh: &ShardRecord, margin: u32) -> bool {
+        if !(self.warm || self.taken_over) || self.is_mine(sh) {
+            return false;
+        }
+        match sh.reflector.as_deref().map(|r| fleet.has_reported(r)) {
+            // Its load is unknown.
+            Some(false) => true,
+            Some(true) => self.warm && self.warm_places(sh) >= margin,
+            // Not placed: no reflector tells its load.
+            None => self.warm,
+        }
+    }
+
+    fn is_mine(&self, sh: &ShardRecord) -> bool {
+        self.mine.contains(&(sh.session.clone(), sh.name.clone()))
+    }
+
+    fn warm_places(&self, sh: &ShardRecord) -> u32 {
+        self.warm_taken
+            .and_then(|t| t.get(&(sh.session.clone(), sh.name.clone())))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Counts a place reserved on inherited shard `shard` of session `key` during the warm-up
+/// against its margin.
+fn note_warm_place(inner: &mut Inner, key: &str, shard: &str, now: Millis) {
+    if now >= inner.warm_until {
+        return;
+    }
+    let id = (key.to_owned(), shard.to_owned());
+    if !inner.mine.contains(&id) {
+        *inner.warm_taken.entry(id).or_default() += 1;
+    }
+}
+
+/// The places between a session's threshold and its hard cap: what an inherited shard may
+/// give new users during the warm-up ([`Inherited`]).
+pub(super) fn warm_margin(spec: &SessionSpec) -> u32 {
+    let t = threshold_load(spec.max_users_per_shard, spec.scale_up_threshold);
+    u32::try_from(u64::from(spec.max_users_per_shard).saturating_sub(t)).unwrap_or(0)
 }
 
 /// The session's shards, published or opened by this router, that are not closing. Pending
@@ -416,6 +469,7 @@ impl Router {
             },
         };
         let routed = self.reserve(&mut inner.ledger, &target, chosen, req, caller, now);
+        note_warm_place(inner, &target.key, &routed.shard, now);
         Ok(Attempt::Routed(Box::new(routed)))
     }
 
@@ -795,12 +849,30 @@ mod tests {
         // Free places below the threshold (8) count users only, not reservations.
         assert_eq!(shards.free, 3 + 6);
 
-        // During the warm-up every shard but the router's own counts as at its threshold.
+        // During the warm-up an inherited shard whose reflector reported (r1) keeps its load
+        // until it gave its margin (cap 10 less threshold 8) to new users, then counts as at
+        // its threshold; the router's own shard is never held.
         let mine = FastSet::from_iter([(KEY.to_owned(), "a~4".to_owned())]);
         let during = Inherited::new(&mine, true, true);
         let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, during, 0, 1000);
         let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
-        assert_eq!(loads, [8, 2]);
+        assert_eq!(loads, [6, 2], "no place of the margin given yet");
+        let mut taken = WarmTaken::default();
+        taken.insert((KEY.to_owned(), "a".to_owned()), 1);
+        let one = during.with_warm_taken(&taken);
+        let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, one, 0, 1000);
+        let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
+        assert_eq!(loads, [6, 2], "one of two given");
+        taken.insert((KEY.to_owned(), "a".to_owned()), 2);
+        taken.insert((KEY.to_owned(), "a~4".to_owned()), 9);
+        let both = during.with_warm_taken(&taken);
+        let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, both, 0, 1000);
+        let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
+        assert_eq!(loads, [8, 2], "a gave its margin; a~4 is the router's own");
+        let unheard = FleetState::default();
+        let warm = Shards::of_session(&view, &[], &unheard, &ledger, &target, during, 0, 1000);
+        let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
+        assert_eq!(loads, [8, 2], "r1 has not reported: a counts as full");
         // After it, only while their reflector has not reported: r1 has.
         let after = Inherited::new(&none, false, true);
         let taken = Shards::of_session(&view, &[], &fleet, &ledger, &target, after, 0, 1000);
@@ -819,6 +891,24 @@ mod tests {
         let opened = [shard("a", 5, "r1")];
         let more = Shards::of_session(&view, &opened, &fleet, &ledger, &target, normal, 0, 1000);
         assert_eq!(more.routable.len(), 3);
+    }
+
+    #[test]
+    fn the_warm_up_margin_is_the_places_between_the_threshold_and_the_cap() {
+        let view = published(vec![shard("a", 0, "r1")]);
+        let mut spec = view.fleet.sessions[0].spec.clone();
+        let margin = |spec: &SessionSpec| warm_margin(spec);
+        assert_eq!(
+            (spec.max_users_per_shard, spec.scale_up_threshold),
+            (10, 0.8)
+        );
+        assert_eq!(margin(&spec), 2);
+        spec.max_users_per_shard = 25;
+        assert_eq!(margin(&spec), 5, "threshold 20 rounds up from 20.0");
+        spec.scale_up_threshold = 0.83;
+        assert_eq!(margin(&spec), 4, "threshold 21 (20.75 rounded up)");
+        spec.scale_up_threshold = 1.0;
+        assert_eq!(margin(&spec), 0, "no margin: inherited shards stay full");
     }
 
     #[test]
