@@ -738,6 +738,13 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     }
     let mut ops = operators.lock().await;
     for o in ops.iter_mut() {
+        // A replica that died on its own leaves no standby: its figures would not be the run's.
+        if let Some(status) = o.exited() {
+            failures.push(format!(
+                "{} exited on its own ({status}); see its log",
+                o.identity
+            ));
+        }
         o.kill().await;
     }
     if failures.is_empty() {
@@ -775,6 +782,14 @@ async fn kill_leader(
         tracing::warn!("no leader to kill");
         return;
     };
+    drop(ops);
+    // The kill only tests a failover if a standby is there to take over.
+    let mut ops = operators.lock().await;
+    for o in ops.iter_mut() {
+        if let Some(status) = o.exited() {
+            tracing::error!(operator = %o.identity, %status, "a replica exited on its own before the kill: no standby");
+        }
+    }
     drop(ops);
     // The lock is held only briefly from here on: the sampler reads the operators too.
     let mut ops = operators.lock().await;

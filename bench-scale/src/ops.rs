@@ -22,11 +22,20 @@ pub struct Operator {
     log: PathBuf,
 }
 
-/// A free loopback port now.
+/// A loopback port free now, below Linux's default ephemeral range (32768–60999): the rig
+/// opens thousands of outgoing connections, and a port the kernel handed out as ephemeral
+/// could be some connection's local port by the time a replica binds it (a standby once
+/// failed to start on `Address already in use` that way).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in 20000..32000 after 200 tries")
 }
 
 /// Settings shared by the replicas.
@@ -117,6 +126,12 @@ impl Operator {
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// How the replica's process ended, if it ended on its own (not by [`Self::kill`]).
+    pub fn exited(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        Some(status.to_string())
     }
 
     pub fn pid(&self) -> Option<u32> {

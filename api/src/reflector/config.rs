@@ -172,7 +172,7 @@ pub struct Config {
     #[arg(long, env = "REFLEET_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_retained_bytes: usize,
 
-    /// The operator's report-stream endpoint (e.g. http://refleet-report.refleet-system.svc:8081).
+    /// The operator's report-stream endpoint (e.g. `http://refleet-report.refleet-system.svc:8081`).
     /// When set, the reflector keeps a gRPC stream open to it, reports its load about once a
     /// second and at once on change, and follows its instructions (drain, shard caps, token
     /// keys). Reconnects with back-off, so it reaches a new leader after a failover.

@@ -55,7 +55,7 @@ pub struct RoutingArgs {
     pub report_grace: humantime::Duration,
 
     /// The report-stream URL given to the reflector pods the operator creates, e.g.
-    /// http://refleet-report.refleet-system.svc:8081. Without it reflectors do not report
+    /// `http://refleet-report.refleet-system.svc:8081`. Without it reflectors do not report
     /// (the router then counts users from the reflectors' /sessions via the controllers).
     #[arg(long, env = "REFLEET_REFLECTOR_REPORT_URL")]
     pub reflector_report_url: Option<String>,
