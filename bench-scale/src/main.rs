@@ -620,7 +620,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         ops::histogram_quantile(&leader_metrics, name, quant).map(|v| (v * 1e4).round() / 10.0)
     };
     let fleet_snap = fleet.snapshot();
-    let user = stats.summary();
+    let user = stats.summary(started);
     let mut steady: Vec<f64> = cores.clone();
     steady.sort_by(f64::total_cmp);
     let mean_cores = if cores.is_empty() {

@@ -137,6 +137,32 @@ pub fn histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
+/// How many of the slowest warm overflow Routes the summary lists.
+const SLOWEST_KEPT: usize = 10;
+
+/// One Route kept for the summary's list of the slowest.
+struct SlowRoute {
+    sent: Instant,
+    us: u64,
+    shard: String,
+}
+
+/// Keeps the [`SLOWEST_KEPT`] slowest of `kept` and `r`.
+fn keep_slowest(kept: &mut Vec<SlowRoute>, r: SlowRoute) {
+    kept.push(r);
+    kept.sort_by(|a, b| b.us.cmp(&a.us));
+    kept.truncate(SLOWEST_KEPT);
+}
+
+/// A slow Route in the summary: when it was sent (seconds into the run), how long it took,
+/// and the shard it got.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowRouteSummary {
+    pub sent_at_s: f64,
+    pub ms: f64,
+    pub shard: String,
+}
+
 /// What the users counted.
 pub struct UserStats {
     pub route: Mutex<Histogram<u64>>,
@@ -149,6 +175,9 @@ pub struct UserStats {
     pub overflow_warm: Mutex<Histogram<u64>>,
     pub overflow_after_failure: Mutex<Histogram<u64>>,
     pub overflow_new_reflector: Mutex<Histogram<u64>>,
+    /// The slowest warm overflow Routes (at most [`SLOWEST_KEPT`]), to tell when and where
+    /// the tail of `overflow_warm` came from.
+    slowest_warm: Mutex<Vec<SlowRoute>>,
     /// When the first injected failure (leader kill, region down, apiserver restart) began.
     pub disturbed_at: Mutex<Option<Instant>>,
     pub errors: Mutex<BTreeMap<String, u64>>,
@@ -185,6 +214,7 @@ impl Default for UserStats {
             overflow_warm: Mutex::new(histogram()),
             overflow_after_failure: Mutex::new(histogram()),
             overflow_new_reflector: Mutex::new(histogram()),
+            slowest_warm: Mutex::default(),
             disturbed_at: Mutex::default(),
             errors: Mutex::default(),
             arrivals: AtomicU64::default(),
@@ -248,6 +278,16 @@ impl UserStats {
                 (true, true) => &self.overflow_after_failure,
             };
             let _ = lock(part).record(us.max(1));
+            if warm && !disturbed {
+                keep_slowest(
+                    &mut lock(&self.slowest_warm),
+                    SlowRoute {
+                        sent,
+                        us,
+                        shard: shard.to_owned(),
+                    },
+                );
+            }
         }
         self.routes_ok.fetch_add(1, Ordering::Relaxed);
         let mut last = lock(&self.last_ok);
@@ -527,6 +567,8 @@ pub struct UserSummary {
     pub overflow_new_reflector_routes: u64,
     pub overflow_new_reflector_p50_ms: f64,
     pub overflow_new_reflector_p99_ms: f64,
+    /// The slowest warm overflow Routes, slowest first.
+    pub overflow_warm_slowest: Vec<SlowRouteSummary>,
     pub errors: BTreeMap<String, u64>,
     pub sessions_seen: u64,
     pub shards_seen: u64,
@@ -542,7 +584,8 @@ pub fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 impl UserStats {
-    pub fn summary(&self) -> UserSummary {
+    /// The counts; times in the run are seconds after `started`.
+    pub fn summary(&self, started: Instant) -> UserSummary {
         let route = lock(&self.route);
         let overflow = lock(&self.overflow);
         let warm = lock(&self.overflow_warm);
@@ -576,6 +619,14 @@ impl UserStats {
             overflow_new_reflector_routes: cold.len(),
             overflow_new_reflector_p50_ms: ms(&cold, 0.5),
             overflow_new_reflector_p99_ms: ms(&cold, 0.99),
+            overflow_warm_slowest: lock(&self.slowest_warm)
+                .iter()
+                .map(|r| SlowRouteSummary {
+                    sent_at_s: r.sent.saturating_duration_since(started).as_secs_f64(),
+                    ms: r.us as f64 / 1000.0,
+                    shard: r.shard.clone(),
+                })
+                .collect(),
             errors: lock(&self.errors).clone(),
             sessions_seen: self.sessions_seen(),
             shards_seen: shards,
@@ -670,5 +721,28 @@ pub async fn probe(
         p50_ms: ms(&h, 0.5),
         p99_ms: ms(&h, 0.99),
         max_ms: h.max() as f64 / 1000.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_slowest_keeps_the_slowest_ten_slowest_first() {
+        let t = Instant::now();
+        let mut kept = Vec::new();
+        for us in [5, 50, 1, 40, 30, 20, 10, 60, 70, 80, 90, 100, 2] {
+            keep_slowest(
+                &mut kept,
+                SlowRoute {
+                    sent: t,
+                    us,
+                    shard: format!("s~{us}"),
+                },
+            );
+        }
+        let us: Vec<u64> = kept.iter().map(|r| r.us).collect();
+        assert_eq!(us, [100, 90, 80, 70, 60, 50, 40, 30, 20, 10]);
     }
 }
