@@ -24,7 +24,7 @@ use refleet_operator::router::client::{self, TrustedProxies};
 use refleet_operator::router::metrics::RouterMetrics;
 use refleet_operator::router::reports::{self, ReportHub};
 use refleet_operator::router::service::{self, Access, Frontend};
-use refleet_operator::router::{Caller, FleetView, Router, RouterConfig, SessionDef};
+use refleet_operator::router::{Caller, FleetView, RouteError, Router, RouterConfig, SessionDef};
 use tonic_types::StatusExt;
 
 const POOL: &str = "default/pool";
@@ -1699,6 +1699,95 @@ async fn a_route_during_a_move_waits_for_it_and_answers_the_new_host() {
     assert!(routed.reflector_url.starts_with("ws://eu2.test/"));
 }
 
+/// A Route does not wait for a shard opening on a pod that starts in another region when a
+/// reflector with room is up in the caller's own: it opens a shard there at once. A caller
+/// who prefers the starting pod's region waits for that shard instead of opening another.
+#[tokio::test]
+async fn a_crowd_from_one_region_does_not_wait_for_a_pod_starting_in_another() {
+    let (r, _) = router(RouterConfig {
+        route_wait: Duration::from_millis(300),
+        ..RouterConfig::default()
+    });
+    let mut fleet = fleet_view(vec![session("lobby", 10, 10)], 5);
+    fleet.input.reflectors[1].state = ReflectorState::Starting;
+    let on = |index: u32, reflector: &str, region: &str, users: u32| ShardRecord {
+        session: "default/app/lobby".into(),
+        name: refleet_core::shard::shard_name("lobby", index),
+        index,
+        pool: POOL.into(),
+        region: region.into(),
+        reflector: Some(reflector.into()),
+        committed_users: 10,
+        users,
+        reserved: 0,
+        phase: ShardPhase::Open,
+        empty_since: None,
+        moving_to: None,
+        moved_at: None,
+    };
+    // lobby is at its threshold (8 of 10) in eu; lobby~1 waits for r-us to start.
+    fleet.input.shards = vec![on(0, "r-eu", "eu", 8), on(1, "r-us", "us", 0)];
+    r.publish("local", fleet);
+
+    let from_us = r.route(&req("lobby", "us"), |_| Ok(())).await.unwrap_err();
+    assert!(
+        matches!(from_us, RouteError::Exhausted { ref message, .. } if message.contains("starting")),
+        "a caller from us waits for lobby~1, then is told it is still starting: {from_us:?}"
+    );
+    let from_eu = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        (from_eu.shard.as_str(), from_eu.region.as_str()),
+        ("lobby~2", "eu"),
+        "a caller from eu gets a new shard on r-eu at once"
+    );
+    let again = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(again.shard, "lobby~2", "and the next one joins it");
+
+    // With no room on a ready reflector (one shard each), a new shard would wait too: the
+    // caller from eu waits for lobby~1 instead of opening another beside it.
+    let mut full = fleet_view(vec![session("lobby", 10, 10)], 1);
+    full.input.reflectors[1].state = ReflectorState::Starting;
+    full.input.shards = vec![on(0, "r-eu", "eu", 8), on(1, "r-us", "us", 0)];
+    let (r, _) = router(RouterConfig {
+        route_wait: Duration::from_millis(300),
+        ..RouterConfig::default()
+    });
+    r.publish("local", full.clone());
+    let waited = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap_err();
+    assert!(
+        matches!(waited, RouteError::Exhausted { ref message, .. } if message.contains("starting")),
+        "{waited:?}"
+    );
+    full.input.reflectors[1].state = ReflectorState::Ready;
+    r.publish("local", full);
+    let joined = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(joined.shard, "lobby~1", "no shard opened meanwhile");
+}
+
+/// One region, one reflector (`r-eu`) and Session `lobby` (cap `cap`) with one shard there
+/// that the published view says has `users`: what a new leader inherits.
+fn lobby_alone_on_r_eu(cap: u32, users: u32) -> FleetView {
+    let mut fleet = fleet_view(vec![session("lobby", cap, 10)], 5);
+    fleet.input.pools[0].regions.truncate(1);
+    fleet.input.reflectors.truncate(1);
+    fleet.input.shards = vec![ShardRecord {
+        session: "default/app/lobby".into(),
+        name: "lobby".into(),
+        index: 0,
+        pool: POOL.into(),
+        region: "eu".into(),
+        reflector: Some("r-eu".into()),
+        committed_users: cap,
+        users,
+        reserved: 0,
+        phase: ShardPhase::Open,
+        empty_since: None,
+        moving_to: None,
+        moved_at: None,
+    }];
+    fleet
+}
+
 /// After a takeover, an inherited shard whose reflector has not reported to this router yet
 /// counts as full even past the warm-up: the users the published view gives it may be stale,
 /// so routing more to it could pass its cap. Once its reflector reports, its real load counts.
@@ -1710,26 +1799,8 @@ async fn after_a_takeover_a_shard_counts_as_full_until_its_reflector_reports() {
         report_grace: Duration::from_secs(1),
         ..RouterConfig::default()
     });
-    let mut fleet = fleet_view(vec![session("lobby", 100, 10)], 5);
-    fleet.input.pools[0].regions.truncate(1);
-    fleet.input.reflectors.truncate(1);
     // The previous leader's last status: lobby on r-eu with 10 users.
-    fleet.input.shards = vec![ShardRecord {
-        session: "default/app/lobby".into(),
-        name: "lobby".into(),
-        index: 0,
-        pool: POOL.into(),
-        region: "eu".into(),
-        reflector: Some("r-eu".into()),
-        committed_users: 100,
-        users: 10,
-        reserved: 0,
-        phase: ShardPhase::Open,
-        empty_since: None,
-        moving_to: None,
-        moved_at: None,
-    }];
-    r.publish("local", fleet);
+    r.publish("local", lobby_alone_on_r_eu(100, 10));
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The warm-up is over, but r-eu has not reported: after the catch-up (one report grace)
     // a new shard takes the user.
@@ -1756,25 +1827,7 @@ async fn during_the_warm_up_a_reported_inherited_shard_gives_its_margin_then_a_n
         token_ttl: Duration::from_secs(60),
         ..RouterConfig::default()
     });
-    let mut fleet = fleet_view(vec![session("lobby", 10, 10)], 5);
-    fleet.input.pools[0].regions.truncate(1);
-    fleet.input.reflectors.truncate(1);
-    fleet.input.shards = vec![ShardRecord {
-        session: "default/app/lobby".into(),
-        name: "lobby".into(),
-        index: 0,
-        pool: POOL.into(),
-        region: "eu".into(),
-        reflector: Some("r-eu".into()),
-        committed_users: 10,
-        users: 3,
-        reserved: 0,
-        phase: ShardPhase::Open,
-        empty_since: None,
-        moving_to: None,
-        moved_at: None,
-    }];
-    r.publish("local", fleet);
+    r.publish("local", lobby_alone_on_r_eu(10, 3));
     let url = report_hub(&r, None).await;
     let _s = open(&url, None, lobby_report("r-eu", "eu", 1, 3))
         .await

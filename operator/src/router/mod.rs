@@ -351,7 +351,7 @@ impl Router {
         inner.published_since_takeover = false;
         drop(inner);
         self.metrics.reset_reservations();
-        tracing::info!(warm_up = ?self.config.token_ttl, "router state reset; shards it did not open count as full until the warm-up ends, and until their reflector reports");
+        tracing::info!(warm_up = ?self.config.token_ttl, "router state reset; shards it did not open count as full until their reflector reports, and until the warm-up ends take no more than their margin (hard cap less threshold)");
     }
 
     /// Resolves when a route waits for the backend to act (start a reflector).

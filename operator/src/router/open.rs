@@ -33,13 +33,24 @@ use refleet_core::shard::parse_shard_name;
 use super::ledger::{Ledger, Millis};
 use super::route::{Inherited, warm_margin};
 
-/// Opens a shard for the target now and records it as this router's; `name` is the
-/// session name the client asked for.
-pub(super) fn open_shard(
+/// Records `shard`, planned by [`plan_shard`], as opened by this router.
+pub(super) fn record_opened(inner: &mut Inner, shard: ShardRecord) {
+    tracing::info!(session = %shard.session, shard = %shard.name, region = %shard.region, reflector = ?shard.reflector, "router opened a shard");
+    inner
+        .mine
+        .insert((shard.session.clone(), shard.name.clone()));
+    inner.opened.push(shard);
+}
+
+/// The shard the planner would open for the target now, not recorded yet
+/// ([`record_opened`] does); `name` is the session name the client asked for. With
+/// `past_opening`, the session's shards still opening (waiting for a placement, a starting
+/// reflector or a hand-off) count as full, so the plan opens one beside them.
+pub(super) fn plan_shard(
     inner: &mut Inner,
     view: &Published,
     target: &Target<'_>,
-    name: &str,
+    (name, past_opening): (&str, bool),
     now: Millis,
     grace: Millis,
 ) -> Result<ShardRecord, RouteError> {
@@ -91,16 +102,20 @@ pub(super) fn open_shard(
     let t = threshold_load(def.spec.max_users_per_shard, def.spec.scale_up_threshold);
     let inherited = Inherited::of(inner, now);
     let margin = warm_margin(&def.spec);
+    let opening = |sh: &ShardRecord| {
+        matches!(sh.phase, ShardPhase::Pending | ShardPhase::Moving)
+            || sh.reflector.as_deref().is_none_or(|r| {
+                view.reflector(r)
+                    .is_some_and(|o| o.state == ReflectorState::Starting)
+            })
+    };
     hold_full(&mut input, key, t, |sh| {
         adopted.contains(&sh.name)
             || sh.reflector.as_ref().is_some_and(|r| blocked.contains(r))
             || inherited.held_full(&inner.fleet, sh, margin)
+            || (past_opening && opening(sh))
     });
-    let shard = shard_opened_by(&plan_shards(&input), key).map_err(refused)?;
-    tracing::info!(session = %key, shard = %shard.name, region = %shard.region, reflector = ?shard.reflector, "router opened a shard");
-    inner.mine.insert((key.to_owned(), shard.name.clone()));
-    inner.opened.push(shard.clone());
-    Ok(shard)
+    shard_opened_by(&plan_shards(&input), key).map_err(refused)
 }
 
 /// The room that changed since `view` was published, besides the session `key`'s own

@@ -10,8 +10,10 @@
 //! 3. give a user the place it already holds ([`held_place`]);
 //! 4. hold anonymous callers to their limits ([`over_client_cap`], [`share_reached`]);
 //! 5. pick the fullest shard below the threshold in the first region that has one
-//!    ([`super::pick`]), or wait for a shard that is opening;
+//!    ([`super::pick`]), or wait for a shard that is opening in the caller's first region;
 //! 6. else open a shard at once with the planner, on that session alone ([`super::open`]);
+//!    if a shard is opening in a later region, only one that takes users at once in a
+//!    region the caller prefers, else wait for that one;
 //! 7. reserve the place ([`Router::reserve`]).
 //!
 //! Signing the token and the transports are not here: [`Router::route_as`] turns an
@@ -110,6 +112,14 @@ impl<'v> Target<'v> {
         })
     }
 
+    /// The position of `region` in the order to try (past the end for one not in it).
+    fn rank(&self, region: &str) -> usize {
+        self.order
+            .iter()
+            .position(|r| r == region)
+            .unwrap_or(self.order.len())
+    }
+
     fn spec(&self) -> &'v SessionSpec {
         &self.def.spec
     }
@@ -167,9 +177,10 @@ struct Shards<'a> {
     candidates: Vec<Candidate>,
     /// Each candidate's shard and reflector URL (`Candidate::index` points here).
     routable: Vec<(&'a ShardRecord, &'a str)>,
-    /// A shard waits for its reflector (none placed yet, or one starting): a Route may
-    /// wait for it instead of opening another.
-    opening: bool,
+    /// A shard waits for its reflector (none placed yet, or one starting) or its hand-off:
+    /// a Route may wait for it instead of opening another. The position of its region in
+    /// the Route's order (the best of several; past the end for a region not in it).
+    opening: Option<usize>,
     /// Places below the threshold not taken by users: what anonymous callers may hold a
     /// share of.
     free: u64,
@@ -201,7 +212,7 @@ impl<'a> Shards<'a> {
         let mut out = Shards {
             candidates: Vec::with_capacity(shards.len()),
             routable: Vec::with_capacity(shards.len()),
-            opening: false,
+            opening: None,
             free: 0,
             gateways: &view.fleet.gateways,
         };
@@ -216,11 +227,11 @@ impl<'a> Shards<'a> {
             // A pending shard waits for its reflector, a moving one for its hand-off (both
             // take seconds): a Route with no other room waits for them, it is not refused.
             if sh.phase == ShardPhase::Moving {
-                out.opening = true;
+                out.opening_in(target, &sh.region);
                 continue;
             }
             let Some(r) = sh.reflector.as_deref() else {
-                out.opening = true;
+                out.opening_in(target, &sh.region);
                 continue;
             };
             let url = match last {
@@ -233,10 +244,13 @@ impl<'a> Shards<'a> {
             };
             let Some(url) = url else {
                 // A starting reflector is coming; one that reported and went silent is not.
-                out.opening |= view
+                if view
                     .reflector(r)
                     .is_some_and(|o| o.state == ReflectorState::Starting)
-                    && !fleet.silent(r, now, grace);
+                    && !fleet.silent(r, now, grace)
+                {
+                    out.opening_in(target, &sh.region);
+                }
                 continue;
             };
             let users = reported.of(&sh.name).unwrap_or(sh.users);
@@ -254,6 +268,12 @@ impl<'a> Shards<'a> {
             out.routable.push((sh, url));
         }
         out
+    }
+
+    /// Notes a shard opening in `region`.
+    fn opening_in(&mut self, target: &Target<'_>, region: &str) {
+        let rank = target.rank(region);
+        self.opening = Some(self.opening.map_or(rank, |r| r.min(rank)));
     }
 
     fn answer(&self, i: usize) -> Answer {
@@ -335,9 +355,12 @@ impl<'a> Inherited<'a> {
 }
 
 /// Counts a place reserved on inherited shard `shard` of session `key` during the warm-up
-/// against its margin.
+/// against its margin; after the warm-up, forgets the counts.
 fn note_warm_place(inner: &mut Inner, key: &str, shard: &str, now: Millis) {
     if now >= inner.warm_until {
+        if !inner.warm_taken.is_empty() {
+            inner.warm_taken = WarmTaken::default();
+        }
         return;
     }
     let id = (key.to_owned(), shard.to_owned());
@@ -428,8 +451,10 @@ enum Choice {
     Shard(Answer),
     /// Decided without a new reservation: a held place, an unreserved answer, or wait.
     Decided(Attempt),
-    /// Every routable shard is at its threshold and none is opening: open one.
-    NoRoom,
+    /// Every routable shard is at its threshold: open one. `opening`: a shard is opening in
+    /// the region at that position of the Route's order (not its first), so open another
+    /// only if it takes users at once in a region the caller prefers; else wait for that one.
+    NoRoom { opening: Option<usize> },
 }
 
 impl Router {
@@ -463,10 +488,12 @@ impl Router {
         let chosen = match self.choose_existing_shard(inner, &view, &target, req, caller, now)? {
             Choice::Shard(answer) => answer,
             Choice::Decided(attempt) => return Ok(attempt),
-            Choice::NoRoom => match self.open_shard_now(inner, &view, &target, req, now)? {
-                Some(answer) => answer,
-                None => return Ok(Attempt::Wait),
-            },
+            Choice::NoRoom { opening } => {
+                match self.open_shard_now(inner, &view, &target, req, now, opening)? {
+                    Some(answer) => answer,
+                    None => return Ok(Attempt::Wait),
+                }
+            }
         };
         let routed = self.reserve(&mut inner.ledger, &target, chosen, req, caller, now);
         note_warm_place(inner, &target.key, &routed.shard, now);
@@ -505,8 +532,11 @@ impl Router {
         }
         Ok(match target.pick(&shards) {
             Some(i) => Choice::Shard(shards.answer(i)),
-            None if shards.opening => Choice::Decided(Attempt::Wait),
-            None => Choice::NoRoom,
+            // Opening in the caller's first region: no new shard could do better.
+            None if shards.opening == Some(0) => Choice::Decided(Attempt::Wait),
+            None => Choice::NoRoom {
+                opening: shards.opening,
+            },
         })
     }
 
@@ -541,7 +571,7 @@ impl Router {
             return Ok(None);
         }
         let Some(i) = target.pick_unreserved(shards) else {
-            if shards.opening {
+            if shards.opening.is_some() {
                 return Ok(Some(Attempt::Wait));
             }
             return Err(RouteError::Exhausted {
@@ -583,6 +613,12 @@ impl Router {
 
     /// Opens a shard now and answers with it if its reflector already takes users; `None`:
     /// the reflector is starting, or the router is catching up after a takeover: wait.
+    ///
+    /// With a shard already `opening` in a later region of the caller's order, the new one
+    /// is kept only if it takes users at once in a region the caller prefers: a crowd from
+    /// one region does not wait seconds for a pod starting in another while a reflector
+    /// with room is up in its own, and a new shard that would itself wait does not open
+    /// beside the one already waited for.
     fn open_shard_now(
         &self,
         inner: &mut Inner,
@@ -590,23 +626,44 @@ impl Router {
         target: &Target<'_>,
         req: &RouteRequest,
         now: Millis,
+        opening: Option<usize>,
     ) -> Result<Option<Answer>, RouteError> {
         if self.catching_up(inner, view, target, now) {
             return Ok(None);
         }
-        let opened = super::open::open_shard(inner, view, target, &req.session, now, self.grace())?;
-        self.metrics.shard_opened(&opened.region);
-        let url = opened
+        let planned = super::open::plan_shard(
+            inner,
+            view,
+            target,
+            (&req.session, opening.is_some()),
+            now,
+            self.grace(),
+        );
+        let planned = match (planned, opening) {
+            (Ok(shard), _) => shard,
+            (Err(_), Some(_)) => return Ok(None),
+            (Err(e), None) => return Err(e),
+        };
+        let url = planned
             .reflector
             .as_deref()
             .and_then(|r| inner.fleet.routable_url(view, r, now, self.grace()));
-        let url = url.map(|url| {
-            view.fleet
+        if let Some(rank) = opening
+            && (url.is_none() || target.rank(&planned.region) >= rank)
+        {
+            return Ok(None);
+        }
+        self.metrics.shard_opened(&planned.region);
+        let answer = url.map(|url| {
+            let url = view
+                .fleet
                 .gateways
-                .get(&opened.region)
-                .map_or(url, String::as_str)
+                .get(&planned.region)
+                .map_or(url, String::as_str);
+            (planned.name.clone(), url.to_owned(), planned.region.clone())
         });
-        Ok(url.map(|url| (opened.name.clone(), url.to_owned(), opened.region.clone())))
+        super::open::record_opened(inner, planned);
+        Ok(answer)
     }
 
     /// Reserves the chosen place for the caller until its claim window ends.
@@ -837,8 +894,9 @@ mod tests {
         let none = FastSet::default();
         let normal = Inherited::new(&none, false, false);
         let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, normal, 0, 1000);
-        // `a~1` waits for its starting reflector, `a~2` for a placement; `a~3` is closing.
-        assert!(shards.opening);
+        // `a~1` waits for its starting reflector, `a~2` for a placement (both in eu, the
+        // first region); `a~3` is closing.
+        assert_eq!(shards.opening, Some(0));
         let loads: Vec<(String, u64)> = shards
             .routable
             .iter()
