@@ -150,7 +150,7 @@ struct SlowRoute {
 /// Keeps the [`SLOWEST_KEPT`] slowest of `kept` and `r`.
 fn keep_slowest(kept: &mut Vec<SlowRoute>, r: SlowRoute) {
     kept.push(r);
-    kept.sort_by(|a, b| b.us.cmp(&a.us));
+    kept.sort_by_key(|r| std::cmp::Reverse(r.us));
     kept.truncate(SLOWEST_KEPT);
 }
 
