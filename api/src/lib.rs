@@ -4,6 +4,7 @@
 //! - [`report`]: `refleet.report.v1`, the stream each reflector keeps open to the operator.
 //! - [`token`]: signed join tokens, issued by the router and checked by reflectors.
 //! - [`report_credential`]: each reflector's own credential for its report stream.
+//! - [`reconnect`]: how clients of the operator's streams wait between reconnects.
 //! - [`reflector`]: the reflector's command line, start-up banner and `/sessions` report, which
 //!   launchers write and read.
 //! - [`shutdown`]: the stop signal every Refleet binary waits for.
@@ -11,6 +12,7 @@
 //! The `.proto` files under `proto/` are the reference; this crate is generated from them
 //! by `build.rs` (protox + tonic-prost-build, no `protoc` needed).
 
+pub mod reconnect;
 pub mod reflector;
 pub mod report_credential;
 pub mod shutdown;

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use refleet_api::reconnect::Backoff;
 use refleet_api::report::{
     Capacity, Instruction, ReflectorReport, ReflectorState, ShardLoad, instruction::Kind,
     reports_client::ReportsClient,
@@ -426,7 +427,9 @@ impl Fleet {
     async fn report_loop(self: Arc<Self>, r: Arc<SimReflector>) {
         let mut gone = r.gone();
         let mut sequence = 0u64;
-        let mut backoff = Duration::from_millis(250);
+        // The reflector's own back-off, so the catch-up after a failover is what a real
+        // fleet would see.
+        let mut backoff = Backoff::new();
         let n = self.report_addrs.len().max(1);
         loop {
             let first = self.leader_hint.load(Ordering::Relaxed);
@@ -451,12 +454,9 @@ impl Fleet {
                 }
             }
             if long_lived {
-                backoff = Duration::from_millis(250);
+                backoff.reset();
             }
-            // Jitter spreads thousands of reconnects after a leader change.
-            let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 + 1);
-            tokio::time::sleep(backoff / 2 + Duration::from_millis(jitter / 2)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(4));
+            tokio::time::sleep(backoff.next_wait(rand::random::<f64>())).await;
         }
     }
 

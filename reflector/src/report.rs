@@ -27,15 +27,13 @@ use tonic::metadata::MetadataValue;
 
 use crate::admission::{Admission, ShardSettings};
 use crate::metrics::Metrics;
+use refleet_api::reconnect::Backoff;
 use refleet_core::shard::join_shard;
 
 use crate::session::registry::Registry;
 
 /// Least time between two reports (coalesces bursts of joins).
 const MIN_GAP: Duration = Duration::from_millis(100);
-/// Back-off bounds between reconnect attempts.
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long an ended hand-off's outcome is repeated in the reports.
 pub const RESULT_TTL: Duration = Duration::from_secs(60);
 
@@ -123,7 +121,7 @@ impl HandOffs {
 impl Reporter {
     /// Reports until the process ends.
     pub async fn run(self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new();
         let mut sequence = 0u64;
         loop {
             let started = Instant::now();
@@ -133,10 +131,9 @@ impl Reporter {
             }
             self.metrics.report_stream_connected.set(0);
             if started.elapsed() > Duration::from_secs(10) {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::time::sleep(backoff.next_wait(rand::random::<f64>())).await;
         }
     }
 

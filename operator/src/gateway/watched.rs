@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use refleet_api::placement::placements_client::PlacementsClient;
 use refleet_api::placement::{PlacementState, PlacementTable, WatchRequest};
+use refleet_api::reconnect::Backoff;
 use refleet_api::token::Verifier;
 
 use super::Placements;
@@ -109,24 +110,24 @@ pub async fn follow(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new();
     loop {
-        tokio::select! {
+        let ended = tokio::select! {
             () = &mut shutdown => return,
-            ended = watch_once(&target, &table, &metrics) => {
-                metrics.watch_connected.set(0);
-                match ended {
-                    Ok(true) => backoff = Duration::from_millis(200),
-                    Ok(false) => {}
-                    Err(error) => tracing::warn!(%error, endpoint = %target.endpoint, retry_in = ?backoff, "placement watch failed; serving the last table"),
-                }
-            }
+            ended = watch_once(&target, &table, &metrics) => ended,
+        };
+        metrics.watch_connected.set(0);
+        if let Ok(true) = ended {
+            backoff.reset();
+        }
+        let wait = backoff.next_wait(rand::random::<f64>());
+        if let Err(error) = ended {
+            tracing::warn!(%error, endpoint = %target.endpoint, retry_in = ?wait, "placement watch failed; serving the last table");
         }
         tokio::select! {
             () = &mut shutdown => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
