@@ -1710,21 +1710,7 @@ async fn a_crowd_from_one_region_does_not_wait_for_a_pod_starting_in_another() {
     });
     let mut fleet = fleet_view(vec![session("lobby", 10, 10)], 5);
     fleet.input.reflectors[1].state = ReflectorState::Starting;
-    let on = |index: u32, reflector: &str, region: &str, users: u32| ShardRecord {
-        session: "default/app/lobby".into(),
-        name: refleet_core::shard::shard_name("lobby", index),
-        index,
-        pool: POOL.into(),
-        region: region.into(),
-        reflector: Some(reflector.into()),
-        committed_users: 10,
-        users,
-        reserved: 0,
-        phase: ShardPhase::Open,
-        empty_since: None,
-        moving_to: None,
-        moved_at: None,
-    };
+    let on = |index, reflector, region, users| placed("lobby", index, reflector, region, users);
     // lobby is at its threshold (8 of 10) in eu; lobby~1 waits for r-us to start.
     fleet.input.shards = vec![on(0, "r-eu", "eu", 8), on(1, "r-us", "us", 0)];
     r.publish("local", fleet);
@@ -1770,21 +1756,9 @@ fn lobby_alone_on_r_eu(cap: u32, users: u32) -> FleetView {
     let mut fleet = fleet_view(vec![session("lobby", cap, 10)], 5);
     fleet.input.pools[0].regions.truncate(1);
     fleet.input.reflectors.truncate(1);
-    fleet.input.shards = vec![ShardRecord {
-        session: "default/app/lobby".into(),
-        name: "lobby".into(),
-        index: 0,
-        pool: POOL.into(),
-        region: "eu".into(),
-        reflector: Some("r-eu".into()),
-        committed_users: cap,
-        users,
-        reserved: 0,
-        phase: ShardPhase::Open,
-        empty_since: None,
-        moving_to: None,
-        moved_at: None,
-    }];
+    let mut lobby = placed("lobby", 0, "r-eu", "eu", users);
+    lobby.committed_users = cap;
+    fleet.input.shards = vec![lobby];
     fleet
 }
 
