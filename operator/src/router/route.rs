@@ -329,26 +329,31 @@ impl<'a> Inherited<'a> {
     }
 
     /// Whether `sh` counts as full; `margin` is its session's hard cap less its threshold.
+    // Runs for every shard of every Route: the shard's key is only built (and the sets
+    // looked up) once the shard could be held, so a router past its warm-up whose reflectors
+    // have reported pays nothing here.
     pub(super) fn held_full(&self, fleet: &FleetState, sh: &ShardRecord, margin: u32) -> bool {
-        if !(self.warm || self.taken_over) || self.is_mine(sh) {
+        let heard = sh.reflector.as_deref().map(|r| fleet.has_reported(r));
+        let may_hold = match heard {
+            // Its load is unknown.
+            Some(false) => self.warm || self.taken_over,
+            // Reported: only the warm-up's margin is limited. Not placed: no reflector tells
+            // its load.
+            Some(true) | None => self.warm,
+        };
+        if !may_hold {
             return false;
         }
-        match sh.reflector.as_deref().map(|r| fleet.has_reported(r)) {
-            // Its load is unknown.
-            Some(false) => true,
-            Some(true) => self.warm && self.warm_places(sh) >= margin,
-            // Not placed: no reflector tells its load.
-            None => self.warm,
+        let id = (sh.session.clone(), sh.name.clone());
+        if self.mine.contains(&id) {
+            return false;
         }
+        heard != Some(true) || self.warm_places(&id) >= margin
     }
 
-    fn is_mine(&self, sh: &ShardRecord) -> bool {
-        self.mine.contains(&(sh.session.clone(), sh.name.clone()))
-    }
-
-    fn warm_places(&self, sh: &ShardRecord) -> u32 {
+    fn warm_places(&self, id: &(String, String)) -> u32 {
         self.warm_taken
-            .and_then(|t| t.get(&(sh.session.clone(), sh.name.clone())))
+            .and_then(|t| t.get(id))
             .copied()
             .unwrap_or(0)
     }
@@ -955,18 +960,21 @@ mod tests {
     fn the_warm_up_margin_is_the_places_between_the_threshold_and_the_cap() {
         let view = published(vec![shard("a", 0, "r1")]);
         let mut spec = view.fleet.sessions[0].spec.clone();
-        let margin = |spec: &SessionSpec| warm_margin(spec);
         assert_eq!(
             (spec.max_users_per_shard, spec.scale_up_threshold),
             (10, 0.8)
         );
-        assert_eq!(margin(&spec), 2);
+        assert_eq!(warm_margin(&spec), 2);
         spec.max_users_per_shard = 25;
-        assert_eq!(margin(&spec), 5, "threshold 20 rounds up from 20.0");
+        assert_eq!(warm_margin(&spec), 5, "threshold 20 rounds up from 20.0");
         spec.scale_up_threshold = 0.83;
-        assert_eq!(margin(&spec), 4, "threshold 21 (20.75 rounded up)");
+        assert_eq!(warm_margin(&spec), 4, "threshold 21 (20.75 rounded up)");
         spec.scale_up_threshold = 1.0;
-        assert_eq!(margin(&spec), 0, "no margin: inherited shards stay full");
+        assert_eq!(
+            warm_margin(&spec),
+            0,
+            "no margin: inherited shards stay full"
+        );
     }
 
     #[test]
