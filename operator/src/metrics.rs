@@ -78,6 +78,7 @@ pub struct OperatorMetrics {
     /// The registry `/metrics` renders.
     pub registry: Registry,
     reconciles: IntCounterVec,
+    coalesced: IntCounterVec,
     failures: IntCounterVec,
     duration: HistogramVec,
     decisions: IntCounterVec,
@@ -153,6 +154,11 @@ impl OperatorMetrics {
             reconciles: counter(
                 "refleet_operator_reconciles_total",
                 "Reconciliations started, by controller.",
+                &["controller"],
+            ),
+            coalesced: counter(
+                "refleet_operator_syncs_coalesced_total",
+                "Reconciliations that left their pool's sync to one already waiting for it, by controller.",
                 &["controller"],
             ),
             failures: counter(
@@ -240,6 +246,7 @@ impl OperatorMetrics {
         };
         for controller in CONTROLLERS {
             metrics.reconciles.with_label_values(&[controller]);
+            metrics.coalesced.with_label_values(&[controller]);
             metrics.duration.with_label_values(&[controller]);
             for error in ERROR_KINDS {
                 metrics.failures.with_label_values(&[controller, error]);
@@ -256,6 +263,11 @@ impl OperatorMetrics {
     pub fn reconcile_started(&self, controller: &'static str) -> prometheus::HistogramTimer {
         self.reconciles.with_label_values(&[controller]).inc();
         self.duration.with_label_values(&[controller]).start_timer()
+    }
+
+    /// Counts a reconciliation that left its sync to one already waiting.
+    pub fn sync_coalesced(&self, controller: &'static str) {
+        self.coalesced.with_label_values(&[controller]).inc();
     }
 
     /// Counts a failed reconciliation.
@@ -486,6 +498,7 @@ mod tests {
         for series in [
             r#"refleet_operator_reconciles_total{controller="reflectorpool"}"#,
             r#"refleet_operator_reconciles_total{controller="session"}"#,
+            r#"refleet_operator_syncs_coalesced_total{controller="session"}"#,
             r#"refleet_operator_reconcile_errors_total{controller="session",error="conflict"}"#,
             r#"refleet_operator_reconcile_duration_seconds_count{controller="reflectorpool"}"#,
             r#"refleet_operator_planner_decisions_total{kind="open_shard"}"#,

@@ -128,7 +128,17 @@ pub struct Context {
     pub reflector_env: Vec<k8s_openapi::api::core::v1::EnvVar>,
     /// Mints each new reflector pod's report credential (`REFLEET_REPORT_TOKEN`).
     pub report_key: Option<refleet_api::report_credential::ReportKey>,
-    pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PoolMemory>>>>,
+    pools: Mutex<HashMap<String, Arc<PoolSlot>>>,
+}
+
+/// One pool's memory between syncs, behind the lock that makes its syncs run one at a time.
+#[derive(Debug, Default)]
+pub(crate) struct PoolSlot {
+    /// The planner's memory; its lock is held for a whole sync.
+    pub(crate) memory: tokio::sync::Mutex<PoolMemory>,
+    /// A reconcile waits for `memory` and has not read the caches yet: any later trigger is
+    /// covered by it (see `reconcile::sync_coalesced`).
+    pub(crate) queued: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Context {
@@ -181,7 +191,7 @@ impl Context {
     }
 
     /// The memory (and lock) of pool `id`.
-    fn pool_memory(&self, id: &str) -> Arc<tokio::sync::Mutex<PoolMemory>> {
+    pub(crate) fn pool_slot(&self, id: &str) -> Arc<PoolSlot> {
         let mut pools = match self.pools.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),

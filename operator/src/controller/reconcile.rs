@@ -11,9 +11,10 @@
 //!              POST Events for the decisions
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -34,10 +35,10 @@ use super::pod::{
     ANNOTATION_DRAIN_DEADLINE, LABEL_STATE, STATE_DRAINING, TERMINATION_SLACK_SECONDS, pod_name,
     reflector_pod, reflector_service, set_report_credential,
 };
-use super::status::{governs, pool_status, session_problem, session_status, status_write_due};
+use super::status::{pool_status, session_statuses, status_write_due};
 use super::{Context, Error, FIELD_MANAGER, Result};
 use crate::crd::{CONDITION_DEGRADED, ReflectorPool, Session};
-use crate::fleet;
+use crate::fleet::{self, by_session};
 use crate::metrics::{POOL_CONTROLLER, SESSION_CONTROLLER};
 use refleet_core::planner::{self, Plan, ReflectorAction};
 
@@ -54,7 +55,7 @@ pub async fn reconcile_pool(
 ) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(POOL_CONTROLLER);
     let ns = pool.namespace().unwrap_or_default();
-    sync(&ctx, &cache, &ns, &pool.name_any()).await?;
+    sync_coalesced(&ctx, &cache, &ns, &pool.name_any(), POOL_CONTROLLER).await?;
     Ok(Action::requeue(ctx.resync))
 }
 
@@ -68,8 +69,37 @@ pub async fn reconcile_session(
 ) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(SESSION_CONTROLLER);
     let ns = session.namespace().unwrap_or_default();
-    sync(&ctx, &cache, &ns, &session.spec.pool_ref.name).await?;
+    sync_coalesced(
+        &ctx,
+        &cache,
+        &ns,
+        &session.spec.pool_ref.name,
+        SESSION_CONTROLLER,
+    )
+    .await?;
     Ok(Action::requeue(ctx.resync * 6))
+}
+
+/// Syncs the pool, unless another reconcile already waits to sync it: that one reads the
+/// caches only once it holds the pool's lock, so after whatever triggered this call, and a
+/// second sync behind it would repeat its work. Every Session of a pool and the pool itself
+/// trigger the same sync; at ~10 000 shards a sync costs ~100 ms of a core (docs/scale.md),
+/// so a status write that triggers its Session's reconcile while the pool's reconcile waits
+/// costs nothing more.
+pub async fn sync_coalesced(
+    ctx: &Context,
+    cache: &Cache,
+    namespace: &str,
+    pool_name: &str,
+    controller: &'static str,
+) -> Result<()> {
+    let slot = ctx.pool_slot(&pool_id(namespace, pool_name));
+    if slot.queued.swap(true, Ordering::AcqRel) {
+        ctx.metrics.sync_coalesced(controller);
+        return Ok(());
+    }
+    drop(slot);
+    sync(ctx, cache, namespace, pool_name).await.map(drop)
 }
 
 /// Logs a failed reconciliation, counts it and retries soon.
@@ -105,10 +135,13 @@ pub async fn sync(
     namespace: &str,
     pool_name: &str,
 ) -> Result<Synced> {
-    cache.ready().await?;
     let id = pool_id(namespace, pool_name);
-    let memory = ctx.pool_memory(&id);
-    let mut memory = memory.lock().await;
+    let slot = ctx.pool_slot(&id);
+    let mut memory = slot.memory.lock().await;
+    // From here on this sync reads the caches: a trigger arriving now needs a sync after it.
+    // (First, so that no way out of this function leaves the flag set.)
+    slot.queued.store(false, Ordering::Release);
+    cache.ready().await?;
 
     // Observe. Read under the pool's lock, so a sync sees what the one before it wrote as
     // soon as the watch has brought it back.
@@ -187,8 +220,8 @@ pub async fn sync(
         }
     }
     let sessions_api: Api<Session> = Api::namespaced(ctx.client.clone(), namespace);
-    for session in &sessions {
-        let status = session_status(session, pool.as_ref(), &plan, now);
+    let statuses = session_statuses(&sessions, pool.as_ref(), &plan, now);
+    for (session, (status, problem)) in sessions.iter().zip(statuses) {
         let was_degraded = session
             .status
             .iter()
@@ -214,7 +247,7 @@ pub async fn sync(
             .await?;
             memory.status_written.insert(name, now);
         }
-        if let Some((reason, message)) = session_problem(session, pool.as_ref(), &plan)
+        if let Some((reason, message)) = problem
             && was_degraded.as_deref() != Some(reason.as_str())
         {
             warn!(session = %session.name_any(), %reason, %message, "session degraded");
@@ -265,8 +298,9 @@ async fn apply_reflectors(
         grace_period_seconds: u32::try_from(grace).ok(),
         ..DeleteParams::default()
     };
+    let by_name: HashMap<String, &Pod> = pods.iter().map(|p| (p.name_any(), p)).collect();
     for rp in &plan.reflectors {
-        let Some(pod) = pods.iter().find(|p| p.name_any() == rp.name) else {
+        let Some(pod) = by_name.get(&rp.name) else {
             continue;
         };
         let deleting = pod.metadata.deletion_timestamp.is_some();
@@ -425,11 +459,20 @@ async fn publish_decisions(
     sessions: &[Session],
     plan: &Plan,
 ) {
-    let session_ref = |key: &str| {
-        sessions
+    let namespaces: Vec<String> = sessions
+        .iter()
+        .map(|s| s.namespace().unwrap_or_default())
+        .collect();
+    let owners = by_session::Owners::new(
+        namespaces
             .iter()
-            .find(|s| governs(s, key))
-            .map(|s| s.object_ref(&()))
+            .zip(sessions)
+            .map(|(namespace, s)| (namespace.as_str(), &s.spec)),
+    );
+    let session_ref = |key: &str| {
+        owners
+            .of(key, |i| &sessions[i].spec)
+            .map(|i| sessions[i].object_ref(&()))
     };
     let pool_ref = pool.map(|p| p.object_ref(&()));
     for summary in plan.decisions.iter().flat_map(fleet::summarize) {

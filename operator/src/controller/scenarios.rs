@@ -21,7 +21,7 @@ use super::cache::Cache;
 use super::fixtures;
 use super::observe::NoLoad;
 use super::pod::{pod_name, reflector_pod};
-use super::reconcile::sync;
+use super::reconcile::{sync, sync_coalesced};
 use crate::crd::{ReflectorPool, Session};
 use crate::metrics::OperatorMetrics;
 
@@ -287,8 +287,11 @@ async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
     let (ctx, fakeserver) = testcontext();
     // This operator has been planning the pool for the whole wait: no load (NoLoad) means
     // the plan alone decides.
-    ctx.pool_memory("games/arena").lock().await.planning_since =
-        Some(NOW - crate::fleet::REPORT_WAIT);
+    ctx.pool_slot("games/arena")
+        .memory
+        .lock()
+        .await
+        .planning_since = Some(NOW - crate::fleet::REPORT_WAIT);
     let pool = fixtures::pool("games", "arena", &["eu"]);
     let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
     let cache = Cache::of(vec![pool.clone()], vec![], pods.clone());
@@ -313,8 +316,8 @@ async fn a_new_leader_keeps_ready_reflectors_it_has_not_heard_from() {
         synced.plan.decisions
     );
     timeout_after_1s(mocksrv).await;
-    let memory = ctx.pool_memory("games/arena");
-    assert_eq!(memory.lock().await.planning_since, Some(NOW));
+    let slot = ctx.pool_slot("games/arena");
+    assert_eq!(slot.memory.lock().await.planning_since, Some(NOW));
 }
 
 #[tokio::test]
@@ -327,6 +330,45 @@ async fn a_sync_on_caches_that_never_listed_fails_without_calling_the_api() {
     assert_eq!(error.metric_label(), "cache_closed");
     let request = tokio::time::timeout(Duration::from_millis(200), fakeserver.0.next_request());
     assert!(request.await.is_err(), "no request may be sent");
+}
+
+#[tokio::test]
+async fn a_reconcile_leaves_its_sync_to_one_already_waiting_for_the_pool() {
+    use std::sync::atomic::Ordering;
+    let (ctx, _fakeserver) = testcontext();
+    let coalesced = |ctx: &Context| {
+        let text = ctx.metrics.render();
+        text.lines()
+            .find(|l| {
+                l.starts_with(r#"refleet_operator_syncs_coalesced_total{controller="session"}"#)
+            })
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+    };
+    let slot = ctx.pool_slot("games/arena");
+    let running = slot.memory.lock().await;
+    let waiting = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { sync_coalesced(&ctx, &Cache::closed(), "games", "arena", "reflectorpool").await }
+    });
+    while !slot.queued.load(Ordering::Acquire) {
+        tokio::task::yield_now().await;
+    }
+    // Behind the waiting one: nothing to do, at once.
+    let closed = Cache::closed();
+    let behind = sync_coalesced(&ctx, &closed, "games", "arena", "session");
+    tokio::time::timeout(Duration::from_secs(1), behind)
+        .await
+        .expect("returns without waiting for the pool's lock")
+        .expect("left to the waiting sync");
+    assert_eq!(coalesced(&ctx).as_deref(), Some("1"));
+    drop(running);
+    let error = waiting.await.unwrap().expect_err("the waiting one syncs");
+    assert!(matches!(error, super::Error::CacheClosed), "{error:?}");
+    // Its sync failed, yet the flag is clear: the next reconcile syncs again.
+    assert!(!slot.queued.load(Ordering::Acquire));
+    let again = sync_coalesced(&ctx, &Cache::closed(), "games", "arena", "session").await;
+    assert!(matches!(again, Err(super::Error::CacheClosed)), "{again:?}");
+    assert_eq!(coalesced(&ctx).as_deref(), Some("1"));
 }
 
 #[test]

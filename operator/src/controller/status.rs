@@ -13,7 +13,8 @@ use crate::crd::{
     PoolSummary, Reason, ReflectorPool, ReflectorPoolStatus, RegionStatus, Session, SessionStatus,
     ShardPhase, ShardStatus,
 };
-use refleet_core::planner::{Decision, Plan, Seconds};
+use crate::fleet::by_session::{self, BySession};
+use refleet_core::planner::{Decision, Plan, Seconds, ShardRecord};
 
 /// Whether planner session `key` is one of the concrete sessions of `session`.
 pub fn governs(session: &Session, key: &str) -> bool {
@@ -28,31 +29,10 @@ pub fn session_problem(
     plan: &Plan,
 ) -> Option<(Reason, String)> {
     let Some(pool) = pool else {
-        return Some((
-            Reason::PoolNotFound,
-            format!(
-                "no ReflectorPool {} in namespace {}",
-                session.spec.pool_ref.name,
-                session.namespace().unwrap_or_default()
-            ),
-        ));
+        return Some(pool_not_found(session));
     };
-    let unknown: Vec<&str> = session
-        .spec
-        .regions
-        .iter()
-        .filter(|r| pool.spec.regions.iter().all(|p| &p.name != *r))
-        .map(String::as_str)
-        .collect();
-    if !unknown.is_empty() {
-        return Some((
-            Reason::UnknownRegion,
-            format!(
-                "pool {} has no region {}",
-                pool.name_any(),
-                unknown.join(", ")
-            ),
-        ));
+    if let Some(unknown) = unknown_regions(session, pool) {
+        return Some(unknown);
     }
     plan.decisions.iter().find_map(|d| match d {
         Decision::SessionDegraded {
@@ -61,6 +41,57 @@ pub fn session_problem(
             message,
         } if governs(session, key) => Some((*reason, message.clone())),
         _ => None,
+    })
+}
+
+/// What [`session_problem`] finds, with the plan's degraded sessions grouped once.
+fn problem_of(
+    session: &Session,
+    pool: Option<&ReflectorPool>,
+    degraded: &BySession<'_, (usize, Reason, &str)>,
+) -> Option<(Reason, String)> {
+    let Some(pool) = pool else {
+        return Some(pool_not_found(session));
+    };
+    if let Some(unknown) = unknown_regions(session, pool) {
+        return Some(unknown);
+    }
+    let namespace = session.namespace().unwrap_or_default();
+    degraded
+        .governed(&namespace, &session.spec)
+        .map(|(_, d)| *d)
+        .min_by_key(|(order, _, _)| *order)
+        .map(|(_, reason, message)| (reason, message.to_owned()))
+}
+
+fn pool_not_found(session: &Session) -> (Reason, String) {
+    (
+        Reason::PoolNotFound,
+        format!(
+            "no ReflectorPool {} in namespace {}",
+            session.spec.pool_ref.name,
+            session.namespace().unwrap_or_default()
+        ),
+    )
+}
+
+fn unknown_regions(session: &Session, pool: &ReflectorPool) -> Option<(Reason, String)> {
+    let unknown: Vec<&str> = session
+        .spec
+        .regions
+        .iter()
+        .filter(|r| pool.spec.regions.iter().all(|p| &p.name != *r))
+        .map(String::as_str)
+        .collect();
+    (!unknown.is_empty()).then(|| {
+        (
+            Reason::UnknownRegion,
+            format!(
+                "pool {} has no region {}",
+                pool.name_any(),
+                unknown.join(", ")
+            ),
+        )
     })
 }
 
@@ -138,6 +169,46 @@ pub fn session_status(
     plan: &Plan,
     now: Seconds,
 ) -> SessionStatus {
+    let mine: Vec<_> = plan
+        .shards
+        .iter()
+        .filter(|s| governs(session, &s.session))
+        .collect();
+    status_of(session, &mine, session_problem(session, pool, plan), now)
+}
+
+/// Every Session's status after `plan` and its problem ([`session_status`],
+/// [`session_problem`]), in `sessions`' order, with the plan's shards and degraded
+/// sessions grouped once: each Session costs the shards it governs, not a scan of the plan.
+pub fn session_statuses(
+    sessions: &[Session],
+    pool: Option<&ReflectorPool>,
+    plan: &Plan,
+    now: Seconds,
+) -> Vec<(SessionStatus, Option<(Reason, String)>)> {
+    let shards = by_session::shards(&plan.shards);
+    let degraded = by_session::degraded(plan);
+    sessions
+        .iter()
+        .map(|session| {
+            let namespace = session.namespace().unwrap_or_default();
+            let mine: Vec<&ShardRecord> = shards
+                .governed(&namespace, &session.spec)
+                .flat_map(|(_, of_key)| of_key.iter().copied())
+                .collect();
+            let problem = problem_of(session, pool, &degraded);
+            (status_of(session, &mine, problem.clone(), now), problem)
+        })
+        .collect()
+}
+
+/// The status of `session`, which governs the shards `mine`, with its `problem`.
+fn status_of(
+    session: &Session,
+    mine: &[&ShardRecord],
+    problem: Option<(Reason, String)>,
+    now: Seconds,
+) -> SessionStatus {
     let spec = &session.spec;
     let generation = session.metadata.generation;
     let previous = session
@@ -145,18 +216,12 @@ pub fn session_status(
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-    let mine: Vec<_> = plan
-        .shards
-        .iter()
-        .filter(|s| governs(session, &s.session))
-        .collect();
     let pending = mine.iter().any(|s| s.phase == ShardPhase::Pending);
     let open = mine
         .iter()
         .filter(|s| s.phase != ShardPhase::Closing)
         .count();
     let users: u64 = mine.iter().map(|s| u64::from(s.users)).sum();
-    let problem = session_problem(session, pool, plan);
     let blocking = problem.as_ref().filter(|(r, _)| {
         matches!(
             r,
@@ -249,7 +314,7 @@ pub fn session_status(
     } else {
         let mut by_name: std::collections::BTreeMap<&str, BusySession> = Default::default();
         let prefix = session_key(&session.namespace().unwrap_or_default(), &spec.app_id, "");
-        for s in &mine {
+        for s in mine {
             let name = s.session.strip_prefix(&prefix).unwrap_or(&s.session);
             let e = by_name.entry(name).or_insert_with(|| BusySession {
                 name: name.to_owned(),
@@ -444,6 +509,93 @@ mod tests {
         assert!(
             status_write_due(Some(&old), &more, Some(99), 100, Duration::ZERO),
             "0s: every change"
+        );
+    }
+
+    #[test]
+    fn statuses_worked_out_together_are_those_worked_out_one_by_one() {
+        use crate::controller::fixtures;
+        use refleet_core::planner::Decision;
+        let pool = fixtures::pool("ns", "pool", &["eu", "us"]);
+        let mut rooms = fixtures::session("ns", "rooms", "pool");
+        rooms.spec.name = None;
+        rooms.spec.name_pattern = Some("room-*".into());
+        let mut elsewhere = fixtures::session("ns", "lost", "pool");
+        elsewhere.spec.regions = vec!["mars".into()];
+        let sessions = [
+            fixtures::session("ns", "lobby", "pool"),
+            rooms,
+            fixtures::session("ns", "room-a", "pool"),
+            fixtures::session("ns", "quiet", "pool"),
+            elsewhere,
+        ];
+        let shard = |key: &str, name: &str, users: u32, phase: ShardPhase| ShardRecord {
+            session: key.into(),
+            name: name.into(),
+            index: refleet_core::shard::parse_shard_name(name)
+                .expect("a shard name")
+                .1,
+            pool: "ns/pool".into(),
+            region: "eu".into(),
+            reflector: Some("pool-eu-0".into()),
+            committed_users: 50,
+            users,
+            reserved: 0,
+            phase,
+            empty_since: None,
+            moving_to: None,
+            moved_at: None,
+        };
+        let plan = Plan {
+            shards: vec![
+                shard("ns/app/lobby", "lobby~1", 4, ShardPhase::Open),
+                shard("ns/app/lobby", "lobby", 7, ShardPhase::Open),
+                shard("ns/app/room-a", "room-a", 3, ShardPhase::Pending),
+                shard("ns/app/room-b", "room-b", 9, ShardPhase::Open),
+                shard("ns/app/room-b", "room-b~1", 1, ShardPhase::Closing),
+                shard("ns/app/lobbyist", "lobbyist", 5, ShardPhase::Open),
+            ],
+            decisions: vec![Decision::SessionDegraded {
+                session: "ns/app/room-b".into(),
+                reason: Reason::CapacityExhausted,
+                message: "no room for room-b".into(),
+            }],
+            ..Plan::default()
+        };
+        let together = session_statuses(&sessions, Some(&pool), &plan, 100);
+        let one_by_one: Vec<_> = sessions
+            .iter()
+            .map(|s| {
+                (
+                    session_status(s, Some(&pool), &plan, 100),
+                    session_problem(s, Some(&pool), &plan),
+                )
+            })
+            .collect();
+        assert_eq!(together, one_by_one);
+        // And what they say is right, so that two equal wrong answers fail too.
+        let summary: Vec<(u32, u64, Option<Reason>)> = together
+            .iter()
+            .map(|(st, problem)| (st.shard_count, st.users, problem.as_ref().map(|p| p.0)))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (2, 11, None),
+                (2, 13, Some(Reason::CapacityExhausted)),
+                (1, 3, None),
+                (0, 0, None),
+                (0, 0, Some(Reason::UnknownRegion)),
+            ]
+        );
+        assert_eq!(together[0].0.shards.len(), 2);
+        assert_eq!(together[1].0.active_sessions, Some(2));
+        assert_eq!(
+            session_statuses(&sessions, None, &plan, 100)[0]
+                .1
+                .as_ref()
+                .map(|p| p.0),
+            Some(Reason::PoolNotFound)
         );
     }
 }

@@ -14,6 +14,7 @@ use refleet_core::planner::{
     Seconds, SessionInput, ShardPolicy, ShardRecord, session_key,
 };
 
+pub mod by_session;
 mod decisions;
 #[cfg(test)]
 mod tests;
@@ -86,11 +87,13 @@ impl ObservedSession {
 /// Whether planner session `key` is one of the concrete sessions of the Session object with
 /// `spec` in `namespace`: its exact name, or a name its pattern matches.
 pub fn governs(namespace: &str, spec: &SessionSpec, key: &str) -> bool {
-    if let Some(name) = &spec.name {
-        return key == session_key(namespace, &spec.app_id, name);
+    let Some(name) = by_session::name_in(key, namespace, &spec.app_id) else {
+        return false;
+    };
+    match &spec.name {
+        Some(exact) => name == exact,
+        None => spec.matches(name),
     }
-    let prefix = session_key(namespace, &spec.app_id, "");
-    key.strip_prefix(&prefix).is_some_and(|n| spec.matches(n))
 }
 
 /// The per-Session gauges of the Session objects of pool `pool` after a plan that left
@@ -101,12 +104,15 @@ pub fn session_gauges(
     pool: &str,
     shards: &[ShardRecord],
 ) -> Vec<(String, String, u32, u64)> {
+    let by_key = by_session::shards(shards);
     observed
         .sessions
         .iter()
         .filter(|s| s.pool() == pool)
         .map(|s| {
-            let mine = shards.iter().filter(|sh| s.governs(&sh.session));
+            let mine = by_key
+                .governed(&s.namespace, &s.spec)
+                .flat_map(|(_, shards)| shards);
             let (open, users) = mine.fold((0u32, 0u64), |(open, users), sh| {
                 (
                     open + u32::from(sh.phase != ShardPhase::Closing),
@@ -319,33 +325,45 @@ pub fn plan_input(
         })
         .collect();
 
-    let mut shards = shards.to_vec();
     // Looked up once per reported shard: a scan of every shard for each one was the largest
     // cost of a sync at 10 000 shards (docs/scale.md).
-    let mut known: HashSet<(String, String)> = shards
+    let known: HashSet<(&str, &str)> = shards
         .iter()
-        .map(|s| (s.session.clone(), s.name.clone()))
+        .map(|s| (s.session.as_str(), s.name.as_str()))
         .collect();
+    let mut adopted: Vec<ShardRecord> = Vec::new();
+    let mut adopted_keys: HashSet<(String, String)> = HashSet::new();
+    // The namespaces of each appId's Session objects, each once, in their order: where a
+    // reported shard's session may live (one per appId and namespace, not one per object).
+    let mut namespaces: HashMap<&str, Vec<&str>> = HashMap::new();
+    for s in &observed.sessions {
+        let of_app = namespaces.entry(s.spec.app_id.as_str()).or_default();
+        if !of_app.contains(&s.namespace.as_str()) {
+            of_app.push(&s.namespace);
+        }
+    }
     // Shards a reflector hosts with users but the plan does not know (after a restart).
     for r in &observed.reflectors {
         for hosted in r.hosted.iter().flatten().filter(|h| h.users > 0) {
             let Some((base, index)) = parse_shard_name(&hosted.name) else {
                 continue;
             };
-            let Some((key, c)) = observed
-                .sessions
-                .iter()
-                .filter(|s| s.spec.app_id == hosted.app_id)
-                .map(|s| session_key(&s.namespace, &hosted.app_id, base))
+            let Some((key, c)) = namespaces
+                .get(hosted.app_id.as_str())
+                .into_iter()
+                .flatten()
+                .map(|namespace| session_key(namespace, &hosted.app_id, base))
                 .find_map(|key| concrete.get(&key).map(|c| (key, c)))
             else {
                 continue;
             };
-            if !known.insert((key.clone(), hosted.name.clone())) {
+            if known.contains(&(key.as_str(), hosted.name.as_str()))
+                || !adopted_keys.insert((key.clone(), hosted.name.clone()))
+            {
                 continue;
             }
             let session = &observed.sessions[c.session];
-            shards.push(ShardRecord {
+            adopted.push(ShardRecord {
                 session: key,
                 name: hosted.name.clone(),
                 index,
@@ -362,6 +380,7 @@ pub fn plan_input(
             });
         }
     }
+    let mut shards = [shards, &adopted].concat();
     // Fresh load for every placed shard whose reflector reported.
     let reports: HashMap<&str, &Vec<HostedShard>> = observed
         .reflectors

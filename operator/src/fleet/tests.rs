@@ -393,3 +393,119 @@ fn session_gauges_count_open_shards_and_all_users_per_session_object_of_the_pool
         .collect();
     assert_eq!(got, [("lobby", 1, 7), ("rooms", 2, 4), ("idle", 0, 0)]);
 }
+
+/// Session objects whose keys sit next to each other in key order: an exact name, a pattern
+/// whose prefix is also a prefix of other apps' and names' keys, another namespace.
+fn neighbours() -> Vec<ObservedSession> {
+    let mut other_ns = session("lobby-b", serde_json::json!({ "name": "lobby" }));
+    other_ns.namespace = "ns-b".into();
+    let mut other_app = session("rooms-x", serde_json::json!({ "namePattern": "room-*" }));
+    other_app.spec.app_id = "app-x".into();
+    vec![
+        session("lobby", serde_json::json!({ "name": "lobby" })),
+        session("rooms", serde_json::json!({ "namePattern": "room-*" })),
+        other_ns,
+        other_app,
+        session("room-a", serde_json::json!({ "name": "room-a" })),
+    ]
+}
+
+#[test]
+fn grouped_shards_give_each_session_object_exactly_the_shards_governs_gives_it() {
+    let sessions = neighbours();
+    let shards = [
+        shard("ns/app/lobby", "lobby", "r1", 1),
+        shard("ns/app/lobby", "lobby~1", "r1", 2),
+        shard("ns/app/lobby-2", "lobby-2", "r1", 3),
+        shard("ns/app/room-a", "room-a", "r1", 4),
+        shard("ns/app/room-b", "room-b~2", "r2", 5),
+        shard("ns/app/roomy", "roomy", "r2", 6),
+        shard("ns/app-x/room-c", "room-c", "r2", 7),
+        shard("ns/apps/room-d", "room-d", "r2", 8),
+        shard("ns-b/app/lobby", "lobby", "r3", 9),
+        shard("ns-bb/app/lobby", "lobby", "r3", 10),
+    ];
+    let grouped = by_session::shards(&shards);
+    let users_of = |s: &ObservedSession| -> Vec<u32> {
+        grouped
+            .governed(&s.namespace, &s.spec)
+            .flat_map(|(_, of_key)| of_key.iter().map(|sh| sh.users))
+            .collect()
+    };
+    let scanned = |s: &ObservedSession| -> Vec<u32> {
+        shards
+            .iter()
+            .filter(|sh| s.governs(&sh.session))
+            .map(|sh| sh.users)
+            .collect()
+    };
+    let got: Vec<Vec<u32>> = sessions.iter().map(users_of).collect();
+    assert_eq!(
+        got,
+        [vec![1, 2], vec![4, 5], vec![9], vec![7], vec![4]],
+        "lobby, rooms, lobby in ns-b, rooms of app-x, room-a"
+    );
+    assert_eq!(got, sessions.iter().map(scanned).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_key_belongs_to_the_first_session_object_that_governs_it() {
+    let sessions = neighbours();
+    let owners = by_session::owners(&sessions);
+    let of = |key: &str| owners.of(key, |i| &sessions[i].spec);
+    assert_eq!(of("ns/app/lobby"), Some(0));
+    // Both "rooms" (1) and "room-a" (4) govern room-a: the first wins, as in
+    // concrete_sessions.
+    assert_eq!(of("ns/app/room-a"), Some(1));
+    assert_eq!(of("ns/app/room-z"), Some(1));
+    assert_eq!(of("ns-b/app/lobby"), Some(2));
+    assert_eq!(of("ns/app-x/room-c"), Some(3));
+    assert_eq!(of("ns/app/roomy"), None);
+    assert_eq!(of("ns/app/room-a~1"), None, "a shard name is not a session");
+    assert_eq!(of("ns-bb/app/lobby"), None);
+    assert_eq!(of("garbage"), None);
+    // The same answer as the first object whose governs says yes.
+    for key in [
+        "ns/app/lobby",
+        "ns/app/room-a",
+        "ns-b/app/lobby",
+        "ns/app-x/room-c",
+    ] {
+        assert_eq!(
+            of(key),
+            sessions.iter().position(|s| s.governs(key)),
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn a_session_object_reports_the_earliest_degradation_of_its_sessions() {
+    use refleet_core::planner::{Decision, Plan, Reason};
+    let degraded = |session: &str, message: &str| Decision::SessionDegraded {
+        session: session.into(),
+        reason: Reason::CapacityExhausted,
+        message: message.into(),
+    };
+    let plan = Plan {
+        decisions: vec![
+            degraded("ns/app/room-b", "first of rooms"),
+            degraded("ns/app/room-a", "second of rooms"),
+            degraded("ns/app/room-a", "a later one for room-a"),
+            degraded("ns/app/lobby-2", "not lobby's"),
+        ],
+        ..Plan::default()
+    };
+    let grouped = by_session::degraded(&plan);
+    let first = |s: &ObservedSession| {
+        grouped
+            .governed(&s.namespace, &s.spec)
+            .map(|(_, d)| *d)
+            .min_by_key(|(order, _, _)| *order)
+            .map(|(_, _, message)| message)
+    };
+    let sessions = neighbours();
+    assert_eq!(first(&sessions[0]), None);
+    assert_eq!(first(&sessions[1]), Some("first of rooms"));
+    assert_eq!(first(&sessions[4]), Some("second of rooms"));
+}
