@@ -664,6 +664,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         },
         "operator_metrics": {
             "reconciles_total": m("refleet_operator_reconciles_total"),
+            "syncs_coalesced_total": m("refleet_operator_syncs_coalesced_total"),
             "reconcile_errors_total": m("refleet_operator_reconcile_errors_total"),
             "reconcile_p50_ms": q("refleet_operator_reconcile_duration_seconds", 0.5),
             "reconcile_p99_ms": q("refleet_operator_reconcile_duration_seconds", 0.99),

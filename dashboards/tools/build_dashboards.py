@@ -255,11 +255,15 @@ def fleet_overview():
            "{{region}} {{state}}")], stack=True)
     b.ts("Shards by state", "Shards of every Session: Pending, Open, Full, Closing.",
          [('sum by (state) (refleet_operator_shards{namespace=~"$namespace"})', "{{state}}")], stack=True)
-    b.ts("Operator reconciliations", "Reconciliations per second by controller, and failed ones by error kind.",
+    b.ts("Operator reconciliations", "Reconciliations per second by controller; those that left their pool's "
+         "sync to one already waiting (coalesced); failed ones by error kind.",
          [(f"sum by (controller) (rate(refleet_operator_reconciles_total{{{OP}}}[{RI}]))", "{{controller}}"),
+          (f"sum by (controller) (rate(refleet_operator_syncs_coalesced_total{{{OP}}}[{RI}]))",
+           "coalesced {{controller}}"),
           (f"sum by (controller, error) (rate(refleet_operator_reconcile_errors_total{{{OP}}}[{RI}])) > 0",
            "failed {{controller}} {{error}}")], unit="ops")
-    b.ts("Reconcile duration p90", "90th percentile of one reconciliation's duration by controller.",
+    b.ts("Reconcile duration p90", "90th percentile of the duration of a reconciliation that synced its pool "
+         "(waiting for the pool's lock included), by controller.",
          [(f"histogram_quantile(0.9, sum by (le, controller) (rate(refleet_operator_reconcile_duration_seconds_bucket{{{OP}}}[{RI}])))",
            "{{controller}}")], unit="s")
     b.ts("Moves", "Live shard moves finished per interval by outcome (landed, failed, timed_out, aborted), "

@@ -190,6 +190,7 @@ async fn operator_with_chart_rbac_runs_pools_and_sessions_on_a_real_apiserver() 
         metrics_listen: metrics_addr,
         resync: Duration::from_secs(1).into(),
         status_counts_every: Duration::from_secs(2).into(),
+        min_sync_interval: Duration::from_secs(1).into(),
         log_format: LogFormat::Text,
         routing: routing_args(),
     };

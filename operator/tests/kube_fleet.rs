@@ -77,6 +77,7 @@ impl Operator {
             metrics_listen: metrics,
             resync: Duration::from_secs(1).into(),
             status_counts_every: Duration::from_secs(2).into(),
+            min_sync_interval: Duration::from_secs(1).into(),
             log_format: LogFormat::Text,
             routing,
         };

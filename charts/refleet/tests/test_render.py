@@ -271,6 +271,7 @@ def test_operator_deployment(rendered):
     assert v["REFLEET_MAX_RESERVATIONS_PER_CLIENT"] == str(reservations["perClient"])
     assert v["REFLEET_ANONYMOUS_RESERVATION_SHARE"] == str(reservations["anonymousShare"])
     assert v["REFLEET_STATUS_COUNTS_EVERY"] == values["operator"]["statusCountsEvery"]
+    assert v["REFLEET_MIN_SYNC_INTERVAL"] == values["operator"]["minSyncInterval"]
     if values["operator"]["watchNamespaces"]:
         assert v["REFLEET_NAMESPACES"] == ",".join(values["operator"]["watchNamespaces"])
     # The report key is the operator's Secret (read or created through the API), never a

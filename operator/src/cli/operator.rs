@@ -78,6 +78,13 @@ pub struct OperatorArgs {
     #[arg(long, env = "REFLEET_STATUS_COUNTS_EVERY", default_value = "10s")]
     pub status_counts_every: humantime::Duration,
 
+    /// The shortest time between the starts of two syncs of one pool (its plan, pods and
+    /// statuses) that watch events trigger. A sync's own status writes are such events, so
+    /// without a pace a busy pool is synced back to back and the leader spends a core on it.
+    /// A Route waiting for a new reflector ends the wait at once. 0s: no pace.
+    #[arg(long, env = "REFLEET_MIN_SYNC_INTERVAL", default_value = "1s")]
+    pub min_sync_interval: humantime::Duration,
+
     /// Log format (filter with `RUST_LOG`, default `info`).
     #[arg(long, env = "REFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -129,6 +136,7 @@ pub async fn serve(
         metrics_listen: _,
         resync,
         status_counts_every,
+        min_sync_interval,
         log_format: _,
         routing,
     } = args;
@@ -191,6 +199,7 @@ pub async fn serve(
     let mut ctx = Context::new(client.clone(), &identity, load, metrics.clone());
     ctx.resync = *resync;
     ctx.status_counts_every = *status_counts_every;
+    ctx.min_sync_interval = *min_sync_interval;
     ctx.router = Some(routing.router.clone());
     ctx.reflector_env.clone_from(&routing.reflector_env);
     ctx.report_key.clone_from(&routing.report_key);

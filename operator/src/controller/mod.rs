@@ -8,7 +8,8 @@
 //!
 //! Two kube-rs `Controller`s, one per kind, both level-triggered and idempotent. Each
 //! reconcile runs the same [`reconcile::sync`] for the pool concerned, under a per-pool
-//! lock: **observe** (the pool, the Sessions that refer to it and its pods, read from the
+//! lock (one that finds a sync of its pool already waiting leaves the work to it,
+//! [`reconcile::sync_coalesced`]): **observe** (the pool, the Sessions that refer to it and its pods, read from the
 //! [`cache`] that one watch per kind keeps, and the load each ready reflector reports
 //! through a [`observe::LoadSource`]), **plan** with the pure
 //! [`refleet_core::planner::plan`], **apply** (create pods with server-side apply, mark and delete
@@ -120,6 +121,11 @@ pub struct Context {
     /// A Session's status whose only change is its user counts is written at most this
     /// often (any other change is written at once).
     pub status_counts_every: Duration,
+    /// The shortest time between the starts of two syncs of one pool that reconciles
+    /// trigger, unless a Route waits for the backend (then it syncs at once). A sync's own
+    /// status writes trigger reconciles, so without a pace the syncs of a busy pool follow
+    /// each other as fast as they run. Zero: no pace.
+    pub min_sync_interval: Duration,
     /// The clock (Unix seconds); tests fix it.
     pub clock: fn() -> Seconds,
     /// The router, fed with every plan (`None`: routing off).
@@ -139,6 +145,27 @@ pub(crate) struct PoolSlot {
     /// A reconcile waits for `memory` and has not read the caches yet: any later trigger is
     /// covered by it (see `reconcile::sync_coalesced`).
     pub(crate) queued: std::sync::atomic::AtomicBool,
+    /// When the last sync started (it held the lock).
+    pub(crate) last_started: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl PoolSlot {
+    /// Notes that a sync starts now.
+    pub(crate) fn started(&self) {
+        *lock_ignoring_poison(&self.last_started) = Some(tokio::time::Instant::now());
+    }
+
+    /// When the next sync may start, `interval` after the last one.
+    pub(crate) fn next_start(&self, interval: Duration) -> Option<tokio::time::Instant> {
+        lock_ignoring_poison(&self.last_started).map(|t| t + interval)
+    }
+}
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -182,6 +209,7 @@ impl Context {
             metrics,
             resync: Duration::from_secs(10),
             status_counts_every: Duration::from_secs(10),
+            min_sync_interval: Duration::from_secs(1),
             clock: unix_now,
             router: None,
             reflector_env: Vec::new(),

@@ -53,9 +53,11 @@ pub async fn reconcile_pool(
     ctx: Arc<Context>,
     cache: Cache,
 ) -> Result<Action> {
-    let _timer = ctx.metrics.reconcile_started(POOL_CONTROLLER);
+    let timer = ctx.metrics.reconcile_started(POOL_CONTROLLER);
     let ns = pool.namespace().unwrap_or_default();
-    sync_coalesced(&ctx, &cache, &ns, &pool.name_any(), POOL_CONTROLLER).await?;
+    if !sync_coalesced(&ctx, &cache, &ns, &pool.name_any(), POOL_CONTROLLER).await? {
+        timer.stop_and_discard();
+    }
     Ok(Action::requeue(ctx.resync))
 }
 
@@ -67,16 +69,12 @@ pub async fn reconcile_session(
     ctx: Arc<Context>,
     cache: Cache,
 ) -> Result<Action> {
-    let _timer = ctx.metrics.reconcile_started(SESSION_CONTROLLER);
+    let timer = ctx.metrics.reconcile_started(SESSION_CONTROLLER);
     let ns = session.namespace().unwrap_or_default();
-    sync_coalesced(
-        &ctx,
-        &cache,
-        &ns,
-        &session.spec.pool_ref.name,
-        SESSION_CONTROLLER,
-    )
-    .await?;
+    let pool = &session.spec.pool_ref.name;
+    if !sync_coalesced(&ctx, &cache, &ns, pool, SESSION_CONTROLLER).await? {
+        timer.stop_and_discard();
+    }
     Ok(Action::requeue(ctx.resync * 6))
 }
 
@@ -86,20 +84,39 @@ pub async fn reconcile_session(
 /// trigger the same sync; at ~10 000 shards a sync costs ~100 ms of a core (docs/scale.md),
 /// so a status write that triggers its Session's reconcile while the pool's reconcile waits
 /// costs nothing more.
+///
+/// The sync that waits also keeps the pace ([`Context::min_sync_interval`] after the start
+/// of the last one), which bounds what a busy pool's syncs cost however often its objects
+/// change; a Route waiting for the backend ends the wait at once. Returns whether this
+/// call synced (a reconcile that did not is left out of the reconcile duration histogram).
 pub async fn sync_coalesced(
     ctx: &Context,
     cache: &Cache,
     namespace: &str,
     pool_name: &str,
     controller: &'static str,
-) -> Result<()> {
+) -> Result<bool> {
     let slot = ctx.pool_slot(&pool_id(namespace, pool_name));
     if slot.queued.swap(true, Ordering::AcqRel) {
         ctx.metrics.sync_coalesced(controller);
-        return Ok(());
+        return Ok(false);
+    }
+    if let Some(next) = slot.next_start(ctx.min_sync_interval)
+        && next > tokio::time::Instant::now()
+    {
+        let urgent = async {
+            match &ctx.router {
+                Some(router) => router.backend_urgent().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = urgent => {}
+        }
     }
     drop(slot);
-    sync(ctx, cache, namespace, pool_name).await.map(drop)
+    sync(ctx, cache, namespace, pool_name).await.map(|_| true)
 }
 
 /// Logs a failed reconciliation, counts it and retries soon.
@@ -141,6 +158,7 @@ pub async fn sync(
     // From here on this sync reads the caches: a trigger arriving now needs a sync after it.
     // (First, so that no way out of this function leaves the flag set.)
     slot.queued.store(false, Ordering::Release);
+    slot.started();
     cache.ready().await?;
 
     // Observe. Read under the pool's lock, so a sync sees what the one before it wrote as

@@ -225,6 +225,10 @@ impl ApiServerVerifier {
 }
 
 fn testcontext() -> (Arc<Context>, ApiServerVerifier) {
+    testcontext_with(|_| {})
+}
+
+fn testcontext_with(set: impl FnOnce(&mut Context)) -> (Arc<Context>, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let mut ctx = Context::new(
@@ -234,6 +238,7 @@ fn testcontext() -> (Arc<Context>, ApiServerVerifier) {
         Arc::new(OperatorMetrics::new()),
     );
     ctx.clock = || NOW;
+    set(&mut ctx);
     (Arc::new(ctx), ApiServerVerifier(handle))
 }
 
@@ -335,7 +340,7 @@ async fn a_sync_on_caches_that_never_listed_fails_without_calling_the_api() {
 #[tokio::test]
 async fn a_reconcile_leaves_its_sync_to_one_already_waiting_for_the_pool() {
     use std::sync::atomic::Ordering;
-    let (ctx, _fakeserver) = testcontext();
+    let (ctx, _fakeserver) = testcontext_with(|ctx| ctx.min_sync_interval = Duration::ZERO);
     let coalesced = |ctx: &Context| {
         let text = ctx.metrics.render();
         text.lines()
@@ -356,10 +361,11 @@ async fn a_reconcile_leaves_its_sync_to_one_already_waiting_for_the_pool() {
     // Behind the waiting one: nothing to do, at once.
     let closed = Cache::closed();
     let behind = sync_coalesced(&ctx, &closed, "games", "arena", "session");
-    tokio::time::timeout(Duration::from_secs(1), behind)
+    let synced = tokio::time::timeout(Duration::from_secs(1), behind)
         .await
         .expect("returns without waiting for the pool's lock")
         .expect("left to the waiting sync");
+    assert!(!synced, "it did not sync");
     assert_eq!(coalesced(&ctx).as_deref(), Some("1"));
     drop(running);
     let error = waiting.await.unwrap().expect_err("the waiting one syncs");
@@ -369,6 +375,61 @@ async fn a_reconcile_leaves_its_sync_to_one_already_waiting_for_the_pool() {
     let again = sync_coalesced(&ctx, &Cache::closed(), "games", "arena", "session").await;
     assert!(matches!(again, Err(super::Error::CacheClosed)), "{again:?}");
     assert_eq!(coalesced(&ctx).as_deref(), Some("1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_is_synced_at_most_once_a_second_unless_a_route_waits() {
+    use crate::router::{Router, RouterConfig, metrics::RouterMetrics};
+    use tokio::time::Instant;
+    let router = Router::new(
+        RouterConfig::default(),
+        None,
+        RouterMetrics::new(&prometheus::Registry::new()),
+    );
+    let (ctx, _fakeserver) = testcontext_with(|ctx| {
+        ctx.min_sync_interval = Duration::from_secs(1);
+        ctx.router = Some(router.clone());
+    });
+    // A sync that fails still counts as started: the cache is read under the pace too.
+    let closed = Cache::closed();
+    let sync_now = || sync_coalesced(&ctx, &closed, "games", "arena", "reflectorpool");
+    let start = Instant::now();
+    assert!(matches!(sync_now().await, Err(super::Error::CacheClosed)));
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "the first sync is not paced"
+    );
+    assert!(matches!(sync_now().await, Err(super::Error::CacheClosed)));
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(1),
+        "the next one waits for its turn"
+    );
+
+    let waiting = tokio::spawn({
+        let ctx = ctx.clone();
+        async move {
+            let closed = Cache::closed();
+            let begun = Instant::now();
+            let result = sync_coalesced(&ctx, &closed, "games", "arena", "session").await;
+            (begun.elapsed(), result)
+        }
+    });
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    router.want_backend();
+    let (waited, result) = waiting.await.unwrap();
+    assert!(
+        matches!(result, Err(super::Error::CacheClosed)),
+        "{result:?}"
+    );
+    assert_eq!(
+        waited,
+        Duration::ZERO,
+        "a Route waiting for the backend ends the pace"
+    );
 }
 
 #[test]

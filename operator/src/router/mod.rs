@@ -256,6 +256,8 @@ pub struct Router {
     /// Ticks when a shard's placement may have changed ([`placement`]).
     placement: watch::Sender<u64>,
     wake: Notify,
+    /// Wakes every backend pacing its next plan (`backend_urgent`): a Route waits for it.
+    urgent: Notify,
     /// The open report streams by reflector, each with the id of its stream.
     streams: Mutex<std::collections::HashMap<String, (u64, InstructionSender)>>,
     /// Routing metrics.
@@ -308,6 +310,7 @@ impl Router {
             changed: watch::channel(0).0,
             placement: watch::channel(0).0,
             wake: Notify::new(),
+            urgent: Notify::new(),
             streams: Mutex::default(),
             metrics,
         });
@@ -357,6 +360,20 @@ impl Router {
     /// Resolves when a route waits for the backend to act (start a reflector).
     pub async fn backend_wanted(&self) {
         self.wake.notified().await;
+    }
+
+    /// Resolves at the next moment a Route starts or keeps waiting for the backend (or a
+    /// move is asked for): a backend that paces its plans plans at once instead. Unlike
+    /// [`Router::backend_wanted`], every caller waiting now is woken and none is woken by
+    /// a call made before it waited.
+    pub async fn backend_urgent(&self) {
+        self.urgent.notified().await;
+    }
+
+    /// Tells the backend it is wanted now.
+    pub(crate) fn want_backend(&self) {
+        self.wake.notify_one();
+        self.urgent.notify_waiters();
     }
 
     // === backend side ===
@@ -674,7 +691,7 @@ impl Router {
         inner.move_requests.push((req, now));
         drop(inner);
         // The backend plans again now rather than at its next round.
-        self.wake.notify_one();
+        self.want_backend();
         Ok(key)
     }
 
@@ -757,7 +774,7 @@ impl Router {
             match attempt {
                 Attempt::Routed(r) => return Ok(self.answer(*r)),
                 Attempt::Wait => {
-                    self.wake.notify_one();
+                    self.want_backend();
                     // Tried again on every change, and at least every RETRY_TICK: some waits
                     // end with time alone (a takeover's catch-up).
                     let until = deadline.min(Instant::now() + RETRY_TICK);
