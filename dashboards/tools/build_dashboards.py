@@ -263,7 +263,7 @@ def fleet_overview():
           (f"sum by (controller, error) (rate(refleet_operator_reconcile_errors_total{{{OP}}}[{RI}])) > 0",
            "failed {{controller}} {{error}}")], unit="ops")
     b.ts("Reconcile duration p90", "90th percentile of the duration of a reconciliation that synced its pool "
-         "(waiting for the pool's lock included), by controller.",
+         "(its wait for the pool's lock and pace included), by controller.",
          [(f"histogram_quantile(0.9, sum by (le, controller) (rate(refleet_operator_reconcile_duration_seconds_bucket{{{OP}}}[{RI}])))",
            "{{controller}}")], unit="s")
     b.ts("Moves", "Live shard moves finished per interval by outcome (landed, failed, timed_out, aborted), "

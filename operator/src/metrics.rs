@@ -171,7 +171,7 @@ impl OperatorMetrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "refleet_operator_reconcile_duration_seconds",
-                        "Time one reconciliation that synced its pool took (waiting for the pool's lock included), by controller.",
+                        "Time one reconciliation that synced its pool took (its wait for the pool's lock and pace included), by controller.",
                     )
                     .buckets(vec![
                         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
