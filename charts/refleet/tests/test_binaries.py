@@ -32,6 +32,7 @@ OPERATOR_FLAGS = {
     "--lease-renew-before": "REFLEET_LEASE_RENEW_BEFORE",
     "--resync": "REFLEET_RESYNC",
     "--status-counts-every": "REFLEET_STATUS_COUNTS_EVERY",
+    "--min-sync-interval": "REFLEET_MIN_SYNC_INTERVAL",
     "--log-format": "REFLEET_LOG_FORMAT",
     "--metrics-listen": "REFLEET_METRICS_LISTEN",
     "--router-listen": "REFLEET_ROUTER_LISTEN",
