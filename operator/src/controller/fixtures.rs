@@ -4,7 +4,8 @@
 
 use kube::api::ObjectMeta;
 
-use crate::crd::{ReflectorPool, ReflectorPoolSpec, Session, SessionSpec};
+use crate::crd::{ReflectorPool, ReflectorPoolSpec, Session, SessionSpec, ShardPhase};
+use refleet_core::planner::ShardRecord;
 
 /// Pool `name` in `namespace` with `regions` (image `refleet-reflector:1`, default sizes).
 pub fn pool(namespace: &str, name: &str, regions: &[&str]) -> ReflectorPool {
@@ -43,5 +44,33 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
         uid: Some(format!("uid-{name}")),
         generation: Some(1),
         ..Default::default()
+    }
+}
+
+/// Shard `name` (`<session>` or `<session>~N`) of planner session `key`, in `phase` with
+/// `users`, on reflector `r` of region `region` in pool `pool` (cap 10).
+pub fn shard(
+    key: &str,
+    name: &str,
+    (pool, region): (&str, &str),
+    users: u32,
+    phase: ShardPhase,
+) -> ShardRecord {
+    ShardRecord {
+        session: key.into(),
+        name: name.into(),
+        index: refleet_core::shard::parse_shard_name(name)
+            .expect("a shard name")
+            .1,
+        pool: pool.into(),
+        region: region.into(),
+        reflector: Some("r".into()),
+        committed_users: 10,
+        users,
+        reserved: 0,
+        phase,
+        empty_since: None,
+        moving_to: None,
+        moved_at: None,
     }
 }

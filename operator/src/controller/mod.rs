@@ -38,7 +38,7 @@ pub mod reconcile;
 pub mod status;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod scenarios;
 

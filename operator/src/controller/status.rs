@@ -529,22 +529,8 @@ mod tests {
             fixtures::session("ns", "quiet", "pool"),
             elsewhere,
         ];
-        let shard = |key: &str, name: &str, users: u32, phase: ShardPhase| ShardRecord {
-            session: key.into(),
-            name: name.into(),
-            index: refleet_core::shard::parse_shard_name(name)
-                .expect("a shard name")
-                .1,
-            pool: "ns/pool".into(),
-            region: "eu".into(),
-            reflector: Some("pool-eu-0".into()),
-            committed_users: 50,
-            users,
-            reserved: 0,
-            phase,
-            empty_since: None,
-            moving_to: None,
-            moved_at: None,
+        let shard = |key: &str, name: &str, users: u32, phase: ShardPhase| {
+            fixtures::shard(key, name, ("ns/pool", "eu"), users, phase)
         };
         let plan = Plan {
             shards: vec![
