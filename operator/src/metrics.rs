@@ -467,7 +467,6 @@ pub fn decision_kind(d: &Decision) -> &'static str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures;
     use refleet_core::planner::{RegionPlan, ShardRecord};
 
     fn value(text: &str, series: &str) -> Option<f64> {
@@ -476,7 +475,21 @@ mod tests {
     }
 
     fn shard(pool: &str, region: &str, users: u32, phase: ShardPhase) -> ShardRecord {
-        fixtures::shard("default/app/lobby", "lobby", (pool, region), users, phase)
+        ShardRecord {
+            session: "default/app/lobby".into(),
+            name: "lobby".into(),
+            index: 0,
+            pool: pool.into(),
+            region: region.into(),
+            reflector: Some("r".into()),
+            committed_users: 10,
+            users,
+            reserved: 0,
+            phase,
+            empty_since: None,
+            moving_to: None,
+            moved_at: None,
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub mod reconcile;
 pub mod status;
 
 #[cfg(test)]
-pub(crate) mod fixtures;
+mod fixtures;
 #[cfg(test)]
 mod scenarios;
 
