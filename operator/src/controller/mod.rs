@@ -9,8 +9,8 @@
 //! Two kube-rs `Controller`s, one per kind, both level-triggered and idempotent. Each
 //! reconcile runs the same [`reconcile::sync`] for the pool concerned, under a per-pool
 //! lock (one that finds a sync of its pool already waiting leaves the work to it,
-//! [`reconcile::sync_coalesced`]): **observe** (the pool, the Sessions that refer to it and its pods, read from the
-//! [`cache`] that one watch per kind keeps, and the load each ready reflector reports
+//! [`reconcile::sync_coalesced`]): **observe** (the pool, the Sessions that refer to it and
+//! its pods, read from the [`cache`] that one watch per kind keeps, and the load each ready reflector reports
 //! through a [`observe::LoadSource`]), **plan** with the pure
 //! [`refleet_core::planner::plan`], **apply** (create pods with server-side apply, mark and delete
 //! draining pods with the drain grace, write statuses with server-side apply on the status
@@ -152,19 +152,18 @@ pub(crate) struct PoolSlot {
 impl PoolSlot {
     /// Notes that a sync starts now.
     pub(crate) fn started(&self) {
-        *lock_ignoring_poison(&self.last_started) = Some(tokio::time::Instant::now());
+        *self
+            .last_started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
     }
 
     /// When the next sync may start, `interval` after the last one.
     pub(crate) fn next_start(&self, interval: Duration) -> Option<tokio::time::Instant> {
-        lock_ignoring_poison(&self.last_started).map(|t| t + interval)
-    }
-}
-
-fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
+        self.last_started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|t| t + interval)
     }
 }
 

@@ -28,23 +28,10 @@ pub fn session_problem(
     pool: Option<&ReflectorPool>,
     plan: &Plan,
 ) -> Option<(Reason, String)> {
-    let Some(pool) = pool else {
-        return Some(pool_not_found(session));
-    };
-    if let Some(unknown) = unknown_regions(session, pool) {
-        return Some(unknown);
-    }
-    plan.decisions.iter().find_map(|d| match d {
-        Decision::SessionDegraded {
-            session: key,
-            reason,
-            message,
-        } if governs(session, key) => Some((*reason, message.clone())),
-        _ => None,
-    })
+    problem_of(session, pool, &by_session::degraded(plan))
 }
 
-/// What [`session_problem`] finds, with the plan's degraded sessions grouped once.
+/// What [`session_problem`] finds, with the plan's degraded sessions already grouped.
 fn problem_of(
     session: &Session,
     pool: Option<&ReflectorPool>,
