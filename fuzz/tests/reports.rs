@@ -2,8 +2,9 @@
 //! it. Each input is one stream: an identity from the credential (or none: an open stream),
 //! then up to six `ReflectorReport`s, each decoded with prost from arbitrary or damaged
 //! bytes or generated field by field, handled exactly as `ReportHub::report` handles them:
-//! `reports::admit`, the sequence check, `Router::observe_report`, `Router::live_streams`
-//! and `Router::shard_settings` for every reported shard.
+//! `reports::StreamState::take` (the
+//! identity check, the sequence check, `Router::observe_report` and the shard settings to
+//! send), then `Router::live_streams` and `Router::shard_settings` for every reported shard.
 //!
 //! Also target `shard_names`: the operator's shard and session-key names
 //! (`refleet_core::shard::shard_name` / `parse_shard_name`, `planner::session_key` /
@@ -34,7 +35,7 @@ use refleet_core::shard::{parse_shard_name, shard_name};
 use refleet_fuzz::{Arbitrary, Unstructured, mutate, word};
 use refleet_operator::crd::{Capacity, PlacementStrategy, SessionSpec, ShardPhase};
 use refleet_operator::router::metrics::RouterMetrics;
-use refleet_operator::router::reports::admit;
+use refleet_operator::router::reports::{StreamState, Taken};
 use refleet_operator::router::{FleetView, Router, RouterConfig, SessionDef};
 
 type R<T> = arbitrary::Result<T>;
@@ -206,8 +207,8 @@ fn stream(u: &mut Unstructured<'_>, router: &Router) -> R<()> {
     } else {
         None
     };
-    let mut bound = credential.clone();
-    let mut last_seq = 0u64;
+    let mut state = StreamState::new(credential.clone());
+    let mut attached = 0u32;
     let mut seq = 0u64;
     for _ in 0..u.int_in_range(1..=6u8)? {
         let report = match u.int_in_range(0..=3u8)? {
@@ -245,8 +246,9 @@ fn stream(u: &mut Unstructured<'_>, router: &Router) -> R<()> {
                 back
             }
         };
-        let before = bound.clone();
-        match admit(router, &mut bound, &report) {
+        let before = state.bound.clone();
+        let counted_before = state.reflector().map(str::to_owned);
+        match state.take(router, &report, |_| attached += 1) {
             Err((reason, status)) => {
                 if report.reflector.is_empty() {
                     assert_eq!(status.code(), tonic::Code::InvalidArgument);
@@ -254,13 +256,16 @@ fn stream(u: &mut Unstructured<'_>, router: &Router) -> R<()> {
                     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
                     assert!(REASONS.contains(&reason), "{reason}");
                 }
-                assert_eq!(bound, before, "a refused report changed the binding");
+                assert_eq!(state.bound, before, "a refused report changed the binding");
                 // The hub closes the stream on a refusal.
                 break;
             }
-            Ok(()) => {
+            Ok(taken) => {
                 assert!(!report.reflector.is_empty());
-                let id = bound.as_ref().expect("an accepted report binds the stream");
+                let id = state
+                    .bound
+                    .as_ref()
+                    .expect("an accepted report binds the stream");
                 assert_eq!(
                     (&id.reflector, &id.region),
                     (&report.reflector, &report.region)
@@ -275,13 +280,24 @@ fn stream(u: &mut Unstructured<'_>, router: &Router) -> R<()> {
                         report.region
                     );
                 }
+                if let Taken::Counted(sent) = &taken {
+                    // Only a counted report binds the stream's reflector, once.
+                    assert_eq!(state.reflector(), Some(report.reflector.as_str()));
+                    if counted_before.is_none() {
+                        assert_eq!(attached, 1, "attached before its first counted report");
+                    }
+                    // What is sent is what the router answers for a reported shard.
+                    for s in sent {
+                        assert!(report.shards.iter().any(|r| r.shard == s.shard));
+                    }
+                } else {
+                    assert_eq!(state.reflector(), counted_before.as_deref());
+                }
+                if taken == Taken::Stale {
+                    continue;
+                }
             }
         }
-        if report.sequence <= last_seq {
-            continue;
-        }
-        last_seq = report.sequence;
-        router.observe_report(&report);
         let _ = router.live_streams();
         for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
             let settings = router.shard_settings(&s.app_id, &s.shard);

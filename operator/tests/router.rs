@@ -1940,6 +1940,50 @@ async fn a_replica_that_stops_leading_ends_its_open_report_streams() {
     until("r-eu back", || r.live_streams().get("eu") == Some(&1)).await;
 }
 
+/// The streams gauge follows streams opening and ending (it is set then, not on each of
+/// the fleet's reports, which would cost O(reflectors) per report).
+#[tokio::test]
+async fn the_stream_gauge_counts_streams_as_they_open_and_end() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", fleet_view(vec![session("lobby", 100, 1)], 1));
+    let key = ReportKey::new(&[7; 32]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(reports::serve(
+        listener,
+        ReportHub::new(r.clone(), Some(key.clone())),
+        std::future::pending(),
+    ));
+    let gauge = |region: &str| r.metrics.report_streams(region);
+    let a = key.credential("r-eu", "eu").unwrap();
+    let b = key.credential("r-eu-2", "eu").unwrap();
+    let first = open(&url, Some(a.as_str()), lobby_report("r-eu", "eu", 1, 0))
+        .await
+        .unwrap();
+    until("one stream counted", || gauge("eu") == 1).await;
+    let second = open(&url, Some(b.as_str()), lobby_report("r-eu-2", "eu", 1, 0))
+        .await
+        .unwrap();
+    until("two streams counted", || gauge("eu") == 2).await;
+    for seq in 2..5 {
+        first
+            .tx
+            .send(lobby_report("r-eu", "eu", seq, 1))
+            .await
+            .unwrap();
+    }
+    until("r-eu's reports counted", || {
+        r.snapshot().reported.get("r-eu").map(|x| x.users) == Some(1)
+    })
+    .await;
+    assert_eq!(gauge("eu"), 2, "reports on open streams add no stream");
+    drop(second);
+    until("the ended stream no longer counted", || gauge("eu") == 1).await;
+    assert_eq!(r.live_streams().get("eu"), Some(&1));
+    drop(first);
+    until("no stream counted", || gauge("eu") == 0).await;
+}
+
 /// A published shard of session `session` on `reflector`, committing 10 users.
 fn placed(session: &str, index: u32, reflector: &str, region: &str, users: u32) -> ShardRecord {
     ShardRecord {

@@ -201,6 +201,11 @@ impl RouterMetrics {
         self.report_refusals.with_label_values(&[reason]).get()
     }
 
+    /// The report-stream gauge of `region` now.
+    pub fn report_streams(&self, region: &str) -> i64 {
+        self.streams.with_label_values(&[region]).get()
+    }
+
     /// The reservation gauge of `region` now.
     pub fn reservations(&self, region: &str) -> i64 {
         self.reservations.with_label_values(&[region]).get()

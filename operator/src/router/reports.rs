@@ -137,6 +137,93 @@ pub fn admit(
     }
 }
 
+/// What a report stream remembers between its reports: who it speaks for, the last
+/// sequence number counted, and the shard settings it has sent.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    /// The identity its credential proves, or the first reflector an open stream named.
+    pub bound: Option<ReflectorIdentity>,
+    /// The reflector whose reports counted (set by the first one).
+    name: Option<String>,
+    last_seq: u64,
+    /// Settings sent on this stream, per `(appId, shard)`: sent again only when they change.
+    sent: HashMap<(String, String), (u32, bool)>,
+}
+
+/// What became of one admitted report.
+#[derive(Debug, PartialEq)]
+pub enum Taken {
+    /// Its sequence number was not above the last counted one: ignored.
+    Stale,
+    /// Counted; the settings of its shards that the reflector has not been sent yet.
+    Counted(Vec<ShardSettings>),
+}
+
+impl StreamState {
+    /// A stream whose credential proved `identity` (`None`: an open stream, bound to the
+    /// first reflector it reports for).
+    pub fn new(identity: Option<ReflectorIdentity>) -> Self {
+        Self {
+            bound: identity,
+            ..Self::default()
+        }
+    }
+
+    /// The reflector this stream has counted reports for, if any yet.
+    pub fn reflector(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Handles one report as the hub does: [`admit`], the sequence check, then
+    /// [`Router::observe_report`]. `attach` runs once, before the first report counts, with
+    /// the reflector's name. `Err` closes the stream with its status. Public for the fuzz
+    /// target and the report benchmark, which take reports exactly as a stream does.
+    pub fn take(
+        &mut self,
+        router: &Router,
+        report: &ReflectorReport,
+        attach: impl FnOnce(&str),
+    ) -> Result<Taken, (&'static str, Status)> {
+        admit(router, &mut self.bound, report)?;
+        if report.sequence <= self.last_seq {
+            tracing::debug!(reflector = %report.reflector, sequence = report.sequence, "out-of-order report ignored");
+            return Ok(Taken::Stale);
+        }
+        self.last_seq = report.sequence;
+        if self.name.is_none() {
+            attach(&report.reflector);
+            self.name = Some(report.reflector.clone());
+        }
+        router.observe_report(report);
+        let mut settings = Vec::new();
+        for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
+            let Some(now) = router.shard_settings(&s.app_id, &s.shard) else {
+                continue;
+            };
+            let id = (s.app_id.clone(), s.shard.clone());
+            if self.sent.get(&id) == Some(&now) {
+                continue;
+            }
+            let (max_users, persistence) = now;
+            settings.push(ShardSettings {
+                shard: s.shard.clone(),
+                max_users,
+                persistence,
+            });
+            self.sent.insert(id, now);
+        }
+        // Shards the reflector no longer hosts are forgotten with it.
+        let hosted: std::collections::HashSet<(&str, &str)> = report
+            .shards
+            .iter()
+            .map(|s| (s.app_id.as_str(), s.shard.as_str()))
+            .collect();
+        self.sent
+            .retain(|(app, shard), _| hosted.contains(&(app.as_str(), shard.as_str())));
+        Ok(Taken::Counted(settings))
+    }
+}
+
 type InstructionStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<Instruction, Status>> + Send>>;
 
@@ -179,17 +266,13 @@ impl Reports for ReportHub {
         let grace = router.config().report_grace;
         let still_leading = self.leading.clone();
         tokio::spawn(async move {
-            let mut bound = identity;
-            let mut name: Option<String> = None;
+            let mut stream = StreamState::new(identity);
             // This stream's registration for instructions (hand-offs), once it has a name.
             let mut attached: Option<u64> = None;
-            let mut last_seq = 0u64;
-            // Settings sent on this stream, per shard: sent again only when they change.
-            let mut sent: HashMap<(String, String), (u32, bool)> = HashMap::new();
             loop {
                 let Ok(next) = tokio::time::timeout(grace, inbound.message()).await else {
                     // Its load stops counting anyway; closing lets the reflector reconnect.
-                    tracing::warn!(reflector = ?name, ?grace, "no report within the grace period; closing the report stream");
+                    tracing::warn!(reflector = ?stream.reflector(), ?grace, "no report within the grace period; closing the report stream");
                     router.metrics.report_refused("silent");
                     let _ = tx
                         .send(Err(Status::unavailable(format!(
@@ -202,7 +285,7 @@ impl Reports for ReportHub {
                 // steers new ones): end the stream, so the reflector reconnects to the leader
                 // and its load is counted where Routes are answered.
                 if !leading(still_leading.as_ref()) {
-                    tracing::info!(reflector = ?name, "no longer the leader; closing the report stream");
+                    tracing::info!(reflector = ?stream.reflector(), "no longer the leader; closing the report stream");
                     let _ = tx
                         .send(Err(Status::unavailable(
                             "no longer the leader; reconnect (the Service selects the leader)",
@@ -212,65 +295,50 @@ impl Reports for ReportHub {
                 }
                 match next {
                     Ok(Some(report)) => {
-                        if let Err((reason, status)) = admit(&router, &mut bound, &report) {
-                            tracing::warn!(reflector = %report.reflector, region = %report.region, bound = ?bound, ?peer, reason, "report refused; closing the report stream");
-                            router.metrics.report_refused(reason);
-                            let _ = tx.send(Err(status)).await;
-                            break;
-                        }
-                        if name.is_none() {
-                            tracing::info!(reflector = %report.reflector, region = %report.region, ?peer, "report stream open");
-                        }
-                        if report.sequence <= last_seq {
-                            tracing::debug!(reflector = %report.reflector, sequence = report.sequence, "out-of-order report ignored");
-                            continue;
-                        }
-                        last_seq = report.sequence;
-                        name = Some(report.reflector.clone());
                         // Attached before its first report counts: moves driven by that
                         // report can reach this stream (a target is told to accept).
-                        if attached.is_none() {
-                            attached = Some(router.attach_stream(&report.reflector, tx.clone()));
-                        }
-                        router.observe_report(&report);
-                        router.metrics.set_streams(&router.live_streams());
-                        for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
-                            let Some(settings) = router.shard_settings(&s.app_id, &s.shard) else {
-                                continue;
-                            };
-                            let id = (s.app_id.clone(), s.shard.clone());
-                            if sent.get(&id) == Some(&settings) {
-                                continue;
-                            }
-                            let (max_users, persistence) = settings;
-                            let instruction = Instruction {
-                                kind: Some(Kind::ShardSettings(ShardSettings {
-                                    shard: s.shard.clone(),
-                                    max_users,
-                                    persistence,
-                                })),
-                            };
-                            if tx.send(Ok(instruction)).await.is_err() {
+                        let opening = attached.is_none();
+                        let attach = |reflector: &str| {
+                            tracing::info!(reflector, region = %report.region, ?peer, "report stream open");
+                            attached = Some(router.attach_stream(reflector, tx.clone()));
+                        };
+                        let settings = match stream.take(&router, &report, attach) {
+                            Ok(Taken::Counted(settings)) => settings,
+                            Ok(Taken::Stale) => continue,
+                            Err((reason, status)) => {
+                                tracing::warn!(reflector = %report.reflector, region = %report.region, bound = ?stream.bound, ?peer, reason, "report refused; closing the report stream");
+                                router.metrics.report_refused(reason);
+                                let _ = tx.send(Err(status)).await;
                                 break;
                             }
-                            sent.insert(id, settings);
+                        };
+                        // The gauge counts every live stream (O(reflectors)): set when one
+                        // opens or ends, not on each of the fleet's reports per second.
+                        if opening && attached.is_some() {
+                            router.metrics.set_streams(&router.live_streams());
                         }
-                        // Shards the reflector no longer hosts are forgotten with it.
-                        sent.retain(|(app, shard), _| {
-                            report
-                                .shards
-                                .iter()
-                                .any(|s| &s.app_id == app && &s.shard == shard)
-                        });
+                        let mut closed = false;
+                        for s in settings {
+                            let instruction = Instruction {
+                                kind: Some(Kind::ShardSettings(s)),
+                            };
+                            if tx.send(Ok(instruction)).await.is_err() {
+                                closed = true;
+                                break;
+                            }
+                        }
+                        if closed {
+                            break;
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(reflector = ?name, error = %e, "report stream error");
+                        tracing::debug!(reflector = ?stream.reflector(), error = %e, "report stream error");
                         break;
                     }
                 }
             }
-            if let Some(n) = name {
+            if let Some(n) = stream.name {
                 if let Some(id) = attached {
                     router.detach_stream(&n, id);
                 }
