@@ -40,7 +40,7 @@ use super::{Context, Error, FIELD_MANAGER, Result};
 use crate::crd::{CONDITION_DEGRADED, ReflectorPool, Session};
 use crate::fleet::{self, by_session};
 use crate::metrics::{POOL_CONTROLLER, SESSION_CONTROLLER};
-use refleet_core::planner::{self, Plan, ReflectorAction};
+use refleet_core::planner::{self, Plan, ReflectorAction, Seconds};
 
 /// A pod older than this that a sync "creates" was missing from the pod cache (a watch
 /// brings a new pod back within a second or two).
@@ -300,7 +300,15 @@ pub async fn sync(
     Ok(Synced { plan, created })
 }
 
-/// Drains, removes and creates reflector pods (and per-pod Services) as the plan says.
+/// Pod requests one sync keeps in flight. A sync that grows a pool by a hundred pods would
+/// otherwise wait for a hundred apiserver round trips in a row, ~100 ms each on a loaded
+/// apiserver: 10 s, as long as a Route waits for its new shard (docs/scale.md, run E2).
+/// Each pod's own requests stay in order (mark, then delete; pod, then its Service).
+pub const POD_REQUESTS_IN_FLIGHT: usize = 16;
+
+/// Drains, removes and creates reflector pods (and per-pod Services) as the plan says, up to
+/// [`POD_REQUESTS_IN_FLIGHT`] pods at a time. Every request is tried; the first error is
+/// returned after the others finished (pods created before it are still in `created`).
 async fn apply_reflectors(
     ctx: &Context,
     pool: &ReflectorPool,
@@ -317,37 +325,36 @@ async fn apply_reflectors(
         ..DeleteParams::default()
     };
     let by_name: HashMap<String, &Pod> = pods.iter().map(|p| (p.name_any(), p)).collect();
-    for rp in &plan.reflectors {
-        let Some(pod) = by_name.get(&rp.name) else {
-            continue;
-        };
-        let deleting = pod.metadata.deletion_timestamp.is_some();
-        match rp.action {
-            ReflectorAction::Keep => {}
-            ReflectorAction::Drain { deadline } => {
-                if !deleting {
-                    // Mark first so no new shard goes there, then SIGTERM with the grace.
-                    let mark = json!({
-                        "metadata": {
-                            "labels": { LABEL_STATE: STATE_DRAINING },
-                            "annotations": { ANNOTATION_DRAIN_DEADLINE: deadline.to_string() },
-                        }
-                    });
-                    api.patch(&rp.name, &PatchParams::default(), &Patch::Merge(&mark))
-                        .await?;
-                    delete_pod(&api, &rp.name, &delete).await?;
-                }
+    // `Some(deadline)`: drain (mark first so no new shard goes there, then SIGTERM with the
+    // grace); `None`: remove.
+    let removals: Vec<(String, Option<Seconds>)> = plan
+        .reflectors
+        .iter()
+        .filter_map(|rp| {
+            let pod = by_name.get(&rp.name)?;
+            if pod.metadata.deletion_timestamp.is_some() {
+                return None;
             }
-            ReflectorAction::Remove => {
-                if !deleting {
-                    delete_pod(&api, &rp.name, &delete).await?;
-                }
+            match rp.action {
+                ReflectorAction::Keep => None,
+                ReflectorAction::Drain { deadline } => Some((rp.name.clone(), Some(deadline))),
+                ReflectorAction::Remove => Some((rp.name.clone(), None)),
             }
-        }
-    }
+        })
+        .collect();
+    let (api_ref, delete_ref) = (&api, &delete);
+    let removed: Vec<Result<()>> = futures_util::stream::iter(removals)
+        .map(move |(name, drain)| remove_pod(api_ref, name, drain, delete_ref))
+        .buffer_unordered(POD_REQUESTS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut first_error = removed.into_iter().find_map(Result::err);
+
     let per_pod_service = pool.spec.reflector_url.per_pod_service;
     let mut taken: BTreeSet<String> = pods.iter().map(ResourceExt::name_any).collect();
     let pool_name = pool.name_any();
+    // Names and specs first (each new pod takes the lowest free name), then the requests.
+    let mut new_pods: Vec<(String, String, Pod)> = Vec::new();
     for region_plan in plan.regions.iter().filter(|r| r.create > 0) {
         let Some(region) = pool.spec.resolved_region(&region_plan.region) else {
             continue;
@@ -375,26 +382,27 @@ async fn apply_reflectors(
                     .map_err(super::Error::Credential)?;
                 set_report_credential(&mut pod, credential);
             }
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            let pod = api.patch(&name, &params, &Patch::Apply(&pod)).await?;
-            let age = pod.metadata.creation_timestamp.as_ref().map_or(0, |t| {
-                i64::try_from((ctx.clock)()).unwrap_or(i64::MAX) - t.0.as_second()
-            });
-            let missed = age > STALE_CACHE_SECONDS;
-            if missed {
-                // The apply found a pod the cache never showed: harmless (nothing changed),
-                // but the pod watch lags far behind, and every sync would repeat it.
-                warn!(pod = %name, age_s = age, "the pod cache missed an existing reflector pod");
-            } else {
-                info!(pod = %name, region = %region.name, "created reflector pod");
-            }
-            if per_pod_service {
-                apply_service(ctx, &pod).await?;
-            }
-            if !missed {
-                created.push(name);
+            new_pods.push((name, region.name.clone(), pod));
+        }
+    }
+    let applied: Vec<Result<Option<String>>> = futures_util::stream::iter(new_pods)
+        .map(move |(name, region, pod)| {
+            create_pod(ctx, api_ref, name, region, pod, per_pod_service)
+        })
+        .buffer_unordered(POD_REQUESTS_IN_FLIGHT)
+        .collect()
+        .await;
+    for result in applied {
+        match result {
+            Ok(Some(name)) => created.push(name),
+            Ok(None) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
             }
         }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     if per_pod_service {
         let existing: BTreeSet<String> = services.iter().map(ResourceExt::name_any).collect();
@@ -405,6 +413,56 @@ async fn apply_reflectors(
         }
     }
     Ok(())
+}
+
+/// Drains pod `name` (with `Some(deadline)`: marks it first so no new shard goes there, then
+/// SIGTERM with the grace) or removes it.
+async fn remove_pod(
+    api: &Api<Pod>,
+    name: String,
+    drain: Option<Seconds>,
+    delete: &DeleteParams,
+) -> Result<()> {
+    if let Some(deadline) = drain {
+        let mark = json!({
+            "metadata": {
+                "labels": { LABEL_STATE: STATE_DRAINING },
+                "annotations": { ANNOTATION_DRAIN_DEADLINE: deadline.to_string() },
+            }
+        });
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&mark))
+            .await?;
+    }
+    delete_pod(api, &name, delete).await
+}
+
+/// Applies the new reflector pod `name` (then its Service, with `per_pod_service`); its name
+/// when it is new, `None` when the apply found it existing (the cache missed it).
+async fn create_pod(
+    ctx: &Context,
+    api: &Api<Pod>,
+    name: String,
+    region: String,
+    pod: Pod,
+    per_pod_service: bool,
+) -> Result<Option<String>> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let pod = api.patch(&name, &params, &Patch::Apply(&pod)).await?;
+    let age = pod.metadata.creation_timestamp.as_ref().map_or(0, |t| {
+        i64::try_from((ctx.clock)()).unwrap_or(i64::MAX) - t.0.as_second()
+    });
+    let missed = age > STALE_CACHE_SECONDS;
+    if missed {
+        // The apply found a pod the cache never showed: harmless (nothing changed), but the
+        // pod watch lags far behind, and every sync would repeat it.
+        warn!(pod = %name, age_s = age, "the pod cache missed an existing reflector pod");
+    } else {
+        info!(pod = %name, %region, "created reflector pod");
+    }
+    if per_pod_service {
+        apply_service(ctx, &pod).await?;
+    }
+    Ok((!missed).then_some(name))
 }
 
 async fn apply_service(ctx: &Context, pod: &Pod) -> Result<()> {

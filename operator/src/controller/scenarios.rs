@@ -37,6 +37,9 @@ enum Scenario {
     /// A Session whose pool does not exist: the Session gets a
     /// `Degraded`/`PoolNotFound` status and a Warning Event.
     SessionWithoutPoolIsDegraded(Session),
+    /// A new pool that needs three reflectors at once: the three pods are applied
+    /// together (each request is in flight before any is answered), not one after another.
+    NewPodsAreAppliedTogether(ReflectorPool),
     /// A pool with two ready empty reflectors where one is enough, once the operator has
     /// waited [`crate::fleet::REPORT_WAIT`] for their loads: the surplus one is marked
     /// draining, then deleted with the drain grace period.
@@ -54,6 +57,9 @@ impl ApiServerVerifier {
             match scenario {
                 Scenario::NewPoolCreatesItsFirstReflector(pool) => {
                     self.new_pool_creates_its_first_reflector(pool).await
+                }
+                Scenario::NewPodsAreAppliedTogether(pool) => {
+                    self.new_pods_are_applied_together(pool).await
                 }
                 Scenario::SessionWithoutPoolIsDegraded(session) => {
                     self.session_without_pool_is_degraded(session).await
@@ -128,6 +134,58 @@ impl ApiServerVerifier {
             .await;
         assert_eq!(event["reason"], "ScalingUp");
         assert_eq!(event["regarding"]["kind"], "ReflectorPool");
+    }
+
+    async fn new_pods_are_applied_together(mut self, pool: ReflectorPool) {
+        let region = pool.spec.resolved_region("eu").unwrap();
+        // All three requests arrive while none is answered: a sync that waited for each
+        // answer before the next request would never send the second.
+        let mut pending = Vec::new();
+        for _ in 0..3 {
+            let (request, send) = self.0.next_request().await.expect("a pod apply");
+            assert_eq!(request.method().as_str(), "PATCH");
+            pending.push((request.uri().path().to_owned(), send));
+        }
+        let mut paths: Vec<&str> = pending.iter().map(|(p, _)| p.as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(
+            paths,
+            [
+                "/api/v1/namespaces/games/pods/arena-eu-0",
+                "/api/v1/namespaces/games/pods/arena-eu-1",
+                "/api/v1/namespaces/games/pods/arena-eu-2",
+            ]
+        );
+        for (path, send) in pending {
+            let name = path.rsplit('/').next().unwrap().to_owned();
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(
+                        serde_json::to_vec(&reflector_pod(&pool, &region, &name)).unwrap(),
+                    ))
+                    .unwrap(),
+            );
+        }
+        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+        let status = self
+            .expect(
+                "PATCH",
+                &format!(
+                    "{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"
+                ),
+                200,
+                json!(pool),
+            )
+            .await;
+        assert_eq!(status["status"]["regions"][0]["desired"], 3);
+        self.expect(
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/games/events?",
+            201,
+            json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
+        )
+        .await;
     }
 
     async fn session_without_pool_is_degraded(mut self, session: Session) {
@@ -273,6 +331,24 @@ async fn new_pool_creates_its_first_reflector() {
     let mocksrv = fakeserver.run(Scenario::NewPoolCreatesItsFirstReflector(pool));
     let synced = sync(&ctx, &cache, "games", "arena").await.expect("sync");
     assert_eq!(synced.created, ["arena-eu-0"]);
+    timeout_after_1s(mocksrv).await;
+}
+
+#[tokio::test]
+async fn a_pool_that_needs_several_reflectors_applies_their_pods_together() {
+    let (ctx, fakeserver) = testcontext();
+    let mut pool = fixtures::pool("games", "arena", &["eu"]);
+    pool.spec.defaults.min_reflectors = Some(3);
+    let cache = Cache::of(vec![pool.clone()], vec![], vec![]);
+    let mocksrv = fakeserver.run(Scenario::NewPodsAreAppliedTogether(pool));
+    // A sync that sends one apply at a time waits forever for an answer the mock holds back.
+    let mut synced =
+        tokio::time::timeout(Duration::from_secs(5), sync(&ctx, &cache, "games", "arena"))
+            .await
+            .expect("the three applies were sent together")
+            .expect("sync");
+    synced.created.sort_unstable();
+    assert_eq!(synced.created, ["arena-eu-0", "arena-eu-1", "arena-eu-2"]);
     timeout_after_1s(mocksrv).await;
 }
 
