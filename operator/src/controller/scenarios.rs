@@ -95,8 +95,30 @@ impl ApiServerVerifier {
         sent
     }
 
-    async fn new_pool_creates_its_first_reflector(mut self, pool: ReflectorPool) {
+    /// Expects the server-side apply of pool `arena`'s status; returns the body sent.
+    async fn expect_pool_status(&mut self, pool: &ReflectorPool) -> Value {
         let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
+        self.expect(
+            "PATCH",
+            &format!("{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"),
+            200,
+            json!(pool),
+        )
+        .await
+    }
+
+    /// Expects one Event created in namespace `games`; returns the body sent.
+    async fn expect_event(&mut self) -> Value {
+        self.expect(
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/games/events?",
+            201,
+            json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
+        )
+        .await
+    }
+
+    async fn new_pool_creates_its_first_reflector(mut self, pool: ReflectorPool) {
         let applied = self
             .expect(
                 "PATCH",
@@ -107,16 +129,7 @@ impl ApiServerVerifier {
             .await;
         assert_eq!(applied["metadata"]["labels"]["refleet.dev/region"], "eu");
         assert_eq!(applied["metadata"]["ownerReferences"][0]["name"], "arena");
-        let status = self
-            .expect(
-                "PATCH",
-                &format!(
-                    "{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"
-                ),
-                200,
-                json!(pool),
-            )
-            .await;
+        let status = self.expect_pool_status(&pool).await;
         assert_eq!(status["kind"], "ReflectorPool");
         let conditions = &status["status"]["conditions"];
         assert_eq!(conditions[0]["type"], "Ready");
@@ -124,14 +137,7 @@ impl ApiServerVerifier {
         assert_eq!(conditions[1]["type"], "Progressing");
         assert_eq!(conditions[1]["reason"], "ScalingUp");
         assert_eq!(status["status"]["regions"][0]["desired"], 1);
-        let event = self
-            .expect(
-                "POST",
-                "/apis/events.k8s.io/v1/namespaces/games/events?",
-                201,
-                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
-            )
-            .await;
+        let event = self.expect_event().await;
         assert_eq!(event["reason"], "ScalingUp");
         assert_eq!(event["regarding"]["kind"], "ReflectorPool");
     }
@@ -167,25 +173,9 @@ impl ApiServerVerifier {
                     .unwrap(),
             );
         }
-        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        let status = self
-            .expect(
-                "PATCH",
-                &format!(
-                    "{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"
-                ),
-                200,
-                json!(pool),
-            )
-            .await;
+        let status = self.expect_pool_status(&pool).await;
         assert_eq!(status["status"]["regions"][0]["desired"], 3);
-        self.expect(
-            "POST",
-            "/apis/events.k8s.io/v1/namespaces/games/events?",
-            201,
-            json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
-        )
-        .await;
+        self.expect_event().await;
     }
 
     async fn session_without_pool_is_degraded(mut self, session: Session) {
@@ -203,31 +193,14 @@ impl ApiServerVerifier {
         assert_eq!(degraded["status"], "True");
         assert_eq!(degraded["reason"], "PoolNotFound");
         assert_eq!(status["status"]["conditions"][0]["reason"], "PoolNotFound");
-        let event = self
-            .expect(
-                "POST",
-                "/apis/events.k8s.io/v1/namespaces/games/events?",
-                201,
-                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
-            )
-            .await;
+        let event = self.expect_event().await;
         assert_eq!(event["reason"], "PoolNotFound");
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["regarding"]["name"], "lobby");
     }
 
     async fn unreported_reflectors_are_kept(mut self, pool: ReflectorPool) {
-        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        let status = self
-            .expect(
-                "PATCH",
-                &format!(
-                    "{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"
-                ),
-                200,
-                json!(pool),
-            )
-            .await;
+        let status = self.expect_pool_status(&pool).await;
         let region = &status["status"]["regions"][0];
         assert_eq!(
             (&region["ready"], &region["draining"]),
@@ -236,7 +209,6 @@ impl ApiServerVerifier {
     }
 
     async fn surplus_reflector_is_drained(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
-        let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
         let mark = self
             .expect(
                 "PATCH",
@@ -259,25 +231,9 @@ impl ApiServerVerifier {
             )
             .await;
         assert_eq!(delete["gracePeriodSeconds"], 330);
-        let status = self
-            .expect(
-                "PATCH",
-                &format!(
-                    "{ns}/reflectorpools/arena/status?&force=true&fieldManager=refleet-operator"
-                ),
-                200,
-                json!(pool),
-            )
-            .await;
+        let status = self.expect_pool_status(&pool).await;
         assert_eq!(status["status"]["regions"][0]["draining"], 1);
-        let event = self
-            .expect(
-                "POST",
-                "/apis/events.k8s.io/v1/namespaces/games/events?",
-                201,
-                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
-            )
-            .await;
+        let event = self.expect_event().await;
         assert_eq!(event["reason"], "ReflectorDraining");
     }
 }
