@@ -161,7 +161,9 @@ pub struct ReflectorPoolSpec {
 
     /// Seconds that must pass between two changes of scaling direction in one region (a
     /// scale-up followed by a scale-down, or the reverse). Prevents flapping when load
-    /// hovers around a boundary. Default 300.
+    /// hovers around a boundary. A newly elected operator leader also drains no reflector
+    /// as surplus for this long after its first plan of the pool (the previous leader's
+    /// scaling history is not kept). Default 300.
     #[serde(default = "default_scale_down_cooldown_seconds")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_cooldown_seconds: u32,

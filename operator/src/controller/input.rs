@@ -156,7 +156,31 @@ pub fn input_for(
             sessions,
         ));
     }
-    fleet::plan_input(observed, &shards, &memory.history, now)
+    let mut input = fleet::plan_input(observed, &shards, &memory.history, now);
+    if !memory.initialised {
+        hold_scale_down(&mut input);
+    }
+    input
+}
+
+/// A new leader's first plan of a pool counts every region as grown just now, so no
+/// reflector is drained as surplus for a scale-down cool-down after the takeover. The
+/// previous leader's history went with it: it may have grown the region a second ago, for
+/// shards it opened and join tokens it signed that no status records, and their reflectors
+/// would look empty. Run E drained ~300 such reflectors within 8 s of a takeover, with 1 155
+/// users on them in one run (docs/scale.md). Scale-ups are not held.
+fn hold_scale_down(input: &mut PlanInput) {
+    for pool in &input.pools {
+        for region in &pool.regions {
+            let h = input
+                .history
+                .entry((pool.id.clone(), region.name.clone()))
+                .or_default();
+            if h.last_up_at.is_none_or(|t| t < input.now) {
+                h.last_up_at = Some(input.now);
+            }
+        }
+    }
 }
 
 /// Shards recorded in exact-name Sessions' status (placed ones; pending ones are reopened).

@@ -322,13 +322,14 @@ async fn session_without_pool_is_degraded_and_gets_a_warning() {
 #[tokio::test]
 async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
     let (ctx, fakeserver) = testcontext();
-    // This operator has been planning the pool for the whole wait: no load (NoLoad) means
-    // the plan alone decides.
-    ctx.pool_slot("games/arena")
-        .memory
-        .lock()
-        .await
-        .planning_since = Some(NOW - crate::fleet::REPORT_WAIT);
+    // This operator has been planning the pool for the whole wait, and longer than the
+    // scale-down cool-down: no load (NoLoad) means the plan alone decides.
+    {
+        let slot = ctx.pool_slot("games/arena");
+        let mut memory = slot.memory.lock().await;
+        memory.planning_since = Some(NOW - crate::fleet::REPORT_WAIT);
+        memory.initialised = true;
+    }
     let pool = fixtures::pool("games", "arena", &["eu"]);
     let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
     let cache = Cache::of(vec![pool.clone()], vec![], pods.clone());
@@ -336,6 +337,38 @@ async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
         pool, pods,
     ));
     sync(&ctx, &cache, "games", "arena").await.expect("sync");
+    timeout_after_1s(mocksrv).await;
+}
+
+/// The same surplus reflector, found by a leader's first plan of the pool (its wait for
+/// reports over): the previous leader may have grown the region a second ago for shards
+/// only it knew, so nothing is drained as surplus until a cool-down has passed.
+#[tokio::test]
+async fn a_new_leader_drains_no_surplus_reflector_for_a_cool_down() {
+    let (ctx, fakeserver) = testcontext();
+    ctx.pool_slot("games/arena")
+        .memory
+        .lock()
+        .await
+        .planning_since = Some(NOW - crate::fleet::REPORT_WAIT);
+    let pool = fixtures::pool("games", "arena", &["eu"]);
+    let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
+    let cache = Cache::of(vec![pool.clone()], vec![], pods);
+    let mocksrv = fakeserver.run(Scenario::UnreportedReflectorsAreKeptByANewLeader(pool));
+    let synced = sync(&ctx, &cache, "games", "arena").await.expect("sync");
+    let held: Vec<_> = synced
+        .plan
+        .decisions
+        .iter()
+        .filter_map(|d| match d {
+            refleet_core::planner::Decision::ScaleHeld { until, .. } => Some(*until),
+            refleet_core::planner::Decision::DrainReflector { reflector, .. } => {
+                panic!("{reflector} drained by a new leader")
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(held, [NOW + 300], "{:?}", synced.plan.decisions);
     timeout_after_1s(mocksrv).await;
 }
 
