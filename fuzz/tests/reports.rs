@@ -2,9 +2,9 @@
 //! it. Each input is one stream: an identity from the credential (or none: an open stream),
 //! then up to six `ReflectorReport`s, each decoded with prost from arbitrary or damaged
 //! bytes or generated field by field, handled exactly as `ReportHub::report` handles them:
-//! `reports::StreamState::take` (the
-//! identity check, the sequence check, `Router::observe_report` and the shard settings to
-//! send), then `Router::live_streams` and `Router::shard_settings` for every reported shard.
+//! `reports::StreamState::take` (the identity check, the sequence check,
+//! `Router::observe_report` and the shard settings to send), then `Router::live_streams` and
+//! `Router::shard_settings` for every reported shard.
 //!
 //! Also target `shard_names`: the operator's shard and session-key names
 //! (`refleet_core::shard::shard_name` / `parse_shard_name`, `planner::session_key` /
@@ -280,21 +280,22 @@ fn stream(u: &mut Unstructured<'_>, router: &Router) -> R<()> {
                         report.region
                     );
                 }
-                if let Taken::Counted(sent) = &taken {
-                    // Only a counted report binds the stream's reflector, once.
-                    assert_eq!(state.reflector(), Some(report.reflector.as_str()));
-                    if counted_before.is_none() {
-                        assert_eq!(attached, 1, "attached before its first counted report");
+                match &taken {
+                    Taken::Counted(sent) => {
+                        // Only a counted report binds the stream's reflector, once.
+                        assert_eq!(state.reflector(), Some(report.reflector.as_str()));
+                        if counted_before.is_none() {
+                            assert_eq!(attached, 1, "attached before its first counted report");
+                        }
+                        // What is sent is what the router answers for a reported shard.
+                        for s in sent {
+                            assert!(report.shards.iter().any(|r| r.shard == s.shard));
+                        }
                     }
-                    // What is sent is what the router answers for a reported shard.
-                    for s in sent {
-                        assert!(report.shards.iter().any(|r| r.shard == s.shard));
+                    Taken::Stale => {
+                        assert_eq!(state.reflector(), counted_before.as_deref());
+                        continue;
                     }
-                } else {
-                    assert_eq!(state.reflector(), counted_before.as_deref());
-                }
-                if taken == Taken::Stale {
-                    continue;
                 }
             }
         }

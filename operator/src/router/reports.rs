@@ -269,7 +269,7 @@ impl Reports for ReportHub {
             let mut stream = StreamState::new(identity);
             // This stream's registration for instructions (hand-offs), once it has a name.
             let mut attached: Option<u64> = None;
-            loop {
+            'reports: loop {
                 let Ok(next) = tokio::time::timeout(grace, inbound.message()).await else {
                     // Its load stops counting anyway; closing lets the reflector reconnect.
                     tracing::warn!(reflector = ?stream.reflector(), ?grace, "no report within the grace period; closing the report stream");
@@ -313,22 +313,18 @@ impl Reports for ReportHub {
                             }
                         };
                         // The gauge counts every live stream (O(reflectors)): set when one
-                        // opens or ends, not on each of the fleet's reports per second.
-                        if opening && attached.is_some() {
+                        // opens (its first report counted) or ends, not on each of the
+                        // fleet's reports per second.
+                        if opening {
                             router.metrics.set_streams(&router.live_streams());
                         }
-                        let mut closed = false;
                         for s in settings {
                             let instruction = Instruction {
                                 kind: Some(Kind::ShardSettings(s)),
                             };
                             if tx.send(Ok(instruction)).await.is_err() {
-                                closed = true;
-                                break;
+                                break 'reports;
                             }
-                        }
-                        if closed {
-                            break;
                         }
                     }
                     Ok(None) => break,
