@@ -12,169 +12,26 @@
 //!
 //! Run with `cargo bench -p refleet-operator --bench reports`; docs/scale.md reports it.
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use prost::Message;
 
-use refleet_api::report::{ReflectorReport, ShardLoad};
+use refleet_api::report::ReflectorReport;
 use refleet_api::report_credential::ReflectorIdentity;
-use refleet_core::planner::{
-    ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput, ShardRecord, session_key,
-};
-use refleet_core::shard::shard_name;
-use refleet_operator::crd::{Capacity, PlacementStrategy, SessionSpec, ShardPhase};
-use refleet_operator::router::metrics::RouterMetrics;
+use refleet_operator::router::Router;
 use refleet_operator::router::reports::{StreamState, Taken};
-use refleet_operator::router::{FleetView, Router, RouterConfig, SessionDef};
 
-const POOL: &str = "games/pool";
-const REGIONS: usize = 10;
-const SHARDS_PER_REFLECTOR: usize = 20;
-const USERS_PER_SHARD: u32 = 10;
+mod support;
+use support::{REGIONS, Shape, reflector, region, report, router};
 
-fn region(r: usize) -> String {
-    format!("region-{r}")
-}
-
-fn reflector(i: usize) -> String {
-    format!("pool-{}-{i}", region(i % REGIONS))
-}
-
-fn room(i: usize, j: usize) -> String {
-    format!("room-{}", i * SHARDS_PER_REFLECTOR + j)
-}
-
-/// The router as a leader holds it after a sync: the pool, its reflectors and its shards.
-fn router(reflectors: usize) -> Arc<Router> {
-    let capacity = Capacity {
-        sessions: SHARDS_PER_REFLECTOR as u32,
-        users: 2000,
-    };
-    let regions = (0..REGIONS)
-        .map(|r| RegionInput {
-            name: region(r),
-            image: "img".into(),
-            capacity,
-            min_reflectors: 1,
-            max_reflectors: 10_000,
-            warm_buffer: 0,
-            growth_buffer_seconds: 0,
-        })
-        .collect();
-    let observed = (0..reflectors)
-        .map(|i| ObservedReflector {
-            name: reflector(i),
-            pool: POOL.into(),
-            region: region(i % REGIONS),
-            image: "img".into(),
-            capacity,
-            state: ReflectorState::Ready,
-            unreported: false,
-        })
-        .collect();
-    let shards = (0..reflectors)
-        .flat_map(|i| {
-            (0..SHARDS_PER_REFLECTOR).map(move |j| {
-                let room = room(i, j);
-                ShardRecord {
-                    session: session_key("games", "app", &room),
-                    name: shard_name(&room, 0),
-                    index: 0,
-                    pool: POOL.into(),
-                    region: region(i % REGIONS),
-                    reflector: Some(reflector(i)),
-                    committed_users: USERS_PER_SHARD,
-                    users: USERS_PER_SHARD,
-                    reserved: 0,
-                    phase: ShardPhase::Open,
-                    empty_since: None,
-                    moving_to: None,
-                    moved_at: None,
-                }
-            })
-        })
-        .collect();
-    let spec: SessionSpec = serde_json::from_value(serde_json::json!({
-        "poolRef": {"name": "pool"}, "appId": "app", "namePattern": "room-*",
-        "maxUsersPerShard": 100, "scaleUpThreshold": 0.8,
-    }))
-    .expect("session spec");
-    let config = RouterConfig {
-        // Criterion pauses between samples; no reflector may expire meanwhile.
-        report_grace: Duration::from_secs(3600),
-        ..RouterConfig::default()
-    };
-    let router = Router::new(
-        config,
-        None,
-        RouterMetrics::new(&prometheus::Registry::new()),
-    );
-    router.publish(
-        POOL,
-        FleetView {
-            input: PlanInput {
-                pools: vec![PoolInput {
-                    id: POOL.into(),
-                    placement: PlacementStrategy::Pack,
-                    regions,
-                    cooldown: 60,
-                    drain_grace: 30,
-                    moves: Default::default(),
-                }],
-                reflectors: observed,
-                shards,
-                ..PlanInput::default()
-            },
-            sessions: vec![SessionDef {
-                namespace: "games".into(),
-                spec,
-                pool: POOL.into(),
-                files_url: "http://files.test/".into(),
-            }],
-            urls: (0..reflectors)
-                .map(|i| (reflector(i), format!("ws://{}.test/", reflector(i))))
-                .collect::<HashMap<_, _>>(),
-            gateways: HashMap::new(),
-        },
-    );
-    router
-}
-
-fn report(i: usize, sequence: u64) -> ReflectorReport {
-    ReflectorReport {
-        reflector: reflector(i),
-        region: region(i % REGIONS),
-        public_url: format!("ws://{}.test/", reflector(i)),
-        state: 1,
-        capacity: None,
-        shards: (0..SHARDS_PER_REFLECTOR)
-            .map(|j| {
-                let room = room(i, j);
-                ShardLoad {
-                    session_id: format!("sid-{room}"),
-                    shard: shard_name(&room, 0),
-                    app_id: "app".into(),
-                    users: USERS_PER_SHARD,
-                    joins: 40,
-                    leaves: 30,
-                    peak_users: 12,
-                    messages_per_second: 55.0,
-                    bytes_per_second: 4400.0,
-                    admitted_reservations: Vec::new(),
-                    max_users: 100,
-                }
-            })
-            .collect(),
-        sequence,
-        version: "0.1.0".into(),
-        pool: POOL.into(),
-        hand_offs: Vec::new(),
-    }
-}
+const SHAPE: Shape = Shape {
+    reflectors: 0,
+    shards_per_reflector: 20,
+    slots_per_reflector: 20,
+    users: |_| 10,
+};
 
 /// Every reflector's stream, each having counted one report (and been sent its settings).
 struct Fleet {
@@ -185,7 +42,11 @@ struct Fleet {
 }
 
 fn fleet(reflectors: usize) -> Fleet {
-    let router = router(reflectors);
+    let shape = Shape {
+        reflectors,
+        ..SHAPE
+    };
+    let router = router(&shape);
     let mut streams = Vec::with_capacity(reflectors);
     let mut reports = Vec::with_capacity(reflectors);
     for i in 0..reflectors {
@@ -193,13 +54,13 @@ fn fleet(reflectors: usize) -> Fleet {
             reflector: reflector(i),
             region: region(i % REGIONS),
         }));
-        let first = report(i, 1);
+        let first = report(&shape, i, 1);
         match stream.take(&router, &first, |_| {}) {
-            Ok(Taken::Counted(settings)) => assert_eq!(settings.len(), SHARDS_PER_REFLECTOR),
+            Ok(Taken::Counted(settings)) => assert_eq!(settings.len(), shape.shards_per_reflector),
             other => panic!("the first report was not counted: {other:?}"),
         }
         // The steady state the benchmark times: counted, nothing new to send.
-        let second = report(i, 2);
+        let second = report(&shape, i, 2);
         match stream.take(&router, &second, |_| {}) {
             Ok(Taken::Counted(settings)) => assert!(settings.is_empty(), "{settings:?}"),
             other => panic!("the second report was not counted: {other:?}"),
