@@ -19,7 +19,7 @@
 //! overfill a reflector: the next whole plan adopts the shard opened here before it places
 //! anything, so those only get the room it leaves.
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::model::*;
 use super::state::PlanState;
@@ -32,6 +32,15 @@ pub struct Held {
     pub users: i64,
     /// Session slots taken (one per shard).
     pub sessions: i64,
+}
+
+impl Held {
+    /// More than any reflector has: a reflector held so offers no room (one the caller
+    /// cannot send users to).
+    pub const ALL: Held = Held {
+        users: i64::MAX / 4,
+        sessions: i64::MAX / 4,
+    };
 }
 
 impl std::ops::Add for Held {
@@ -102,15 +111,20 @@ pub fn holds_room(shard: &ShardRecord) -> bool {
 /// `reflector` with the room `held` by other shards taken off its capacity (none left when
 /// they hold more than it has, as the plan would find it).
 pub fn with_room_left(reflector: &ObservedReflector, held: Held) -> ObservedReflector {
+    ObservedReflector {
+        capacity: room_left(reflector.capacity, held),
+        ..reflector.clone()
+    }
+}
+
+/// `capacity` less the room `held` (none left when it holds more).
+fn room_left(capacity: Capacity, held: Held) -> Capacity {
     let left = |capacity: u32, held: i64| {
         u32::try_from((i64::from(capacity) - held).max(0)).unwrap_or(u32::MAX)
     };
-    ObservedReflector {
-        capacity: Capacity {
-            users: left(reflector.capacity.users, held.users),
-            sessions: left(reflector.capacity.sessions, held.sessions),
-        },
-        ..reflector.clone()
+    Capacity {
+        users: left(capacity.users, held.users),
+        sessions: left(capacity.sessions, held.sessions),
     }
 }
 
@@ -119,8 +133,15 @@ pub fn with_room_left(reflector: &ObservedReflector, held: Held) -> ObservedRefl
 /// session may use (all, when it names none), each offering only the room that `others`
 /// (the room the pool's other shards hold) leaves it. For [`plan_shards`]: it carries no
 /// scaling history, so sizing on it means nothing.
+///
+/// A reflector with no room left is left out unless one of `shards` is on it or moving to
+/// it: it could take no shard, so copying it in costs the pool's size and changes nothing
+/// but one count. That count, how many usable reflectors a region has against its
+/// `maxReflectors`, is kept by lowering the region's `max_reflectors` by the usable
+/// reflectors left out (at a few shards per reflector most of a pool is full, and this is
+/// most of an opening's cost).
 pub fn session_input<'a>(
-    pool: PoolInput,
+    mut pool: PoolInput,
     session: SessionInput,
     shards: Vec<ShardRecord>,
     reflectors: impl IntoIterator<Item = &'a ObservedReflector>,
@@ -128,12 +149,39 @@ pub fn session_input<'a>(
     now: Seconds,
 ) -> PlanInput {
     let allowed = &session.policy.regions;
+    let hosts: HashSet<&str> = shards
+        .iter()
+        .flat_map(|s| s.reflector.iter().chain(&s.moving_to))
+        .map(String::as_str)
+        .collect();
+    // Usable reflectors left out, by index in `pool.regions`.
+    let mut left_out = vec![0u32; pool.regions.len()];
+    let mut kept = Vec::new();
+    for r in reflectors {
+        if r.pool != pool.id || !(allowed.is_empty() || allowed.contains(&r.region)) {
+            continue;
+        }
+        let capacity = room_left(r.capacity, others(&r.name));
+        if (capacity.sessions == 0 || capacity.users == 0) && !hosts.contains(r.name.as_str()) {
+            // Usable as the slot table counts it: its region's image, not draining.
+            if let Some(i) = pool.regions.iter().position(|g| g.name == r.region)
+                && r.image == pool.regions[i].image
+                && r.state != ReflectorState::Draining
+            {
+                left_out[i] += 1;
+            }
+            continue;
+        }
+        kept.push(ObservedReflector {
+            capacity,
+            ..r.clone()
+        });
+    }
+    for (region, n) in pool.regions.iter_mut().zip(left_out) {
+        region.max_reflectors = region.max_reflectors.saturating_sub(n);
+    }
     PlanInput {
-        reflectors: reflectors
-            .into_iter()
-            .filter(|r| r.pool == pool.id && (allowed.is_empty() || allowed.contains(&r.region)))
-            .map(|r| with_room_left(r, others(&r.name)))
-            .collect(),
+        reflectors: kept,
         pools: vec![pool],
         sessions: vec![session],
         shards,
@@ -294,5 +342,73 @@ mod tests {
         );
         let names: Vec<&str> = narrow.reflectors.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["eu-a"], "only the regions it may use");
+    }
+
+    #[test]
+    fn a_reflector_without_room_is_left_out_and_still_counts_against_its_region_s_max() {
+        let mut draining = reflector("eu-d", "eu");
+        draining.state = ReflectorState::Draining;
+        let mut full = input(
+            vec![
+                reflector("eu-a", "eu"),
+                reflector("eu-b", "eu"),
+                draining,
+                reflector("us-a", "us"),
+            ],
+            vec![session("a")],
+            vec![shard("a", 0, Some("eu-b"), 100)],
+        );
+        full.sessions[0].waiting = true;
+        full.sessions[0].policy.regions = vec!["eu".into(), "us".into()];
+        // Other shards fill every eu reflector; us-a is empty.
+        let no_room_in_eu = |r: &str| {
+            if r.starts_with("eu") {
+                Held::ALL
+            } else {
+                Held::default()
+            }
+        };
+        let alone = |max_eu: u32| {
+            let mut pool = full.pools[0].clone();
+            pool.regions[0].max_reflectors = max_eu;
+            session_input(
+                pool,
+                full.sessions[0].clone(),
+                full.shards.clone(),
+                &full.reflectors,
+                no_room_in_eu,
+                full.now,
+            )
+        };
+        let narrow = alone(10);
+        let names: Vec<&str> = narrow.reflectors.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["eu-b", "us-a"], "eu-b hosts the session's shard");
+        assert_eq!(narrow.reflectors[0].capacity.sessions, 0);
+        let max: Vec<u32> = narrow.pools[0]
+            .regions
+            .iter()
+            .map(|r| r.max_reflectors)
+            .collect();
+        assert_eq!(
+            max,
+            [9, 10],
+            "eu-a counted; a draining reflector is not usable"
+        );
+
+        // The count decides: with room for one more reflector in eu the shard waits for it
+        // there; at eu's max (eu-a and eu-b usable) it goes to us at once.
+        let opened = |input: &PlanInput| {
+            plan_shards(input)
+                .decisions
+                .into_iter()
+                .find_map(|d| match d {
+                    Decision::OpenShard {
+                        region, reflector, ..
+                    } => Some((region, reflector)),
+                    _ => None,
+                })
+        };
+        assert_eq!(opened(&alone(3)), Some(("eu".into(), None)));
+        assert_eq!(opened(&alone(2)), Some(("us".into(), Some("us-a".into()))));
     }
 }

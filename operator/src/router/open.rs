@@ -25,8 +25,8 @@ use super::view::{FleetState, Published, SessionDef};
 use super::{Inner, RouteError};
 use crate::crd::ShardPhase;
 use refleet_core::planner::{
-    Decision, HeldRoom, PlanInput, ReflectorState, SessionInput, ShardPlan, ShardPolicy,
-    ShardRecord, plan_shards, session_input, split_session_key,
+    Decision, Held, HeldRoom, PlanInput, PoolInput, ReflectorState, SessionInput, ShardPlan,
+    ShardPolicy, ShardRecord, plan_shards, session_input, split_session_key,
 };
 use refleet_core::shard::parse_shard_name;
 
@@ -71,11 +71,12 @@ pub(super) fn plan_shard(
         // Kept until a published view holds a shard of it: the next plan must keep it.
         inner.demanded.insert(key.to_owned(), session.clone());
     }
-    let own: Vec<ShardRecord> = view
+    let mut own: Vec<ShardRecord> = view
         .session_shards(key)
         .chain(inner.opened.iter().filter(|s| s.session == key))
         .cloned()
         .collect();
+    let adopted = adopt_reported(&mut own, view, &inner.fleet, def, key, name);
     let others = others_room(
         view,
         &inner.opened,
@@ -85,17 +86,23 @@ pub(super) fn plan_shard(
         &def.pool,
         now,
     );
+    let reach = Reach::of(inner, view, pool, &session.policy.regions, now, grace);
     let mut input = session_input(
-        pool.clone(),
+        reach.pool,
         session,
         own,
         &view.fleet.input.reflectors,
-        |r| view.held(r) + others.of(r),
+        |r| {
+            if reach.no_room.contains(r) {
+                Held::ALL
+            } else {
+                view.held(r) + others.of(r)
+            }
+        },
         view.fleet.input.now,
     );
-    let adopted = adopt_reported(&mut input, view, &inner.fleet, def, key, name);
     fill_load(&inner.fleet, &inner.ledger, &mut input, now);
-    let blocked = block_unreachable(&mut input, inner, view, now, grace);
+    let blocked = reach.blocked;
     // Full for the plan, as for the Route: shards adopted from reports (the Route cannot send
     // users to them before a plan publishes them), shards on blocked reflectors, and
     // inherited shards the Route counts as full.
@@ -157,66 +164,91 @@ fn others_room(
     room
 }
 
-/// Blocks, for the plan, what the Route cannot use, and returns the blocked reflectors:
+/// What the Route cannot use, for the plan:
 ///
 /// - a ready reflector the router cannot send users to (silent or draining on its stream)
-///   has no room for a new shard, and the session's shards on it count as full; otherwise
-///   the plan would keep counting on room there. It still counts as one of its region's
-///   reflectors, as it does for the backend's plan, so the new shard goes where the
-///   backend would keep it. So does a reflector that reported and went silent, whatever its
-///   pod says now (a lost node makes its pods NotReady: they look like starting ones, but
-///   are not coming);
+///   is `blocked`: it has no room for a new shard, and the session's shards on it count as
+///   full; otherwise the plan would keep counting on room there. It still counts as one of
+///   its region's reflectors, as it does for the backend's plan, so the new shard goes where
+///   the backend would keep it. So does a reflector that reported and went silent, whatever
+///   its pod says now (a lost node makes its pods NotReady: they look like starting ones,
+///   but are not coming);
 /// - a region that lost reflectors and has none the router can send users to is down (its
 ///   nodes are gone): nothing there takes the new shard, no new reflector is planned there
-///   either, and the shard goes to the next region the Session allows.
-fn block_unreachable(
-    input: &mut PlanInput,
-    inner: &Inner,
-    view: &Published,
-    now: Millis,
-    grace: Millis,
-) -> FastSet<String> {
-    let lost = |name: &str| inner.fleet.silent(name, now, grace);
-    // Per region: (a reflector the router can send users to, a lost one, how many).
-    let mut regions: FastMap<String, (bool, bool, u32)> = FastMap::default();
-    let mut blocked = FastSet::default();
-    for r in &mut input.reflectors {
-        let is_lost = lost(&r.name);
-        let unreachable = is_lost
-            || (r.state == ReflectorState::Ready
-                && inner
-                    .fleet
-                    .routable_url(view, &r.name, now, grace)
-                    .is_none());
-        let region = regions.entry(r.region.clone()).or_default();
-        region.0 |= r.state == ReflectorState::Ready && !unreachable;
-        region.1 |= is_lost;
-        region.2 += 1;
-        if unreachable {
-            r.capacity.sessions = 0;
-            r.capacity.users = 0;
-            blocked.insert(r.name.clone());
+///   either (its `max_reflectors` is 0 in `pool`), and the shard goes to the next region
+///   the Session allows.
+struct Reach<'v> {
+    /// The session's pool, with its down regions' `max_reflectors` at 0.
+    pool: PoolInput,
+    /// Reflectors the Route cannot send users to.
+    blocked: FastSet<String>,
+    /// Reflectors that offer the plan no room: the blocked ones and every one of a region
+    /// that is down.
+    no_room: FastSet<&'v str>,
+}
+
+impl<'v> Reach<'v> {
+    /// Looks at every reflector of `pool` in the `allowed` regions (all, when empty).
+    fn of(
+        inner: &Inner,
+        view: &'v Published,
+        pool: &PoolInput,
+        allowed: &[String],
+        now: Millis,
+        grace: Millis,
+    ) -> Self {
+        let lost = |name: &str| inner.fleet.silent(name, now, grace);
+        // Per region: (a reflector the router can send users to, a lost one).
+        let mut regions: FastMap<&str, (bool, bool)> = FastMap::default();
+        let mut blocked = FastSet::default();
+        let mut no_room = FastSet::default();
+        let reflectors =
+            view.fleet.input.reflectors.iter().filter(|r| {
+                r.pool == pool.id && (allowed.is_empty() || allowed.contains(&r.region))
+            });
+        for r in reflectors.clone() {
+            let is_lost = lost(&r.name);
+            let unreachable = is_lost
+                || (r.state == ReflectorState::Ready
+                    && inner
+                        .fleet
+                        .routable_url(view, &r.name, now, grace)
+                        .is_none());
+            let region = regions.entry(r.region.as_str()).or_default();
+            region.0 |= r.state == ReflectorState::Ready && !unreachable;
+            region.1 |= is_lost;
+            if unreachable {
+                blocked.insert(r.name.clone());
+                no_room.insert(r.name.as_str());
+            }
+        }
+        let mut pool = pool.clone();
+        let down: FastSet<&str> = regions
+            .iter()
+            .filter(|&(_, &(alive, any_lost))| any_lost && !alive)
+            .map(|(&name, _)| name)
+            .collect();
+        if !down.is_empty() {
+            no_room.extend(
+                reflectors
+                    .filter(|r| down.contains(r.region.as_str()))
+                    .map(|r| r.name.as_str()),
+            );
+            for spec in pool
+                .regions
+                .iter_mut()
+                .filter(|r| down.contains(r.name.as_str()))
+            {
+                spec.max_reflectors = 0;
+                spec.min_reflectors = 0;
+            }
+        }
+        Reach {
+            pool,
+            blocked,
+            no_room,
         }
     }
-    for (name, &(alive, any_lost, count)) in &regions {
-        if alive || !any_lost {
-            continue;
-        }
-        for r in input.reflectors.iter_mut().filter(|r| &r.region == name) {
-            r.capacity.sessions = 0;
-            r.capacity.users = 0;
-        }
-        for spec in input
-            .pools
-            .iter_mut()
-            .flat_map(|p| p.regions.iter_mut())
-            .filter(|r| &r.name == name)
-        {
-            spec.max_reflectors = count;
-            spec.min_reflectors = spec.min_reflectors.min(count);
-        }
-    }
-    blocked
 }
 
 /// The session as the plan must see it: waiting for a shard, in the Route's region order.
@@ -248,13 +280,13 @@ fn waiting_session(
     (s, new)
 }
 
-/// Adds to `input` the shards of session `name` (key `key`) that reflectors of its pool
+/// Adds to `own` the shards of session `name` (key `key`) that reflectors of its pool
 /// report with users but no plan holds (a previous leader opened them and no status
 /// records them yet), as open shards of the reflector reporting them, so a new shard never
 /// takes one of their names. The Route does not send users to them until a published plan
 /// has them. Returns their names.
 fn adopt_reported(
-    input: &mut PlanInput,
+    own: &mut Vec<ShardRecord>,
     view: &Published,
     fleet: &FleetState,
     def: &SessionDef,
@@ -262,25 +294,22 @@ fn adopt_reported(
     name: &str,
 ) -> FastSet<String> {
     let mut adopted = FastSet::default();
-    for (reflector, shard, users) in fleet.hosted_of_app(&def.spec.app_id) {
+    let app = def.spec.app_id.as_str();
+    for (shard, users) in fleet.reported_of_session(app, name) {
         // An empty one is not adopted (as the backends do): nobody would be split from it.
-        if users == 0 || parse_shard_name(shard).is_none_or(|(base, _)| base != name) {
+        if users == 0 || own.iter().any(|s| s.session == key && s.name == shard) {
             continue;
         }
-        let Some(observed) = view.reflector(reflector).filter(|r| r.pool == def.pool) else {
-            continue;
-        };
         let Some((_, index)) = parse_shard_name(shard) else {
             continue;
         };
-        if input
-            .shards
-            .iter()
-            .any(|s| s.session == key && s.name == shard)
-        {
+        let Some((reflector, users, observed)) = fleet.hosts_of(app, shard).find_map(|(r, n)| {
+            let observed = view.reflector(r).filter(|o| o.pool == def.pool)?;
+            Some((r, n, observed))
+        }) else {
             continue;
-        }
-        input.shards.push(ShardRecord {
+        };
+        own.push(ShardRecord {
             session: key.to_owned(),
             name: shard.to_owned(),
             index,

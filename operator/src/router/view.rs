@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 // The Route path does several map lookups per shard of a session; foldhash is several times
 // faster than SipHash on short keys and still seeded per process.
-use foldhash::HashMap as FastMap;
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use super::ledger::Millis;
 use crate::crd::SessionSpec;
@@ -27,6 +27,7 @@ use refleet_core::planner::{
     Held, HeldRoom, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardRecord,
     split_session_key,
 };
+use refleet_core::shard::parse_shard_name;
 
 /// A Session object as the router needs it.
 #[derive(Clone, Debug, PartialEq)]
@@ -221,6 +222,10 @@ struct Live {
 struct Tally {
     /// appId → shard → (users, how many reflectors report the shard).
     shards: FastMap<String, FastMap<String, (u32, u32)>>,
+    /// appId → session name → the shards of it that some reflector reports: a Route that
+    /// opens a shard looks for a former leader's shards of its session here, without
+    /// visiting the app's other shards. Changed only when a shard appears or goes.
+    by_session: FastMap<String, FastMap<String, FastSet<String>>>,
 }
 
 impl Tally {
@@ -231,6 +236,16 @@ impl Tally {
                 let e = m.entry(shard.clone()).or_default();
                 e.0 = e.0.saturating_add(*n);
                 e.1 += 1;
+                if e.1 == 1
+                    && let Some((base, _)) = parse_shard_name(shard)
+                {
+                    self.by_session
+                        .entry(app.clone())
+                        .or_default()
+                        .entry(base.to_owned())
+                        .or_default()
+                        .insert(shard.clone());
+                }
             }
         }
     }
@@ -246,6 +261,7 @@ impl Tally {
                     e.1 = e.1.saturating_sub(1);
                     if e.1 == 0 {
                         m.remove(shard);
+                        unindex(&mut self.by_session, app, shard);
                     }
                 }
             }
@@ -253,6 +269,37 @@ impl Tally {
                 self.shards.remove(app);
             }
         }
+    }
+
+    /// The shards of session `name` of app `app` that some reflector reports, with their
+    /// users summed over reflectors.
+    fn of_session<'a>(&'a self, app: &str, name: &str) -> impl Iterator<Item = (&'a str, u32)> {
+        let counts = self.shards.get(app);
+        self.by_session
+            .get(app)
+            .and_then(|m| m.get(name))
+            .into_iter()
+            .flatten()
+            .filter_map(move |shard| Some((shard.as_str(), counts?.get(shard)?.0)))
+    }
+}
+
+/// Takes `shard` of `app` out of the by-session index, and what that leaves empty.
+fn unindex(index: &mut FastMap<String, FastMap<String, FastSet<String>>>, app: &str, shard: &str) {
+    let Some((base, _)) = parse_shard_name(shard) else {
+        return;
+    };
+    let Some(sessions) = index.get_mut(app) else {
+        return;
+    };
+    if let Some(set) = sessions.get_mut(base) {
+        set.remove(shard);
+        if set.is_empty() {
+            sessions.remove(base);
+        }
+    }
+    if sessions.is_empty() {
+        index.remove(app);
     }
 }
 
@@ -539,17 +586,30 @@ impl FleetState {
             })
     }
 
-    /// What the reflectors whose reports count host of app `app`: `(reflector, shard,
-    /// users)`, without visiting other apps' shards.
-    pub(super) fn hosted_of_app<'a>(
+    /// The shards of session `name` of app `app` that reflectors whose reports count (not
+    /// expired) host: `(shard, users summed over them)`. Costs the session's shards, not
+    /// the app's.
+    pub(super) fn reported_of_session<'a>(
+        &'a self,
+        app: &str,
+        name: &str,
+    ) -> impl Iterator<Item = (&'a str, u32)> {
+        self.tally.of_session(app, name)
+    }
+
+    /// The reflectors whose reports count (not expired) that report users on shard `shard`
+    /// of app `app`, with their users. Visits every reflector: for the rare shard no plan
+    /// holds.
+    pub(super) fn hosts_of<'a>(
         &'a self,
         app: &'a str,
-    ) -> impl Iterator<Item = (&'a str, &'a str, u32)> + 'a {
+        shard: &'a str,
+    ) -> impl Iterator<Item = (&'a str, u32)> + 'a {
         self.live
             .iter()
             .filter(|(_, l)| !l.expired)
-            .filter_map(move |(name, l)| Some((name.as_str(), l.users.get(app)?)))
-            .flat_map(|(name, shards)| shards.iter().map(move |(sh, n)| (name, sh.as_str(), *n)))
+            .filter_map(move |(name, l)| Some((name.as_str(), *l.users.get(app)?.get(shard)?)))
+            .filter(|&(_, users)| users > 0)
     }
 
     /// Reflectors whose report stream is open and not silent, per region (as of the last
@@ -708,6 +768,46 @@ pub(super) mod tests {
             "no reflector reports it any more"
         );
         assert_eq!(f.live_streams(), BTreeMap::from([("eu".into(), 2)]));
+    }
+
+    #[test]
+    fn a_session_s_reported_shards_are_found_without_visiting_the_app_s_others() {
+        let mut f = FleetState::default();
+        let mut r1 = users("app", "a", 3);
+        r1.get_mut("app")
+            .unwrap()
+            .extend([("a~2".into(), 0), ("b".into(), 5), ("ab~1".into(), 1)]);
+        f.observe("r1", "eu", false, r1, 0, 1000);
+        f.observe("r2", "eu", false, users("app", "a~2", 4), 0, 1000);
+        f.observe("r3", "eu", false, users("other", "a", 9), 500, 1000);
+        let of = |f: &FleetState, app: &str, name: &str| {
+            let mut v: Vec<(String, u32)> = f
+                .reported_of_session(app, name)
+                .map(|(s, n)| (s.to_owned(), n))
+                .collect();
+            v.sort();
+            v
+        };
+        let pair = |s: &str, n: u32| (s.to_owned(), n);
+        assert_eq!(of(&f, "app", "a"), [pair("a", 3), pair("a~2", 4)]);
+        assert_eq!(of(&f, "app", "ab"), [pair("ab~1", 1)]);
+        assert_eq!(of(&f, "other", "a"), [pair("a", 9)], "apps apart");
+        let hosts: Vec<_> = f.hosts_of("app", "a~2").collect();
+        assert_eq!(hosts, [("r2", 4)], "r1 reports no user on it");
+        // A shard no reflector reports any more leaves the index; one still reported stays.
+        f.observe("r1", "eu", false, users("app", "b", 5), 10, 1000);
+        assert_eq!(of(&f, "app", "a"), [pair("a~2", 4)]);
+        assert!(of(&f, "app", "ab").is_empty());
+        // So does every shard of a reflector whose load expired.
+        f.expire_reports(1011, 1000);
+        assert!(of(&f, "app", "a").is_empty());
+        assert_eq!(
+            f.tally.by_session.len(),
+            1,
+            "only the other app's reflector is left"
+        );
+        f.forget_reports();
+        assert!(f.tally.by_session.is_empty());
     }
 
     #[test]
