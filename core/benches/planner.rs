@@ -16,7 +16,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use refleet_core::planner::{
     Capacity, HeldRoom, ObservedReflector, PlacementStrategy, PlanInput, PoolInput, ReflectorState,
     RegionInput, ScaleHistory, SessionInput, ShardPhase, ShardPolicy, ShardRecord, plan,
-    plan_shards, session_input,
+    plan_shards, pool_reflectors, session_input,
 };
 use refleet_core::shard::shard_name;
 
@@ -163,12 +163,17 @@ fn open_one_shard(c: &mut Criterion) {
         let own = own_shards.clone();
         let mut session = input.sessions[s].clone();
         session.waiting = true;
+        let reflectors = pool_reflectors(
+            &input.reflectors,
+            &input.pools[0].id,
+            &session.policy.regions,
+        )
+        .map(|r| (r, others.of(&r.name)));
         let narrow = session_input(
             input.pools[0].clone(),
-            session,
+            session.clone(),
             own,
-            &input.reflectors,
-            |r| others.of(r),
+            reflectors,
             input.now,
         );
         opened(&plan_shards(&narrow).decisions, &key)

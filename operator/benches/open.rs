@@ -7,8 +7,9 @@
 //! place on a shard with room, so the ratio shows what opening adds.
 //!
 //! The fleet: one pool in 10 regions, every reflector hosting 19 `room-*` shards of one
-//! app with one slot free and reporting them on its stream; every other shard is past its
-//! threshold (90 of 100 users, a new shard at 80). An opening Route asks for a full room:
+//! app and reporting them on its stream, with one slot free on each reflector or (the
+//! `one_in_ten_with_room` case) on one in ten; every other shard is past its threshold (90
+//! of 100 users, a new shard at 80). An opening Route asks for a full room:
 //! the router plans the room's Session alone and opens its second shard on a reflector
 //! with a free slot, answered at once. A floor Route asks for a room with 10 users. Each
 //! Route asks for another room, and every [`CHUNK`] Routes the router is built again
@@ -31,6 +32,14 @@ const SHARDS_PER_REFLECTOR: usize = 19;
 
 /// Routes timed per router built: about what a leader opens between two syncs in run E.
 const CHUNK: u64 = 50;
+
+/// Every reflector has one slot free.
+const SPARE_SLOT_ON_EACH: fn(usize) -> u32 = |_| SHARDS_PER_REFLECTOR as u32 + 1;
+
+/// One reflector in ten has a slot free, the others are full: most of a fleet of small
+/// reflectors, as in run E.
+const SPARE_SLOT_ON_ONE_IN_TEN: fn(usize) -> u32 =
+    |i| SHARDS_PER_REFLECTOR as u32 + u32::from(i.is_multiple_of(10));
 
 /// Users on shard `j` of a reflector: even shards are past the threshold.
 fn users(j: usize) -> u32 {
@@ -93,20 +102,25 @@ fn bench(c: &mut Criterion) {
         .expect("runtime");
     let mut group = c.benchmark_group("route");
     group.sample_size(20);
-    for reflectors in [1_000, 5_000] {
+    let shapes = [
+        (1_000, "", SPARE_SLOT_ON_EACH as fn(usize) -> u32),
+        (5_000, "", SPARE_SLOT_ON_EACH),
+        (5_000, "_one_in_ten_with_room", SPARE_SLOT_ON_ONE_IN_TEN),
+    ];
+    for (reflectors, which, slots) in shapes {
         let shape = Shape {
             reflectors,
             shards_per_reflector: SHARDS_PER_REFLECTOR,
-            slots_per_reflector: SHARDS_PER_REFLECTOR as u32 + 1,
+            slots,
             users,
         };
         // The n-th Route of a router asks for a room on the n-th reflector (spread over the
         // regions): shard 0 (full) to open, shard 1 (room left) for the floor.
         let on = |j: usize| move |n: u64| room(&shape, n as usize % reflectors, j);
-        group.bench_function(format!("{reflectors}_reflectors/with_room"), |b| {
+        group.bench_function(format!("{reflectors}_reflectors{which}/with_room"), |b| {
             b.iter_custom(|iters| time_routes(&rt, &shape, iters, on(1), false))
         });
-        group.bench_function(format!("{reflectors}_reflectors/opening"), |b| {
+        group.bench_function(format!("{reflectors}_reflectors{which}/opening"), |b| {
             b.iter_custom(|iters| time_routes(&rt, &shape, iters, on(0), true))
         });
     }

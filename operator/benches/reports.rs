@@ -29,7 +29,7 @@ use support::{REGIONS, Shape, reflector, region, report, router};
 const SHAPE: Shape = Shape {
     reflectors: 0,
     shards_per_reflector: 20,
-    slots_per_reflector: 20,
+    slots: |_| 20,
     users: |_| 10,
 };
 

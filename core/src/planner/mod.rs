@@ -114,7 +114,8 @@ mod tests;
 
 pub use model::*;
 pub use narrow::{
-    Held, HeldRoom, ShardPlan, holds_room, plan_shards, session_input, with_room_left,
+    Held, HeldRoom, ShardPlan, holds_room, plan_shards, pool_reflectors, session_input,
+    with_room_left,
 };
 
 use state::PlanState;

@@ -128,11 +128,24 @@ fn room_left(capacity: Capacity, held: Held) -> Capacity {
     }
 }
 
+/// The reflectors of `reflectors` that belong to pool `pool` and to the `regions` a
+/// session may use (all, when it names none): what [`session_input`] takes, picked from a
+/// whole input. (The router keeps them indexed by pool and region instead.)
+pub fn pool_reflectors<'a>(
+    reflectors: &'a [ObservedReflector],
+    pool: &'a str,
+    regions: &'a [String],
+) -> impl Iterator<Item = &'a ObservedReflector> + 'a {
+    reflectors
+        .iter()
+        .filter(move |r| r.pool == pool && (regions.is_empty() || regions.contains(&r.region)))
+}
+
 /// The input for opening shards of `session` alone: its `pool`, the session, its own
-/// `shards` (with their load filled in), and the pool's `reflectors` in the regions the
-/// session may use (all, when it names none), each offering only the room that `others`
-/// (the room the pool's other shards hold) leaves it. For [`plan_shards`]: it carries no
-/// scaling history, so sizing on it means nothing.
+/// `shards` (with their load filled in), and `reflectors`: the pool's reflectors in the
+/// regions the session may use ([`pool_reflectors`]), each with the room the pool's other
+/// shards hold on it, which it offers less. For [`plan_shards`]: it carries no scaling
+/// history, so sizing on it means nothing.
 ///
 /// A reflector with no room left is left out unless one of `shards` is on it or moving to
 /// it: it could take no shard, so copying it in costs the pool's size and changes nothing
@@ -144,29 +157,30 @@ pub fn session_input<'a>(
     mut pool: PoolInput,
     session: SessionInput,
     shards: Vec<ShardRecord>,
-    reflectors: impl IntoIterator<Item = &'a ObservedReflector>,
-    others: impl Fn(&str) -> Held,
+    reflectors: impl IntoIterator<Item = (&'a ObservedReflector, Held)>,
     now: Seconds,
 ) -> PlanInput {
-    let allowed = &session.policy.regions;
     let hosts: HashSet<&str> = shards
         .iter()
         .flat_map(|s| s.reflector.iter().chain(&s.moving_to))
         .map(String::as_str)
         .collect();
+    let region_at: HashMap<&str, usize> = pool
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.name.as_str(), i))
+        .collect();
     // Usable reflectors left out, by index in `pool.regions`.
     let mut left_out = vec![0u32; pool.regions.len()];
     let mut kept = Vec::new();
-    for r in reflectors {
-        if r.pool != pool.id || !(allowed.is_empty() || allowed.contains(&r.region)) {
-            continue;
-        }
-        let capacity = room_left(r.capacity, others(&r.name));
+    for (r, held) in reflectors {
+        let capacity = room_left(r.capacity, held);
         if (capacity.sessions == 0 || capacity.users == 0) && !hosts.contains(r.name.as_str()) {
             // Usable as the slot table counts it: its region's image, not draining.
-            if let Some(i) = pool.regions.iter().position(|g| g.name == r.region)
-                && r.image == pool.regions[i].image
+            if let Some(&i) = region_at.get(r.region.as_str())
                 && r.state != ReflectorState::Draining
+                && r.image == pool.regions[i].image
             {
                 left_out[i] += 1;
             }
@@ -313,12 +327,20 @@ mod tests {
         others.charge(&full.shards[0]);
         let mut stranger = reflector("x", "eu");
         stranger.pool = "ns/other".into();
+        let all: Vec<ObservedReflector> =
+            full.reflectors.iter().chain([&stranger]).cloned().collect();
+        let picked = |regions: &[String]| {
+            pool_reflectors(&all, "ns/pool", regions)
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(picked(&[]), ["eu-a", "us-a"], "its pool only");
+        assert_eq!(picked(&["us".into()]), ["us-a"], "the regions it may use");
         let narrow = session_input(
             full.pools[0].clone(),
             full.sessions[0].clone(),
             Vec::new(),
-            full.reflectors.iter().chain([&stranger]),
-            |r| others.of(r),
+            pool_reflectors(&all, "ns/pool", &[]).map(|r| (r, others.of(&r.name))),
             full.now,
         );
         let names: Vec<&str> = narrow.reflectors.iter().map(|r| r.name.as_str()).collect();
@@ -329,19 +351,6 @@ mod tests {
         );
         assert_eq!(narrow.reflectors[1].capacity, full.reflectors[1].capacity);
         assert_eq!(narrow.sessions.len(), 1);
-
-        let mut eu_only = full.sessions[0].clone();
-        eu_only.policy.regions = vec!["eu".into()];
-        let narrow = session_input(
-            full.pools[0].clone(),
-            eu_only,
-            Vec::new(),
-            &full.reflectors,
-            |r| others.of(r),
-            full.now,
-        );
-        let names: Vec<&str> = narrow.reflectors.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["eu-a"], "only the regions it may use");
     }
 
     #[test]
@@ -375,8 +384,7 @@ mod tests {
                 pool,
                 full.sessions[0].clone(),
                 full.shards.clone(),
-                &full.reflectors,
-                no_room_in_eu,
+                full.reflectors.iter().map(|r| (r, no_room_in_eu(&r.name))),
                 full.now,
             )
         };

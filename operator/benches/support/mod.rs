@@ -25,8 +25,8 @@ pub struct Shape {
     pub reflectors: usize,
     /// Shards each reflector hosts (one `room-*` Session each).
     pub shards_per_reflector: usize,
-    /// Shards each reflector may host (its `capacity.sessions`).
-    pub slots_per_reflector: u32,
+    /// Shards reflector `i` may host (its `capacity.sessions`).
+    pub slots: fn(usize) -> u32,
     /// Users on shard `j` of a reflector.
     pub users: fn(usize) -> u32,
 }
@@ -47,15 +47,15 @@ pub fn room(shape: &Shape, i: usize, j: usize) -> String {
 /// The router as a leader holds it after a sync: the pool, its reflectors and its shards
 /// (the `room-*` Session: 100 users per shard, a new shard at 80).
 pub fn router(shape: &Shape) -> Arc<Router> {
-    let capacity = Capacity {
-        sessions: shape.slots_per_reflector,
-        users: 100 * shape.slots_per_reflector,
+    let capacity = |slots: u32| Capacity {
+        sessions: slots,
+        users: 100 * slots,
     };
     let regions = (0..REGIONS)
         .map(|r| RegionInput {
             name: region(r),
             image: "img".into(),
-            capacity,
+            capacity: capacity((shape.slots)(0)),
             min_reflectors: 1,
             max_reflectors: 10_000,
             warm_buffer: 0,
@@ -68,7 +68,7 @@ pub fn router(shape: &Shape) -> Arc<Router> {
             pool: POOL.into(),
             region: region(i % REGIONS),
             image: "img".into(),
-            capacity,
+            capacity: capacity((shape.slots)(i)),
             state: ReflectorState::Ready,
             unreported: false,
         })

@@ -4,11 +4,14 @@
 //! Route opens the next one itself instead of waiting for the backend's next plan. It runs
 //! the same pure planner the backend runs, on an input of that session alone
 //! ([`refleet_core::planner::session_input`]): its own shards, marked waiting, and its
-//! pool's reflectors offering only the room the pool's other shards leave them (summed
-//! once per published view, [`Published::held`], and adjusted here for what changed since:
-//! the shards this router opened and the closing shards still in use). So a new shard costs
-//! the session's shards and the pool's reflectors, not the whole pool: planning the pool
-//! was half of a saturated leader's core (docs/scale.md).
+//! pool's reflectors in its regions offering only the room the pool's other shards leave
+//! them (summed once per published view, [`Published::reflector_room`], and adjusted here
+//! for what changed since: the shards this router opened and the closing shards still in
+//! use). Reflectors with no room left are counted, not copied in. So a new shard costs the
+//! session's shards, one look at each reflector of its pool and regions (by index, one
+//! lookup of its stream) and a copy of those with room, not the whole pool: planning the
+//! pool was half of a saturated leader's core, and copying every reflector most of what
+//! was left (docs/scale.md).
 //!
 //! What the Route saw, the plan must see too: reflectors the Route cannot send users to
 //! offer no room, a region whose reflectors are lost is down, and shards the Route counts
@@ -87,20 +90,16 @@ pub(super) fn plan_shard(
         now,
     );
     let reach = Reach::of(inner, view, pool, &session.policy.regions, now, grace);
-    let mut input = session_input(
-        reach.pool,
-        session,
-        own,
-        &view.fleet.input.reflectors,
-        |r| {
-            if reach.no_room.contains(r) {
-                Held::ALL
-            } else {
-                view.held(r) + others.of(r)
-            }
-        },
-        view.fleet.input.now,
-    );
+    let reflectors = reach.reflectors.iter().map(|&(i, no_room)| {
+        let r = &view.fleet.input.reflectors[i];
+        let held = if no_room {
+            Held::ALL
+        } else {
+            view.reflector_room(i).0 + others.of(&r.name)
+        };
+        (r, held)
+    });
+    let mut input = session_input(reach.pool, session, own, reflectors, view.fleet.input.now);
     fill_load(&inner.fleet, &inner.ledger, &mut input, now);
     let blocked = reach.blocked;
     // Full for the plan, as for the Route: shards adopted from reports (the Route cannot send
@@ -177,50 +176,44 @@ fn others_room(
 ///   nodes are gone): nothing there takes the new shard, no new reflector is planned there
 ///   either (its `max_reflectors` is 0 in `pool`), and the shard goes to the next region
 ///   the Session allows.
-struct Reach<'v> {
+struct Reach {
     /// The session's pool, with its down regions' `max_reflectors` at 0.
     pool: PoolInput,
     /// Reflectors the Route cannot send users to.
     blocked: FastSet<String>,
-    /// Reflectors that offer the plan no room: the blocked ones and every one of a region
-    /// that is down.
-    no_room: FastSet<&'v str>,
+    /// Every reflector of the pool in the session's regions, as its index in the view's
+    /// reflectors, and whether it offers the plan no room: blocked, or in a region that is
+    /// down.
+    reflectors: Vec<(usize, bool)>,
 }
 
-impl<'v> Reach<'v> {
-    /// Looks at every reflector of `pool` in the `allowed` regions (all, when empty).
+impl Reach {
+    /// Looks at every reflector of `pool` in the `allowed` regions (all, when empty), with
+    /// one lookup of its stream each.
     fn of(
         inner: &Inner,
-        view: &'v Published,
+        view: &Published,
         pool: &PoolInput,
         allowed: &[String],
         now: Millis,
         grace: Millis,
     ) -> Self {
-        let lost = |name: &str| inner.fleet.silent(name, now, grace);
         // Per region: (a reflector the router can send users to, a lost one).
         let mut regions: FastMap<&str, (bool, bool)> = FastMap::default();
         let mut blocked = FastSet::default();
-        let mut no_room = FastSet::default();
-        let reflectors =
-            view.fleet.input.reflectors.iter().filter(|r| {
-                r.pool == pool.id && (allowed.is_empty() || allowed.contains(&r.region))
-            });
-        for r in reflectors.clone() {
-            let is_lost = lost(&r.name);
-            let unreachable = is_lost
-                || (r.state == ReflectorState::Ready
-                    && inner
-                        .fleet
-                        .routable_url(view, &r.name, now, grace)
-                        .is_none());
+        let mut reflectors = Vec::new();
+        for i in view.reflectors_in(&pool.id, allowed) {
+            let r = &view.fleet.input.reflectors[i];
+            let (lost, no_routes) = inner.fleet.stream_of(&r.name, now, grace);
+            let ready = r.state == ReflectorState::Ready;
+            let unreachable = lost || (ready && (no_routes || !view.reflector_room(i).1));
             let region = regions.entry(r.region.as_str()).or_default();
-            region.0 |= r.state == ReflectorState::Ready && !unreachable;
-            region.1 |= is_lost;
+            region.0 |= ready && !unreachable;
+            region.1 |= lost;
             if unreachable {
                 blocked.insert(r.name.clone());
-                no_room.insert(r.name.as_str());
             }
+            reflectors.push((i, unreachable));
         }
         let mut pool = pool.clone();
         let down: FastSet<&str> = regions
@@ -229,11 +222,9 @@ impl<'v> Reach<'v> {
             .map(|(&name, _)| name)
             .collect();
         if !down.is_empty() {
-            no_room.extend(
-                reflectors
-                    .filter(|r| down.contains(r.region.as_str()))
-                    .map(|r| r.name.as_str()),
-            );
+            for (i, no_room) in &mut reflectors {
+                *no_room |= down.contains(view.fleet.input.reflectors[*i].region.as_str());
+            }
             for spec in pool
                 .regions
                 .iter_mut()
@@ -246,7 +237,7 @@ impl<'v> Reach<'v> {
         Reach {
             pool,
             blocked,
-            no_room,
+            reflectors,
         }
     }
 }

@@ -75,12 +75,16 @@ pub(super) struct Published {
     exact: FastMap<String, FastMap<String, usize>>,
     /// Indexes in `fleet.sessions` of the `namePattern` Sessions.
     patterns: Vec<usize>,
-    /// The room every shard that is not closing holds on its reflectors. A closing shard's
-    /// room depends on whether anyone is still on it, which the Route counts when it opens
-    /// a shard ([`Published::closing`]).
-    held: HeldRoom,
     /// Indexes in `fleet.input.shards` of the closing shards.
     closing: Vec<usize>,
+    /// Pool id → region → indexes in `fleet.input.reflectors` of its reflectors: a Route
+    /// that opens a shard visits only its session's pool and regions.
+    placed: FastMap<String, FastMap<String, Vec<usize>>>,
+    /// By index in `fleet.input.reflectors`: the room every shard of the plan that is not
+    /// closing holds there, and whether the backend gave it a URL. (A closing shard's room
+    /// depends on whether anyone is still on it, which the Route counts when it opens a
+    /// shard: [`Published::closing_shards`].)
+    at: Vec<(Held, bool)>,
 }
 
 impl Published {
@@ -127,6 +131,21 @@ impl Published {
             .enumerate()
             .map(|(i, r)| (r.name.clone(), i))
             .collect();
+        let mut placed: FastMap<String, FastMap<String, Vec<usize>>> = FastMap::default();
+        for (i, r) in fleet.input.reflectors.iter().enumerate() {
+            placed
+                .entry(r.pool.clone())
+                .or_default()
+                .entry(r.region.clone())
+                .or_default()
+                .push(i);
+        }
+        let at = fleet
+            .input
+            .reflectors
+            .iter()
+            .map(|r| (held.of(&r.name), fleet.urls.contains_key(&r.name)))
+            .collect();
         Self {
             fleet,
             shards_of,
@@ -135,9 +154,42 @@ impl Published {
             input_session_at,
             exact,
             patterns,
-            held,
             closing,
+            placed,
+            at,
         }
+    }
+
+    /// The reflectors of pool `pool` in `regions` (every region, when empty), as indexes in
+    /// `fleet.input.reflectors`, in input order within each region.
+    pub(super) fn reflectors_in<'a>(
+        &'a self,
+        pool: &str,
+        regions: &'a [String],
+    ) -> impl Iterator<Item = usize> + Clone + 'a {
+        let by_region = self.placed.get(pool);
+        let all = regions
+            .is_empty()
+            .then(|| by_region.into_iter().flat_map(|m| m.values()));
+        let named = (!regions.is_empty()).then(|| {
+            regions
+                .iter()
+                .enumerate()
+                // A region named twice is visited once.
+                .filter(|&(k, g)| !regions[..k].contains(g))
+                .filter_map(move |(_, g)| by_region?.get(g.as_str()))
+        });
+        all.into_iter()
+            .flatten()
+            .chain(named.into_iter().flatten())
+            .flatten()
+            .copied()
+    }
+
+    /// The room the plan's shards that are not closing hold on the reflector at `i` in
+    /// `fleet.input.reflectors` (summed once per published plan), and whether it has a URL.
+    pub(super) fn reflector_room(&self, i: usize) -> (Held, bool) {
+        self.at[i]
     }
 
     /// The planner's record of the session with key `key`, if the plan has it.
@@ -145,11 +197,6 @@ impl Published {
         self.input_session_at
             .get(key)
             .map(|&i| &self.fleet.input.sessions[i])
-    }
-
-    /// The room the shards of the plan that are not closing hold on `reflector`.
-    pub(super) fn held(&self, reflector: &str) -> Held {
-        self.held.of(reflector)
     }
 
     /// The closing shards of the plan.
@@ -514,6 +561,16 @@ impl FleetState {
             .is_some_and(|l| l.expired || now.saturating_sub(l.seen) > grace)
     }
 
+    /// What `reflector`'s stream says, with one lookup: `(silent, no routes)`. Silent as
+    /// [`FleetState::silent`]; no routes when silent or draining, whatever the plan says
+    /// ([`FleetState::routable_url`]'s answer for a ready reflector with a URL).
+    pub(super) fn stream_of(&self, reflector: &str, now: Millis, grace: Millis) -> (bool, bool) {
+        self.live.get(reflector).map_or((false, false), |l| {
+            let silent = l.expired || now.saturating_sub(l.seen) > grace;
+            (silent, silent || l.draining)
+        })
+    }
+
     /// Users of a shard, if any live reflector reports it.
     pub(super) fn users(&self, app: &str, shard: &str) -> Option<u32> {
         self.app_users(app).of(shard)
@@ -734,6 +791,49 @@ pub(super) mod tests {
         assert!(p.session_shards("ns/app/c").next().is_none());
         assert_eq!(p.reflector("r2").unwrap().state, ReflectorState::Starting);
         assert!(p.reflector("r3").is_none());
+    }
+
+    #[test]
+    fn published_finds_a_pool_s_reflectors_by_region_with_their_room() {
+        let mut a = shard("a", 0, "r1");
+        a.committed_users = 7;
+        let mut closing = shard("b", 0, "r1");
+        closing.committed_users = 5;
+        closing.phase = ShardPhase::Closing;
+        let mut fleet = view(vec![], vec![a, closing]);
+        fleet.input.reflectors[1].region = "us".into();
+        let mut stranger = reflector("x", ReflectorState::Ready);
+        stranger.pool = "ns/other".into();
+        fleet.input.reflectors.push(stranger);
+        let p = Published::new(fleet);
+        let names = |pool: &str, regions: &[String]| {
+            let mut v: Vec<&str> = p
+                .reflectors_in(pool, regions)
+                .map(|i| p.fleet.input.reflectors[i].name.as_str())
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(names("ns/pool", &[]), ["r1", "r2"]);
+        assert_eq!(names("ns/pool", &regions(&["us"])), ["r2"]);
+        assert_eq!(
+            names("ns/pool", &regions(&["us", "eu", "us"])),
+            ["r1", "r2"]
+        );
+        assert!(names("ns/pool", &regions(&["ap"])).is_empty());
+        assert_eq!(names("ns/other", &[]), ["x"]);
+        assert_eq!(
+            p.reflector_room(0),
+            (
+                Held {
+                    users: 7,
+                    sessions: 1
+                },
+                true
+            ),
+            "the open shard holds its room, the closing one is counted per Route"
+        );
+        assert_eq!(p.reflector_room(2), (Held::default(), false), "no URL");
     }
 
     #[test]

@@ -463,12 +463,16 @@ fn alone_matches_whole(input: &PlanInput) -> Result<(usize, usize), TestCaseErro
                 others.charge(shard);
             }
         }
+        let reflectors = pool_reflectors(
+            &input.reflectors,
+            &input.pools[0].id,
+            &waiting.policy.regions,
+        );
         let alone = session_input(
             input.pools[0].clone(),
-            waiting,
+            waiting.clone(),
             own,
-            &input.reflectors,
-            |r| others.of(r),
+            reflectors.map(|r| (r, others.of(&r.name))),
             input.now,
         );
         let got = opening_of(&plan_shards(&alone).decisions, &session.key);
