@@ -2084,3 +2084,83 @@ async fn the_snapshot_holds_the_shards_the_router_opened_once() {
         "the plan's count while nobody reports"
     );
 }
+
+#[tokio::test]
+async fn a_full_reflector_is_not_offered_to_the_plan_but_counts_against_its_region_s_max() {
+    // eu's one reflector is full of another session's shard; us has room. The Route opens
+    // lobby's first shard, eu preferred: the plan may start a reflector in eu only if eu's
+    // maxReflectors leaves room for one beside the full one.
+    for (max_eu, expected) in [(1, Some("us")), (2, None)] {
+        let (r, _) = router(RouterConfig {
+            route_wait: Duration::from_millis(300),
+            ..RouterConfig::default()
+        });
+        let mut view = fleet_view(vec![session("lobby", 10, 10), session("busy", 10, 10)], 1);
+        view.input.pools[0].regions[0].max_reflectors = max_eu;
+        view.input.shards = vec![placed("busy", 0, "r-eu", "eu", 0)];
+        r.publish("local", view);
+        let answer = r.route(&req("lobby", "eu"), |_| Ok(())).await;
+        match expected {
+            Some(region) => {
+                let answer = answer.unwrap();
+                assert_eq!(
+                    (answer.shard.as_str(), answer.region.as_str()),
+                    ("lobby", region)
+                );
+            }
+            // The shard waits for a reflector still to start in eu.
+            None => assert!(
+                matches!(answer, Err(RouteError::Exhausted { ref message, .. }) if message.contains("starting")),
+                "{answer:?}"
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_region_whose_only_live_reflector_is_full_is_not_down() {
+    // eu: r-eu full of another session's shard, r-eu2 empty; us has room. r-eu2 goes
+    // silent. While full r-eu still reports, eu is not down (only short of room): the plan
+    // starts a reflector there and the Route waits for it. Once r-eu is silent too, eu is
+    // down and the shard opens in us at once.
+    for (eu_reports, expected) in [(true, None), (false, Some("us"))] {
+        let (r, _) = router(RouterConfig {
+            report_grace: Duration::from_millis(300),
+            route_wait: Duration::from_millis(300),
+            ..RouterConfig::default()
+        });
+        let mut view = fleet_view(vec![session("lobby", 10, 10), session("busy", 10, 10)], 1);
+        view.input.pools[0].regions[0].max_reflectors = 3;
+        let mut second = view.input.reflectors[0].clone();
+        second.name = "r-eu2".into();
+        view.input.reflectors.push(second);
+        view.urls.insert("r-eu2".into(), "ws://eu2.test/".into());
+        view.input.shards = vec![placed("busy", 0, "r-eu", "eu", 0)];
+        r.publish("local", view);
+        let report = |name: &str| ReflectorReport {
+            reflector: name.into(),
+            region: "eu".into(),
+            ..ReflectorReport::default()
+        };
+        r.observe_report(&report("r-eu"));
+        r.observe_report(&report("r-eu2"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if eu_reports {
+            r.observe_report(&report("r-eu"));
+        }
+        let answer = r.route(&req("lobby", "eu"), |_| Ok(())).await;
+        match expected {
+            Some(region) => {
+                let answer = answer.unwrap();
+                assert_eq!(
+                    (answer.shard.as_str(), answer.region.as_str()),
+                    ("lobby", region)
+                );
+            }
+            None => assert!(
+                matches!(answer, Err(RouteError::Exhausted { ref message, .. }) if message.contains("starting")),
+                "{answer:?}"
+            ),
+        }
+    }
+}

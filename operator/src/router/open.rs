@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use foldhash::{HashMap as FastMap, HashSet as FastSet};
+use foldhash::HashSet as FastSet;
 
 use super::pick::threshold_load;
 use super::route::{Target, fill_load};
@@ -89,13 +89,26 @@ pub(super) fn plan_shard(
         &def.pool,
         now,
     );
-    let reach = Reach::of(inner, view, pool, &session.policy.regions, now, grace);
-    let reflectors = reach.reflectors.iter().map(|&(i, no_room)| {
+    let hosts: FastSet<usize> = own
+        .iter()
+        .flat_map(|s| s.reflector.iter().chain(&s.moving_to))
+        .filter_map(|r| view.reflector_index(r))
+        .collect();
+    let reach = Reach::of(
+        inner,
+        view,
+        pool,
+        &session.policy.regions,
+        &hosts,
+        now,
+        grace,
+    );
+    let reflectors = reach.offered.iter().map(|&(i, no_room)| {
         let r = &view.fleet.input.reflectors[i];
         let held = if no_room {
             Held::ALL
         } else {
-            view.reflector_room(i).0 + others.of(&r.name)
+            view.reflector_at(i).held + others.of(&r.name)
         };
         (r, held)
     });
@@ -165,79 +178,127 @@ fn others_room(
 
 /// What the Route cannot use, for the plan:
 ///
-/// - a ready reflector the router cannot send users to (silent or draining on its stream)
-///   is `blocked`: it has no room for a new shard, and the session's shards on it count as
-///   full; otherwise the plan would keep counting on room there. It still counts as one of
-///   its region's reflectors, as it does for the backend's plan, so the new shard goes where
-///   the backend would keep it. So does a reflector that reported and went silent, whatever
-///   its pod says now (a lost node makes its pods NotReady: they look like starting ones,
-///   but are not coming);
+/// - a ready reflector the router cannot send users to (silent or draining on its stream,
+///   or without a URL) is `blocked`: it has no room for a new shard, and the session's
+///   shards on it count as full; otherwise the plan would keep counting on room there. It
+///   still counts as one of its region's reflectors, as it does for the backend's plan, so
+///   the new shard goes where the backend would keep it. So does a reflector that reported
+///   and went silent, whatever its pod says now (a lost node makes its pods NotReady: they
+///   look like starting ones, but are not coming);
 /// - a region that lost reflectors and has none the router can send users to is down (its
 ///   nodes are gone): nothing there takes the new shard, no new reflector is planned there
 ///   either (its `max_reflectors` is 0 in `pool`), and the shard goes to the next region
 ///   the Session allows.
+///
+/// A reflector that the plan's shards fill and that hosts none of the session's shards is
+/// not offered to the plan at all: its region's `max_reflectors` counts it instead, and its
+/// stream is looked at only when its region's other reflectors cannot tell whether the
+/// region is down. So an opening reads the stream, name and strings of the reflectors with
+/// room (and the session's hosts) only: at a few shards per reflector, most of a pool is
+/// full.
 struct Reach {
-    /// The session's pool, with its down regions' `max_reflectors` at 0.
+    /// The session's pool: each region's `max_reflectors` less its usable reflectors not
+    /// offered, and 0 for a region that is down.
     pool: PoolInput,
-    /// Reflectors the Route cannot send users to.
+    /// Reflectors the Route cannot send users to (of those offered).
     blocked: FastSet<String>,
-    /// Every reflector of the pool in the session's regions, as its index in the view's
-    /// reflectors, and whether it offers the plan no room: blocked, or in a region that is
-    /// down.
-    reflectors: Vec<(usize, bool)>,
+    /// The reflectors offered to the plan, as indexes in the view's reflectors, and whether
+    /// each offers no room: blocked, or in a region that is down.
+    offered: Vec<(usize, bool)>,
+}
+
+/// What one region's reflectors tell about it: one the router can send users to, a lost
+/// one.
+#[derive(Clone, Copy, Default)]
+struct Alive {
+    alive: bool,
+    lost: bool,
 }
 
 impl Reach {
-    /// Looks at every reflector of `pool` in the `allowed` regions (all, when empty), with
-    /// one lookup of its stream each.
+    /// Looks at the reflectors of `pool` in the `allowed` regions (all, when empty);
+    /// `hosts` are the view's indexes of the reflectors the session's shards are on or
+    /// moving to.
     fn of(
         inner: &Inner,
         view: &Published,
         pool: &PoolInput,
         allowed: &[String],
+        hosts: &FastSet<usize>,
         now: Millis,
         grace: Millis,
     ) -> Self {
-        // Per region: (a reflector the router can send users to, a lost one).
-        let mut regions: FastMap<&str, (bool, bool)> = FastMap::default();
+        let mut planned = pool.clone();
+        let regions = pool.regions.len();
+        // Per region of the pool: what its reflectors tell, and the full ones not offered.
+        let mut told = vec![Alive::default(); regions];
+        let mut full: Vec<Vec<usize>> = vec![Vec::new(); regions];
         let mut blocked = FastSet::default();
-        let mut reflectors = Vec::new();
-        for i in view.reflectors_in(&pool.id, allowed) {
+        let mut offered = Vec::new();
+        let look = |i: usize, told: &mut Alive| {
             let r = &view.fleet.input.reflectors[i];
             let (lost, no_routes) = inner.fleet.stream_of(&r.name, now, grace);
             let ready = r.state == ReflectorState::Ready;
-            let unreachable = lost || (ready && (no_routes || !view.reflector_room(i).1));
-            let region = regions.entry(r.region.as_str()).or_default();
-            region.0 |= ready && !unreachable;
-            region.1 |= lost;
+            let unreachable = lost || (ready && (no_routes || !view.reflector_at(i).has_url));
+            told.alive |= ready && !unreachable;
+            told.lost |= lost;
+            unreachable
+        };
+        let region_of = |i: usize| {
+            let r = &view.fleet.input.reflectors[i];
+            pool.regions.iter().position(|g| g.name == r.region)
+        };
+        for i in view.reflectors_in(&pool.id, allowed) {
+            let at = view.reflector_at(i);
+            // A reflector the plan counts as usable has its region's index; another one
+            // (old image, draining) is looked up by name, as it is rare.
+            let host = hosts.contains(&i);
+            let Some(k) = at.usable_in.or_else(|| region_of(i)) else {
+                // Outside the pool's regions: the plan uses it only for the session's
+                // shards on it.
+                if host {
+                    offered.push((i, false));
+                }
+                continue;
+            };
+            if at.full && !host {
+                full[k].push(i);
+                if at.usable_in.is_some() {
+                    let spec = &mut planned.regions[k];
+                    spec.max_reflectors = spec.max_reflectors.saturating_sub(1);
+                }
+                continue;
+            }
+            let unreachable = look(i, &mut told[k]);
             if unreachable {
-                blocked.insert(r.name.clone());
+                blocked.insert(view.fleet.input.reflectors[i].name.clone());
             }
-            reflectors.push((i, unreachable));
+            offered.push((i, unreachable));
         }
-        let mut pool = pool.clone();
-        let down: FastSet<&str> = regions
-            .iter()
-            .filter(|&(_, &(alive, any_lost))| any_lost && !alive)
-            .map(|(&name, _)| name)
-            .collect();
-        if !down.is_empty() {
-            for (i, no_room) in &mut reflectors {
-                *no_room |= down.contains(view.fleet.input.reflectors[*i].region.as_str());
+        // A region none of whose offered reflectors can take users may still have a full
+        // one that can: then it is not down.
+        for (k, told) in told.iter_mut().enumerate() {
+            for &i in &full[k] {
+                if told.alive {
+                    break;
+                }
+                look(i, told);
             }
-            for spec in pool
-                .regions
-                .iter_mut()
-                .filter(|r| down.contains(r.name.as_str()))
-            {
+        }
+        let down: Vec<bool> = told.iter().map(|t| t.lost && !t.alive).collect();
+        if down.contains(&true) {
+            for (i, no_room) in &mut offered {
+                *no_room |= region_of(*i).is_some_and(|k| down[k]);
+            }
+            for (spec, _) in planned.regions.iter_mut().zip(&down).filter(|(_, d)| **d) {
                 spec.max_reflectors = 0;
                 spec.min_reflectors = 0;
             }
         }
         Reach {
-            pool,
+            pool: planned,
             blocked,
-            reflectors,
+            offered,
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::crd::SessionSpec;
 use crate::crd::ShardPhase;
 use refleet_core::planner::{
     Held, HeldRoom, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardRecord,
-    split_session_key,
+    split_session_key, with_room_left,
 };
 use refleet_core::shard::parse_shard_name;
 
@@ -80,11 +80,26 @@ pub(super) struct Published {
     /// Pool id → region → indexes in `fleet.input.reflectors` of its reflectors: a Route
     /// that opens a shard visits only its session's pool and regions.
     placed: FastMap<String, FastMap<String, Vec<usize>>>,
-    /// By index in `fleet.input.reflectors`: the room every shard of the plan that is not
-    /// closing holds there, and whether the backend gave it a URL. (A closing shard's room
-    /// depends on whether anyone is still on it, which the Route counts when it opens a
-    /// shard: [`Published::closing_shards`].)
-    at: Vec<(Held, bool)>,
+    /// What a Route that opens a shard reads of each reflector, by index in
+    /// `fleet.input.reflectors`, so that it reads no name or string of a full one.
+    at: Vec<ReflectorAt>,
+}
+
+/// A published reflector as a Route that opens a shard reads it ([`Published::reflector_at`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct ReflectorAt {
+    /// The room every shard of the plan that is not closing holds there (a closing shard's
+    /// room depends on whether anyone is still on it, which the Route counts when it opens
+    /// a shard: [`Published::closing_shards`]).
+    pub(super) held: Held,
+    /// Whether the backend gave it a URL.
+    pub(super) has_url: bool,
+    /// Whether it has no room left for a shard of its own, the plan's shards held.
+    pub(super) full: bool,
+    /// Its region's index in its pool's `regions` if the plan counts it as usable there
+    /// (its region's image, not draining): one of the reflectors its region's
+    /// `maxReflectors` bounds.
+    pub(super) usable_in: Option<usize>,
 }
 
 impl Published {
@@ -140,11 +155,35 @@ impl Published {
                 .or_default()
                 .push(i);
         }
+        let regions: FastMap<(&str, &str), (usize, &str)> = fleet
+            .input
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.regions
+                    .iter()
+                    .enumerate()
+                    .map(|(k, g)| ((p.id.as_str(), g.name.as_str()), (k, g.image.as_str())))
+            })
+            .collect();
         let at = fleet
             .input
             .reflectors
             .iter()
-            .map(|r| (held.of(&r.name), fleet.urls.contains_key(&r.name)))
+            .map(|r| {
+                let held = held.of(&r.name);
+                let left = with_room_left(r, held).capacity;
+                let usable_in = regions
+                    .get(&(r.pool.as_str(), r.region.as_str()))
+                    .filter(|(_, image)| *image == r.image && r.state != ReflectorState::Draining)
+                    .map(|&(k, _)| k);
+                ReflectorAt {
+                    held,
+                    has_url: fleet.urls.contains_key(&r.name),
+                    full: left.sessions == 0 || left.users == 0,
+                    usable_in,
+                }
+            })
             .collect();
         Self {
             fleet,
@@ -186,10 +225,15 @@ impl Published {
             .copied()
     }
 
-    /// The room the plan's shards that are not closing hold on the reflector at `i` in
-    /// `fleet.input.reflectors` (summed once per published plan), and whether it has a URL.
-    pub(super) fn reflector_room(&self, i: usize) -> (Held, bool) {
+    /// What a Route that opens a shard reads of the reflector at `i` in
+    /// `fleet.input.reflectors`, computed once per published plan.
+    pub(super) fn reflector_at(&self, i: usize) -> ReflectorAt {
         self.at[i]
+    }
+
+    /// The index in `fleet.input.reflectors` of the reflector named `name`.
+    pub(super) fn reflector_index(&self, name: &str) -> Option<usize> {
+        self.reflector_at.get(name).copied()
     }
 
     /// The planner's record of the session with key `key`, if the plan has it.
@@ -692,7 +736,8 @@ pub(super) fn app_ids(sessions: &[SessionInput]) -> HashMap<&str, &str> {
 #[allow(clippy::unwrap_used)]
 pub(super) mod tests {
     use super::*;
-    use crate::crd::{Capacity, ShardPhase};
+    use crate::crd::{Capacity, PlacementStrategy, ShardPhase};
+    use refleet_core::planner::{PoolInput, RegionInput};
 
     pub(in crate::router) fn session(name: Option<&str>, pattern: Option<&str>) -> SessionDef {
         let mut spec: SessionSpec = serde_json::from_value(serde_json::json!({
@@ -802,6 +847,32 @@ pub(super) mod tests {
         closing.phase = ShardPhase::Closing;
         let mut fleet = view(vec![], vec![a, closing]);
         fleet.input.reflectors[1].region = "us".into();
+        let region = |name: &str, image: &str| RegionInput {
+            name: name.into(),
+            image: image.into(),
+            capacity: Capacity::default(),
+            min_reflectors: 0,
+            max_reflectors: 10,
+            warm_buffer: 0,
+            growth_buffer_seconds: 0,
+        };
+        fleet.input.pools = vec![PoolInput {
+            id: "ns/pool".into(),
+            placement: PlacementStrategy::Pack,
+            regions: vec![region("eu", "img"), region("us", "img:2")],
+            cooldown: 0,
+            drain_grace: 0,
+            moves: Default::default(),
+        }];
+        // The open shard takes r1's one slot; r2 has room but an old image.
+        fleet.input.reflectors[0].capacity = Capacity {
+            sessions: 1,
+            users: 14,
+        };
+        fleet.input.reflectors[1].capacity = Capacity {
+            sessions: 1,
+            users: 100,
+        };
         let mut stranger = reflector("x", ReflectorState::Ready);
         stranger.pool = "ns/other".into();
         fleet.input.reflectors.push(stranger);
@@ -822,18 +893,31 @@ pub(super) mod tests {
         );
         assert!(names("ns/pool", &regions(&["ap"])).is_empty());
         assert_eq!(names("ns/other", &[]), ["x"]);
+        let r1 = p.reflector_at(0);
         assert_eq!(
-            p.reflector_room(0),
-            (
-                Held {
-                    users: 7,
-                    sessions: 1
-                },
-                true
-            ),
+            r1.held,
+            Held {
+                users: 7,
+                sessions: 1
+            },
             "the open shard holds its room, the closing one is counted per Route"
         );
-        assert_eq!(p.reflector_room(2), (Held::default(), false), "no URL");
+        assert!(r1.has_url);
+        assert_eq!((r1.full, r1.usable_in), (true, Some(0)));
+        let r2 = p.reflector_at(1);
+        assert_eq!(
+            (r2.full, r2.usable_in),
+            (false, None),
+            "not its region's image"
+        );
+        let x = p.reflector_at(2);
+        assert_eq!(
+            (x.has_url, x.full, x.usable_in),
+            (false, false, None),
+            "no URL, and its pool is not in the view"
+        );
+        assert_eq!(p.reflector_index("r2"), Some(1));
+        assert_eq!(p.reflector_index("nobody"), None);
     }
 
     #[test]
