@@ -2100,20 +2100,7 @@ async fn a_full_reflector_is_not_offered_to_the_plan_but_counts_against_its_regi
         view.input.shards = vec![placed("busy", 0, "r-eu", "eu", 0)];
         r.publish("local", view);
         let answer = r.route(&req("lobby", "eu"), |_| Ok(())).await;
-        match expected {
-            Some(region) => {
-                let answer = answer.unwrap();
-                assert_eq!(
-                    (answer.shard.as_str(), answer.region.as_str()),
-                    ("lobby", region)
-                );
-            }
-            // The shard waits for a reflector still to start in eu.
-            None => assert!(
-                matches!(answer, Err(RouteError::Exhausted { ref message, .. }) if message.contains("starting")),
-                "{answer:?}"
-            ),
-        }
+        expect_lobby_opened(answer, expected);
     }
 }
 
@@ -2149,18 +2136,24 @@ async fn a_region_whose_only_live_reflector_is_full_is_not_down() {
             r.observe_report(&report("r-eu"));
         }
         let answer = r.route(&req("lobby", "eu"), |_| Ok(())).await;
-        match expected {
-            Some(region) => {
-                let answer = answer.unwrap();
-                assert_eq!(
-                    (answer.shard.as_str(), answer.region.as_str()),
-                    ("lobby", region)
-                );
-            }
-            None => assert!(
-                matches!(answer, Err(RouteError::Exhausted { ref message, .. }) if message.contains("starting")),
-                "{answer:?}"
-            ),
+        expect_lobby_opened(answer, expected);
+    }
+}
+
+/// Checks how a Route for `lobby`'s first shard ended: opened in region `expected` at once,
+/// or (`None`) refused while the shard waits for a reflector still to start.
+fn expect_lobby_opened(answer: Result<RouteResponse, RouteError>, expected: Option<&str>) {
+    match expected {
+        Some(region) => {
+            let answer = answer.unwrap();
+            assert_eq!(
+                (answer.shard.as_str(), answer.region.as_str()),
+                ("lobby", region)
+            );
         }
+        None => assert!(
+            matches!(answer, Err(RouteError::Exhausted { ref message, .. }) if message.contains("starting")),
+            "{answer:?}"
+        ),
     }
 }
