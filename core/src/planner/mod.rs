@@ -114,7 +114,7 @@ mod tests;
 
 pub use model::*;
 pub use narrow::{
-    Held, HeldRoom, ShardPlan, holds_room, plan_shards, pool_reflectors, session_input,
+    Held, HeldRoom, ShardPlan, holds_room, plan_shards, pool_reflectors, room_left, session_input,
     with_room_left,
 };
 

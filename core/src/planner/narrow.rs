@@ -118,7 +118,7 @@ pub fn with_room_left(reflector: &ObservedReflector, held: Held) -> ObservedRefl
 }
 
 /// `capacity` less the room `held` (none left when it holds more).
-fn room_left(capacity: Capacity, held: Held) -> Capacity {
+pub fn room_left(capacity: Capacity, held: Held) -> Capacity {
     let left = |capacity: u32, held: i64| {
         u32::try_from((i64::from(capacity) - held).max(0)).unwrap_or(u32::MAX)
     };

@@ -5,13 +5,13 @@
 //! the same pure planner the backend runs, on an input of that session alone
 //! ([`refleet_core::planner::session_input`]): its own shards, marked waiting, and its
 //! pool's reflectors in its regions offering only the room the pool's other shards leave
-//! them (summed once per published view, [`Published::reflector_room`], and adjusted here
+//! them (summed once per published view, [`Published::reflector_at`], and adjusted here
 //! for what changed since: the shards this router opened and the closing shards still in
-//! use). Reflectors with no room left are counted, not copied in. So a new shard costs the
-//! session's shards, one look at each reflector of its pool and regions (by index, one
-//! lookup of its stream) and a copy of those with room, not the whole pool: planning the
-//! pool was half of a saturated leader's core, and copying every reflector most of what
-//! was left (docs/scale.md).
+//! use). Reflectors with no room left are counted, not copied in (`Reach`). So a new shard
+//! costs the session's shards, an array read for each reflector of its pool and regions, and
+//! a stream lookup and a copy for each one with room, not the whole pool: planning the pool
+//! was half of a saturated leader's core, and looking at and copying every reflector most
+//! of what was left (docs/scale.md).
 //!
 //! What the Route saw, the plan must see too: reflectors the Route cannot send users to
 //! offer no room, a region whose reflectors are lost is down, and shards the Route counts

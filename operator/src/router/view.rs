@@ -25,7 +25,7 @@ use crate::crd::SessionSpec;
 use crate::crd::ShardPhase;
 use refleet_core::planner::{
     Held, HeldRoom, ObservedReflector, PlanInput, ReflectorState, SessionInput, ShardRecord,
-    split_session_key, with_room_left,
+    room_left, split_session_key,
 };
 use refleet_core::shard::parse_shard_name;
 
@@ -172,7 +172,7 @@ impl Published {
             .iter()
             .map(|r| {
                 let held = held.of(&r.name);
-                let left = with_room_left(r, held).capacity;
+                let left = room_left(r.capacity, held);
                 let usable_in = regions
                     .get(&(r.pool.as_str(), r.region.as_str()))
                     .filter(|(_, image)| *image == r.image && r.state != ReflectorState::Draining)
@@ -600,14 +600,12 @@ impl FleetState {
     /// Whether `reflector` went silent on its report stream: no report within `grace`
     /// (expired, or past it before the next expiry pass). Never reported: not silent.
     pub(super) fn silent(&self, reflector: &str, now: Millis, grace: Millis) -> bool {
-        self.live
-            .get(reflector)
-            .is_some_and(|l| l.expired || now.saturating_sub(l.seen) > grace)
+        self.stream_of(reflector, now, grace).0
     }
 
     /// What `reflector`'s stream says, with one lookup: `(silent, no routes)`. Silent as
     /// [`FleetState::silent`]; no routes when silent or draining, whatever the plan says
-    /// ([`FleetState::routable_url`]'s answer for a ready reflector with a URL).
+    /// (so [`FleetState::routable_url`] answers none). Never reported: neither.
     pub(super) fn stream_of(&self, reflector: &str, now: Millis, grace: Millis) -> (bool, bool) {
         self.live.get(reflector).map_or((false, false), |l| {
             let silent = l.expired || now.saturating_sub(l.seen) > grace;
@@ -638,12 +636,11 @@ impl FleetState {
         if observed.state != ReflectorState::Ready {
             return None;
         }
-        match self.live.get(name) {
-            Some(l) if l.draining || l.expired => None,
-            Some(l) if now.saturating_sub(l.seen) > grace => None,
-            // The URL the backend assigned (pool template, launcher), never a reported one.
-            _ => view.fleet.urls.get(name).map(String::as_str),
+        if self.stream_of(name, now, grace).1 {
+            return None;
         }
+        // The URL the backend assigned (pool template, launcher), never a reported one.
+        view.fleet.urls.get(name).map(String::as_str)
     }
 
     /// Whether `reflector` has reported since the reports were last forgotten (its load may
