@@ -7,8 +7,8 @@
 //!              router: publish fleet::fleet_view(..)
 //!     apply    drain: PATCH pod (label draining) + DELETE pod (grace) ; remove: DELETE pod
 //!              create: PATCH pod (server-side apply) [+ PATCH Service]
-//!              PATCH status (server-side apply) of the pool and of every changed Session
-//!              POST Events for the decisions
+//!              PATCH status (server-side apply) of the pool, then of every changed Session
+//!              together with the Events for the decisions (POST, or PATCH of a series)
 //! ```
 
 use std::collections::{BTreeSet, HashMap};
@@ -192,6 +192,8 @@ pub async fn sync(
     if let Some(router) = &ctx.router {
         router.prepare(&mut input);
     }
+    // Events are published with the statuses, after the plan is applied.
+    let mut events = Vec::new();
     for session in &sessions {
         let Some(value) = pending_move_annotation(session) else {
             continue;
@@ -203,15 +205,13 @@ pub async fn sync(
             }
             Err(message) => {
                 warn!(session = %session.name_any(), %message, "move annotation ignored");
-                publish(
-                    ctx,
-                    &session.object_ref(&()),
-                    EventType::Warning,
-                    "BadMoveRequest",
-                    "Move",
-                    message,
-                )
-                .await;
+                events.push(PendingEvent {
+                    regarding: session.object_ref(&()),
+                    type_: EventType::Warning,
+                    reason: "BadMoveRequest".to_owned(),
+                    action: "Move",
+                    note: message,
+                });
             }
         }
     }
@@ -237,17 +237,35 @@ pub async fn sync(
             .await?;
         }
     }
+    // The Session statuses due and the Events are independent requests: sent together, up
+    // to `REQUESTS_IN_FLIGHT` at a time, not one round trip after another. The pool's next
+    // sync (the one that publishes a started pod as ready to the Routes waiting for it)
+    // waits for this one: with thirty statuses due at ~100 ms each, in a row, that was 3 s
+    // (docs/scale.md, run E8).
     let sessions_api: Api<Session> = Api::namespaced(ctx.client.clone(), namespace);
     let statuses = session_statuses(&sessions, pool.as_ref(), &plan, now);
+    let mut writes = Vec::new();
     for (session, (status, problem)) in sessions.iter().zip(statuses) {
         let was_degraded = session
             .status
             .iter()
             .flat_map(|s| &s.conditions)
             .find(|c| c.type_ == CONDITION_DEGRADED && c.status == "True")
-            .map(|c| c.reason.clone());
+            .map(|c| c.reason.as_str());
         let name = session.name_any();
         let written = memory.status_written.get(&name).copied();
+        if let Some((reason, message)) = problem
+            && was_degraded != Some(reason.as_str())
+        {
+            warn!(session = %name, %reason, %message, "session degraded");
+            events.push(PendingEvent {
+                regarding: session.object_ref(&()),
+                type_: EventType::Warning,
+                reason: reason.as_str().to_owned(),
+                action: "Degraded",
+                note: message,
+            });
+        }
         if status_write_due(
             session.status.as_ref(),
             &status,
@@ -255,32 +273,44 @@ pub async fn sync(
             now,
             ctx.status_counts_every,
         ) {
-            patch_status(
-                &sessions_api,
-                &name,
-                Session::api_version(&()),
-                "Session",
-                &status,
-            )
-            .await?;
-            memory.status_written.insert(name, now);
-        }
-        if let Some((reason, message)) = problem
-            && was_degraded.as_deref() != Some(reason.as_str())
-        {
-            warn!(session = %session.name_any(), %reason, %message, "session degraded");
-            publish(
-                ctx,
-                &session.object_ref(&()),
-                EventType::Warning,
-                reason.as_str(),
-                "Degraded",
-                message,
-            )
-            .await;
+            writes.push((name, status));
         }
     }
-    publish_decisions(ctx, pool.as_ref(), &sessions, &plan).await;
+    events.extend(decision_events(pool.as_ref(), &sessions, &plan));
+    let api = &sessions_api;
+    let statuses_written = futures_util::stream::iter(writes)
+        .map(|(name, status)| async move {
+            let api_version = Session::api_version(&());
+            patch_status(api, &name, api_version, "Session", &status)
+                .await
+                .map(|()| name)
+        })
+        .buffer_unordered(REQUESTS_IN_FLIGHT)
+        .collect::<Vec<_>>();
+    let events_published = futures_util::stream::iter(same_series(events))
+        .map(|series| async move {
+            for event in series {
+                publish(ctx, event).await;
+            }
+        })
+        .buffer_unordered(REQUESTS_IN_FLIGHT)
+        .collect::<Vec<()>>();
+    let (statuses_written, _) =
+        futures_util::future::join(statuses_written, events_published).await;
+    let mut first_error = None;
+    for result in statuses_written {
+        match result {
+            Ok(name) => {
+                memory.status_written.insert(name, now);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
     if pool.is_some() {
         ctx.metrics.record_plan(namespace, pool_name, &plan);
     }
@@ -300,14 +330,15 @@ pub async fn sync(
     Ok(Synced { plan, created })
 }
 
-/// Pod requests one sync keeps in flight. A sync that grows a pool by a hundred pods would
-/// otherwise wait for a hundred apiserver round trips in a row, ~100 ms each on a loaded
-/// apiserver: 10 s, as long as a Route waits for its new shard (docs/scale.md, run E2).
-/// Each pod's own requests stay in order (mark, then delete; pod, then its Service).
-pub const POD_REQUESTS_IN_FLIGHT: usize = 16;
+/// Requests one sync keeps in flight (pods; then Session statuses and Events). A sync that
+/// grows a pool by a hundred pods would otherwise wait for a hundred apiserver round trips
+/// in a row, ~100 ms each on a loaded apiserver: 10 s, as long as a Route waits for its new
+/// shard (docs/scale.md, run E2). Each pod's own requests stay in order (mark, then
+/// delete; pod, then its Service).
+pub const REQUESTS_IN_FLIGHT: usize = 16;
 
 /// Drains, removes and creates reflector pods (and per-pod Services) as the plan says, up to
-/// [`POD_REQUESTS_IN_FLIGHT`] pods at a time. Every request is tried; the first error is
+/// [`REQUESTS_IN_FLIGHT`] pods at a time. Every request is tried; the first error is
 /// returned after the others finished (pods created before it are still in `created`).
 async fn apply_reflectors(
     ctx: &Context,
@@ -345,7 +376,7 @@ async fn apply_reflectors(
     let (api_ref, delete_ref) = (&api, &delete);
     let removed: Vec<Result<()>> = futures_util::stream::iter(removals)
         .map(move |(name, drain)| remove_pod(api_ref, name, drain, delete_ref))
-        .buffer_unordered(POD_REQUESTS_IN_FLIGHT)
+        .buffer_unordered(REQUESTS_IN_FLIGHT)
         .collect()
         .await;
     let mut first_error = removed.into_iter().find_map(Result::err);
@@ -389,7 +420,7 @@ async fn apply_reflectors(
         .map(move |(name, region, pod)| {
             create_pod(ctx, api_ref, name, region, pod, per_pod_service)
         })
-        .buffer_unordered(POD_REQUESTS_IN_FLIGHT)
+        .buffer_unordered(REQUESTS_IN_FLIGHT)
         .collect()
         .await;
     for result in applied {
@@ -406,11 +437,17 @@ async fn apply_reflectors(
     }
     if per_pod_service {
         let existing: BTreeSet<String> = services.iter().map(ResourceExt::name_any).collect();
-        for pod in pods {
-            if pod.metadata.deletion_timestamp.is_none() && !existing.contains(&pod.name_any()) {
-                apply_service(ctx, pod).await?;
-            }
-        }
+        // By index: a closure taking `&Pod` would make the future's lifetime higher-ranked,
+        // which the controller's spawned (`Send`) future cannot prove.
+        let missing = (0..pods.len()).filter(|&i| {
+            pods[i].metadata.deletion_timestamp.is_none() && !existing.contains(&pods[i].name_any())
+        });
+        let applied: Vec<Result<()>> = futures_util::stream::iter(missing)
+            .map(move |i| apply_service(ctx, &pods[i]))
+            .buffer_unordered(REQUESTS_IN_FLIGHT)
+            .collect()
+            .await;
+        applied.into_iter().collect::<Result<()>>()?;
     }
     Ok(())
 }
@@ -507,34 +544,64 @@ where
     Ok(())
 }
 
-/// Publishes an Event; a failure is logged, never fatal (Events are best effort).
-async fn publish(
-    ctx: &Context,
-    regarding: &ObjectReference,
+/// An Event a sync publishes once its plan is applied.
+struct PendingEvent {
+    regarding: ObjectReference,
     type_: EventType,
-    reason: &str,
-    action: &str,
+    reason: String,
+    action: &'static str,
     note: String,
-) {
+}
+
+/// What makes Events one series for the recorder: type, reason, action and the object
+/// (kind, namespace, name).
+type SeriesKey = (EventType, String, &'static str, [Option<String>; 3]);
+
+/// `events` grouped by series, each group in its order: a group is published one Event
+/// after the other, so its second Event counts in the first one's series instead of being
+/// created beside it.
+fn same_series(events: Vec<PendingEvent>) -> Vec<Vec<PendingEvent>> {
+    let mut groups: Vec<Vec<PendingEvent>> = Vec::new();
+    let mut index: HashMap<SeriesKey, usize> = HashMap::new();
+    for event in events {
+        let r = &event.regarding;
+        let key = (
+            event.type_,
+            event.reason.clone(),
+            event.action,
+            [r.kind.clone(), r.namespace.clone(), r.name.clone()],
+        );
+        match index.get(&key) {
+            Some(&i) => groups[i].push(event),
+            None => {
+                index.insert(key, groups.len());
+                groups.push(vec![event]);
+            }
+        }
+    }
+    groups
+}
+
+/// Publishes an Event; a failure is logged, never fatal (Events are best effort).
+async fn publish(ctx: &Context, pending: PendingEvent) {
     let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: action.to_owned(),
+        type_: pending.type_,
+        reason: pending.reason,
+        note: Some(pending.note),
+        action: pending.action.to_owned(),
         secondary: None,
     };
-    if let Err(error) = ctx.recorder.publish(&event, regarding).await {
-        warn!(%error, reason, "publishing an Event failed");
+    if let Err(error) = ctx.recorder.publish(&event, &pending.regarding).await {
+        warn!(%error, reason = %event.reason, "publishing an Event failed");
     }
 }
 
-/// Events for the plan's decisions (CamelCase reasons), on the Session or the pool.
-async fn publish_decisions(
-    ctx: &Context,
+/// The Events for the plan's decisions (CamelCase reasons), on the Session or the pool.
+fn decision_events(
     pool: Option<&ReflectorPool>,
     sessions: &[Session],
     plan: &Plan,
-) {
+) -> Vec<PendingEvent> {
     let namespaces: Vec<String> = sessions
         .iter()
         .map(|s| s.namespace().unwrap_or_default())
@@ -551,22 +618,28 @@ async fn publish_decisions(
             .map(|i| sessions[i].object_ref(&()))
     };
     let pool_ref = pool.map(|p| p.object_ref(&()));
-    for summary in plan.decisions.iter().flat_map(fleet::summarize) {
-        if !summary.event {
-            continue;
-        }
-        let regarding = match &summary.about {
-            fleet::About::Session(key) => session_ref(key),
-            fleet::About::Pool(_) | fleet::About::Reflector(_) => pool_ref.clone(),
-        };
-        let type_ = match summary.level {
-            fleet::Level::Warning => EventType::Warning,
-            fleet::Level::Normal | fleet::Level::Routine => EventType::Normal,
-        };
-        if let Some(r) = regarding {
-            publish(ctx, &r, type_, summary.reason, summary.action, summary.note).await;
-        }
-    }
+    plan.decisions
+        .iter()
+        .flat_map(fleet::summarize)
+        .filter(|summary| summary.event)
+        .filter_map(|summary| {
+            let regarding = match &summary.about {
+                fleet::About::Session(key) => session_ref(key),
+                fleet::About::Pool(_) | fleet::About::Reflector(_) => pool_ref.clone(),
+            }?;
+            let type_ = match summary.level {
+                fleet::Level::Warning => EventType::Warning,
+                fleet::Level::Normal | fleet::Level::Routine => EventType::Normal,
+            };
+            Some(PendingEvent {
+                regarding,
+                type_,
+                reason: summary.reason.to_owned(),
+                action: summary.action,
+                note: summary.note,
+            })
+        })
+        .collect()
 }
 
 /// Runs both controllers over `namespace` (all namespaces when `None`) until `stop`
@@ -629,4 +702,40 @@ pub async fn run_controllers(
         .for_each(|_| futures_util::future::ready(()));
     futures_util::future::join(pool_controller, session_controller).await;
     drop(drivers);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, name: &str, reason: &str, note: &str) -> PendingEvent {
+        PendingEvent {
+            regarding: ObjectReference {
+                kind: Some(kind.to_owned()),
+                namespace: Some("games".to_owned()),
+                name: Some(name.to_owned()),
+                ..ObjectReference::default()
+            },
+            type_: EventType::Normal,
+            reason: reason.to_owned(),
+            action: "Scale",
+            note: note.to_owned(),
+        }
+    }
+
+    #[test]
+    fn events_of_one_series_are_grouped_in_their_order_and_others_apart() {
+        let groups = same_series(vec![
+            event("ReflectorPool", "arena", "ScalingUp", "1"),
+            event("Session", "arena", "ScalingUp", "2"),
+            event("ReflectorPool", "arena", "ScalingUp", "3"),
+            event("ReflectorPool", "arena", "ScalingDown", "4"),
+            event("ReflectorPool", "lobby", "ScalingUp", "5"),
+        ]);
+        let notes: Vec<Vec<&str>> = groups
+            .iter()
+            .map(|g| g.iter().map(|e| e.note.as_str()).collect())
+            .collect();
+        assert_eq!(notes, [vec!["1", "3"], vec!["2"], vec!["4"], vec!["5"]]);
+    }
 }

@@ -34,9 +34,10 @@ enum Scenario {
     /// A new pool with one region and nothing else: its first reflector pod is created
     /// with server-side apply, the pool's status says it is scaling up, and an Event says so.
     NewPoolCreatesItsFirstReflector(ReflectorPool),
-    /// A Session whose pool does not exist: the Session gets a
-    /// `Degraded`/`PoolNotFound` status and a Warning Event.
-    SessionWithoutPoolIsDegraded(Session),
+    /// Two Sessions whose pool does not exist: each gets a `Degraded`/`PoolNotFound` status
+    /// and a Warning Event, and the four requests are sent together (each is in flight
+    /// before any is answered), not one after another.
+    SessionsWithoutPoolAreDegradedTogether(Vec<Session>),
     /// A new pool that needs three reflectors at once: the three pods are applied
     /// together (each request is in flight before any is answered), not one after another.
     NewPodsAreAppliedTogether(ReflectorPool),
@@ -61,8 +62,9 @@ impl ApiServerVerifier {
                 Scenario::NewPodsAreAppliedTogether(pool) => {
                     self.new_pods_are_applied_together(pool).await
                 }
-                Scenario::SessionWithoutPoolIsDegraded(session) => {
-                    self.session_without_pool_is_degraded(session).await
+                Scenario::SessionsWithoutPoolAreDegradedTogether(sessions) => {
+                    self.sessions_without_pool_are_degraded_together(sessions)
+                        .await
                 }
                 Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(pool, pods) => {
                     self.surplus_reflector_is_drained(pool, pods).await
@@ -178,25 +180,63 @@ impl ApiServerVerifier {
         self.expect_event().await;
     }
 
-    async fn session_without_pool_is_degraded(mut self, session: Session) {
+    async fn sessions_without_pool_are_degraded_together(mut self, sessions: Vec<Session>) {
         let ns = "/apis/refleet.dev/v1alpha1/namespaces/games";
-        let status = self
-            .expect(
-                "PATCH",
-                &format!("{ns}/sessions/lobby/status?&force=true&fieldManager=refleet-operator"),
-                200,
-                json!(session),
-            )
-            .await;
-        let degraded = &status["status"]["conditions"][2];
-        assert_eq!(degraded["type"], "Degraded");
-        assert_eq!(degraded["status"], "True");
-        assert_eq!(degraded["reason"], "PoolNotFound");
-        assert_eq!(status["status"]["conditions"][0]["reason"], "PoolNotFound");
-        let event = self.expect_event().await;
-        assert_eq!(event["reason"], "PoolNotFound");
-        assert_eq!(event["type"], "Warning");
-        assert_eq!(event["regarding"]["name"], "lobby");
+        // Every request arrives while none is answered: a sync that waited for each answer
+        // before the next request would never send the second.
+        let mut pending = Vec::new();
+        for _ in 0..2 * sessions.len() {
+            let (request, send) = self.0.next_request().await.expect("a status or an Event");
+            let method = request.method().as_str().to_owned();
+            let uri = request.uri().to_string();
+            let bytes = request.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            pending.push((method, uri, body, send));
+        }
+        let mut degraded = Vec::new();
+        let mut warned = Vec::new();
+        for (method, uri, body, send) in pending {
+            let answer = if method == "PATCH" {
+                let name = uri
+                    .strip_prefix(&format!("{ns}/sessions/"))
+                    .and_then(|rest| {
+                        rest.strip_suffix("/status?&force=true&fieldManager=refleet-operator")
+                    })
+                    .unwrap_or_else(|| panic!("a Session status apply, not {uri}"));
+                let conditions = &body["status"]["conditions"];
+                assert_eq!(conditions[0]["reason"], "PoolNotFound");
+                assert_eq!(conditions[2]["type"], "Degraded");
+                assert_eq!(conditions[2]["status"], "True");
+                assert_eq!(conditions[2]["reason"], "PoolNotFound");
+                degraded.push(name.to_owned());
+                let session = sessions
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(name));
+                (200, json!(session.expect("one of the Sessions")))
+            } else {
+                assert_eq!(
+                    (method.as_str(), uri.as_str()),
+                    ("POST", "/apis/events.k8s.io/v1/namespaces/games/events?")
+                );
+                assert_eq!(body["reason"], "PoolNotFound");
+                assert_eq!(body["type"], "Warning");
+                warned.push(body["regarding"]["name"].as_str().unwrap().to_owned());
+                (
+                    201,
+                    json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": null}),
+                )
+            };
+            send.send_response(
+                Response::builder()
+                    .status(answer.0)
+                    .body(Body::from(serde_json::to_vec(&answer.1).unwrap()))
+                    .unwrap(),
+            );
+        }
+        degraded.sort_unstable();
+        warned.sort_unstable();
+        assert_eq!(degraded, ["lobby", "lounge"]);
+        assert_eq!(warned, ["lobby", "lounge"]);
     }
 
     async fn unreported_reflectors_are_kept(mut self, pool: ReflectorPool) {
@@ -309,12 +349,23 @@ async fn a_pool_that_needs_several_reflectors_applies_their_pods_together() {
 }
 
 #[tokio::test]
-async fn session_without_pool_is_degraded_and_gets_a_warning() {
+async fn sessions_without_pool_are_degraded_and_warned_of_together() {
     let (ctx, fakeserver) = testcontext();
-    let session = fixtures::session("games", "lobby", "missing");
-    let cache = Cache::of(vec![], vec![session.clone()], vec![]);
-    let mocksrv = fakeserver.run(Scenario::SessionWithoutPoolIsDegraded(session));
-    let synced = sync(&ctx, &cache, "games", "missing").await.expect("sync");
+    let sessions = vec![
+        fixtures::session("games", "lobby", "missing"),
+        fixtures::session("games", "lounge", "missing"),
+    ];
+    let cache = Cache::of(vec![], sessions.clone(), vec![]);
+    let mocksrv = fakeserver.run(Scenario::SessionsWithoutPoolAreDegradedTogether(sessions));
+    // A sync that sends one request at a time waits forever for an answer the mock holds
+    // back.
+    let synced = tokio::time::timeout(
+        Duration::from_secs(5),
+        sync(&ctx, &cache, "games", "missing"),
+    )
+    .await
+    .expect("the statuses and Events were sent together")
+    .expect("sync");
     assert!(synced.created.is_empty());
     timeout_after_1s(mocksrv).await;
 }
