@@ -252,7 +252,14 @@ pub struct Router {
     started: Instant,
     /// Wall-clock Unix ms at `started`, to turn ledger times into token expiries.
     started_unix_ms: u64,
+    /// Ticks when a plan is published or a reflector reports ([`Router::changes`]).
     changed: watch::Sender<u64>,
+    /// Ticks when a waiting Route's answer may have changed: a plan published, or a report
+    /// that may free room or change where a Route may go ([`view::ReportChange::wakes_routes`]).
+    /// A report that only adds users does not: with thousands of reflectors reporting every
+    /// second, waking every waiting Route on each report kept the leader busy retrying them
+    /// (docs/scale.md, run E9).
+    routable: watch::Sender<u64>,
     /// Ticks when a shard's placement may have changed ([`placement`]).
     placement: watch::Sender<u64>,
     wake: Notify,
@@ -308,6 +315,7 @@ impl Router {
             started: Instant::now(),
             started_unix_ms: unix_ms(),
             changed: watch::channel(0).0,
+            routable: watch::channel(0).0,
             placement: watch::channel(0).0,
             wake: Notify::new(),
             urgent: Notify::new(),
@@ -482,6 +490,7 @@ impl Router {
             .set_reservations(&self.reservations_by_region());
         self.drive_moves();
         self.changed.send_modify(|g| *g += 1);
+        self.routable.send_modify(|g| *g += 1);
         self.bump_placement();
     }
 
@@ -508,7 +517,7 @@ impl Router {
                 .or_insert(0);
             *n = n.saturating_add(s.users);
         }
-        let revived = inner.fleet.observe(
+        let change = inner.fleet.observe(
             &report.reflector,
             &report.region,
             report.state == ReportedState::Draining as i32,
@@ -522,6 +531,7 @@ impl Router {
             .filter_map(|r| inner.moves.observe(&report.reflector, r))
             .collect();
         ended.extend(inner.moves.expire(now));
+        let settled = !ended.is_empty();
         for e in ended {
             self.settle_move(inner, e);
         }
@@ -531,7 +541,10 @@ impl Router {
             self.drive_moves();
         }
         self.changed.send_modify(|g| *g += 1);
-        if revived {
+        if change.wakes_routes() || settled {
+            self.routable.send_modify(|g| *g += 1);
+        }
+        if change.revived {
             self.bump_placement();
         }
     }
@@ -767,7 +780,7 @@ impl Router {
     ) -> Result<RouteResponse, RouteError> {
         validate(req)?;
         let deadline = Instant::now() + self.config.route_wait;
-        let mut changed = self.changed.subscribe();
+        let mut changed = self.routable.subscribe();
         loop {
             changed.mark_unchanged();
             let attempt = self.attempt(req, caller, &authorize)?;
@@ -775,8 +788,9 @@ impl Router {
                 Attempt::Routed(r) => return Ok(self.answer(*r)),
                 Attempt::Wait => {
                     self.want_backend();
-                    // Tried again on every change, and at least every RETRY_TICK: some waits
-                    // end with time alone (a takeover's catch-up).
+                    // Tried again on every change that may route it, and at least every
+                    // RETRY_TICK: some waits end with time alone (a takeover's catch-up, a
+                    // reservation expiring).
                     let until = deadline.min(Instant::now() + RETRY_TICK);
                     if tokio::time::timeout_at(until, changed.changed())
                         .await

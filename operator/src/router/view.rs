@@ -406,6 +406,42 @@ impl AppUsers<'_> {
     }
 }
 
+/// What one report changed, as far as a waiting Route can tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct ReportChange {
+    /// The reflector was unknown (first report since the reports were forgotten) or had
+    /// expired: it routes again, and a new leader's catch-up may be over.
+    pub revived: bool,
+    /// The reflector started or stopped draining, or reports fewer users on a shard, a
+    /// shard fewer, or a shard new (a shard a new leader counted full until reported).
+    pub frees_room: bool,
+}
+
+impl ReportChange {
+    /// Whether a Route waiting for room or a reflector may now get an answer.
+    pub fn wakes_routes(self) -> bool {
+        self.revived || self.frees_room
+    }
+}
+
+/// Whether `now` may leave room that `before` did not: a shard with fewer users or gone, or
+/// a shard first reported. More users on the same shards never does.
+fn may_free_room(before: &ShardUsers, now: &ShardUsers) -> bool {
+    let fewer = before.iter().any(|(app, shards)| {
+        let now = now.get(app);
+        shards
+            .iter()
+            .any(|(shard, n)| now.and_then(|s| s.get(shard)).is_none_or(|m| m < n))
+    });
+    fewer
+        || now.iter().any(|(app, shards)| {
+            let before = before.get(app);
+            shards
+                .keys()
+                .any(|shard| before.is_none_or(|s| !s.contains_key(shard)))
+        })
+}
+
 /// Everything published and reported: the router's whole view of the fleet.
 #[derive(Default)]
 pub(super) struct FleetState {
@@ -514,8 +550,9 @@ impl FleetState {
         })
     }
 
-    /// Takes one report of `reflector`: its users replace what it reported before. True
-    /// when the reflector was unknown or expired before: its shards' placement changed.
+    /// Takes one report of `reflector`: its users replace what it reported before. Says
+    /// whether the reflector was unknown or expired before (its shards' placement changed)
+    /// and whether the report may have freed room.
     pub(super) fn observe(
         &mut self,
         reflector: &str,
@@ -524,7 +561,10 @@ impl FleetState {
         users: ShardUsers,
         now: Millis,
         grace: Millis,
-    ) -> bool {
+    ) -> ReportChange {
+        let frees_room = self.live.get(reflector).is_some_and(|p| {
+            !p.expired && (p.draining != draining || may_free_room(&p.users, &users))
+        });
         self.tally.add(&users);
         let previous = self.live.insert(
             reflector.to_owned(),
@@ -544,7 +584,10 @@ impl FleetState {
             self.tally.remove(&p.users);
         }
         self.next_expiry = self.next_expiry.min(now + grace);
-        revived
+        ReportChange {
+            revived,
+            frees_room,
+        }
     }
 
     /// A reflector's stream ended; its load still counts until the grace period is over
@@ -949,6 +992,37 @@ pub(super) mod tests {
             "no reflector reports it any more"
         );
         assert_eq!(f.live_streams(), BTreeMap::from([("eu".into(), 2)]));
+    }
+
+    #[test]
+    fn a_report_wakes_waiting_routes_only_when_it_may_free_room_or_a_reflector() {
+        let mut f = FleetState::default();
+        // (revived, frees room) of r1's report at `at` ms (grace 1 s), draining or not, with
+        // `a` users on app's shard a and `b` on other's shard b (none: not reported).
+        let mut report = |at, draining, a: u32, b: Option<u32>| {
+            let mut u = users("app", "a", a);
+            u.extend(b.map(|b| users("other", "b", b)).unwrap_or_default());
+            let change = f.observe("r1", "eu", draining, u, at, 1000);
+            assert_eq!(change.wakes_routes(), change.revived || change.frees_room);
+            (change.revived, change.frees_room)
+        };
+        assert_eq!(
+            report(0, false, 3, Some(1)),
+            (true, false),
+            "a new reflector"
+        );
+        // More users, or the same: no waiting Route can be answered by it.
+        assert_eq!(report(10, false, 4, Some(1)), (false, false));
+        assert_eq!(report(20, false, 4, Some(1)), (false, false));
+        // Fewer users on a shard, a shard gone, a shard first reported, draining changed.
+        assert_eq!(report(30, false, 4, Some(0)), (false, true));
+        assert_eq!(report(40, false, 4, None), (false, true));
+        assert_eq!(report(50, false, 4, Some(0)), (false, true));
+        assert_eq!(report(60, true, 4, Some(0)), (false, true));
+        assert_eq!(report(70, true, 5, Some(0)), (false, false));
+        // Silent past the grace, then back.
+        assert_eq!(report(2000, true, 5, Some(0)), (true, false));
+        assert_eq!(report(2010, true, 5, Some(0)), (false, false));
     }
 
     #[test]
