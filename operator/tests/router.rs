@@ -17,9 +17,11 @@ use refleet_api::routing::routing_client::RoutingClient;
 use refleet_api::routing::{ListShardsRequest, RouteRequest, RouteResponse};
 use refleet_api::token::{Signer, Verifier};
 use refleet_core::planner::{
-    ObservedReflector, PlanInput, PoolInput, ReflectorState, RegionInput, ShardPhase, ShardRecord,
+    self, Decision, ObservedReflector, PlanInput, PoolInput, ReflectorAction, ReflectorState,
+    RegionInput, ShardPhase, ShardRecord,
 };
 use refleet_operator::crd::{Capacity, PlacementStrategy, SessionSpec};
+use refleet_operator::fleet;
 use refleet_operator::router::client::{self, TrustedProxies};
 use refleet_operator::router::metrics::RouterMetrics;
 use refleet_operator::router::reports::{self, ReportHub};
@@ -2156,4 +2158,60 @@ fn expect_lobby_opened(answer: Result<RouteResponse, RouteError>, expected: Opti
             "{answer:?}"
         ),
     }
+}
+
+/// A plan made while a Route opens a shard on an empty reflector drains that reflector: its
+/// input did not have the shard. Its published view offers no reflector it drains to a new
+/// shard, and the backend, asking the router after publishing it, keeps the reflector the
+/// Route used (so its users are not on a pod being deleted) and drains the other.
+#[tokio::test]
+async fn a_reflector_a_route_opened_a_shard_on_while_the_plan_was_made_is_not_drained() {
+    let (r, _) = router(RouterConfig {
+        route_wait: Duration::from_millis(300),
+        ..RouterConfig::default()
+    });
+    let mut view = fleet_view(vec![session("lobby", 10, 10), session("hall", 10, 10)], 3);
+    // Nothing keeps an empty reflector: the plan drains both.
+    for region in &mut view.input.pools[0].regions {
+        region.min_reflectors = 0;
+    }
+    r.publish("local", view.clone());
+    let mut input = view.input.clone();
+    r.prepare(&mut input);
+    let plan_input = input.clone();
+    // While the plan is made, a Route opens lobby on r-eu.
+    let routed = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        (routed.shard.as_str(), routed.region.as_str()),
+        ("lobby", "eu")
+    );
+    let mut plan = planner::plan(&plan_input);
+    let drained = |plan: &planner::Plan, name: &str| {
+        plan.reflectors
+            .iter()
+            .any(|p| p.name == name && matches!(p.action, ReflectorAction::Drain { .. }))
+    };
+    assert!(
+        drained(&plan, "r-eu") && drained(&plan, "r-us"),
+        "{plan:#?}"
+    );
+    let mut published = fleet::fleet_view(&fleet::Observed::default(), input, &plan);
+    published.sessions.clone_from(&view.sessions);
+    published.urls.clone_from(&view.urls);
+    r.publish("local", published);
+    fleet::spare_new_hosts(&r, &mut plan);
+    assert!(!drained(&plan, "r-eu"), "r-eu hosts lobby");
+    assert!(drained(&plan, "r-us"));
+    let drains: Vec<&str> = plan
+        .decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::DrainReflector { reflector, .. } => Some(reflector.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(drains, ["r-us"]);
+    // Until the next plan, neither is offered to a new shard.
+    let refused = r.route(&req("hall", "eu"), |_| Ok(())).await;
+    assert!(refused.is_err(), "{refused:?}");
 }

@@ -215,9 +215,10 @@ pub async fn sync(
             }
         }
     }
-    let plan = planner::plan(&input);
+    let mut plan = planner::plan(&input);
     if let Some(router) = &ctx.router {
         router.publish(&id, fleet::fleet_view(&observed, input.clone(), &plan));
+        fleet::spare_new_hosts(router, &mut plan);
     }
 
     // Apply.

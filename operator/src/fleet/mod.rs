@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use refleet_core::shard::parse_shard_name;
 
 use crate::crd::{ReflectorPoolSpec, SessionSpec, ShardPhase};
-use crate::router::{FleetView, SessionDef};
+use crate::router::{FleetView, Router, SessionDef};
 use refleet_core::planner::{
-    ObservedReflector, Plan, PlanInput, PoolInput, ReflectorState, RegionInput, ScaleHistory,
-    Seconds, SessionInput, ShardPolicy, ShardRecord, session_key,
+    Decision, ObservedReflector, Plan, PlanInput, PoolInput, ReflectorAction, ReflectorState,
+    RegionInput, ScaleHistory, Seconds, SessionInput, ShardPolicy, ShardRecord, session_key,
 };
 
 pub mod by_session;
@@ -423,9 +423,19 @@ pub fn settle_unreported(input: &mut PlanInput, planning_since: Seconds) {
 
 /// What a backend publishes to the router after a plan: the plan's `input` with the plan's
 /// shards and history, every Session object with its pool's files URL, and the URL of each
-/// reflector that has one.
+/// reflector that has one. A reflector the plan drains or removes is published as draining:
+/// the backend marks its pod only after this, and until the next plan sees the mark, a
+/// Route would otherwise open shards on it (empty, it is the roomiest reflector there is).
 pub fn fleet_view(observed: &Observed, mut input: PlanInput, plan: &Plan) -> FleetView {
     input.shards.clone_from(&plan.shards);
+    let retiring = retiring(plan);
+    if !retiring.is_empty() {
+        for r in &mut input.reflectors {
+            if retiring.contains(r.name.as_str()) {
+                r.state = ReflectorState::Draining;
+            }
+        }
+    }
     input.history.clone_from(&plan.history);
     let sessions = observed
         .sessions
@@ -457,6 +467,50 @@ pub fn fleet_view(observed: &Observed, mut input: PlanInput, plan: &Plan) -> Fle
         urls,
         gateways: gateway_urls(&observed.pools),
     }
+}
+
+/// The reflectors `plan` drains or removes.
+pub fn retiring(plan: &Plan) -> HashSet<&str> {
+    plan.reflectors
+        .iter()
+        .filter(|r| r.action != ReflectorAction::Keep)
+        .map(|r| r.name.as_str())
+        .collect()
+}
+
+/// Keeps each reflector `plan` would drain or remove on which `router` opened a shard that
+/// no plan holds yet: the plan was made without that shard (a Route opened it from the view
+/// before, while the plan was being made), so the reflector is not empty. Call it after
+/// publishing the plan's view, which no longer offers those reflectors to new shards: a
+/// shard opened before the publish is seen here, and none can be opened on them after it.
+/// The next plan counts the shard and keeps the reflector.
+pub fn spare_new_hosts(router: &Router, plan: &mut Plan) {
+    let kept = {
+        let retiring = retiring(plan);
+        if retiring.is_empty() {
+            return;
+        }
+        router.hosting_unplanned(&retiring)
+    };
+    if kept.is_empty() {
+        return;
+    }
+    for name in &kept {
+        tracing::info!(reflector = %name, "drain called off: a Route opened a shard on it while the plan was made");
+    }
+    for r in plan
+        .reflectors
+        .iter_mut()
+        .filter(|r| kept.contains(&r.name))
+    {
+        r.action = ReflectorAction::Keep;
+    }
+    plan.decisions.retain(|d| match d {
+        Decision::DrainReflector { reflector, .. } | Decision::RemoveReflector { reflector } => {
+            !kept.contains(reflector)
+        }
+        _ => true,
+    });
 }
 
 /// Region → public URL of its gateway, for every pool whose gateway is on.

@@ -153,7 +153,16 @@ impl<L: Launcher> Fleet<L> {
         if let Some(router) = &self.router {
             router.prepare(&mut input);
         }
-        let plan = plan(&input);
+        let mut plan = plan(&input);
+        // Published before the plan is acted on, as the kube backend does: a reflector it
+        // drains takes no new shard from then on, and one a Route opened a shard on while
+        // the plan was made is kept.
+        if let Some(router) = &self.router {
+            let mut view = fleet::fleet_view(&observed, input, &plan);
+            view.gateways = self.gateways.clone().into_iter().collect();
+            router.publish("local", view);
+            fleet::spare_new_hosts(router, &mut plan);
+        }
         self.record_metrics(&observed, &plan);
         for rp in &plan.reflectors {
             let Some(r) = self.reflectors.get_mut(&rp.name) else {
@@ -187,11 +196,6 @@ impl<L: Launcher> Fleet<L> {
                 at: now,
                 decision: format!("{d:?}"),
             });
-        }
-        if let Some(router) = &self.router {
-            let mut view = fleet::fleet_view(&observed, input, &plan);
-            view.gateways = self.gateways.clone().into_iter().collect();
-            router.publish("local", view);
         }
         self.shards = plan.shards;
         self.history = plan.history;

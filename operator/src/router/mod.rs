@@ -449,6 +449,18 @@ impl Router {
         fill_load(&inner.fleet, &inner.ledger, input, now);
     }
 
+    /// Which of `reflectors` host a shard this router opened that no published plan holds
+    /// yet ([`crate::fleet::spare_new_hosts`]).
+    pub fn hosting_unplanned(&self, reflectors: &HashSet<&str>) -> HashSet<String> {
+        lock(&self.inner)
+            .opened
+            .iter()
+            .filter_map(|sh| sh.reflector.as_deref())
+            .filter(|r| reflectors.contains(r))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Takes a backend's view after a plan. `key` names the publisher (`local`, or a pool
     /// id); a later view with the same key replaces it.
     pub fn publish(&self, key: &str, mut fleet: FleetView) {
