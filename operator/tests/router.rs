@@ -2202,15 +2202,12 @@ async fn a_reflector_a_route_opened_a_shard_on_while_the_plan_was_made_is_not_dr
     fleet::spare_new_hosts(&r, &mut plan);
     assert!(!drained(&plan, "r-eu"), "r-eu hosts lobby");
     assert!(drained(&plan, "r-us"));
-    let drains: Vec<&str> = plan
-        .decisions
-        .iter()
-        .filter_map(|d| match d {
-            Decision::DrainReflector { reflector, .. } => Some(reflector.as_str()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(drains, ["r-us"]);
+    let drain_decided = |name: &str| {
+        plan.decisions
+            .iter()
+            .any(|d| matches!(d, Decision::DrainReflector { reflector, .. } if reflector == name))
+    };
+    assert!(!drain_decided("r-eu") && drain_decided("r-us"));
     // Until the next plan, neither is offered to a new shard.
     let refused = r.route(&req("hall", "eu"), |_| Ok(())).await;
     assert!(refused.is_err(), "{refused:?}");

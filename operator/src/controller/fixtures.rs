@@ -74,3 +74,25 @@ pub fn shard(
         moved_at: None,
     }
 }
+
+/// A load source that remembers which pod each read was for and the credential it
+/// presented, and reads nothing.
+#[derive(Default)]
+pub struct Recording(pub std::sync::Mutex<Vec<(String, Option<String>)>>);
+
+impl super::observe::LoadSource for Recording {
+    fn load<'a>(
+        &'a self,
+        pod: &'a k8s_openapi::api::core::v1::Pod,
+        credential: Option<&'a str>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Option<super::observe::ReflectorLoad>> + Send + 'a>,
+    > {
+        use kube::ResourceExt;
+        self.0
+            .lock()
+            .unwrap()
+            .push((pod.name_any(), credential.map(str::to_owned)));
+        Box::pin(async { None })
+    }
+}

@@ -193,15 +193,15 @@ pub fn pod_image(pod: &Pod) -> String {
 /// Loads by reflector pod name, for the pods whose load could be read.
 pub type LoadByPod = HashMap<String, ReflectorLoad>;
 
-/// Reads the load of every ready or draining pod, concurrently, presenting each pod's own
-/// report credential minted from `key` (the same credential its pod spec carries).
-pub async fn read_loads(
+/// Reads the load of every ready or draining pod of `pods`, concurrently, presenting each
+/// pod's own report credential minted from `key` (the same credential its pod spec carries).
+pub async fn read_loads<'a>(
     source: &dyn LoadSource,
-    pods: &[Pod],
+    pods: impl IntoIterator<Item = &'a Pod>,
     key: Option<&ReportKey>,
 ) -> LoadByPod {
     let reads = pods
-        .iter()
+        .into_iter()
         .filter(|p| {
             matches!(
                 pod_state(p),
@@ -256,24 +256,6 @@ mod tests {
         );
     }
 
-    /// Remembers the credential each load read presented.
-    #[derive(Default)]
-    struct Recording(std::sync::Mutex<Vec<(String, Option<String>)>>);
-
-    impl LoadSource for Recording {
-        fn load<'a>(
-            &'a self,
-            pod: &'a Pod,
-            credential: Option<&'a str>,
-        ) -> Pin<Box<dyn Future<Output = Option<ReflectorLoad>> + Send + 'a>> {
-            self.0
-                .lock()
-                .unwrap()
-                .push((pod.name_any(), credential.map(str::to_owned)));
-            Box::pin(async { None })
-        }
-    }
-
     #[tokio::test]
     async fn each_pods_load_is_read_with_its_own_report_credential() {
         let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -283,9 +265,9 @@ mod tests {
         }))
         .unwrap();
         let key = ReportKey::new(&[7; 32]).unwrap();
-        let source = Recording::default();
-        read_loads(&source, std::slice::from_ref(&pod), Some(&key)).await;
-        read_loads(&source, std::slice::from_ref(&pod), None).await;
+        let source = super::super::fixtures::Recording::default();
+        read_loads(&source, [&pod], Some(&key)).await;
+        read_loads(&source, [&pod], None).await;
         let want = key.credential("arena-eu-0", "eu").unwrap();
         assert_eq!(
             *source.0.lock().unwrap(),

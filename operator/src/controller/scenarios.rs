@@ -441,6 +441,42 @@ async fn a_new_leader_keeps_ready_reflectors_it_has_not_heard_from() {
     assert_eq!(slot.memory.lock().await.planning_since, Some(NOW));
 }
 
+/// A ready pod whose report stream is live is not read over HTTP: its load comes from the
+/// stream. The other is read as before.
+#[tokio::test]
+async fn a_pod_that_reports_on_its_stream_is_not_read_over_http() {
+    let source = Arc::new(fixtures::Recording::default());
+    let router = crate::router::Router::new(
+        crate::router::RouterConfig::default(),
+        None,
+        crate::router::metrics::RouterMetrics::new(&prometheus::Registry::new()),
+    );
+    router.observe_report(&refleet_api::report::ReflectorReport {
+        reflector: "arena-eu-0".into(),
+        region: "eu".into(),
+        state: 1,
+        ..Default::default()
+    });
+    let (ctx, fakeserver) = testcontext_with(|ctx| {
+        ctx.load = source.clone();
+        ctx.router = Some(router);
+    });
+    let pool = fixtures::pool("games", "arena", &["eu"]);
+    let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
+    let cache = Cache::of(vec![pool.clone()], vec![], pods);
+    let mocksrv = fakeserver.run(Scenario::UnreportedReflectorsAreKeptByANewLeader(pool));
+    sync(&ctx, &cache, "games", "arena").await.expect("sync");
+    timeout_after_1s(mocksrv).await;
+    let read: Vec<String> = source
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(pod, _)| pod.clone())
+        .collect();
+    assert_eq!(read, ["arena-eu-1"]);
+}
+
 #[tokio::test]
 async fn a_sync_on_caches_that_never_listed_fails_without_calling_the_api() {
     let (ctx, mut fakeserver) = testcontext();
