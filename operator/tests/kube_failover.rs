@@ -437,6 +437,12 @@ fn names<K: kube::ResourceExt>(objects: &[K]) -> Vec<String> {
     objects.iter().map(kube::ResourceExt::name_any).collect()
 }
 
+fn pod_names(pods: &[std::sync::Arc<k8s_openapi::api::core::v1::Pod>]) -> Vec<String> {
+    pods.iter()
+        .map(|p| kube::ResourceExt::name_any(&**p))
+        .collect()
+}
+
 /// A sync reads only the watch caches, so a cache that stopped following the apiserver after
 /// a restart would make the operator re-create pods it cannot see, every sync. After the
 /// kube-apiserver is killed and started again, what changes afterwards reaches the cache.
@@ -480,7 +486,7 @@ async fn the_watch_caches_follow_the_apiserver_across_a_restart() {
         .await
         .expect("first lists within 30 s")
         .unwrap();
-    assert_eq!(names(&cache.pods_of(ns, "arena")), ["arena-eu-0"]);
+    assert_eq!(pod_names(&cache.pods_of(ns, "arena")), ["arena-eu-0"]);
     assert!(cache.pool(ns, "arena").is_some());
 
     kube.stop_apiserver();
@@ -513,7 +519,7 @@ async fn the_watch_caches_follow_the_apiserver_across_a_restart() {
         || {
             let cache = cache.clone();
             async move {
-                let pods = names(&cache.pods_of(ns, "arena"));
+                let pods = pod_names(&cache.pods_of(ns, "arena"));
                 let sessions = names(&cache.sessions_of(ns, "arena"));
                 let services = names(&cache.services_of(ns, "arena"));
                 (pods == ["arena-eu-1"] && sessions == ["lobby"] && services == ["arena-eu-1"])

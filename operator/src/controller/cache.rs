@@ -23,6 +23,7 @@
 //! changes nothing), deleting a pod that is gone is success, statuses are server-side
 //! applied. A store is read only once it has completed its first list ([`Cache::ready`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
@@ -288,8 +289,10 @@ impl Cache {
     }
 
     /// The reflector pods of pool `pool` in `namespace`, by name.
-    pub fn pods_of(&self, namespace: &str, pool: &str) -> Vec<Pod> {
-        select(&self.pods.store, namespace, |p| labelled(p, pool))
+    pub fn pods_of(&self, namespace: &str, pool: &str) -> Vec<Arc<Pod>> {
+        // Shared, not copied: a pool's pods are read by every sync, and copying ~2 000 of
+        // them was 7 % of the leader's samples (docs/scale.md, "Ramps").
+        select_shared(&self.pods.store, namespace, |p| labelled(p, pool))
     }
 
     /// The per-pod Services of pool `pool` in `namespace`, by name.
@@ -309,13 +312,24 @@ fn select<K: Resource<DynamicType = ()> + Clone + 'static>(
     namespace: &str,
     keep: impl Fn(&K) -> bool,
 ) -> Vec<K> {
-    let mut out: Vec<K> = store
+    select_shared(store, namespace, keep)
+        .into_iter()
+        .map(|o| (*o).clone())
+        .collect()
+}
+
+/// [`select`] without copying the objects out of the store.
+fn select_shared<K: Resource<DynamicType = ()> + Clone + 'static>(
+    store: &Store<K>,
+    namespace: &str,
+    keep: impl Fn(&K) -> bool,
+) -> Vec<Arc<K>> {
+    let mut out: Vec<Arc<K>> = store
         .state()
         .into_iter()
         .filter(|o| o.namespace().as_deref() == Some(namespace) && keep(o))
-        .map(|o| (*o).clone())
         .collect();
-    out.sort_by_key(ResourceExt::name_any);
+    out.sort_by_key(|o| o.name_any());
     out
 }
 
@@ -359,6 +373,10 @@ mod tests {
         objects.iter().map(ResourceExt::name_any).collect()
     }
 
+    fn pod_names(pods: &[Arc<Pod>]) -> Vec<String> {
+        pods.iter().map(|p| p.name_any()).collect()
+    }
+
     #[tokio::test]
     async fn the_cache_gives_a_sync_only_its_own_pool_s_sessions_and_pods_by_name() {
         let arena = fixtures::pool("games", "arena", &["eu"]);
@@ -392,11 +410,14 @@ mod tests {
         );
         assert_eq!(names(&cache.sessions_of("other", "arena")), ["lobby"]);
         assert_eq!(
-            names(&cache.pods_of("games", "arena")),
+            pod_names(&cache.pods_of("games", "arena")),
             ["arena-eu-0", "arena-eu-1"]
         );
-        assert_eq!(names(&cache.pods_of("games", "lounge")), ["lounge-eu-0"]);
-        assert_eq!(names(&cache.pods_of("other", "arena")), ["arena-eu-0"]);
+        assert_eq!(
+            pod_names(&cache.pods_of("games", "lounge")),
+            ["lounge-eu-0"]
+        );
+        assert_eq!(pod_names(&cache.pods_of("other", "arena")), ["arena-eu-0"]);
         assert!(cache.pods_of("games", "missing").is_empty());
     }
 

@@ -5,6 +5,8 @@
 //! controller). After a restart or a leadership change the memory is rebuilt from what is
 //! observable: `Session.status.shards` and the sessions the reflectors say they host.
 
+use std::borrow::Borrow;
+
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
@@ -64,7 +66,7 @@ pub fn observed(
     pool_name: &str,
     pool: Option<&ReflectorPool>,
     sessions: &[Session],
-    pods: &[Pod],
+    pods: &[impl Borrow<Pod>],
     loads: &LoadByPod,
 ) -> fleet::Observed {
     let id = pool_id(namespace, pool_name);
@@ -93,6 +95,7 @@ pub fn observed(
         reflectors: pods
             .iter()
             .map(|p| {
+                let p: &Pod = p.borrow();
                 let name = p.name_any();
                 fleet::ObservedHost {
                     pool: id.clone(),

@@ -180,6 +180,7 @@ pub async fn sync(
         .unwrap_or_default();
     let unreported: Vec<&Pod> = pods
         .iter()
+        .map(AsRef::as_ref)
         .filter(|p| !reported.contains_key(p.metadata.name.as_deref().unwrap_or_default()))
         .collect();
     let loads = read_loads(&*ctx.load, unreported, ctx.report_key.as_ref()).await;
@@ -355,7 +356,7 @@ pub const REQUESTS_IN_FLIGHT: usize = 16;
 async fn apply_reflectors(
     ctx: &Context,
     pool: &ReflectorPool,
-    pods: &[Pod],
+    pods: &[Arc<Pod>],
     services: &[Service],
     plan: &Plan,
     created: &mut Vec<String>,
@@ -367,7 +368,7 @@ async fn apply_reflectors(
         grace_period_seconds: u32::try_from(grace).ok(),
         ..DeleteParams::default()
     };
-    let by_name: HashMap<String, &Pod> = pods.iter().map(|p| (p.name_any(), p)).collect();
+    let by_name: HashMap<String, &Pod> = pods.iter().map(|p| (p.name_any(), &**p)).collect();
     // `Some(deadline)`: drain (mark first so no new shard goes there, then SIGTERM with the
     // grace); `None`: remove.
     let removals: Vec<(String, Option<Seconds>)> = plan
@@ -394,7 +395,7 @@ async fn apply_reflectors(
     let mut first_error = removed.into_iter().find_map(Result::err);
 
     let per_pod_service = pool.spec.reflector_url.per_pod_service;
-    let mut taken: BTreeSet<String> = pods.iter().map(ResourceExt::name_any).collect();
+    let mut taken: BTreeSet<String> = pods.iter().map(|p| p.name_any()).collect();
     let pool_name = pool.name_any();
     // Names and specs first (each new pod takes the lowest free name), then the requests.
     let mut new_pods: Vec<(String, String, Pod)> = Vec::new();
