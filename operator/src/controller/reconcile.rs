@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! reconcile(pool | session) ─> sync(namespace, pool):
-//!     observe  the cache: pool, its Sessions, pods, Services (no request) ; GET /sessions per reflector
+//!     observe  the cache: pool, its Sessions, pods, Services (no request) ; the report streams,
+//!              and GET /sessions of each ready pod whose stream is not live
 //!     plan     planner::plan(fleet::plan_input(observed(..)))          (pure)
 //!              router: publish fleet::fleet_view(..)
 //!     apply    drain: PATCH pod (label draining) + DELETE pod (grace) ; remove: DELETE pod
