@@ -2198,8 +2198,7 @@ async fn a_reflector_a_route_opened_a_shard_on_while_the_plan_was_made_is_not_dr
     let mut published = fleet::fleet_view(&fleet::Observed::default(), input, &plan);
     published.sessions.clone_from(&view.sessions);
     published.urls.clone_from(&view.urls);
-    r.publish("local", published);
-    fleet::spare_new_hosts(&r, &mut plan);
+    fleet::publish_plan(&r, "local", published, &mut plan);
     assert!(!drained(&plan, "r-eu"), "r-eu hosts lobby");
     assert!(drained(&plan, "r-us"));
     let drain_decided = |name: &str| {

@@ -5,7 +5,7 @@
 //!     observe  the cache: pool, its Sessions, pods, Services (no request) ; the report streams,
 //!              and GET /sessions of each ready pod whose stream is not live
 //!     plan     planner::plan(fleet::plan_input(observed(..)))          (pure)
-//!              router: publish fleet::fleet_view(..)
+//!              router: fleet::publish_plan(fleet::fleet_view(..))
 //!     apply    drain: PATCH pod (label draining) + DELETE pod (grace) ; remove: DELETE pod
 //!              create: PATCH pod (server-side apply) [+ PATCH Service]
 //!              PATCH status (server-side apply) of the pool, then of every changed Session
@@ -230,8 +230,8 @@ pub async fn sync(
     }
     let mut plan = planner::plan(&input);
     if let Some(router) = &ctx.router {
-        router.publish(&id, fleet::fleet_view(&observed, input.clone(), &plan));
-        fleet::spare_new_hosts(router, &mut plan);
+        let view = fleet::fleet_view(&observed, input.clone(), &plan);
+        fleet::publish_plan(router, &id, view, &mut plan);
     }
 
     // Apply.

@@ -423,19 +423,9 @@ pub fn settle_unreported(input: &mut PlanInput, planning_since: Seconds) {
 
 /// What a backend publishes to the router after a plan: the plan's `input` with the plan's
 /// shards and history, every Session object with its pool's files URL, and the URL of each
-/// reflector that has one. A reflector the plan drains or removes is published as draining:
-/// the backend marks its pod only after this, and until the next plan sees the mark, a
-/// Route would otherwise open shards on it (empty, it is the roomiest reflector there is).
+/// reflector that has one. A backend hands it to the router with [`publish_plan`].
 pub fn fleet_view(observed: &Observed, mut input: PlanInput, plan: &Plan) -> FleetView {
     input.shards.clone_from(&plan.shards);
-    let retiring = retiring(plan);
-    if !retiring.is_empty() {
-        for r in &mut input.reflectors {
-            if retiring.contains(r.name.as_str()) {
-                r.state = ReflectorState::Draining;
-            }
-        }
-    }
     input.history.clone_from(&plan.history);
     let sessions = observed
         .sessions
@@ -470,7 +460,7 @@ pub fn fleet_view(observed: &Observed, mut input: PlanInput, plan: &Plan) -> Fle
 }
 
 /// The reflectors `plan` drains or removes.
-pub fn retiring(plan: &Plan) -> HashSet<&str> {
+fn retiring(plan: &Plan) -> HashSet<&str> {
     plan.reflectors
         .iter()
         .filter(|r| r.action != ReflectorAction::Keep)
@@ -478,15 +468,25 @@ pub fn retiring(plan: &Plan) -> HashSet<&str> {
         .collect()
 }
 
-/// Keeps each reflector `plan` would drain or remove on which `router` opened a shard that
-/// no plan holds yet: the plan was made without that shard (a Route opened it from the view
-/// before, while the plan was being made), so the reflector is not empty. Call it after
-/// publishing the plan's view, which no longer offers those reflectors to new shards: a
-/// shard opened before the publish is seen here, and none can be opened on them after it.
-/// The next plan counts the shard and keeps the reflector.
-pub fn spare_new_hosts(router: &Router, plan: &mut Plan) {
+/// Publishes `view`, the view after `plan`, to `router` before the backend acts on the plan,
+/// and keeps each reflector the plan would drain or remove on which the router opened a
+/// shard that no plan holds yet.
+///
+/// A reflector the plan drains or removes is published as draining: the backend marks its
+/// pod only after this, and until the next plan sees the mark, a Route would otherwise open
+/// shards on it (empty, it is the roomiest reflector there is). A Route may also have opened
+/// one on it from the view before, while the plan was being made without that shard: asked
+/// after the publish, the router names every such reflector (none can get a shard after
+/// it), and the plan keeps them. The next plan counts the shard and keeps the reflector.
+pub fn publish_plan(router: &Router, key: &str, mut view: FleetView, plan: &mut Plan) {
     let kept = {
         let retiring = retiring(plan);
+        for r in &mut view.input.reflectors {
+            if retiring.contains(r.name.as_str()) {
+                r.state = ReflectorState::Draining;
+            }
+        }
+        router.publish(key, view);
         if retiring.is_empty() {
             return;
         }

@@ -160,8 +160,7 @@ impl<L: Launcher> Fleet<L> {
         if let Some(router) = &self.router {
             let mut view = fleet::fleet_view(&observed, input, &plan);
             view.gateways = self.gateways.clone().into_iter().collect();
-            router.publish("local", view);
-            fleet::spare_new_hosts(router, &mut plan);
+            fleet::publish_plan(router, "local", view, &mut plan);
         }
         self.record_metrics(&observed, &plan);
         for rp in &plan.reflectors {

@@ -450,7 +450,7 @@ impl Router {
     }
 
     /// Which of `reflectors` host a shard this router opened that no published plan holds
-    /// yet ([`crate::fleet::spare_new_hosts`]).
+    /// yet ([`crate::fleet::publish_plan`]).
     pub fn hosting_unplanned(&self, reflectors: &HashSet<&str>) -> HashSet<String> {
         lock(&self.inner)
             .opened
