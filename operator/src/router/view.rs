@@ -562,32 +562,37 @@ impl FleetState {
         now: Millis,
         grace: Millis,
     ) -> ReportChange {
-        let frees_room = self.live.get(reflector).is_some_and(|p| {
-            !p.expired && (p.draining != draining || may_free_room(&p.users, &users))
-        });
         self.tally.add(&users);
-        let previous = self.live.insert(
-            reflector.to_owned(),
-            Live {
-                region: region.to_owned(),
-                draining,
-                connected: true,
-                seen: now,
-                expired: false,
-                users,
-            },
-        );
-        let revived = previous
-            .as_ref()
-            .is_none_or(|p| p.expired || now.saturating_sub(p.seen) > grace);
-        if let Some(p) = previous {
-            self.tally.remove(&p.users);
-        }
+        let live = Live {
+            region: region.to_owned(),
+            draining,
+            connected: true,
+            seen: now,
+            expired: false,
+            users,
+        };
+        // One lookup, and the name copied only for a reflector not seen before.
+        let change = match self.live.get_mut(reflector) {
+            Some(l) => {
+                let previous = std::mem::replace(l, live);
+                self.tally.remove(&previous.users);
+                ReportChange {
+                    revived: previous.expired || now.saturating_sub(previous.seen) > grace,
+                    frees_room: !previous.expired
+                        && (previous.draining != draining
+                            || may_free_room(&previous.users, &l.users)),
+                }
+            }
+            None => {
+                self.live.insert(reflector.to_owned(), live);
+                ReportChange {
+                    revived: true,
+                    frees_room: false,
+                }
+            }
+        };
         self.next_expiry = self.next_expiry.min(now + grace);
-        ReportChange {
-            revived,
-            frees_room,
-        }
+        change
     }
 
     /// A reflector's stream ended; its load still counts until the grace period is over
