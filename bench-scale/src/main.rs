@@ -105,6 +105,10 @@ struct Args {
     /// `maxUsersPerShard` of the rooms (long tail) Session.
     #[arg(long, default_value_t = 50)]
     room_cap: u32,
+    /// `maxShards` of the rooms Session (each room may open this many shards; a room at
+    /// it refuses, counted apart in `refused_at_max_shards`).
+    #[arg(long, default_value_t = 20)]
+    room_max_shards: u32,
     /// `maxUsersPerShard` of the arena Sessions.
     #[arg(long, default_value_t = 1000)]
     arena_cap: u32,
@@ -189,6 +193,10 @@ struct Args {
     /// User ids the probe cycles through (each gets its pending reservation back).
     #[arg(long, default_value_t = 500)]
     probe_users: u64,
+    /// HTTP/2 connections the users' Routes go over to each operator, round-robin (as from
+    /// this many app backends); the probe uses one.
+    #[arg(long, default_value_t = 16)]
+    route_connections: usize,
     /// Fail when any Route failed or any user gave up (outside injected failures, use with
     /// none injected).
     #[arg(long)]
@@ -267,7 +275,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         warm_buffer: args.warm_buffer,
         growth_buffer_seconds: args.growth_buffer_seconds,
         room_cap: args.room_cap,
-        room_max_shards: 20,
+        room_max_shards: args.room_max_shards,
         arenas: args.arenas,
         arena_cap: args.arena_cap,
         arena_max_shards: args.arena_max_shards,
@@ -418,6 +426,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             .iter()
             .map(|o| format!("http://{}", o.router))
             .collect::<Vec<_>>(),
+        args.route_connections,
     )?);
     let stats = Arc::new(users::UserStats::default());
 

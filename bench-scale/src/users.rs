@@ -45,10 +45,17 @@ pub struct Model {
     pub seed: u64,
 }
 
-/// Route calls against the operators: whichever answers (only the leader routes).
+/// Route calls against the operators: whichever answers (only the leader routes). Each
+/// operator is reached over several HTTP/2 connections, as the Routes of many app backends
+/// would be: one connection carrying every user's Route (up to thousands waiting for a new
+/// shard at once) is a client no deployment has, and the server's guard against floods of
+/// cancelled streams ends such a connection with every call on it.
 pub struct Router {
-    clients: Vec<RoutingClient<Channel>>,
+    /// Per operator address, its connections.
+    clients: Vec<Vec<RoutingClient<Channel>>>,
     hint: std::sync::atomic::AtomicUsize,
+    /// Round-robin over each operator's connections.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 /// The API key of `app`'s backend (the router maps each key to one appId).
@@ -57,19 +64,24 @@ pub fn api_key(app: &str) -> String {
 }
 
 impl Router {
-    pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
+    /// `connections` HTTP/2 connections to each of `addrs` (at least one).
+    pub fn new(addrs: &[String], connections: usize) -> anyhow::Result<Self> {
         let mut clients = Vec::new();
         for a in addrs {
-            let channel = tonic::transport::Endpoint::from_shared(a.clone())?
+            let endpoint = tonic::transport::Endpoint::from_shared(a.clone())?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(10))
-                .tcp_nodelay(true)
-                .connect_lazy();
-            clients.push(RoutingClient::new(channel));
+                .tcp_nodelay(true);
+            // One Endpoint connected lazily `connections` times: each its own connection.
+            let conns = (0..connections.max(1))
+                .map(|_| RoutingClient::new(endpoint.connect_lazy()))
+                .collect();
+            clients.push(conns);
         }
         Ok(Self {
             clients,
             hint: std::sync::atomic::AtomicUsize::new(0),
+            next: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -79,7 +91,7 @@ impl Router {
         namespace: &str,
         session: &str,
     ) -> Option<Vec<refleet_api::routing::ShardInfo>> {
-        for c in &self.clients {
+        for c in self.clients.iter().filter_map(|conns| conns.first()) {
             let mut c = c.clone();
             let req = refleet_api::routing::ListShardsRequest {
                 namespace: namespace.to_owned(),
@@ -95,9 +107,21 @@ impl Router {
         None
     }
 
-    /// One Route; an UNAVAILABLE answer (not the leader, or down) moves the hint on.
+    /// One Route on the next connection in turn; an UNAVAILABLE answer (not the leader, or
+    /// down) moves the hint on.
     pub async fn route(
         &self,
+        app: &str,
+        req: RouteRequest,
+    ) -> Result<refleet_api::routing::RouteResponse, tonic::Status> {
+        let conn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.route_via(conn, app, req).await
+    }
+
+    /// One Route on each operator's connection `conn` (modulo their number).
+    pub async fn route_via(
+        &self,
+        conn: usize,
         app: &str,
         req: RouteRequest,
     ) -> Result<refleet_api::routing::RouteResponse, tonic::Status> {
@@ -109,7 +133,8 @@ impl Router {
         let mut last = tonic::Status::unavailable("no operator");
         for _ in 0..self.clients.len() {
             let raw = self.hint.load(Ordering::Relaxed);
-            let mut client = self.clients[raw % self.clients.len()].clone();
+            let conns = &self.clients[raw % self.clients.len()];
+            let mut client = conns[conn % conns.len()].clone();
             let mut request = tonic::Request::new(req.clone());
             request.metadata_mut().insert("x-api-key", key.clone());
             match client.route(request).await {
@@ -452,17 +477,18 @@ fn spawn_user(
                 return;
             }
             let sent = Instant::now();
-            let answer = router
-                .route(
-                    app,
-                    RouteRequest {
-                        namespace: model.namespace.clone(),
-                        session: session.clone(),
-                        preferred_region: home.clone(),
-                        user_id: user.clone(),
-                    },
-                )
-                .await;
+            // Boxed: the gRPC call's future is large, and a task of each of a million users
+            // would otherwise carry its space for the whole stay.
+            let answer = Box::pin(router.route(
+                app,
+                RouteRequest {
+                    namespace: model.namespace.clone(),
+                    session: session.clone(),
+                    preferred_region: home.clone(),
+                    user_id: user.clone(),
+                },
+            ))
+            .await;
             let now = Instant::now();
             let resp = match answer {
                 Ok(resp) => resp,
@@ -683,8 +709,10 @@ pub async fn probe(
             let user = format!("probe-{}", sent % users.max(1));
             tasks.push(tokio::spawn(async move {
                 let t0 = Instant::now();
+                // One connection, as bench/ROUTING.md's floor was measured.
                 let r = router
-                    .route(
+                    .route_via(
+                        0,
                         ARENA_APP,
                         RouteRequest {
                             namespace,
