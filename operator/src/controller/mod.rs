@@ -145,25 +145,69 @@ pub(crate) struct PoolSlot {
     /// A reconcile waits for `memory` and has not read the caches yet: any later trigger is
     /// covered by it (see `reconcile::sync_coalesced`).
     pub(crate) queued: std::sync::atomic::AtomicBool,
-    /// When the last sync started (it held the lock).
-    pub(crate) last_started: Mutex<Option<tokio::time::Instant>>,
+    /// When the last sync started (it held the lock), and how long the last one that
+    /// ended took.
+    pub(crate) times: Mutex<SyncTimes>,
+}
+
+/// When a pool's last sync started and how long the last finished one took.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct SyncTimes {
+    pub(crate) started: Option<tokio::time::Instant>,
+    pub(crate) took: Duration,
+}
+
+impl SyncTimes {
+    /// When the next sync may start, `interval` after the last one, and when it may start if
+    /// a Route waits for it: at once for a quick sync, but never before the last one's
+    /// duration has passed again after it, so syncs that Routes keep asking for take at most
+    /// half the time (at ~100 000 shards a sync takes most of a second; back to back, the
+    /// leader had no core left for the Routes and reports that wait on it).
+    pub(crate) fn next_starts(
+        &self,
+        interval: Duration,
+    ) -> Option<(tokio::time::Instant, tokio::time::Instant)> {
+        self.started
+            .map(|t| (t + interval, t + interval.min(self.took * 2)))
+    }
 }
 
 impl PoolSlot {
-    /// Notes that a sync starts now.
-    pub(crate) fn started(&self) {
-        *self
-            .last_started
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
-    }
-
-    /// When the next sync may start, `interval` after the last one.
-    pub(crate) fn next_start(&self, interval: Duration) -> Option<tokio::time::Instant> {
-        self.last_started
+    fn times(&self) -> std::sync::MutexGuard<'_, SyncTimes> {
+        self.times
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .map(|t| t + interval)
+    }
+
+    /// Notes that a sync starts now; the returned guard notes how long it took when dropped
+    /// (whichever way the sync ends).
+    pub(crate) fn started(&self) -> SyncTiming<'_> {
+        let now = tokio::time::Instant::now();
+        self.times().started = Some(now);
+        SyncTiming {
+            slot: self,
+            begun: now,
+        }
+    }
+
+    /// See [`SyncTimes::next_starts`].
+    pub(crate) fn next_starts(
+        &self,
+        interval: Duration,
+    ) -> Option<(tokio::time::Instant, tokio::time::Instant)> {
+        self.times().next_starts(interval)
+    }
+}
+
+/// Records a sync's duration in its pool's slot when dropped.
+pub(crate) struct SyncTiming<'a> {
+    slot: &'a PoolSlot,
+    begun: tokio::time::Instant,
+}
+
+impl Drop for SyncTiming<'_> {
+    fn drop(&mut self) {
+        self.slot.times().took = self.begun.elapsed();
     }
 }
 

@@ -102,7 +102,7 @@ pub async fn sync_coalesced(
         ctx.metrics.sync_coalesced(controller);
         return Ok(false);
     }
-    if let Some(next) = slot.next_start(ctx.min_sync_interval)
+    if let Some((next, urgent_floor)) = slot.next_starts(ctx.min_sync_interval)
         && next > tokio::time::Instant::now()
     {
         let urgent = async {
@@ -113,7 +113,7 @@ pub async fn sync_coalesced(
         };
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
-            () = urgent => {}
+            () = urgent => tokio::time::sleep_until(urgent_floor).await,
         }
     }
     drop(slot);
@@ -159,7 +159,7 @@ pub async fn sync(
     // From here on this sync reads the caches: a trigger arriving now needs a sync after it.
     // (First, so that no way out of this function leaves the flag set.)
     slot.queued.store(false, Ordering::Release);
-    slot.started();
+    let _timing = slot.started();
     cache.ready().await?;
 
     // Observe. Read under the pool's lock, so a sync sees what the one before it wrote as

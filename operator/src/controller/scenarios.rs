@@ -584,6 +584,55 @@ async fn a_pool_is_synced_at_most_once_a_second_unless_a_route_waits() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_route_that_waits_gets_a_sync_no_sooner_than_the_last_one_took_again() {
+    use crate::router::{Router, RouterConfig, metrics::RouterMetrics};
+    use tokio::time::Instant;
+    let router = Router::new(
+        RouterConfig::default(),
+        None,
+        RouterMetrics::new(&prometheus::Registry::new()),
+    );
+    let (ctx, _fakeserver) = testcontext_with(|ctx| {
+        ctx.min_sync_interval = Duration::from_secs(1);
+        ctx.router = Some(router.clone());
+    });
+    // The last sync of the pool started now and took 300 ms (a big pool's plan).
+    let slot = ctx.pool_slot(&crate::fleet::pool_id("games", "arena"));
+    let start = Instant::now();
+    drop(slot.started());
+    slot.times.lock().unwrap().took = Duration::from_millis(300);
+    let waiting = tokio::spawn({
+        let ctx = ctx.clone();
+        async move {
+            let closed = Cache::closed();
+            let result = sync_coalesced(&ctx, &closed, "games", "arena", "session").await;
+            (start.elapsed(), result)
+        }
+    });
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    router.want_backend();
+    let (waited, result) = waiting.await.unwrap();
+    assert!(
+        matches!(result, Err(super::Error::CacheClosed)),
+        "{result:?}"
+    );
+    assert_eq!(
+        waited,
+        Duration::from_millis(600),
+        "twice the last sync's duration after its start: syncs at most half the time"
+    );
+
+    // Without a Route waiting, the pace holds.
+    let closed = Cache::closed();
+    let before = Instant::now();
+    slot.times.lock().unwrap().took = Duration::from_millis(300);
+    let _ = sync_coalesced(&ctx, &closed, "games", "arena", "pool").await;
+    assert_eq!(before.elapsed(), Duration::from_secs(1));
+}
+
 #[test]
 fn error_labels_are_bounded() {
     use super::Error;
