@@ -56,6 +56,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod moves;
 mod open;
+mod opened;
 pub mod pick;
 pub mod placement;
 pub mod placement_watch;
@@ -209,7 +210,7 @@ struct Inner {
     /// What backends published and reflectors reported.
     fleet: FleetState,
     /// Shards this router opened that no published view holds yet.
-    opened: Vec<ShardRecord>,
+    opened: opened::Opened,
     /// Shards this router opened (exempt from the warm-up rule).
     mine: FastSet<(String, String)>,
     /// Pattern sessions clients asked for, not yet holding a shard.
@@ -755,7 +756,7 @@ impl Router {
         let (namespace, _, name) = inner
             .fleet
             .shards_named(shard)
-            .chain(inner.opened.iter().filter(|s| s.name == shard))
+            .chain(inner.opened.named(shard))
             .filter_map(|s| split_session_key(&s.session))
             .find(|(_, a, _)| *a == app)?;
         let (view, at) = inner.fleet.find_session(namespace, name)?;
@@ -908,7 +909,7 @@ impl Router {
         let max = def.spec.max_users_per_shard;
         Ok(view
             .session_shards(&key)
-            .chain(inner.opened.iter().filter(|s| s.session == key))
+            .chain(inner.opened.of_session(&key))
             .map(|s| ShardInfo {
                 shard: s.name.clone(),
                 region: s.region.clone(),

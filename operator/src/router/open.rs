@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use foldhash::HashSet as FastSet;
 
+use super::opened::Opened;
 use super::pick::threshold_load;
 use super::route::{Target, fill_load};
 use super::view::{FleetState, Published, SessionDef};
@@ -76,7 +77,7 @@ pub(super) fn plan_shard(
     }
     let mut own: Vec<ShardRecord> = view
         .session_shards(key)
-        .chain(inner.opened.iter().filter(|s| s.session == key))
+        .chain(inner.opened.of_session(key))
         .cloned()
         .collect();
     let adopted = adopt_reported(&mut own, view, &inner.fleet, def, key, name);
@@ -141,23 +142,25 @@ pub(super) fn plan_shard(
 /// shards: the view's sum holds them (they are the input's, so they come out), it lacks
 /// the shards of `pool` this router opened since and the closing shards someone is still
 /// on (users reported or places reserved).
-fn others_room(
+fn others_room<'a>(
     view: &Published,
-    opened: &[ShardRecord],
+    opened: &'a Opened,
     fleet: &FleetState,
     ledger: &Ledger,
     key: &str,
-    pool: &str,
+    pool: &'a str,
     now: Millis,
-) -> HeldRoom {
+) -> OthersRoom<'a> {
     let mut room = HeldRoom::default();
     for sh in view.session_shards(key) {
         if sh.phase != ShardPhase::Closing {
             room.release(sh);
         }
     }
-    for sh in opened.iter().filter(|s| s.pool == pool && s.session != key) {
-        room.charge(sh);
+    // The pool's opened shards hold their room in `opened` (kept as they come and go);
+    // the session's own are in its input, so they come out.
+    for sh in opened.of_session(key).filter(|s| s.pool == pool) {
+        room.release(sh);
     }
     for sh in view
         .closing_shards()
@@ -173,7 +176,21 @@ fn others_room(
         }
         room.charge(&now_loaded);
     }
-    room
+    OthersRoom { room, opened, pool }
+}
+
+/// The room the pool's other shards hold beyond the view's sum, by reflector.
+struct OthersRoom<'a> {
+    /// The session's own shards taken back, closing shards still in use added.
+    room: HeldRoom,
+    opened: &'a Opened,
+    pool: &'a str,
+}
+
+impl OthersRoom<'_> {
+    fn of(&self, reflector: &str) -> Held {
+        self.room.of(reflector) + self.opened.held_on(self.pool, reflector)
+    }
 }
 
 /// What the Route cannot use, for the plan:

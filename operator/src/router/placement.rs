@@ -78,8 +78,8 @@ impl Router {
             .or_else(|| {
                 inner
                     .opened
-                    .iter()
-                    .find(|s| s.name == shard && app_of(s) == Some(app_id))
+                    .named(shard)
+                    .find(|s| app_of(s) == Some(app_id))
                     .map(|sh| {
                         let view = sh.reflector.as_deref().and_then(|r| {
                             inner.fleet.published().find(|v| v.reflector(r).is_some())

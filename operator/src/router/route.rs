@@ -27,6 +27,7 @@ use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use refleet_api::routing::RouteRequest;
 
 use super::ledger::{Claim, Ledger, Millis};
+use super::opened::Opened;
 use super::pick::{Candidate, pick, pick_unreserved, region_order, threshold_load};
 use super::view::{FleetState, Published, SessionDef, app_ids};
 use super::{Caller, Inner, RouteError, Router, lock};
@@ -198,7 +199,7 @@ impl<'a> Shards<'a> {
     #[allow(clippy::too_many_arguments)]
     fn of_session(
         view: &'a Published,
-        opened: &'a [ShardRecord],
+        opened: &'a Opened,
         fleet: &FleetState,
         ledger: &Ledger,
         target: &Target<'_>,
@@ -386,11 +387,11 @@ pub(super) fn warm_margin(spec: &SessionSpec) -> u32 {
 /// those.
 fn shards_not_closing<'a>(
     view: &'a Published,
-    opened: &'a [ShardRecord],
+    opened: &'a Opened,
     key: &str,
 ) -> Vec<&'a ShardRecord> {
     view.session_shards(key)
-        .chain(opened.iter().filter(|s| s.session == key))
+        .chain(opened.of_session(key))
         .filter(|s| {
             matches!(
                 s.phase,
@@ -873,6 +874,7 @@ mod tests {
 
     #[test]
     fn shard_load_counts_reports_reservations_and_the_warm_up() {
+        let none_opened = Opened::default();
         let mut pending = shard("a", 2, "r1");
         pending.reflector = None;
         pending.phase = ShardPhase::Pending;
@@ -898,7 +900,16 @@ mod tests {
 
         let none = FastSet::default();
         let normal = Inherited::new(&none, false, false);
-        let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, normal, 0, 1000);
+        let shards = Shards::of_session(
+            &view,
+            &none_opened,
+            &fleet,
+            &ledger,
+            &target,
+            normal,
+            0,
+            1000,
+        );
         // `a~1` waits for its starting reflector, `a~2` for a placement (both in eu, the
         // first region); `a~3` is closing.
         assert_eq!(shards.opening, Some(0));
@@ -917,32 +928,68 @@ mod tests {
         // its threshold; the router's own shard is never held.
         let mine = FastSet::from_iter([(KEY.to_owned(), "a~4".to_owned())]);
         let during = Inherited::new(&mine, true, true);
-        let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, during, 0, 1000);
+        let warm = Shards::of_session(
+            &view,
+            &none_opened,
+            &fleet,
+            &ledger,
+            &target,
+            during,
+            0,
+            1000,
+        );
         let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
         assert_eq!(loads, [6, 2], "no place of the margin given yet");
         let mut taken = WarmTaken::default();
         taken.insert((KEY.to_owned(), "a".to_owned()), 1);
         let one = during.with_warm_taken(&taken);
-        let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, one, 0, 1000);
+        let warm = Shards::of_session(&view, &none_opened, &fleet, &ledger, &target, one, 0, 1000);
         let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
         assert_eq!(loads, [6, 2], "one of two given");
         taken.insert((KEY.to_owned(), "a".to_owned()), 2);
         taken.insert((KEY.to_owned(), "a~4".to_owned()), 9);
         let both = during.with_warm_taken(&taken);
-        let warm = Shards::of_session(&view, &[], &fleet, &ledger, &target, both, 0, 1000);
+        let warm = Shards::of_session(&view, &none_opened, &fleet, &ledger, &target, both, 0, 1000);
         let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
         assert_eq!(loads, [8, 2], "a gave its margin; a~4 is the router's own");
         let unheard = FleetState::default();
-        let warm = Shards::of_session(&view, &[], &unheard, &ledger, &target, during, 0, 1000);
+        let warm = Shards::of_session(
+            &view,
+            &none_opened,
+            &unheard,
+            &ledger,
+            &target,
+            during,
+            0,
+            1000,
+        );
         let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
         assert_eq!(loads, [8, 2], "r1 has not reported: a counts as full");
         // After it, only while their reflector has not reported: r1 has.
         let after = Inherited::new(&none, false, true);
-        let taken = Shards::of_session(&view, &[], &fleet, &ledger, &target, after, 0, 1000);
+        let taken = Shards::of_session(
+            &view,
+            &none_opened,
+            &fleet,
+            &ledger,
+            &target,
+            after,
+            0,
+            1000,
+        );
         let loads: Vec<u64> = taken.candidates.iter().map(|c| c.load).collect();
         assert_eq!(loads, [6, 2]);
         let unheard = FleetState::default();
-        let taken = Shards::of_session(&view, &[], &unheard, &ledger, &target, after, 0, 1000);
+        let taken = Shards::of_session(
+            &view,
+            &none_opened,
+            &unheard,
+            &ledger,
+            &target,
+            after,
+            0,
+            1000,
+        );
         let loads: Vec<u64> = taken.candidates.iter().map(|c| c.load).collect();
         assert_eq!(
             loads,
@@ -951,7 +998,8 @@ mod tests {
         );
 
         // Shards this router opened count as the session's too.
-        let opened = [shard("a", 5, "r1")];
+        let mut opened = Opened::default();
+        opened.push(shard("a", 5, "r1"));
         let more = Shards::of_session(&view, &opened, &fleet, &ledger, &target, normal, 0, 1000);
         assert_eq!(more.routable.len(), 3);
     }
@@ -988,7 +1036,17 @@ mod tests {
         ledger.reserve(("app", "a~1"), Some((KEY, "u2")), 100);
         let none = FastSet::default();
         let normal = Inherited::new(&none, false, false);
-        let shards = Shards::of_session(&view, &[], &fleet, &ledger, &target, normal, 0, 1000);
+        let none_opened = Opened::default();
+        let shards = Shards::of_session(
+            &view,
+            &none_opened,
+            &fleet,
+            &ledger,
+            &target,
+            normal,
+            0,
+            1000,
+        );
 
         let held = held_place(&ledger, &shards, &target, "u1", 0).unwrap();
         assert_eq!((held.shard.as_str(), held.reservation), ("a", id));
@@ -1017,9 +1075,10 @@ mod tests {
         let def = &view.fleet.sessions[0];
         let target = Target::new(&view, def, &req("", "")).unwrap();
         let ledger = Ledger::new(1);
+        let none_opened = Opened::default();
         let shards = Shards::of_session(
             &view,
-            &[],
+            &none_opened,
             &FleetState::default(),
             &ledger,
             &target,
