@@ -3,13 +3,13 @@
 //! ([`crate::local::fleet::Fleet::status`]); the operator from what its router knows
 //! ([`from_router`]), since a replica's router holds every published plan and every report.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
 use crate::crd::ShardPhase;
 use crate::router::snapshot::FleetSnapshot;
-use refleet_core::planner::{ReflectorState, Seconds, split_session_key};
+use refleet_core::planner::{ReflectorState, Seconds, ShardRecord, split_session_key};
 
 /// The fleet as `GET /v1/status` returns it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -142,6 +142,14 @@ pub fn threshold_users(max_users: u32, threshold: f64) -> u32 {
 /// router's to know: it shows the reflectors that take shards (neither draining nor gone).
 /// No pids and no planner decisions (those stay in the controllers' events).
 pub fn from_router(snap: &FleetSnapshot) -> Status {
+    // Grouped once: looking each reflector's shards up among all of them was quadratic, a
+    // quarter of the leader at ~3 000 reflectors and ~70 000 shards (run G4, docs/scale.md).
+    let mut on: HashMap<&str, Vec<&ShardRecord>> = HashMap::new();
+    for s in &snap.shards {
+        if let Some(r) = s.reflector.as_deref() {
+            on.entry(r).or_default().push(s);
+        }
+    }
     let mut regions = Vec::new();
     for pool in &snap.pools {
         let files_url = snap
@@ -162,12 +170,7 @@ pub fn from_router(snap: &FleetSnapshot) -> Status {
                     } else {
                         r.state
                     };
-                    let shards: Vec<&str> = snap
-                        .shards
-                        .iter()
-                        .filter(|s| s.reflector.as_deref() == Some(r.name.as_str()))
-                        .map(|s| s.name.as_str())
-                        .collect();
+                    let hosted = on.get(r.name.as_str()).map_or(&[][..], Vec::as_slice);
                     ReflectorView {
                         name: r.name.clone(),
                         state: state_name(state),
@@ -176,17 +179,9 @@ pub fn from_router(snap: &FleetSnapshot) -> Status {
                         rss_bytes: None,
                         url: snap.urls.get(&r.name).cloned(),
                         files_url: files_url.clone(),
-                        users: reported.map_or_else(
-                            || {
-                                snap.shards
-                                    .iter()
-                                    .filter(|s| s.reflector.as_deref() == Some(r.name.as_str()))
-                                    .map(|s| s.users)
-                                    .sum()
-                            },
-                            |l| l.users,
-                        ),
-                        shards: shards.into_iter().map(str::to_owned).collect(),
+                        users: reported
+                            .map_or_else(|| hosted.iter().map(|s| s.users).sum(), |l| l.users),
+                        shards: hosted.iter().map(|s| s.name.clone()).collect(),
                     }
                 })
                 .collect();
