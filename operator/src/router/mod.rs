@@ -752,16 +752,31 @@ impl Router {
     /// its hard user cap and whether it keeps persistent data. `None` for a shard no
     /// published plan or router-opened shard knows.
     pub fn shard_settings(&self, app: &str, shard: &str) -> Option<(u32, bool)> {
+        self.shard_settings_of([(app, shard)]).pop().flatten()
+    }
+
+    /// [`Self::shard_settings`] of each `(app, shard)`, under one lock: a report names up to
+    /// a reflector's capacity of shards, and a lock per shard was ~100 000 a second at
+    /// ~4 000 reflectors, each one contended with Routes (run G4, docs/scale.md).
+    pub fn shard_settings_of<'a>(
+        &self,
+        shards: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<Option<(u32, bool)>> {
         let inner = lock(&self.inner);
-        let (namespace, _, name) = inner
-            .fleet
-            .shards_named(shard)
-            .chain(inner.opened.named(shard))
-            .filter_map(|s| split_session_key(&s.session))
-            .find(|(_, a, _)| *a == app)?;
-        let (view, at) = inner.fleet.find_session(namespace, name)?;
-        let spec = &view.fleet.sessions[at].spec;
-        Some((spec.max_users_per_shard, spec.persistence))
+        shards
+            .into_iter()
+            .map(|(app, shard)| {
+                let (namespace, _, name) = inner
+                    .fleet
+                    .shards_named(shard)
+                    .chain(inner.opened.named(shard))
+                    .filter_map(|s| split_session_key(&s.session))
+                    .find(|(_, a, _)| *a == app)?;
+                let (view, at) = inner.fleet.find_session(namespace, name)?;
+                let spec = &view.fleet.sessions[at].spec;
+                Some((spec.max_users_per_shard, spec.persistence))
+            })
+            .collect()
     }
 
     /// Reflectors whose report stream is open and not silent, per region.

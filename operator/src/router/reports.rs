@@ -196,8 +196,15 @@ impl StreamState {
         }
         router.observe_report(report);
         let mut settings = Vec::new();
-        for s in report.shards.iter().filter(|s| !s.shard.is_empty()) {
-            let Some(now) = router.shard_settings(&s.app_id, &s.shard) else {
+        let named: Vec<_> = report
+            .shards
+            .iter()
+            .filter(|s| !s.shard.is_empty())
+            .collect();
+        let current =
+            router.shard_settings_of(named.iter().map(|s| (s.app_id.as_str(), s.shard.as_str())));
+        for (s, now) in named.into_iter().zip(current) {
+            let Some(now) = now else {
                 continue;
             };
             let id = (s.app_id.clone(), s.shard.clone());
