@@ -301,7 +301,7 @@ pub async fn sync(
         })
         .buffer_unordered(REQUESTS_IN_FLIGHT)
         .collect::<Vec<_>>();
-    let events_published = futures_util::stream::iter(same_series(events))
+    let events_published = futures_util::stream::iter(same_series(events).into_iter().map(bounded))
         .map(|series| async move {
             for event in series {
                 publish(ctx, event).await;
@@ -559,6 +559,7 @@ where
 }
 
 /// An Event a sync publishes once its plan is applied.
+#[derive(Clone)]
 struct PendingEvent {
     regarding: ObjectReference,
     type_: EventType,
@@ -608,6 +609,37 @@ async fn publish(ctx: &Context, pending: PendingEvent) {
     if let Err(error) = ctx.recorder.publish(&event, &pending.regarding).await {
         warn!(%error, reason = %event.reason, "publishing an Event failed");
     }
+}
+
+/// Events one series publishes per sync at most; the rest are told in the last one.
+const EVENTS_PER_SERIES: usize = 5;
+
+/// An Event's note at most (the API's limit is 1 KiB).
+const NOTE_BYTES: usize = 1024;
+
+/// `series` with at most [`EVENTS_PER_SERIES`] Events: past that, the last one says how
+/// many more there were and gives the last of their notes. A series is published one
+/// Event after the other (~50 ms each on a loaded apiserver), and a ramp through a pattern
+/// Session opens thousands of shards per sync, each an Event on that Session: the sync
+/// spent minutes on them while no pod was created (run G4, docs/scale.md).
+fn bounded(mut series: Vec<PendingEvent>) -> Vec<PendingEvent> {
+    if series.len() <= EVENTS_PER_SERIES {
+        return series;
+    }
+    let more = series.split_off(EVENTS_PER_SERIES - 1);
+    let n = more.len();
+    if let Some(last) = more.into_iter().last() {
+        let mut note = format!("{n} more in this sync, the last: {}", last.note);
+        if note.len() > NOTE_BYTES {
+            let mut end = NOTE_BYTES;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        series.push(PendingEvent { note, ..last });
+    }
+    series
 }
 
 /// The Events for the plan's decisions (CamelCase reasons), on the Session or the pool.
@@ -751,5 +783,42 @@ mod tests {
             .map(|g| g.iter().map(|e| e.note.as_str()).collect())
             .collect();
         assert_eq!(notes, [vec!["1", "3"], vec!["2"], vec!["4"], vec!["5"]]);
+    }
+
+    #[test]
+    fn a_series_publishes_a_few_events_per_sync_and_counts_the_rest_in_its_last() {
+        let series = |n: usize| -> Vec<PendingEvent> {
+            (0..n)
+                .map(|i| event("Session", "rooms", "ShardOpened", &format!("room-{i}")))
+                .collect()
+        };
+        let notes = |events: Vec<PendingEvent>| -> Vec<String> {
+            events.into_iter().map(|e| e.note).collect()
+        };
+        assert_eq!(
+            notes(bounded(series(5))).len(),
+            5,
+            "five go out as they are"
+        );
+        assert_eq!(
+            notes(bounded(series(2000))),
+            [
+                "room-0",
+                "room-1",
+                "room-2",
+                "room-3",
+                "1996 more in this sync, the last: room-1999"
+            ]
+        );
+        let long = vec![event("Session", "rooms", "ShardOpened", "x"); 6]
+            .into_iter()
+            .chain([event("Session", "rooms", "ShardOpened", &"é".repeat(1000))])
+            .collect();
+        let last = bounded(long).pop().unwrap();
+        assert!(last.note.len() <= NOTE_BYTES && last.note.starts_with("3 more"));
+        assert_eq!(
+            (last.reason.as_str(), last.action),
+            ("ShardOpened", "Scale")
+        );
     }
 }
