@@ -707,3 +707,89 @@ async fn instances_racing_for_a_new_lease_never_lead_together() {
             .unwrap();
     }
 }
+
+/// A leader whose Lease another instance took over (as after a stall past its renewal)
+/// stops leading within about a second, not at its own next renewal: with a 30 s Lease
+/// renewed 5 s before it runs out, that would be 25 s of two leaders. While the Lease names
+/// the other instance it does not lead again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lease_was_taken_over_stops_before_its_next_renewal() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::{Patch, PatchParams};
+    use refleet_operator::controller::leader::{LeaseSettings, lead};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let Some((_kube, kubeconfig)) = start_kube("lease-fence", 9) else {
+        return;
+    };
+    refleet_operator::controller::install_crypto_provider();
+    let admin = admin_client(&kubeconfig).await;
+    let ns = "refleet-lease-fence";
+    prepare(&admin, ns).await;
+    let leading = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = {
+        let (client, leading) = (admin.clone(), leading.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let settings = LeaseSettings {
+                name: "fenced".into(),
+                namespace: ns.into(),
+                identity: "op-a".into(),
+                duration: Duration::from_secs(30),
+                grace: Duration::from_secs(5),
+            };
+            let flag = leading.clone();
+            lead(
+                client,
+                settings,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+                move |now| flag.store(now, Ordering::SeqCst),
+                |lost| lost,
+            )
+            .await
+            .unwrap();
+        })
+    };
+    eventually("op-a to lead", Duration::from_secs(10), || {
+        let leading = leading.clone();
+        async move { leading.load(Ordering::SeqCst).then_some(()) }
+    })
+    .await;
+    // Another instance takes the Lease over (written as kube-lease-manager would).
+    let leases: kube::Api<Lease> = kube::Api::namespaced(admin.clone(), ns);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let takeover = serde_json::json!({"spec": {
+        "holderIdentity": "op-b",
+        "acquireTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now),
+        "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now),
+        "leaseDuration": 30
+    }});
+    leases
+        .patch("fenced", &PatchParams::default(), &Patch::Merge(&takeover))
+        .await
+        .unwrap();
+    let taken = std::time::Instant::now();
+    eventually("op-a to stop leading", Duration::from_secs(3), || {
+        let leading = leading.clone();
+        async move { (!leading.load(Ordering::SeqCst)).then_some(()) }
+    })
+    .await;
+    assert!(
+        taken.elapsed() < Duration::from_secs(3),
+        "stopped {:?} after the takeover",
+        taken.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !leading.load(Ordering::SeqCst),
+        "led again while the Lease names op-b"
+    );
+    let _ = stop_tx.send(true);
+    tokio::time::timeout(Duration::from_secs(40), task)
+        .await
+        .expect("the instance stops")
+        .unwrap();
+}

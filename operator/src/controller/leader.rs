@@ -10,7 +10,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use kube::{Api, Client};
 use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 use tokio::sync::watch;
 use tracing::info;
@@ -45,7 +46,7 @@ where
     W: FnMut(std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>) -> F,
     F: Future<Output = ()>,
 {
-    let manager = LeaseManagerBuilder::new(client, &settings.name)
+    let manager = LeaseManagerBuilder::new(client.clone(), &settings.name)
         .with_namespace(&settings.namespace)
         .with_identity(&settings.identity)
         .with_duration(settings.duration.as_secs().max(2))
@@ -63,6 +64,7 @@ where
         .build()
         .await?;
     let (mut rx, task) = manager.watch().await;
+    let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         // Wait for leadership (or shutdown).
@@ -81,8 +83,10 @@ where
         let lost: std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>> =
             Box::pin(wait_true(lost_rx));
         let mut running = std::pin::pin!(work(lost));
+        let mut fence = std::pin::pin!(taken_from_us(&leases, &settings));
         let mut stopping = false;
         let mut shut_down = false;
+        let mut fenced = false;
         loop {
             tokio::select! {
                 () = &mut running => break,
@@ -92,6 +96,12 @@ where
                         let _ = lost_tx.send(true);
                         stopping = true;
                     }
+                }
+                () = &mut fence, if !stopping => {
+                    info!(identity = %settings.identity, "the Lease has another holder or ran out; stopping the controllers");
+                    let _ = lost_tx.send(true);
+                    stopping = true;
+                    fenced = true;
                 }
                 () = &mut shutdown, if !stopping => {
                     let _ = lost_tx.send(true);
@@ -105,6 +115,76 @@ where
             // Shutdown, or the work ended by itself: give up the Lease.
             return finish(rx, task).await;
         }
+        if fenced {
+            // The lease manager still thinks it holds the Lease until its next renewal:
+            // lead again only once it says so afresh, or the Lease is ours again.
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return finish(rx, task).await;
+                        }
+                        if !*rx.borrow_and_update() {
+                            break;
+                        }
+                    }
+                    () = tokio::time::sleep(fence_every(&settings)) => {
+                        if held_by_us(&leases, &settings).await == Some(true) {
+                            break;
+                        }
+                    }
+                    () = &mut shutdown => return finish(rx, task).await,
+                }
+            }
+        }
+    }
+}
+
+/// How often a leader reads its Lease: every second, or four times per lease duration.
+fn fence_every(settings: &LeaseSettings) -> Duration {
+    (settings.duration / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// Resolves when the Lease, read every [`fence_every`], names another holder or has run out
+/// (another instance may take it at any moment). The lease manager finds out only at its
+/// next renewal: a leader so busy that it renewed late led on for up to ~14 s beside the
+/// one that took the Lease over, and both routed users to the same shards (run G4 in
+/// docs/scale.md: 10 shards over their cap). A read that fails proves nothing: with the
+/// apiserver unreachable no one else can take the Lease, and routing goes on.
+async fn taken_from_us(leases: &Api<Lease>, settings: &LeaseSettings) {
+    loop {
+        tokio::time::sleep(fence_every(settings)).await;
+        if held_by_us(leases, settings).await == Some(false) {
+            return;
+        }
+    }
+}
+
+/// Whether the Lease names this instance and has not run out; `None` when it cannot be read.
+async fn held_by_us(leases: &Api<Lease>, settings: &LeaseSettings) -> Option<bool> {
+    let lease = leases.get_opt(&settings.name).await.ok()?;
+    let Some(spec) = lease.and_then(|l| l.spec) else {
+        return Some(false);
+    };
+    Some(lease_is_ours(
+        &spec,
+        &settings.identity,
+        k8s_openapi::jiff::Timestamp::now(),
+    ))
+}
+
+/// Whether `spec` names `identity` as holder and, when it says when it was renewed and for
+/// how long, `now` is before that runs out.
+fn lease_is_ours(spec: &LeaseSpec, identity: &str, now: k8s_openapi::jiff::Timestamp) -> bool {
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return false;
+    }
+    match (&spec.renew_time, spec.lease_duration_seconds) {
+        (Some(renewed), Some(secs)) => {
+            let until = renewed.0 + k8s_openapi::jiff::SignedDuration::from_secs(i64::from(secs));
+            now < until
+        }
+        _ => true,
     }
 }
 
@@ -139,7 +219,33 @@ async fn finish(
 
 #[cfg(test)]
 mod tests {
-    use super::lease_field_manager;
+    use super::{LeaseSpec, lease_field_manager, lease_is_ours};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    #[test]
+    fn a_lease_is_ours_while_it_names_us_and_has_not_run_out() {
+        let renewed = Timestamp::from_second(1_000_000).unwrap();
+        let spec = |holder: &str| LeaseSpec {
+            holder_identity: Some(holder.into()),
+            renew_time: Some(MicroTime(renewed)),
+            lease_duration_seconds: Some(15),
+            ..LeaseSpec::default()
+        };
+        let at = |secs: i64| renewed + SignedDuration::from_secs(secs);
+        assert!(lease_is_ours(&spec("op-a"), "op-a", at(14)));
+        assert!(!lease_is_ours(&spec("op-a"), "op-a", at(15)), "ran out");
+        assert!(!lease_is_ours(&spec("op-b"), "op-a", at(1)), "taken over");
+        let unknown = LeaseSpec {
+            holder_identity: Some("op-a".into()),
+            ..LeaseSpec::default()
+        };
+        assert!(
+            lease_is_ours(&unknown, "op-a", at(100)),
+            "no times: only the holder counts"
+        );
+        assert!(!lease_is_ours(&LeaseSpec::default(), "op-a", at(0)), "free");
+    }
 
     #[test]
     fn each_instance_has_its_own_bounded_field_manager() {

@@ -481,8 +481,17 @@ async fn remove_pod(
                 "annotations": { ANNOTATION_DRAIN_DEADLINE: deadline.to_string() },
             }
         });
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&mark))
-            .await?;
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&mark))
+            .await
+        {
+            Ok(_) => {}
+            // Gone already (the pod cache lags behind its deletion): nothing left to drain.
+            // An error here failed the whole sync, so a new leader behind a lagging watch
+            // created no pod for minutes (run G4, docs/scale.md).
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
     }
     delete_pod(api, &name, delete).await
 }

@@ -45,6 +45,10 @@ enum Scenario {
     /// waited [`crate::fleet::REPORT_WAIT`] for their loads: the surplus one is marked
     /// draining, then deleted with the drain grace period.
     SurplusReflectorIsMarkedThenDeletedWithGrace(ReflectorPool, Vec<Pod>),
+    /// The same, with the surplus pod already deleted (the pod cache has not seen it go):
+    /// the mark finds no pod, nothing is deleted, and the sync goes on to the pool's status
+    /// and its Event instead of failing.
+    SurplusReflectorAlreadyGoneIsSkipped(ReflectorPool),
     /// The same pool planned for the first time by a new leader whose reflectors have not
     /// reported yet: nothing is marked or deleted, only the pool's status is written.
     UnreportedReflectorsAreKeptByANewLeader(ReflectorPool),
@@ -68,6 +72,9 @@ impl ApiServerVerifier {
                 }
                 Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(pool, pods) => {
                     self.surplus_reflector_is_drained(pool, pods).await
+                }
+                Scenario::SurplusReflectorAlreadyGoneIsSkipped(pool) => {
+                    self.surplus_reflector_already_gone(pool).await
                 }
                 Scenario::UnreportedReflectorsAreKeptByANewLeader(pool) => {
                     self.unreported_reflectors_are_kept(pool).await
@@ -248,6 +255,21 @@ impl ApiServerVerifier {
         );
     }
 
+    async fn surplus_reflector_already_gone(mut self, pool: ReflectorPool) {
+        self.expect(
+            "PATCH",
+            "/api/v1/namespaces/games/pods/arena-eu-1?",
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "message": "pods \"arena-eu-1\" not found", "reason": "NotFound", "code": 404}),
+        )
+        .await;
+        let status = self.expect_pool_status(&pool).await;
+        assert_eq!(status["status"]["regions"][0]["ready"], 1);
+        let event = self.expect_event().await;
+        assert_eq!(event["reason"], "ReflectorDraining");
+    }
+
     async fn surplus_reflector_is_drained(mut self, pool: ReflectorPool, pods: Vec<Pod>) {
         let mark = self
             .expect(
@@ -387,6 +409,23 @@ async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
     let mocksrv = fakeserver.run(Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(
         pool, pods,
     ));
+    sync(&ctx, &cache, "games", "arena").await.expect("sync");
+    timeout_after_1s(mocksrv).await;
+}
+
+#[tokio::test]
+async fn a_surplus_reflector_already_deleted_does_not_fail_the_sync() {
+    let (ctx, fakeserver) = testcontext();
+    {
+        let slot = ctx.pool_slot("games/arena");
+        let mut memory = slot.memory.lock().await;
+        memory.planning_since = Some(NOW - crate::fleet::REPORT_WAIT);
+        memory.initialised = true;
+    }
+    let pool = fixtures::pool("games", "arena", &["eu"]);
+    let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
+    let cache = Cache::of(vec![pool.clone()], vec![], pods);
+    let mocksrv = fakeserver.run(Scenario::SurplusReflectorAlreadyGoneIsSkipped(pool));
     sync(&ctx, &cache, "games", "arena").await.expect("sync");
     timeout_after_1s(mocksrv).await;
 }
