@@ -81,7 +81,9 @@ pub struct OperatorArgs {
     /// The shortest time between the starts of two syncs of one pool (its plan, pods and
     /// statuses) that watch events trigger. A sync's own status writes are such events, so
     /// without a pace a busy pool is synced back to back and the leader spends a core on it.
-    /// A Route waiting for a new reflector ends the wait at once. 0s: no pace.
+    /// A Route waiting for a new reflector ends the wait early, but no sooner than the last
+    /// sync's duration again after its start (syncs take at most half the time however many
+    /// Routes wait). 0s: no pace.
     #[arg(long, env = "REFLEET_MIN_SYNC_INTERVAL", default_value = "1s")]
     pub min_sync_interval: humantime::Duration,
 
