@@ -218,6 +218,7 @@ async fn finish(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::{LeaseSpec, lease_field_manager, lease_is_ours};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;

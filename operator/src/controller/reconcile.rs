@@ -760,6 +760,7 @@ pub async fn run_controllers(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
