@@ -394,6 +394,18 @@ async fn sessions_without_pool_are_degraded_and_warned_of_together() {
 
 #[tokio::test]
 async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
+    sync_with_a_surplus_reflector(Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace).await;
+}
+
+#[tokio::test]
+async fn a_surplus_reflector_already_deleted_does_not_fail_the_sync() {
+    sync_with_a_surplus_reflector(|pool, _| Scenario::SurplusReflectorAlreadyGoneIsSkipped(pool))
+        .await;
+}
+
+/// Syncs a pool with two ready empty reflectors where one is enough, the apiserver playing
+/// `scenario`; the sync must succeed.
+async fn sync_with_a_surplus_reflector(scenario: impl FnOnce(ReflectorPool, Vec<Pod>) -> Scenario) {
     let (ctx, fakeserver) = testcontext();
     // This operator has been planning the pool for the whole wait, and longer than the
     // scale-down cool-down: no load (NoLoad) means the plan alone decides.
@@ -406,26 +418,7 @@ async fn surplus_reflector_is_marked_draining_then_deleted_with_the_grace() {
     let pool = fixtures::pool("games", "arena", &["eu"]);
     let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
     let cache = Cache::of(vec![pool.clone()], vec![], pods.clone());
-    let mocksrv = fakeserver.run(Scenario::SurplusReflectorIsMarkedThenDeletedWithGrace(
-        pool, pods,
-    ));
-    sync(&ctx, &cache, "games", "arena").await.expect("sync");
-    timeout_after_1s(mocksrv).await;
-}
-
-#[tokio::test]
-async fn a_surplus_reflector_already_deleted_does_not_fail_the_sync() {
-    let (ctx, fakeserver) = testcontext();
-    {
-        let slot = ctx.pool_slot("games/arena");
-        let mut memory = slot.memory.lock().await;
-        memory.planning_since = Some(NOW - crate::fleet::REPORT_WAIT);
-        memory.initialised = true;
-    }
-    let pool = fixtures::pool("games", "arena", &["eu"]);
-    let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
-    let cache = Cache::of(vec![pool.clone()], vec![], pods);
-    let mocksrv = fakeserver.run(Scenario::SurplusReflectorAlreadyGoneIsSkipped(pool));
+    let mocksrv = fakeserver.run(scenario(pool, pods));
     sync(&ctx, &cache, "games", "arena").await.expect("sync");
     timeout_after_1s(mocksrv).await;
 }
@@ -485,11 +478,7 @@ async fn a_new_leader_keeps_ready_reflectors_it_has_not_heard_from() {
 #[tokio::test]
 async fn a_pod_that_reports_on_its_stream_is_not_read_over_http() {
     let source = Arc::new(fixtures::Recording::default());
-    let router = crate::router::Router::new(
-        crate::router::RouterConfig::default(),
-        None,
-        crate::router::metrics::RouterMetrics::new(&prometheus::Registry::new()),
-    );
+    let router = a_router();
     router.observe_report(&refleet_api::report::ReflectorReport {
         reflector: "arena-eu-0".into(),
         region: "eu".into(),
@@ -570,17 +559,8 @@ async fn a_reconcile_leaves_its_sync_to_one_already_waiting_for_the_pool() {
 
 #[tokio::test(start_paused = true)]
 async fn a_pool_is_synced_at_most_once_a_second_unless_a_route_waits() {
-    use crate::router::{Router, RouterConfig, metrics::RouterMetrics};
     use tokio::time::Instant;
-    let router = Router::new(
-        RouterConfig::default(),
-        None,
-        RouterMetrics::new(&prometheus::Registry::new()),
-    );
-    let (ctx, _fakeserver) = testcontext_with(|ctx| {
-        ctx.min_sync_interval = Duration::from_secs(1);
-        ctx.router = Some(router.clone());
-    });
+    let (router, ctx, _fakeserver) = paced_with_a_router();
     // A sync that fails still counts as started: the cache is read under the pace too.
     let closed = Cache::closed();
     let sync_now = || sync_coalesced(&ctx, &closed, "games", "arena", "reflectorpool");
@@ -598,20 +578,7 @@ async fn a_pool_is_synced_at_most_once_a_second_unless_a_route_waits() {
         "the next one waits for its turn"
     );
 
-    let waiting = tokio::spawn({
-        let ctx = ctx.clone();
-        async move {
-            let closed = Cache::closed();
-            let begun = Instant::now();
-            let result = sync_coalesced(&ctx, &closed, "games", "arena", "session").await;
-            (begun.elapsed(), result)
-        }
-    });
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
-    }
-    router.want_backend();
-    let (waited, result) = waiting.await.unwrap();
+    let (waited, result) = sync_while_a_route_waits(&ctx, &router).await;
     assert!(
         matches!(result, Err(super::Error::CacheClosed)),
         "{result:?}"
@@ -623,37 +590,58 @@ async fn a_pool_is_synced_at_most_once_a_second_unless_a_route_waits() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_route_that_waits_gets_a_sync_no_sooner_than_the_last_one_took_again() {
+/// A router, as the operator has one.
+fn a_router() -> Arc<crate::router::Router> {
     use crate::router::{Router, RouterConfig, metrics::RouterMetrics};
-    use tokio::time::Instant;
-    let router = Router::new(
+    Router::new(
         RouterConfig::default(),
         None,
         RouterMetrics::new(&prometheus::Registry::new()),
-    );
-    let (ctx, _fakeserver) = testcontext_with(|ctx| {
+    )
+}
+
+/// A context whose syncs keep a pace of one a second, with a router whose waiting Routes
+/// may end it.
+fn paced_with_a_router() -> (Arc<crate::router::Router>, Arc<Context>, ApiServerVerifier) {
+    let router = a_router();
+    let (ctx, fakeserver) = testcontext_with(|ctx| {
         ctx.min_sync_interval = Duration::from_secs(1);
         ctx.router = Some(router.clone());
     });
-    // The last sync of the pool started now and took 300 ms (a big pool's plan).
-    let slot = ctx.pool_slot(&crate::fleet::pool_id("games", "arena"));
-    let start = Instant::now();
-    drop(slot.started());
-    slot.times.lock().unwrap().took = Duration::from_millis(300);
+    (router, ctx, fakeserver)
+}
+
+/// Starts a sync of pool `games/arena` (on a closed cache), lets it wait for its pace,
+/// has a Route wait for the backend, and returns how long the sync waited and its result.
+async fn sync_while_a_route_waits(
+    ctx: &Arc<Context>,
+    router: &crate::router::Router,
+) -> (Duration, super::Result<bool>) {
     let waiting = tokio::spawn({
         let ctx = ctx.clone();
         async move {
             let closed = Cache::closed();
+            let begun = tokio::time::Instant::now();
             let result = sync_coalesced(&ctx, &closed, "games", "arena", "session").await;
-            (start.elapsed(), result)
+            (begun.elapsed(), result)
         }
     });
     for _ in 0..5 {
         tokio::task::yield_now().await;
     }
     router.want_backend();
-    let (waited, result) = waiting.await.unwrap();
+    waiting.await.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_that_waits_gets_a_sync_no_sooner_than_the_last_one_took_again() {
+    use tokio::time::Instant;
+    let (router, ctx, _fakeserver) = paced_with_a_router();
+    // The last sync of the pool started now and took 300 ms (a big pool's plan).
+    let slot = ctx.pool_slot(&crate::fleet::pool_id("games", "arena"));
+    drop(slot.started());
+    slot.times.lock().unwrap().took = Duration::from_millis(300);
+    let (waited, result) = sync_while_a_route_waits(&ctx, &router).await;
     assert!(
         matches!(result, Err(super::Error::CacheClosed)),
         "{result:?}"

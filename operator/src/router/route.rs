@@ -928,71 +928,50 @@ mod tests {
         // its threshold; the router's own shard is never held.
         let mine = FastSet::from_iter([(KEY.to_owned(), "a~4".to_owned())]);
         let during = Inherited::new(&mine, true, true);
-        let warm = Shards::of_session(
-            &view,
-            &none_opened,
-            &fleet,
-            &ledger,
-            &target,
-            during,
-            0,
-            1000,
+        // The candidates' loads with `fleet`'s reports and the `inherited` rule.
+        let loads = |fleet: &FleetState, inherited: Inherited<'_>| -> Vec<u64> {
+            let shards = Shards::of_session(
+                &view,
+                &none_opened,
+                fleet,
+                &ledger,
+                &target,
+                inherited,
+                0,
+                1000,
+            );
+            shards.candidates.iter().map(|c| c.load).collect()
+        };
+        assert_eq!(
+            loads(&fleet, during),
+            [6, 2],
+            "no place of the margin given yet"
         );
-        let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
-        assert_eq!(loads, [6, 2], "no place of the margin given yet");
         let mut taken = WarmTaken::default();
         taken.insert((KEY.to_owned(), "a".to_owned()), 1);
-        let one = during.with_warm_taken(&taken);
-        let warm = Shards::of_session(&view, &none_opened, &fleet, &ledger, &target, one, 0, 1000);
-        let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
-        assert_eq!(loads, [6, 2], "one of two given");
+        assert_eq!(
+            loads(&fleet, during.with_warm_taken(&taken)),
+            [6, 2],
+            "one of two given"
+        );
         taken.insert((KEY.to_owned(), "a".to_owned()), 2);
         taken.insert((KEY.to_owned(), "a~4".to_owned()), 9);
-        let both = during.with_warm_taken(&taken);
-        let warm = Shards::of_session(&view, &none_opened, &fleet, &ledger, &target, both, 0, 1000);
-        let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
-        assert_eq!(loads, [8, 2], "a gave its margin; a~4 is the router's own");
-        let unheard = FleetState::default();
-        let warm = Shards::of_session(
-            &view,
-            &none_opened,
-            &unheard,
-            &ledger,
-            &target,
-            during,
-            0,
-            1000,
+        assert_eq!(
+            loads(&fleet, during.with_warm_taken(&taken)),
+            [8, 2],
+            "a gave its margin; a~4 is the router's own"
         );
-        let loads: Vec<u64> = warm.candidates.iter().map(|c| c.load).collect();
-        assert_eq!(loads, [8, 2], "r1 has not reported: a counts as full");
+        let unheard = FleetState::default();
+        assert_eq!(
+            loads(&unheard, during),
+            [8, 2],
+            "r1 has not reported: a counts as full"
+        );
         // After it, only while their reflector has not reported: r1 has.
         let after = Inherited::new(&none, false, true);
-        let taken = Shards::of_session(
-            &view,
-            &none_opened,
-            &fleet,
-            &ledger,
-            &target,
-            after,
-            0,
-            1000,
-        );
-        let loads: Vec<u64> = taken.candidates.iter().map(|c| c.load).collect();
-        assert_eq!(loads, [6, 2]);
-        let unheard = FleetState::default();
-        let taken = Shards::of_session(
-            &view,
-            &none_opened,
-            &unheard,
-            &ledger,
-            &target,
-            after,
-            0,
-            1000,
-        );
-        let loads: Vec<u64> = taken.candidates.iter().map(|c| c.load).collect();
+        assert_eq!(loads(&fleet, after), [6, 2]);
         assert_eq!(
-            loads,
+            loads(&unheard, after),
             [8, 8],
             "r1 has not reported: its shards count as full"
         );
