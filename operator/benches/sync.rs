@@ -141,7 +141,7 @@ fn fleet(reflectors: usize, sessions: Vec<Session>, shard: impl Fn(usize) -> Str
         shards: plan.shards,
         history: plan.history,
         initialised: true,
-        planning_since: Some(0),
+        unheard_since: Default::default(),
         status_written: Default::default(),
     };
     fleet
@@ -157,7 +157,8 @@ fn input(f: &Fleet) -> (fleet::Observed, PlanInput) {
         &f.loads,
     );
     let mut input = input_for(&observed, NAMESPACE, POOL, &f.sessions, &f.memory, NOW);
-    fleet::settle_unreported(&mut input, 0);
+    // Every pod's load is read here: nobody is unheard, and the map stays empty.
+    fleet::settle_unreported(&mut input, &mut f.memory.unheard_since.clone());
     (observed, input)
 }
 

@@ -9,8 +9,8 @@ use super::state::PlanState;
 impl PlanState<'_> {
     /// Drains the reflectors that cannot take new shards although they are not draining yet
     /// (an old image, or a pool or region that no longer exists), and removes draining ones
-    /// that host no shard. Whether one hosts a shard is known from adoption alone: no
-    /// placement uses a reflector that takes no new shards.
+    /// that host no shard and whose load is known. Whether one hosts a shard is known from
+    /// adoption alone: no placement uses a reflector that takes no new shards.
     pub(super) fn drain_stale(&mut self) {
         let input = self.input;
         let now = input.now;
@@ -18,7 +18,9 @@ impl PlanState<'_> {
             let Some(i) = s.real else { continue };
             let r = &input.reflectors[i];
             if r.state == ReflectorState::Draining {
-                if s.shards == 0 {
+                // Unreported, it may host shards the plan does not know: removing it would
+                // disconnect their users, so it waits to be heard from.
+                if s.shards == 0 && !r.unreported {
                     self.actions[i] = ReflectorAction::Remove;
                     self.decisions.push(Decision::RemoveReflector {
                         reflector: r.name.clone(),
@@ -159,6 +161,30 @@ mod tests {
                     deadline: 1000,
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn a_draining_reflector_whose_load_is_not_known_is_not_removed() {
+        let mut silent = reflector("eu-silent", "eu");
+        silent.state = ReflectorState::Draining;
+        silent.unreported = true;
+        let mut heard = reflector("eu-heard", "eu");
+        heard.state = ReflectorState::Draining;
+        let input = input(vec![silent, heard], vec![], vec![]);
+        let mut state = PlanState::new(&input);
+        state.adopt_shards();
+        state.drain_stale();
+        // Neither hosts a shard the plan knows; only the one heard from is known to be empty.
+        assert_eq!(
+            state.actions,
+            [ReflectorAction::Keep, ReflectorAction::Remove]
+        );
+        assert_eq!(
+            state.decisions,
+            [Decision::RemoveReflector {
+                reflector: "eu-heard".into()
+            }]
         );
     }
 

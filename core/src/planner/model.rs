@@ -205,11 +205,12 @@ pub struct ObservedReflector {
     pub capacity: Capacity,
     /// Its state.
     pub state: ReflectorState,
-    /// Ready, but what it hosts is not known yet: no report of its load has reached this
-    /// operator since it started planning (a restart or a new leader, before the reflector's
-    /// report stream reconnected). Shards the plan does not know may live there, so a
-    /// scale-down passes it over. The backends clear it once a wait has passed, so a
-    /// reflector that never reports is still judged by the plan alone in the end.
+    /// Ready or draining, but what it hosts is not known: no report of its load reached
+    /// this operator lately (after a restart or a new leader, before the reflector's report
+    /// stream reconnected, or while its reports lag). Shards the plan does not know may live
+    /// there, so a scale-down passes it over and, draining, it is not removed as empty. The
+    /// backends clear it once it has been unheard for a while, so a reflector that never
+    /// reports is still judged by the plan alone in the end.
     pub unreported: bool,
 }
 

@@ -29,9 +29,11 @@ pub struct PoolMemory {
     pub history: ScaleHistory,
     /// Whether `shards` came from a plan (false: rebuild them from Session statuses).
     pub initialised: bool,
-    /// When this operator first planned the pool since it became leader: the start of its
-    /// wait for reflectors to report ([`fleet::REPORT_WAIT`]).
-    pub planning_since: Option<Seconds>,
+    /// The pool's reflectors this operator has not heard from (no report, no read of their
+    /// load), each with the first plan that could not hear it: the start of its wait
+    /// ([`fleet::REPORT_WAIT`]). Cleared on losing leadership with the rest, so a new
+    /// leader waits for every reflector in full.
+    pub unheard_since: std::collections::HashMap<String, Seconds>,
     /// When each Session's status (by name) was last written: a change of user counts
     /// alone waits until `status_counts_every` has passed since.
     pub status_written: std::collections::HashMap<String, Seconds>,

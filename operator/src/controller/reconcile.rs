@@ -199,9 +199,8 @@ pub async fn sync(
     // The pods that report, and those whose /sessions could not be read but whose stream
     // came back since: what their report streams say.
     observed.take_reports(reported);
-    let planning_since = *memory.planning_since.get_or_insert(now);
     let mut input = input_for(&observed, namespace, pool_name, &sessions, &memory, now);
-    fleet::settle_unreported(&mut input, planning_since);
+    fleet::settle_unreported(&mut input, &mut memory.unheard_since);
     if let Some(router) = &ctx.router {
         router.prepare(&mut input);
     }
@@ -331,6 +330,7 @@ pub async fn sync(
     ctx.metrics
         .record_sessions(&id, &fleet::session_gauges(&observed, &id, &plan.shards));
 
+    let unheard_since = std::mem::take(&mut memory.unheard_since);
     let mut status_written = std::mem::take(&mut memory.status_written);
     let live: std::collections::HashSet<String> = sessions.iter().map(|s| s.name_any()).collect();
     status_written.retain(|name, _| live.contains(name));
@@ -338,7 +338,7 @@ pub async fn sync(
         shards: plan.shards.clone(),
         history: plan.history.clone(),
         initialised: true,
-        planning_since: Some(planning_since),
+        unheard_since,
         status_written,
     };
     Ok(Synced { plan, created })

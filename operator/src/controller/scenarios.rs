@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -407,12 +408,13 @@ async fn a_surplus_reflector_already_deleted_does_not_fail_the_sync() {
 /// `scenario`; the sync must succeed.
 async fn sync_with_a_surplus_reflector(scenario: impl FnOnce(ReflectorPool, Vec<Pod>) -> Scenario) {
     let (ctx, fakeserver) = testcontext();
-    // This operator has been planning the pool for the whole wait, and longer than the
-    // scale-down cool-down: no load (NoLoad) means the plan alone decides.
+    // This operator has not heard from either reflector for the whole wait, and has planned
+    // the pool for longer than the scale-down cool-down: no load (NoLoad) means the plan
+    // alone decides.
     {
         let slot = ctx.pool_slot("games/arena");
         let mut memory = slot.memory.lock().await;
-        memory.planning_since = Some(NOW - crate::fleet::REPORT_WAIT);
+        memory.unheard_since = unheard_for_the_whole_wait();
         memory.initialised = true;
     }
     let pool = fixtures::pool("games", "arena", &["eu"]);
@@ -433,7 +435,7 @@ async fn a_new_leader_drains_no_surplus_reflector_for_a_cool_down() {
         .memory
         .lock()
         .await
-        .planning_since = Some(NOW - crate::fleet::REPORT_WAIT);
+        .unheard_since = unheard_for_the_whole_wait();
     let pool = fixtures::pool("games", "arena", &["eu"]);
     let pods = vec![ready_pod(&pool, 0), ready_pod(&pool, 1)];
     let cache = Cache::of(vec![pool.clone()], vec![], pods);
@@ -469,8 +471,25 @@ async fn a_new_leader_keeps_ready_reflectors_it_has_not_heard_from() {
         synced.plan.decisions
     );
     timeout_after_1s(mocksrv).await;
+    // Each reflector's wait starts now.
     let slot = ctx.pool_slot("games/arena");
-    assert_eq!(slot.memory.lock().await.planning_since, Some(NOW));
+    let unheard = slot.memory.lock().await.unheard_since.clone();
+    assert_eq!(
+        unheard,
+        HashMap::from([
+            ("arena-eu-0".to_owned(), NOW),
+            ("arena-eu-1".to_owned(), NOW)
+        ])
+    );
+}
+
+/// Both ready reflectors of the surplus scenarios, unheard since one report wait ago.
+fn unheard_for_the_whole_wait() -> HashMap<String, u64> {
+    let since = NOW - crate::fleet::REPORT_WAIT;
+    HashMap::from([
+        ("arena-eu-0".to_owned(), since),
+        ("arena-eu-1".to_owned(), since),
+    ])
 }
 
 /// A ready pod whose report stream is live is not read over HTTP: its load comes from the

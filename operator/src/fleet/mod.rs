@@ -21,11 +21,13 @@ mod tests;
 
 pub use decisions::{About, Level, Summary, summarize};
 
-/// How long a backend that just started planning (a restart, a new leader) waits for a
-/// ready reflector it could not read to report, before it judges that reflector by the plan
-/// alone. Reflectors reconnect their report stream within a few seconds (backing off to at
-/// most 4 s); until they have, what they host is unknown, and a scale-down must not pick
-/// them as empty.
+/// How long a backend waits for a reflector it cannot hear from (neither its report stream
+/// nor a read of its load tells what it hosts) before it judges that reflector by the plan
+/// alone. Counted per reflector, from the first plan that could not hear it, and started
+/// again by any report. Reflectors reconnect their report stream within a few seconds
+/// (backing off to at most 4 s) after a restart or a new leader, and a live stream reports
+/// every second; until one is heard, what it hosts is unknown, and neither a scale-down may
+/// pick it as empty nor may a draining one be removed as empty.
 pub const REPORT_WAIT: Seconds = 30;
 
 /// One backend's view of its fleet at one instant.
@@ -320,7 +322,9 @@ pub fn plan_input(
                 image: r.image.clone(),
                 capacity,
                 state,
-                unreported: state == ReflectorState::Ready && r.hosted.is_none(),
+                // Ready and draining reflectors may host shards; starting ones cannot yet.
+                unreported: matches!(state, ReflectorState::Ready | ReflectorState::Draining)
+                    && r.hosted.is_none(),
             })
         })
         .collect();
@@ -410,15 +414,28 @@ pub fn plan_input(
     }
 }
 
-/// Ends the wait for reports ([`REPORT_WAIT`]) once it has passed since the backend started
-/// planning (`planning_since`): from then on a reflector that still has not reported is
-/// judged by the plan alone, so one whose reports never come can still be scaled down.
-pub fn settle_unreported(input: &mut PlanInput, planning_since: Seconds) {
-    if input.now >= planning_since.saturating_add(REPORT_WAIT) {
-        for r in &mut input.reflectors {
+/// Ends the wait for reports ([`REPORT_WAIT`]) of each reflector that has been unheard
+/// for that long in a row: from then on it is judged by the plan alone, so one whose
+/// reports never come can still be scaled down or removed. `unheard_since` is the backend's
+/// memory between plans (reflector name → the first plan that could not hear it); a
+/// reflector heard from again is forgotten, so its next silence waits in full.
+///
+/// Per reflector, not since the backend started planning: a leader that has planned for
+/// minutes can still lose a reflector's reports for a while (a stream that lags or
+/// reconnects), and the shards the plan does not know on it are just as unknown then
+/// (docs/scale.md, run G4: a new leader whose reflectors reported late deleted pods with
+/// 180 653 users on them).
+pub fn settle_unreported(input: &mut PlanInput, unheard_since: &mut HashMap<String, Seconds>) {
+    let now = input.now;
+    let mut unheard = HashSet::new();
+    for r in input.reflectors.iter_mut().filter(|r| r.unreported) {
+        let since = *unheard_since.entry(r.name.clone()).or_insert(now);
+        unheard.insert(r.name.clone());
+        if now >= since.saturating_add(REPORT_WAIT) {
             r.unreported = false;
         }
     }
+    unheard_since.retain(|name, _| unheard.contains(name));
 }
 
 /// What a backend publishes to the router after a plan: the plan's `input` with the plan's

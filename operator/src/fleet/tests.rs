@@ -198,6 +198,10 @@ fn a_new_leader_learns_hosted_shards_from_the_report_stream_and_waits_for_silent
                 state: Some(ReflectorState::Starting),
                 ..host("r4", None)
             },
+            ObservedHost {
+                state: Some(ReflectorState::Draining),
+                ..host("r5", None)
+            },
         ],
     );
     let reports = HashMap::from([
@@ -218,16 +222,62 @@ fn a_new_leader_learns_hosted_shards_from_the_report_stream_and_waits_for_silent
         .iter()
         .map(|r| (r.name.as_str(), r.unreported))
         .collect();
-    // Only a ready reflector can host anything: a starting one is never waited for.
+    // A starting reflector hosts nothing yet and is never waited for; a draining one may
+    // still host shards, so it is (it must not be removed as empty meanwhile).
     assert_eq!(
         unreported,
-        [("r1", false), ("r2", true), ("r3", false), ("r4", false)]
+        [
+            ("r1", false),
+            ("r2", true),
+            ("r3", false),
+            ("r4", false),
+            ("r5", true)
+        ]
     );
     // Within the wait r2 stays unreported; once it has passed, the plan alone decides.
-    settle_unreported(&mut input, 100 - REPORT_WAIT + 1);
-    assert!(input.reflectors[1].unreported);
-    settle_unreported(&mut input, 100 - REPORT_WAIT);
+    let mut unheard = HashMap::from([("r2".to_owned(), 100 - REPORT_WAIT + 1)]);
+    let mut waiting = input.clone();
+    settle_unreported(&mut waiting, &mut unheard);
+    assert!(waiting.reflectors[1].unreported);
+    unheard.insert("r2".to_owned(), 100 - REPORT_WAIT);
+    unheard.insert("r5".to_owned(), 100 - REPORT_WAIT);
+    settle_unreported(&mut input, &mut unheard);
     assert!(input.reflectors.iter().all(|r| !r.unreported));
+}
+
+/// Each reflector waits for its reports from the first plan that could not hear it, not
+/// from when the backend started planning, and a report starts its next wait afresh.
+#[test]
+fn each_reflector_waits_for_its_reports_from_when_they_stopped() {
+    let unreported_at = |now: Seconds, silent: &[&str], unheard: &mut HashMap<String, Seconds>| {
+        let hosts = ["r1", "r2"]
+            .map(|name| host(name, (!silent.contains(&name)).then(Vec::new)))
+            .to_vec();
+        let mut input = plan_input(&observed(vec![], hosts), &[], &ScaleHistory::new(), now);
+        settle_unreported(&mut input, unheard);
+        input
+            .reflectors
+            .iter()
+            .filter(|r| r.unreported)
+            .map(|r| r.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let mut unheard = HashMap::new();
+    // A backend planning since t = 0 (both silent at first, both heard at t = 10).
+    assert_eq!(unreported_at(0, &["r1", "r2"], &mut unheard), ["r1", "r2"]);
+    assert!(unreported_at(10, &[], &mut unheard).is_empty());
+    assert!(unheard.is_empty(), "heard: forgotten");
+    // r2 falls silent at t = 600, long after the backend started: it waits in full.
+    assert_eq!(unreported_at(600, &["r2"], &mut unheard), ["r2"]);
+    assert_eq!(
+        unreported_at(600 + REPORT_WAIT - 1, &["r2"], &mut unheard),
+        ["r2"]
+    );
+    assert!(unreported_at(600 + REPORT_WAIT, &["r2"], &mut unheard).is_empty());
+    // Heard once, then silent again: a new wait.
+    assert!(unreported_at(700, &[], &mut unheard).is_empty());
+    assert_eq!(unreported_at(701, &["r2"], &mut unheard), ["r2"]);
+    assert_eq!(unheard, HashMap::from([("r2".to_owned(), 701)]));
 }
 
 #[test]
