@@ -23,6 +23,7 @@ use refleet_core::planner::{
 use refleet_operator::crd::{Capacity, PlacementStrategy, SessionSpec};
 use refleet_operator::fleet;
 use refleet_operator::router::client::{self, TrustedProxies};
+use refleet_operator::router::listen;
 use refleet_operator::router::metrics::RouterMetrics;
 use refleet_operator::router::reports::{self, ReportHub};
 use refleet_operator::router::service::{self, Access, Frontend};
@@ -1000,6 +1001,171 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
     assert_eq!(via("127.0.0.5", "198.51.100.3").await, 200);
     assert_eq!(via("127.0.0.5", "198.51.100.4").await, 200);
     assert_eq!(via("127.0.0.5", "198.51.100.5").await, 429);
+}
+
+/// Over gRPC as over JSON, a caller without an API key is limited by its own address: one
+/// client spending its limit leaves another's untouched. (The gRPC handlers read the
+/// address from tonic's connection info, which a plain axum server never set: every
+/// anonymous gRPC caller shared one bucket, and one of them could starve the rest.)
+#[tokio::test]
+async fn grpc_callers_without_a_key_are_limited_by_their_own_address() {
+    let (r, _) = router(RouterConfig {
+        max_per_client: 0,
+        anonymous_share: 1.0,
+        ..RouterConfig::default()
+    });
+    r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
+    let base = serve(Frontend {
+        router: r.clone(),
+        access: Arc::new(Access::new(HashMap::new(), &[], 1).limiting(two_a_minute())),
+        leading: service::always_leading(),
+    })
+    .await;
+    let client_from = |from: &'static str| {
+        let base = base.clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(base)
+                .unwrap()
+                .local_address(Some(from.parse().unwrap()))
+                .connect()
+                .await
+                .unwrap();
+            RoutingClient::new(channel)
+        }
+    };
+    // Clones share their connection, so each group of three calls comes from one address.
+    let (a, b) = (
+        client_from("127.0.0.1").await,
+        client_from("127.0.0.2").await,
+    );
+    let mut codes = Vec::new();
+    for mut client in [a.clone(), a.clone(), a, b.clone(), b.clone(), b] {
+        let code = match client.route(req("lobby", "eu")).await {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        codes.push(code);
+    }
+    use tonic::Code::{Ok as Answered, ResourceExhausted as Limited};
+    assert_eq!(
+        codes,
+        [Answered, Answered, Limited, Answered, Answered, Limited]
+    );
+}
+
+// === The router's HTTP/2 server under cancelled calls ===
+
+/// Bytes of an HTTP/2 frame: its 9-byte header and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A gRPC Route call's HEADERS block (HPACK: POST, http, then `:path`, `:authority`,
+/// `content-type` and `te` as literals without indexing), so the router takes it for a call.
+fn route_headers() -> Vec<u8> {
+    let mut block = vec![0x83, 0x86];
+    let literal = |block: &mut Vec<u8>, index: u8, value: &str| {
+        if index < 15 {
+            block.push(index);
+        } else {
+            block.extend_from_slice(&[0x0f, index - 15]);
+        }
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value.as_bytes());
+    };
+    literal(&mut block, 4, "/refleet.routing.v1.Routing/Route");
+    literal(&mut block, 1, "router.test");
+    literal(&mut block, 31, "application/grpc");
+    block.extend_from_slice(&[0x00, 0x02]);
+    block.extend_from_slice(b"te");
+    block.push(8);
+    block.extend_from_slice(b"trailers");
+    block
+}
+
+/// Opens an h2c connection to `addr`, sends `cancelled` Route calls each reset in the
+/// same write as it opened (so the router reads each reset before it has taken the call up),
+/// then one more call; returns what the router answered: `Some(error code)` of a GOAWAY
+/// that closed the connection for it, or `None` if the last call got its response headers.
+async fn cancel_calls_before_the_router_takes_them(addr: &str, cancelled: u32) -> Option<u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    let headers = route_headers();
+    for i in 0..cancelled {
+        let stream = 1 + 2 * i;
+        out.extend(h2_frame(0x1, 0x4, stream, &headers));
+        out.extend(h2_frame(0x3, 0, stream, &8u32.to_be_bytes()));
+    }
+    let last = 1 + 2 * cancelled;
+    out.extend(h2_frame(0x1, 0x4, last, &headers));
+    // An empty Route message (5-byte gRPC prefix), ending the call's request.
+    out.extend(h2_frame(0x0, 0x1, last, &[0, 0, 0, 0, 0]));
+    tcp.write_all(&out).await.unwrap();
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // Frames read so far: a GOAWAY ends it, the last call's HEADERS answer it.
+        let mut at = 0;
+        while buf.len() >= at + 9 {
+            let len = (usize::from(buf[at]) << 16)
+                | (usize::from(buf[at + 1]) << 8)
+                | usize::from(buf[at + 2]);
+            if buf.len() < at + 9 + len {
+                break;
+            }
+            let (kind, payload) = (buf[at + 3], &buf[at + 9..at + 9 + len]);
+            let stream = u32::from_be_bytes(buf[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff;
+            if kind == 0x7 {
+                return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+            if kind == 0x1 && stream == last {
+                return None;
+            }
+            at += 9 + len;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut chunk))
+            .await
+            .expect("the router neither answered nor closed the connection")
+            .unwrap();
+        assert!(n > 0, "closed without a GOAWAY");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A client that cancels many calls at once (an app backend whose Routes waited for a new
+/// shard, read by a busy router in one go) keeps its connection and its other calls: the
+/// router allows [`listen::PENDING_ACCEPT_RESETS`] such resets at a time, where hyper's
+/// default of 20 closed the connection with every call on it (docs/scale.md, run G6). A
+/// flood past that is still closed with `ENHANCE_YOUR_CALM`.
+#[tokio::test]
+async fn many_calls_cancelled_at_once_do_not_close_the_connection_but_a_flood_does() {
+    let (r, _) = router(RouterConfig::default());
+    r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
+    let base = serve(Frontend {
+        router: r.clone(),
+        access: Arc::new(Access::new(HashMap::new(), &[], 1_000_000)),
+        leading: service::always_leading(),
+    })
+    .await;
+    let addr = base.trim_start_matches("http://");
+    assert_eq!(
+        cancel_calls_before_the_router_takes_them(addr, 150).await,
+        None,
+        "150 calls reset before they were taken up closed the connection"
+    );
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let flood = u32::try_from(listen::PENDING_ACCEPT_RESETS).unwrap() + 1000;
+    assert_eq!(
+        cancel_calls_before_the_router_takes_them(addr, flood).await,
+        Some(ENHANCE_YOUR_CALM)
+    );
 }
 
 // === The report stream's identity and the expiry of reported load (issue #16, 11 and 12) ===

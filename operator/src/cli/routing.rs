@@ -296,15 +296,7 @@ impl Routing {
             let app = service::app(frontend.clone())
                 .await
                 .merge(crate::view::http::app(view, Arc::new(frontend)));
-            let served = axum::serve(
-                service::nodelay(router_listener),
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(s1)
-            .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "router server failed");
-            }
+            crate::router::listen::serve_app(router_listener, app, s1).await;
         });
         tokio::spawn(async move {
             if let Err(e) = reports::serve(report_listener, hub, shutdown).await {

@@ -237,16 +237,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         app = app.merge(crate::local::demo::app(dir));
     }
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(async move {
-        axum::serve(
-            service::nodelay(listener),
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = server_stopped.await;
-        })
-        .await
-    });
+    let serving = tokio::spawn(crate::router::listen::serve_app(listener, app, async {
+        let _ = server_stopped.await;
+    }));
     let (stop_gateways, gateways_stopped) = tokio::sync::watch::channel(false);
     let gateways = start_gateways(
         &runtimes,

@@ -53,6 +53,7 @@
 
 pub mod client;
 pub mod ledger;
+pub mod listen;
 pub mod metrics;
 pub mod moves;
 mod open;

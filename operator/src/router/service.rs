@@ -615,32 +615,13 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     frontend: Frontend,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = app(frontend).await;
-    axum::serve(
-        nodelay(listener),
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+) {
+    super::listen::serve_app(listener, app(frontend).await, shutdown).await;
 }
 
 /// The flag that says whether this replica leads, always true (local fleet, tests).
 pub fn always_leading() -> Arc<AtomicBool> {
     Arc::new(AtomicBool::new(true))
-}
-
-/// The listener with TCP_NODELAY on every accepted socket: Route answers are small, and
-/// without it a client's back-to-back calls wait ~40 ms each for delayed ACKs.
-pub fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    fn set(tcp: &mut tokio::net::TcpStream) {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    }
-    axum::serve::ListenerExt::tap_io(listener, set as fn(&mut tokio::net::TcpStream))
 }
 
 #[cfg(test)]
