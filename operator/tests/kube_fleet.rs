@@ -727,9 +727,10 @@ async fn a_leader_whose_lease_was_taken_over_stops_before_its_next_renewal() {
     let ns = "refleet-lease-fence";
     prepare(&admin, ns).await;
     let leading = Arc::new(AtomicBool::new(false));
+    let stops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = {
-        let (client, leading) = (admin.clone(), leading.clone());
+        let (client, leading, stops) = (admin.clone(), leading.clone(), stops.clone());
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let settings = LeaseSettings {
@@ -746,7 +747,12 @@ async fn a_leader_whose_lease_was_taken_over_stops_before_its_next_renewal() {
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
                 },
-                move |now| flag.store(now, Ordering::SeqCst),
+                move |now| {
+                    flag.store(now, Ordering::SeqCst);
+                    if !now {
+                        stops.fetch_add(1, Ordering::SeqCst);
+                    }
+                },
                 |lost| lost,
             )
             .await
@@ -758,8 +764,39 @@ async fn a_leader_whose_lease_was_taken_over_stops_before_its_next_renewal() {
         async move { leading.load(Ordering::SeqCst).then_some(()) }
     })
     .await;
-    // Another instance takes the Lease over (written as kube-lease-manager would).
+    // The Lease runs out while still naming op-a, as after an apiserver outage longer than
+    // its duration (nobody could take it meanwhile): op-a renews it at its next read and
+    // leads on, instead of refusing Routes until the lease manager's own renewal.
     let leases: kube::Api<Lease> = kube::Api::namespaced(admin.clone(), ns);
+    let long_ago =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60);
+    let ran_out = serde_json::json!({"spec": {
+        "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(long_ago),
+    }});
+    leases
+        .patch("fenced", &PatchParams::default(), &Patch::Merge(&ran_out))
+        .await
+        .unwrap();
+    eventually(
+        "op-a to renew the Lease that ran out",
+        Duration::from_secs(3),
+        || {
+            let leases = leases.clone();
+            async move {
+                let renewed = leases.get("fenced").await.ok()?.spec?.renew_time?.0;
+                (renewed > long_ago + k8s_openapi::jiff::SignedDuration::from_secs(30))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        (stops.load(Ordering::SeqCst), leading.load(Ordering::SeqCst)),
+        (0, true),
+        "op-a stopped leading over a Lease that ran out but named it"
+    );
+    // Another instance takes the Lease over (written as kube-lease-manager would).
     let now = k8s_openapi::jiff::Timestamp::now();
     let takeover = serde_json::json!({"spec": {
         "holderIdentity": "op-b",

@@ -129,7 +129,7 @@ where
                         }
                     }
                     () = tokio::time::sleep(fence_every(&settings)) => {
-                        if held_by_us(&leases, &settings).await == Some(true) {
+                        if holding(&leases, &settings).await == Some(Holding::Ours) {
                             break;
                         }
                     }
@@ -145,32 +145,91 @@ fn fence_every(settings: &LeaseSettings) -> Duration {
     (settings.duration / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
-/// Resolves when the Lease, read every [`fence_every`], names another holder or has run out
-/// (another instance may take it at any moment). The lease manager finds out only at its
-/// next renewal: a leader so busy that it renewed late led on for up to ~14 s beside the
-/// one that took the Lease over, and both routed users to the same shards (run G4 in
-/// docs/scale.md: 10 shards over their cap). A read that fails proves nothing: with the
-/// apiserver unreachable no one else can take the Lease, and routing goes on.
+/// Resolves when the Lease, read every [`fence_every`], names another holder, or has run out
+/// and cannot be renewed at once (another instance may take it at any moment). The lease
+/// manager finds out only at its next renewal: a leader so busy that it renewed late led on
+/// for up to ~14 s beside the one that took the Lease over, and both routed users to the
+/// same shards (run G4 in docs/scale.md: 10 shards over their cap). A read that fails
+/// proves nothing: with the apiserver unreachable no one else can take the Lease, and
+/// routing goes on. A Lease that ran out while still naming this instance (the apiserver
+/// was down for longer than its duration) is renewed on the spot, on the condition that
+/// nobody wrote it since it was read; only if that fails does the leader stop. Waiting for
+/// the lease manager's own renewal instead left the router refusing every Route for up to
+/// a renewal period after each outage.
 async fn taken_from_us(leases: &Api<Lease>, settings: &LeaseSettings) {
     loop {
         tokio::time::sleep(fence_every(settings)).await;
-        if held_by_us(leases, settings).await == Some(false) {
-            return;
+        match holding(leases, settings).await {
+            None | Some(Holding::Ours) => {}
+            Some(Holding::RanOut { resource_version }) => {
+                if !renew(leases, settings, &resource_version).await {
+                    return;
+                }
+                info!(identity = %settings.identity, lease = %settings.name, "renewed a Lease that ran out while the apiserver could not be reached");
+            }
+            Some(Holding::NotOurs) => return,
         }
     }
 }
 
-/// Whether the Lease names this instance and has not run out; `None` when it cannot be read.
-async fn held_by_us(leases: &Api<Lease>, settings: &LeaseSettings) -> Option<bool> {
+/// What a read of the Lease says about this instance's hold on it.
+#[derive(Debug, PartialEq)]
+enum Holding {
+    /// It names this instance and has not run out.
+    Ours,
+    /// It names this instance but has run out: free for the taking.
+    RanOut {
+        /// The Lease's version as read, the condition of renewing it.
+        resource_version: String,
+    },
+    /// It names another instance, or none.
+    NotOurs,
+}
+
+/// Reads the Lease; `None` when it cannot be read.
+async fn holding(leases: &Api<Lease>, settings: &LeaseSettings) -> Option<Holding> {
     let lease = leases.get_opt(&settings.name).await.ok()?;
-    let Some(spec) = lease.and_then(|l| l.spec) else {
-        return Some(false);
+    let Some((spec, meta)) = lease.and_then(|l| Some((l.spec?, l.metadata))) else {
+        return Some(Holding::NotOurs);
     };
-    Some(lease_is_ours(
+    if spec.holder_identity.as_deref() != Some(settings.identity.as_str()) {
+        return Some(Holding::NotOurs);
+    }
+    if lease_is_ours(
         &spec,
         &settings.identity,
         k8s_openapi::jiff::Timestamp::now(),
-    ))
+    ) {
+        return Some(Holding::Ours);
+    }
+    Some(Holding::RanOut {
+        resource_version: meta.resource_version.unwrap_or_default(),
+    })
+}
+
+/// Renews the Lease as its holder, only if it is still at `resource_version` (the apiserver
+/// refuses the patch with a conflict if anyone wrote it since), as the lease manager renews
+/// it: `renewTime` under this instance's field manager.
+async fn renew(leases: &Api<Lease>, settings: &LeaseSettings, resource_version: &str) -> bool {
+    if resource_version.is_empty() {
+        return false;
+    }
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": resource_version },
+        "spec": {
+            "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                k8s_openapi::jiff::Timestamp::now()
+            ),
+        },
+    });
+    let params = kube::api::PatchParams {
+        field_manager: Some(lease_field_manager(&settings.identity)),
+        ..Default::default()
+    };
+    leases
+        .patch(&settings.name, &params, &kube::api::Patch::Strategic(patch))
+        .await
+        .is_ok()
 }
 
 /// Whether `spec` names `identity` as holder and, when it says when it was renewed and for
