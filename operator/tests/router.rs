@@ -963,24 +963,31 @@ async fn unknown_api_keys_count_against_their_address_not_a_bucket_of_their_own(
     assert_eq!(statuses(open, "127.0.0.2").await, [200, 200, 429]);
 }
 
-#[tokio::test]
-async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
+/// Serves a router whose only limit on Routes is `access` (no reservation limits) and that
+/// knows Session `lobby` (cap 10, 4 shards); returns its base URL.
+async fn serve_lobby_limited_by(access: Access) -> String {
     let (r, _) = router(RouterConfig {
         max_per_client: 0,
         anonymous_share: 1.0,
         ..RouterConfig::default()
     });
     r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
-    let proxies = TrustedProxies::new(vec![client::parse_proxy("127.0.0.1").unwrap()]);
-    let base = serve(Frontend {
-        router: r.clone(),
-        access: Arc::new(
-            Access::new(HashMap::new(), &[], 1)
-                .limiting(two_a_minute())
-                .trusting(proxies),
-        ),
+    serve(Frontend {
+        router: r,
+        access: Arc::new(access),
         leading: service::always_leading(),
     })
+    .await
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
+    let proxies = TrustedProxies::new(vec![client::parse_proxy("127.0.0.1").unwrap()]);
+    let base = serve_lobby_limited_by(
+        Access::new(HashMap::new(), &[], 1)
+            .limiting(two_a_minute())
+            .trusting(proxies),
+    )
     .await;
     let via = |from: &'static str, client: &'static str| {
         let base = base.clone();
@@ -1009,18 +1016,8 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
 /// anonymous gRPC caller shared one bucket, and one of them could starve the rest.)
 #[tokio::test]
 async fn grpc_callers_without_a_key_are_limited_by_their_own_address() {
-    let (r, _) = router(RouterConfig {
-        max_per_client: 0,
-        anonymous_share: 1.0,
-        ..RouterConfig::default()
-    });
-    r.publish("local", fleet_view(vec![session("lobby", 10, 4)], 4));
-    let base = serve(Frontend {
-        router: r.clone(),
-        access: Arc::new(Access::new(HashMap::new(), &[], 1).limiting(two_a_minute())),
-        leading: service::always_leading(),
-    })
-    .await;
+    let base =
+        serve_lobby_limited_by(Access::new(HashMap::new(), &[], 1).limiting(two_a_minute())).await;
     let client_from = |from: &'static str| {
         let base = base.clone();
         async move {

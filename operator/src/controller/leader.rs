@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 use tokio::sync::watch;
@@ -189,22 +189,11 @@ enum Holding {
 /// Reads the Lease; `None` when it cannot be read.
 async fn holding(leases: &Api<Lease>, settings: &LeaseSettings) -> Option<Holding> {
     let lease = leases.get_opt(&settings.name).await.ok()?;
-    let Some((spec, meta)) = lease.and_then(|l| Some((l.spec?, l.metadata))) else {
-        return Some(Holding::NotOurs);
-    };
-    if spec.holder_identity.as_deref() != Some(settings.identity.as_str()) {
-        return Some(Holding::NotOurs);
-    }
-    if lease_is_ours(
-        &spec,
+    Some(holding_of(
+        lease,
         &settings.identity,
         k8s_openapi::jiff::Timestamp::now(),
-    ) {
-        return Some(Holding::Ours);
-    }
-    Some(Holding::RanOut {
-        resource_version: meta.resource_version.unwrap_or_default(),
-    })
+    ))
 }
 
 /// Renews the Lease as its holder, only if it is still at `resource_version` (the apiserver
@@ -232,18 +221,25 @@ async fn renew(leases: &Api<Lease>, settings: &LeaseSettings, resource_version: 
         .is_ok()
 }
 
-/// Whether `spec` names `identity` as holder and, when it says when it was renewed and for
-/// how long, `now` is before that runs out.
-fn lease_is_ours(spec: &LeaseSpec, identity: &str, now: k8s_openapi::jiff::Timestamp) -> bool {
+/// What `lease` (`None`: there is none) says about `identity`'s hold on it at `now`: it must
+/// name `identity` as holder and, when it says when it was renewed and for how long, `now`
+/// must be before that runs out.
+fn holding_of(lease: Option<Lease>, identity: &str, now: k8s_openapi::jiff::Timestamp) -> Holding {
+    let Some((spec, meta)) = lease.and_then(|l| Some((l.spec?, l.metadata))) else {
+        return Holding::NotOurs;
+    };
     if spec.holder_identity.as_deref() != Some(identity) {
-        return false;
+        return Holding::NotOurs;
     }
     match (&spec.renew_time, spec.lease_duration_seconds) {
-        (Some(renewed), Some(secs)) => {
-            let until = renewed.0 + k8s_openapi::jiff::SignedDuration::from_secs(i64::from(secs));
-            now < until
+        (Some(renewed), Some(secs))
+            if now >= renewed.0 + k8s_openapi::jiff::SignedDuration::from_secs(i64::from(secs)) =>
+        {
+            Holding::RanOut {
+                resource_version: meta.resource_version.unwrap_or_default(),
+            }
         }
-        _ => true,
+        _ => Holding::Ours,
     }
 }
 
@@ -279,13 +275,23 @@ async fn finish(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{LeaseSpec, lease_field_manager, lease_is_ours};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use super::{Holding, Lease, holding_of, lease_field_manager};
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
     #[test]
     fn a_lease_is_ours_while_it_names_us_and_has_not_run_out() {
         let renewed = Timestamp::from_second(1_000_000).unwrap();
+        let lease = |spec: LeaseSpec| {
+            Some(Lease {
+                metadata: ObjectMeta {
+                    resource_version: Some("7".into()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(spec),
+            })
+        };
         let spec = |holder: &str| LeaseSpec {
             holder_identity: Some(holder.into()),
             renew_time: Some(MicroTime(renewed)),
@@ -293,18 +299,37 @@ mod tests {
             ..LeaseSpec::default()
         };
         let at = |secs: i64| renewed + SignedDuration::from_secs(secs);
-        assert!(lease_is_ours(&spec("op-a"), "op-a", at(14)));
-        assert!(!lease_is_ours(&spec("op-a"), "op-a", at(15)), "ran out");
-        assert!(!lease_is_ours(&spec("op-b"), "op-a", at(1)), "taken over");
+        assert_eq!(
+            holding_of(lease(spec("op-a")), "op-a", at(14)),
+            Holding::Ours
+        );
+        assert_eq!(
+            holding_of(lease(spec("op-a")), "op-a", at(15)),
+            Holding::RanOut {
+                resource_version: "7".into()
+            },
+            "ran out"
+        );
+        assert_eq!(
+            holding_of(lease(spec("op-b")), "op-a", at(1)),
+            Holding::NotOurs,
+            "taken over"
+        );
         let unknown = LeaseSpec {
             holder_identity: Some("op-a".into()),
             ..LeaseSpec::default()
         };
-        assert!(
-            lease_is_ours(&unknown, "op-a", at(100)),
+        assert_eq!(
+            holding_of(lease(unknown), "op-a", at(100)),
+            Holding::Ours,
             "no times: only the holder counts"
         );
-        assert!(!lease_is_ours(&LeaseSpec::default(), "op-a", at(0)), "free");
+        assert_eq!(
+            holding_of(lease(LeaseSpec::default()), "op-a", at(0)),
+            Holding::NotOurs,
+            "free"
+        );
+        assert_eq!(holding_of(None, "op-a", at(0)), Holding::NotOurs, "none");
     }
 
     #[test]
