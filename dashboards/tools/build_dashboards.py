@@ -401,6 +401,9 @@ def routing():
          [('sum by (region) (refleet_router_reservations{region=~"$region"})', "{{region}}")])
     b.ts("Shard opens by region", "Shards the router asked to open, per interval.",
          [(f'sum by (region) (increase(refleet_router_shard_opens_total{{region=~"$region"}}[{RI}]))', "{{region}}")])
+    b.ts("Waiting Routes", "Route calls waiting for a shard that is opening, and their attempts per second after the first by what woke them: a change on their session's reflectors (session), a plan or a new leader's catch-up (fleet), or the 1 s retry (tick).",
+         [(f"sum(refleet_router_waiting_routes{{{OP}}})", "waiting"),
+          (f"sum by (cause) (rate(refleet_router_route_retries_total{{{OP}}}[{RI}]))", "retries/s {{cause}}")])
     b.ts("Report streams", "Reflectors with a live report stream to the leader, against reflectors up.",
          [('sum by (region) (refleet_report_streams{region=~"$region"})', "streams {{region}}"),
           (f'count by (region) (up{{{RF}, region=~"$region"}} == 1)', "reflectors up {{region}}")])

@@ -670,6 +670,82 @@ async fn a_route_waits_for_a_shard_whose_reflector_is_still_starting() {
 }
 
 #[tokio::test]
+async fn a_report_wakes_the_routes_waiting_on_its_reflector_and_no_others() {
+    let (r, signer) = router(RouterConfig {
+        route_wait: Duration::from_secs(5),
+        ..RouterConfig::default()
+    });
+    let mut verifier = Verifier::default();
+    verifier.insert("k1", &signer.public_key()).unwrap();
+    // Room for one shard per reflector; eu may grow to two reflectors.
+    let mut fleet = fleet_view(vec![session("lobby", 10, 5), session("hall", 10, 5)], 1);
+    fleet.input.pools[0].regions[0].max_reflectors = 2;
+    r.publish("local", fleet);
+    let admitted = |answers: &[RouteResponse]| -> Vec<u64> {
+        answers
+            .iter()
+            .map(|a| verifier.verify(&a.join_token).unwrap().reservation_id)
+            .collect()
+    };
+    let load =
+        |reflector: &str, region: &str, shard: &str, users: u32, ids: Vec<u64>| ReflectorReport {
+            reflector: reflector.into(),
+            region: region.into(),
+            state: 1,
+            shards: vec![ShardLoad {
+                shard: shard.into(),
+                app_id: "app".into(),
+                users,
+                joins: ids.len() as u32,
+                admitted_reservations: ids,
+                ..ShardLoad::default()
+            }],
+            ..ReflectorReport::default()
+        };
+    // hall fills r-us, lobby r-eu to its threshold; both reflectors report their users.
+    let hall = vec![r.route(&req("hall", "us"), |_| Ok(())).await.unwrap()];
+    let mut lobby = Vec::new();
+    for _ in 0..8 {
+        lobby.push(r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap());
+    }
+    assert!(lobby.iter().all(|a| a.shard == "lobby") && hall[0].shard == "hall");
+    r.observe_report(&load("r-us", "us", "hall", 1, admitted(&hall)));
+    r.observe_report(&load("r-eu", "eu", "lobby", 8, admitted(&lobby)));
+    // The ninth lobby Route waits for a reflector that does not exist yet.
+    let waiting = {
+        let r = r.clone();
+        tokio::spawn(async move { r.route(&req("lobby", "eu"), |_| Ok(())).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while r.metrics.waiting_routes() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Route never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let retries = |cause| r.metrics.route_retries(cause);
+    // hall's reflector frees room, again and again: no lobby shard is there, nothing wakes.
+    for users in [0, 1, 0, 1, 0] {
+        r.observe_report(&load("r-us", "us", "hall", users, vec![]));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!((retries("session"), retries("fleet")), (0, 0));
+    assert!(!waiting.is_finished());
+    // lobby's own reflector frees room: its waiting Route is woken and takes it.
+    r.observe_report(&load("r-eu", "eu", "lobby", 2, vec![]));
+    let a = tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.shard, "lobby");
+    assert!(retries("session") >= 1, "woken by its session, not by time");
+    assert_eq!(retries("fleet"), 0);
+    assert_eq!(r.metrics.waiting_routes(), 0, "it left the waiting Routes");
+}
+
+#[tokio::test]
 async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
     let (r, _) = router(RouterConfig::default());
     r.publish(

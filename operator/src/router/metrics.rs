@@ -52,7 +52,15 @@ pub struct RouterMetrics {
     report_refusals: IntCounterVec,
     moves: IntCounterVec,
     moves_in_flight: prometheus::IntGauge,
+    /// Routes waiting for a shard now.
+    pub(crate) waiting_routes: prometheus::IntGauge,
+    route_retries: IntCounterVec,
 }
+
+/// Why a waiting Route tried again (`refleet_router_route_retries_total{cause}`): a change
+/// of its session (a report of a reflector hosting one of its shards, a move that ended),
+/// a change of the whole fleet (a plan published, a new leader catching up), or time.
+pub const RETRY_CAUSES: &[&str] = &["session", "fleet", "tick"];
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
     r.register(Box::new(c.clone())).expect("unique metric name");
@@ -172,7 +180,48 @@ impl RouterMetrics {
                 )
                 .expect("valid metric"),
             ),
+            waiting_routes: register(
+                registry,
+                prometheus::IntGauge::new(
+                    "refleet_router_waiting_routes",
+                    "Route calls waiting for a shard that is opening.",
+                )
+                .expect("valid metric"),
+            ),
+            route_retries: {
+                let c = register(
+                    registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "refleet_router_route_retries_total",
+                            "Attempts of waiting Route calls after their first, by what woke them: session, fleet or tick.",
+                        ),
+                        &["cause"],
+                    )
+                    .expect("valid metric"),
+                );
+                for cause in RETRY_CAUSES {
+                    c.with_label_values(&[cause]);
+                }
+                c
+            },
         }
+    }
+
+    /// Counts one more attempt of a waiting Route; `cause` is one of [`RETRY_CAUSES`].
+    pub(crate) fn route_retried(&self, cause: &'static str) {
+        debug_assert!(RETRY_CAUSES.contains(&cause), "{cause}");
+        self.route_retries.with_label_values(&[cause]).inc();
+    }
+
+    /// Routes waiting for a shard now.
+    pub fn waiting_routes(&self) -> i64 {
+        self.waiting_routes.get()
+    }
+
+    /// Attempts of waiting Routes woken by `cause` so far.
+    pub fn route_retries(&self, cause: &str) -> u64 {
+        self.route_retries.with_label_values(&[cause]).get()
     }
 
     pub(crate) fn move_ended(&self, outcome: &'static str) {

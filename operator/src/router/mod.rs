@@ -66,6 +66,7 @@ mod route;
 pub mod service;
 pub mod snapshot;
 mod view;
+mod waits;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -90,6 +91,7 @@ pub use self::placement::{Placement, PlacementError};
 use self::route::{Attempt, Routed, fill_load, validate};
 use self::view::{FleetState, ShardUsers, app_ids};
 pub use self::view::{FleetView, SessionDef};
+use self::waits::{Waiting, Waits};
 use refleet_core::planner::{
     MoveRequest, PlanInput, SessionInput, ShardRecord, session_key, split_session_key,
 };
@@ -238,7 +240,7 @@ struct Inner {
 }
 
 /// The longest a waiting Route goes without trying again.
-const RETRY_TICK: Duration = Duration::from_millis(250);
+const RETRY_TICK: Duration = Duration::from_secs(1);
 
 /// How long a move asked for by hand waits for a plan to start it.
 const MOVE_REQUEST_TTL: Millis = 60_000;
@@ -256,12 +258,16 @@ pub struct Router {
     started_unix_ms: u64,
     /// Ticks when a plan is published or a reflector reports ([`Router::changes`]).
     changed: watch::Sender<u64>,
-    /// Ticks when a waiting Route's answer may have changed: a plan published, or a report
-    /// that may free room or change where a Route may go ([`view::ReportChange::wakes_routes`]).
-    /// A report that only adds users does not: with thousands of reflectors reporting every
-    /// second, waking every waiting Route on each report kept the leader busy retrying them
-    /// (docs/scale.md, run E9).
+    /// Ticks when any waiting Route's answer may have changed: a plan published, or a
+    /// reflector heard again while a new leader catches up. A report that may free room or
+    /// change where a Route may go ([`view::ReportChange::wakes_routes`]) wakes only the
+    /// sessions with a shard on its reflector ([`Router::waits`]), and one that only adds
+    /// users none: with thousands of reflectors reporting every second, waking every
+    /// waiting Route on each report kept the leader busy retrying them (docs/scale.md, runs
+    /// E9 and H).
     routable: watch::Sender<u64>,
+    /// The Routes waiting for a shard, by session.
+    waits: Waits,
     /// Ticks when a shard's placement may have changed ([`placement`]).
     placement: watch::Sender<u64>,
     wake: Notify,
@@ -318,6 +324,7 @@ impl Router {
             started_unix_ms: unix_ms(),
             changed: watch::channel(0).0,
             routable: watch::channel(0).0,
+            waits: Waits::new(metrics.waiting_routes.clone()),
             placement: watch::channel(0).0,
             wake: Notify::new(),
             urgent: Notify::new(),
@@ -545,9 +552,23 @@ impl Router {
             .filter_map(|r| inner.moves.observe(&report.reflector, r))
             .collect();
         ended.extend(inner.moves.expire(now));
-        let settled = !ended.is_empty();
+        if !ended.is_empty() {
+            self.waits.wake(ended.iter().map(|e| e.session.as_str()));
+        }
         for e in ended {
             self.settle_move(inner, e);
+        }
+        // A new leader waits for every ready reflector of a pool before it opens a shard
+        // there (`catching_up`): any one heard again may end the wait of any session.
+        let wake_all = change.revived && inner.taken_over.is_some_and(|at| now < at + grace);
+        if change.wakes_routes() && !wake_all {
+            self.waits.wake(
+                inner
+                    .fleet
+                    .shards_on(&report.reflector)
+                    .chain(inner.opened.on(&report.reflector))
+                    .map(|sh| sh.session.as_str()),
+            );
         }
         let unanswered = inner.moves.has_unanswered();
         drop(guard);
@@ -555,7 +576,7 @@ impl Router {
             self.drive_moves();
         }
         self.changed.send_modify(|g| *g += 1);
-        if change.wakes_routes() || settled {
+        if wake_all {
             self.routable.send_modify(|g| *g += 1);
         }
         if change.revived {
@@ -810,32 +831,45 @@ impl Router {
         validate(req)?;
         let deadline = Instant::now() + self.config.route_wait;
         let mut changed = self.routable.subscribe();
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             changed.mark_unchanged();
-            let attempt = self.attempt(req, caller, &authorize)?;
-            match attempt {
+            // Made before the attempt: a wake while it runs is not lost.
+            let woken = waiting.as_ref().map(Waiting::notified);
+            let session = match self.attempt(req, caller, &authorize)? {
                 Attempt::Routed(r) => return Ok(self.answer(*r)),
-                Attempt::Wait => {
-                    self.want_backend();
-                    // Tried again on every change that may route it, and at least every
-                    // RETRY_TICK: some waits end with time alone (a takeover's catch-up, a
-                    // reservation expiring).
-                    let until = deadline.min(Instant::now() + RETRY_TICK);
-                    if tokio::time::timeout_at(until, changed.changed())
-                        .await
-                        .is_err()
-                        && Instant::now() >= deadline
-                    {
-                        return Err(RouteError::Exhausted {
-                            message: format!(
-                                "session {:?}: a new shard is starting and was not ready within {:?}",
-                                req.session, self.config.route_wait
-                            ),
-                            retry_after: Duration::from_secs(1),
-                        });
-                    }
+                Attempt::Wait { session } => session,
+            };
+            self.want_backend();
+            let woken = match woken {
+                Some(woken) if waiting.as_ref().is_some_and(|w| w.session() == session) => woken,
+                // First wait (or the request now resolves to another session): enter the
+                // session's waiting Routes, then try again before waiting.
+                other => {
+                    drop(other);
+                    waiting = Some(self.waits.enter(&session));
+                    continue;
                 }
+            };
+            // Tried again when its session or the fleet changes, and at least every
+            // RETRY_TICK: some waits end with time alone (a takeover's catch-up, a
+            // reservation expiring, a silent reflector's load dropped).
+            let until = deadline.min(Instant::now() + RETRY_TICK);
+            let cause = tokio::select! {
+                () = woken => "session",
+                _ = changed.changed() => "fleet",
+                () = tokio::time::sleep_until(until) => "tick",
+            };
+            if cause == "tick" && Instant::now() >= deadline {
+                return Err(RouteError::Exhausted {
+                    message: format!(
+                        "session {:?}: a new shard is starting and was not ready within {:?}",
+                        req.session, self.config.route_wait
+                    ),
+                    retry_after: Duration::from_secs(1),
+                });
             }
+            self.metrics.route_retried(cause);
         }
     }
 

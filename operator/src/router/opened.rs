@@ -18,6 +18,8 @@ pub(super) struct Opened {
     by_session: FastMap<String, Vec<usize>>,
     /// Shard name → positions in `shards` (names repeat across apps and sessions).
     by_name: FastMap<String, Vec<usize>>,
+    /// Reflector → positions in `shards` of the shards opened on it.
+    by_host: FastMap<String, Vec<usize>>,
     /// Pool id → the room its opened shards hold, by reflector.
     held: FastMap<String, HeldRoom>,
 }
@@ -30,6 +32,9 @@ impl Opened {
             .or_default()
             .push(i);
         self.by_name.entry(shard.name.clone()).or_default().push(i);
+        for host in shard.hosts() {
+            self.by_host.entry(host.to_owned()).or_default().push(i);
+        }
         self.held
             .entry(shard.pool.clone())
             .or_default()
@@ -54,6 +59,7 @@ impl Opened {
         self.shards.clear();
         self.by_session.clear();
         self.by_name.clear();
+        self.by_host.clear();
         self.held.clear();
     }
 
@@ -73,6 +79,11 @@ impl Opened {
     /// The opened shards named `name` (of any app and session).
     pub(super) fn named<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a ShardRecord> {
         self.at(self.by_name.get(name))
+    }
+
+    /// The opened shards on reflector `reflector`.
+    pub(super) fn on<'a>(&'a self, reflector: &str) -> impl Iterator<Item = &'a ShardRecord> {
+        self.at(self.by_host.get(reflector))
     }
 
     fn at<'a>(&'a self, at: Option<&'a Vec<usize>>) -> impl Iterator<Item = &'a ShardRecord> {
@@ -140,6 +151,8 @@ mod tests {
         );
         assert_eq!(opened.held_on("q", "r1").sessions, 1, "per pool");
         assert_eq!(opened.held_on("p", "r9"), Held::default());
+        assert_eq!(names(opened.on("r1")), ["room-1", "room-2", "room-1"]);
+        assert_eq!(names(opened.on("r2")), ["room-1~1"]);
 
         // A plan holds room-1 of app a now: it leaves, with its room and its index entries.
         opened.retain(|s| !(s.session == "ns/a/room-1" && s.name == "room-1"));
@@ -154,7 +167,9 @@ mod tests {
             }
         );
         assert_eq!(names(opened.iter()), ["room-2", "room-1~1", "room-1"]);
+        assert_eq!(names(opened.on("r1")), ["room-2", "room-1"]);
         opened.clear();
+        assert_eq!(opened.on("r1").count(), 0);
         assert!(opened.is_empty());
         assert_eq!(opened.held_on("p", "r2"), Held::default());
         assert_eq!(opened.of_session("ns/a/room-1").count(), 0);

@@ -37,8 +37,11 @@ use refleet_core::planner::{PlanInput, PoolInput, ReflectorState, ShardRecord, s
 /// The outcome of one attempt under the lock.
 pub(super) enum Attempt {
     Routed(Box<Routed>),
-    /// A shard is opening; wait for its reflector.
-    Wait,
+    /// A shard is opening; wait for its reflector. `session`: the session's key, whose
+    /// changes wake the wait ([`super::waits`]).
+    Wait {
+        session: String,
+    },
 }
 
 /// A routed client, before its token is signed.
@@ -127,6 +130,13 @@ impl<'v> Target<'v> {
 
     fn app(&self) -> &'v str {
         &self.def.spec.app_id
+    }
+
+    /// Wait for this session's next shard.
+    fn wait(&self) -> Attempt {
+        Attempt::Wait {
+            session: self.key.clone(),
+        }
     }
 
     fn pick(&self, shards: &Shards<'_>) -> Option<usize> {
@@ -497,7 +507,7 @@ impl Router {
             Choice::NoRoom { opening } => {
                 match self.open_shard_now(inner, &view, &target, req, now, opening)? {
                     Some(answer) => answer,
-                    None => return Ok(Attempt::Wait),
+                    None => return Ok(target.wait()),
                 }
             }
         };
@@ -539,7 +549,7 @@ impl Router {
         Ok(match target.pick(&shards) {
             Some(i) => Choice::Shard(shards.answer(i)),
             // Opening in the caller's first region: no new shard could do better.
-            None if shards.opening == Some(0) => Choice::Decided(Attempt::Wait),
+            None if shards.opening == Some(0) => Choice::Decided(target.wait()),
             None => Choice::NoRoom {
                 opening: shards.opening,
             },
@@ -578,7 +588,7 @@ impl Router {
         }
         let Some(i) = target.pick_unreserved(shards) else {
             if shards.opening.is_some() {
-                return Ok(Some(Attempt::Wait));
+                return Ok(Some(target.wait()));
             }
             return Err(RouteError::Exhausted {
                 message: format!(

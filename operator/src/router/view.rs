@@ -67,6 +67,9 @@ pub(super) struct Published {
     shards_of: FastMap<String, Vec<usize>>,
     /// Shard name → indexes of the shards so named (one per app and session at most).
     named: FastMap<String, Vec<usize>>,
+    /// Reflector name → indexes of the shards it hosts or that move to it: the shards whose
+    /// waiting Routes a report of that reflector may answer.
+    hosted_on: FastMap<String, Vec<usize>>,
     /// Reflector name → index in `fleet.input.reflectors`.
     reflector_at: FastMap<String, usize>,
     /// Session key → index in `fleet.input.sessions`.
@@ -106,11 +109,15 @@ impl Published {
     pub(super) fn new(fleet: FleetView) -> Self {
         let mut shards_of: FastMap<String, Vec<usize>> = FastMap::default();
         let mut named: FastMap<String, Vec<usize>> = FastMap::default();
+        let mut hosted_on: FastMap<String, Vec<usize>> = FastMap::default();
         let mut held = HeldRoom::default();
         let mut closing = Vec::new();
         for (i, sh) in fleet.input.shards.iter().enumerate() {
             shards_of.entry(sh.session.clone()).or_default().push(i);
             named.entry(sh.name.clone()).or_default().push(i);
+            for host in sh.hosts() {
+                hosted_on.entry(host.to_owned()).or_default().push(i);
+            }
             if sh.phase == ShardPhase::Closing {
                 closing.push(i);
             } else {
@@ -189,6 +196,7 @@ impl Published {
             fleet,
             shards_of,
             named,
+            hosted_on,
             reflector_at,
             input_session_at,
             exact,
@@ -285,6 +293,18 @@ impl Published {
     ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
         self.named
             .get(name)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.fleet.input.shards[i])
+    }
+
+    /// The shards reflector `reflector` hosts or that move to it.
+    pub(super) fn shards_on<'a>(
+        &'a self,
+        reflector: &str,
+    ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
+        self.hosted_on
+            .get(reflector)
             .into_iter()
             .flatten()
             .map(|&i| &self.fleet.input.shards[i])
@@ -495,6 +515,16 @@ impl FleetState {
         self.published
             .values()
             .flat_map(move |v| v.shards_named(name))
+    }
+
+    /// Published shards that reflector `reflector` hosts or that move to it.
+    pub(super) fn shards_on<'a>(
+        &'a self,
+        reflector: &'a str,
+    ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
+        self.published
+            .values()
+            .flat_map(move |v| v.shards_on(reflector))
     }
 
     /// Rewrites the published record of shard `shard` of session `session` with `f` (a
