@@ -300,7 +300,7 @@ pub async fn watch_pods(
             watcher::Event::Init => init.clear(),
             watcher::Event::InitApply(pod) => {
                 init.push(pod.name_any());
-                on_pod(&pods, &fleet, &binder, capacity, pod).await;
+                on_pod(&pods, &fleet, &binder, capacity, pod);
             }
             watcher::Event::InitDone => {
                 // Pods that vanished while the watch was down.
@@ -311,7 +311,7 @@ pub async fn watch_pods(
                 }
             }
             watcher::Event::Apply(pod) => {
-                on_pod(&pods, &fleet, &binder, capacity, pod).await;
+                on_pod(&pods, &fleet, &binder, capacity, pod);
             }
             watcher::Event::Delete(pod) => {
                 fleet.remove(&pod.name_any());
@@ -320,13 +320,7 @@ pub async fn watch_pods(
     }
 }
 
-async fn on_pod(
-    pods: &Api<Pod>,
-    fleet: &Arc<Fleet>,
-    binder: &Binder,
-    capacity: Capacity,
-    pod: Pod,
-) {
+fn on_pod(pods: &Api<Pod>, fleet: &Arc<Fleet>, binder: &Arc<Binder>, capacity: Capacity, pod: Pod) {
     let name = pod.name_any();
     if pod.metadata.deletion_timestamp.is_some() {
         fleet.drain(&name);
@@ -342,19 +336,30 @@ async fn on_pod(
         let Some(target) = binder.pick(&region) else {
             return;
         };
-        let binding = json!({
-            "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": target}
-        });
-        match pods
-            .create_subresource::<Value, Value>("binding", &name, &PostParams::default(), &binding)
-            .await
-        {
-            Ok(_) => {
-                binder.bound.fetch_add(1, Ordering::Relaxed);
+        // Bound in a task of its own: awaited here, one round trip per new pod held up
+        // every later event of the watch, and during a ramp the simulator saw pods Ready
+        // seconds after the operator had routed users to them (joins to lost reflectors).
+        let (pods, binder) = (pods.clone(), binder.clone());
+        tokio::spawn(async move {
+            let binding = json!({
+                "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": target}
+            });
+            match pods
+                .create_subresource::<Value, Value>(
+                    "binding",
+                    &name,
+                    &PostParams::default(),
+                    &binding,
+                )
+                .await
+            {
+                Ok(_) => {
+                    binder.bound.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => tracing::debug!(pod = %name, %error, "binding failed"),
             }
-            Err(error) => tracing::debug!(pod = %name, %error, "binding failed"),
-        }
+        });
         return;
     }
     if is_ready(&pod) && !fleet.has(&name) {
