@@ -683,6 +683,12 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             "shards_over_cap": m("refleet_operator_shards_over_cap"),
             "router_shard_opens_total": m("refleet_router_shard_opens_total"),
             "reservations_now": m("refleet_router_reservations"),
+            "waiting_routes_now": m("refleet_router_waiting_routes"),
+            "route_retries_total": {
+                "session": ops::metric(&leader_metrics, "refleet_router_route_retries_total", &[("cause", "session")]).unwrap_or(0.0),
+                "fleet": ops::metric(&leader_metrics, "refleet_router_route_retries_total", &[("cause", "fleet")]).unwrap_or(0.0),
+                "tick": ops::metric(&leader_metrics, "refleet_router_route_retries_total", &[("cause", "tick")]).unwrap_or(0.0),
+            },
             "report_streams": m("refleet_report_streams"),
             "report_refusals_total": m("refleet_report_refusals_total"),
         },
