@@ -687,21 +687,7 @@ async fn a_report_wakes_the_routes_waiting_on_its_reflector_and_no_others() {
             .map(|a| verifier.verify(&a.join_token).unwrap().reservation_id)
             .collect()
     };
-    let load =
-        |reflector: &str, region: &str, shard: &str, users: u32, ids: Vec<u64>| ReflectorReport {
-            reflector: reflector.into(),
-            region: region.into(),
-            state: 1,
-            shards: vec![ShardLoad {
-                shard: shard.into(),
-                app_id: "app".into(),
-                users,
-                joins: ids.len() as u32,
-                admitted_reservations: ids,
-                ..ShardLoad::default()
-            }],
-            ..ReflectorReport::default()
-        };
+    let load = shard_report;
     // hall fills r-us, lobby r-eu to its threshold; both reflectors report their users.
     let hall = vec![r.route(&req("hall", "us"), |_| Ok(())).await.unwrap()];
     let mut lobby = Vec::new();
@@ -781,21 +767,8 @@ async fn a_user_routed_again_gets_the_same_place_and_token_per_session() {
             .unwrap();
         v.verify(&first.join_token).unwrap()
     };
-    let load = |users: u32, admitted: Vec<u64>| ReflectorReport {
-        reflector: "r-eu".into(),
-        region: "eu".into(),
-        public_url: "ws://eu.test/".into(),
-        state: 1,
-        shards: vec![ShardLoad {
-            shard: first.shard.clone(),
-            app_id: "app".into(),
-            users,
-            joins: admitted.len() as u32,
-            admitted_reservations: admitted,
-            ..ShardLoad::default()
-        }],
-        ..ReflectorReport::default()
-    };
+    let load =
+        |users: u32, admitted: Vec<u64>| shard_report("r-eu", "eu", &first.shard, users, admitted);
     r.observe_report(&load(1, vec![claims.reservation_id]));
     let third = r.route(&as_user("lobby", "ann"), |_| Ok(())).await.unwrap();
     assert_ne!(third.join_token, first.join_token);
@@ -1253,6 +1226,32 @@ async fn report_hub(r: &Arc<Router>, key: Option<ReportKey>) -> String {
         std::future::pending(),
     ));
     format!("http://{addr}")
+}
+
+/// A report of `reflector` in `region` with `users` on `shard` of app `app`, that admitted
+/// the reservations `admitted` since its last.
+fn shard_report(
+    reflector: &str,
+    region: &str,
+    shard: &str,
+    users: u32,
+    admitted: Vec<u64>,
+) -> ReflectorReport {
+    ReflectorReport {
+        reflector: reflector.into(),
+        region: region.into(),
+        public_url: format!("ws://{reflector}.test/"),
+        state: 1,
+        shards: vec![ShardLoad {
+            shard: shard.into(),
+            app_id: "app".into(),
+            users,
+            joins: admitted.len() as u32,
+            admitted_reservations: admitted,
+            ..ShardLoad::default()
+        }],
+        ..ReflectorReport::default()
+    }
 }
 
 /// A report of `reflector` in `region` with `users` on shard `lobby`.

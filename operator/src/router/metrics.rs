@@ -67,6 +67,25 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T
     c
 }
 
+/// A counter by `label`, registered in `registry` with a series at 0 for each of `values`
+/// (so they exist before the first event).
+fn counter_by(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> IntCounterVec {
+    let c = register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+    );
+    for v in values {
+        c.with_label_values(&[v]);
+    }
+    c
+}
+
 impl RouterMetrics {
     /// Registers the metrics in `registry`.
     pub fn new(registry: &Registry) -> Self {
@@ -136,42 +155,22 @@ impl RouterMetrics {
                 IntCounter::new("refleet_report_stream_disconnects_total", "Report streams that ended.")
                     .expect("valid metric"),
             ),
-            report_refusals: {
-                let c = register(
-                    registry,
-                    IntCounterVec::new(
-                        Opts::new(
-                            "refleet_report_refusals_total",
-                            "Report streams refused or closed by the operator, by reason.",
-                        ),
-                        &["reason"],
-                    )
-                    .expect("valid metric"),
-                );
-                for r in REPORT_REFUSALS {
-                    c.with_label_values(&[r]);
-                }
-                c
-            },
-            moves: {
-                let c = register(
-                    registry,
-                    IntCounterVec::new(
-                        Opts::new(
-                            "refleet_router_moves_total",
-                            "Shard moves that ended, by outcome: landed (on its target), failed (the \
-                             source could not store it; it stays), timed_out (no outcome in time; it \
-                             stays), aborted (the planner called it off).",
-                        ),
-                        &["outcome"],
-                    )
-                    .expect("valid metric"),
-                );
-                for o in super::moves::MOVE_OUTCOMES {
-                    c.with_label_values(&[o]);
-                }
-                c
-            },
+            report_refusals: counter_by(
+                registry,
+                "refleet_report_refusals_total",
+                "Report streams refused or closed by the operator, by reason.",
+                "reason",
+                REPORT_REFUSALS,
+            ),
+            moves: counter_by(
+                registry,
+                "refleet_router_moves_total",
+                "Shard moves that ended, by outcome: landed (on its target), failed (the \
+                 source could not store it; it stays), timed_out (no outcome in time; it \
+                 stays), aborted (the planner called it off).",
+                "outcome",
+                super::moves::MOVE_OUTCOMES,
+            ),
             moves_in_flight: register(
                 registry,
                 prometheus::IntGauge::new(
@@ -188,23 +187,13 @@ impl RouterMetrics {
                 )
                 .expect("valid metric"),
             ),
-            route_retries: {
-                let c = register(
-                    registry,
-                    IntCounterVec::new(
-                        Opts::new(
-                            "refleet_router_route_retries_total",
-                            "Attempts of waiting Route calls after their first, by what woke them: session, fleet or tick.",
-                        ),
-                        &["cause"],
-                    )
-                    .expect("valid metric"),
-                );
-                for cause in RETRY_CAUSES {
-                    c.with_label_values(&[cause]);
-                }
-                c
-            },
+            route_retries: counter_by(
+                registry,
+                "refleet_router_route_retries_total",
+                "Attempts of waiting Route calls after their first, by what woke them: session, fleet or tick.",
+                "cause",
+                RETRY_CAUSES,
+            ),
         }
     }
 

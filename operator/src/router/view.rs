@@ -280,22 +280,14 @@ impl Published {
         &'a self,
         key: &str,
     ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
-        self.shards_of
-            .get(key)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.fleet.input.shards[i])
+        self.shards_at(self.shards_of.get(key))
     }
 
     pub(super) fn shards_named<'a>(
         &'a self,
         name: &str,
     ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
-        self.named
-            .get(name)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.fleet.input.shards[i])
+        self.shards_at(self.named.get(name))
     }
 
     /// The shards reflector `reflector` hosts or that move to it.
@@ -303,9 +295,15 @@ impl Published {
         &'a self,
         reflector: &str,
     ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
-        self.hosted_on
-            .get(reflector)
-            .into_iter()
+        self.shards_at(self.hosted_on.get(reflector))
+    }
+
+    /// The shards at indexes `at` of `fleet.input.shards`.
+    fn shards_at<'a>(
+        &'a self,
+        at: Option<&'a Vec<usize>>,
+    ) -> impl Iterator<Item = &'a ShardRecord> + 'a {
+        at.into_iter()
             .flatten()
             .map(|&i| &self.fleet.input.shards[i])
     }
