@@ -2134,6 +2134,41 @@ async fn a_lost_region_s_users_get_a_shard_in_the_next_region() {
     );
 }
 
+/// The same region lost, long before its reflectors' reports expire: a reflector whose
+/// stream ended while its pod turned NotReady is lost at once, so the Route opens its shard
+/// in the next region instead of on a pod that is not coming.
+#[tokio::test]
+async fn a_lost_region_is_down_as_soon_as_its_streams_end_and_its_pods_are_not_ready() {
+    let r = lobby_on_eu_then_its_stream_cut(RouterConfig {
+        report_grace: Duration::from_secs(60),
+        route_wait: Duration::from_secs(2),
+        ..RouterConfig::default()
+    })
+    .await;
+    until("r-eu's stream to end", || {
+        !r.live_streams().contains_key("eu")
+    })
+    .await;
+    let mut lost = fleet_view(vec![session("lobby", 100, 10)], 5);
+    lost.input.reflectors[0].state = ReflectorState::Starting;
+    lost.input.shards = r
+        .list_shards("default", "lobby")
+        .map(|_| {
+            let mut input = lost.input.clone();
+            r.prepare(&mut input);
+            input.shards
+        })
+        .unwrap();
+    r.publish("local", lost);
+    // Well within the grace: r-eu's 3 users still count, its stream is gone.
+    assert_eq!(lobby_users(&r), 3);
+    let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        (next.shard.as_str(), next.region.as_str()),
+        ("lobby~1", "us")
+    );
+}
+
 /// A replica that loses the Lease keeps its open connections (a Service steers only new
 /// ones): it ends each open report stream at the next report, with UNAVAILABLE, so the
 /// reflector reconnects and reports where Routes are answered; a new stream is refused until

@@ -254,11 +254,12 @@ impl<'a> Shards<'a> {
                 }
             };
             let Some(url) = url else {
-                // A starting reflector is coming; one that reported and went silent is not.
+                // A starting reflector is coming; one that reported and then went silent
+                // or lost its stream is not.
                 if view
                     .reflector(r)
                     .is_some_and(|o| o.state == ReflectorState::Starting)
-                    && !fleet.silent(r, now, grace)
+                    && !fleet.gone(r, now, grace)
                 {
                     out.opening_in(target, &sh.region);
                 }

@@ -631,6 +631,16 @@ impl FleetState {
         }
     }
 
+    /// Whether `reflector` reported and then went silent past the grace or saw its stream
+    /// end. For a reflector whose pod is not Ready, that means it is not coming back soon:
+    /// a lost node makes its pods NotReady and cuts their streams, while a reflector that
+    /// restarts opens its stream again before its pod is Ready.
+    pub(super) fn gone(&self, reflector: &str, now: Millis, grace: Millis) -> bool {
+        self.live
+            .get(reflector)
+            .is_some_and(|l| !l.connected || l.expired || now.saturating_sub(l.seen) > grace)
+    }
+
     /// Forgets every report (a new leader hears them again within one report interval).
     pub(super) fn forget_reports(&mut self) {
         self.live.clear();
