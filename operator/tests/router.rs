@@ -2169,46 +2169,6 @@ async fn a_lost_region_is_down_as_soon_as_its_streams_end_and_its_pods_are_not_r
     );
 }
 
-/// A reflector whose report stream has ended gets no new users, even while its pod is
-/// still Ready in the plan and its load still counts: users are sent elsewhere until it
-/// reports again, then come back to it.
-#[tokio::test]
-async fn a_reflector_whose_stream_ended_gets_no_new_users_until_it_reports_again() {
-    let r = lobby_on_eu_then_its_stream_cut(RouterConfig {
-        report_grace: Duration::from_secs(60),
-        route_wait: Duration::from_secs(2),
-        ..RouterConfig::default()
-    })
-    .await;
-    until("r-eu's stream to end", || {
-        !r.live_streams().contains_key("eu")
-    })
-    .await;
-    assert_eq!(
-        lobby_users(&r),
-        3,
-        "its load counts until the grace is over"
-    );
-    let elsewhere = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
-    assert_eq!(
-        (elsewhere.shard.as_str(), elsewhere.region.as_str()),
-        ("lobby~1", "us")
-    );
-    // r-eu reconnects and reports: it takes users again.
-    let key = ReportKey::new(&[7; 32]).unwrap();
-    let url = report_hub(&r, Some(key.clone())).await;
-    let eu = key.credential("r-eu", "eu").unwrap();
-    let _s = open(&url, Some(eu.as_str()), lobby_report("r-eu", "eu", 2, 3))
-        .await
-        .unwrap();
-    until("r-eu's stream back", || {
-        r.live_streams().get("eu") == Some(&1)
-    })
-    .await;
-    let back = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
-    assert_eq!((back.shard.as_str(), back.region.as_str()), ("lobby", "eu"));
-}
-
 /// A replica that loses the Lease keeps its open connections (a Service steers only new
 /// ones): it ends each open report stream at the next report, with UNAVAILABLE, so the
 /// reflector reconnects and reports where Routes are answered; a new stream is refused until

@@ -200,8 +200,9 @@ impl OthersRoom<'_> {
 ///   shards on it count as full; otherwise the plan would keep counting on room there. It
 ///   still counts as one of its region's reflectors, as it does for the backend's plan, so
 ///   the new shard goes where the backend would keep it. So does a lost reflector: one
-///   that reported and whose stream ended or went silent, whatever its pod says now (a
-///   lost node makes its pods NotReady: they look like starting ones, but are not coming);
+///   that reported and went silent, whatever its pod says now, or whose stream ended while
+///   its pod is not Ready (a lost node makes its pods NotReady: they look like starting
+///   ones, but are not coming);
 /// - a region that lost reflectors and has none the router can send users to is down (its
 ///   nodes are gone): nothing there takes the new shard, no new reflector is planned there
 ///   either (its `max_reflectors` is 0 in `pool`), and the shard goes to the next region
@@ -254,13 +255,17 @@ impl Reach {
         let mut offered = Vec::new();
         let look = |i: usize, told: &mut Alive| {
             let r = &view.fleet.input.reflectors[i];
-            let (_, no_routes) = inner.fleet.stream_of(&r.name, now, grace);
+            let (silent, no_routes) = inner.fleet.stream_of(&r.name, now, grace);
             let ready = r.state == ReflectorState::Ready;
-            // Lost once its stream has ended, not only once silent past the grace: a lost
-            // node ends its pods' streams, and waiting out the grace there sent a lost
-            // region's users to open shards on reflectors that were not coming back (runs
-            // I1 and I1c, docs/scale.md).
-            let lost = inner.fleet.gone(&r.name, now, grace);
+            // Lost once silent past the grace, or at once when its pod is no longer Ready
+            // and its stream has ended: a lost node does both to all its pods, and waiting
+            // out the grace there sent a lost region's users to open shards on pods that
+            // were not coming (run I1, docs/scale.md).
+            let lost = if ready {
+                silent
+            } else {
+                inner.fleet.gone(&r.name, now, grace)
+            };
             let unreachable = lost || (ready && (no_routes || !view.reflector_at(i).has_url));
             told.alive |= ready && !unreachable;
             told.lost |= lost;

@@ -632,9 +632,9 @@ impl FleetState {
     }
 
     /// Whether `reflector` reported and then went silent past the grace or saw its stream
-    /// end: it is not coming back soon (a lost node ends its pods' streams; a reflector
-    /// that restarts or reconnects opens its stream again within seconds, and is no longer
-    /// gone then). Its load still counts until the grace is over.
+    /// end. For a reflector whose pod is not Ready, that means it is not coming back soon:
+    /// a lost node makes its pods NotReady and cuts their streams, while a reflector that
+    /// restarts opens its stream again before its pod is Ready.
     pub(super) fn gone(&self, reflector: &str, now: Millis, grace: Millis) -> bool {
         self.live
             .get(reflector)
@@ -690,15 +690,12 @@ impl FleetState {
     }
 
     /// What `reflector`'s stream says, with one lookup: `(silent, no routes)`. Silent as
-    /// [`FleetState::silent`]; no routes when silent, draining or its stream has ended,
-    /// whatever the plan says (so [`FleetState::routable_url`] answers none). A reflector
-    /// reconnects within 2 s; until it does, users sent there may find nobody (a lost node
-    /// ends its pods' streams seconds before a plan shows the pods NotReady: run I1c,
-    /// docs/scale.md). Never reported: neither.
+    /// [`FleetState::silent`]; no routes when silent or draining, whatever the plan says
+    /// (so [`FleetState::routable_url`] answers none). Never reported: neither.
     pub(super) fn stream_of(&self, reflector: &str, now: Millis, grace: Millis) -> (bool, bool) {
         self.live.get(reflector).map_or((false, false), |l| {
             let silent = l.expired || now.saturating_sub(l.seen) > grace;
-            (silent, silent || l.draining || !l.connected)
+            (silent, silent || l.draining)
         })
     }
 
@@ -1112,26 +1109,19 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_lost_stream_stops_routes_at_once_and_its_load_after_the_grace_period() {
+    fn a_silent_reflector_loses_its_load_and_routes_after_the_grace_period() {
         let mut f = FleetState::default();
         f.publish("local", view(vec![], vec![shard("a", 0, "r1")]));
         f.observe("r1", "eu", false, users("app", "a", 3), 0, 1000);
-        let p = f.only_view();
-        assert_eq!(f.routable_url(&p, "r1", 0, 1000), Some("ws://r1/"));
-        assert!(!f.gone("r1", 0, 1000));
         f.report_lost("r1");
         f.expire_reports(1000, 1000);
+        let p = f.only_view();
         assert_eq!(
             f.users("app", "a"),
             Some(3),
             "still within the grace period"
         );
-        assert_eq!(
-            f.routable_url(&p, "r1", 1000, 1000),
-            None,
-            "its stream ended: no new users until it reports again"
-        );
-        assert!(f.gone("r1", 1000, 1000));
+        assert_eq!(f.routable_url(&p, "r1", 1000, 1000), Some("ws://r1/"));
         assert!(f.live_streams().is_empty(), "its stream is closed");
         f.expire_reports(1001, 1000);
         assert_eq!(f.users("app", "a"), None);
@@ -1145,7 +1135,6 @@ pub(super) mod tests {
         // Reporting again makes it routable and counted again.
         f.observe("r1", "eu", false, users("app", "a", 2), 1003, 1000);
         assert_eq!(f.users("app", "a"), Some(2));
-        assert!(!f.gone("r1", 1003, 1000));
     }
 
     #[test]
