@@ -2102,6 +2102,17 @@ async fn after_a_takeover_a_new_shard_never_takes_the_name_of_one_a_reflector_re
     assert_eq!(routed.shard, "lobby~2");
 }
 
+/// eu's node is lost: the backend's next plan shows r-eu's pod NotReady (as starting), with
+/// the shards the router holds.
+fn publish_eu_not_ready(r: &Router) {
+    let mut lost = fleet_view(vec![session("lobby", 100, 10)], 5);
+    lost.input.reflectors[0].state = ReflectorState::Starting;
+    let mut input = lost.input.clone();
+    r.prepare(&mut input);
+    lost.input.shards = input.shards;
+    r.publish("local", lost);
+}
+
 /// A region whose reflectors reported and then went silent while their pods turned NotReady
 /// (its nodes were lost) is down: a Route preferring it opens the shard in the next region
 /// at once, instead of waiting for reflectors that are not coming.
@@ -2113,18 +2124,7 @@ async fn a_lost_region_s_users_get_a_shard_in_the_next_region() {
         ..RouterConfig::default()
     })
     .await;
-    // eu's node is lost: the backend now sees the pod NotReady.
-    let mut lost = fleet_view(vec![session("lobby", 100, 10)], 5);
-    lost.input.reflectors[0].state = ReflectorState::Starting;
-    lost.input.shards = r
-        .list_shards("default", "lobby")
-        .map(|_| {
-            let mut input = lost.input.clone();
-            r.prepare(&mut input);
-            input.shards
-        })
-        .unwrap();
-    r.publish("local", lost);
+    publish_eu_not_ready(&r);
     // Past the report grace: r-eu is silent.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
@@ -2149,17 +2149,7 @@ async fn a_lost_region_is_down_as_soon_as_its_streams_end_and_its_pods_are_not_r
         !r.live_streams().contains_key("eu")
     })
     .await;
-    let mut lost = fleet_view(vec![session("lobby", 100, 10)], 5);
-    lost.input.reflectors[0].state = ReflectorState::Starting;
-    lost.input.shards = r
-        .list_shards("default", "lobby")
-        .map(|_| {
-            let mut input = lost.input.clone();
-            r.prepare(&mut input);
-            input.shards
-        })
-        .unwrap();
-    r.publish("local", lost);
+    publish_eu_not_ready(&r);
     // Well within the grace: r-eu's 3 users still count, its stream is gone.
     assert_eq!(lobby_users(&r), 3);
     let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();

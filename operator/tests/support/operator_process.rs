@@ -28,6 +28,15 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// Whether a started child listens on its ports.
+enum Listening {
+    Yes,
+    /// It exited because a port it was given had been taken meanwhile.
+    PortTaken,
+    /// It exited for another reason, or did not listen in time: the test will tell.
+    Unknown,
+}
+
 /// One `refleet operator` process watching one namespace, with its Lease there.
 pub struct OperatorProcess {
     pub identity: String,
@@ -49,8 +58,29 @@ impl OperatorProcess {
         Self::start_with(kubeconfig, ns, identity, report_url, &[])
     }
 
-    /// [`OperatorProcess::start`] with more `refleet operator` flags.
+    /// [`OperatorProcess::start`] with more `refleet operator` flags. The ports are picked
+    /// free and then handed to the child, so another process may take one in between: a
+    /// child that exits on `Address already in use` is started again on fresh ports.
     pub fn start_with(
+        kubeconfig: &Path,
+        ns: &str,
+        identity: &str,
+        report_url: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut op = Self::spawn(kubeconfig, ns, identity, report_url, extra);
+            match op.wait_listening(Duration::from_secs(20)) {
+                Listening::Yes | Listening::Unknown => return op,
+                Listening::PortTaken if attempt < 5 => op.kill(),
+                Listening::PortTaken => panic!("refleet operator: ports taken 5 times"),
+            }
+        }
+    }
+
+    fn spawn(
         kubeconfig: &Path,
         ns: &str,
         identity: &str,
@@ -93,6 +123,33 @@ impl OperatorProcess {
             log,
             child: Some(child),
         }
+    }
+
+    /// Waits until the child accepts connections on its three ports, or exits.
+    fn wait_listening(&mut self, within: Duration) -> Listening {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return if log.contains("Address already in use") {
+                    Listening::PortTaken
+                } else {
+                    Listening::Unknown
+                };
+            }
+            if [self.metrics, self.router, self.report]
+                .iter()
+                .all(|a| std::net::TcpStream::connect(a).is_ok())
+            {
+                return Listening::Yes;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Listening::Unknown
     }
 
     pub async fn metrics_text(&self) -> Option<String> {
