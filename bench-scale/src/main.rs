@@ -656,6 +656,18 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             }));
         }
     }
+    // The waiting Routes' retries by cause (`refleet_router_route_retries_total`).
+    let retries: std::collections::BTreeMap<_, _> = ["session", "fleet", "tick"]
+        .map(|cause| {
+            let n = ops::metric(
+                &leader_metrics,
+                "refleet_router_route_retries_total",
+                &[("cause", cause)],
+            );
+            (cause, n.unwrap_or(0.0))
+        })
+        .into_iter()
+        .collect();
     let summary = json!({
         "arena_shards": arena_shards,
         "route_probe": probe,
@@ -684,11 +696,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             "router_shard_opens_total": m("refleet_router_shard_opens_total"),
             "reservations_now": m("refleet_router_reservations"),
             "waiting_routes_now": m("refleet_router_waiting_routes"),
-            "route_retries_total": {
-                "session": ops::metric(&leader_metrics, "refleet_router_route_retries_total", &[("cause", "session")]).unwrap_or(0.0),
-                "fleet": ops::metric(&leader_metrics, "refleet_router_route_retries_total", &[("cause", "fleet")]).unwrap_or(0.0),
-                "tick": ops::metric(&leader_metrics, "refleet_router_route_retries_total", &[("cause", "tick")]).unwrap_or(0.0),
-            },
+            "route_retries_total": retries,
             "report_streams": m("refleet_report_streams"),
             "report_refusals_total": m("refleet_report_refusals_total"),
         },

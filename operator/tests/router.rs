@@ -2113,6 +2113,15 @@ fn publish_eu_not_ready(r: &Router) {
     r.publish("local", lost);
 }
 
+/// eu is down: lobby's next Route from eu opens lobby~1 in us at once.
+async fn next_lobby_route_from_eu_opens_in_us(r: &Router) {
+    let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
+    assert_eq!(
+        (next.shard.as_str(), next.region.as_str()),
+        ("lobby~1", "us")
+    );
+}
+
 /// A region whose reflectors reported and then went silent while their pods turned NotReady
 /// (its nodes were lost) is down: a Route preferring it opens the shard in the next region
 /// at once, instead of waiting for reflectors that are not coming.
@@ -2127,11 +2136,7 @@ async fn a_lost_region_s_users_get_a_shard_in_the_next_region() {
     publish_eu_not_ready(&r);
     // Past the report grace: r-eu is silent.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
-    assert_eq!(
-        (next.shard.as_str(), next.region.as_str()),
-        ("lobby~1", "us")
-    );
+    next_lobby_route_from_eu_opens_in_us(&r).await;
 }
 
 /// The same region lost, long before its reflectors' reports expire: a reflector whose
@@ -2152,11 +2157,7 @@ async fn a_lost_region_is_down_as_soon_as_its_streams_end_and_its_pods_are_not_r
     publish_eu_not_ready(&r);
     // Well within the grace: r-eu's 3 users still count, its stream is gone.
     assert_eq!(lobby_users(&r), 3);
-    let next = r.route(&req("lobby", "eu"), |_| Ok(())).await.unwrap();
-    assert_eq!(
-        (next.shard.as_str(), next.region.as_str()),
-        ("lobby~1", "us")
-    );
+    next_lobby_route_from_eu_opens_in_us(&r).await;
 }
 
 /// A replica that loses the Lease keeps its open connections (a Service steers only new

@@ -255,18 +255,15 @@ impl Reach {
         let mut offered = Vec::new();
         let look = |i: usize, told: &mut Alive| {
             let r = &view.fleet.input.reflectors[i];
-            let (silent, no_routes) = inner.fleet.stream_of(&r.name, now, grace);
+            let stream = inner.fleet.stream_of(&r.name, now, grace);
             let ready = r.state == ReflectorState::Ready;
             // Lost once silent past the grace, or at once when its pod is no longer Ready
             // and its stream has ended: a lost node does both to all its pods, and waiting
             // out the grace there sent a lost region's users to open shards on pods that
             // were not coming (run I1, docs/scale.md).
-            let lost = if ready {
-                silent
-            } else {
-                inner.fleet.gone(&r.name, now, grace)
-            };
-            let unreachable = lost || (ready && (no_routes || !view.reflector_at(i).has_url));
+            let lost = if ready { stream.silent } else { stream.gone() };
+            let unreachable =
+                lost || (ready && (stream.no_routes || !view.reflector_at(i).has_url));
             told.alive |= ready && !unreachable;
             told.lost |= lost;
             unreachable

@@ -424,6 +424,24 @@ impl AppUsers<'_> {
     }
 }
 
+/// What a reflector's report stream says ([`FleetState::stream_of`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct StreamOf {
+    /// No report within the grace ([`FleetState::silent`]).
+    pub(super) silent: bool,
+    /// Silent or draining, whatever the plan says: [`FleetState::routable_url`] answers none.
+    pub(super) no_routes: bool,
+    /// Its stream has ended (it may reconnect within the grace).
+    pub(super) ended: bool,
+}
+
+impl StreamOf {
+    /// Silent, or its stream ended ([`FleetState::gone`]).
+    pub(super) fn gone(self) -> bool {
+        self.silent || self.ended
+    }
+}
+
 /// What one report changed, as far as a waiting Route can tell.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct ReportChange {
@@ -636,9 +654,7 @@ impl FleetState {
     /// a lost node makes its pods NotReady and cuts their streams, while a reflector that
     /// restarts opens its stream again before its pod is Ready.
     pub(super) fn gone(&self, reflector: &str, now: Millis, grace: Millis) -> bool {
-        self.live
-            .get(reflector)
-            .is_some_and(|l| !l.connected || l.expired || now.saturating_sub(l.seen) > grace)
+        self.stream_of(reflector, now, grace).gone()
     }
 
     /// Forgets every report (a new leader hears them again within one report interval).
@@ -686,16 +702,18 @@ impl FleetState {
     /// Whether `reflector` went silent on its report stream: no report within `grace`
     /// (expired, or past it before the next expiry pass). Never reported: not silent.
     pub(super) fn silent(&self, reflector: &str, now: Millis, grace: Millis) -> bool {
-        self.stream_of(reflector, now, grace).0
+        self.stream_of(reflector, now, grace).silent
     }
 
-    /// What `reflector`'s stream says, with one lookup: `(silent, no routes)`. Silent as
-    /// [`FleetState::silent`]; no routes when silent or draining, whatever the plan says
-    /// (so [`FleetState::routable_url`] answers none). Never reported: neither.
-    pub(super) fn stream_of(&self, reflector: &str, now: Millis, grace: Millis) -> (bool, bool) {
-        self.live.get(reflector).map_or((false, false), |l| {
+    /// What `reflector`'s stream says, with one lookup. Never reported: nothing.
+    pub(super) fn stream_of(&self, reflector: &str, now: Millis, grace: Millis) -> StreamOf {
+        self.live.get(reflector).map_or(StreamOf::default(), |l| {
             let silent = l.expired || now.saturating_sub(l.seen) > grace;
-            (silent, silent || l.draining)
+            StreamOf {
+                silent,
+                no_routes: silent || l.draining,
+                ended: !l.connected,
+            }
         })
     }
 
@@ -722,7 +740,7 @@ impl FleetState {
         if observed.state != ReflectorState::Ready {
             return None;
         }
-        if self.stream_of(name, now, grace).1 {
+        if self.stream_of(name, now, grace).no_routes {
             return None;
         }
         // The URL the backend assigned (pool template, launcher), never a reported one.
